@@ -1,0 +1,133 @@
+//! Command line: parses arguments into a validated configuration and runs it.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::config::{self, Cidr, EngineKind, TunnelConfig};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tunfwd",
+    version,
+    about = "Userspace IP tunnel: moves packets between a TUN device and a UDP peer",
+    long_about = "Userspace IP tunnel: moves packets between a TUN device and a UDP peer.\n\
+                  Wire format: one UDP datagram carries exactly one IPv4 or IPv6 packet, \
+                  nothing added (the same as `socat TUN:... UDP:...`)."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the forwarder: create (or attach to) a TUN device, configure it,
+    /// and forward its packets to --peer over UDP, and back.
+    Tunnel(TunnelArgs),
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum EngineArg {
+    /// The best engine this system supports (currently poll).
+    Auto,
+    /// poll(2) over nonblocking descriptors; portable.
+    Poll,
+}
+
+#[derive(clap::Args, Debug)]
+struct TunnelArgs {
+    /// TUN device name; a `%d` in it lets the kernel pick a number.
+    #[arg(long, default_value = "tunfwd%d", value_name = "NAME")]
+    dev: String,
+
+    /// Only attach to an existing (persistent) device; fail if it does not
+    /// exist. Without it, an existing device is attached to and a missing one
+    /// created. Attached devices are left in place on exit.
+    #[arg(long)]
+    attach: bool,
+
+    /// Address and prefix length for the device, e.g. 198.19.0.1/24 or
+    /// 2001:db8:19::1/64. Repeatable: at most one IPv4, any number of IPv6.
+    #[arg(long = "address", value_name = "CIDR")]
+    addresses: Vec<Cidr>,
+
+    /// Device MTU in bytes: the largest inner IP packet. Range 68-65507
+    /// (1280 or more with an IPv6 address). Default fits a 1500-byte underlay
+    /// with an IPv6 outer header.
+    #[arg(long, default_value_t = config::DEFAULT_MTU, value_name = "BYTES")]
+    mtu: u32,
+
+    /// Device transmit queue length in packets. Default: 1000 on a device
+    /// tunfwd creates (the kernel's 500 drops bursts); unchanged on an
+    /// attached one.
+    #[arg(long, value_name = "PACKETS")]
+    txqueuelen: Option<u32>,
+
+    /// Local UDP address to bind, e.g. 198.18.0.1:5000 or [::]:5000. With
+    /// --queues N, queue i binds PORT+i.
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: SocketAddr,
+
+    /// The peer's UDP address. Only datagrams from it reach the device. With
+    /// --queues N, queue i talks to PORT+i.
+    #[arg(long, value_name = "ADDR:PORT")]
+    peer: SocketAddr,
+
+    /// Forwarding engine.
+    #[arg(long, value_enum, default_value = "auto")]
+    engine: EngineArg,
+
+    /// Number of TUN queues, one worker thread and UDP port each (1-256).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    queues: usize,
+
+    /// Max packets handled per direction per wakeup.
+    #[arg(long, default_value_t = config::DEFAULT_BATCH, value_name = "PACKETS")]
+    batch: usize,
+
+    /// Print a stats line every SECS seconds (0: only the final summary).
+    #[arg(long, default_value_t = 0, value_name = "SECS")]
+    stats_interval: u64,
+}
+
+impl TunnelArgs {
+    fn into_config(self) -> TunnelConfig {
+        TunnelConfig {
+            dev: self.dev,
+            attach: self.attach,
+            addresses: self.addresses,
+            mtu: self.mtu,
+            txqueuelen: self.txqueuelen,
+            listen: self.listen,
+            peer: self.peer,
+            engine: match self.engine {
+                EngineArg::Auto | EngineArg::Poll => EngineKind::Poll,
+            },
+            queues: self.queues,
+            batch: self.batch,
+            stats_interval_secs: self.stats_interval,
+        }
+    }
+}
+
+/// Parses the command line, runs it, and maps errors to one line on stderr
+/// and a non-zero exit code.
+pub fn main() -> ExitCode {
+    if let Err(e) = crate::runtime::block_stop_signals() {
+        crate::info!("error: {e}");
+        return ExitCode::FAILURE;
+    }
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Tunnel(args) => crate::runtime::run_tunnel(&args.into_config()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            crate::info!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

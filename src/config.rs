@@ -1,0 +1,296 @@
+//! Validated configuration: what the CLI parsed, checked for consistency
+//! before anything touches the OS.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
+
+use crate::error::{Error, Result};
+
+/// Smallest MTU: the IPv4 minimum (RFC 791).
+pub const MIN_MTU: u32 = 68;
+/// IPv6 needs at least 1280 (RFC 8200).
+pub const MIN_MTU_IPV6: u32 = 1280;
+/// Largest MTU: the largest UDP payload over IPv4 (65535 - 20 - 8).
+pub const MAX_MTU: u32 = 65507;
+/// Default MTU: a 1500-byte underlay minus an IPv6 + UDP header (48 bytes).
+pub const DEFAULT_MTU: u32 = 1452;
+/// Default transmit queue length set on devices tunfwd creates: larger than
+/// the kernel's 500, which drops bursts.
+pub const DEFAULT_TXQUEUELEN: u32 = 1000;
+/// Default packets handled per direction per wakeup.
+pub const DEFAULT_BATCH: usize = 64;
+/// Upper bound on `--queues`.
+pub const MAX_QUEUES: usize = 256;
+
+/// An interface address with prefix length, `198.19.0.1/24` or `2001:db8::1/64`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub prefix_len: u8,
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, prefix) = s
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?} is not ADDRESS/PREFIX (e.g. 198.19.0.1/24)"))?;
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("{addr:?} is not an IPv4 or IPv6 address"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix_len: u8 =
+            prefix.parse().ok().filter(|&p| p <= max).ok_or_else(|| {
+                format!("prefix length {prefix:?} is not a number from 0 to {max}")
+            })?;
+        if addr.is_unspecified() || addr.is_multicast() {
+            return Err(format!("{addr} cannot be an interface address"));
+        }
+        Ok(Cidr { addr, prefix_len })
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix_len)
+    }
+}
+
+/// Which engine moves the packets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EngineKind {
+    /// `poll(2)` over nonblocking descriptors; runs everywhere.
+    Poll,
+}
+
+/// Everything `tunfwd tunnel` needs, validated.
+#[derive(Clone, Debug)]
+pub struct TunnelConfig {
+    /// Interface name or a `%d` template.
+    pub dev: String,
+    /// Fail unless the device already exists.
+    pub attach: bool,
+    pub addresses: Vec<Cidr>,
+    pub mtu: u32,
+    /// `None`: leave the device's txqueuelen alone.
+    pub txqueuelen: Option<u32>,
+    pub listen: SocketAddr,
+    pub peer: SocketAddr,
+    pub engine: EngineKind,
+    pub queues: usize,
+    pub batch: usize,
+    /// 0: no periodic stats line.
+    pub stats_interval_secs: u64,
+}
+
+impl TunnelConfig {
+    /// Checks the combination of options. Called once before setup.
+    pub fn validate(&self) -> Result<()> {
+        if !(MIN_MTU..=MAX_MTU).contains(&self.mtu) {
+            return Err(Error::config(format!(
+                "MTU {} is out of range {MIN_MTU}..={MAX_MTU} bytes",
+                self.mtu
+            )));
+        }
+        if self.addresses.iter().any(|c| c.addr.is_ipv6()) && self.mtu < MIN_MTU_IPV6 {
+            return Err(Error::config(format!(
+                "MTU {} is below {MIN_MTU_IPV6}, the IPv6 minimum, but an IPv6 address was given",
+                self.mtu
+            )));
+        }
+        if self.addresses.iter().filter(|c| c.addr.is_ipv4()).count() > 1 {
+            return Err(Error::config(
+                "at most one IPv4 --address may be given (any number of IPv6)",
+            ));
+        }
+        if self.queues == 0 || self.queues > MAX_QUEUES {
+            return Err(Error::config(format!(
+                "--queues {} is out of range 1..={MAX_QUEUES}",
+                self.queues
+            )));
+        }
+        if self.batch == 0 {
+            return Err(Error::config("--batch must be at least 1 packet"));
+        }
+        if self.peer.port() == 0 || self.peer.ip().is_unspecified() {
+            return Err(Error::config(format!(
+                "--peer {} needs a concrete address and a non-zero port",
+                self.peer
+            )));
+        }
+        if self.listen.is_ipv4() && self.peer.is_ipv6() {
+            return Err(Error::config(format!(
+                "--listen {} is IPv4 but --peer {} is IPv6: listen on [::]:PORT for an IPv6 peer",
+                self.listen, self.peer
+            )));
+        }
+        if self.queues > 1 {
+            let last = self.queues - 1;
+            if self.listen.port() == 0 {
+                return Err(Error::config(
+                    "--queues above 1 needs a fixed --listen port (queue i uses port + i)",
+                ));
+            }
+            for (what, port) in [
+                ("--listen", self.listen.port()),
+                ("--peer", self.peer.port()),
+            ] {
+                if usize::from(port) + last > usize::from(u16::MAX) {
+                    return Err(Error::config(format!(
+                        "{what} port {port} + {last} (one port per queue) exceeds 65535"
+                    )));
+                }
+            }
+        }
+        crate::device::check_name(&self.dev)?;
+        Ok(())
+    }
+
+    /// Local UDP address of worker `queue`: one port per queue.
+    pub fn listen_for(&self, queue: usize) -> SocketAddr {
+        offset_port(self.listen, queue)
+    }
+
+    /// Peer UDP address worker `queue` talks to: the peer's worker `queue`.
+    pub fn peer_for(&self, queue: usize) -> SocketAddr {
+        offset_port(self.peer, queue)
+    }
+}
+
+fn offset_port(addr: SocketAddr, queue: usize) -> SocketAddr {
+    if queue == 0 {
+        return addr;
+    }
+    // validate() guarantees the sum fits.
+    let port = u16::try_from(usize::from(addr.port()) + queue).unwrap_or(u16::MAX);
+    SocketAddr::new(addr.ip(), port)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> TunnelConfig {
+        TunnelConfig {
+            dev: "tun0".into(),
+            attach: false,
+            addresses: vec!["198.19.0.1/24".parse().unwrap()],
+            mtu: DEFAULT_MTU,
+            txqueuelen: None,
+            listen: "198.18.0.1:5000".parse().unwrap(),
+            peer: "198.18.0.2:5000".parse().unwrap(),
+            engine: EngineKind::Poll,
+            queues: 1,
+            batch: DEFAULT_BATCH,
+            stats_interval_secs: 0,
+        }
+    }
+
+    #[test]
+    fn cidr_parse() {
+        let c: Cidr = "198.19.0.1/24".parse().unwrap();
+        assert_eq!(c.prefix_len, 24);
+        assert_eq!(c.to_string(), "198.19.0.1/24");
+        let c: Cidr = "2001:db8:19::1/64".parse().unwrap();
+        assert!(c.addr.is_ipv6());
+        for bad in [
+            "198.19.0.1",
+            "198.19.0.1/33",
+            "2001:db8::1/129",
+            "198.19.0/24",
+            "x/24",
+            "198.19.0.1/-1",
+            "198.19.0.1/",
+            "0.0.0.0/0",
+            "224.0.0.1/4",
+        ] {
+            assert!(bad.parse::<Cidr>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn valid_base() {
+        base().validate().unwrap();
+    }
+
+    #[test]
+    fn mtu_range() {
+        let mut c = base();
+        c.mtu = 67;
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("out of range")
+        );
+        c.mtu = 65508;
+        assert!(c.validate().is_err());
+        c.mtu = 68;
+        c.validate().unwrap();
+        c.addresses.push("2001:db8:19::1/64".parse().unwrap());
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("IPv6 minimum")
+        );
+    }
+
+    #[test]
+    fn one_ipv4_address() {
+        let mut c = base();
+        c.addresses.push("198.19.1.1/24".parse().unwrap());
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn family_mismatch() {
+        let mut c = base();
+        c.peer = "[2001:db8::2]:5000".parse().unwrap();
+        assert!(c.validate().is_err());
+        c.listen = "[::]:5000".parse().unwrap();
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn peer_must_be_concrete() {
+        let mut c = base();
+        c.peer = "0.0.0.0:5000".parse().unwrap();
+        assert!(c.validate().is_err());
+        c.peer = "198.18.0.2:0".parse().unwrap();
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn per_queue_ports() {
+        let mut c = base();
+        c.queues = 3;
+        c.validate().unwrap();
+        assert_eq!(c.listen_for(2).port(), 5002);
+        assert_eq!(c.peer_for(1).port(), 5001);
+        c.peer = "198.18.0.2:65534".parse().unwrap();
+        assert!(c.validate().is_err());
+        c.peer = "198.18.0.2:5000".parse().unwrap();
+        c.listen = "198.18.0.1:0".parse().unwrap();
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn queues_and_batch_bounds() {
+        let mut c = base();
+        c.queues = 0;
+        assert!(c.validate().is_err());
+        c.queues = 1;
+        c.batch = 0;
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn bad_device_name() {
+        let mut c = base();
+        c.dev = "a/b".into();
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,178 @@
+//! Linux TUN: `/dev/net/tun`, `TUNSETIFF` with `IFF_TUN | IFF_NO_PI |
+//! IFF_MULTI_QUEUE`, one open file per queue.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+
+use nix::net::if_::if_nametoindex;
+use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
+
+use crate::config::Cidr;
+use crate::error::{Context, Error, Result};
+use crate::sys;
+
+const TUN_PATH: &str = "/dev/net/tun";
+
+/// Validates a device name or `%d` template before any system call.
+pub fn check_name(name: &str) -> Result<()> {
+    sys::check_ifname(name).map_err(|e| Error::config(format!("--dev: {e}")))
+}
+
+/// How to open a TUN device.
+#[derive(Clone, Debug)]
+pub struct TunOptions<'a> {
+    /// Interface name, or a template with `%d` for the kernel to number.
+    pub name: &'a str,
+    /// Number of queue files to open (1 or more).
+    pub queues: usize,
+    /// Require that the device exists already (a persistent device made with
+    /// `ip tuntap add ... multi_queue`); never create one.
+    pub attach: bool,
+}
+
+/// An open TUN device: its name and one nonblocking file per queue.
+///
+/// A device this process created disappears when the last queue file closes;
+/// a pre-existing (persistent) device stays.
+#[derive(Debug)]
+pub struct TunDevice {
+    name: String,
+    queues: Vec<File>,
+    created: bool,
+}
+
+impl TunDevice {
+    /// Creates the device, or attaches to it if it exists already.
+    pub fn open(opts: &TunOptions<'_>) -> Result<TunDevice> {
+        check_name(opts.name)?;
+        let templated = opts.name.contains('%');
+        let existed = !templated && if_nametoindex(opts.name).is_ok();
+        if opts.attach && !existed {
+            return Err(Error::config(format!(
+                "attach to TUN device {}: no such device",
+                opts.name
+            ))
+            .with_hint(format!(
+                "create it first, e.g. `ip tuntap add dev {} mode tun multi_queue`, or drop --attach",
+                opts.name
+            )));
+        }
+
+        let mut flags = libc::IFF_TUN | libc::IFF_NO_PI | libc::IFF_MULTI_QUEUE;
+        let mut name = opts.name.to_string();
+        let mut queues = Vec::with_capacity(opts.queues);
+        for q in 0..opts.queues {
+            let what = || format!("open TUN queue {q} of {name}");
+            let file = open_tun_file().map_err(|e| {
+                let hint = match e.raw_os_error() {
+                    Some(libc::ENOENT) | Some(libc::ENODEV) | Some(libc::ENXIO) => {
+                        Some("no /dev/net/tun: load the tun module with `modprobe tun`")
+                    }
+                    _ => None,
+                };
+                let err = Error::io(format!("{}: {TUN_PATH}", what()), e);
+                match hint {
+                    Some(h) => err.with_hint(h),
+                    None => err,
+                }
+            })?;
+            let result = match sys::tun_set_iff(file.as_fd(), &name, flags) {
+                // A persistent device made without multi_queue accepts a
+                // single-queue attach only.
+                Err(e) if existed && opts.queues == 1 && e.raw_os_error() == Some(libc::EINVAL) => {
+                    flags &= !libc::IFF_MULTI_QUEUE;
+                    sys::tun_set_iff(file.as_fd(), &name, flags)
+                }
+                other => other,
+            };
+            name = result.map_err(|e| {
+                let hint = match e.raw_os_error() {
+                    Some(libc::EINVAL) if existed => Some(format!(
+                        "{name} exists but is not a TUN device, or its multi_queue setting differs"
+                    )),
+                    Some(libc::EBUSY) => Some(format!(
+                        "{name} is in use by another process and is not multi-queue"
+                    )),
+                    _ => None,
+                };
+                let err = Error::io(what(), e);
+                match hint {
+                    Some(h) => err.with_hint(h),
+                    None => err,
+                }
+            })?;
+            queues.push(file);
+        }
+        Ok(TunDevice {
+            name,
+            queues,
+            created: !existed,
+        })
+    }
+
+    /// The interface name the kernel gave the device.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// True if this process created the device (it goes away with us).
+    pub fn created(&self) -> bool {
+        self.created
+    }
+
+    /// Hands out the queue files, one per worker.
+    pub fn into_queues(self) -> Vec<File> {
+        self.queues
+    }
+
+    /// Sets MTU, transmit queue length (if given), addresses, and link up.
+    pub fn configure(&self, mtu: u32, addresses: &[Cidr], txqueuelen: Option<u32>) -> Result<()> {
+        let name = &self.name;
+        let sock = control_socket(AddressFamily::Inet)?;
+        sys::set_mtu(sock.as_fd(), name, mtu).context(|| format!("set MTU {mtu} on {name}"))?;
+        if let Some(q) = txqueuelen {
+            sys::set_txqueuelen(sock.as_fd(), name, q)
+                .context(|| format!("set txqueuelen {q} on {name}"))?;
+        }
+        for c in addresses {
+            if let std::net::IpAddr::V4(a) = c.addr {
+                sys::set_ipv4_addr(sock.as_fd(), name, a, c.prefix_len)
+                    .context(|| format!("set address {c} on {name}"))?;
+            }
+        }
+        sys::set_link_up(sock.as_fd(), name).context(|| format!("bring up {name}"))?;
+        let v6: Vec<_> = addresses.iter().filter(|c| c.addr.is_ipv6()).collect();
+        if !v6.is_empty() {
+            let sock6 = control_socket(AddressFamily::Inet6)?;
+            let ifindex = if_nametoindex(name.as_str())
+                .map_err(io::Error::from)
+                .context(|| format!("look up interface index of {name}"))?;
+            for c in v6 {
+                let std::net::IpAddr::V6(a) = c.addr else {
+                    continue;
+                };
+                match sys::add_ipv6_addr(sock6.as_fd(), ifindex, a, c.prefix_len) {
+                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                    r => r.context(|| format!("add address {c} to {name}"))?,
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn open_tun_file() -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(TUN_PATH)
+}
+
+fn control_socket(family: AddressFamily) -> Result<OwnedFd> {
+    socket(family, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)
+        .map_err(io::Error::from)
+        .context(|| format!("open {family:?} control socket for interface ioctls"))
+}

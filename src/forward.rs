@@ -1,0 +1,289 @@
+//! The forwarding core: bytes in, decisions out.
+//!
+//! Engines hand every packet they read to [`Forwarder`] and act on the
+//! returned [`Decision`]. The core does no I/O, holds no clock and keeps no
+//! per-packet state, so it is unit-tested and fuzzed without root, and both
+//! engines behave identically by construction.
+
+use std::fmt;
+use std::net::SocketAddr;
+
+use crate::packet::{IpPacket, ParseError};
+
+/// What an engine does with one packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Write the bytes unchanged to the TUN device.
+    ToTun,
+    /// Send the bytes unchanged to the peer as one UDP datagram.
+    ToPeer,
+    /// Drop the packet and count it under this reason.
+    Drop(DropReason),
+}
+
+/// Why a packet was not forwarded. Every drop is counted under exactly one
+/// reason; the engine adds the I/O reasons (`SendFailed`, `TunWriteFailed`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// A zero-length read or datagram.
+    Empty,
+    /// Shorter than the fixed IP header of its version.
+    Truncated,
+    /// Version nibble neither 4 nor 6.
+    BadVersion,
+    /// IPv4 IHL below 5 or beyond the packet.
+    BadHeaderLength,
+    /// IP total length differs from the datagram length.
+    LengthMismatch,
+    /// Larger than the tunnel MTU.
+    OverMtu,
+    /// A datagram whose source is not the configured peer.
+    NotFromPeer,
+    /// The UDP send failed with an error other than "try again".
+    SendFailed,
+    /// The TUN write failed with an error other than "try again".
+    TunWriteFailed,
+}
+
+impl DropReason {
+    pub const COUNT: usize = 9;
+    pub const ALL: [DropReason; DropReason::COUNT] = [
+        DropReason::Empty,
+        DropReason::Truncated,
+        DropReason::BadVersion,
+        DropReason::BadHeaderLength,
+        DropReason::LengthMismatch,
+        DropReason::OverMtu,
+        DropReason::NotFromPeer,
+        DropReason::SendFailed,
+        DropReason::TunWriteFailed,
+    ];
+
+    /// Stable snake_case name used in stats output.
+    pub fn name(self) -> &'static str {
+        match self {
+            DropReason::Empty => "empty",
+            DropReason::Truncated => "truncated",
+            DropReason::BadVersion => "bad_version",
+            DropReason::BadHeaderLength => "bad_header_length",
+            DropReason::LengthMismatch => "length_mismatch",
+            DropReason::OverMtu => "over_mtu",
+            DropReason::NotFromPeer => "not_from_peer",
+            DropReason::SendFailed => "send_failed",
+            DropReason::TunWriteFailed => "tun_write_failed",
+        }
+    }
+
+    /// Index into per-reason counter arrays.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for DropReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl From<ParseError> for DropReason {
+    fn from(e: ParseError) -> Self {
+        match e {
+            ParseError::Empty => DropReason::Empty,
+            ParseError::Truncated => DropReason::Truncated,
+            ParseError::BadVersion => DropReason::BadVersion,
+            ParseError::BadHeaderLength => DropReason::BadHeaderLength,
+            ParseError::LengthMismatch => DropReason::LengthMismatch,
+        }
+    }
+}
+
+/// The per-worker forwarding policy: who the peer is and how large a packet
+/// may be.
+#[derive(Clone, Debug)]
+pub struct Forwarder {
+    mtu: usize,
+    peer: SocketAddr,
+}
+
+impl Forwarder {
+    /// `mtu` is the largest inner IP packet in bytes; `peer` the only UDP
+    /// source whose datagrams reach the TUN device.
+    pub fn new(mtu: usize, peer: SocketAddr) -> Self {
+        Forwarder {
+            mtu,
+            peer: canonical(peer),
+        }
+    }
+
+    pub fn mtu(&self) -> usize {
+        self.mtu
+    }
+
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// A packet the kernel routed into the TUN device.
+    pub fn handle_from_tun(&self, packet: &[u8]) -> Decision {
+        match self.check(packet) {
+            Ok(()) => Decision::ToPeer,
+            Err(reason) => Decision::Drop(reason),
+        }
+    }
+
+    /// A datagram received on the UDP socket from `src`.
+    pub fn handle_from_peer(&self, src: SocketAddr, datagram: &[u8]) -> Decision {
+        if canonical(src) != self.peer {
+            return Decision::Drop(DropReason::NotFromPeer);
+        }
+        match self.check(datagram) {
+            Ok(()) => Decision::ToTun,
+            Err(reason) => Decision::Drop(reason),
+        }
+    }
+
+    fn check(&self, bytes: &[u8]) -> Result<(), DropReason> {
+        let packet = IpPacket::new_checked(bytes)?;
+        if packet.len() > self.mtu {
+            return Err(DropReason::OverMtu);
+        }
+        Ok(())
+    }
+}
+
+/// IPv4-mapped IPv6 addresses (what a dual-stack socket reports for an IPv4
+/// sender) compare equal to the plain IPv4 address.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::packet::ip::tests::{ipv4_udp, ipv6_udp};
+
+    fn fwd() -> Forwarder {
+        Forwarder::new(1400, "198.18.0.2:5000".parse().unwrap())
+    }
+
+    const PEER: &str = "198.18.0.2:5000";
+
+    #[test]
+    fn tun_to_peer_both_versions() {
+        assert_eq!(fwd().handle_from_tun(&ipv4_udp(100)), Decision::ToPeer);
+        assert_eq!(fwd().handle_from_tun(&ipv6_udp(100)), Decision::ToPeer);
+    }
+
+    #[test]
+    fn peer_to_tun_both_versions() {
+        let peer = PEER.parse().unwrap();
+        assert_eq!(
+            fwd().handle_from_peer(peer, &ipv4_udp(100)),
+            Decision::ToTun
+        );
+        assert_eq!(
+            fwd().handle_from_peer(peer, &ipv6_udp(100)),
+            Decision::ToTun
+        );
+    }
+
+    #[test]
+    fn mtu_is_inclusive() {
+        let peer = PEER.parse().unwrap();
+        let at_mtu = ipv4_udp(1400 - 28);
+        let over = ipv6_udp(1400 - 48 + 1);
+        assert_eq!(fwd().handle_from_tun(&at_mtu), Decision::ToPeer);
+        assert_eq!(fwd().handle_from_peer(peer, &at_mtu), Decision::ToTun);
+        assert_eq!(
+            fwd().handle_from_tun(&over),
+            Decision::Drop(DropReason::OverMtu)
+        );
+        assert_eq!(
+            fwd().handle_from_peer(peer, &over),
+            Decision::Drop(DropReason::OverMtu)
+        );
+    }
+
+    #[test]
+    fn not_from_peer() {
+        let f = fwd();
+        for src in ["198.18.0.2:5001", "198.18.0.3:5000", "[2001:db8::2]:5000"] {
+            assert_eq!(
+                f.handle_from_peer(src.parse().unwrap(), &ipv4_udp(10)),
+                Decision::Drop(DropReason::NotFromPeer),
+                "{src}"
+            );
+        }
+    }
+
+    #[test]
+    fn not_from_peer_wins_over_malformed() {
+        // A stranger's garbage is counted as a stranger, not as garbage.
+        let src = "198.18.0.9:5000".parse().unwrap();
+        assert_eq!(
+            fwd().handle_from_peer(src, &[]),
+            Decision::Drop(DropReason::NotFromPeer)
+        );
+    }
+
+    #[test]
+    fn ipv4_mapped_peer_matches() {
+        let f = Forwarder::new(1400, "[::ffff:198.18.0.2]:5000".parse().unwrap());
+        let src = PEER.parse().unwrap();
+        assert_eq!(f.handle_from_peer(src, &ipv4_udp(1)), Decision::ToTun);
+        let f = fwd();
+        let src = "[::ffff:198.18.0.2]:5000".parse().unwrap();
+        assert_eq!(f.handle_from_peer(src, &ipv4_udp(1)), Decision::ToTun);
+    }
+
+    #[test]
+    fn ipv6_peer() {
+        let f = Forwarder::new(1400, "[2001:db8::2]:5000".parse().unwrap());
+        let src = "[2001:db8::2]:5000".parse().unwrap();
+        assert_eq!(f.handle_from_peer(src, &ipv6_udp(1)), Decision::ToTun);
+    }
+
+    #[test]
+    fn every_parse_drop_reason_both_directions() {
+        let peer = PEER.parse().unwrap();
+        let mut bad_ihl = ipv4_udp(10);
+        bad_ihl[0] = 0x44;
+        let mut long = ipv4_udp(10);
+        long.push(0);
+        let mut long6 = ipv6_udp(10);
+        long6.push(0);
+        let cases: Vec<(Vec<u8>, DropReason)> = vec![
+            (vec![], DropReason::Empty),
+            (vec![0x45; 10], DropReason::Truncated),
+            (ipv6_udp(0)[..30].to_vec(), DropReason::Truncated),
+            (vec![0x35; 40], DropReason::BadVersion),
+            (bad_ihl, DropReason::BadHeaderLength),
+            (long, DropReason::LengthMismatch),
+            (long6, DropReason::LengthMismatch),
+            (ipv4_udp(2000), DropReason::OverMtu),
+        ];
+        for (bytes, reason) in cases {
+            assert_eq!(
+                fwd().handle_from_tun(&bytes),
+                Decision::Drop(reason),
+                "tun {reason}"
+            );
+            assert_eq!(
+                fwd().handle_from_peer(peer, &bytes),
+                Decision::Drop(reason),
+                "peer {reason}"
+            );
+        }
+    }
+
+    #[test]
+    fn reason_names_and_indices_are_unique() {
+        for (i, r) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(r.index(), i);
+            for other in &DropReason::ALL[i + 1..] {
+                assert_ne!(r.name(), other.name());
+            }
+        }
+    }
+}

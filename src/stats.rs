@@ -1,0 +1,240 @@
+//! Per-worker counters and their printed form.
+//!
+//! Each worker owns one [`WorkerStats`] and is its only writer, so an update
+//! is a relaxed load and store (no locked instruction on the hot path). The
+//! reporter reads them at any time with relaxed loads; a snapshot may be a few
+//! packets behind, never torn per counter.
+
+use std::fmt::{self, Write as _};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::forward::DropReason;
+
+/// A counter with exactly one writing thread.
+#[derive(Default, Debug)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// Adds `n`. Only the owning worker may call this.
+    #[inline]
+    pub fn add(&self, n: u64) {
+        let v = self.0.load(Ordering::Relaxed);
+        self.0.store(v.wrapping_add(n), Ordering::Relaxed);
+    }
+
+    #[inline]
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Counters of one direction of one worker.
+#[derive(Default, Debug)]
+pub struct DirectionStats {
+    /// Packets delivered to the destination endpoint.
+    pub packets: Counter,
+    /// Bytes of those packets (inner IP packet length).
+    pub bytes: Counter,
+    /// Times the destination was full and the engine had to wait.
+    pub backpressure: Counter,
+    drops: [Counter; DropReason::COUNT],
+}
+
+impl DirectionStats {
+    #[inline]
+    pub fn delivered(&self, bytes: usize) {
+        self.packets.add(1);
+        self.bytes.add(bytes as u64);
+    }
+
+    #[inline]
+    pub fn drop(&self, reason: DropReason) {
+        self.drops[reason.index()].add(1);
+    }
+
+    pub fn snapshot(&self) -> DirectionSnapshot {
+        let mut drops = [0; DropReason::COUNT];
+        for (d, c) in drops.iter_mut().zip(&self.drops) {
+            *d = c.get();
+        }
+        DirectionSnapshot {
+            packets: self.packets.get(),
+            bytes: self.bytes.get(),
+            backpressure: self.backpressure.get(),
+            drops,
+        }
+    }
+}
+
+/// Everything one worker counts.
+#[derive(Default, Debug)]
+pub struct WorkerStats {
+    /// Packets read from the TUN device and sent to the peer.
+    pub tun_to_peer: DirectionStats,
+    /// Datagrams received from the peer and written to the TUN device.
+    pub peer_to_tun: DirectionStats,
+    /// System calls the engine made (poll, read, write, recv, send, ...).
+    pub syscalls: Counter,
+    /// Times the engine went to sleep waiting for events.
+    pub waits: Counter,
+    /// Socket errors that did not stop the worker (queued ICMP errors).
+    pub io_errors: Counter,
+}
+
+impl WorkerStats {
+    pub fn snapshot(&self) -> WorkerSnapshot {
+        WorkerSnapshot {
+            tun_to_peer: self.tun_to_peer.snapshot(),
+            peer_to_tun: self.peer_to_tun.snapshot(),
+            syscalls: self.syscalls.get(),
+            waits: self.waits.get(),
+            io_errors: self.io_errors.get(),
+        }
+    }
+}
+
+/// Plain copy of [`DirectionStats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DirectionSnapshot {
+    pub packets: u64,
+    pub bytes: u64,
+    pub backpressure: u64,
+    pub drops: [u64; DropReason::COUNT],
+}
+
+impl DirectionSnapshot {
+    pub fn dropped(&self) -> u64 {
+        self.drops.iter().sum()
+    }
+
+    pub fn drops_for(&self, reason: DropReason) -> u64 {
+        self.drops[reason.index()]
+    }
+
+    fn add(&mut self, o: &DirectionSnapshot) {
+        self.packets += o.packets;
+        self.bytes += o.bytes;
+        self.backpressure += o.backpressure;
+        for (a, b) in self.drops.iter_mut().zip(&o.drops) {
+            *a += b;
+        }
+    }
+}
+
+/// Plain copy of [`WorkerStats`]; also used for the sum over all workers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WorkerSnapshot {
+    pub tun_to_peer: DirectionSnapshot,
+    pub peer_to_tun: DirectionSnapshot,
+    pub syscalls: u64,
+    pub waits: u64,
+    pub io_errors: u64,
+}
+
+impl WorkerSnapshot {
+    pub fn sum<'a>(all: impl IntoIterator<Item = &'a WorkerSnapshot>) -> WorkerSnapshot {
+        let mut total = WorkerSnapshot::default();
+        for s in all {
+            total.tun_to_peer.add(&s.tun_to_peer);
+            total.peer_to_tun.add(&s.peer_to_tun);
+            total.syscalls += s.syscalls;
+            total.waits += s.waits;
+            total.io_errors += s.io_errors;
+        }
+        total
+    }
+
+    /// Packets delivered in both directions.
+    pub fn packets(&self) -> u64 {
+        self.tun_to_peer.packets + self.peer_to_tun.packets
+    }
+}
+
+/// Writes one direction as `key=value` pairs, e.g.
+/// `tun_to_peer packets=10 bytes=840 drops=1 backpressure=0 [over_mtu=1]`.
+fn write_direction(out: &mut String, name: &str, d: &DirectionSnapshot) {
+    let _ = write!(
+        out,
+        "{name} packets={} bytes={} drops={} backpressure={}",
+        d.packets,
+        d.bytes,
+        d.dropped(),
+        d.backpressure
+    );
+    if d.dropped() > 0 {
+        out.push_str(" [");
+        let mut first = true;
+        for r in DropReason::ALL {
+            let n = d.drops_for(r);
+            if n > 0 {
+                if !first {
+                    out.push(' ');
+                }
+                first = false;
+                let _ = write!(out, "{}={n}", r.name());
+            }
+        }
+        out.push(']');
+    }
+}
+
+impl fmt::Display for WorkerSnapshot {
+    /// Two directions and the engine's effort, on one line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut s = String::with_capacity(256);
+        write_direction(&mut s, "tun_to_peer", &self.tun_to_peer);
+        s.push_str(" | ");
+        write_direction(&mut s, "peer_to_tun", &self.peer_to_tun);
+        let per_packet = if self.packets() > 0 {
+            self.syscalls as f64 / self.packets() as f64
+        } else {
+            0.0
+        };
+        let _ = write!(
+            s,
+            " | syscalls={} syscalls_per_packet={per_packet:.2} waits={} io_errors={}",
+            self.syscalls, self.waits, self.io_errors
+        );
+        f.write_str(&s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_and_formats() {
+        let w = WorkerStats::default();
+        w.tun_to_peer.delivered(100);
+        w.tun_to_peer.delivered(50);
+        w.peer_to_tun.drop(DropReason::NotFromPeer);
+        w.peer_to_tun.drop(DropReason::NotFromPeer);
+        w.peer_to_tun.drop(DropReason::OverMtu);
+        w.syscalls.add(6);
+        let s = w.snapshot();
+        assert_eq!(s.tun_to_peer.packets, 2);
+        assert_eq!(s.tun_to_peer.bytes, 150);
+        assert_eq!(s.peer_to_tun.dropped(), 3);
+        let line = s.to_string();
+        assert!(
+            line.contains("tun_to_peer packets=2 bytes=150 drops=0"),
+            "{line}"
+        );
+        assert!(line.contains("[over_mtu=1 not_from_peer=2]"), "{line}");
+        assert!(line.contains("syscalls_per_packet=3.00"), "{line}");
+    }
+
+    #[test]
+    fn sums_workers() {
+        let a = WorkerStats::default();
+        let b = WorkerStats::default();
+        a.peer_to_tun.delivered(10);
+        b.peer_to_tun.delivered(20);
+        b.peer_to_tun.drop(DropReason::Empty);
+        let total = WorkerSnapshot::sum(&[a.snapshot(), b.snapshot()]);
+        assert_eq!(total.peer_to_tun.packets, 2);
+        assert_eq!(total.peer_to_tun.bytes, 30);
+        assert_eq!(total.peer_to_tun.drops_for(DropReason::Empty), 1);
+    }
+}

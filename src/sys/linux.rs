@@ -1,0 +1,220 @@
+//! Linux interface ioctls: TUNSETIFF and the SIOCSIF* family.
+//!
+//! Request numbers come from `libc`. Each public function takes the control
+//! socket or TUN fd as a `BorrowedFd`, so the descriptor is live for the call.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+use libc::{c_char, c_int, c_short};
+
+/// An `ifreq` naming one interface.
+struct IfReq(libc::ifreq);
+
+impl IfReq {
+    fn new(name: &str) -> io::Result<IfReq> {
+        check_ifname(name)?;
+        // SAFETY: `ifreq` is a plain C struct of integer arrays and a union of
+        // integers, sockaddrs and one raw pointer; all-zero bytes are a valid
+        // value for every one of them.
+        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (dst, src) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
+            *dst = src as c_char;
+        }
+        Ok(IfReq(ifr))
+    }
+
+    fn name(&self) -> String {
+        let bytes: Vec<u8> = self
+            .0
+            .ifr_name
+            .iter()
+            .take_while(|&&c| c != 0)
+            .map(|&c| c as u8)
+            .collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
+/// Validates an interface name the way the kernel's `dev_valid_name` does.
+pub fn check_ifname(name: &str) -> io::Result<()> {
+    let ok = !name.is_empty()
+        && name.len() < libc::IFNAMSIZ
+        && name != "."
+        && name != ".."
+        && !name
+            .bytes()
+            .any(|b| b == b'/' || b == b':' || b == 0 || b.is_ascii_whitespace());
+    if ok {
+        Ok(())
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "invalid interface name {name:?}: 1 to {} bytes, no '/', ':' or whitespace",
+                libc::IFNAMSIZ - 1
+            ),
+        ))
+    }
+}
+
+/// `ioctl(fd, request, arg)` for requests that take a pointer to an `ifreq`.
+fn ifreq_ioctl(fd: BorrowedFd<'_>, request: libc::Ioctl, ifr: &mut IfReq) -> io::Result<()> {
+    // SAFETY: `fd` is a live descriptor for the duration of the call
+    // (BorrowedFd). Every request passed here (TUNSETIFF, SIOCGIFFLAGS,
+    // SIOCSIF{FLAGS,MTU,TXQLEN,ADDR,NETMASK}) reads and/or writes exactly one
+    // `struct ifreq`, and `ifr.0` is a valid, exclusively borrowed one.
+    let ret = unsafe { libc::ioctl(fd.as_raw_fd(), request, &mut ifr.0 as *mut libc::ifreq) };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Attaches the `/dev/net/tun` file `tun` to interface `name` (a `%d`
+/// template lets the kernel pick the number) with `flags` (`IFF_TUN`,
+/// `IFF_NO_PI`, `IFF_MULTI_QUEUE`, ...). Returns the interface's actual name.
+pub fn tun_set_iff(tun: BorrowedFd<'_>, name: &str, flags: c_int) -> io::Result<String> {
+    let mut ifr = IfReq::new(name)?;
+    ifr.0.ifr_ifru.ifru_flags = flags as c_short;
+    ifreq_ioctl(tun, libc::TUNSETIFF, &mut ifr)?;
+    Ok(ifr.name())
+}
+
+/// The interface flags (`IFF_UP`, ...) of `name`.
+pub fn if_flags(sock: BorrowedFd<'_>, name: &str) -> io::Result<c_short> {
+    let mut ifr = IfReq::new(name)?;
+    ifreq_ioctl(sock, libc::SIOCGIFFLAGS, &mut ifr)?;
+    // SAFETY: SIOCGIFFLAGS succeeded, so the kernel stored the flags in
+    // `ifru_flags`; every bit pattern is a valid c_short.
+    Ok(unsafe { ifr.0.ifr_ifru.ifru_flags })
+}
+
+pub fn set_if_flags(sock: BorrowedFd<'_>, name: &str, flags: c_short) -> io::Result<()> {
+    let mut ifr = IfReq::new(name)?;
+    ifr.0.ifr_ifru.ifru_flags = flags;
+    ifreq_ioctl(sock, libc::SIOCSIFFLAGS, &mut ifr)
+}
+
+/// Sets `IFF_UP` on `name`, keeping its other flags.
+pub fn set_link_up(sock: BorrowedFd<'_>, name: &str) -> io::Result<()> {
+    let flags = if_flags(sock, name)?;
+    set_if_flags(sock, name, flags | libc::IFF_UP as c_short)
+}
+
+pub fn set_mtu(sock: BorrowedFd<'_>, name: &str, mtu: u32) -> io::Result<()> {
+    let mut ifr = IfReq::new(name)?;
+    ifr.0.ifr_ifru.ifru_mtu = c_int::try_from(mtu).map_err(|_| invalid("MTU too large"))?;
+    ifreq_ioctl(sock, libc::SIOCSIFMTU, &mut ifr)
+}
+
+pub fn set_txqueuelen(sock: BorrowedFd<'_>, name: &str, packets: u32) -> io::Result<()> {
+    let mut ifr = IfReq::new(name)?;
+    // `ifr_qlen` is the int member of the union, shared with ifru_metric.
+    ifr.0.ifr_ifru.ifru_metric =
+        c_int::try_from(packets).map_err(|_| invalid("txqueuelen too large"))?;
+    ifreq_ioctl(sock, libc::SIOCSIFTXQLEN, &mut ifr)
+}
+
+/// A `sockaddr` holding an AF_INET address (port 0), built field by field.
+fn sockaddr_v4(addr: Ipv4Addr) -> libc::sockaddr {
+    let mut data = [0 as c_char; 14];
+    // sockaddr_in layout after the family: 2 bytes port, 4 bytes address.
+    for (dst, src) in data[2..6].iter_mut().zip(addr.octets()) {
+        *dst = src as c_char;
+    }
+    libc::sockaddr {
+        sa_family: libc::AF_INET as libc::sa_family_t,
+        sa_data: data,
+    }
+}
+
+/// Sets the primary IPv4 address and prefix length of `name` on an AF_INET
+/// control socket. The kernel adds the connected route.
+pub fn set_ipv4_addr(
+    sock: BorrowedFd<'_>,
+    name: &str,
+    addr: Ipv4Addr,
+    prefix_len: u8,
+) -> io::Result<()> {
+    if prefix_len > 32 {
+        return Err(invalid("IPv4 prefix length above 32"));
+    }
+    let mut ifr = IfReq::new(name)?;
+    ifr.0.ifr_ifru.ifru_addr = sockaddr_v4(addr);
+    ifreq_ioctl(sock, libc::SIOCSIFADDR, &mut ifr)?;
+    let mask = u32::MAX
+        .checked_shl(32 - u32::from(prefix_len))
+        .unwrap_or(0);
+    let mut ifr = IfReq::new(name)?;
+    ifr.0.ifr_ifru.ifru_netmask = sockaddr_v4(Ipv4Addr::from(mask));
+    ifreq_ioctl(sock, libc::SIOCSIFNETMASK, &mut ifr)
+}
+
+/// Adds an IPv6 address to interface `ifindex` on an AF_INET6 control socket.
+pub fn add_ipv6_addr(
+    sock6: BorrowedFd<'_>,
+    ifindex: u32,
+    addr: Ipv6Addr,
+    prefix_len: u8,
+) -> io::Result<()> {
+    if prefix_len > 128 {
+        return Err(invalid("IPv6 prefix length above 128"));
+    }
+    let mut req = libc::in6_ifreq {
+        ifr6_addr: libc::in6_addr {
+            s6_addr: addr.octets(),
+        },
+        ifr6_prefixlen: u32::from(prefix_len),
+        ifr6_ifindex: c_int::try_from(ifindex).map_err(|_| invalid("ifindex too large"))?,
+    };
+    // SAFETY: `sock6` is live (BorrowedFd); SIOCSIFADDR on an AF_INET6 socket
+    // reads one `struct in6_ifreq`, which `req` is, fully initialised.
+    let ret = unsafe {
+        libc::ioctl(
+            sock6.as_raw_fd(),
+            libc::SIOCSIFADDR,
+            &mut req as *mut libc::in6_ifreq,
+        )
+    };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+fn invalid(msg: &'static str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ifname_rules() {
+        for ok in ["tun0", "tunfwd%d", "a", "123456789012345"] {
+            check_ifname(ok).unwrap();
+        }
+        for bad in ["", ".", "..", "a/b", "a b", "a:b", "1234567890123456"] {
+            assert!(check_ifname(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn ifreq_name_roundtrip() {
+        assert_eq!(IfReq::new("tun7").unwrap().name(), "tun7");
+    }
+
+    #[test]
+    fn sockaddr_v4_layout() {
+        let sa = sockaddr_v4(Ipv4Addr::new(198, 19, 0, 1));
+        assert_eq!(sa.sa_family, libc::AF_INET as libc::sa_family_t);
+        let bytes: Vec<u8> = sa.sa_data.iter().map(|&c| c as u8).collect();
+        assert_eq!(&bytes[..6], &[0, 0, 198, 19, 0, 1]);
+    }
+}
