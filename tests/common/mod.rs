@@ -1,0 +1,581 @@
+//! Test helpers for real-kernel tests: uniquely named network namespaces that
+//! are removed on every exit path (Drop runs on panic too), tunfwd processes
+//! that are killed when dropped, threads running inside a namespace, and a
+//! verified TCP transfer.
+//!
+//! Helpers may use the `ip` command to build the topology; the product never does.
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use nix::sched::{CloneFlags, setns};
+
+/// Overlay and underlay addresses of design.md section 7.
+pub const UNDERLAY_A: &str = "198.18.0.1";
+pub const UNDERLAY_B: &str = "198.18.0.2";
+pub const OVERLAY_A: &str = "198.19.0.1";
+pub const OVERLAY_B: &str = "198.19.0.2";
+pub const OVERLAY6_A: &str = "2001:db8:19::1";
+pub const OVERLAY6_B: &str = "2001:db8:19::2";
+pub const PORT: u16 = 5000;
+
+/// The tunfwd binary under test.
+pub fn tunfwd_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_tunfwd")
+}
+
+/// True if real-kernel tests can run here (root, /dev/net/tun, `ip`). When
+/// they cannot: under CI=true the test fails; elsewhere it prints why and the
+/// caller returns early (a skip).
+pub fn can_run_kernel_tests(test: &str) -> bool {
+    let mut missing = Vec::new();
+    if !nix::unistd::geteuid().is_root() {
+        missing.push("root".to_string());
+    }
+    if !std::path::Path::new("/dev/net/tun").exists() {
+        missing.push("/dev/net/tun".to_string());
+    }
+    for tool in ["ip", "ping", "socat", "iperf3"] {
+        if Command::new(tool)
+            .arg(if tool == "ip" { "-V" } else { "-h" })
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_err()
+        {
+            missing.push(tool.to_string());
+        }
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    let msg = format!("{test}: needs {}", missing.join(", "));
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{msg} (CI=true: real-kernel tests must run)");
+    }
+    eprintln!("SKIP {msg}");
+    false
+}
+
+/// Runs a command to completion, panicking with its output if it fails.
+pub fn run(args: &[&str]) -> Output {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("spawn {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Runs a command, returning whether it succeeded.
+pub fn run_ok(args: &[&str]) -> bool {
+    Command::new(args[0])
+        .args(&args[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// A network namespace, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> Netns {
+        static SEQ: AtomicUsize = AtomicUsize::new(0);
+        let name = format!(
+            "tfw{}-{}-{tag}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        run(&["ip", "netns", "add", &name]);
+        let ns = Netns { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// `ip -n NAME ARGS...`, which must succeed.
+    pub fn ip(&self, args: &[&str]) -> Output {
+        let mut full = vec!["ip", "-n", &self.name];
+        full.extend_from_slice(args);
+        run(&full)
+    }
+
+    /// `ip netns exec NAME ARGS...` as a command to configure and spawn.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).args(args);
+        c
+    }
+
+    /// Runs ARGS inside the namespace; true on success.
+    pub fn run_ok(&self, args: &[&str]) -> bool {
+        self.command(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    }
+
+    /// True if interface `dev` exists in the namespace.
+    pub fn has_link(&self, dev: &str) -> bool {
+        run_ok(&["ip", "-n", &self.name, "link", "show", dev])
+    }
+
+    /// Spawns `f` on a new thread whose network namespace is this one: every
+    /// socket it opens lives here.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> JoinHandle<T> {
+        let path = format!("/run/netns/{}", self.name);
+        thread::spawn(move || {
+            let fd = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+            setns(&fd, CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| panic!("setns {path}: {e}"));
+            f()
+        })
+    }
+
+    /// `ping` from this namespace; true if all replies came back.
+    pub fn ping(&self, addr: &str) -> bool {
+        self.run_ok(&["ping", "-c", "3", "-i", "0.2", "-W", "2", addr])
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Two namespaces joined by a veth pair: 198.18.0.1/30 (a) - 198.18.0.2/30 (b).
+pub struct Topology {
+    pub a: Netns,
+    pub b: Netns,
+}
+
+impl Topology {
+    pub fn new() -> Topology {
+        let a = Netns::new("a");
+        let b = Netns::new("b");
+        // Both ends are created directly inside their namespaces, so parallel
+        // tests never collide on names in the root namespace.
+        run(&[
+            "ip", "link", "add", "veth0", "netns", &a.name, "type", "veth", "peer", "name",
+            "veth0", "netns", &b.name,
+        ]);
+        a.ip(&["addr", "add", "198.18.0.1/30", "dev", "veth0"]);
+        b.ip(&["addr", "add", "198.18.0.2/30", "dev", "veth0"]);
+        a.ip(&["link", "set", "veth0", "up"]);
+        b.ip(&["link", "set", "veth0", "up"]);
+        Topology { a, b }
+    }
+}
+
+impl Default for Topology {
+    fn default() -> Self {
+        Topology::new()
+    }
+}
+
+/// Arguments of `tunfwd tunnel` for side a or b of the topology.
+pub fn tunnel_args(side_a: bool, extra: &[&str]) -> Vec<String> {
+    let (me, peer, o4, o6) = if side_a {
+        (UNDERLAY_A, UNDERLAY_B, OVERLAY_A, OVERLAY6_A)
+    } else {
+        (UNDERLAY_B, UNDERLAY_A, OVERLAY_B, OVERLAY6_B)
+    };
+    let mut v: Vec<String> = vec![
+        "tunnel".into(),
+        "--dev".into(),
+        "tun0".into(),
+        "--address".into(),
+        format!("{o4}/24"),
+        "--address".into(),
+        format!("{o6}/64"),
+        "--listen".into(),
+        format!("{me}:{PORT}"),
+        "--peer".into(),
+        format!("{peer}:{PORT}"),
+    ];
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+/// A running process whose output is collected; killed on drop.
+pub struct Proc {
+    pub child: Child,
+    stdout: Arc<Mutex<String>>,
+    stderr: Arc<Mutex<String>>,
+    readers: Vec<JoinHandle<()>>,
+}
+
+fn collect(r: impl Read + Send + 'static, into: Arc<Mutex<String>>) -> JoinHandle<()> {
+    thread::spawn(move || {
+        let mut r = BufReader::new(r);
+        let mut line = String::new();
+        while let Ok(n) = r.read_line(&mut line) {
+            if n == 0 {
+                break;
+            }
+            into.lock().unwrap().push_str(&line);
+            line.clear();
+        }
+    })
+}
+
+impl Proc {
+    pub fn spawn(mut cmd: Command) -> Proc {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        let stdout = Arc::new(Mutex::new(String::new()));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let readers = vec![
+            collect(child.stdout.take().unwrap(), stdout.clone()),
+            collect(child.stderr.take().unwrap(), stderr.clone()),
+        ];
+        Proc {
+            child,
+            stdout,
+            stderr,
+            readers,
+        }
+    }
+
+    /// Starts `tunfwd ARGS` in `ns` and waits until it reports the tunnel up.
+    pub fn tunfwd(ns: &Netns, args: &[String]) -> Proc {
+        let mut cmd = ns.command(&[tunfwd_bin()]);
+        cmd.args(args);
+        let mut p = Proc::spawn(cmd);
+        p.wait_for_stderr("tunnel up");
+        p
+    }
+
+    pub fn stdout(&self) -> String {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits (up to 20 s, a hang guard, not a performance bound) for `needle`
+    /// on stderr; panics with the output if the process exits first.
+    pub fn wait_for_stderr(&mut self, needle: &str) {
+        self.wait_for(needle, true)
+    }
+
+    pub fn wait_for_stdout(&mut self, needle: &str) {
+        self.wait_for(needle, false)
+    }
+
+    fn wait_for(&mut self, needle: &str, stderr: bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = if stderr { self.stderr() } else { self.stdout() };
+            if text.contains(needle) {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                self.join_readers();
+                panic!(
+                    "process exited ({status}) before printing {needle:?}\nstdout:\n{}\nstderr:\n{}",
+                    self.stdout(),
+                    self.stderr()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} within 20 s\nstdout:\n{}\nstderr:\n{}",
+                self.stdout(),
+                self.stderr()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn join_readers(&mut self) {
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+    }
+
+    /// Waits up to `secs` for exit; None if still running.
+    pub fn wait_timeout(&mut self, secs: u64) -> Option<ExitStatus> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                self.join_readers();
+                return Some(s);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends SIGTERM and waits for exit (10 s hang guard).
+    pub fn terminate(&mut self) -> ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        self.wait_timeout(10).unwrap_or_else(|| {
+            panic!(
+                "process did not exit within 10 s of SIGTERM\nstderr:\n{}",
+                self.stderr()
+            )
+        })
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Reads `key=value` (a number) from the first line containing `line_tag`.
+pub fn stat(text: &str, line_tag: &str, key: &str) -> u64 {
+    let line = text
+        .lines()
+        .find(|l| l.contains(line_tag))
+        .unwrap_or_else(|| panic!("no line with {line_tag:?} in:\n{text}"));
+    let pat = format!("{key}=");
+    line.split(|c: char| c.is_whitespace() || c == '[' || c == ']')
+        .find_map(|tok| tok.strip_prefix(&pat))
+        .map(|v| v.parse().unwrap_or_else(|_| panic!("{key} in {line}")))
+        .unwrap_or(0)
+}
+
+/// Deterministic test data: xorshift64 words.
+pub struct DataStream {
+    state: u64,
+}
+
+impl DataStream {
+    pub fn new(seed: u64) -> DataStream {
+        DataStream { state: seed | 1 }
+    }
+
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            let mut x = self.state;
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            self.state = x;
+            chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+        }
+    }
+}
+
+/// A 64-bit hash over a byte stream (FNV-style over 8-byte words; fine for
+/// detecting corruption, not adversarial). Feed chunks that are multiples of 8
+/// bytes except the last.
+#[derive(Default)]
+pub struct StreamHash {
+    h: u64,
+    len: u64,
+    tail: Vec<u8>,
+}
+
+impl StreamHash {
+    pub fn update(&mut self, mut data: &[u8]) {
+        self.len += data.len() as u64;
+        if !self.tail.is_empty() {
+            let need = 8 - self.tail.len();
+            let take = need.min(data.len());
+            self.tail.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if self.tail.len() == 8 {
+                let w = u64::from_le_bytes(self.tail[..].try_into().unwrap());
+                self.word(w);
+                self.tail.clear();
+            }
+        }
+        let mut chunks = data.chunks_exact(8);
+        for c in &mut chunks {
+            self.word(u64::from_le_bytes(c.try_into().unwrap()));
+        }
+        self.tail.extend_from_slice(chunks.remainder());
+    }
+
+    fn word(&mut self, w: u64) {
+        self.h = (self.h ^ w)
+            .wrapping_mul(0x0000_0100_0000_01b3)
+            .rotate_left(29);
+    }
+
+    pub fn finish(mut self) -> (u64, u64) {
+        let tail = std::mem::take(&mut self.tail);
+        for b in tail {
+            self.word(u64::from(b));
+        }
+        (self.h ^ self.len, self.len)
+    }
+}
+
+/// Sends `bytes` of deterministic data over TCP from namespace `from` to
+/// `to_addr` (a listener started in namespace `to`), and checks the receiver
+/// got exactly the same bytes (hash and length). Returns the byte count.
+pub fn verified_tcp_transfer(from: &Netns, to: &Netns, to_addr: SocketAddr, bytes: u64) -> u64 {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let receiver = to.spawn(move || {
+        let listener = TcpListener::bind(to_addr).expect("bind listener");
+        ready_tx.send(()).unwrap();
+        let (mut s, _) = listener.accept().expect("accept");
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut hash = StreamHash::default();
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let n = s.read(&mut buf).expect("receive (30 s stall guard)");
+            if n == 0 {
+                break;
+            }
+            hash.update(&buf[..n]);
+        }
+        hash.finish()
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("listener ready");
+    let sender = from.spawn(move || {
+        let mut s = TcpStream::connect_timeout(&to_addr, Duration::from_secs(10)).expect("connect");
+        s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut data = DataStream::new(bytes ^ 0x5eed);
+        let mut hash = StreamHash::default();
+        let mut buf = vec![0u8; 1 << 16];
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            data.fill(&mut buf[..n]);
+            s.write_all(&buf[..n]).expect("send (30 s stall guard)");
+            hash.update(&buf[..n]);
+            left -= n as u64;
+        }
+        s.shutdown(Shutdown::Write).unwrap();
+        // Wait for the receiver to close, so every byte was read.
+        let _ = s.read(&mut [0u8; 1]);
+        hash.finish()
+    });
+    let sent = sender.join().expect("sender thread");
+    let got = receiver.join().expect("receiver thread");
+    assert_eq!(got.1, bytes, "received byte count");
+    assert_eq!(
+        got, sent,
+        "received bytes differ from sent bytes (hash, length)"
+    );
+    got.1
+}
+
+/// Internet checksum (RFC 1071) over `data`.
+pub fn inet_checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = 0;
+    for c in data.chunks(2) {
+        let w = if c.len() == 2 {
+            u16::from_be_bytes([c[0], c[1]])
+        } else {
+            u16::from_be_bytes([c[0], 0])
+        };
+        sum += u32::from(w);
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// A well-formed IPv4/UDP packet (header checksum set, UDP checksum 0 = none).
+pub fn ipv4_udp_packet(
+    src: [u8; 4],
+    dst: [u8; 4],
+    sport: u16,
+    dport: u16,
+    payload: &[u8],
+) -> Vec<u8> {
+    let total = 28 + payload.len();
+    let mut p = vec![0u8; total];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+    p[8] = 64;
+    p[9] = 17;
+    p[12..16].copy_from_slice(&src);
+    p[16..20].copy_from_slice(&dst);
+    let csum = inet_checksum(&p[..20]);
+    p[10..12].copy_from_slice(&csum.to_be_bytes());
+    p[20..22].copy_from_slice(&sport.to_be_bytes());
+    p[22..24].copy_from_slice(&dport.to_be_bytes());
+    p[24..26].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    p[28..].copy_from_slice(payload);
+    p
+}
+
+/// Runs iperf3 (TCP, `secs` seconds) from `client` to `server_addr` served in
+/// `server`; returns received bits per second.
+pub fn iperf3_tcp(client: &Netns, server: &Netns, server_addr: &str, secs: u32, port: u16) -> f64 {
+    let mut srv = Proc::spawn(server.command(&[
+        "iperf3",
+        "-s",
+        "-1",
+        "--forceflush",
+        "-B",
+        server_addr,
+        "-p",
+        &port.to_string(),
+    ]));
+    srv.wait_for_stdout("Server listening");
+    let out = client
+        .command(&[
+            "iperf3",
+            "-c",
+            server_addr,
+            "-p",
+            &port.to_string(),
+            "-t",
+            &secs.to_string(),
+            "-J",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("spawn iperf3 client");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "iperf3 client failed:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(&text).expect("iperf3 JSON");
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .expect("end.sum_received.bits_per_second")
+}

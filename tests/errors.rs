@@ -1,0 +1,216 @@
+//! Setup errors: each is one line naming the operation and the object, a
+//! non-zero exit, and no panic. The first tests need no root; the rest run in
+//! their own namespaces and need root (under CI=true they must run).
+
+mod common;
+
+use std::process::{Command, Output, Stdio};
+
+use common::*;
+
+fn tunfwd(args: &[&str]) -> Output {
+    Command::new(tunfwd_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("spawn tunfwd")
+}
+
+fn tunfwd_in(ns: &Netns, args: &[&str]) -> Output {
+    let mut full = vec![tunfwd_bin()];
+    full.extend_from_slice(args);
+    ns.command(&full)
+        .stdin(Stdio::null())
+        .output()
+        .expect("spawn tunfwd")
+}
+
+/// Checks a failed run: non-zero exit, `want` on stderr, no panic output.
+fn assert_clean_failure(out: &Output, want: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "expected failure, got success:\n{stderr}"
+    );
+    assert!(stderr.contains(want), "stderr lacks {want:?}:\n{stderr}");
+    assert!(!stderr.contains("panicked"), "panic:\n{stderr}");
+    assert!(
+        !stderr.contains("RUST_BACKTRACE"),
+        "backtrace hint:\n{stderr}"
+    );
+}
+
+const LOOP: [&str; 4] = ["--listen", "127.0.0.1:0", "--peer", "127.0.0.1:9"];
+
+#[test]
+fn bad_cidr() {
+    for bad in [
+        "198.19.0.1",
+        "198.19.0.1/33",
+        "not-an-ip/24",
+        "2001:db8::1/200",
+    ] {
+        let mut args = vec!["tunnel", "--address", bad];
+        args.extend(LOOP);
+        let out = tunfwd(&args);
+        assert_clean_failure(&out, "--address");
+        assert_eq!(out.status.code(), Some(2), "usage errors exit 2");
+    }
+}
+
+#[test]
+fn mtu_out_of_range() {
+    for mtu in ["20", "65508"] {
+        let mut args = vec!["tunnel", "--mtu", mtu];
+        args.extend(LOOP);
+        let out = tunfwd(&args);
+        assert_clean_failure(&out, &format!("MTU {mtu} is out of range 68..=65507"));
+        assert_eq!(String::from_utf8_lossy(&out.stderr).lines().count(), 1);
+    }
+    let mut args = vec!["tunnel", "--mtu", "1000", "--address", "2001:db8:19::1/64"];
+    args.extend(LOOP);
+    assert_clean_failure(&tunfwd(&args), "IPv6 minimum");
+}
+
+#[test]
+fn bad_socket_addresses() {
+    let out = tunfwd(&[
+        "tunnel",
+        "--listen",
+        "198.18.0.1",
+        "--peer",
+        "198.18.0.2:5000",
+    ]);
+    assert_clean_failure(&out, "--listen");
+    let out = tunfwd(&[
+        "tunnel",
+        "--listen",
+        "0.0.0.0:5000",
+        "--peer",
+        "0.0.0.0:5000",
+    ]);
+    assert_clean_failure(&out, "--peer 0.0.0.0:5000 needs a concrete address");
+}
+
+#[test]
+fn unknown_device_when_attaching() {
+    let mut args = vec!["tunnel", "--attach", "--dev", "tfwnosuch0"];
+    args.extend(LOOP);
+    let out = tunfwd(&args);
+    assert_clean_failure(&out, "attach to TUN device tfwnosuch0: no such device");
+}
+
+#[test]
+fn help_explains_units_and_defaults() {
+    let out = tunfwd(&["tunnel", "--help"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    for want in [
+        "--mtu <BYTES>",
+        "[default: 1452]",
+        "--stats-interval <SECS>",
+        "--batch <PACKETS>",
+        "--txqueuelen <PACKETS>",
+    ] {
+        assert!(text.contains(want), "help lacks {want:?}:\n{text}");
+    }
+}
+
+#[test]
+fn port_in_use() {
+    if !can_run_kernel_tests("port_in_use") {
+        return;
+    }
+    let topo = Topology::new();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let holder = topo.a.spawn(move || {
+        let _s = std::net::UdpSocket::bind(format!("{UNDERLAY_A}:{PORT}")).unwrap();
+        tx.send(()).unwrap();
+        let _ = done_rx.recv();
+    });
+    rx.recv().unwrap();
+    let args: Vec<String> = tunnel_args(true, &[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = tunfwd_in(&topo.a, &args);
+    done_tx.send(()).unwrap();
+    holder.join().unwrap();
+    assert_clean_failure(
+        &out,
+        "bind UDP socket 198.18.0.1:5000 for queue 0: Address already in use",
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("another process uses this port"));
+    assert!(!topo.a.has_link("tun0"), "no device is left behind");
+}
+
+#[test]
+fn missing_cap_net_admin() {
+    if !can_run_kernel_tests("missing_cap_net_admin") {
+        return;
+    }
+    let topo = Topology::new();
+    let args: Vec<String> = tunnel_args(true, &[]);
+    let mut full = vec![
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=-all",
+        "--bounding-set=-all",
+        tunfwd_bin(),
+    ];
+    full.extend(args.iter().map(String::as_str));
+    let out = topo.a.command(&full).stdin(Stdio::null()).output().unwrap();
+    // EACCES from open(2) where /dev/net/tun is root-only, EPERM from
+    // TUNSETIFF where it is world-accessible: both name the fix.
+    assert_clean_failure(&out, "open TUN queue 0 of tun0");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("(need root or CAP_NET_ADMIN)"));
+}
+
+#[test]
+fn no_dev_net_tun() {
+    if !can_run_kernel_tests("no_dev_net_tun") {
+        return;
+    }
+    let topo = Topology::new();
+    // A private mount namespace where /dev/net is an empty tmpfs.
+    let args: Vec<String> = tunnel_args(true, &[]);
+    let script = format!(
+        "mount -t tmpfs none /dev/net && exec {} {}",
+        tunfwd_bin(),
+        args.join(" ")
+    );
+    let out = topo
+        .a
+        .command(&[
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_clean_failure(
+        &out,
+        "open TUN queue 0 of tun0: /dev/net/tun: No such file or directory",
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("modprobe tun"));
+}
+
+#[test]
+fn existing_device_of_other_kind() {
+    if !can_run_kernel_tests("existing_device_of_other_kind") {
+        return;
+    }
+    let topo = Topology::new();
+    let mut args: Vec<String> = tunnel_args(true, &[]);
+    args[2] = "veth0".into();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = tunfwd_in(&topo.a, &args);
+    assert_clean_failure(&out, "open TUN queue 0 of veth0: Invalid argument");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a TUN device"));
+}
