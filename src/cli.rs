@@ -26,6 +26,87 @@ enum Command {
     /// Run the forwarder: create (or attach to) a TUN device, configure it,
     /// and forward its packets to --peer over UDP, and back.
     Tunnel(TunnelArgs),
+    /// Measure tunfwd against the bare veth underlay and the kernel's VXLAN
+    /// tunnel in one run, on a two-namespace topology the bench builds and
+    /// removes itself (needs root).
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct BenchArgs {
+    /// Targets to measure, in order: veth (bare underlay, no tunnel), vxlan
+    /// (kernel VXLAN tunnel), poll (tunfwd's poll engine).
+    #[arg(long, value_delimiter = ',', default_value = "veth,vxlan,poll", value_parser = crate::bench::Target::parse)]
+    compare: Vec<crate::bench::Target>,
+
+    /// Target the ratio column compares against (default: the first of --compare).
+    #[arg(long, value_name = "TARGET")]
+    baseline: Option<String>,
+
+    /// Workloads: udp (flood at each --sizes), tcp (1 and --streams streams),
+    /// latency (UDP ping-pong, idle and under a TCP load).
+    #[arg(long, value_delimiter = ',', default_value = "udp,tcp,latency", value_parser = crate::bench::WorkloadKind::parse)]
+    workloads: Vec<crate::bench::WorkloadKind>,
+
+    /// UDP flood IP packet sizes in bytes (29-1450). Default 64,512,1400;
+    /// --quick: 64,1400.
+    #[arg(long, value_delimiter = ',', value_name = "BYTES")]
+    sizes: Option<Vec<usize>>,
+
+    /// Parallel streams of the multi-stream TCP workload. Default 4; --quick: 2.
+    #[arg(long, value_name = "N")]
+    streams: Option<usize>,
+
+    /// Seconds per workload and target. Default 5; --quick: 1.
+    #[arg(long, value_name = "SECS")]
+    duration: Option<f64>,
+
+    /// Cap on the offered UDP load in packets per second (0: as fast as the
+    /// generator can send).
+    #[arg(long, default_value_t = 0, value_name = "PPS")]
+    rate_pps: u64,
+
+    /// A short run: 1 s per workload, sizes 64,1400, 2 streams.
+    #[arg(long)]
+    quick: bool,
+
+    /// Also write every figure, with kernel, CPU and flags, to this JSON file.
+    #[arg(long, value_name = "FILE")]
+    json: Option<std::path::PathBuf>,
+
+    /// Flags passed unchanged to every `tunfwd tunnel` under test, after `--`,
+    /// e.g. `tunfwd bench -- --batch 16`.
+    #[arg(last = true, value_name = "TUNNEL FLAGS")]
+    forwarder_args: Vec<String>,
+}
+
+impl BenchArgs {
+    fn into_config(self) -> crate::bench::BenchConfig {
+        let q = self.quick;
+        crate::bench::BenchConfig {
+            baseline: self
+                .baseline
+                .unwrap_or_else(|| self.compare.first().map(|t| t.name()).unwrap_or_default()),
+            targets: self.compare,
+            workloads: self.workloads,
+            sizes: self.sizes.unwrap_or_else(|| {
+                if q {
+                    vec![64, 1400]
+                } else {
+                    vec![64, 512, 1400]
+                }
+            }),
+            streams: self.streams.unwrap_or(if q { 2 } else { 4 }),
+            duration: std::time::Duration::from_secs_f64(
+                self.duration
+                    .unwrap_or(if q { 1.0 } else { 5.0 })
+                    .clamp(0.0, 3600.0),
+            ),
+            rate_pps: self.rate_pps,
+            json: self.json,
+            forwarder_args: self.forwarder_args,
+        }
+    }
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -90,6 +171,15 @@ struct TunnelArgs {
     /// Print a stats line every SECS seconds (0: only the final summary).
     #[arg(long, default_value_t = 0, value_name = "SECS")]
     stats_interval: u64,
+
+    /// Enter the network namespace at PATH (e.g. /run/netns/NAME or
+    /// /proc/PID/ns/net) before creating the device and sockets.
+    #[arg(long, value_name = "PATH")]
+    netns: Option<std::path::PathBuf>,
+
+    /// Stop cleanly when the parent process exits (used by `tunfwd bench`).
+    #[arg(long, hide = true)]
+    exit_with_parent: bool,
 }
 
 impl TunnelArgs {
@@ -108,6 +198,8 @@ impl TunnelArgs {
             queues: self.queues,
             batch: self.batch,
             stats_interval_secs: self.stats_interval,
+            netns: self.netns,
+            exit_with_parent: self.exit_with_parent,
         }
     }
 }
@@ -121,10 +213,13 @@ pub fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Tunnel(args) => crate::runtime::run_tunnel(&args.into_config()),
+        Command::Tunnel(args) => crate::runtime::run_tunnel(&args.into_config()).map(|()| true),
+        Command::Bench(args) => crate::bench::run(&args.into_config()),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(true) => ExitCode::SUCCESS,
+        // Interrupted by a signal after cleaning up.
+        Ok(false) => ExitCode::from(130),
         Err(e) => {
             crate::info!("error: {e}");
             ExitCode::FAILURE

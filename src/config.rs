@@ -83,6 +83,10 @@ pub struct TunnelConfig {
     pub batch: usize,
     /// 0: no periodic stats line.
     pub stats_interval_secs: u64,
+    /// Enter this network namespace before any setup.
+    pub netns: Option<std::path::PathBuf>,
+    /// Stop (as on SIGTERM) when the parent process dies.
+    pub exit_with_parent: bool,
 }
 
 impl TunnelConfig {
@@ -185,6 +189,8 @@ mod tests {
             queues: 1,
             batch: DEFAULT_BATCH,
             stats_interval_secs: 0,
+            netns: None,
+            exit_with_parent: false,
         }
     }
 

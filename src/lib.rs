@@ -27,12 +27,18 @@ macro_rules! info {
     }};
 }
 
+#[cfg(target_os = "linux")]
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod device;
 pub mod engine;
 pub mod error;
 pub mod forward;
+#[cfg(target_os = "linux")]
+pub mod netlink;
+#[cfg(target_os = "linux")]
+pub mod netns;
 pub mod packet;
 pub mod runtime;
 pub mod stats;

@@ -52,6 +52,15 @@ fn out(line: std::fmt::Arguments<'_>) {
 /// The summary is printed in both cases.
 pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
     cfg.validate()?;
+    if cfg.exit_with_parent {
+        // SIGTERM is blocked and taken by the signal thread: a clean stop.
+        nix::sys::prctl::set_pdeathsig(Signal::SIGTERM)
+            .map_err(|e| Error::io("set parent-death signal", e.into()))?;
+    }
+    if let Some(path) = &cfg.netns {
+        // Before any socket or device: everything below lives in it.
+        crate::netns::NetNs::open(path)?.enter()?;
+    }
 
     // Sockets first: a port in use fails before a device is created.
     let mut sockets = Vec::with_capacity(cfg.queues);

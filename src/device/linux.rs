@@ -3,6 +3,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::net::IpAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 
@@ -129,38 +130,55 @@ impl TunDevice {
 
     /// Sets MTU, transmit queue length (if given), addresses, and link up.
     pub fn configure(&self, mtu: u32, addresses: &[Cidr], txqueuelen: Option<u32>) -> Result<()> {
-        let name = &self.name;
-        let sock = control_socket(AddressFamily::Inet)?;
-        sys::set_mtu(sock.as_fd(), name, mtu).context(|| format!("set MTU {mtu} on {name}"))?;
-        if let Some(q) = txqueuelen {
-            sys::set_txqueuelen(sock.as_fd(), name, q)
-                .context(|| format!("set txqueuelen {q} on {name}"))?;
-        }
-        for c in addresses {
-            if let std::net::IpAddr::V4(a) = c.addr {
-                sys::set_ipv4_addr(sock.as_fd(), name, a, c.prefix_len)
-                    .context(|| format!("set address {c} on {name}"))?;
-            }
-        }
-        sys::set_link_up(sock.as_fd(), name).context(|| format!("bring up {name}"))?;
-        let v6: Vec<_> = addresses.iter().filter(|c| c.addr.is_ipv6()).collect();
-        if !v6.is_empty() {
-            let sock6 = control_socket(AddressFamily::Inet6)?;
-            let ifindex = if_nametoindex(name.as_str())
-                .map_err(io::Error::from)
-                .context(|| format!("look up interface index of {name}"))?;
-            for c in v6 {
-                let std::net::IpAddr::V6(a) = c.addr else {
-                    continue;
-                };
-                match sys::add_ipv6_addr(sock6.as_fd(), ifindex, a, c.prefix_len) {
-                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
-                    r => r.context(|| format!("add address {c} to {name}"))?,
-                }
-            }
-        }
-        Ok(())
+        configure_link(&self.name, Some(mtu), addresses, txqueuelen)
     }
+}
+
+/// Configures any interface in the calling thread's network namespace: MTU
+/// and transmit queue length (if given), addresses, then link up.
+pub fn configure_link(
+    name: &str,
+    mtu: Option<u32>,
+    addresses: &[Cidr],
+    txqueuelen: Option<u32>,
+) -> Result<()> {
+    let sock = control_socket(AddressFamily::Inet)?;
+    if let Some(mtu) = mtu {
+        sys::set_mtu(sock.as_fd(), name, mtu).context(|| format!("set MTU {mtu} on {name}"))?;
+    }
+    if let Some(q) = txqueuelen {
+        sys::set_txqueuelen(sock.as_fd(), name, q)
+            .context(|| format!("set txqueuelen {q} on {name}"))?;
+    }
+    for c in addresses {
+        if let IpAddr::V4(a) = c.addr {
+            sys::set_ipv4_addr(sock.as_fd(), name, a, c.prefix_len)
+                .context(|| format!("set address {c} on {name}"))?;
+        }
+    }
+    sys::set_link_up(sock.as_fd(), name).context(|| format!("bring up {name}"))?;
+    let v6: Vec<_> = addresses.iter().filter(|c| c.addr.is_ipv6()).collect();
+    if !v6.is_empty() {
+        let sock6 = control_socket(AddressFamily::Inet6)?;
+        let ifindex = interface_index(name)?;
+        for c in v6 {
+            let IpAddr::V6(a) = c.addr else {
+                continue;
+            };
+            match sys::add_ipv6_addr(sock6.as_fd(), ifindex, a, c.prefix_len) {
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                r => r.context(|| format!("add address {c} to {name}"))?,
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The interface index of `name` in the calling thread's namespace.
+pub fn interface_index(name: &str) -> Result<u32> {
+    if_nametoindex(name)
+        .map_err(io::Error::from)
+        .context(|| format!("look up interface index of {name}"))
 }
 
 fn open_tun_file() -> io::Result<File> {

@@ -1,0 +1,286 @@
+//! tunfwd forwarder processes under test: one per namespace, started from
+//! this very binary (`tunfwd tunnel --netns ... --exit-with-parent`), with
+//! their CPU time read from /proc and their own counters from the summary.
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use super::topology::{TUN_A, TUN_B, Topology, UNDERLAY_A, UNDERLAY_B};
+use crate::error::{Context, Error, Result};
+
+const PORT: u16 = 5000;
+
+/// One forwarder process and its collected output.
+struct Forwarder {
+    child: Child,
+    stdout: Arc<Mutex<String>>,
+    stderr: Arc<Mutex<String>>,
+    readers: Vec<JoinHandle<()>>,
+}
+
+fn collect(r: impl Read + Send + 'static, into: Arc<Mutex<String>>) -> JoinHandle<()> {
+    thread::spawn(move || {
+        let mut r = BufReader::new(r);
+        let mut line = String::new();
+        while matches!(r.read_line(&mut line), Ok(n) if n > 0) {
+            if let Ok(mut s) = into.lock() {
+                s.push_str(&line);
+            }
+            line.clear();
+        }
+    })
+}
+
+fn text(s: &Arc<Mutex<String>>) -> String {
+    s.lock().map(|s| s.clone()).unwrap_or_default()
+}
+
+impl Forwarder {
+    fn start(args: Vec<String>) -> Result<Forwarder> {
+        let exe = std::env::current_exe().context(|| "find the tunfwd executable")?;
+        let mut child = Command::new(&exe)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context(|| format!("start forwarder {}", exe.display()))?;
+        let stdout = Arc::new(Mutex::new(String::new()));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut readers = Vec::new();
+        if let Some(o) = child.stdout.take() {
+            readers.push(collect(o, stdout.clone()));
+        }
+        if let Some(e) = child.stderr.take() {
+            readers.push(collect(e, stderr.clone()));
+        }
+        let mut f = Forwarder {
+            child,
+            stdout,
+            stderr,
+            readers,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !text(&f.stderr).contains("tunnel up") {
+            if let Ok(Some(status)) = f.child.try_wait() {
+                f.join_readers();
+                return Err(Error::config(format!(
+                    "forwarder exited ({status}) during setup: {}",
+                    text(&f.stderr).trim()
+                )));
+            }
+            if Instant::now() > deadline {
+                return Err(Error::config(format!(
+                    "forwarder not up within 10 s: {}",
+                    text(&f.stderr).trim()
+                )));
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        Ok(f)
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    fn join_readers(&mut self) {
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+    }
+
+    /// SIGTERM, wait, and return the summary line ("summary total ...").
+    fn stop(mut self) -> Result<String> {
+        let _ = kill(Pid::from_raw(self.pid()), Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                return Err(Error::config(
+                    "forwarder did not stop within 10 s of SIGTERM",
+                ));
+            }
+            thread::sleep(Duration::from_millis(10));
+        };
+        self.join_readers();
+        let out = text(&self.stdout);
+        if !status.success() {
+            return Err(Error::config(format!(
+                "forwarder exited with {status}: {}",
+                text(&self.stderr).trim()
+            )));
+        }
+        out.lines()
+            .find(|l| l.contains("summary total"))
+            .map(str::to_string)
+            .ok_or_else(|| Error::config(format!("no summary from forwarder: {out}")))
+    }
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// What both forwarders reported, added up.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PairCounters {
+    /// Packets that crossed the tunnel (each is read from a TUN device once).
+    pub tunnel_packets: u64,
+    pub syscalls: u64,
+    pub drops: u64,
+}
+
+/// Values of `key=` on a summary line, in order of appearance.
+fn fields(line: &str, key: &str) -> Vec<u64> {
+    let pat = format!("{key}=");
+    line.split(|c: char| c.is_whitespace() || c == '[' || c == ']')
+        .filter_map(|t| t.strip_prefix(&pat))
+        .filter_map(|v| v.parse().ok())
+        .collect()
+}
+
+fn counters(line: &str) -> PairCounters {
+    // Field order: tun_to_peer packets first, then peer_to_tun.
+    PairCounters {
+        tunnel_packets: fields(line, "packets").first().copied().unwrap_or(0),
+        syscalls: fields(line, "syscalls").first().copied().unwrap_or(0),
+        drops: fields(line, "drops").iter().sum(),
+    }
+}
+
+/// A forwarder in each namespace of `topo`.
+pub struct ForwarderPair {
+    a: Forwarder,
+    b: Forwarder,
+}
+
+impl ForwarderPair {
+    /// Starts `tunfwd tunnel --engine ENGINE EXTRA...` on both sides and
+    /// waits until both report the tunnel up.
+    pub fn start(topo: &Topology, engine: &str, extra: &[String]) -> Result<ForwarderPair> {
+        let args = |ns: String, me, peer, addr| {
+            let mut v: Vec<String> = vec![
+                "tunnel".into(),
+                "--netns".into(),
+                ns,
+                "--exit-with-parent".into(),
+                "--dev".into(),
+                "tun0".into(),
+                "--address".into(),
+                format!("{addr}/24"),
+                "--listen".into(),
+                format!("{me}:{PORT}"),
+                "--peer".into(),
+                format!("{peer}:{PORT}"),
+                "--engine".into(),
+                engine.into(),
+            ];
+            v.extend(extra.iter().cloned());
+            v
+        };
+        let a = Forwarder::start(args(topo.a.proc_path(), UNDERLAY_A, UNDERLAY_B, TUN_A))?;
+        let b = Forwarder::start(args(topo.b.proc_path(), UNDERLAY_B, UNDERLAY_A, TUN_B))?;
+        Ok(ForwarderPair { a, b })
+    }
+
+    /// User + system CPU seconds both forwarders have used so far.
+    pub fn cpu_seconds(&self) -> f64 {
+        process_cpu_seconds(self.a.pid()) + process_cpu_seconds(self.b.pid())
+    }
+
+    /// Stops both and adds up their counters.
+    pub fn stop(self) -> Result<PairCounters> {
+        let la = self.a.stop()?;
+        let lb = self.b.stop()?;
+        let (ca, cb) = (counters(&la), counters(&lb));
+        Ok(PairCounters {
+            tunnel_packets: ca.tunnel_packets + cb.tunnel_packets,
+            syscalls: ca.syscalls + cb.syscalls,
+            drops: ca.drops + cb.drops,
+        })
+    }
+}
+
+fn clock_ticks_per_second() -> f64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .map(|t| t as f64)
+        .unwrap_or(100.0)
+}
+
+/// utime + stime of process `pid` in seconds (0 if it is gone).
+pub fn process_cpu_seconds(pid: i32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name in parentheses; utime and stime are the
+    // 14th and 15th fields of the whole line.
+    let Some(rest) = stat.rsplit_once(") ").map(|(_, r)| r) else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| f.get(i).and_then(|v| v.parse::<u64>().ok()))
+        .sum();
+    ticks as f64 / clock_ticks_per_second()
+}
+
+/// CPU seconds the whole machine spent busy (all CPUs, all processes and
+/// the kernel's softirq work), from /proc/stat.
+pub fn system_cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
+        return 0.0;
+    };
+    let Some(line) = stat.lines().next() else {
+        return 0.0;
+    };
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    let busy: u64 = [0, 1, 2, 5, 6, 7].iter().filter_map(|&i| v.get(i)).sum();
+    busy as f64 / clock_ticks_per_second()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_summary_line() {
+        let line = "tunfwd: summary total tun_to_peer packets=10 bytes=840 drops=2 backpressure=0 \
+                    [over_mtu=2] | peer_to_tun packets=7 bytes=500 drops=1 backpressure=3 \
+                    [not_from_peer=1] | syscalls=40 syscalls_per_packet=2.35 waits=9 io_errors=0";
+        let c = counters(line);
+        assert_eq!(c.tunnel_packets, 10);
+        assert_eq!(c.syscalls, 40);
+        assert_eq!(c.drops, 3);
+    }
+
+    #[test]
+    fn own_cpu_time_is_readable() {
+        let t = process_cpu_seconds(std::process::id() as i32);
+        assert!(t >= 0.0);
+        assert!(system_cpu_seconds() > 0.0);
+        assert_eq!(process_cpu_seconds(-1), 0.0);
+    }
+}

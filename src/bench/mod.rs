@@ -1,0 +1,387 @@
+//! `tunfwd bench`: builds its own two-namespace topology, measures each
+//! target (bare veth, kernel VXLAN, tunfwd engines) under the same workloads
+//! in one run, and reports absolute numbers next to ratios against a
+//! baseline. Nothing it creates outlives it: the namespaces are anonymous and
+//! the forwarders die with it.
+
+pub mod forwarders;
+pub mod report;
+pub mod topology;
+pub mod traffic;
+
+use std::io::Write as _;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{SigSet, Signal};
+use serde_json::json;
+
+use self::forwarders::{ForwarderPair, system_cpu_seconds};
+use self::report::{Percentiles, Row, Workload};
+use self::topology::{TUN_B, Topology, UNDERLAY_B, VXLAN_B};
+use crate::error::{Context, Error, Result};
+
+/// Something to measure.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// The bare underlay: no tunnel at all.
+    Veth,
+    /// The kernel's own UDP tunnel over the same underlay.
+    Vxlan,
+    /// tunfwd with this engine.
+    Tunfwd { engine: String },
+}
+
+impl Target {
+    pub fn parse(s: &str) -> std::result::Result<Target, String> {
+        match s {
+            "veth" => Ok(Target::Veth),
+            "vxlan" => Ok(Target::Vxlan),
+            "poll" => Ok(Target::Tunfwd {
+                engine: s.to_string(),
+            }),
+            other => Err(format!(
+                "unknown bench target {other:?}: use veth, vxlan or poll"
+            )),
+        }
+    }
+
+    pub fn name(&self) -> String {
+        match self {
+            Target::Veth => "veth".into(),
+            Target::Vxlan => "vxlan".into(),
+            Target::Tunfwd { engine } => engine.clone(),
+        }
+    }
+
+    fn dst(&self) -> Ipv4Addr {
+        match self {
+            Target::Veth => UNDERLAY_B,
+            Target::Vxlan => VXLAN_B,
+            Target::Tunfwd { .. } => TUN_B,
+        }
+    }
+}
+
+/// Which workloads to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WorkloadKind {
+    Udp,
+    Tcp,
+    Latency,
+}
+
+impl WorkloadKind {
+    pub fn parse(s: &str) -> std::result::Result<WorkloadKind, String> {
+        match s {
+            "udp" => Ok(WorkloadKind::Udp),
+            "tcp" => Ok(WorkloadKind::Tcp),
+            "latency" => Ok(WorkloadKind::Latency),
+            other => Err(format!(
+                "unknown workload {other:?}: use udp, tcp or latency"
+            )),
+        }
+    }
+}
+
+/// Everything `tunfwd bench` was asked for.
+#[derive(Clone, Debug)]
+pub struct BenchConfig {
+    pub targets: Vec<Target>,
+    /// Name of the target ratios are computed against.
+    pub baseline: String,
+    pub workloads: Vec<WorkloadKind>,
+    /// UDP flood IP packet sizes in bytes.
+    pub sizes: Vec<usize>,
+    /// Parallel streams of the multi-stream TCP workload.
+    pub streams: usize,
+    pub duration: Duration,
+    /// Offered UDP load cap (0: as fast as the generator can).
+    pub rate_pps: u64,
+    pub json: Option<PathBuf>,
+    /// Passed unchanged to every `tunfwd tunnel` under test.
+    pub forwarder_args: Vec<String>,
+}
+
+/// Largest UDP flood packet: the forwarders' default MTU and below VXLAN's.
+const MAX_PACKET_LEN: usize = topology::VXLAN_MTU as usize;
+/// Smallest: IPv4 + UDP headers and one payload byte.
+const MIN_PACKET_LEN: usize = traffic::UDP_OVERHEAD + 1;
+
+impl BenchConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.targets.is_empty() {
+            return Err(Error::config("--compare needs at least one target"));
+        }
+        if !self.targets.iter().any(|t| t.name() == self.baseline) {
+            return Err(Error::config(format!(
+                "--baseline {} is not one of --compare",
+                self.baseline
+            )));
+        }
+        if let Some(bad) = self
+            .sizes
+            .iter()
+            .find(|&&s| !(MIN_PACKET_LEN..=MAX_PACKET_LEN).contains(&s))
+        {
+            return Err(Error::config(format!(
+                "--sizes {bad} is out of range {MIN_PACKET_LEN}..={MAX_PACKET_LEN} bytes"
+            )));
+        }
+        if self.streams == 0 || self.streams > 64 {
+            return Err(Error::config("--streams must be 1..=64"));
+        }
+        if self.duration.is_zero() {
+            return Err(Error::config("--duration must be above 0"));
+        }
+        Ok(())
+    }
+
+    /// The workloads in run order.
+    fn plan(&self) -> Vec<Workload> {
+        let mut plan = Vec::new();
+        for kind in &self.workloads {
+            match kind {
+                WorkloadKind::Udp => plan.extend(
+                    self.sizes
+                        .iter()
+                        .map(|&packet_len| Workload::Udp { packet_len }),
+                ),
+                WorkloadKind::Tcp => {
+                    plan.push(Workload::Tcp { streams: 1 });
+                    if self.streams > 1 {
+                        plan.push(Workload::Tcp {
+                            streams: self.streams,
+                        });
+                    }
+                }
+                WorkloadKind::Latency => {
+                    plan.push(Workload::Latency { loaded: false });
+                    plan.push(Workload::Latency { loaded: true });
+                }
+            }
+        }
+        plan
+    }
+}
+
+fn progress(msg: std::fmt::Arguments<'_>) {
+    let _ = writeln!(std::io::stderr().lock(), "bench: {msg}");
+}
+
+/// Runs the bench; Ok(false) if interrupted (everything is cleaned up).
+pub fn run(cfg: &BenchConfig) -> Result<bool> {
+    cfg.validate()?;
+    if !nix::unistd::geteuid().is_root() {
+        return Err(Error::config(
+            "tunfwd bench creates network namespaces and devices: run it as root",
+        ));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        // SIGINT/SIGTERM are blocked (cli::main); take them here.
+        let stop = stop.clone();
+        std::thread::Builder::new()
+            .name("bench-signals".into())
+            .spawn(move || {
+                let mut set = SigSet::empty();
+                set.add(Signal::SIGINT);
+                set.add(Signal::SIGTERM);
+                if let Ok(sig) = set.wait() {
+                    progress(format_args!(
+                        "{} received: stopping and cleaning up",
+                        sig.as_str()
+                    ));
+                    stop.store(true, Ordering::SeqCst);
+                }
+            })
+            .map_err(|e| Error::io("spawn signal thread", e))?;
+    }
+
+    progress(format_args!("building topology (2 namespaces, veth)"));
+    let topo = Topology::new()?;
+    if cfg.targets.contains(&Target::Vxlan) {
+        topo.add_vxlan()?;
+    }
+    let plan = cfg.plan();
+    let total = plan.len() * cfg.targets.len();
+    let started = Instant::now();
+    let mut rows = Vec::with_capacity(total);
+    let mut step = 0;
+    'outer: for target in &cfg.targets {
+        for workload in &plan {
+            if stop.load(Ordering::SeqCst) {
+                break 'outer;
+            }
+            step += 1;
+            progress(format_args!(
+                "[{step}/{total}] {} {} ({:.0} s elapsed)",
+                target.name(),
+                workload.label(),
+                started.elapsed().as_secs_f64()
+            ));
+            let row = measure(&topo, cfg, target, workload, &stop)?;
+            rows.push(row);
+        }
+    }
+    let interrupted = stop.load(Ordering::SeqCst);
+    report::set_ratios(&mut rows, &cfg.baseline);
+    let _ = write!(
+        std::io::stdout().lock(),
+        "{}",
+        report::table(&rows, &cfg.baseline)
+    );
+    let meta = json!({
+        "tunfwd_version": env!("CARGO_PKG_VERSION"),
+        "kernel": kernel_release(),
+        "cpu_model": cpu_model(),
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "baseline": cfg.baseline,
+        "targets": cfg.targets.iter().map(Target::name).collect::<Vec<_>>(),
+        "duration_s": cfg.duration.as_secs_f64(),
+        "sizes": cfg.sizes,
+        "streams": cfg.streams,
+        "rate_pps": cfg.rate_pps,
+        "forwarder_args": cfg.forwarder_args,
+        "command": std::env::args().collect::<Vec<_>>(),
+        "interrupted": interrupted,
+        "elapsed_s": started.elapsed().as_secs_f64(),
+    });
+    let _ = writeln!(
+        std::io::stdout().lock(),
+        "kernel {}, {}, {} CPUs",
+        meta["kernel"].as_str().unwrap_or("?"),
+        meta["cpu_model"].as_str().unwrap_or("?"),
+        meta["cpus"]
+    );
+    if let Some(path) = &cfg.json {
+        let doc = report::json(&rows, meta);
+        let text = serde_json::to_string_pretty(&doc)
+            .map_err(|e| Error::config(format!("serialize results: {e}")))?;
+        std::fs::write(path, text + "\n").context(|| format!("write {}", path.display()))?;
+        progress(format_args!("wrote {}", path.display()));
+    }
+    Ok(!interrupted)
+}
+
+/// Runs one workload against one target.
+fn measure(
+    topo: &Topology,
+    cfg: &BenchConfig,
+    target: &Target,
+    workload: &Workload,
+    stop: &Arc<AtomicBool>,
+) -> Result<Row> {
+    let forwarders = match target {
+        Target::Tunfwd { engine } => Some(ForwarderPair::start(topo, engine, &cfg.forwarder_args)?),
+        _ => None,
+    };
+    let dst = target.dst();
+    let sys_before = system_cpu_seconds();
+    let fwd_before = forwarders.as_ref().map(ForwarderPair::cpu_seconds);
+    let mut row = Row {
+        target: target.name(),
+        workload: workload.clone(),
+        seconds: 0.0,
+        offered_pps: None,
+        delivered_pps: None,
+        loss_pct: None,
+        gbps: None,
+        latency: None,
+        packets: None,
+        fwd_cpu_s: None,
+        sys_cpu_s: 0.0,
+        fwd_syscalls: None,
+        fwd_packets: None,
+        fwd_drops: None,
+        ratio: None,
+    };
+    match *workload {
+        Workload::Udp { packet_len } => {
+            let r = traffic::udp_flood(topo, dst, packet_len, cfg.duration, cfg.rate_pps, stop)?;
+            row.seconds = r.seconds;
+            row.offered_pps = Some(r.offered as f64 / r.seconds);
+            row.delivered_pps = Some(r.delivered as f64 / r.seconds);
+            row.loss_pct = Some(if r.offered > 0 {
+                100.0 * (1.0 - r.delivered.min(r.offered) as f64 / r.offered as f64)
+            } else {
+                0.0
+            });
+            row.gbps = Some(r.delivered as f64 * packet_len as f64 * 8.0 / r.seconds / 1e9);
+            row.packets = Some(r.delivered);
+        }
+        Workload::Tcp { streams } => {
+            let r = traffic::tcp_bulk(topo, dst, streams, cfg.duration, 0, stop)?;
+            row.seconds = r.seconds;
+            row.gbps = Some(r.bytes as f64 * 8.0 / r.seconds / 1e9);
+        }
+        Workload::Latency { loaded } => {
+            let background = if loaded {
+                let topo_a = topo.a.try_clone()?;
+                let topo_b = topo.b.try_clone()?;
+                let stop = stop.clone();
+                let duration = cfg.duration + Duration::from_millis(500);
+                Some(std::thread::spawn(move || {
+                    let t = Topology {
+                        a: topo_a,
+                        b: topo_b,
+                    };
+                    traffic::tcp_bulk(&t, dst, 1, duration, 1, &stop)
+                }))
+            } else {
+                None
+            };
+            if background.is_some() {
+                // Let the bulk stream ramp up first.
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            let r = traffic::latency(topo, dst, cfg.duration, 1_000_000, stop)?;
+            if let Some(bg) = background {
+                bg.join()
+                    .map_err(|_| Error::config("background load thread panicked"))??;
+            }
+            let h = &r.rtt_ns;
+            let us = |q: f64| h.value_at_quantile(q) as f64 / 1e3;
+            row.seconds = cfg.duration.as_secs_f64();
+            row.latency = Some(Percentiles {
+                p50: us(0.5),
+                p90: us(0.9),
+                p99: us(0.99),
+                p999: us(0.999),
+                max: h.max() as f64 / 1e3,
+                probes: h.len() + r.lost,
+                lost: r.lost,
+            });
+        }
+    }
+    row.sys_cpu_s = system_cpu_seconds() - sys_before;
+    if let (Some(pair), Some(before)) = (forwarders, fwd_before) {
+        row.fwd_cpu_s = Some(pair.cpu_seconds() - before);
+        let c = pair.stop()?;
+        row.fwd_packets = Some(c.tunnel_packets);
+        row.fwd_syscalls = Some(c.syscalls);
+        row.fwd_drops = Some(c.drops);
+    }
+    Ok(row)
+}
+
+fn kernel_release() -> String {
+    nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}

@@ -1,0 +1,299 @@
+//! Bench results: one row per (target, workload), ratios to a baseline
+//! measured in the same run, a terminal table and a JSON document.
+
+use std::fmt::Write as _;
+
+use serde_json::{Value, json};
+
+/// What a row measured.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Workload {
+    /// UDP flood of IP packets of this many bytes.
+    Udp { packet_len: usize },
+    /// TCP bulk with this many parallel streams.
+    Tcp { streams: usize },
+    /// UDP request/response probes, optionally under a TCP bulk load.
+    Latency { loaded: bool },
+}
+
+impl Workload {
+    pub fn label(&self) -> String {
+        match self {
+            Workload::Udp { packet_len } => format!("udp {packet_len} B"),
+            Workload::Tcp { streams } => format!("tcp x{streams}"),
+            Workload::Latency { loaded: false } => "latency idle".into(),
+            Workload::Latency { loaded: true } => "latency loaded".into(),
+        }
+    }
+}
+
+/// Round-trip percentiles in microseconds.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+    pub probes: u64,
+    pub lost: u64,
+}
+
+/// One measured (target, workload).
+#[derive(Clone, Debug)]
+pub struct Row {
+    pub target: String,
+    pub workload: Workload,
+    pub seconds: f64,
+    pub offered_pps: Option<f64>,
+    pub delivered_pps: Option<f64>,
+    pub loss_pct: Option<f64>,
+    pub gbps: Option<f64>,
+    pub latency: Option<Percentiles>,
+    /// Packets delivered end to end (UDP) or crossing the tunnel (tunfwd).
+    pub packets: Option<u64>,
+    /// CPU seconds of the forwarder processes (tunfwd targets only).
+    pub fwd_cpu_s: Option<f64>,
+    /// CPU seconds of the whole machine during the workload.
+    pub sys_cpu_s: f64,
+    /// System calls both forwarders made, from their own counters.
+    pub fwd_syscalls: Option<u64>,
+    /// Packets both forwarders moved, from their own counters.
+    pub fwd_packets: Option<u64>,
+    /// Drops both forwarders counted.
+    pub fwd_drops: Option<u64>,
+    /// Against the baseline's row of the same workload.
+    pub ratio: Option<f64>,
+}
+
+impl Row {
+    /// The figure ratios compare: delivered packets/s, Gbit/s, or p50.
+    fn headline(&self) -> Option<f64> {
+        match self.workload {
+            Workload::Udp { .. } => self.delivered_pps,
+            Workload::Tcp { .. } => self.gbps,
+            Workload::Latency { .. } => self.latency.map(|l| l.p50),
+        }
+    }
+
+    pub fn fwd_cpu_s_per_mpkt(&self) -> Option<f64> {
+        match (self.fwd_cpu_s, self.fwd_packets) {
+            (Some(c), Some(p)) if p > 0 => Some(c / p as f64 * 1e6),
+            _ => None,
+        }
+    }
+
+    pub fn sys_cpu_s_per_mpkt(&self) -> Option<f64> {
+        match self.packets {
+            Some(p) if p > 0 => Some(self.sys_cpu_s / p as f64 * 1e6),
+            _ => None,
+        }
+    }
+
+    pub fn syscalls_per_packet(&self) -> Option<f64> {
+        match (self.fwd_syscalls, self.fwd_packets) {
+            (Some(s), Some(p)) if p > 0 => Some(s as f64 / p as f64),
+            _ => None,
+        }
+    }
+}
+
+/// Fills `ratio` of every row against the `baseline` target's row of the
+/// same workload.
+pub fn set_ratios(rows: &mut [Row], baseline: &str) {
+    let base: Vec<(Workload, Option<f64>)> = rows
+        .iter()
+        .filter(|r| r.target == baseline)
+        .map(|r| (r.workload.clone(), r.headline()))
+        .collect();
+    for r in rows.iter_mut() {
+        let b = base
+            .iter()
+            .find(|(w, _)| *w == r.workload)
+            .and_then(|(_, v)| *v);
+        r.ratio = match (r.headline(), b) {
+            (Some(v), Some(b)) if b > 0.0 => Some(v / b),
+            _ => None,
+        };
+    }
+}
+
+fn opt(v: Option<f64>, prec: usize) -> String {
+    v.map(|v| format!("{v:.prec$}"))
+        .unwrap_or_else(|| "-".into())
+}
+
+/// The terminal table: throughput rows, then latency rows.
+pub fn table(rows: &[Row], baseline: &str) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{:<15} {:<10} {:>10} {:>10} {:>8} {:>7} {:>7} {:>10} {:>10} {:>9}",
+        "workload",
+        "target",
+        "offer kpps",
+        "deliv kpps",
+        "Gbit/s",
+        "loss%",
+        "ratio",
+        "fwdCPU s/M",
+        "sysCPU s/M",
+        "calls/pkt"
+    );
+    for r in rows
+        .iter()
+        .filter(|r| !matches!(r.workload, Workload::Latency { .. }))
+    {
+        let _ = writeln!(
+            s,
+            "{:<15} {:<10} {:>10} {:>10} {:>8} {:>7} {:>7} {:>10} {:>10} {:>9}",
+            r.workload.label(),
+            r.target,
+            opt(r.offered_pps.map(|v| v / 1e3), 1),
+            opt(r.delivered_pps.map(|v| v / 1e3), 1),
+            opt(r.gbps, 3),
+            opt(r.loss_pct, 1),
+            opt(r.ratio, 3),
+            opt(r.fwd_cpu_s_per_mpkt(), 2),
+            opt(r.sys_cpu_s_per_mpkt(), 2),
+            opt(r.syscalls_per_packet(), 2),
+        );
+    }
+    let lat: Vec<&Row> = rows.iter().filter(|r| r.latency.is_some()).collect();
+    if !lat.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n{:<15} {:<10} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>6} {:>7}",
+            "workload",
+            "target",
+            "p50 us",
+            "p90 us",
+            "p99 us",
+            "p99.9 us",
+            "max us",
+            "probes",
+            "lost",
+            "ratio"
+        );
+        for r in lat {
+            let l = r.latency.unwrap_or_default();
+            let _ = writeln!(
+                s,
+                "{:<15} {:<10} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>9.1} {:>8} {:>6} {:>7}",
+                r.workload.label(),
+                r.target,
+                l.p50,
+                l.p90,
+                l.p99,
+                l.p999,
+                l.max,
+                l.probes,
+                l.lost,
+                opt(r.ratio, 3)
+            );
+        }
+    }
+    let _ = writeln!(
+        s,
+        "\nratio: against '{baseline}' in this run (delivered pps for udp, Gbit/s for tcp, p50 for latency).\n\
+         fwdCPU s/M: forwarder CPU seconds per million tunnel packets; sysCPU s/M: whole-machine CPU \
+         seconds per million delivered packets; calls/pkt: forwarder system calls per tunnel packet."
+    );
+    s
+}
+
+/// The whole run as JSON.
+pub fn json(rows: &[Row], meta: Value) -> Value {
+    let results: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            let (kind, size, streams, loaded) = match r.workload {
+                Workload::Udp { packet_len } => ("udp", Some(packet_len), None, None),
+                Workload::Tcp { streams } => ("tcp", None, Some(streams), None),
+                Workload::Latency { loaded } => ("latency", None, None, Some(loaded)),
+            };
+            json!({
+                "target": r.target,
+                "workload": kind,
+                "label": r.workload.label(),
+                "packet_len": size,
+                "streams": streams,
+                "loaded": loaded,
+                "seconds": r.seconds,
+                "offered_pps": r.offered_pps,
+                "delivered_pps": r.delivered_pps,
+                "loss_pct": r.loss_pct,
+                "gbps": r.gbps,
+                "latency_us": r.latency.map(|l| json!({
+                    "p50": l.p50, "p90": l.p90, "p99": l.p99, "p99_9": l.p999, "max": l.max,
+                    "probes": l.probes, "lost": l.lost,
+                })),
+                "packets": r.packets,
+                "forwarder_cpu_s": r.fwd_cpu_s,
+                "forwarder_cpu_s_per_mpkt": r.fwd_cpu_s_per_mpkt(),
+                "system_cpu_s": r.sys_cpu_s,
+                "system_cpu_s_per_mpkt": r.sys_cpu_s_per_mpkt(),
+                "forwarder_packets": r.fwd_packets,
+                "forwarder_syscalls": r.fwd_syscalls,
+                "forwarder_syscalls_per_packet": r.syscalls_per_packet(),
+                "forwarder_drops": r.fwd_drops,
+                "ratio": r.ratio,
+            })
+        })
+        .collect();
+    json!({ "meta": meta, "results": results })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(target: &str, w: Workload, head: f64) -> Row {
+        Row {
+            target: target.into(),
+            workload: w.clone(),
+            seconds: 1.0,
+            offered_pps: Some(head * 2.0),
+            delivered_pps: matches!(w, Workload::Udp { .. }).then_some(head),
+            loss_pct: Some(50.0),
+            gbps: matches!(w, Workload::Tcp { .. }).then_some(head),
+            latency: matches!(w, Workload::Latency { .. }).then_some(Percentiles {
+                p50: head,
+                ..Default::default()
+            }),
+            packets: Some(1000),
+            fwd_cpu_s: Some(0.5),
+            sys_cpu_s: 1.0,
+            fwd_syscalls: Some(2000),
+            fwd_packets: Some(1000),
+            fwd_drops: Some(0),
+            ratio: None,
+        }
+    }
+
+    #[test]
+    fn ratios_per_workload() {
+        let udp = Workload::Udp { packet_len: 64 };
+        let tcp = Workload::Tcp { streams: 1 };
+        let mut rows = vec![
+            row("veth", udp.clone(), 100.0),
+            row("poll", udp.clone(), 25.0),
+            row("veth", tcp.clone(), 10.0),
+            row("poll", tcp.clone(), 5.0),
+            row("poll", Workload::Latency { loaded: false }, 40.0),
+        ];
+        set_ratios(&mut rows, "veth");
+        assert_eq!(rows[0].ratio, Some(1.0));
+        assert_eq!(rows[1].ratio, Some(0.25));
+        assert_eq!(rows[3].ratio, Some(0.5));
+        assert_eq!(rows[4].ratio, None, "no baseline row for it");
+        assert_eq!(rows[1].fwd_cpu_s_per_mpkt(), Some(500.0));
+        assert_eq!(rows[1].syscalls_per_packet(), Some(2.0));
+        let t = table(&rows, "veth");
+        assert!(t.contains("udp 64 B"), "{t}");
+        assert!(t.contains("latency idle"), "{t}");
+        let j = json(&rows, json!({"kernel": "x"}));
+        assert_eq!(j["results"][1]["ratio"], json!(0.25));
+        assert_eq!(j["results"][4]["latency_us"]["p50"], json!(40.0));
+    }
+}
