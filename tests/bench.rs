@@ -1,0 +1,232 @@
+//! `tunfwd bench` end to end (root): the JSON has every figure with plausible
+//! values, and nothing (process, namespace, device) is left behind, also when
+//! the run is interrupted. These tests check behaviour, never speed.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+/// Interface names in the root namespace (the bench must not add any).
+fn root_links() -> Vec<String> {
+    let out = run(&["ip", "-o", "link", "show"]);
+    let mut v: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            l.split(": ")
+                .nth(1)
+                .map(|s| s.split('@').next().unwrap_or(s).to_string())
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Processes whose command line mentions `needle` (forwarders of a bench
+/// carry `--netns /proc/<bench pid>/fd/...`).
+fn processes_matching(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains(needle) {
+            found.push(format!("{}: {cmd}", entry.file_name().to_string_lossy()));
+        }
+    }
+    found
+}
+
+fn f(v: &Value, key: &str) -> f64 {
+    v[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{key} missing or not a number in {v}"))
+}
+
+#[test]
+fn bench_quick_reports_every_figure_and_cleans_up() {
+    if !can_run_kernel_tests("bench_quick_reports_every_figure_and_cleans_up") {
+        return;
+    }
+    let json_path = std::env::temp_dir().join(format!("tunfwd-bench-{}.json", std::process::id()));
+    let links_before = root_links();
+    let mut p = Proc::spawn({
+        let mut c = Command::new(tunfwd_bin());
+        c.args(["bench", "--quick", "--json"]).arg(&json_path);
+        c
+    });
+    let pid = p.child.id();
+    let status = p
+        .wait_timeout(300)
+        .expect("bench --quick finished within 300 s");
+    assert!(status.success(), "bench failed: {status}\n{}", p.stderr());
+
+    let out = p.stdout();
+    for want in [
+        "udp 64 B",
+        "udp 1400 B",
+        "tcp x1",
+        "tcp x2",
+        "latency idle",
+        "latency loaded",
+    ] {
+        assert!(out.contains(want), "table lacks {want:?}:\n{out}");
+    }
+    assert!(
+        p.stderr().contains("[18/18]"),
+        "progress lines:\n{}",
+        p.stderr()
+    );
+
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&json_path);
+    let meta = &doc["meta"];
+    for key in ["kernel", "cpu_model", "baseline"] {
+        assert!(
+            meta[key].as_str().is_some_and(|s| !s.is_empty()),
+            "meta.{key}: {meta}"
+        );
+    }
+    assert!(meta["cpus"].as_u64().unwrap() >= 1);
+    assert_eq!(
+        meta["targets"],
+        serde_json::json!(["veth", "vxlan", "poll"])
+    );
+    assert_eq!(meta["interrupted"], Value::Bool(false));
+
+    let rows = doc["results"].as_array().unwrap();
+    assert_eq!(rows.len(), 18, "3 targets x 6 workloads");
+    for r in rows {
+        let target = r["target"].as_str().unwrap();
+        let tunfwd = target == "poll";
+        assert!(f(r, "seconds") > 0.0, "{r}");
+        assert!(f(r, "system_cpu_s") >= 0.0, "{r}");
+        let ratio = f(r, "ratio");
+        assert!(ratio > 0.0 && ratio.is_finite(), "{r}");
+        if target == "veth" {
+            assert!((ratio - 1.0).abs() < 1e-9, "baseline ratio is 1: {r}");
+        }
+        match r["workload"].as_str().unwrap() {
+            "udp" => {
+                let (offered, delivered) = (f(r, "offered_pps"), f(r, "delivered_pps"));
+                assert!(delivered > 0.0, "{r}");
+                assert!(delivered <= offered * 1.0001, "delivered <= offered: {r}");
+                let loss = f(r, "loss_pct");
+                assert!((0.0..=100.0).contains(&loss), "{r}");
+                assert!(f(r, "gbps") > 0.0, "{r}");
+            }
+            "tcp" => assert!(f(r, "gbps") > 0.0, "{r}"),
+            "latency" => {
+                let l = &r["latency_us"];
+                let (p50, p90, p99, p999, max) = (
+                    f(l, "p50"),
+                    f(l, "p90"),
+                    f(l, "p99"),
+                    f(l, "p99_9"),
+                    f(l, "max"),
+                );
+                assert!(
+                    0.0 < p50 && p50 <= p90 && p90 <= p99 && p99 <= p999 && p999 <= max,
+                    "{l}"
+                );
+                assert!(l["probes"].as_u64().unwrap() > 0, "{l}");
+            }
+            other => panic!("unknown workload {other}"),
+        }
+        if tunfwd {
+            assert!(f(r, "forwarder_cpu_s") >= 0.0, "{r}");
+            assert!(r["forwarder_packets"].as_u64().unwrap() > 0, "{r}");
+            assert!(f(r, "forwarder_syscalls_per_packet") > 0.0, "{r}");
+        } else {
+            assert!(r["forwarder_cpu_s"].is_null(), "{r}");
+        }
+    }
+
+    assert_eq!(
+        root_links(),
+        links_before,
+        "bench left devices in the root namespace"
+    );
+    let left = processes_matching(&format!("/proc/{pid}/fd/"));
+    assert!(left.is_empty(), "forwarders left running: {left:?}");
+}
+
+#[test]
+fn bench_interrupted_cleans_up() {
+    if !can_run_kernel_tests("bench_interrupted_cleans_up") {
+        return;
+    }
+    let links_before = root_links();
+    let mut p = Proc::spawn({
+        let mut c = Command::new(tunfwd_bin());
+        c.args([
+            "bench",
+            "--compare",
+            "veth,poll",
+            "--workloads",
+            "tcp",
+            "--duration",
+            "3",
+        ])
+        .stdin(Stdio::null());
+        c
+    });
+    let pid = p.child.id();
+    // Interrupt while the forwarders run.
+    p.wait_for_stderr("poll tcp x1");
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(
+        !processes_matching(&format!("/proc/{pid}/fd/")).is_empty(),
+        "forwarders should be running now"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = p.wait_timeout(30).expect("bench stopped after SIGINT");
+    assert_eq!(
+        status.code(),
+        Some(130),
+        "exit status: {status}\n{}",
+        p.stderr()
+    );
+    assert!(p.stderr().contains("SIGINT received"), "{}", p.stderr());
+    std::thread::sleep(Duration::from_millis(200));
+    let left = processes_matching(&format!("/proc/{pid}/fd/"));
+    assert!(left.is_empty(), "forwarders left running: {left:?}");
+    assert_eq!(
+        root_links(),
+        links_before,
+        "bench left devices in the root namespace"
+    );
+}
+
+#[test]
+fn bench_rejects_bad_flags() {
+    for (args, want) in [
+        (
+            vec!["bench", "--compare", "veth,nope"],
+            "unknown bench target",
+        ),
+        (vec!["bench", "--sizes", "20"], "--sizes 20 is out of range"),
+        (
+            vec!["bench", "--compare", "veth", "--baseline", "poll"],
+            "--baseline poll is not one of --compare",
+        ),
+    ] {
+        let out = Command::new(tunfwd_bin())
+            .args(&args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
