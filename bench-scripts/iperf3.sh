@@ -1,0 +1,198 @@
+#!/usr/bin/env bash
+# iperf3 through tunfwd next to the bare veth underlay and the kernel VXLAN
+# tunnel, all in one run on one topology, then a markdown table, a JSON file
+# and an SVG plot (throughput and p99 ping latency per configuration).
+#
+#   sudo bash bench-scripts/iperf3.sh                      # configs: poll
+#   sudo bash bench-scripts/iperf3.sh poll "poll --batch 8"
+#   SECS=10 OUT=/tmp/res sudo -E bash bench-scripts/iperf3.sh poll
+#
+# Each argument is one tunfwd configuration: an engine name followed by any
+# `tunfwd tunnel` flags. Workloads per configuration: TCP 1 stream, TCP 4
+# streams, UDP with 64-byte and 1400-byte IP packets (unlimited rate), and
+# 200 pings at 5 ms intervals for latency percentiles.
+#
+# Needs root. Installs iperf3, jq and gnuplot-nox with apt-get if missing.
+# Traffic stays inside the two namespaces this script creates (198.18.0.0/30
+# underlay, 198.19.0.0/24 tunfwd overlay, 198.19.1.0/24 VXLAN overlay).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SECS=${SECS:-5}
+OUT=${OUT:-$PWD/target/bench-results}
+CONFIGS=("$@")
+[ ${#CONFIGS[@]} -gt 0 ] || CONFIGS=(poll)
+
+if [ "$(id -u)" != 0 ]; then
+    echo "iperf3.sh: run as root: it creates network namespaces and devices" >&2
+    exit 1
+fi
+missing=()
+command -v iperf3 >/dev/null || missing+=(iperf3)
+command -v jq >/dev/null || missing+=(jq)
+command -v gnuplot >/dev/null || missing+=(gnuplot-nox)
+command -v ping >/dev/null || missing+=(iputils-ping)
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "iperf3.sh: installing ${missing[*]}" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+cargo build --release --quiet
+BIN=$PWD/target/release/tunfwd
+mkdir -p "$OUT"
+STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+JSON=$OUT/iperf3-$STAMP.json
+SVG=$OUT/iperf3-$STAMP.svg
+MD=$OUT/iperf3-$STAMP.md
+
+A=tfip-$$-a
+B=tfip-$$-b
+TMP=$(mktemp -d)
+fwd_pids=()
+stop_forwarders() {
+    for p in "${fwd_pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+    for p in "${fwd_pids[@]}"; do wait "$p" 2>/dev/null || true; done
+    fwd_pids=()
+}
+cleanup() {
+    trap - EXIT INT TERM
+    stop_forwarders
+    ip netns pids "$A" 2>/dev/null | xargs -r kill 2>/dev/null || true
+    ip netns pids "$B" 2>/dev/null | xargs -r kill 2>/dev/null || true
+    ip netns del "$A" 2>/dev/null || true
+    ip netns del "$B" 2>/dev/null || true
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+ip netns add "$A"
+ip netns add "$B"
+ip link add veth0 netns "$A" type veth peer name veth0 netns "$B"
+ip -n "$A" addr add 198.18.0.1/30 dev veth0
+ip -n "$B" addr add 198.18.0.2/30 dev veth0
+for ns in "$A" "$B"; do
+    ip -n "$ns" link set lo up
+    ip -n "$ns" link set veth0 up
+done
+ip -n "$A" link add vxlan0 type vxlan id 42 local 198.18.0.1 remote 198.18.0.2 dstport 4789 dev veth0
+ip -n "$B" link add vxlan0 type vxlan id 42 local 198.18.0.2 remote 198.18.0.1 dstport 4789 dev veth0
+ip -n "$A" addr add 198.19.1.1/24 dev vxlan0
+ip -n "$B" addr add 198.19.1.2/24 dev vxlan0
+ip -n "$A" link set vxlan0 up
+ip -n "$B" link set vxlan0 up
+
+start_forwarders() { # engine flags...
+    local engine=$1
+    shift
+    ip netns exec "$A" "$BIN" tunnel --engine "$engine" --dev tun0 --address 198.19.0.1/24 \
+        --listen 198.18.0.1:5000 --peer 198.18.0.2:5000 "$@" >"$TMP/a.out" 2>"$TMP/a.err" &
+    fwd_pids+=($!)
+    ip netns exec "$B" "$BIN" tunnel --engine "$engine" --dev tun0 --address 198.19.0.2/24 \
+        --listen 198.18.0.2:5000 --peer 198.18.0.1:5000 "$@" >"$TMP/b.out" 2>"$TMP/b.err" &
+    fwd_pids+=($!)
+    for f in "$TMP/a.err" "$TMP/b.err"; do
+        for _ in $(seq 200); do
+            grep -q "tunnel up" "$f" 2>/dev/null && break
+            sleep 0.05
+        done
+        grep -q "tunnel up" "$f" || { cat "$f" >&2; exit 1; }
+    done
+}
+
+iperf_json() { # server-address extra-client-args...
+    local dst=$1
+    shift
+    ip netns exec "$B" iperf3 -s -1 -B "$dst" -p 5201 >/dev/null 2>&1 &
+    local srv=$!
+    for _ in $(seq 100); do
+        ip netns exec "$B" ss -ltn 2>/dev/null | grep -q ":5201 " && break
+        sleep 0.05
+    done
+    ip netns exec "$A" iperf3 -c "$dst" -p 5201 -t "$SECS" -J "$@" || true
+    wait "$srv" 2>/dev/null || true
+}
+
+ping_p() { # address -> "p50 p99" in microseconds
+    ip netns exec "$A" ping -c 200 -i 0.005 "$1" 2>/dev/null |
+        sed -n 's/.*time=\([0-9.]*\) ms.*/\1/p' | sort -n |
+        awk '{ v[NR] = $1 * 1000 } END {
+            if (NR == 0) { print "0 0"; exit }
+            i50 = int(NR * 0.50); if (i50 < 1) i50 = 1
+            i99 = int(NR * 0.99); if (i99 < 1) i99 = 1
+            printf "%.0f %.0f\n", v[i50], v[i99] }'
+}
+
+udp_summary() { # IP packet size; reads iperf3 JSON: sent and received pps, loss, IP-level Gbit/s
+    jq -c --argjson ip "$1" '($ip - 28) as $payload | .end.sum_sent as $s | .end.sum_received as $r |
+        {offered_pps: (($s.bytes // 0) / $payload / ($s.seconds // 1)),
+         delivered_pps: (($r.bytes // 0) / $payload / ($r.seconds // 1)),
+         lost_pct: ($r.lost_percent // 100),
+         ip_gbps: (($r.bytes // 0) / $payload * $ip * 8 / ($r.seconds // 1) / 1e9)}'
+}
+
+rows=$TMP/rows.jsonl
+: >"$rows"
+measure() { # name dst flags-string
+    local name=$1 dst=$2 flags=$3
+    echo "iperf3.sh: measuring $name" >&2
+    local t1 t4 u64 u1400 lat
+    t1=$(iperf_json "$dst" | jq '.end.sum_received.bits_per_second // 0')
+    t4=$(iperf_json "$dst" -P 4 | jq '.end.sum_received.bits_per_second // 0')
+    # -l is the UDP payload: IP packet minus 28 bytes of IPv4 + UDP header.
+    u64=$(iperf_json "$dst" -u -b 0 -l 36 | udp_summary 64)
+    u1400=$(iperf_json "$dst" -u -b 0 -l 1372 | udp_summary 1400)
+    lat=$(ping_p "$dst")
+    jq -cn --arg name "$name" --arg flags "$flags" --argjson t1 "$t1" --argjson t4 "$t4" \
+        --argjson u64 "$u64" --argjson u1400 "$u1400" \
+        --argjson p50 "${lat% *}" --argjson p99 "${lat#* }" \
+        '{config: $name, flags: $flags, tcp1_bps: $t1, tcp4_bps: $t4, udp64: $u64, udp1400: $u1400, ping_p50_us: $p50, ping_p99_us: $p99}' >>"$rows"
+}
+
+measure veth 198.18.0.2 ""
+measure vxlan 198.19.1.2 ""
+for cfg in "${CONFIGS[@]}"; do
+    read -r -a words <<<"$cfg"
+    start_forwarders "${words[@]}"
+    measure "tunfwd ${cfg}" 198.19.0.2 "tunnel --engine $cfg"
+    stop_forwarders
+done
+
+KERNEL=$(uname -r)
+CPU=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')
+NPROC=$(nproc)
+IPERF=$(iperf3 --version | head -1)
+jq -s --arg kernel "$KERNEL" --arg cpu "$CPU" --argjson cpus "$NPROC" --arg iperf3 "$IPERF" \
+    --argjson secs "$SECS" --arg command "bench-scripts/iperf3.sh $*" \
+    '{meta: {kernel: $kernel, cpu: $cpu, cpus: $cpus, iperf3: $iperf3, seconds: $secs, command: $command}, results: .}' \
+    "$rows" >"$JSON"
+
+{
+    echo "| config | TCP 1 stream Gbit/s | ratio to veth | TCP 4 streams Gbit/s | UDP 64 B delivered kpps (loss %) | UDP 1400 B delivered Gbit/s (loss %) | ping p50 / p99 us |"
+    echo "|---|---|---|---|---|---|---|"
+    jq -r 'def r3: . * 1000 | round / 1000;
+        .results as $r | ($r[0].tcp1_bps) as $base | $r[] |
+        "| \(.config) | \(.tcp1_bps / 1e9 | r3) | \(if $base > 0 then (.tcp1_bps / $base | r3) else "-" end) | \(.tcp4_bps / 1e9 | r3) | \(.udp64.delivered_pps / 1000 | round) (\(.udp64.lost_pct | round)) | \(.udp1400.ip_gbps | r3) (\(.udp1400.lost_pct | round)) | \(.ping_p50_us) / \(.ping_p99_us) |"' "$JSON"
+    echo
+    echo "$IPERF, ${SECS} s per run, kernel $KERNEL, $CPU, $NPROC CPUs. Command: \`bench-scripts/iperf3.sh $*\`."
+    echo "UDP: iperf3 at unlimited rate (-b 0); delivered = what its receiver got, loss = its receiver's count; sizes are IP packet bytes."
+} | tee "$MD"
+
+jq -r '.results[] | [.config, (.tcp1_bps / 1e9), .ping_p99_us] | @tsv' "$JSON" >"$TMP/plot.tsv"
+gnuplot <<EOF
+set terminal svg size 900,420 dynamic font "sans,11"
+set output "$SVG"
+set datafile separator "\t"
+set style data histograms
+set style fill solid 0.8 border -1
+set boxwidth 0.8
+set multiplot layout 1,2 title "tunfwd vs veth vs kernel VXLAN (kernel $KERNEL, $NPROC CPUs)"
+set title "TCP, 1 stream (Gbit/s)"
+set xtics rotate by -20
+set yrange [0:*]
+plot "$TMP/plot.tsv" using 2:xtic(1) notitle lc rgb "#3b75af"
+set title "ping p99 (us)"
+plot "$TMP/plot.tsv" using 3:xtic(1) notitle lc rgb "#ef8636"
+unset multiplot
+EOF
+echo "iperf3.sh: wrote $JSON, $MD and $SVG" >&2
