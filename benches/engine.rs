@@ -56,6 +56,7 @@ fn bench(c: &mut Criterion) {
             udp,
             forwarder: Forwarder::new(1500, peer.local_addr().expect("addr")),
             batch,
+            busy_poll: false,
             stats: Arc::new(WorkerStats::default()),
             shutdown: shutdown.clone(),
         };

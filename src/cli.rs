@@ -35,8 +35,8 @@ enum Command {
 #[derive(clap::Args, Debug)]
 struct BenchArgs {
     /// Targets to measure, in order: veth (bare underlay, no tunnel), vxlan
-    /// (kernel VXLAN tunnel), poll (tunfwd's poll engine).
-    #[arg(long, value_delimiter = ',', default_value = "veth,vxlan,poll", value_parser = crate::bench::Target::parse)]
+    /// (kernel VXLAN tunnel), poll and uring (tunfwd's engines).
+    #[arg(long, value_delimiter = ',', default_value = "veth,vxlan,poll,uring", value_parser = crate::bench::Target::parse)]
     compare: Vec<crate::bench::Target>,
 
     /// Target the ratio column compares against (default: the first of --compare).
@@ -111,10 +111,29 @@ impl BenchArgs {
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
 enum EngineArg {
-    /// The best engine this system supports (currently poll).
+    /// io_uring where the kernel allows it, else poll (said in one log line).
     Auto,
+    /// io_uring (Linux 6.0+): batched, one kernel entry per loop iteration.
+    Uring,
     /// poll(2) over nonblocking descriptors; portable.
     Poll,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum ToggleArg {
+    On,
+    Off,
+    Auto,
+}
+
+impl From<ToggleArg> for config::Toggle {
+    fn from(t: ToggleArg) -> Self {
+        match t {
+            ToggleArg::On => config::Toggle::On,
+            ToggleArg::Off => config::Toggle::Off,
+            ToggleArg::Auto => config::Toggle::Auto,
+        }
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -160,6 +179,69 @@ struct TunnelArgs {
     #[arg(long, value_enum, default_value = "auto")]
     engine: EngineArg,
 
+    /// CPUs for the workers: `auto` (worker i on the i-th CPU this process
+    /// may use), `none` (no pinning), or a list like `0,2-3`.
+    #[arg(long, default_value = "auto", value_name = "LIST")]
+    cpus: config::CpuPlan,
+
+    /// Spin instead of sleeping while waiting for packets (burns a CPU per
+    /// worker; lowers latency).
+    #[arg(long)]
+    busy_poll: bool,
+
+    /// UDP socket send buffer in bytes (default: the kernel's).
+    #[arg(long, value_name = "BYTES")]
+    sndbuf: Option<usize>,
+
+    /// UDP socket receive buffer in bytes (default: the kernel's).
+    #[arg(long, value_name = "BYTES")]
+    rcvbuf: Option<usize>,
+
+    /// io_uring: submission queue entries per worker, 8-32768 (completion
+    /// queue: 4x) [default: 256].
+    #[arg(long, value_name = "N", help_heading = "io_uring engine")]
+    ring_entries: Option<u32>,
+
+    /// io_uring: packet buffers per worker, half per direction; a power of
+    /// two, 2-32768 [default: 512].
+    #[arg(long, value_name = "N", help_heading = "io_uring engine")]
+    buffers: Option<u32>,
+
+    /// io_uring: single-shot reads kept outstanding per descriptor when
+    /// multishot is off or unavailable [default: 2].
+    #[arg(long, value_name = "N", help_heading = "io_uring engine")]
+    inflight: Option<u32>,
+
+    /// io_uring: multishot receives from provided buffer rings (TUN needs
+    /// Linux 6.7+) [default: auto].
+    #[arg(
+        long,
+        value_enum,
+        value_name = "on|off|auto",
+        help_heading = "io_uring engine"
+    )]
+    multishot: Option<ToggleArg>,
+
+    /// io_uring: registered (fixed) buffers for TUN reads and writes; they
+    /// count against RLIMIT_MEMLOCK [default: auto].
+    #[arg(
+        long,
+        value_enum,
+        value_name = "on|off|auto",
+        help_heading = "io_uring engine"
+    )]
+    fixed_buffers: Option<ToggleArg>,
+
+    /// io_uring: a kernel thread polls the submission queue, sleeping after
+    /// IDLE_MS milliseconds without work [default when given: 1000]. Burns
+    /// CPU; off by default.
+    #[arg(long, value_name = "IDLE_MS", num_args = 0..=1, default_missing_value = "1000", require_equals = true, help_heading = "io_uring engine")]
+    sqpoll: Option<u32>,
+
+    /// io_uring: pin the SQPOLL thread to this CPU.
+    #[arg(long, value_name = "CPU", help_heading = "io_uring engine")]
+    sqpoll_cpu: Option<u32>,
+
     /// Number of TUN queues, one worker thread and UDP port each (1-256).
     #[arg(long, default_value_t = 1, value_name = "N")]
     queues: usize,
@@ -193,7 +275,22 @@ impl TunnelArgs {
             listen: self.listen,
             peer: self.peer,
             engine: match self.engine {
-                EngineArg::Auto | EngineArg::Poll => EngineKind::Poll,
+                EngineArg::Auto => EngineKind::Auto,
+                EngineArg::Uring => EngineKind::Uring,
+                EngineArg::Poll => EngineKind::Poll,
+            },
+            cpus: self.cpus,
+            busy_poll: self.busy_poll,
+            sndbuf: self.sndbuf,
+            rcvbuf: self.rcvbuf,
+            uring: config::UringFlags {
+                ring_entries: self.ring_entries,
+                buffers: self.buffers,
+                inflight: self.inflight,
+                multishot: self.multishot.map(Into::into),
+                fixed_buffers: self.fixed_buffers.map(Into::into),
+                sqpoll_idle_ms: self.sqpoll,
+                sqpoll_cpu: self.sqpoll_cpu,
             },
             queues: self.queues,
             batch: self.batch,

@@ -61,8 +61,137 @@ impl fmt::Display for Cidr {
 /// Which engine moves the packets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EngineKind {
+    /// io_uring where the kernel allows, else poll (with a log line).
+    Auto,
     /// `poll(2)` over nonblocking descriptors; runs everywhere.
     Poll,
+    /// io_uring (Linux); fails if unavailable.
+    Uring,
+}
+
+/// A feature switch: on (required), off, or chosen by probing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Toggle {
+    On,
+    Off,
+    Auto,
+}
+
+/// Where worker threads run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CpuPlan {
+    /// Worker i on the i-th CPU this process may use (wrapping around).
+    Spread,
+    /// No pinning.
+    None,
+    /// Worker i on the i-th CPU of the list (wrapping around).
+    List(Vec<usize>),
+}
+
+impl FromStr for CpuPlan {
+    type Err = String;
+
+    /// `auto`, `none`, or a list like `0,2-3`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => return Ok(CpuPlan::Spread),
+            "none" => return Ok(CpuPlan::None),
+            _ => {}
+        }
+        let mut cpus = Vec::new();
+        for part in s.split(',') {
+            let bad = || format!("{part:?} is not a CPU number or range (e.g. 0,2-3)");
+            match part.split_once('-') {
+                Some((a, b)) => {
+                    let a: usize = a.trim().parse().map_err(|_| bad())?;
+                    let b: usize = b.trim().parse().map_err(|_| bad())?;
+                    if a > b || b >= 4096 {
+                        return Err(bad());
+                    }
+                    cpus.extend(a..=b);
+                }
+                None => {
+                    let c: usize = part.trim().parse().map_err(|_| bad())?;
+                    if c >= 4096 {
+                        return Err(bad());
+                    }
+                    cpus.push(c);
+                }
+            }
+        }
+        Ok(CpuPlan::List(cpus))
+    }
+}
+
+/// io_uring flags as given; `None` means the default.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UringFlags {
+    pub ring_entries: Option<u32>,
+    pub buffers: Option<u32>,
+    pub inflight: Option<u32>,
+    pub multishot: Option<Toggle>,
+    pub fixed_buffers: Option<Toggle>,
+    pub sqpoll_idle_ms: Option<u32>,
+    pub sqpoll_cpu: Option<u32>,
+}
+
+pub const DEFAULT_RING_ENTRIES: u32 = 256;
+pub const DEFAULT_BUFFERS: u32 = 512;
+pub const DEFAULT_INFLIGHT: u32 = 2;
+
+impl UringFlags {
+    /// Names of the flags that were given, for "only with --engine uring".
+    fn given(&self) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        if self.ring_entries.is_some() {
+            v.push("--ring-entries");
+        }
+        if self.buffers.is_some() {
+            v.push("--buffers");
+        }
+        if self.inflight.is_some() {
+            v.push("--inflight");
+        }
+        if self.multishot.is_some() {
+            v.push("--multishot");
+        }
+        if self.fixed_buffers.is_some() {
+            v.push("--fixed-buffers");
+        }
+        if self.sqpoll_idle_ms.is_some() {
+            v.push("--sqpoll");
+        }
+        if self.sqpoll_cpu.is_some() {
+            v.push("--sqpoll-cpu");
+        }
+        v
+    }
+
+    fn validate(&self) -> Result<()> {
+        let entries = self.ring_entries.unwrap_or(DEFAULT_RING_ENTRIES);
+        if !(8..=32768).contains(&entries) {
+            return Err(Error::config(format!(
+                "--ring-entries {entries} is out of range 8..=32768"
+            )));
+        }
+        let buffers = self.buffers.unwrap_or(DEFAULT_BUFFERS);
+        if !buffers.is_power_of_two() || !(2..=32768).contains(&buffers) {
+            return Err(Error::config(format!(
+                "--buffers {buffers} must be a power of two from 2 to 32768"
+            )));
+        }
+        let inflight = self.inflight.unwrap_or(DEFAULT_INFLIGHT);
+        if inflight == 0 || inflight > buffers / 2 {
+            return Err(Error::config(format!(
+                "--inflight {inflight} is out of range 1..={} (half of --buffers)",
+                buffers / 2
+            )));
+        }
+        if self.sqpoll_cpu.is_some() && self.sqpoll_idle_ms.is_none() {
+            return Err(Error::config("--sqpoll-cpu needs --sqpoll"));
+        }
+        Ok(())
+    }
 }
 
 /// Everything `tunfwd tunnel` needs, validated.
@@ -87,6 +216,13 @@ pub struct TunnelConfig {
     pub netns: Option<std::path::PathBuf>,
     /// Stop (as on SIGTERM) when the parent process dies.
     pub exit_with_parent: bool,
+    pub cpus: CpuPlan,
+    /// Spin instead of sleeping while waiting for packets.
+    pub busy_poll: bool,
+    /// UDP socket buffer sizes in bytes (None: the kernel default).
+    pub sndbuf: Option<usize>,
+    pub rcvbuf: Option<usize>,
+    pub uring: UringFlags,
 }
 
 impl TunnelConfig {
@@ -148,6 +284,28 @@ impl TunnelConfig {
                 }
             }
         }
+        if let CpuPlan::List(list) = &self.cpus {
+            if list.is_empty() {
+                return Err(Error::config("--cpus needs at least one CPU"));
+            }
+        }
+        if self.engine == EngineKind::Poll {
+            if let Some(flag) = self.uring.given().first() {
+                return Err(Error::config(format!(
+                    "{flag} applies to the io_uring engine only, not --engine poll"
+                )));
+            }
+        }
+        self.uring.validate()?;
+        for (what, v) in [("--sndbuf", self.sndbuf), ("--rcvbuf", self.rcvbuf)] {
+            if let Some(v) = v {
+                if !(1024..=(1 << 30)).contains(&v) {
+                    return Err(Error::config(format!(
+                        "{what} {v} is out of range 1024..=1073741824 bytes"
+                    )));
+                }
+            }
+        }
         crate::device::check_name(&self.dev)?;
         Ok(())
     }
@@ -191,7 +349,70 @@ mod tests {
             stats_interval_secs: 0,
             netns: None,
             exit_with_parent: false,
+            cpus: CpuPlan::Spread,
+            busy_poll: false,
+            sndbuf: None,
+            rcvbuf: None,
+            uring: UringFlags::default(),
         }
+    }
+
+    #[test]
+    fn cpu_lists() {
+        assert_eq!("auto".parse::<CpuPlan>().unwrap(), CpuPlan::Spread);
+        assert_eq!("none".parse::<CpuPlan>().unwrap(), CpuPlan::None);
+        assert_eq!(
+            "0,2-4".parse::<CpuPlan>().unwrap(),
+            CpuPlan::List(vec![0, 2, 3, 4])
+        );
+        for bad in ["", "x", "3-1", "1,,2", "99999"] {
+            assert!(bad.parse::<CpuPlan>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn uring_flags_only_with_uring() {
+        let mut c = base();
+        c.engine = EngineKind::Poll;
+        c.uring.buffers = Some(64);
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("--buffers applies")
+        );
+        c.engine = EngineKind::Auto;
+        c.validate().unwrap();
+        c.uring.buffers = Some(100);
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("power of two")
+        );
+        c.uring.buffers = Some(64);
+        c.uring.inflight = Some(33);
+        assert!(c.validate().is_err());
+        c.uring.inflight = None;
+        c.uring.sqpoll_cpu = Some(1);
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("needs --sqpoll")
+        );
+        c.uring.sqpoll_cpu = None;
+        c.uring.ring_entries = Some(4);
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn socket_buffer_bounds() {
+        let mut c = base();
+        c.sndbuf = Some(10);
+        assert!(c.validate().is_err());
+        c.sndbuf = Some(4 << 20);
+        c.validate().unwrap();
     }
 
     #[test]

@@ -13,10 +13,12 @@ use std::time::{Duration, Instant};
 use crossbeam::channel::{self, Receiver};
 use nix::sys::signal::{SigSet, Signal};
 
-use crate::config::{EngineKind, TunnelConfig};
+use crate::config::{CpuPlan, EngineKind, TunnelConfig};
 use crate::device::{TunDevice, TunOptions};
 use crate::engine::Shutdown;
 use crate::engine::poll::PollWorker;
+#[cfg(target_os = "linux")]
+use crate::engine::uring::{self, UringOptions, UringPlan, UringWorker};
 use crate::error::{Error, Result};
 use crate::forward::Forwarder;
 use crate::stats::{WorkerSnapshot, WorkerStats};
@@ -40,7 +42,109 @@ pub fn block_stop_signals() -> Result<()> {
 
 enum Event {
     Signal(Signal),
+    /// A worker finished setup: None, or the error that stopped it.
+    Ready(Option<Error>),
     WorkerExited,
+}
+
+/// The engine every worker runs, after probing.
+#[derive(Clone, Debug)]
+enum Engine {
+    Poll,
+    #[cfg(target_os = "linux")]
+    Uring(Box<UringPlan>),
+}
+
+impl Engine {
+    fn name(&self) -> &'static str {
+        match self {
+            Engine::Poll => "poll",
+            #[cfg(target_os = "linux")]
+            Engine::Uring(_) => "uring",
+        }
+    }
+}
+
+/// Resolves `--engine`: auto takes io_uring when the probe passes and says
+/// so in one line when it does not.
+fn choose_engine(cfg: &TunnelConfig) -> Result<Engine> {
+    #[cfg(target_os = "linux")]
+    {
+        let opts = UringOptions::from_flags(&cfg.uring, cfg.batch, cfg.busy_poll);
+        match cfg.engine {
+            EngineKind::Poll => Ok(Engine::Poll),
+            EngineKind::Uring => Ok(Engine::Uring(Box::new(uring::probe(
+                &opts,
+                cfg.mtu as usize,
+                cfg.queues,
+            )?))),
+            EngineKind::Auto => match uring::probe(&opts, cfg.mtu as usize, cfg.queues) {
+                Ok(plan) => Ok(Engine::Uring(Box::new(plan))),
+                Err(e) => {
+                    crate::info!("io_uring unavailable ({e}): using the poll engine");
+                    Ok(Engine::Poll)
+                }
+            },
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    match cfg.engine {
+        EngineKind::Uring => Err(Error::config("--engine uring needs Linux")),
+        _ => Ok(Engine::Poll),
+    }
+}
+
+/// The CPU of each worker, if pinned. `auto` pins only with 2+ queues: a
+/// single worker is left to the scheduler (pinning every one-queue
+/// forwarder on a host to the same CPU would make them compete).
+fn worker_cpus(plan: &CpuPlan, queues: usize) -> Result<Vec<Option<usize>>> {
+    let list = match plan {
+        CpuPlan::None => return Ok(vec![None; queues]),
+        CpuPlan::Spread if queues == 1 => return Ok(vec![None]),
+        CpuPlan::Spread => {
+            let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))
+                .map_err(|e| Error::io("read CPU affinity", e.into()))?;
+            let allowed: Vec<usize> = (0..nix::sched::CpuSet::count())
+                .filter(|&c| set.is_set(c).unwrap_or(false))
+                .collect();
+            if allowed.is_empty() {
+                return Ok(vec![None; queues]);
+            }
+            allowed
+        }
+        CpuPlan::List(list) => list.clone(),
+    };
+    Ok((0..queues).map(|q| Some(list[q % list.len()])).collect())
+}
+
+fn pin_current_thread(cpu: usize, label: &str) -> Result<()> {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(cpu)
+        .map_err(|e| Error::io(format!("pin {label} to CPU {cpu}"), e.into()))?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+        .map_err(|e| Error::io(format!("pin {label} to CPU {cpu}"), e.into()))
+        .map_err(|e| e.with_hint("is the CPU online and allowed? see --cpus"))
+}
+
+/// Applies --sndbuf/--rcvbuf; as root beyond the sysctl maximum.
+fn set_socket_buffers(
+    sock: &UdpSocket,
+    addr: std::net::SocketAddr,
+    sndbuf: Option<usize>,
+    rcvbuf: Option<usize>,
+) -> Result<()> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    if let Some(n) = sndbuf {
+        setsockopt(sock, sockopt::SndBufForce, &n)
+            .or_else(|_| setsockopt(sock, sockopt::SndBuf, &n))
+            .map_err(|e| Error::io(format!("set SO_SNDBUF {n} on UDP socket {addr}"), e.into()))?;
+    }
+    if let Some(n) = rcvbuf {
+        setsockopt(sock, sockopt::RcvBufForce, &n)
+            .or_else(|_| setsockopt(sock, sockopt::RcvBuf, &n))
+            .map_err(|e| Error::io(format!("set SO_RCVBUF {n} on UDP socket {addr}"), e.into()))?;
+    }
+    Ok(())
 }
 
 /// Writes one line to stdout, ignoring a closed stdout (never panics).
@@ -62,6 +166,9 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
         crate::netns::NetNs::open(path)?.enter()?;
     }
 
+    let engine = choose_engine(cfg)?;
+    let cpus = worker_cpus(&cfg.cpus, cfg.queues)?;
+
     // Sockets first: a port in use fails before a device is created.
     let mut sockets = Vec::with_capacity(cfg.queues);
     for q in 0..cfg.queues {
@@ -78,8 +185,11 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
                 None => err,
             }
         })?;
-        sock.set_nonblocking(true)
-            .map_err(|e| Error::io(format!("make UDP socket {addr} nonblocking"), e))?;
+        // The poll engine needs nonblocking sockets; io_uring waits for room
+        // itself (internal poll) when a send would block.
+        sock.set_nonblocking(matches!(engine, Engine::Poll))
+            .map_err(|e| Error::io(format!("set blocking mode of UDP socket {addr}"), e))?;
+        set_socket_buffers(&sock, addr, cfg.sndbuf, cfg.rcvbuf)?;
         sockets.push(sock);
     }
 
@@ -123,27 +233,86 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
     for (q, (tun, udp)) in queues.into_iter().zip(sockets).enumerate() {
         let stats = Arc::new(WorkerStats::default());
         all_stats.push(stats.clone());
-        let worker = match cfg.engine {
-            EngineKind::Poll => PollWorker {
-                label: format!("TUN queue {q} of {dev_name}"),
-                tun,
-                udp,
-                forwarder: Forwarder::new(cfg.mtu as usize, cfg.peer_for(q)),
-                batch: cfg.batch,
-                stats,
-                shutdown: shutdown.clone(),
-            },
-        };
+        let label = format!("TUN queue {q} of {dev_name}");
+        let forwarder = Forwarder::new(cfg.mtu as usize, cfg.peer_for(q));
+        let shutdown = shutdown.clone();
+        let engine = engine.clone();
+        let (batch, busy_poll, cpu) = (cfg.batch, cfg.busy_poll, cpus[q]);
         let tx = events_tx.clone();
         let handle = thread::Builder::new()
             .name(format!("tunfwd-q{q}"))
             .spawn(move || {
-                let result = worker.run();
+                // Setup on the worker's own thread (pinning, and the ring is
+                // single-issuer), reported before any packet moves.
+                let setup = || -> Result<Box<dyn FnOnce() -> Result<()>>> {
+                    if let Some(cpu) = cpu {
+                        pin_current_thread(cpu, &label)?;
+                    }
+                    Ok(match engine {
+                        Engine::Poll => {
+                            let w = PollWorker {
+                                label,
+                                tun,
+                                udp,
+                                forwarder,
+                                batch,
+                                busy_poll,
+                                stats,
+                                shutdown,
+                            };
+                            Box::new(move || w.run())
+                        }
+                        #[cfg(target_os = "linux")]
+                        Engine::Uring(plan) => {
+                            let w = UringWorker::new(
+                                label, tun, udp, forwarder, *plan, stats, shutdown,
+                            )?;
+                            Box::new(move || w.run())
+                        }
+                    })
+                };
+                let result = match setup() {
+                    Ok(run) => {
+                        let _ = tx.send(Event::Ready(None));
+                        run()
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Event::Ready(Some(e)));
+                        Ok(())
+                    }
+                };
                 let _ = tx.send(Event::WorkerExited);
                 result
             })
             .map_err(|e| Error::io(format!("spawn worker thread for queue {q}"), e))?;
         handles.push(handle);
+    }
+
+    // Wait until every worker is set up (or one failed, or a signal came).
+    let mut ready = 0;
+    let mut setup_error = None;
+    let mut stopped_early = false;
+    while ready < cfg.queues && setup_error.is_none() && !stopped_early {
+        match events_rx.recv() {
+            Ok(Event::Ready(None)) => ready += 1,
+            Ok(Event::Ready(Some(e))) => setup_error = Some(e),
+            Ok(Event::Signal(sig)) => {
+                crate::info!("{} received during setup, stopping", sig.as_str());
+                stopped_early = true;
+            }
+            Ok(Event::WorkerExited) => {}
+            Err(_) => stopped_early = true,
+        }
+    }
+    if setup_error.is_some() || stopped_early {
+        shutdown.trigger();
+        for h in handles {
+            let _ = h.join();
+        }
+        return match setup_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        };
     }
 
     let started = Instant::now();
@@ -152,7 +321,7 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
         if created { "created" } else { "attached" },
         cfg.mtu,
         cfg.queues,
-        engine_name(cfg.engine),
+        engine.name(),
         cfg.listen,
         cfg.peer
     );
@@ -172,6 +341,7 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
                     break;
                 }
                 Ok(Event::WorkerExited) | Err(_) => break,
+                Ok(Event::Ready(_)) => {}
             },
             recv(ticker) -> _ => {
                 let now = Instant::now();
@@ -215,7 +385,7 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
     let total = WorkerSnapshot::sum(&snaps);
     out(format_args!(
         "tunfwd: summary dev={dev_name} engine={} queues={} elapsed_s={:.2}",
-        engine_name(cfg.engine),
+        engine.name(),
         cfg.queues,
         started.elapsed().as_secs_f64()
     ));
@@ -228,11 +398,5 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
     match first_error {
         Some(e) => Err(e),
         None => Ok(()),
-    }
-}
-
-fn engine_name(e: EngineKind) -> &'static str {
-    match e {
-        EngineKind::Poll => "poll",
     }
 }

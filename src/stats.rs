@@ -79,6 +79,8 @@ pub struct WorkerStats {
     pub waits: Counter,
     /// Socket errors that did not stop the worker (queued ICMP errors).
     pub io_errors: Counter,
+    /// Times a read found no free buffer in the worker's pool.
+    pub pool_exhausted: Counter,
 }
 
 impl WorkerStats {
@@ -89,6 +91,7 @@ impl WorkerStats {
             syscalls: self.syscalls.get(),
             waits: self.waits.get(),
             io_errors: self.io_errors.get(),
+            pool_exhausted: self.pool_exhausted.get(),
         }
     }
 }
@@ -129,6 +132,7 @@ pub struct WorkerSnapshot {
     pub syscalls: u64,
     pub waits: u64,
     pub io_errors: u64,
+    pub pool_exhausted: u64,
 }
 
 impl WorkerSnapshot {
@@ -140,6 +144,7 @@ impl WorkerSnapshot {
             total.syscalls += s.syscalls;
             total.waits += s.waits;
             total.io_errors += s.io_errors;
+            total.pool_exhausted += s.pool_exhausted;
         }
         total
     }
@@ -192,8 +197,8 @@ impl fmt::Display for WorkerSnapshot {
         };
         let _ = write!(
             s,
-            " | syscalls={} syscalls_per_packet={per_packet:.2} waits={} io_errors={}",
-            self.syscalls, self.waits, self.io_errors
+            " | syscalls={} syscalls_per_packet={per_packet:.2} waits={} io_errors={} pool_exhausted={}",
+            self.syscalls, self.waits, self.io_errors, self.pool_exhausted
         );
         f.write_str(&s)
     }

@@ -56,6 +56,7 @@ impl Harness {
             udp,
             forwarder: Forwarder::new(mtu, peer.local_addr().unwrap()),
             batch,
+            busy_poll: false,
             stats: stats.clone(),
             shutdown: shutdown.clone(),
         };

@@ -40,11 +40,11 @@ impl Target {
         match s {
             "veth" => Ok(Target::Veth),
             "vxlan" => Ok(Target::Vxlan),
-            "poll" => Ok(Target::Tunfwd {
+            "poll" | "uring" => Ok(Target::Tunfwd {
                 engine: s.to_string(),
             }),
             other => Err(format!(
-                "unknown bench target {other:?}: use veth, vxlan or poll"
+                "unknown bench target {other:?}: use veth, vxlan, poll or uring"
             )),
         }
     }

@@ -5,6 +5,8 @@
 //! runs one worker per TUN queue and stops when its [`Shutdown`] fires.
 
 pub mod poll;
+#[cfg(target_os = "linux")]
+pub mod uring;
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};

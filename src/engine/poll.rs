@@ -32,6 +32,8 @@ pub struct PollWorker {
     pub forwarder: Forwarder,
     /// Max packets per direction per wakeup.
     pub batch: usize,
+    /// Never sleep in poll(2): spin with a zero timeout.
+    pub busy_poll: bool,
     pub stats: Arc<WorkerStats>,
     pub shutdown: Arc<Shutdown>,
 }
@@ -78,8 +80,13 @@ impl PollWorker {
                 PollFd::new(self.shutdown.wake_fd(), PollFlags::POLLIN),
             ];
             stats.syscalls.add(1);
-            stats.waits.add(1);
-            match poll(&mut fds, PollTimeout::NONE) {
+            let timeout = if self.busy_poll {
+                PollTimeout::ZERO
+            } else {
+                stats.waits.add(1);
+                PollTimeout::NONE
+            };
+            match poll(&mut fds, timeout) {
                 Ok(_) => {}
                 Err(Errno::EINTR) => continue,
                 Err(e) => {

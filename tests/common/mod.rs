@@ -377,6 +377,23 @@ pub fn stat(text: &str, line_tag: &str, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The sum of every `key=value` on the first line containing `line_tag`
+/// (e.g. `packets` of both directions).
+pub fn stat_sum(text: &str, line_tag: &str, key: &str) -> u64 {
+    let line = text
+        .lines()
+        .find(|l| l.contains(line_tag))
+        .unwrap_or_else(|| panic!("no line with {line_tag:?} in:\n{text}"));
+    let pat = format!("{key}=");
+    line.split(|c: char| c.is_whitespace() || c == '[' || c == ']')
+        .filter_map(|tok| tok.strip_prefix(&pat))
+        .map(|v| {
+            v.parse::<u64>()
+                .unwrap_or_else(|_| panic!("{key} in {line}"))
+        })
+        .sum()
+}
+
 /// Deterministic test data: xorshift64 words.
 pub struct DataStream {
     state: u64,
@@ -453,7 +470,20 @@ pub fn verified_tcp_transfer(from: &Netns, to: &Netns, to_addr: SocketAddr, byte
     let receiver = to.spawn(move || {
         let listener = TcpListener::bind(to_addr).expect("bind listener");
         ready_tx.send(()).unwrap();
-        let (mut s, _) = listener.accept().expect("accept");
+        // accept() with a 30 s guard, so a broken tunnel fails the test.
+        listener.set_nonblocking(true).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut s = loop {
+            match listener.accept() {
+                Ok((s, _)) => break s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    assert!(Instant::now() < deadline, "no connection within 30 s");
+                    thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => panic!("accept: {e}"),
+            }
+        };
+        s.set_nonblocking(false).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         let mut hash = StreamHash::default();
         let mut buf = vec![0u8; 1 << 16];
@@ -472,6 +502,7 @@ pub fn verified_tcp_transfer(from: &Netns, to: &Netns, to_addr: SocketAddr, byte
     let sender = from.spawn(move || {
         let mut s = TcpStream::connect_timeout(&to_addr, Duration::from_secs(10)).expect("connect");
         s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         let mut data = DataStream::new(bytes ^ 0x5eed);
         let mut hash = StreamHash::default();
         let mut buf = vec![0u8; 1 << 16];
