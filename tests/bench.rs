@@ -77,7 +77,7 @@ fn bench_quick_reports_every_figure_and_cleans_up() {
         assert!(out.contains(want), "table lacks {want:?}:\n{out}");
     }
     assert!(
-        p.stderr().contains("[18/18]"),
+        p.stderr().contains("[24/24]"),
         "progress lines:\n{}",
         p.stderr()
     );
@@ -94,15 +94,15 @@ fn bench_quick_reports_every_figure_and_cleans_up() {
     assert!(meta["cpus"].as_u64().unwrap() >= 1);
     assert_eq!(
         meta["targets"],
-        serde_json::json!(["veth", "vxlan", "poll"])
+        serde_json::json!(["veth", "vxlan", "poll", "uring"])
     );
     assert_eq!(meta["interrupted"], Value::Bool(false));
 
     let rows = doc["results"].as_array().unwrap();
-    assert_eq!(rows.len(), 18, "3 targets x 6 workloads");
+    assert_eq!(rows.len(), 24, "4 targets x 6 workloads");
     for r in rows {
         let target = r["target"].as_str().unwrap();
-        let tunfwd = target == "poll";
+        let tunfwd = target == "poll" || target == "uring";
         assert!(f(r, "seconds") > 0.0, "{r}");
         assert!(f(r, "system_cpu_s") >= 0.0, "{r}");
         let ratio = f(r, "ratio");
