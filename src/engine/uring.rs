@@ -29,7 +29,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, Ordering};
 
-use io_uring::types::{BufRingEntry, CancelBuilder, Fd, Fixed, RecvMsgOut};
+use io_uring::types::{BufRingEntry, CancelBuilder, Fd, Fixed, RecvMsgOut, SubmitArgs, Timespec};
 use io_uring::{IoUring, cqueue, opcode, squeue};
 use nix::sys::socket::{SockaddrLike, SockaddrStorage};
 
@@ -110,6 +110,12 @@ pub fn buffer_len(mtu: usize) -> usize {
 const RECVMSG_PREFIX: usize = 16 + SOCKADDR_LEN;
 /// Room for a sockaddr_in6.
 const SOCKADDR_LEN: usize = std::mem::size_of::<libc::sockaddr_in6>();
+/// Completions reaped in one iteration that count as "under load".
+const COALESCE_AFTER: usize = 8;
+/// Completions to wait for under load...
+const COALESCE_WANT: usize = 32;
+/// ...but no longer than this.
+const COALESCE_WAIT_NS: u32 = 50_000;
 const TUN_GROUP: u16 = 0;
 const UDP_GROUP: u16 = 1;
 
@@ -1138,8 +1144,19 @@ impl UringWorker {
             // One kernel entry: submit everything queued, and wait for at
             // least one completion unless some are already waiting.
             let wait = !busy && !more_waiting && self.ring.completion().is_empty();
+            // Under load (the last reap was large), wait for a batch of
+            // completions for at most COALESCE_WAIT: fewer kernel entries per
+            // packet. At low load, wake on the first completion.
+            let coalesce = wait && cqes.len() >= COALESCE_AFTER;
             self.stats.syscalls.add(1);
-            let r = if wait {
+            let r = if coalesce {
+                self.stats.waits.add(1);
+                let ts = Timespec::new().nsec(COALESCE_WAIT_NS);
+                let args = SubmitArgs::new().timespec(&ts);
+                self.ring
+                    .submitter()
+                    .submit_with_args(COALESCE_WANT.min(batch), &args)
+            } else if wait {
                 self.stats.waits.add(1);
                 self.ring.submit_and_wait(1)
             } else {
@@ -1147,6 +1164,8 @@ impl UringWorker {
             };
             match r {
                 Ok(_) => {}
+                // The coalescing timeout expired: whatever arrived is reaped.
+                Err(e) if e.raw_os_error() == Some(libc::ETIME) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
                 // Completion queue full: reap first.
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
