@@ -35,7 +35,10 @@ enum Command {
 #[derive(clap::Args, Debug)]
 struct BenchArgs {
     /// Targets to measure, in order: veth (bare underlay, no tunnel), vxlan
-    /// (kernel VXLAN tunnel), poll and uring (tunfwd's engines).
+    /// (kernel VXLAN tunnel), poll and uring (tunfwd's engines). A tunfwd
+    /// target takes its own `tunnel` flags as +NAME or +NAME=VALUE, e.g.
+    /// uring+multishot=off or uring+queues=2+batch=16 (values cannot contain
+    /// commas, which separate targets).
     #[arg(long, value_delimiter = ',', default_value = "veth,vxlan,poll,uring", value_parser = crate::bench::Target::parse)]
     compare: Vec<crate::bench::Target>,
 

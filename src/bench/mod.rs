@@ -31,20 +31,51 @@ pub enum Target {
     Veth,
     /// The kernel's own UDP tunnel over the same underlay.
     Vxlan,
-    /// tunfwd with this engine.
-    Tunfwd { engine: String },
+    /// tunfwd with this engine and extra `tunnel` flags, named as given
+    /// (`uring+multishot=off+batch=8`).
+    Tunfwd {
+        spec: String,
+        engine: String,
+        args: Vec<String>,
+    },
 }
 
 impl Target {
+    /// `veth`, `vxlan`, or an engine (`poll`, `uring`) optionally followed
+    /// by `+FLAG` or `+FLAG=VALUE` items, each becoming `--FLAG [VALUE]` for
+    /// that target's forwarders only.
     pub fn parse(s: &str) -> std::result::Result<Target, String> {
-        match s {
+        let mut parts = s.split('+');
+        let head = parts.next().unwrap_or_default();
+        match head {
+            "veth" | "vxlan" if s.contains('+') => {
+                Err(format!("{s:?}: flags (+...) apply to tunfwd targets only"))
+            }
             "veth" => Ok(Target::Veth),
             "vxlan" => Ok(Target::Vxlan),
-            "poll" | "uring" => Ok(Target::Tunfwd {
-                engine: s.to_string(),
-            }),
+            "poll" | "uring" => {
+                let mut args = Vec::new();
+                for item in parts {
+                    let (flag, value) = match item.split_once('=') {
+                        Some((f, v)) => (f, Some(v)),
+                        None => (item, None),
+                    };
+                    if flag.is_empty() || flag.starts_with('-') {
+                        return Err(format!(
+                            "{s:?}: write flags as +NAME or +NAME=VALUE (e.g. uring+batch=8)"
+                        ));
+                    }
+                    args.push(format!("--{flag}"));
+                    args.extend(value.map(str::to_string));
+                }
+                Ok(Target::Tunfwd {
+                    spec: s.to_string(),
+                    engine: head.to_string(),
+                    args,
+                })
+            }
             other => Err(format!(
-                "unknown bench target {other:?}: use veth, vxlan, poll or uring"
+                "unknown bench target {other:?}: use veth, vxlan, poll or uring (optionally +FLAG=VALUE...)"
             )),
         }
     }
@@ -53,7 +84,7 @@ impl Target {
         match self {
             Target::Veth => "veth".into(),
             Target::Vxlan => "vxlan".into(),
-            Target::Tunfwd { engine } => engine.clone(),
+            Target::Tunfwd { spec, .. } => spec.clone(),
         }
     }
 
@@ -276,7 +307,11 @@ fn measure(
     stop: &Arc<AtomicBool>,
 ) -> Result<Row> {
     let forwarders = match target {
-        Target::Tunfwd { engine } => Some(ForwarderPair::start(topo, engine, &cfg.forwarder_args)?),
+        Target::Tunfwd { engine, args, .. } => {
+            let mut all = cfg.forwarder_args.clone();
+            all.extend(args.iter().cloned());
+            Some(ForwarderPair::start(topo, engine, &all)?)
+        }
         _ => None,
     };
     let dst = target.dst();
@@ -384,4 +419,29 @@ fn cpu_model() -> String {
                 .map(|(_, v)| v.trim().to_string())
         })
         .unwrap_or_else(|| "unknown".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn target_specs() {
+        assert_eq!(Target::parse("veth").unwrap(), Target::Veth);
+        let t = Target::parse("uring+multishot=off+busy-poll+batch=8").unwrap();
+        assert_eq!(
+            t,
+            Target::Tunfwd {
+                spec: "uring+multishot=off+busy-poll+batch=8".into(),
+                engine: "uring".into(),
+                args: ["--multishot", "off", "--busy-poll", "--batch", "8"]
+                    .map(String::from)
+                    .to_vec(),
+            }
+        );
+        assert_eq!(t.name(), "uring+multishot=off+busy-poll+batch=8");
+        for bad in ["nope", "veth+batch=1", "uring+", "uring+--batch=1"] {
+            assert!(Target::parse(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -126,9 +126,15 @@ fn opt(v: Option<f64>, prec: usize) -> String {
 /// The terminal table: throughput rows, then latency rows.
 pub fn table(rows: &[Row], baseline: &str) -> String {
     let mut s = String::new();
+    let tw = rows
+        .iter()
+        .map(|r| r.target.len())
+        .max()
+        .unwrap_or(0)
+        .max(10);
     let _ = writeln!(
         s,
-        "{:<15} {:<10} {:>10} {:>10} {:>8} {:>7} {:>7} {:>10} {:>10} {:>9}",
+        "{:<15} {:<tw$} {:>10} {:>10} {:>8} {:>7} {:>7} {:>10} {:>10} {:>9}",
         "workload",
         "target",
         "offer kpps",
@@ -146,7 +152,7 @@ pub fn table(rows: &[Row], baseline: &str) -> String {
     {
         let _ = writeln!(
             s,
-            "{:<15} {:<10} {:>10} {:>10} {:>8} {:>7} {:>7} {:>10} {:>10} {:>9}",
+            "{:<15} {:<tw$} {:>10} {:>10} {:>8} {:>7} {:>7} {:>10} {:>10} {:>9}",
             r.workload.label(),
             r.target,
             opt(r.offered_pps.map(|v| v / 1e3), 1),
@@ -163,7 +169,7 @@ pub fn table(rows: &[Row], baseline: &str) -> String {
     if !lat.is_empty() {
         let _ = writeln!(
             s,
-            "\n{:<15} {:<10} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>6} {:>7}",
+            "\n{:<15} {:<tw$} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>6} {:>7}",
             "workload",
             "target",
             "p50 us",
@@ -179,7 +185,7 @@ pub fn table(rows: &[Row], baseline: &str) -> String {
             let l = r.latency.unwrap_or_default();
             let _ = writeln!(
                 s,
-                "{:<15} {:<10} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>9.1} {:>8} {:>6} {:>7}",
+                "{:<15} {:<tw$} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>9.1} {:>8} {:>6} {:>7}",
                 r.workload.label(),
                 r.target,
                 l.p50,
