@@ -202,6 +202,13 @@ pub fn probe(opts: &UringOptions, mtu: usize, queues: usize) -> Result<UringPlan
             )));
         }
     }
+    // SEND with a destination address (unconnected UDP) and multishot
+    // RECVMSG arrived in Linux 6.0, with SEND_ZC: its presence marks 6.0.
+    if !probe.is_supported(opcode::SendZc::CODE) {
+        return Err(Error::config(
+            "io_uring on this kernel predates Linux 6.0 (no SEND with a destination address)",
+        ));
+    }
 
     let buf_len = buffer_len(mtu);
     let mut plan = UringPlan {
