@@ -481,6 +481,24 @@ struct RecvSlot {
     name: libc::sockaddr_in6,
 }
 
+/// Registered-file slots.
+const TUN_SLOT: u32 = 0;
+const UDP_SLOT: u32 = 1;
+
+/// Evaluates `$build` with `$f` bound to the worker's TUN or UDP descriptor:
+/// the registered slot when files are registered, else the raw fd.
+macro_rules! with_file {
+    ($w:expr, $slot:expr, |$f:ident| $build:expr) => {
+        if $w.files_registered {
+            let $f = Fixed($slot);
+            $build
+        } else {
+            let $f = Fd($w.raw_fd($slot));
+            $build
+        }
+    };
+}
+
 /// One io_uring worker. Built and run on its own thread (the ring is
 /// single-issuer).
 pub struct UringWorker {
@@ -547,6 +565,7 @@ impl UringWorker {
         let _ = ring.submitter().register_iowq_max_workers(&mut [1, 1]);
         let files_registered = ring
             .submitter()
+            // Slots TUN_SLOT and UDP_SLOT.
             .register_files(&[tun.as_raw_fd(), udp.as_raw_fd()])
             .is_ok();
 
@@ -691,8 +710,12 @@ impl UringWorker {
         Ok(())
     }
 
-    fn tun_fd(&self) -> (bool, RawFd) {
-        (self.files_registered, self.tun.as_raw_fd())
+    fn raw_fd(&self, slot: u32) -> RawFd {
+        if slot == TUN_SLOT {
+            self.tun.as_raw_fd()
+        } else {
+            self.udp.as_raw_fd()
+        }
     }
 
     /// Pushes one entry, submitting first if the queue is full.
@@ -722,14 +745,10 @@ impl UringWorker {
         if self.stopping {
             return Ok(());
         }
-        let (fixed_file, fd) = self.tun_fd();
         if self.plan.multishot_tun {
             if self.tun_reads == 0 {
-                let e = if fixed_file {
-                    opcode::ReadMulti::new(Fixed(0), 0, TUN_GROUP).build()
-                } else {
-                    opcode::ReadMulti::new(Fd(fd), 0, TUN_GROUP).build()
-                };
+                let e = with_file!(self, TUN_SLOT, |f| opcode::ReadMulti::new(f, 0, TUN_GROUP)
+                    .build());
                 // SAFETY: buffers come from the registered TUN buffer ring,
                 // which outlives every operation.
                 unsafe { self.push(e.user_data(user_data(Op::TunRead, 0)))? };
@@ -745,11 +764,11 @@ impl UringWorker {
             };
             let ptr = self.buf_ptr(bid);
             let len = (self.plan.buf_len) as u32;
-            let e = match (self.plan.fixed_buffers, fixed_file) {
-                (true, true) => opcode::ReadFixed::new(Fixed(0), ptr, len, 0).build(),
-                (true, false) => opcode::ReadFixed::new(Fd(fd), ptr, len, 0).build(),
-                (false, true) => opcode::Read::new(Fixed(0), ptr, len).build(),
-                (false, false) => opcode::Read::new(Fd(fd), ptr, len).build(),
+            let e = if self.plan.fixed_buffers {
+                with_file!(self, TUN_SLOT, |f| opcode::ReadFixed::new(f, ptr, len, 0)
+                    .build())
+            } else {
+                with_file!(self, TUN_SLOT, |f| opcode::Read::new(f, ptr, len).build())
             };
             // SAFETY: buffer `bid` is owned by this operation until its
             // completion; the pool outlives the ring.
@@ -763,16 +782,13 @@ impl UringWorker {
         if self.stopping {
             return Ok(());
         }
-        let fixed_file = self.files_registered;
-        let fd = self.udp.as_raw_fd();
         if self.plan.multishot_udp {
             if self.udp_reads == 0 {
                 let msg = &*self.multishot_msg as *const libc::msghdr;
-                let e = if fixed_file {
-                    opcode::RecvMsgMulti::new(Fixed(1), msg, UDP_GROUP).build()
-                } else {
-                    opcode::RecvMsgMulti::new(Fd(fd), msg, UDP_GROUP).build()
-                };
+                let e = with_file!(self, UDP_SLOT, |f| opcode::RecvMsgMulti::new(
+                    f, msg, UDP_GROUP
+                )
+                .build());
                 // SAFETY: the msghdr is boxed in self and the buffers come from
                 // the registered UDP ring; both outlive every operation.
                 unsafe { self.push(e.user_data(user_data(Op::UdpRecv, 0)))? };
@@ -797,11 +813,7 @@ impl UringWorker {
             slot.msg.msg_iov = &mut slot.iov;
             slot.msg.msg_iovlen = 1;
             let msg = &mut slot.msg as *mut libc::msghdr;
-            let e = if fixed_file {
-                opcode::RecvMsg::new(Fixed(1), msg).build()
-            } else {
-                opcode::RecvMsg::new(Fd(fd), msg).build()
-            };
+            let e = with_file!(self, UDP_SLOT, |f| opcode::RecvMsg::new(f, msg).build());
             // SAFETY: the slot (in a Vec never resized after setup) and the
             // buffer belong to this operation until its completion.
             unsafe { self.push(e.user_data(user_data(Op::UdpRecv, bid)))? };
@@ -866,14 +878,10 @@ impl UringWorker {
         let ptr = unsafe { self.buf_ptr(bid).add(offset) };
         let dest = self.peer_addr.as_ptr();
         let dest_len = self.peer_addr.len();
-        let e = if self.files_registered {
-            opcode::Send::new(Fixed(1), ptr, len as u32)
-        } else {
-            opcode::Send::new(Fd(self.udp.as_raw_fd()), ptr, len as u32)
-        }
-        .dest_addr(dest)
-        .dest_addr_len(dest_len)
-        .build();
+        let e = with_file!(self, UDP_SLOT, |f| opcode::Send::new(f, ptr, len as u32)
+            .dest_addr(dest)
+            .dest_addr_len(dest_len)
+            .build());
         // SAFETY: buffer `bid` belongs to this send until its completion; the
         // destination address is boxed in self.
         unsafe { self.push(e.user_data(user_data(Op::UdpSend, bid))) }
@@ -884,12 +892,12 @@ impl UringWorker {
         self.offsets[usize::from(bid)] = offset as u32;
         // SAFETY: offset + len <= buf_len.
         let ptr = unsafe { self.buf_ptr(bid).add(offset) };
-        let (fixed_file, fd) = self.tun_fd();
-        let e = match (self.plan.fixed_buffers, fixed_file) {
-            (true, true) => opcode::WriteFixed::new(Fixed(0), ptr, len as u32, 0).build(),
-            (true, false) => opcode::WriteFixed::new(Fd(fd), ptr, len as u32, 0).build(),
-            (false, true) => opcode::Write::new(Fixed(0), ptr, len as u32).build(),
-            (false, false) => opcode::Write::new(Fd(fd), ptr, len as u32).build(),
+        let len = len as u32;
+        let e = if self.plan.fixed_buffers {
+            with_file!(self, TUN_SLOT, |f| opcode::WriteFixed::new(f, ptr, len, 0)
+                .build())
+        } else {
+            with_file!(self, TUN_SLOT, |f| opcode::Write::new(f, ptr, len).build())
         };
         // SAFETY: buffer `bid` belongs to this write until its completion.
         unsafe { self.push(e.user_data(user_data(Op::TunWrite, bid))) }
