@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # tunfwd demo: builds two network namespaces joined by a veth pair, runs one
-# tunfwd forwarder in each, shows ping (IPv4 and IPv6) and iperf3 TCP
-# throughput through the tunnel next to the bare veth underlay, then removes
-# everything (also on Ctrl-C or error).
+# tunfwd forwarder in each (once per engine), shows ping (IPv4 and IPv6) and
+# iperf3 TCP throughput through the tunnel next to the bare veth underlay,
+# then removes everything (also on Ctrl-C or error).
 #
-#   sudo bash bench-scripts/demo.sh            # poll engine, 5 s iperf3 runs
-#   ENGINE=poll SECS=10 sudo -E bash bench-scripts/demo.sh
+#   sudo bash bench-scripts/demo.sh            # poll and uring, 5 s iperf3 runs
+#   ENGINES=uring SECS=10 sudo -E bash bench-scripts/demo.sh
 #   TUNFWD_ARGS="--batch 32" sudo -E bash bench-scripts/demo.sh
 #
 # Addresses: underlay 198.18.0.1/30 - 198.18.0.2/30, overlay 198.19.0.1/24 -
@@ -13,8 +13,10 @@
 # namespaces this script creates.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=bench-scripts/lib/topology.sh
+. bench-scripts/lib/topology.sh
 
-ENGINE=${ENGINE:-poll}
+ENGINES=${ENGINES:-poll uring}
 SECS=${SECS:-5}
 TUNFWD_ARGS=${TUNFWD_ARGS:-}
 
@@ -44,26 +46,17 @@ cleanup() {
     trap - EXIT INT TERM
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
-    ip netns del "$A" 2>/dev/null || true
-    ip netns del "$B" 2>/dev/null || true
+    topo_destroy "$A" "$B"
     rm -rf "$LOG"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-ip netns add "$A"
-ip netns add "$B"
-ip link add veth0 netns "$A" type veth peer name veth0 netns "$B"
-ip -n "$A" addr add 198.18.0.1/30 dev veth0
-ip -n "$B" addr add 198.18.0.2/30 dev veth0
-for ns in "$A" "$B"; do
-    ip -n "$ns" link set lo up
-    ip -n "$ns" link set veth0 up
-done
+topo_create "$A" "$B"
 
 start() { # ns, log, local underlay, peer underlay, overlay v4, overlay v6
     # shellcheck disable=SC2086
-    ip netns exec "$1" "$BIN" tunnel --engine "$ENGINE" --dev tun0 \
+    ip netns exec "$1" "$BIN" tunnel --engine "$engine" --dev tun0 \
         --address "$5/24" --address "$6/64" \
         --listen "$3:5000" --peer "$4:5000" $TUNFWD_ARGS >"$2.out" 2>"$2.err" &
     pids+=($!)
@@ -75,16 +68,6 @@ start() { # ns, log, local underlay, peer underlay, overlay v4, overlay v6
     cat "$2.err" >&2
     exit 1
 }
-start "$A" "$LOG/a" 198.18.0.1 198.18.0.2 198.19.0.1 2001:db8:19::1
-start "$B" "$LOG/b" 198.18.0.2 198.18.0.1 198.19.0.2 2001:db8:19::2
-sed 's/^/  a: /' "$LOG/a.err"
-sed 's/^/  b: /' "$LOG/b.err"
-
-echo
-echo "== ping through the tunnel"
-ip netns exec "$A" ping -c 3 -i 0.2 198.19.0.2 | tail -2
-ip netns exec "$A" ping -c 3 -i 0.2 2001:db8:19::2 | tail -2
-
 iperf() { # server address; prints Mbit/s received
     ip netns exec "$B" iperf3 -s -1 -B "$1" -p 5201 >/dev/null 2>&1 &
     local srv=$!
@@ -97,21 +80,37 @@ iperf() { # server address; prints Mbit/s received
     wait "$srv" 2>/dev/null || true
 }
 
-echo
-echo "== iperf3 TCP, 1 stream, ${SECS} s (same run, same machine)"
+
+echo "== iperf3 TCP, 1 stream, ${SECS} s, bare veth underlay"
 veth=$(iperf 198.18.0.2)
-tun=$(iperf 198.19.0.2)
-ratio=$(awk -v t="$tun" -v v="$veth" 'BEGIN { if (v > 0) printf "%.3f", t / v; else print "n/a" }')
-printf '%-34s %12s\n' "path" "Mbit/s"
-printf '%-34s %12s\n' "bare veth underlay" "$veth"
-printf '%-34s %12s\n' "tunfwd tunnel (engine $ENGINE)" "$tun"
-printf '%-34s %12s\n' "ratio tunnel/veth" "$ratio"
-echo "kernel $(uname -r), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) CPUs"
+results=()
+for engine in $ENGINES; do
+    echo
+    echo "== engine $engine"
+    start "$A" "$LOG/a" 198.18.0.1 198.18.0.2 198.19.0.1 2001:db8:19::1
+    start "$B" "$LOG/b" 198.18.0.2 198.18.0.1 198.19.0.2 2001:db8:19::2
+    sed 's/^/  a: /' "$LOG/a.err"
+    echo "-- ping through the tunnel"
+    ip netns exec "$A" ping -c 3 -i 0.2 198.19.0.2 | tail -2
+    ip netns exec "$A" ping -c 3 -i 0.2 2001:db8:19::2 | tail -2
+    echo "-- iperf3 TCP, 1 stream, ${SECS} s through the tunnel"
+    tun=$(iperf 198.19.0.2)
+    results+=("$engine $tun")
+    for p in "${pids[@]}"; do kill -TERM "$p"; done
+    wait "${pids[@]}" || true
+    pids=()
+    echo "-- forwarder summaries"
+    sed 's/^/  a: /' "$LOG/a.out"
+    sed 's/^/  b: /' "$LOG/b.out"
+done
 
 echo
-echo "== forwarder summaries"
-for p in "${pids[@]}"; do kill -TERM "$p"; done
-wait "${pids[@]}" || true
-pids=()
-sed 's/^/  a: /' "$LOG/a.out"
-sed 's/^/  b: /' "$LOG/b.out"
+echo "== iperf3 TCP, 1 stream, ${SECS} s each (same run, same machine)"
+printf '%-34s %12s %10s\n' "path" "Mbit/s" "ratio"
+printf '%-34s %12s %10s\n' "bare veth underlay" "$veth" "1.000"
+for r in "${results[@]}"; do
+    set -- $r
+    ratio=$(awk -v t="$2" -v v="$veth" 'BEGIN { if (v > 0) printf "%.3f", t / v; else print "n/a" }')
+    printf '%-34s %12s %10s\n' "tunfwd, engine $1" "$2" "$ratio"
+done
+echo "kernel $(uname -r), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) CPUs"

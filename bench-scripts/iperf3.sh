@@ -17,6 +17,8 @@
 # underlay, 198.19.0.0/24 tunfwd overlay, 198.19.1.0/24 VXLAN overlay).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=bench-scripts/lib/topology.sh
+. bench-scripts/lib/topology.sh
 
 SECS=${SECS:-5}
 OUT=${OUT:-$PWD/target/bench-results}
@@ -57,24 +59,13 @@ stop_forwarders() {
 cleanup() {
     trap - EXIT INT TERM
     stop_forwarders
-    ip netns pids "$A" 2>/dev/null | xargs -r kill 2>/dev/null || true
-    ip netns pids "$B" 2>/dev/null | xargs -r kill 2>/dev/null || true
-    ip netns del "$A" 2>/dev/null || true
-    ip netns del "$B" 2>/dev/null || true
+    topo_destroy "$A" "$B"
     rm -rf "$TMP"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-ip netns add "$A"
-ip netns add "$B"
-ip link add veth0 netns "$A" type veth peer name veth0 netns "$B"
-ip -n "$A" addr add 198.18.0.1/30 dev veth0
-ip -n "$B" addr add 198.18.0.2/30 dev veth0
-for ns in "$A" "$B"; do
-    ip -n "$ns" link set lo up
-    ip -n "$ns" link set veth0 up
-done
+topo_create "$A" "$B"
 ip -n "$A" link add vxlan0 type vxlan id 42 local 198.18.0.1 remote 198.18.0.2 dstport 4789 dev veth0
 ip -n "$B" link add vxlan0 type vxlan id 42 local 198.18.0.2 remote 198.18.0.1 dstport 4789 dev veth0
 ip -n "$A" addr add 198.19.1.1/24 dev vxlan0
