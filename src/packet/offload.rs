@@ -1,0 +1,1055 @@
+//! Offload work done in userspace, as pure functions over byte slices:
+//!
+//! - [`split`]: cut a TUN super-packet (TSO/USO, described by its virtio-net
+//!   header) into MTU-sized IP packets with correct IP and TCP/UDP headers and
+//!   checksums, written back to back so one UDP GSO send carries them all;
+//!   also completes a partial checksum (`NEEDS_CSUM`) of a single packet.
+//! - [`Coalescer`]: the reverse for the TUN write side: consecutive TCP
+//!   segments of one flow become one super-packet with a virtio-net header;
+//!   anything else passes through one by one, in order.
+//!
+//! Every segment leaves as an ordinary IP packet, so a peer without offload
+//! interoperates unchanged.
+
+use std::fmt;
+use std::net::IpAddr;
+
+use super::checksum::{fold, fold_partial, pseudo_header_sum, sum};
+use super::ip::{IPV4_MIN_HEADER_LEN, IPV6_HEADER_LEN, IpPacket};
+use super::virtio::{self, VirtioNetHdr};
+
+const PROTO_TCP: u8 = 6;
+const PROTO_UDP: u8 = 17;
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_PSH: u8 = 0x08;
+const TCP_ACK: u8 = 0x10;
+const TCP_URG: u8 = 0x20;
+const TCP_ECE: u8 = 0x40;
+const TCP_CWR: u8 = 0x80;
+/// Largest IP packet a super-packet may become.
+const MAX_SUPER_LEN: usize = 65535;
+
+/// Why a packet could not be split.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OffloadError {
+    /// The IP packet itself is malformed.
+    Malformed(&'static str),
+    /// A GSO type or header layout this code does not handle.
+    Unsupported(&'static str),
+    /// The output buffer is too small.
+    NoRoom,
+    /// Headers alone exceed the MTU.
+    TooBig,
+}
+
+impl fmt::Display for OffloadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OffloadError::Malformed(w) => write!(f, "malformed packet: {w}"),
+            OffloadError::Unsupported(w) => write!(f, "unsupported offload: {w}"),
+            OffloadError::NoRoom => f.write_str("output buffer too small"),
+            OffloadError::TooBig => f.write_str("headers exceed the MTU"),
+        }
+    }
+}
+
+/// The segments [`split`] wrote: `count` packets back to back, each
+/// `seg_len` bytes except the last, which is `last_len` (<= `seg_len`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segments {
+    pub count: usize,
+    pub seg_len: usize,
+    pub last_len: usize,
+}
+
+impl Segments {
+    pub fn total_len(&self) -> usize {
+        (self.count - 1) * self.seg_len + self.last_len
+    }
+
+    /// Byte ranges of the segments inside the output buffer.
+    pub fn ranges(&self) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+        (0..self.count).map(move |i| {
+            let start = i * self.seg_len;
+            let len = if i + 1 == self.count {
+                self.last_len
+            } else {
+                self.seg_len
+            };
+            start..start + len
+        })
+    }
+}
+
+/// IP-level facts about a packet: where L4 starts, its protocol, addresses.
+struct IpInfo {
+    v6: bool,
+    l4_off: usize,
+    protocol: u8,
+    src: IpAddr,
+    dst: IpAddr,
+}
+
+fn ip_info(pkt: &[u8]) -> Result<IpInfo, OffloadError> {
+    match IpPacket::new_checked(pkt) {
+        Ok(IpPacket::V4(p)) => Ok(IpInfo {
+            v6: false,
+            l4_off: p.header_len(),
+            protocol: p.protocol(),
+            src: p.src().into(),
+            dst: p.dst().into(),
+        }),
+        Ok(IpPacket::V6(p)) => Ok(IpInfo {
+            v6: true,
+            l4_off: IPV6_HEADER_LEN,
+            protocol: p.next_header(),
+            src: p.src().into(),
+            dst: p.dst().into(),
+        }),
+        Err(e) => Err(match e {
+            super::ParseError::Empty => OffloadError::Malformed("empty"),
+            super::ParseError::Truncated => OffloadError::Malformed("truncated"),
+            super::ParseError::BadVersion => OffloadError::Malformed("bad IP version"),
+            super::ParseError::BadHeaderLength => OffloadError::Malformed("bad IPv4 header length"),
+            super::ParseError::LengthMismatch => OffloadError::Malformed("length mismatch"),
+        }),
+    }
+}
+
+/// Sets the IP length field(s) of the packet at `p` (total `len` bytes) and,
+/// for IPv4, `id` and a fresh header checksum.
+fn fix_ip_header(p: &mut [u8], v6: bool, len: usize, l4_off: usize, id: Option<u16>) {
+    if v6 {
+        p[4..6].copy_from_slice(&((len - IPV6_HEADER_LEN) as u16).to_be_bytes());
+    } else {
+        p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        if let Some(id) = id {
+            p[4..6].copy_from_slice(&id.to_be_bytes());
+        }
+        p[10..12].copy_from_slice(&[0, 0]);
+        let c = fold(sum(&p[..l4_off], 0));
+        p[10..12].copy_from_slice(&c.to_be_bytes());
+    }
+}
+
+/// Writes the full L4 checksum of the packet at `p` into `field` (offset
+/// within `p`); UDP over IPv4 writes 0xffff for a computed 0.
+fn fill_l4_checksum(p: &mut [u8], info: &IpInfo, field: usize) {
+    let l4_len = p.len() - info.l4_off;
+    p[field..field + 2].copy_from_slice(&[0, 0]);
+    let s = sum(
+        &p[info.l4_off..],
+        pseudo_header_sum(info.src, info.dst, info.protocol, l4_len),
+    );
+    let mut c = fold(s);
+    if info.protocol == PROTO_UDP && c == 0 {
+        c = 0xffff;
+    }
+    p[field..field + 2].copy_from_slice(&c.to_be_bytes());
+}
+
+/// Splits the packet `pkt` (read from a TUN device with header `hdr`) into
+/// IP packets of at most `mtu` bytes, written back to back into `out`.
+/// A non-GSO packet is copied as one segment, its checksum completed if the
+/// header asks for it.
+pub fn split(
+    hdr: &VirtioNetHdr,
+    pkt: &[u8],
+    mtu: usize,
+    out: &mut [u8],
+) -> Result<Segments, OffloadError> {
+    let kind = hdr.gso_kind();
+    if kind == virtio::GSO_NONE {
+        let len = pkt.len();
+        if len > out.len() {
+            return Err(OffloadError::NoRoom);
+        }
+        out[..len].copy_from_slice(pkt);
+        if hdr.flags & virtio::F_NEEDS_CSUM != 0 {
+            let start = usize::from(hdr.csum_start);
+            let field = start + usize::from(hdr.csum_offset);
+            if start >= len || field + 2 > len {
+                return Err(OffloadError::Malformed(
+                    "checksum offsets beyond the packet",
+                ));
+            }
+            // The field holds the pseudo-header sum: summing it in with the
+            // rest yields the full checksum.
+            let c = fold(sum(&out[start..len], 0));
+            out[field..field + 2].copy_from_slice(&c.to_be_bytes());
+        }
+        return Ok(Segments {
+            count: 1,
+            seg_len: len,
+            last_len: len,
+        });
+    }
+
+    let info = ip_info(pkt)?;
+    let (want_proto, l4_hdr_len) = match kind {
+        virtio::GSO_TCPV4 | virtio::GSO_TCPV6 => {
+            if info.protocol != PROTO_TCP {
+                return Err(OffloadError::Unsupported("TCP GSO on a non-TCP packet"));
+            }
+            let off = info.l4_off + 12;
+            let b = *pkt
+                .get(off)
+                .ok_or(OffloadError::Malformed("truncated TCP header"))?;
+            (PROTO_TCP, usize::from(b >> 4) * 4)
+        }
+        virtio::GSO_UDP_L4 => (PROTO_UDP, 8),
+        virtio::GSO_UDP => return Err(OffloadError::Unsupported("UFO (IP fragmentation)")),
+        _ => return Err(OffloadError::Unsupported("unknown GSO type")),
+    };
+    if info.protocol != want_proto {
+        return Err(OffloadError::Unsupported(
+            "GSO type does not match the L4 protocol",
+        ));
+    }
+    if (kind == virtio::GSO_TCPV4 && info.v6) || (kind == virtio::GSO_TCPV6 && !info.v6) {
+        return Err(OffloadError::Unsupported(
+            "GSO type does not match the IP version",
+        ));
+    }
+    if l4_hdr_len < 8 || (want_proto == PROTO_TCP && l4_hdr_len < 20) {
+        return Err(OffloadError::Malformed("bad L4 header length"));
+    }
+    let headers = info.l4_off + l4_hdr_len;
+    if headers > pkt.len() {
+        return Err(OffloadError::Malformed("truncated L4 header"));
+    }
+    if headers >= mtu {
+        return Err(OffloadError::TooBig);
+    }
+    let payload = &pkt[headers..];
+    let gso = usize::from(hdr.gso_size).max(1);
+    // Never exceed the MTU, whatever the header says.
+    let mss = gso.min(mtu - headers);
+    let count = payload.len().div_ceil(mss).max(1);
+    let seg_len = headers + mss.min(payload.len());
+    let last_payload = payload.len() - (count - 1) * mss;
+    let segs = Segments {
+        count,
+        seg_len,
+        last_len: headers + last_payload,
+    };
+    if segs.total_len() > out.len() {
+        return Err(OffloadError::NoRoom);
+    }
+
+    let ip_id = if info.v6 {
+        None
+    } else {
+        Some(u16::from_be_bytes([pkt[4], pkt[5]]))
+    };
+    let l4 = info.l4_off;
+    let (seq, tcp_flags) = if want_proto == PROTO_TCP {
+        (
+            u32::from_be_bytes([pkt[l4 + 4], pkt[l4 + 5], pkt[l4 + 6], pkt[l4 + 7]]),
+            pkt[l4 + 13],
+        )
+    } else {
+        (0, 0)
+    };
+    for (i, range) in segs.ranges().enumerate() {
+        let seg = &mut out[range.clone()];
+        let chunk = &payload[i * mss..i * mss + (range.len() - headers)];
+        seg[..headers].copy_from_slice(&pkt[..headers]);
+        seg[headers..].copy_from_slice(chunk);
+        let len = seg.len();
+        fix_ip_header(
+            seg,
+            info.v6,
+            len,
+            l4,
+            ip_id.map(|id| id.wrapping_add(i as u16)),
+        );
+        if want_proto == PROTO_TCP {
+            let s = seq.wrapping_add((i * mss) as u32);
+            seg[l4 + 4..l4 + 8].copy_from_slice(&s.to_be_bytes());
+            let mut flags = tcp_flags;
+            if i + 1 != count {
+                flags &= !(TCP_FIN | TCP_PSH);
+            }
+            if i != 0 {
+                flags &= !TCP_CWR;
+            }
+            seg[l4 + 13] = flags;
+            fill_l4_checksum(seg, &info, l4 + 16);
+        } else {
+            seg[l4 + 4..l4 + 6].copy_from_slice(&((len - l4) as u16).to_be_bytes());
+            fill_l4_checksum(seg, &info, l4 + 6);
+        }
+    }
+    Ok(segs)
+}
+
+/// One TUN write produced by the [`Coalescer`]: `out[start..end]` is a
+/// virtio-net header and one IP packet made of `packets` received packets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TunWrite {
+    pub start: usize,
+    pub end: usize,
+    pub packets: usize,
+}
+
+/// The TCP super-packet being built.
+#[derive(Clone, Debug)]
+struct Open {
+    /// Index of its virtio-net header in the output.
+    start: usize,
+    v6: bool,
+    l4_off: usize,
+    tcp_hdr_len: usize,
+    src: IpAddr,
+    dst: IpAddr,
+    next_seq: u32,
+    /// Payload bytes of the first segment: every later one must be equal,
+    /// except a last shorter one.
+    mss: usize,
+    packets: usize,
+    /// No more segments may join (a short or PSH segment joined).
+    closed: bool,
+}
+
+/// Coalesces consecutive TCP segments of the same flow into super-packets
+/// for a TUN device with `IFF_VNET_HDR` and TSO enabled. Order is kept:
+/// a packet that cannot join is written as it is, after what came before.
+#[derive(Debug, Default)]
+pub struct Coalescer {
+    out: Vec<u8>,
+    writes: Vec<TunWrite>,
+    open: Option<Open>,
+}
+
+/// What makes two TCP segments joinable, read from one packet.
+struct TcpView {
+    v6: bool,
+    l4_off: usize,
+    tcp_hdr_len: usize,
+    src: IpAddr,
+    dst: IpAddr,
+    seq: u32,
+    flags: u8,
+    payload_len: usize,
+}
+
+/// A TCP segment that may be coalesced: no IP options or fragments, only
+/// ACK (and PSH) set, some payload.
+fn tcp_view(pkt: &[u8]) -> Option<TcpView> {
+    let info = ip_info(pkt).ok()?;
+    if info.protocol != PROTO_TCP {
+        return None;
+    }
+    if !info.v6 {
+        // No options, not a fragment (MF or offset).
+        if info.l4_off != IPV4_MIN_HEADER_LEN || u16::from_be_bytes([pkt[6], pkt[7]]) & 0x3fff != 0
+        {
+            return None;
+        }
+    }
+    let l4 = info.l4_off;
+    let tcp_hdr_len = usize::from(*pkt.get(l4 + 12)? >> 4) * 4;
+    if tcp_hdr_len < 20 || l4 + tcp_hdr_len > pkt.len() {
+        return None;
+    }
+    let flags = pkt[l4 + 13];
+    if flags & (TCP_SYN | TCP_FIN | TCP_RST | TCP_URG | TCP_ECE | TCP_CWR) != 0
+        || flags & TCP_ACK == 0
+    {
+        return None;
+    }
+    let payload_len = pkt.len() - l4 - tcp_hdr_len;
+    if payload_len == 0 {
+        return None;
+    }
+    Some(TcpView {
+        v6: info.v6,
+        l4_off: l4,
+        tcp_hdr_len,
+        src: info.src,
+        dst: info.dst,
+        seq: u32::from_be_bytes([pkt[l4 + 4], pkt[l4 + 5], pkt[l4 + 6], pkt[l4 + 7]]),
+        flags,
+        payload_len,
+    })
+}
+
+impl Coalescer {
+    pub fn new() -> Coalescer {
+        Coalescer::default()
+    }
+
+    /// Starts a new batch; the previous one's writes are discarded.
+    pub fn clear(&mut self) {
+        self.out.clear();
+        self.writes.clear();
+        self.open = None;
+    }
+
+    /// Adds one received IP packet (already validated by the forwarder).
+    pub fn push(&mut self, pkt: &[u8]) {
+        let view = tcp_view(pkt);
+        if let (Some(open), Some(v)) = (&self.open, &view) {
+            if self.can_join(open, v, pkt) {
+                self.join(v, pkt);
+                return;
+            }
+        }
+        self.finish_open();
+        let start = self.out.len();
+        self.out.extend_from_slice(&[0u8; virtio::LEN]);
+        self.out.extend_from_slice(pkt);
+        match view {
+            Some(v) => {
+                self.open = Some(Open {
+                    start,
+                    v6: v.v6,
+                    l4_off: v.l4_off,
+                    tcp_hdr_len: v.tcp_hdr_len,
+                    src: v.src,
+                    dst: v.dst,
+                    next_seq: v.seq.wrapping_add(v.payload_len as u32),
+                    mss: v.payload_len,
+                    packets: 1,
+                    closed: v.flags & TCP_PSH != 0,
+                });
+            }
+            None => self.writes.push(TunWrite {
+                start,
+                end: self.out.len(),
+                packets: 1,
+            }),
+        }
+    }
+
+    fn can_join(&self, open: &Open, v: &TcpView, pkt: &[u8]) -> bool {
+        if open.closed
+            || v.v6 != open.v6
+            || v.src != open.src
+            || v.dst != open.dst
+            || v.tcp_hdr_len != open.tcp_hdr_len
+            || v.seq != open.next_seq
+            || v.payload_len > open.mss
+        {
+            return false;
+        }
+        let first = &self.out[open.start + virtio::LEN..];
+        let l4 = open.l4_off;
+        // Same IP header fields that matter (TOS/TTL/DF; traffic class,
+        // flow label, hop limit), same ports, ack, window and options.
+        let ip_same = if open.v6 {
+            first[..4] == pkt[..4] && first[7] == pkt[7]
+        } else {
+            first[1] == pkt[1] && first[6] & 0x40 == pkt[6] & 0x40 && first[8] == pkt[8]
+        };
+        let tcp_same = first[l4..l4 + 4] == pkt[l4..l4 + 4]
+            && first[l4 + 8..l4 + 12] == pkt[l4 + 8..l4 + 12]
+            && first[l4 + 14..l4 + 16] == pkt[l4 + 14..l4 + 16]
+            && first[l4 + 20..l4 + open.tcp_hdr_len] == pkt[l4 + 20..l4 + open.tcp_hdr_len];
+        let new_len = self.out.len() - open.start - virtio::LEN + v.payload_len;
+        ip_same && tcp_same && new_len <= MAX_SUPER_LEN
+    }
+
+    fn join(&mut self, v: &TcpView, pkt: &[u8]) {
+        let payload = &pkt[v.l4_off + v.tcp_hdr_len..];
+        self.out.extend_from_slice(payload);
+        let Some(open) = &mut self.open else { return };
+        open.packets += 1;
+        open.next_seq = open.next_seq.wrapping_add(v.payload_len as u32);
+        if v.flags & TCP_PSH != 0 {
+            // The super-packet carries PSH (the kernel puts it on the last
+            // segment when it segments again).
+            let flag_at = open.start + virtio::LEN + open.l4_off + 13;
+            self.out[flag_at] |= TCP_PSH;
+            open.closed = true;
+        }
+        if v.payload_len < open.mss {
+            open.closed = true;
+        }
+    }
+
+    /// Writes the header (and fixes lengths) of the open super-packet.
+    fn finish_open(&mut self) {
+        let Some(open) = self.open.take() else { return };
+        let end = self.out.len();
+        let pkt_start = open.start + virtio::LEN;
+        if open.packets > 1 {
+            let len = end - pkt_start;
+            let l4 = open.l4_off;
+            let p = &mut self.out[pkt_start..end];
+            fix_ip_header(p, open.v6, len, l4, None);
+            // NEEDS_CSUM: the field holds the pseudo-header sum only.
+            let partial = fold_partial(pseudo_header_sum(open.src, open.dst, PROTO_TCP, len - l4));
+            p[l4 + 16..l4 + 18].copy_from_slice(&partial.to_be_bytes());
+            let hdr = VirtioNetHdr {
+                flags: virtio::F_NEEDS_CSUM,
+                gso_type: if open.v6 {
+                    virtio::GSO_TCPV6
+                } else {
+                    virtio::GSO_TCPV4
+                },
+                hdr_len: (l4 + open.tcp_hdr_len) as u16,
+                gso_size: open.mss as u16,
+                csum_start: l4 as u16,
+                csum_offset: 16,
+            };
+            hdr.write(&mut self.out[open.start..pkt_start]);
+        }
+        self.writes.push(TunWrite {
+            start: open.start,
+            end,
+            packets: open.packets,
+        });
+    }
+
+    /// Closes the batch: the bytes and the writes, in order.
+    pub fn finish(&mut self) -> (&[u8], &[TunWrite]) {
+        self.finish_open();
+        (&self.out, &self.writes)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::packet::checksum::checksum;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    /// Independent check of a segment: IPv4 header checksum and the L4
+    /// checksum over the pseudo-header verify.
+    pub(crate) fn verify(pkt: &[u8]) {
+        let info = ip_info(pkt).expect("valid IP");
+        if !info.v6 {
+            assert_eq!(checksum(&pkt[..info.l4_off]), 0, "IPv4 header checksum");
+        }
+        let l4_len = pkt.len() - info.l4_off;
+        let s = sum(
+            &pkt[info.l4_off..],
+            pseudo_header_sum(info.src, info.dst, info.protocol, l4_len),
+        );
+        assert_eq!(fold(s), 0, "L4 checksum");
+    }
+
+    fn addrs(v6: bool) -> (IpAddr, IpAddr) {
+        if v6 {
+            (
+                "2001:db8:19::1".parse::<Ipv6Addr>().unwrap().into(),
+                "2001:db8:19::2".parse::<Ipv6Addr>().unwrap().into(),
+            )
+        } else {
+            (
+                Ipv4Addr::new(198, 19, 0, 1).into(),
+                Ipv4Addr::new(198, 19, 0, 2).into(),
+            )
+        }
+    }
+
+    /// A TCP packet with `options` and `payload`, valid checksums.
+    pub(crate) fn tcp_packet(
+        v6: bool,
+        seq: u32,
+        flags: u8,
+        options: &[u8],
+        payload: &[u8],
+    ) -> Vec<u8> {
+        let ip_len = if v6 {
+            IPV6_HEADER_LEN
+        } else {
+            IPV4_MIN_HEADER_LEN
+        };
+        let thl = 20 + options.len();
+        assert_eq!(thl % 4, 0);
+        let total = ip_len + thl + payload.len();
+        let mut p = vec![0u8; total];
+        let (src, dst) = addrs(v6);
+        if v6 {
+            p[0] = 0x60;
+            p[4..6].copy_from_slice(&((total - 40) as u16).to_be_bytes());
+            p[6] = PROTO_TCP;
+            p[7] = 64;
+            if let (IpAddr::V6(s), IpAddr::V6(d)) = (src, dst) {
+                p[8..24].copy_from_slice(&s.octets());
+                p[24..40].copy_from_slice(&d.octets());
+            }
+        } else {
+            p[0] = 0x45;
+            p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+            p[4..6].copy_from_slice(&0x1234u16.to_be_bytes());
+            p[6] = 0x40;
+            p[8] = 64;
+            p[9] = PROTO_TCP;
+            if let (IpAddr::V4(s), IpAddr::V4(d)) = (src, dst) {
+                p[12..16].copy_from_slice(&s.octets());
+                p[16..20].copy_from_slice(&d.octets());
+            }
+        }
+        let l4 = ip_len;
+        p[l4..l4 + 2].copy_from_slice(&40000u16.to_be_bytes());
+        p[l4 + 2..l4 + 4].copy_from_slice(&5201u16.to_be_bytes());
+        p[l4 + 4..l4 + 8].copy_from_slice(&seq.to_be_bytes());
+        p[l4 + 8..l4 + 12].copy_from_slice(&777u32.to_be_bytes());
+        p[l4 + 12] = ((thl / 4) as u8) << 4;
+        p[l4 + 13] = flags;
+        p[l4 + 14..l4 + 16].copy_from_slice(&502u16.to_be_bytes());
+        p[l4 + 20..l4 + thl].copy_from_slice(options);
+        p[l4 + thl..].copy_from_slice(payload);
+        let info = ip_info(&p).unwrap();
+        if !v6 {
+            fix_ip_header(&mut p, false, total, l4, None);
+        }
+        fill_l4_checksum(&mut p, &info, l4 + 16);
+        p
+    }
+
+    fn udp_packet(v6: bool, payload: &[u8]) -> Vec<u8> {
+        let mut p = tcp_packet(v6, 0, TCP_ACK, &[], &[0u8; 0]);
+        let l4 = if v6 { 40 } else { 20 };
+        p.truncate(l4);
+        p.extend_from_slice(&[0x9c, 0x40, 0x14, 0x51, 0, 0, 0, 0]);
+        p.extend_from_slice(payload);
+        let total = p.len();
+        if v6 {
+            p[6] = PROTO_UDP;
+        } else {
+            p[9] = PROTO_UDP;
+        }
+        fix_ip_header(&mut p, v6, total, l4, None);
+        p[l4 + 4..l4 + 6].copy_from_slice(&((total - l4) as u16).to_be_bytes());
+        let info = ip_info(&p).unwrap();
+        fill_l4_checksum(&mut p, &info, l4 + 6);
+        p
+    }
+
+    fn data(n: usize) -> Vec<u8> {
+        (0..n).map(|i| (i * 31 + 7) as u8).collect()
+    }
+
+    /// A super-packet as a TUN with TSO hands it over: lengths for the whole
+    /// thing, the checksum field holding only the pseudo-header sum.
+    fn tso_super(
+        v6: bool,
+        options: &[u8],
+        payload: &[u8],
+        mss: u16,
+        flags: u8,
+    ) -> (VirtioNetHdr, Vec<u8>) {
+        let mut p = tcp_packet(v6, 1000, flags, options, payload);
+        let info = ip_info(&p).unwrap();
+        let l4 = info.l4_off;
+        let partial = fold_partial(pseudo_header_sum(
+            info.src,
+            info.dst,
+            PROTO_TCP,
+            p.len() - l4,
+        ));
+        p[l4 + 16..l4 + 18].copy_from_slice(&partial.to_be_bytes());
+        let hdr = VirtioNetHdr {
+            flags: virtio::F_NEEDS_CSUM,
+            gso_type: if v6 {
+                virtio::GSO_TCPV6
+            } else {
+                virtio::GSO_TCPV4
+            },
+            hdr_len: (l4 + 20 + options.len()) as u16,
+            gso_size: mss,
+            csum_start: l4 as u16,
+            csum_offset: 16,
+        };
+        (hdr, p)
+    }
+
+    fn segments(out: &[u8], s: &Segments) -> Vec<Vec<u8>> {
+        s.ranges().map(|r| out[r].to_vec()).collect()
+    }
+
+    #[test]
+    fn split_tcp_v4_and_v6() {
+        let timestamps = [1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2];
+        for v6 in [false, true] {
+            for options in [&[][..], &timestamps[..]] {
+                let payload = data(5000);
+                let (hdr, p) = tso_super(
+                    v6,
+                    options,
+                    &payload,
+                    1400,
+                    TCP_ACK | TCP_PSH | TCP_FIN | TCP_CWR,
+                );
+                let mut out = vec![0u8; 70000];
+                let s = split(&hdr, &p, 1500, &mut out).unwrap();
+                assert_eq!(s.count, 4);
+                let segs = segments(&out, &s);
+                let mut rebuilt = Vec::new();
+                let headers = if v6 { 40 } else { 20 } + 20 + options.len();
+                for (i, seg) in segs.iter().enumerate() {
+                    verify(seg);
+                    assert!(seg.len() <= 1500);
+                    let l4 = if v6 { 40 } else { 20 };
+                    let seq = u32::from_be_bytes(seg[l4 + 4..l4 + 8].try_into().unwrap());
+                    assert_eq!(seq, 1000 + 1400 * i as u32);
+                    let flags = seg[l4 + 13];
+                    assert_eq!(flags & TCP_FIN != 0, i == 3, "FIN only on the last");
+                    assert_eq!(flags & TCP_PSH != 0, i == 3, "PSH only on the last");
+                    assert_eq!(flags & TCP_CWR != 0, i == 0, "CWR only on the first");
+                    if !v6 {
+                        assert_eq!(u16::from_be_bytes([seg[4], seg[5]]), 0x1234 + i as u16);
+                    }
+                    assert_eq!(&seg[l4 + 20..l4 + 20 + options.len()], options);
+                    rebuilt.extend_from_slice(&seg[headers..]);
+                }
+                assert_eq!(segs[3].len(), headers + 5000 - 3 * 1400);
+                assert_eq!(rebuilt, payload);
+            }
+        }
+    }
+
+    #[test]
+    fn split_respects_mtu_over_gso_size() {
+        let (hdr, p) = tso_super(false, &[], &data(4000), 1460, TCP_ACK);
+        let mut out = vec![0u8; 70000];
+        let s = split(&hdr, &p, 1000, &mut out).unwrap();
+        assert_eq!(s.seg_len, 1000);
+        assert_eq!(s.count, 4000usize.div_ceil(960));
+        for seg in segments(&out, &s) {
+            verify(&seg);
+        }
+    }
+
+    #[test]
+    fn split_udp_l4() {
+        for v6 in [false, true] {
+            let p = udp_packet(v6, &data(3000));
+            let l4 = if v6 { 40 } else { 20 };
+            let hdr = VirtioNetHdr {
+                flags: virtio::F_NEEDS_CSUM,
+                gso_type: virtio::GSO_UDP_L4,
+                hdr_len: (l4 + 8) as u16,
+                gso_size: 1200,
+                csum_start: l4 as u16,
+                csum_offset: 6,
+            };
+            let mut out = vec![0u8; 70000];
+            let s = split(&hdr, &p, 1500, &mut out).unwrap();
+            assert_eq!(s.count, 3);
+            let mut rebuilt = Vec::new();
+            for seg in segments(&out, &s) {
+                verify(&seg);
+                assert_eq!(
+                    usize::from(u16::from_be_bytes([seg[l4 + 4], seg[l4 + 5]])),
+                    seg.len() - l4
+                );
+                rebuilt.extend_from_slice(&seg[l4 + 8..]);
+            }
+            assert_eq!(rebuilt, data(3000));
+        }
+    }
+
+    #[test]
+    fn completes_partial_checksum_of_single_packet() {
+        let mut p = tcp_packet(false, 5, TCP_ACK, &[], &data(333));
+        let info = ip_info(&p).unwrap();
+        let partial = fold_partial(pseudo_header_sum(
+            info.src,
+            info.dst,
+            PROTO_TCP,
+            p.len() - 20,
+        ));
+        p[36..38].copy_from_slice(&partial.to_be_bytes());
+        let hdr = VirtioNetHdr {
+            flags: virtio::F_NEEDS_CSUM,
+            csum_start: 20,
+            csum_offset: 16,
+            ..Default::default()
+        };
+        let mut out = vec![0u8; 2000];
+        let s = split(&hdr, &p, 1500, &mut out).unwrap();
+        assert_eq!(s.count, 1);
+        verify(&out[..s.last_len]);
+        // Bad offsets are refused, not trusted.
+        let bad = VirtioNetHdr {
+            csum_start: 5000,
+            ..hdr
+        };
+        assert!(split(&bad, &p, 1500, &mut out).is_err());
+    }
+
+    #[test]
+    fn split_rejects_mismatches() {
+        let (mut hdr, p) = tso_super(false, &[], &data(3000), 1400, TCP_ACK);
+        let mut out = vec![0u8; 70000];
+        hdr.gso_type = virtio::GSO_TCPV6;
+        assert!(split(&hdr, &p, 1500, &mut out).is_err());
+        hdr.gso_type = virtio::GSO_UDP;
+        assert_eq!(
+            split(&hdr, &p, 1500, &mut out),
+            Err(OffloadError::Unsupported("UFO (IP fragmentation)"))
+        );
+        hdr.gso_type = virtio::GSO_TCPV4;
+        assert_eq!(
+            split(&hdr, &p, 1500, &mut out[..100]),
+            Err(OffloadError::NoRoom)
+        );
+        assert_eq!(split(&hdr, &p, 40, &mut out), Err(OffloadError::TooBig));
+        assert!(split(&hdr, &p[..30], 1500, &mut out).is_err());
+    }
+
+    #[test]
+    fn coalesce_roundtrips_split() {
+        for v6 in [false, true] {
+            let payload = data(20000);
+            let (hdr, p) = tso_super(v6, &[], &payload, 1400, TCP_ACK | TCP_PSH);
+            let mut out = vec![0u8; 70000];
+            let s = split(&hdr, &p, 1500, &mut out).unwrap();
+            let mut c = Coalescer::new();
+            for seg in segments(&out, &s) {
+                c.push(&seg);
+            }
+            let (bytes, writes) = c.finish();
+            assert_eq!(writes.len(), 1, "{writes:?}");
+            assert_eq!(writes[0].packets, s.count);
+            let w = &bytes[writes[0].start..writes[0].end];
+            let h = VirtioNetHdr::parse(w).unwrap();
+            assert_eq!(h.gso_size, 1400);
+            assert_eq!(h.flags, virtio::F_NEEDS_CSUM);
+            // Splitting the coalesced packet gives the same segments back.
+            let mut again = vec![0u8; 70000];
+            let s2 = split(&h, &w[virtio::LEN..], 1500, &mut again).unwrap();
+            assert_eq!(s2, s);
+            assert_eq!(&again[..s2.total_len()], &out[..s.total_len()]);
+        }
+    }
+
+    #[test]
+    fn must_not_coalesce() {
+        let seg = |seq: u32, flags: u8, len: usize| tcp_packet(false, seq, flags, &[], &data(len));
+        // (what, packets pushed, packets per resulting write)
+        type Case = (&'static str, Vec<Vec<u8>>, Vec<usize>);
+        let cases: Vec<Case> = vec![
+            (
+                "gap in sequence",
+                vec![seg(0, TCP_ACK, 100), seg(200, TCP_ACK, 100)],
+                vec![1, 1],
+            ),
+            (
+                "PSH closes",
+                vec![seg(0, TCP_ACK | TCP_PSH, 100), seg(100, TCP_ACK, 100)],
+                vec![1, 1],
+            ),
+            (
+                "FIN",
+                vec![seg(0, TCP_ACK, 100), seg(100, TCP_ACK | TCP_FIN, 100)],
+                vec![1, 1],
+            ),
+            (
+                "RST",
+                vec![seg(0, TCP_ACK, 100), seg(100, TCP_RST | TCP_ACK, 100)],
+                vec![1, 1],
+            ),
+            (
+                "SYN",
+                vec![seg(0, TCP_SYN, 0), seg(1, TCP_ACK, 100)],
+                vec![1, 1],
+            ),
+            (
+                "bigger after smaller",
+                vec![seg(0, TCP_ACK, 100), seg(100, TCP_ACK, 200)],
+                vec![1, 1],
+            ),
+            (
+                "short closes",
+                vec![
+                    seg(0, TCP_ACK, 100),
+                    seg(100, TCP_ACK, 50),
+                    seg(150, TCP_ACK, 50),
+                ],
+                vec![2, 1],
+            ),
+            (
+                "pure ACKs",
+                vec![seg(0, TCP_ACK, 0), seg(0, TCP_ACK, 0)],
+                vec![1, 1],
+            ),
+            (
+                "three join",
+                vec![
+                    seg(0, TCP_ACK, 100),
+                    seg(100, TCP_ACK, 100),
+                    seg(200, TCP_ACK | TCP_PSH, 100),
+                ],
+                vec![3],
+            ),
+        ];
+        for (what, pkts, want) in cases {
+            let mut c = Coalescer::new();
+            for p in &pkts {
+                c.push(p);
+            }
+            let (_, writes) = c.finish();
+            let got: Vec<usize> = writes.iter().map(|w| w.packets).collect();
+            assert_eq!(got, want, "{what}");
+        }
+        // Different flow (other port), IP options, different ack.
+        let a = seg(0, TCP_ACK, 100);
+        let mut b = seg(100, TCP_ACK, 100);
+        b[20] = 1;
+        let mut d = seg(100, TCP_ACK, 100);
+        d[28..32].copy_from_slice(&9u32.to_be_bytes());
+        let mut opt = tcp_packet(false, 100, TCP_ACK, &[], &data(100));
+        opt.splice(20..20, [1u8, 1, 1, 0]);
+        opt[0] = 0x46;
+        let n = opt.len() as u16;
+        opt[2..4].copy_from_slice(&n.to_be_bytes());
+        for (what, second) in [("other port", b), ("other ack", d), ("IP options", opt)] {
+            let mut c = Coalescer::new();
+            c.push(&a);
+            c.push(&second);
+            let (_, writes) = c.finish();
+            assert_eq!(writes.len(), 2, "{what}");
+        }
+    }
+
+    #[test]
+    fn non_tcp_passes_through_in_order() {
+        let u = udp_packet(false, &data(10));
+        let t1 = tcp_packet(false, 0, TCP_ACK, &[], &data(100));
+        let t2 = tcp_packet(false, 100, TCP_ACK, &[], &data(100));
+        let mut c = Coalescer::new();
+        c.push(&t1);
+        c.push(&u);
+        c.push(&t2);
+        let (bytes, writes) = c.finish();
+        assert_eq!(
+            writes.len(),
+            3,
+            "the UDP packet splits the flow: no reordering"
+        );
+        for (w, orig) in writes.iter().zip([&t1, &u, &t2]) {
+            let body = &bytes[w.start + virtio::LEN..w.end];
+            assert_eq!(body, &orig[..]);
+            assert_eq!(
+                VirtioNetHdr::parse(&bytes[w.start..]).unwrap(),
+                VirtioNetHdr::default()
+            );
+        }
+    }
+}
+
+/// Bounded property tests (fuzzing with shrinking): `PROPTEST_CASES`
+/// raises the count for a longer run.
+#[cfg(test)]
+mod props {
+    use super::tests::{tcp_packet, verify};
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Any bytes under any header: split never panics, and every
+        /// segment it emits for a GSO type fits the MTU and verifies.
+        #[test]
+        fn split_arbitrary_input(
+            bytes in proptest::collection::vec(any::<u8>(), 0..3000),
+            hdr_bytes in proptest::array::uniform10(any::<u8>()),
+            mtu in 60usize..2000,
+        ) {
+            let hdr = VirtioNetHdr::parse(&hdr_bytes).unwrap();
+            let mut out = vec![0u8; 70000];
+            if let Ok(s) = split(&hdr, &bytes, mtu, &mut out) {
+                prop_assert!(s.last_len <= s.seg_len);
+                if hdr.gso_kind() != virtio::GSO_NONE {
+                    for r in s.ranges() {
+                        prop_assert!(r.len() <= mtu);
+                        verify(&out[r]);
+                    }
+                }
+            }
+        }
+
+        /// A valid TSO super-packet: split yields MTU-sized, valid segments
+        /// whose payload is the original, and coalescing them gives back one
+        /// super-packet that splits into the same segments.
+        #[test]
+        fn split_then_coalesce_roundtrip(
+            v6 in any::<bool>(),
+            ts in any::<bool>(),
+            len in 1usize..30000,
+            mss in 100u16..1500,
+            mtu in 600usize..1600,
+            seq in any::<u32>(),
+        ) {
+            let options: &[u8] = if ts { &[1, 1, 8, 10, 0, 0, 0, 9, 0, 0, 0, 7] } else { &[] };
+            let payload: Vec<u8> = (0..len).map(|i| (i * 13) as u8).collect();
+            let mut p = tcp_packet(v6, seq, 0x10, options, &payload);
+            let l4 = if v6 { 40 } else { 20 };
+            let info = ip_info(&p).unwrap();
+            let partial = fold_partial(pseudo_header_sum(info.src, info.dst, 6, p.len() - l4));
+            p[l4 + 16..l4 + 18].copy_from_slice(&partial.to_be_bytes());
+            let hdr = VirtioNetHdr {
+                flags: virtio::F_NEEDS_CSUM,
+                gso_type: if v6 { virtio::GSO_TCPV6 } else { virtio::GSO_TCPV4 },
+                hdr_len: (l4 + 20 + options.len()) as u16,
+                gso_size: mss,
+                csum_start: l4 as u16,
+                csum_offset: 16,
+            };
+            let mut out = vec![0u8; 70000];
+            let s = split(&hdr, &p, mtu, &mut out).unwrap();
+            let headers = l4 + 20 + options.len();
+            let mut rebuilt = Vec::new();
+            for r in s.ranges() {
+                prop_assert!(r.len() <= mtu);
+                verify(&out[r.clone()]);
+                rebuilt.extend_from_slice(&out[r.start + headers..r.end]);
+            }
+            prop_assert_eq!(&rebuilt, &payload);
+
+            let mut c = Coalescer::new();
+            for r in s.ranges() {
+                c.push(&out[r]);
+            }
+            let (bytes, writes) = c.finish();
+            prop_assert_eq!(writes.len(), 1);
+            let w = writes[0];
+            let h = VirtioNetHdr::parse(&bytes[w.start..]).unwrap();
+            let mut again = vec![0u8; 70000];
+            let s2 = split(&h, &bytes[w.start + virtio::LEN..w.end], mtu, &mut again).unwrap();
+            prop_assert_eq!(s2, s);
+            prop_assert_eq!(&again[..s2.total_len()], &out[..s.total_len()]);
+        }
+
+        /// Arbitrary packets into the coalescer: no panic, every packet is
+        /// accounted for exactly once, writes are in order and contiguous.
+        #[test]
+        fn coalescer_arbitrary_packets(
+            pkts in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..200), 0..20),
+            seqs in proptest::collection::vec(0u32..4, 0..20),
+        ) {
+            let mut c = Coalescer::new();
+            let mut pushed = 0;
+            for (i, p) in pkts.iter().enumerate() {
+                c.push(p);
+                pushed += 1;
+                // Interleave valid 100-byte segments whose sequence numbers
+                // sometimes line up, so joins happen too.
+                if let Some(&s) = seqs.get(i) {
+                    c.push(&tcp_packet(false, s * 100, 0x10, &[], &[p.len() as u8; 100]));
+                    pushed += 1;
+                }
+            }
+            let (bytes, writes) = c.finish();
+            let total: usize = writes.iter().map(|w| w.packets).sum();
+            prop_assert_eq!(total, pushed);
+            let mut at = 0;
+            for w in writes {
+                prop_assert_eq!(w.start, at);
+                prop_assert!(w.end > w.start + virtio::LEN - 1);
+                at = w.end;
+            }
+            prop_assert_eq!(at, bytes.len());
+        }
+    }
+}
