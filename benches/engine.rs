@@ -59,6 +59,7 @@ fn bench(c: &mut Criterion) {
             busy_poll: false,
             stats: Arc::new(WorkerStats::default()),
             shutdown: shutdown.clone(),
+            offload: None,
         };
         let handle = std::thread::spawn(move || worker.run());
         let mut kernel = File::from(kernel_end);

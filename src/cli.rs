@@ -192,6 +192,14 @@ struct TunnelArgs {
     #[arg(long)]
     busy_poll: bool,
 
+    /// Offloads: the TUN device hands over TCP/UDP super-packets (TSO, USO)
+    /// that tunfwd cuts into MTU-sized packets and sends with UDP GSO; UDP
+    /// GRO on receive, and TCP segments coalesced before the TUN write.
+    /// Datagrams on the wire stay one IP packet each. auto: on where the
+    /// engine supports it (poll; not yet uring).
+    #[arg(long, value_enum, default_value = "auto", value_name = "on|off|auto")]
+    offload: ToggleArg,
+
     /// UDP socket send buffer in bytes (default: the kernel's).
     #[arg(long, value_name = "BYTES")]
     sndbuf: Option<usize>,
@@ -283,6 +291,7 @@ impl TunnelArgs {
                 EngineArg::Poll => EngineKind::Poll,
             },
             cpus: self.cpus,
+            offload: self.offload.into(),
             busy_poll: self.busy_poll,
             sndbuf: self.sndbuf,
             rcvbuf: self.rcvbuf,

@@ -223,6 +223,8 @@ pub struct TunnelConfig {
     pub sndbuf: Option<usize>,
     pub rcvbuf: Option<usize>,
     pub uring: UringFlags,
+    /// TSO/USO on the TUN device, UDP GSO/GRO on the socket.
+    pub offload: Toggle,
 }
 
 impl TunnelConfig {
@@ -354,6 +356,7 @@ mod tests {
             sndbuf: None,
             rcvbuf: None,
             uring: UringFlags::default(),
+            offload: Toggle::Auto,
         }
     }
 

@@ -43,10 +43,13 @@ pub enum DropReason {
     SendFailed,
     /// The TUN write failed with an error other than "try again".
     TunWriteFailed,
+    /// A TUN super-packet that could not be segmented (bad virtio-net
+    /// header or layout).
+    BadOffload,
 }
 
 impl DropReason {
-    pub const COUNT: usize = 9;
+    pub const COUNT: usize = 10;
     pub const ALL: [DropReason; DropReason::COUNT] = [
         DropReason::Empty,
         DropReason::Truncated,
@@ -57,6 +60,7 @@ impl DropReason {
         DropReason::NotFromPeer,
         DropReason::SendFailed,
         DropReason::TunWriteFailed,
+        DropReason::BadOffload,
     ];
 
     /// Stable snake_case name used in stats output.
@@ -71,6 +75,7 @@ impl DropReason {
             DropReason::NotFromPeer => "not_from_peer",
             DropReason::SendFailed => "send_failed",
             DropReason::TunWriteFailed => "tun_write_failed",
+            DropReason::BadOffload => "bad_offload",
         }
     }
 

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use crossbeam::channel::{self, Receiver};
 use nix::sys::signal::{SigSet, Signal};
 
-use crate::config::{CpuPlan, EngineKind, TunnelConfig};
+use crate::config::{CpuPlan, EngineKind, Toggle, TunnelConfig};
 use crate::device::{TunDevice, TunOptions};
 use crate::engine::Shutdown;
 use crate::engine::poll::PollWorker;
@@ -167,6 +167,23 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
     }
 
     let engine = choose_engine(cfg)?;
+    let offload = match (cfg.offload, &engine) {
+        (Toggle::Off, _) => false,
+        (_, Engine::Poll) => true,
+        #[cfg(target_os = "linux")]
+        (Toggle::On, Engine::Uring(_)) => {
+            return Err(Error::config(
+                "--offload on: the uring engine does not support offloads yet; use --engine poll",
+            ));
+        }
+        #[cfg(target_os = "linux")]
+        (_, Engine::Uring(_)) => {
+            crate::info!(
+                "offload: not yet supported by the uring engine: off (the poll engine has it)"
+            );
+            false
+        }
+    };
     let cpus = worker_cpus(&cfg.cpus, cfg.queues)?;
 
     // Sockets first: a port in use fails before a device is created.
@@ -190,6 +207,15 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
         sock.set_nonblocking(matches!(engine, Engine::Poll))
             .map_err(|e| Error::io(format!("set blocking mode of UDP socket {addr}"), e))?;
         set_socket_buffers(&sock, addr, cfg.sndbuf, cfg.rcvbuf)?;
+        if offload {
+            if let Err(e) =
+                nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::UdpGroSegment, &true)
+            {
+                crate::info!(
+                    "offload: UDP GRO unavailable on {addr} ({e}): one datagram per receive"
+                );
+            }
+        }
         sockets.push(sock);
     }
 
@@ -197,6 +223,7 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
         name: &cfg.dev,
         queues: cfg.queues,
         attach: cfg.attach,
+        vnet_hdr: offload,
     })?;
     let dev_name = device.name().to_string();
     let created = device.created();
@@ -206,6 +233,14 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
         None
     });
     device.configure(cfg.mtu, &cfg.addresses, txqueuelen)?;
+    if offload {
+        let got = device.enable_offloads()?;
+        crate::info!(
+            "offload: TSO {}, USO {}, UDP GSO/GRO on",
+            if got.tso { "on" } else { "off" },
+            if got.uso { "on" } else { "off (Linux 6.2+)" }
+        );
+    }
     let queues = device.into_queues();
 
     let shutdown = Arc::new(Shutdown::new()?);
@@ -259,6 +294,10 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
                                 busy_poll,
                                 stats,
                                 shutdown,
+                                offload: offload.then(|| crate::engine::poll::PollOffload {
+                                    gso: std::cell::Cell::new(true),
+                                    gro: true,
+                                }),
                             };
                             Box::new(move || w.run())
                         }

@@ -81,6 +81,15 @@ pub struct WorkerStats {
     pub io_errors: Counter,
     /// Times a read found no free buffer in the worker's pool.
     pub pool_exhausted: Counter,
+    /// UDP GSO sends and the datagrams they carried.
+    pub gso_sends: Counter,
+    pub gso_segments: Counter,
+    /// Receives that returned GRO-coalesced datagrams, and how many.
+    pub gro_receives: Counter,
+    pub gro_datagrams: Counter,
+    /// TUN writes with a virtio-net header, and the packets they carried.
+    pub vnet_writes: Counter,
+    pub vnet_write_packets: Counter,
 }
 
 impl WorkerStats {
@@ -92,6 +101,12 @@ impl WorkerStats {
             waits: self.waits.get(),
             io_errors: self.io_errors.get(),
             pool_exhausted: self.pool_exhausted.get(),
+            gso_sends: self.gso_sends.get(),
+            gso_segments: self.gso_segments.get(),
+            gro_receives: self.gro_receives.get(),
+            gro_datagrams: self.gro_datagrams.get(),
+            vnet_writes: self.vnet_writes.get(),
+            vnet_write_packets: self.vnet_write_packets.get(),
         }
     }
 }
@@ -133,6 +148,12 @@ pub struct WorkerSnapshot {
     pub waits: u64,
     pub io_errors: u64,
     pub pool_exhausted: u64,
+    pub gso_sends: u64,
+    pub gso_segments: u64,
+    pub gro_receives: u64,
+    pub gro_datagrams: u64,
+    pub vnet_writes: u64,
+    pub vnet_write_packets: u64,
 }
 
 impl WorkerSnapshot {
@@ -145,6 +166,12 @@ impl WorkerSnapshot {
             total.waits += s.waits;
             total.io_errors += s.io_errors;
             total.pool_exhausted += s.pool_exhausted;
+            total.gso_sends += s.gso_sends;
+            total.gso_segments += s.gso_segments;
+            total.gro_receives += s.gro_receives;
+            total.gro_datagrams += s.gro_datagrams;
+            total.vnet_writes += s.vnet_writes;
+            total.vnet_write_packets += s.vnet_write_packets;
         }
         total
     }
@@ -200,6 +227,20 @@ impl fmt::Display for WorkerSnapshot {
             " | syscalls={} syscalls_per_packet={per_packet:.2} waits={} io_errors={} pool_exhausted={}",
             self.syscalls, self.waits, self.io_errors, self.pool_exhausted
         );
+        let ratio = |a: u64, b: u64| if b > 0 { a as f64 / b as f64 } else { 0.0 };
+        if self.gso_sends + self.gro_receives + self.vnet_writes > 0 {
+            let _ = write!(
+                s,
+                " | gso_sends={} segments_per_send={:.2} gro_receives={} datagrams_per_receive={:.2} \
+                 vnet_writes={} packets_per_tun_write={:.2}",
+                self.gso_sends,
+                ratio(self.gso_segments, self.gso_sends),
+                self.gro_receives,
+                ratio(self.gro_datagrams, self.gro_receives),
+                self.vnet_writes,
+                ratio(self.vnet_write_packets, self.vnet_writes),
+            );
+        }
         f.write_str(&s)
     }
 }

@@ -59,6 +59,7 @@ impl Harness {
             busy_poll: false,
             stats: stats.clone(),
             shutdown: shutdown.clone(),
+            offload: None,
         };
         let handle = std::thread::spawn(move || worker.run());
         let kernel = File::from(kernel_end);

@@ -31,6 +31,17 @@ pub struct TunOptions<'a> {
     /// Require that the device exists already (a persistent device made with
     /// `ip tuntap add ... multi_queue`); never create one.
     pub attach: bool,
+    /// Open with `IFF_VNET_HDR`: every packet carries a virtio-net header.
+    pub vnet_hdr: bool,
+}
+
+/// Offloads the TUN device accepted (`TUNSETOFFLOAD`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TunOffloads {
+    /// Checksum offload and TCP segmentation (TSO4, TSO6).
+    pub tso: bool,
+    /// UDP segmentation (USO4, USO6; Linux 6.2+).
+    pub uso: bool,
 }
 
 /// An open TUN device: its name and one nonblocking file per queue.
@@ -62,6 +73,9 @@ impl TunDevice {
         }
 
         let mut flags = libc::IFF_TUN | libc::IFF_NO_PI | libc::IFF_MULTI_QUEUE;
+        if opts.vnet_hdr {
+            flags |= libc::IFF_VNET_HDR;
+        }
         let mut name = opts.name.to_string();
         let mut queues = Vec::with_capacity(opts.queues);
         for q in 0..opts.queues {
@@ -110,6 +124,34 @@ impl TunDevice {
             name,
             queues,
             created: !existed,
+        })
+    }
+
+    /// Sets the virtio-net header size and enables as many offloads as the
+    /// kernel accepts: checksum + TSO4/6 (+ TSO_ECN), and USO4/6 where
+    /// available. Only for devices opened with `vnet_hdr`.
+    pub fn enable_offloads(&self) -> Result<TunOffloads> {
+        let name = &self.name;
+        let Some(q0) = self.queues.first() else {
+            return Ok(TunOffloads::default());
+        };
+        for (i, q) in self.queues.iter().enumerate() {
+            sys::tun_set_vnet_hdr_sz(q.as_fd(), crate::packet::virtio::LEN as i32)
+                .context(|| format!("set virtio-net header size on queue {i} of {name}"))?;
+        }
+        let tso = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6 | libc::TUN_F_TSO_ECN;
+        let uso = libc::TUN_F_USO4 | libc::TUN_F_USO6;
+        if sys::tun_set_offload(q0.as_fd(), tso | uso).is_ok() {
+            return Ok(TunOffloads {
+                tso: true,
+                uso: true,
+            });
+        }
+        sys::tun_set_offload(q0.as_fd(), tso)
+            .context(|| format!("enable TSO on {name} (TUNSETOFFLOAD)"))?;
+        Ok(TunOffloads {
+            tso: true,
+            uso: false,
         })
     }
 

@@ -8,4 +8,4 @@
 #[cfg(target_os = "linux")]
 mod linux;
 #[cfg(target_os = "linux")]
-pub use linux::{TunDevice, TunOptions, check_name, configure_link, interface_index};
+pub use linux::{TunDevice, TunOffloads, TunOptions, check_name, configure_link, interface_index};

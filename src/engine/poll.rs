@@ -9,7 +9,7 @@
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, UdpSocket};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
 
 use nix::errno::Errno;
@@ -18,10 +18,14 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use crate::engine::{Shutdown, is_fatal_tun_error, send_addr};
 use crate::error::{Error, Result};
 use crate::forward::{Decision, DropReason, Forwarder};
+use crate::packet::offload::{self, Coalescer};
+use crate::packet::virtio::{self, VirtioNetHdr};
 use crate::stats::WorkerStats;
 
-/// Largest packet a read may return: the largest IP packet.
-const BUF_LEN: usize = 65536;
+/// Largest read: the largest IP packet plus a virtio-net header.
+const BUF_LEN: usize = 65536 + virtio::LEN;
+/// Room for a super-packet cut into segments (headers repeated).
+const SPLIT_LEN: usize = 2 * 65536;
 
 /// One worker: a TUN queue, a UDP socket, and the policy between them.
 pub struct PollWorker {
@@ -36,7 +40,33 @@ pub struct PollWorker {
     pub busy_poll: bool,
     pub stats: Arc<WorkerStats>,
     pub shutdown: Arc<Shutdown>,
+    /// Set when the TUN queue carries virtio-net headers (`--offload`).
+    pub offload: Option<PollOffload>,
 }
+
+/// Offload state of a poll worker.
+#[derive(Debug)]
+pub struct PollOffload {
+    /// Send segmented super-packets with UDP GSO; cleared (once, said in a
+    /// log line) if the kernel refuses it.
+    pub gso: std::cell::Cell<bool>,
+    /// The socket has UDP_GRO on: receives may hold several datagrams.
+    pub gro: bool,
+}
+
+/// Datagrams waiting for room in the socket: bytes `start..len` of the
+/// buffer, cut every `seg`.
+#[derive(Clone, Copy, Debug)]
+struct Held {
+    start: usize,
+    len: usize,
+    seg: usize,
+}
+
+/// Most datagrams one UDP GSO send may carry (the kernel's UDP_MAX_SEGMENTS
+/// on older kernels), and most bytes (one UDP payload).
+const GSO_MAX_SEGMENTS: usize = 64;
+const GSO_MAX_BYTES: usize = 65507;
 
 /// Outcome of trying to hand one packet to its destination.
 enum Push {
@@ -50,8 +80,13 @@ impl PollWorker {
     pub fn run(self) -> Result<()> {
         let mut to_peer_buf = vec![0u8; BUF_LEN];
         let mut to_tun_buf = vec![0u8; BUF_LEN];
-        // Length of a packet held in the buffer because its destination was full.
-        let mut to_peer_pending: Option<usize> = None;
+        let offloading = self.offload.is_some();
+        let mut split_buf = vec![0u8; if offloading { SPLIT_LEN } else { 0 }];
+        let mut coalescer = Coalescer::new();
+        // Data held because its destination was full: datagrams in
+        // to_peer_buf (or split_buf when offloading); a packet in to_tun_buf
+        // (or, offloading, the index of the next coalesced TUN write).
+        let mut to_peer_pending: Option<Held> = None;
         let mut to_tun_pending: Option<usize> = None;
         let peer = send_addr(
             self.udp.local_addr().map_err(|e| {
@@ -112,22 +147,47 @@ impl PollWorker {
             }
 
             // Retry what the destinations refused last time.
-            if let (Some(len), true) = (to_peer_pending, udp_out) {
-                if let Push::Done = self.push_to_peer(&to_peer_buf[..len], peer) {
-                    to_peer_pending = None;
-                }
+            if let (Some(held), true) = (to_peer_pending, udp_out) {
+                let data = if offloading {
+                    &split_buf[held.start..held.len]
+                } else {
+                    &to_peer_buf[held.start..held.len]
+                };
+                to_peer_pending = match self.push_datagrams(data, held.seg, peer) {
+                    (Push::Done, _) => None,
+                    (Push::Full, sent) => Some(Held {
+                        start: held.start + sent,
+                        ..held
+                    }),
+                };
             }
-            if let (Some(len), true) = (to_tun_pending, tun_out) {
-                if let Push::Done = self.push_to_tun(&to_tun_buf[..len])? {
-                    to_tun_pending = None;
-                }
+            if let (Some(at), true) = (to_tun_pending, tun_out) {
+                to_tun_pending = if offloading {
+                    self.flush_tun_writes(&mut coalescer, at)?
+                } else if let Push::Done = self.push_to_tun(&to_tun_buf[..at])? {
+                    None
+                } else {
+                    Some(at)
+                };
             }
 
             if tun_in && to_peer_pending.is_none() {
-                to_peer_pending = self.drain_tun(&mut to_peer_buf, peer)?;
+                to_peer_pending = if offloading {
+                    self.drain_tun_offload(&mut to_peer_buf, &mut split_buf, peer)?
+                } else {
+                    self.drain_tun(&mut to_peer_buf, peer)?.map(|len| Held {
+                        start: 0,
+                        len,
+                        seg: len,
+                    })
+                };
             }
             if udp_in && to_tun_pending.is_none() {
-                to_tun_pending = self.drain_udp(&mut to_tun_buf)?;
+                to_tun_pending = if offloading {
+                    self.drain_udp_gro(&mut to_tun_buf, &mut coalescer)?
+                } else {
+                    self.drain_udp(&mut to_tun_buf)?
+                };
             }
         }
         Ok(())
@@ -209,6 +269,247 @@ impl PollWorker {
         Ok(None)
     }
 
+    /// Offload mode: reads up to `batch` packets (each with a virtio-net
+    /// header) and sends them, super-packets cut into segments and sent with
+    /// one UDP GSO send. Returns what is held if the socket filled.
+    fn drain_tun_offload(
+        &self,
+        buf: &mut [u8],
+        split_buf: &mut [u8],
+        peer: SocketAddr,
+    ) -> Result<Option<Held>> {
+        let stats = &self.stats;
+        for _ in 0..self.batch {
+            stats.syscalls.add(1);
+            let n = match (&self.tun).read(buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Error::io(format!("read from {}", self.label), e)),
+            };
+            let Some(hdr) = VirtioNetHdr::parse(&buf[..n]) else {
+                stats.tun_to_peer.drop(DropReason::Truncated);
+                continue;
+            };
+            let pkt = &buf[virtio::LEN..n];
+            let segs = match offload::split(&hdr, pkt, self.forwarder.mtu(), split_buf) {
+                Ok(s) => s,
+                Err(_) => {
+                    stats.tun_to_peer.drop(DropReason::BadOffload);
+                    continue;
+                }
+            };
+            let data = &split_buf[..segs.total_len()];
+            if segs.count == 1 {
+                // An ordinary packet: the same checks as without offload.
+                if let Decision::Drop(r) = self.forwarder.handle_from_tun(data) {
+                    stats.tun_to_peer.drop(r);
+                    continue;
+                }
+            }
+            if let (Push::Full, sent) = self.push_datagrams(data, segs.seg_len, peer) {
+                stats.tun_to_peer.backpressure.add(1);
+                return Ok(Some(Held {
+                    start: sent,
+                    len: segs.total_len(),
+                    seg: segs.seg_len,
+                }));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Sends `data` as datagrams of `seg` bytes (the last may be shorter):
+    /// plain sends, UDP GSO sends of up to 64 datagrams, or, if the kernel
+    /// refused GSO, one send per datagram. Returns Full and the bytes already
+    /// sent if the socket filled up.
+    fn push_datagrams(&self, data: &[u8], seg: usize, peer: SocketAddr) -> (Push, usize) {
+        let stats = &self.stats;
+        let seg = seg.max(1);
+        let per_send = GSO_MAX_SEGMENTS.min(GSO_MAX_BYTES / seg).max(1) * seg;
+        let mut sent = 0;
+        while sent < data.len() {
+            let gso = self.offload.as_ref().is_some_and(|o| o.gso.get());
+            let chunk_len = if gso { per_send } else { seg };
+            let chunk = &data[sent..data.len().min(sent + chunk_len)];
+            let r = if chunk.len() <= seg {
+                self.push_to_peer(chunk, peer)
+            } else {
+                match self.send_gso(chunk, seg, peer) {
+                    Some(p) => p,
+                    None => continue, // GSO just turned off: resend this chunk plainly
+                }
+            };
+            match r {
+                Push::Done => sent += chunk.len(),
+                Push::Full => return (Push::Full, sent),
+            }
+        }
+        let _ = stats;
+        (Push::Done, sent)
+    }
+
+    /// One UDP GSO send of `chunk` (datagrams of `seg` bytes). None if the
+    /// kernel refused GSO: it is then off for this worker (one log line).
+    fn send_gso(&self, chunk: &[u8], seg: usize, peer: SocketAddr) -> Option<Push> {
+        use nix::sys::socket::{ControlMessage, MsgFlags, SockaddrStorage, sendmsg};
+        let stats = &self.stats;
+        let count = chunk.len().div_ceil(seg);
+        let seg16 = seg as u16;
+        let addr = SockaddrStorage::from(peer);
+        loop {
+            stats.syscalls.add(1);
+            let r = sendmsg(
+                self.udp.as_raw_fd(),
+                &[io::IoSlice::new(chunk)],
+                &[ControlMessage::UdpGsoSegments(&seg16)],
+                MsgFlags::empty(),
+                Some(&addr),
+            );
+            return match r {
+                Ok(_) => {
+                    stats.gso_sends.add(1);
+                    stats.gso_segments.add(count as u64);
+                    stats.tun_to_peer.packets.add(count as u64);
+                    stats.tun_to_peer.bytes.add(chunk.len() as u64);
+                    Some(Push::Done)
+                }
+                Err(Errno::EAGAIN) => Some(Push::Full),
+                Err(Errno::EINTR) => continue,
+                // The kernel or device refuses segmentation offload.
+                Err(e @ (Errno::EIO | Errno::EINVAL | Errno::EOPNOTSUPP | Errno::ENOPROTOOPT)) => {
+                    if let Some(o) = &self.offload {
+                        o.gso.set(false);
+                    }
+                    crate::info!(
+                        "{}: UDP GSO refused ({e}): sending datagrams one by one",
+                        self.label
+                    );
+                    None
+                }
+                // Unreachable peer and the like: these datagrams are lost.
+                Err(_) => {
+                    for _ in 0..count {
+                        stats.tun_to_peer.drop(DropReason::SendFailed);
+                    }
+                    Some(Push::Done)
+                }
+            };
+        }
+    }
+
+    /// Offload mode: receives up to `batch` times (with GRO, each receive
+    /// may hold many datagrams), coalesces accepted TCP segments and writes
+    /// them to the TUN queue with virtio-net headers. Returns the index of
+    /// the next write if the TUN queue was full.
+    fn drain_udp_gro(&self, buf: &mut [u8], coalescer: &mut Coalescer) -> Result<Option<usize>> {
+        use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg};
+        let stats = &self.stats;
+        let mut cmsg = nix::cmsg_space!(i32);
+        for _ in 0..self.batch {
+            stats.syscalls.add(1);
+            let (n, src, seg) = {
+                let mut iov = [io::IoSliceMut::new(&mut buf[..])];
+                match recvmsg::<SockaddrStorage>(
+                    self.udp.as_raw_fd(),
+                    &mut iov,
+                    Some(&mut cmsg),
+                    MsgFlags::empty(),
+                ) {
+                    Ok(m) => {
+                        let seg = m.cmsgs().ok().and_then(|mut c| {
+                            c.find_map(|c| match c {
+                                ControlMessageOwned::UdpGroSegments(s) => Some(s as usize),
+                                _ => None,
+                            })
+                        });
+                        let src = m.address.and_then(|a| {
+                            a.as_sockaddr_in()
+                                .map(|v4| SocketAddr::from(std::net::SocketAddrV4::from(*v4)))
+                                .or_else(|| {
+                                    a.as_sockaddr_in6().map(|v6| {
+                                        SocketAddr::from(std::net::SocketAddrV6::from(*v6))
+                                    })
+                                })
+                        });
+                        (m.bytes, src, seg)
+                    }
+                    Err(Errno::EAGAIN) => return Ok(None),
+                    Err(Errno::EINTR) => continue,
+                    Err(e) if is_transient_socket_error(&io::Error::from(e)) => {
+                        stats.io_errors.add(1);
+                        continue;
+                    }
+                    Err(e) => {
+                        return Err(Error::io(
+                            format!("receive on UDP socket of {}", self.label),
+                            e.into(),
+                        ));
+                    }
+                }
+            };
+            let Some(src) = src else {
+                stats.peer_to_tun.drop(DropReason::NotFromPeer);
+                continue;
+            };
+            let seg = seg.unwrap_or(n).max(1);
+            if seg < n {
+                stats.gro_receives.add(1);
+                stats.gro_datagrams.add(n.div_ceil(seg) as u64);
+            }
+            coalescer.clear();
+            let data = &buf[..n];
+            if n == 0 {
+                stats.peer_to_tun.drop(DropReason::Empty);
+                continue;
+            }
+            for chunk in data.chunks(seg) {
+                match self.forwarder.handle_from_peer(src, chunk) {
+                    Decision::ToTun => coalescer.push(chunk),
+                    Decision::Drop(r) => stats.peer_to_tun.drop(r),
+                    Decision::ToPeer => stats.peer_to_tun.drop(DropReason::SendFailed),
+                }
+            }
+            if let Some(at) = self.flush_tun_writes(coalescer, 0)? {
+                return Ok(Some(at));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Writes the coalescer's TUN writes from index `from`; returns the
+    /// index to resume at if the TUN queue is full.
+    fn flush_tun_writes(&self, coalescer: &mut Coalescer, from: usize) -> Result<Option<usize>> {
+        let stats = &self.stats;
+        let (bytes, writes) = coalescer.finish();
+        for (i, w) in writes.iter().enumerate().skip(from) {
+            let frame = &bytes[w.start..w.end];
+            match self.write_tun(frame)? {
+                TunWrite::Written => {
+                    stats.vnet_writes.add(1);
+                    stats.vnet_write_packets.add(w.packets as u64);
+                    // Count the packets as they arrived: the super-packet
+                    // plus the headers its segments each had.
+                    let hdr = VirtioNetHdr::parse(frame).unwrap_or_default();
+                    let ip_len = frame.len() - virtio::LEN;
+                    let extra = (w.packets - 1) * usize::from(hdr.hdr_len);
+                    stats.peer_to_tun.packets.add(w.packets as u64);
+                    stats.peer_to_tun.bytes.add((ip_len + extra) as u64);
+                }
+                TunWrite::Full => {
+                    stats.peer_to_tun.backpressure.add(1);
+                    return Ok(Some(i));
+                }
+                TunWrite::Failed => {
+                    for _ in 0..w.packets {
+                        stats.peer_to_tun.drop(DropReason::TunWriteFailed);
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+
     fn push_to_peer(&self, packet: &[u8], peer: SocketAddr) -> Push {
         let stats = &self.stats;
         loop {
@@ -231,28 +532,43 @@ impl PollWorker {
     }
 
     fn push_to_tun(&self, packet: &[u8]) -> Result<Push> {
-        let stats = &self.stats;
+        match self.write_tun(packet)? {
+            TunWrite::Written => {
+                self.stats.peer_to_tun.delivered(packet.len());
+                Ok(Push::Done)
+            }
+            TunWrite::Full => Ok(Push::Full),
+            TunWrite::Failed => {
+                self.stats.peer_to_tun.drop(DropReason::TunWriteFailed);
+                Ok(Push::Done)
+            }
+        }
+    }
+
+    /// One write to the TUN queue. Fatal device errors end the worker.
+    fn write_tun(&self, frame: &[u8]) -> Result<TunWrite> {
         loop {
-            stats.syscalls.add(1);
-            match (&self.tun).write(packet) {
-                Ok(_) => {
-                    stats.peer_to_tun.delivered(packet.len());
-                    return Ok(Push::Done);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Push::Full),
+            self.stats.syscalls.add(1);
+            match (&self.tun).write(frame) {
+                Ok(_) => return Ok(TunWrite::Written),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(TunWrite::Full),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if is_fatal_tun_error(&e) => {
                     return Err(Error::io(format!("write to {}", self.label), e));
                 }
                 // E.g. EIO while the link is down, EINVAL for a packet the
-                // kernel refuses: lose this one packet.
-                Err(_) => {
-                    stats.peer_to_tun.drop(DropReason::TunWriteFailed);
-                    return Ok(Push::Done);
-                }
+                // kernel refuses: lose this one.
+                Err(_) => return Ok(TunWrite::Failed),
             }
         }
     }
+}
+
+/// Outcome of one TUN write.
+enum TunWrite {
+    Written,
+    Full,
+    Failed,
 }
 
 /// Socket errors that report a past ICMP error rather than a broken socket.

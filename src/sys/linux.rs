@@ -84,6 +84,39 @@ pub fn tun_set_iff(tun: BorrowedFd<'_>, name: &str, flags: c_int) -> io::Result<
     Ok(ifr.name())
 }
 
+/// Sets the virtio-net header size of a TUN device opened with
+/// `IFF_VNET_HDR` (`TUNSETVNETHDRSZ`).
+pub fn tun_set_vnet_hdr_sz(tun: BorrowedFd<'_>, bytes: c_int) -> io::Result<()> {
+    let mut v = bytes;
+    // SAFETY: `tun` is live; TUNSETVNETHDRSZ reads one int through the
+    // pointer, which points to `v` for the duration of the call.
+    let ret = unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETVNETHDRSZ, &mut v as *mut c_int) };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Tells a TUN device which offloads userspace accepts (`TUNSETOFFLOAD`,
+/// `TUN_F_*` flags): super-packets of those kinds may then be read from it.
+pub fn tun_set_offload(tun: BorrowedFd<'_>, flags: libc::c_uint) -> io::Result<()> {
+    // SAFETY: `tun` is live; TUNSETOFFLOAD takes its argument by value (an
+    // unsigned long), no memory is passed.
+    let ret = unsafe {
+        libc::ioctl(
+            tun.as_raw_fd(),
+            libc::TUNSETOFFLOAD,
+            libc::c_ulong::from(flags),
+        )
+    };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
 /// The interface flags (`IFF_UP`, ...) of `name`.
 pub fn if_flags(sock: BorrowedFd<'_>, name: &str) -> io::Result<c_short> {
     let mut ifr = IfReq::new(name)?;
