@@ -7,25 +7,33 @@ use std::net::IpAddr;
 
 /// Adds `data` as big-endian 16-bit words to `sum` (an odd last byte is
 /// padded with zero). Returns the unfolded sum.
+///
+/// The one's-complement sum does not depend on byte order (RFC 1071 1.2.B):
+/// 8-byte words are added in native order with end-around carry, the result
+/// is folded to 16 bits and swapped back to big-endian once.
 pub fn sum(data: &[u8], initial: u64) -> u64 {
-    let mut acc = initial;
     let mut chunks = data.chunks_exact(8);
+    let mut acc: u64 = 0;
     for c in &mut chunks {
-        // Four 16-bit words at once; carries are folded at the end.
-        acc += u64::from(u16::from_be_bytes([c[0], c[1]]))
-            + u64::from(u16::from_be_bytes([c[2], c[3]]))
-            + u64::from(u16::from_be_bytes([c[4], c[5]]))
-            + u64::from(u16::from_be_bytes([c[6], c[7]]));
+        let w = u64::from_ne_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+        let (s, carry) = acc.overflowing_add(w);
+        acc = s + u64::from(carry);
     }
+    // Fold the native-order accumulator to 16 bits, then to big-endian.
+    let mut folded = (acc & 0xffff_ffff) + (acc >> 32);
+    folded = (folded & 0xffff) + (folded >> 16);
+    folded = (folded & 0xffff) + (folded >> 16);
+    folded = (folded & 0xffff) + (folded >> 16);
+    let mut total = initial + u64::from(u16::from_be_bytes((folded as u16).to_ne_bytes()));
     let rest = chunks.remainder();
     let mut pairs = rest.chunks_exact(2);
     for p in &mut pairs {
-        acc += u64::from(u16::from_be_bytes([p[0], p[1]]));
+        total += u64::from(u16::from_be_bytes([p[0], p[1]]));
     }
     if let [last] = pairs.remainder() {
-        acc += u64::from(u16::from_be_bytes([*last, 0]));
+        total += u64::from(u16::from_be_bytes([*last, 0]));
     }
-    acc
+    total
 }
 
 /// Folds carries into 16 bits without complementing (a "partial" checksum,
@@ -87,8 +95,10 @@ mod tests {
         let data: Vec<u8> = (0..1001u32).map(|i| (i * 7 + 3) as u8).collect();
         let whole = fold_partial(sum(&data, 0));
         // Splitting at an even offset gives the same sum.
-        let split = fold_partial(sum(&data[600..], sum(&data[..600], 0)));
-        assert_eq!(whole, split);
+        for at in [600, 602, 2, 998] {
+            let split = fold_partial(sum(&data[at..], sum(&data[..at], 0)));
+            assert_eq!(whole, split, "split at {at}");
+        }
         // A bytewise reference.
         let mut r: u32 = 0;
         for (i, b) in data.iter().enumerate() {
