@@ -70,21 +70,29 @@ impl Engine {
 fn choose_engine(cfg: &TunnelConfig) -> Result<Engine> {
     #[cfg(target_os = "linux")]
     {
-        let opts = UringOptions::from_flags(&cfg.uring, cfg.batch, cfg.busy_poll);
+        let opts = UringOptions::from_flags(
+            &cfg.uring,
+            cfg.batch,
+            cfg.busy_poll,
+            cfg.offload != Toggle::Off,
+        );
         match cfg.engine {
             EngineKind::Poll => Ok(Engine::Poll),
             EngineKind::Uring => Ok(Engine::Uring(Box::new(uring::probe(
                 &opts,
                 cfg.mtu as usize,
                 cfg.queues,
+                cfg.offload,
             )?))),
-            EngineKind::Auto => match uring::probe(&opts, cfg.mtu as usize, cfg.queues) {
-                Ok(plan) => Ok(Engine::Uring(Box::new(plan))),
-                Err(e) => {
-                    crate::info!("io_uring unavailable ({e}): using the poll engine");
-                    Ok(Engine::Poll)
+            EngineKind::Auto => {
+                match uring::probe(&opts, cfg.mtu as usize, cfg.queues, cfg.offload) {
+                    Ok(plan) => Ok(Engine::Uring(Box::new(plan))),
+                    Err(e) => {
+                        crate::info!("io_uring unavailable ({e}): using the poll engine");
+                        Ok(Engine::Poll)
+                    }
                 }
-            },
+            }
         }
     }
     #[cfg(not(target_os = "linux"))]
@@ -170,19 +178,9 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
     let offload = match (cfg.offload, &engine) {
         (Toggle::Off, _) => false,
         (_, Engine::Poll) => true,
+        // The probe decided (and said why if not).
         #[cfg(target_os = "linux")]
-        (Toggle::On, Engine::Uring(_)) => {
-            return Err(Error::config(
-                "--offload on: the uring engine does not support offloads yet; use --engine poll",
-            ));
-        }
-        #[cfg(target_os = "linux")]
-        (_, Engine::Uring(_)) => {
-            crate::info!(
-                "offload: not yet supported by the uring engine: off (the poll engine has it)"
-            );
-            false
-        }
+        (_, Engine::Uring(plan)) => plan.offload,
     };
     let cpus = worker_cpus(&cfg.cpus, cfg.queues)?;
 

@@ -37,6 +37,7 @@ use crate::config::{Toggle, UringFlags};
 use crate::engine::{Shutdown, is_fatal_tun_error, send_addr};
 use crate::error::{Error, Result};
 use crate::forward::{Decision, DropReason, Forwarder};
+use crate::packet::virtio::{self, VirtioNetHdr};
 use crate::stats::WorkerStats;
 
 /// The io_uring tuning flags.
@@ -72,11 +73,20 @@ pub enum TaskRun {
 
 impl UringOptions {
     /// The options with defaults applied to what was not given.
-    pub fn from_flags(f: &UringFlags, batch: usize, busy_poll: bool) -> UringOptions {
+    /// With `offload_wanted`, buffers hold 64 KiB super-packets, so fewer
+    /// are allocated by default (64 instead of 512).
+    pub fn from_flags(
+        f: &UringFlags,
+        batch: usize,
+        busy_poll: bool,
+        offload_wanted: bool,
+    ) -> UringOptions {
         use crate::config::{DEFAULT_BUFFERS, DEFAULT_INFLIGHT, DEFAULT_RING_ENTRIES};
         UringOptions {
             ring_entries: f.ring_entries.unwrap_or(DEFAULT_RING_ENTRIES),
-            buffers: f.buffers.unwrap_or(DEFAULT_BUFFERS),
+            buffers: f
+                .buffers
+                .unwrap_or(if offload_wanted { 64 } else { DEFAULT_BUFFERS }),
             inflight: f.inflight.unwrap_or(DEFAULT_INFLIGHT),
             multishot: f.multishot.unwrap_or(Toggle::Auto),
             fixed_buffers: f.fixed_buffers.unwrap_or(Toggle::Auto),
@@ -98,6 +108,9 @@ pub struct UringPlan {
     pub fixed_buffers: bool,
     /// Bytes per buffer.
     pub buf_len: usize,
+    /// TSO/USO super-packets from the TUN device, UDP GSO/GRO, coalesced
+    /// TUN writes with virtio-net headers (needs multishot receives).
+    pub offload: bool,
 }
 
 /// Bytes per buffer: the largest packet plus one (to detect oversize
@@ -105,6 +118,17 @@ pub struct UringPlan {
 pub fn buffer_len(mtu: usize) -> usize {
     (mtu + 1 + RECVMSG_PREFIX).next_multiple_of(64)
 }
+
+/// Buffer bytes with offload: a virtio-net header and a 64 KiB super-packet,
+/// or a GRO receive of 64 KiB with its recvmsg prefix and control data.
+const OFFLOAD_BUF_LEN: usize = 65536 + 256;
+/// Room for one super-packet cut into segments (headers repeated).
+const SPLIT_LEN: usize = 2 * 65536;
+/// Control data we ask multishot recvmsg for: one int (UDP_GRO).
+const CMSG_SPACE_INT: usize = 24;
+/// Most datagrams and bytes one UDP GSO send may carry.
+const GSO_MAX_SEGMENTS: usize = 64;
+const GSO_MAX_BYTES: usize = 65507;
 
 /// `struct io_uring_recvmsg_out` (16 bytes) + the sender address we ask for.
 const RECVMSG_PREFIX: usize = 16 + SOCKADDR_LEN;
@@ -144,7 +168,7 @@ fn build_ring(opts: &UringOptions, taskrun: TaskRun) -> io::Result<IoUring> {
 /// Probes the running kernel once, before the workers start, and says in one
 /// line per missing feature what is used instead. Fails if io_uring itself is
 /// unusable or a feature forced `on` is missing.
-pub fn probe(opts: &UringOptions, mtu: usize, queues: usize) -> Result<UringPlan> {
+pub fn probe(opts: &UringOptions, mtu: usize, queues: usize, offload: Toggle) -> Result<UringPlan> {
     if !opts.buffers.is_power_of_two() || !(2..=32768).contains(&opts.buffers) {
         return Err(Error::config(format!(
             "--buffers {} must be a power of two from 2 to 32768",
@@ -210,7 +234,7 @@ pub fn probe(opts: &UringOptions, mtu: usize, queues: usize) -> Result<UringPlan
         ));
     }
 
-    let buf_len = buffer_len(mtu);
+    let mut buf_len = buffer_len(mtu);
     let mut plan = UringPlan {
         opts: opts.clone(),
         taskrun,
@@ -218,6 +242,7 @@ pub fn probe(opts: &UringOptions, mtu: usize, queues: usize) -> Result<UringPlan
         multishot_udp: false,
         fixed_buffers: false,
         buf_len,
+        offload: false,
     };
 
     // Multishot needs READ_MULTISHOT (6.7) for the TUN; multishot RECVMSG
@@ -236,6 +261,22 @@ pub fn probe(opts: &UringOptions, mtu: usize, queues: usize) -> Result<UringPlan
                 "io_uring: no READ_MULTISHOT (Linux 6.7+): single-shot reads, {} in flight per descriptor",
                 opts.inflight
             );
+        }
+    }
+
+    // Offload builds on multishot receives (the GRO size arrives as control
+    // data in the provided buffer).
+    if offload != Toggle::Off {
+        if plan.multishot_tun && plan.multishot_udp {
+            plan.offload = true;
+            buf_len = OFFLOAD_BUF_LEN;
+            plan.buf_len = buf_len;
+        } else if offload == Toggle::On {
+            return Err(Error::config(
+                "--offload on: the uring engine needs multishot receives (Linux 6.7+) for offload",
+            ));
+        } else {
+            crate::info!("offload: the uring engine needs multishot receives for it: off");
         }
     }
 
@@ -427,12 +468,25 @@ enum Op {
     TunWrite = 3,
     Wake = 4,
     Cancel = 5,
+    /// A (GSO) send of part of a cut super-packet.
+    GsoSend = 6,
+    /// One coalesced TUN write; its index within the buffer's writes is in
+    /// bits 16..32 of user_data.
+    VnetWrite = 7,
 }
 
 const OP_SHIFT: u32 = 32;
 
 fn user_data(op: Op, bid: u16) -> u64 {
     ((op as u64) << OP_SHIFT) | u64::from(bid)
+}
+
+fn user_data_indexed(op: Op, bid: u16, index: u16) -> u64 {
+    user_data(op, bid) | (u64::from(index) << 16)
+}
+
+fn decode_index(ud: u64) -> usize {
+    usize::from((ud >> 16) as u16)
 }
 
 fn decode(ud: u64) -> (Option<Op>, u16) {
@@ -443,6 +497,8 @@ fn decode(ud: u64) -> (Option<Op>, u16) {
         3 => Some(Op::TunWrite),
         4 => Some(Op::Wake),
         5 => Some(Op::Cancel),
+        6 => Some(Op::GsoSend),
+        7 => Some(Op::VnetWrite),
         _ => None,
     };
     (op, ud as u16)
@@ -472,6 +528,51 @@ pub fn parse_sockaddr(name: &[u8]) -> Option<SocketAddr> {
     } else {
         None
     }
+}
+
+/// The send state of one TUN buffer's cut super-packet (offload): stable
+/// structures the in-flight SENDMSG points to.
+struct GsoSend {
+    msg: libc::msghdr,
+    iov: libc::iovec,
+    /// One cmsghdr with UDP_SEGMENT, 8-byte aligned.
+    cmsg: [u64; 3],
+    total: usize,
+    sent: usize,
+    seg: usize,
+    /// Bytes of the send in flight.
+    chunk: usize,
+}
+
+/// A cmsghdr carrying `UDP_SEGMENT = seg`, laid out in native byte order.
+fn udp_segment_cmsg(seg: u16) -> [u64; 3] {
+    let mut b = [0u8; 24];
+    let hdr_len = std::mem::size_of::<libc::cmsghdr>();
+    b[..8].copy_from_slice(&((hdr_len + 2) as u64).to_ne_bytes());
+    b[8..12].copy_from_slice(&libc::SOL_UDP.to_ne_bytes());
+    b[12..16].copy_from_slice(&libc::UDP_SEGMENT.to_ne_bytes());
+    b[16..18].copy_from_slice(&seg.to_ne_bytes());
+    let w = |i: usize| u64::from_ne_bytes(b[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
+    [w(0), w(1), w(2)]
+}
+
+/// The UDP_GRO segment size in recvmsg control data, if present.
+pub fn gro_segment(control: &[u8]) -> Option<usize> {
+    let mut at = 0;
+    while at + 16 <= control.len() {
+        let len = usize::try_from(u64::from_ne_bytes(control[at..at + 8].try_into().ok()?)).ok()?;
+        let level = i32::from_ne_bytes(control[at + 8..at + 12].try_into().ok()?);
+        let kind = i32::from_ne_bytes(control[at + 12..at + 16].try_into().ok()?);
+        if len < 16 {
+            return None;
+        }
+        if level == libc::SOL_UDP && kind == libc::UDP_GRO && at + 20 <= control.len() {
+            let v = i32::from_ne_bytes(control[at + 16..at + 20].try_into().ok()?);
+            return usize::try_from(v).ok().filter(|&v| v > 0);
+        }
+        at += len.next_multiple_of(8);
+    }
+    None
 }
 
 /// Single-shot recvmsg state of one UDP buffer: stable for the op's lifetime.
@@ -508,6 +609,13 @@ pub struct UringWorker {
     tun_ring: Option<BufRing>,
     udp_ring: Option<BufRing>,
     recv_slots: Vec<RecvSlot>,
+    /// Offload: per TUN buffer, the cut segments and their send state.
+    split_pool: Option<Region>,
+    gso_sends: Vec<GsoSend>,
+    /// Offload: per UDP buffer, the coalesced TUN writes and how many are
+    /// still in flight.
+    coalescers: Vec<crate::packet::offload::Coalescer>,
+    writes_in_flight: Vec<u32>,
     multishot_msg: Box<libc::msghdr>,
     peer_addr: Box<SockaddrStorage>,
     pool: Region,
@@ -601,12 +709,54 @@ impl UringWorker {
             unsafe { std::mem::zeroed() },
         );
         multishot_msg.msg_namelen = SOCKADDR_LEN as u32;
+        if plan.offload {
+            // The kernel lays the control data out in the provided buffer.
+            multishot_msg.msg_controllen = CMSG_SPACE_INT as _;
+        }
+        let split_pool = if plan.offload {
+            Some(
+                Region::new(usize::from(per_group) * SPLIT_LEN)
+                    .map_err(|e| Error::io(format!("allocate segment buffers for {label}"), e))?,
+            )
+        } else {
+            None
+        };
+        let gso_sends = if plan.offload {
+            (0..per_group)
+                .map(|_| GsoSend {
+                    // SAFETY: plain C struct: all-zero bytes are valid.
+                    msg: unsafe { std::mem::zeroed() },
+                    iov: libc::iovec {
+                        iov_base: std::ptr::null_mut(),
+                        iov_len: 0,
+                    },
+                    cmsg: [0; 3],
+                    total: 0,
+                    sent: 0,
+                    seg: 1,
+                    chunk: 0,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let coalescers = if plan.offload {
+            (0..per_group)
+                .map(|_| crate::packet::offload::Coalescer::new())
+                .collect()
+        } else {
+            Vec::new()
+        };
 
         let mut w = UringWorker {
             ring,
             tun_ring: None,
             udp_ring: None,
             recv_slots: Vec::new(),
+            split_pool,
+            gso_sends,
+            coalescers,
+            writes_in_flight: vec![0; usize::from(per_group)],
             multishot_msg,
             peer_addr: Box::new(SockaddrStorage::from(peer)),
             pool,
@@ -904,7 +1054,192 @@ impl UringWorker {
     }
 
     /// A packet read from the TUN queue into `bid`.
+    /// Offload: the segment buffer of TUN buffer `bid`.
+    fn split_ptr(&self, bid: u16) -> Option<*mut u8> {
+        let pool = self.split_pool.as_ref()?;
+        // SAFETY: bid < per_group, so the offset stays inside the pool.
+        Some(unsafe { pool.ptr.add(usize::from(bid) * SPLIT_LEN) })
+    }
+
+    /// Offload: a TUN read (virtio-net header + packet) in `bid`: cut it and
+    /// start sending the segments.
+    fn handle_tun_offload(&mut self, bid: u16, len: usize) -> Result<()> {
+        let Some(out_ptr) = self.split_ptr(bid) else {
+            return self.recycle(bid);
+        };
+        // SAFETY: the segment buffer of `bid` is only used by this buffer's
+        // sends, none of which is in flight (the buffer was free until this
+        // read completed).
+        let out = unsafe { std::slice::from_raw_parts_mut(out_ptr, SPLIT_LEN) };
+        let frame = self.packet(bid, 0, len);
+        let split = VirtioNetHdr::parse(frame)
+            .ok_or(crate::packet::offload::OffloadError::Malformed("short"))
+            .and_then(|h| {
+                crate::packet::offload::split(&h, &frame[virtio::LEN..], self.forwarder.mtu(), out)
+            });
+        let segs = match split {
+            Ok(s) => s,
+            Err(_) => {
+                self.stats.tun_to_peer.drop(DropReason::BadOffload);
+                return self.recycle(bid);
+            }
+        };
+        if segs.count == 1 {
+            if let Decision::Drop(r) = self.forwarder.handle_from_tun(&out[..segs.last_len]) {
+                self.stats.tun_to_peer.drop(r);
+                return self.recycle(bid);
+            }
+        }
+        let g = &mut self.gso_sends[usize::from(bid)];
+        g.total = segs.total_len();
+        g.sent = 0;
+        g.seg = segs.seg_len.max(1);
+        self.submit_gso(bid)
+    }
+
+    /// Sends the next part of `bid`'s segments: one SENDMSG with UDP_SEGMENT
+    /// of up to 64 datagrams, or one plain datagram.
+    fn submit_gso(&mut self, bid: u16) -> Result<()> {
+        let Some(base) = self.split_ptr(bid) else {
+            return self.recycle(bid);
+        };
+        let peer = self.peer_addr.as_ptr();
+        let peer_len = self.peer_addr.len();
+        let g = &mut self.gso_sends[usize::from(bid)];
+        let per_send = GSO_MAX_SEGMENTS.min(GSO_MAX_BYTES / g.seg).max(1) * g.seg;
+        g.chunk = (g.total - g.sent).min(per_send);
+        // SAFETY: sent + chunk <= total <= SPLIT_LEN.
+        let ptr = unsafe { base.add(g.sent) };
+        g.iov = libc::iovec {
+            iov_base: ptr.cast(),
+            iov_len: g.chunk,
+        };
+        g.msg.msg_name = peer as *mut libc::c_void;
+        g.msg.msg_namelen = peer_len;
+        g.msg.msg_iov = &mut g.iov;
+        g.msg.msg_iovlen = 1;
+        if g.chunk > g.seg {
+            g.cmsg = udp_segment_cmsg(g.seg as u16);
+            g.msg.msg_control = g.cmsg.as_mut_ptr().cast();
+            g.msg.msg_controllen = CMSG_SPACE_INT as _;
+        } else {
+            g.msg.msg_control = std::ptr::null_mut();
+            g.msg.msg_controllen = 0;
+        }
+        let msg = &g.msg as *const libc::msghdr;
+        let e = with_file!(self, UDP_SLOT, |f| opcode::SendMsg::new(f, msg).build());
+        // SAFETY: the msghdr, iovec and cmsg live in `gso_sends[bid]` (a Vec
+        // never resized after setup), the data in the segment pool and the
+        // address in `peer_addr`, all untouched until this send completes.
+        unsafe { self.push(e.user_data(user_data(Op::GsoSend, bid))) }
+    }
+
+    /// Offload: a GSO send of `bid` completed.
+    fn complete_gso(&mut self, bid: u16, res: i32) -> Result<()> {
+        let g = &mut self.gso_sends[usize::from(bid)];
+        let (chunk, seg) = (g.chunk, g.seg);
+        if res >= 0 && res as usize == chunk {
+            let count = chunk.div_ceil(seg) as u64;
+            if chunk > seg {
+                self.stats.gso_sends.add(1);
+                self.stats.gso_segments.add(count);
+            }
+            self.stats.tun_to_peer.packets.add(count);
+            self.stats.tun_to_peer.bytes.add(chunk as u64);
+            g.sent += chunk;
+            if g.sent < g.total && !self.stopping {
+                return self.submit_gso(bid);
+            }
+        } else if res != -libc::ECANCELED {
+            let lost = (g.total - g.sent).div_ceil(seg);
+            for _ in 0..lost {
+                self.stats.tun_to_peer.drop(DropReason::SendFailed);
+            }
+        }
+        self.recycle(bid)
+    }
+
+    /// Offload: a (GRO) receive of `plen` payload bytes at `off` in `bid`,
+    /// cut every `seg`: checked, coalesced, written to the TUN queue.
+    fn handle_gro(
+        &mut self,
+        bid: u16,
+        src: SocketAddr,
+        off: usize,
+        plen: usize,
+        seg: usize,
+    ) -> Result<()> {
+        let slot = usize::from(bid - self.per_group);
+        let mut c = std::mem::take(&mut self.coalescers[slot]);
+        c.clear();
+        let seg = seg.max(1);
+        if seg < plen {
+            self.stats.gro_receives.add(1);
+            self.stats.gro_datagrams.add(plen.div_ceil(seg) as u64);
+        }
+        for chunk in self.packet(bid, off, plen).chunks(seg) {
+            match self.forwarder.handle_from_peer(src, chunk) {
+                Decision::ToTun => c.push(chunk),
+                Decision::Drop(r) => self.stats.peer_to_tun.drop(r),
+                Decision::ToPeer => self.stats.peer_to_tun.drop(DropReason::SendFailed),
+            }
+        }
+        let (bytes, writes) = c.finish();
+        let ptr = bytes.as_ptr();
+        let frames: Vec<(usize, usize)> =
+            writes.iter().map(|w| (w.start, w.end - w.start)).collect();
+        self.coalescers[slot] = c;
+        if frames.is_empty() {
+            return self.recycle(bid);
+        }
+        self.writes_in_flight[slot] = frames.len() as u32;
+        for (i, (start, len)) in frames.into_iter().enumerate() {
+            // SAFETY: inside the coalescer's output, which is not touched
+            // until every write of this buffer completed.
+            let p = unsafe { ptr.add(start) };
+            let e = with_file!(self, TUN_SLOT, |f| opcode::Write::new(f, p, len as u32)
+                .build());
+            // SAFETY: as above; the coalescer lives in `self.coalescers`.
+            unsafe { self.push(e.user_data(user_data_indexed(Op::VnetWrite, bid, i as u16)))? };
+        }
+        Ok(())
+    }
+
+    /// Offload: coalesced TUN write `index` of `bid` completed.
+    fn complete_vnet_write(&mut self, bid: u16, index: usize, res: i32) -> Result<()> {
+        let slot = usize::from(bid - self.per_group);
+        let (bytes, writes) = self.coalescers[slot].output();
+        if let Some(w) = writes.get(index) {
+            let frame = &bytes[w.start..w.end];
+            if res >= 0 && res as usize == frame.len() {
+                let hdr = VirtioNetHdr::parse(frame).unwrap_or_default();
+                let extra = (w.packets - 1) * usize::from(hdr.hdr_len);
+                self.stats.vnet_writes.add(1);
+                self.stats.vnet_write_packets.add(w.packets as u64);
+                self.stats.peer_to_tun.packets.add(w.packets as u64);
+                self.stats
+                    .peer_to_tun
+                    .bytes
+                    .add((frame.len() - virtio::LEN + extra) as u64);
+            } else if res < 0 && is_fatal_tun_error(&io::Error::from_raw_os_error(-res)) {
+                self.tun_error(res);
+            } else if res != -libc::ECANCELED {
+                for _ in 0..w.packets {
+                    self.stats.peer_to_tun.drop(DropReason::TunWriteFailed);
+                }
+            }
+        }
+        self.writes_in_flight[slot] = self.writes_in_flight[slot].saturating_sub(1);
+        if self.writes_in_flight[slot] == 0 {
+            self.recycle(bid)?;
+        }
+        Ok(())
+    }
+
     fn handle_tun_packet(&mut self, bid: u16, len: usize) -> Result<()> {
+        if self.plan.offload {
+            return self.handle_tun_offload(bid, len);
+        }
         let decision = self.forwarder.handle_from_tun(self.packet(bid, 0, len));
         match decision {
             Decision::ToPeer => self.send_to_peer(bid, 0, len),
@@ -1023,11 +1358,15 @@ impl UringWorker {
                                     payload.len(),
                                     out.is_payload_truncated()
                                         || payload.len() + offset >= self.plan.buf_len,
+                                    gro_segment(out.control_data()),
                                 )
                             })
                         };
                         match parsed {
-                            Some((src, off, plen, trunc)) => {
+                            Some((Some(src), off, plen, false, gro)) if self.plan.offload => {
+                                self.handle_gro(bid, src, off, plen, gro.unwrap_or(plen))?
+                            }
+                            Some((src, off, plen, trunc, _)) => {
                                 self.handle_datagram(bid, src, off, plen, trunc)?
                             }
                             None => {
@@ -1100,6 +1439,10 @@ impl UringWorker {
                 self.recycle(bid)?;
                 Ok(None)
             }
+            Op::GsoSend => self.complete_gso(bid, res).map(|()| None),
+            Op::VnetWrite => self
+                .complete_vnet_write(bid, decode_index(ud), res)
+                .map(|()| None),
             Op::Wake => {
                 self.stopping = true;
                 Ok(None)

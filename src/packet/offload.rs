@@ -505,6 +505,13 @@ impl Coalescer {
         });
     }
 
+    /// The bytes and writes of the last finished batch (after [`finish`]).
+    ///
+    /// [`finish`]: Coalescer::finish
+    pub fn output(&self) -> (&[u8], &[TunWrite]) {
+        (&self.out, &self.writes)
+    }
+
     /// Closes the batch: the bytes and the writes, in order.
     pub fn finish(&mut self) -> (&[u8], &[TunWrite]) {
         self.finish_open();
