@@ -1505,7 +1505,9 @@ impl UringWorker {
             // Under load (the last reap was large), wait for a batch of
             // completions for at most COALESCE_WAIT: fewer kernel entries per
             // packet. At low load, wake on the first completion.
-            let coalesce = wait && cqes.len() >= COALESCE_AFTER;
+            // With offload one completion already stands for up to 64 KiB:
+            // waiting for more would only add latency.
+            let coalesce = wait && !self.plan.offload && cqes.len() >= COALESCE_AFTER;
             self.stats.syscalls.add(1);
             let r = if coalesce {
                 self.stats.waits.add(1);
