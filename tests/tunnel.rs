@@ -322,3 +322,46 @@ fn two_queues_spread_flows_over_both_workers() {
         }
     }
 }
+
+/// `--stats-interval` prints periodic lines; `--txqueuelen` and `--mtu`
+/// reach the device (default txqueuelen 1000 on a created device).
+#[test]
+fn stats_interval_and_device_settings() {
+    if !can_run_kernel_tests("stats_interval_and_device_settings") {
+        return;
+    }
+    let topo = Topology::new();
+    let mut a = Proc::tunfwd(
+        &topo.a,
+        &tunnel_args(
+            true,
+            &[
+                "--stats-interval",
+                "1",
+                "--txqueuelen",
+                "2345",
+                "--mtu",
+                "1400",
+            ],
+        ),
+    );
+    let _b = Proc::tunfwd(&topo.b, &tunnel_args(false, &[]));
+    let link = String::from_utf8_lossy(&topo.a.ip(&["link", "show", "tun0"]).stdout).to_string();
+    assert!(
+        link.contains("mtu 1400") && link.contains("qlen 2345"),
+        "{link}"
+    );
+    let link_b = String::from_utf8_lossy(&topo.b.ip(&["link", "show", "tun0"]).stdout).to_string();
+    assert!(link_b.contains("qlen 1000"), "default txqueuelen: {link_b}");
+    assert!(topo.a.ping(OVERLAY_B));
+    a.wait_for_stdout("tunfwd: stats t=");
+    let out = a.stdout();
+    let line = out
+        .lines()
+        .find(|l| l.contains("tunfwd: stats t="))
+        .unwrap();
+    assert!(
+        line.contains("rate_pps=") && line.contains("tun_to_peer packets="),
+        "{line}"
+    );
+}
