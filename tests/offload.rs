@@ -26,13 +26,9 @@ fn transfers(topo: &Topology) {
 }
 
 fn ratio(text: &str, key: &str) -> f64 {
-    let line = text
-        .lines()
-        .find(|l| l.contains("summary total"))
-        .unwrap_or("");
-    line.split_whitespace()
-        .find_map(|t| t.strip_prefix(&format!("{key}=")))
-        .and_then(|v| v.parse().ok())
+    stat_values::<f64>(text, "summary total", key)
+        .first()
+        .copied()
         .unwrap_or(0.0)
 }
 

@@ -62,11 +62,13 @@ pub fn check_ifname(name: &str) -> io::Result<()> {
 
 /// `ioctl(fd, request, arg)` for requests that take a pointer to an `ifreq`.
 fn ifreq_ioctl(fd: BorrowedFd<'_>, request: libc::Ioctl, ifr: &mut IfReq) -> io::Result<()> {
-    // SAFETY: `fd` is a live descriptor for the duration of the call
-    // (BorrowedFd). Every request passed here (TUNSETIFF, SIOCGIFFLAGS,
+    // Every request passed here (TUNSETIFF, SIOCGIFFLAGS,
     // SIOCSIF{FLAGS,MTU,TXQLEN,ADDR,NETMASK}) reads and/or writes exactly one
-    // `struct ifreq`, and `ifr.0` is a valid, exclusively borrowed one.
-    let ret = unsafe { libc::ioctl(fd.as_raw_fd(), request, &mut ifr.0 as *mut libc::ifreq) };
+    // `struct ifreq`.
+    let arg = &mut ifr.0 as *mut libc::ifreq;
+    // SAFETY: `fd` is live for the call (BorrowedFd); `arg` points to a valid,
+    // exclusively borrowed `ifreq`, the one type these requests use.
+    let ret = unsafe { libc::ioctl(fd.as_raw_fd(), request, arg) };
     if ret < 0 {
         Err(io::Error::last_os_error())
     } else {

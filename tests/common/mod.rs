@@ -364,22 +364,9 @@ impl Drop for Proc {
     }
 }
 
-/// Reads `key=value` (a number) from the first line containing `line_tag`.
-pub fn stat(text: &str, line_tag: &str, key: &str) -> u64 {
-    let line = text
-        .lines()
-        .find(|l| l.contains(line_tag))
-        .unwrap_or_else(|| panic!("no line with {line_tag:?} in:\n{text}"));
-    let pat = format!("{key}=");
-    line.split(|c: char| c.is_whitespace() || c == '[' || c == ']')
-        .find_map(|tok| tok.strip_prefix(&pat))
-        .map(|v| v.parse().unwrap_or_else(|_| panic!("{key} in {line}")))
-        .unwrap_or(0)
-}
-
-/// The sum of every `key=value` on the first line containing `line_tag`
-/// (e.g. `packets` of both directions).
-pub fn stat_sum(text: &str, line_tag: &str, key: &str) -> u64 {
+/// Every `key=value` on the first line containing `line_tag`, parsed, in
+/// order (a summary line has `packets=` once per direction).
+pub fn stat_values<T: std::str::FromStr>(text: &str, line_tag: &str, key: &str) -> Vec<T> {
     let line = text
         .lines()
         .find(|l| l.contains(line_tag))
@@ -387,11 +374,21 @@ pub fn stat_sum(text: &str, line_tag: &str, key: &str) -> u64 {
     let pat = format!("{key}=");
     line.split(|c: char| c.is_whitespace() || c == '[' || c == ']')
         .filter_map(|tok| tok.strip_prefix(&pat))
-        .map(|v| {
-            v.parse::<u64>()
-                .unwrap_or_else(|_| panic!("{key} in {line}"))
-        })
-        .sum()
+        .map(|v| v.parse().unwrap_or_else(|_| panic!("{key} in {line}")))
+        .collect()
+}
+
+/// The first `key=value` number on the line with `line_tag` (0 if absent).
+pub fn stat(text: &str, line_tag: &str, key: &str) -> u64 {
+    stat_values(text, line_tag, key)
+        .first()
+        .copied()
+        .unwrap_or(0)
+}
+
+/// The sum of every `key=value` on the line (e.g. both directions' packets).
+pub fn stat_sum(text: &str, line_tag: &str, key: &str) -> u64 {
+    stat_values::<u64>(text, line_tag, key).iter().sum()
 }
 
 /// Deterministic test data: xorshift64 words.
