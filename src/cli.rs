@@ -30,6 +30,96 @@ enum Command {
     /// tunnel in one run, on a two-namespace topology the bench builds and
     /// removes itself (needs root).
     Bench(BenchArgs),
+    /// Answer ICMP/ICMPv6 echo requests and UDP datagrams that the kernel
+    /// routes into a TUN device, back into it (a self-test and a latency far
+    /// end: `ping` another address of the device's subnet).
+    Reflect(ReflectArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ReflectArgs {
+    /// TUN device name; a `%d` in it lets the kernel pick a number.
+    #[arg(long, default_value = "tunfwd%d", value_name = "NAME")]
+    dev: String,
+
+    /// Only attach to an existing device; never create one.
+    #[arg(long)]
+    attach: bool,
+
+    /// Address and prefix length for the device, e.g. 198.19.0.1/24 (then
+    /// ping 198.19.0.2). Repeatable: at most one IPv4, any number of IPv6.
+    #[arg(long = "address", value_name = "CIDR")]
+    addresses: Vec<Cidr>,
+
+    /// Device MTU in bytes (68-65507; 1280+ with IPv6).
+    #[arg(long, default_value_t = config::DEFAULT_MTU, value_name = "BYTES")]
+    mtu: u32,
+
+    /// Device transmit queue length in packets [default: 1000 on a created device].
+    #[arg(long, value_name = "PACKETS")]
+    txqueuelen: Option<u32>,
+
+    /// Engine.
+    #[arg(long, value_enum, default_value = "auto")]
+    engine: EngineArg,
+
+    /// Number of TUN queues, one worker thread each (1-256).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    queues: usize,
+
+    /// CPUs for the workers: auto, none, or a list like 0,2-3.
+    #[arg(long, default_value = "auto", value_name = "LIST")]
+    cpus: config::CpuPlan,
+
+    /// Max packets handled per loop iteration.
+    #[arg(long, default_value_t = config::DEFAULT_BATCH, value_name = "PACKETS")]
+    batch: usize,
+
+    /// Spin instead of sleeping while waiting.
+    #[arg(long)]
+    busy_poll: bool,
+
+    /// Print a stats line every SECS seconds (0: only the final summary).
+    #[arg(long, default_value_t = 0, value_name = "SECS")]
+    stats_interval: u64,
+
+    /// Enter the network namespace at PATH before setup.
+    #[arg(long, value_name = "PATH")]
+    netns: Option<std::path::PathBuf>,
+}
+
+impl ReflectArgs {
+    fn into_config(self) -> TunnelConfig {
+        // The workers' UDP sockets are bound to a kernel-chosen port and
+        // never used: the reflector sends nothing to the network.
+        let unused: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 0));
+        TunnelConfig {
+            dev: self.dev,
+            attach: self.attach,
+            addresses: self.addresses,
+            mtu: self.mtu,
+            txqueuelen: self.txqueuelen,
+            listen: unused,
+            peer: unused,
+            engine: match self.engine {
+                EngineArg::Auto => EngineKind::Auto,
+                EngineArg::Uring => EngineKind::Uring,
+                EngineArg::Poll => EngineKind::Poll,
+            },
+            cpus: self.cpus,
+            offload: config::Toggle::Off,
+            reflect: true,
+            busy_poll: self.busy_poll,
+            sndbuf: None,
+            rcvbuf: None,
+            uring: config::UringFlags::default(),
+            queues: self.queues,
+            batch: self.batch,
+            stats_interval_secs: self.stats_interval,
+            netns: self.netns,
+            exit_with_parent: false,
+        }
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -292,6 +382,7 @@ impl TunnelArgs {
             },
             cpus: self.cpus,
             offload: self.offload.into(),
+            reflect: false,
             busy_poll: self.busy_poll,
             sndbuf: self.sndbuf,
             rcvbuf: self.rcvbuf,
@@ -324,6 +415,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Tunnel(args) => crate::runtime::run_tunnel(&args.into_config()).map(|()| true),
         Command::Bench(args) => crate::bench::run(&args.into_config()),
+        Command::Reflect(args) => crate::runtime::run_tunnel(&args.into_config()).map(|()| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

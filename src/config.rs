@@ -225,6 +225,8 @@ pub struct TunnelConfig {
     pub uring: UringFlags,
     /// TSO/USO on the TUN device, UDP GSO/GRO on the socket.
     pub offload: Toggle,
+    /// `tunfwd reflect`: answer packets on the device; no peer.
+    pub reflect: bool,
 }
 
 impl TunnelConfig {
@@ -256,7 +258,7 @@ impl TunnelConfig {
         if self.batch == 0 {
             return Err(Error::config("--batch must be at least 1 packet"));
         }
-        if self.peer.port() == 0 || self.peer.ip().is_unspecified() {
+        if !self.reflect && (self.peer.port() == 0 || self.peer.ip().is_unspecified()) {
             return Err(Error::config(format!(
                 "--peer {} needs a concrete address and a non-zero port",
                 self.peer
@@ -268,7 +270,7 @@ impl TunnelConfig {
                 self.listen, self.peer
             )));
         }
-        if self.queues > 1 {
+        if self.queues > 1 && !self.reflect {
             let last = self.queues - 1;
             if self.listen.port() == 0 {
                 return Err(Error::config(
@@ -324,7 +326,8 @@ impl TunnelConfig {
 }
 
 fn offset_port(addr: SocketAddr, queue: usize) -> SocketAddr {
-    if queue == 0 {
+    // Port 0 (kernel-chosen) stays 0 for every queue.
+    if queue == 0 || addr.port() == 0 {
         return addr;
     }
     // validate() guarantees the sum fits.
@@ -357,6 +360,7 @@ mod tests {
             rcvbuf: None,
             uring: UringFlags::default(),
             offload: Toggle::Auto,
+            reflect: false,
         }
     }
 

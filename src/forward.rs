@@ -46,10 +46,12 @@ pub enum DropReason {
     /// A TUN super-packet that could not be segmented (bad virtio-net
     /// header or layout).
     BadOffload,
+    /// Reflect mode: a packet the reflector does not answer.
+    NotReflected,
 }
 
 impl DropReason {
-    pub const COUNT: usize = 10;
+    pub const COUNT: usize = 11;
     pub const ALL: [DropReason; DropReason::COUNT] = [
         DropReason::Empty,
         DropReason::Truncated,
@@ -61,6 +63,7 @@ impl DropReason {
         DropReason::SendFailed,
         DropReason::TunWriteFailed,
         DropReason::BadOffload,
+        DropReason::NotReflected,
     ];
 
     /// Stable snake_case name used in stats output.
@@ -76,6 +79,7 @@ impl DropReason {
             DropReason::SendFailed => "send_failed",
             DropReason::TunWriteFailed => "tun_write_failed",
             DropReason::BadOffload => "bad_offload",
+            DropReason::NotReflected => "not_reflected",
         }
     }
 
@@ -109,6 +113,8 @@ impl From<ParseError> for DropReason {
 pub struct Forwarder {
     mtu: usize,
     peer: SocketAddr,
+    /// Answer packets from the TUN device instead of forwarding them.
+    reflect: bool,
 }
 
 impl Forwarder {
@@ -118,6 +124,17 @@ impl Forwarder {
         Forwarder {
             mtu,
             peer: canonical(peer),
+            reflect: false,
+        }
+    }
+
+    /// A reflector (`tunfwd reflect`): packets from the TUN device are
+    /// answered back into it (see [`crate::reflect`]); nothing is accepted
+    /// from the network (`peer` only names the unused socket's partner).
+    pub fn reflector(mtu: usize, peer: SocketAddr) -> Self {
+        Forwarder {
+            reflect: true,
+            ..Forwarder::new(mtu, peer)
         }
     }
 
@@ -137,9 +154,24 @@ impl Forwarder {
         }
     }
 
+    /// A packet from the TUN device that the decision may rewrite in place
+    /// (the reflector answers it); otherwise as [`Forwarder::handle_from_tun`].
+    pub fn handle_from_tun_mut(&self, packet: &mut [u8]) -> Decision {
+        if !self.reflect {
+            return self.handle_from_tun(packet);
+        }
+        if let Err(reason) = self.check(packet) {
+            return Decision::Drop(reason);
+        }
+        match crate::reflect::reflect(packet) {
+            Ok(()) => Decision::ToTun,
+            Err(_) => Decision::Drop(DropReason::NotReflected),
+        }
+    }
+
     /// A datagram received on the UDP socket from `src`.
     pub fn handle_from_peer(&self, src: SocketAddr, datagram: &[u8]) -> Decision {
-        if canonical(src) != self.peer {
+        if self.reflect || canonical(src) != self.peer {
             return Decision::Drop(DropReason::NotFromPeer);
         }
         match self.check(datagram) {

@@ -40,6 +40,7 @@ pub mod netlink;
 #[cfg(target_os = "linux")]
 pub mod netns;
 pub mod packet;
+pub mod reflect;
 pub mod runtime;
 pub mod stats;
 mod sys;

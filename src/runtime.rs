@@ -176,6 +176,8 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
 
     let engine = choose_engine(cfg)?;
     let offload = match (cfg.offload, &engine) {
+        // Reflected packets go back as they came: no virtio-net headers.
+        _ if cfg.reflect => false,
         (Toggle::Off, _) => false,
         (_, Engine::Poll) => true,
         // The probe decided (and said why if not).
@@ -267,7 +269,11 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
         let stats = Arc::new(WorkerStats::default());
         all_stats.push(stats.clone());
         let label = format!("TUN queue {q} of {dev_name}");
-        let forwarder = Forwarder::new(cfg.mtu as usize, cfg.peer_for(q));
+        let forwarder = if cfg.reflect {
+            Forwarder::reflector(cfg.mtu as usize, cfg.peer_for(q))
+        } else {
+            Forwarder::new(cfg.mtu as usize, cfg.peer_for(q))
+        };
         let shutdown = shutdown.clone();
         let engine = engine.clone();
         let (batch, busy_poll, cpu) = (cfg.batch, cfg.busy_poll, cpus[q]);
@@ -353,14 +359,17 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
     }
 
     let started = Instant::now();
+    let path = if cfg.reflect {
+        "reflecting echo requests and UDP back into the device".to_string()
+    } else {
+        format!("udp {} -> {}", cfg.listen, cfg.peer)
+    };
     crate::info!(
-        "tunnel up: dev {dev_name} ({}), mtu {}, {} queue(s), engine {}, udp {} -> {}",
+        "tunnel up: dev {dev_name} ({}), mtu {}, {} queue(s), engine {}, {path}",
         if created { "created" } else { "attached" },
         cfg.mtu,
         cfg.queues,
         engine.name(),
-        cfg.listen,
-        cfg.peer
     );
 
     let ticker: Receiver<Instant> = if cfg.stats_interval_secs > 0 {

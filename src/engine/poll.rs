@@ -207,7 +207,7 @@ impl PollWorker {
                     return Err(Error::io(format!("read from {}", self.label), e));
                 }
             };
-            match self.forwarder.handle_from_tun(&buf[..len]) {
+            match self.forwarder.handle_from_tun_mut(&mut buf[..len]) {
                 Decision::ToPeer => {
                     if let Push::Full = self.push_to_peer(&buf[..len], peer) {
                         stats.tun_to_peer.backpressure.add(1);

@@ -1240,7 +1240,14 @@ impl UringWorker {
         if self.plan.offload {
             return self.handle_tun_offload(bid, len);
         }
-        let decision = self.forwarder.handle_from_tun(self.packet(bid, 0, len));
+        let decision = {
+            let ptr = self.buf_ptr(bid);
+            // SAFETY: the read that filled buffer `bid` has completed and no
+            // other operation uses it until it is handed to exactly one
+            // send/write or recycled below; len <= buf_len.
+            let pkt = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
+            self.forwarder.handle_from_tun_mut(pkt)
+        };
         match decision {
             Decision::ToPeer => self.send_to_peer(bid, 0, len),
             Decision::ToTun => self.write_to_tun(bid, 0, len),
