@@ -86,6 +86,10 @@ struct ReflectArgs {
     /// Enter the network namespace at PATH before setup.
     #[arg(long, value_name = "PATH")]
     netns: Option<std::path::PathBuf>,
+
+    /// Stop cleanly when the parent process exits (used by `tunfwd bench`).
+    #[arg(long, hide = true)]
+    exit_with_parent: bool,
 }
 
 impl ReflectArgs {
@@ -117,7 +121,7 @@ impl ReflectArgs {
             batch: self.batch,
             stats_interval_secs: self.stats_interval,
             netns: self.netns,
-            exit_with_parent: false,
+            exit_with_parent: self.exit_with_parent,
         }
     }
 }

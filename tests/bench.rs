@@ -230,3 +230,58 @@ fn bench_rejects_bad_flags() {
         assert!(!err.contains("panicked"), "{err}");
     }
 }
+
+/// The reflector as a single-host latency far end: only the idle latency
+/// workload runs for it, its probes are answered, and it stops with the bench.
+#[test]
+fn bench_reflect_far_end() {
+    if !can_run_kernel_tests("bench_reflect_far_end") {
+        return;
+    }
+    let json_path =
+        std::env::temp_dir().join(format!("tunfwd-reflect-{}.json", std::process::id()));
+    let mut p = Proc::spawn({
+        let mut c = Command::new(tunfwd_bin());
+        c.args([
+            "bench",
+            "--compare",
+            "veth,reflect",
+            "--workloads",
+            "latency",
+            "--duration",
+            "0.5",
+            "--json",
+        ])
+        .arg(&json_path);
+        c
+    });
+    let pid = p.child.id();
+    let status = p.wait_timeout(120).expect("bench finished");
+    assert!(status.success(), "{}", p.stderr());
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&json_path);
+    let rows = doc["results"].as_array().unwrap();
+    let labels: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            format!(
+                "{} {}",
+                r["target"].as_str().unwrap(),
+                r["label"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(
+        labels,
+        [
+            "veth latency idle",
+            "veth latency loaded",
+            "reflect latency idle"
+        ]
+    );
+    let r = &rows[2];
+    assert!(f(&r["latency_us"], "p50") > 0.0, "{r}");
+    assert!(r["forwarder_packets"].as_u64().unwrap() > 0, "{r}");
+    let left = processes_matching(&format!("/proc/{pid}/fd/"));
+    assert!(left.is_empty(), "processes left running: {left:?}");
+}

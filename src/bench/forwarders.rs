@@ -163,6 +163,48 @@ fn counters(line: &str) -> PairCounters {
     }
 }
 
+/// `tunfwd reflect` in namespace a: device `tfr0`, 198.19.3.1/24; probes
+/// to 198.19.3.2 are answered by it (the TUN path alone, one host).
+pub struct Reflector {
+    f: Forwarder,
+}
+
+/// The reflector's device address and the far end probes go to.
+pub const REFLECT_ADDR: &str = "198.19.3.1/24";
+
+impl Reflector {
+    pub fn start(topo: &Topology, extra: &[String]) -> Result<Reflector> {
+        let mut args: Vec<String> = vec![
+            "reflect".into(),
+            "--netns".into(),
+            topo.a.proc_path(),
+            "--exit-with-parent".into(),
+            "--dev".into(),
+            "tfr0".into(),
+            "--address".into(),
+            REFLECT_ADDR.into(),
+        ];
+        args.extend(extra.iter().cloned());
+        Ok(Reflector {
+            f: Forwarder::start(args)?,
+        })
+    }
+
+    pub fn cpu_seconds(&self) -> f64 {
+        process_cpu_seconds(self.f.pid())
+    }
+
+    /// Stops it; the reflected packets count as tunnel packets.
+    pub fn stop(self) -> Result<PairCounters> {
+        let line = self.f.stop()?;
+        Ok(PairCounters {
+            tunnel_packets: fields(&line, "packets").get(1).copied().unwrap_or(0),
+            syscalls: fields(&line, "syscalls").first().copied().unwrap_or(0),
+            drops: fields(&line, "drops").iter().sum(),
+        })
+    }
+}
+
 /// A forwarder in each namespace of `topo`.
 pub struct ForwarderPair {
     a: Forwarder,

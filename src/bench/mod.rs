@@ -19,7 +19,29 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{SigSet, Signal};
 use serde_json::json;
 
-use self::forwarders::{ForwarderPair, system_cpu_seconds};
+use self::forwarders::{ForwarderPair, PairCounters, Reflector, system_cpu_seconds};
+
+/// The tunfwd processes of one measurement.
+enum Running {
+    Pair(ForwarderPair),
+    Reflector(Reflector),
+}
+
+impl Running {
+    fn cpu_seconds(&self) -> f64 {
+        match self {
+            Running::Pair(p) => p.cpu_seconds(),
+            Running::Reflector(r) => r.cpu_seconds(),
+        }
+    }
+
+    fn stop(self) -> Result<PairCounters> {
+        match self {
+            Running::Pair(p) => p.stop(),
+            Running::Reflector(r) => r.stop(),
+        }
+    }
+}
 use self::report::{Percentiles, Row, Workload};
 use self::topology::{TUN_B, Topology, UNDERLAY_B, VXLAN_B};
 use crate::error::{Context, Error, Result};
@@ -38,6 +60,9 @@ pub enum Target {
         engine: String,
         args: Vec<String>,
     },
+    /// `tunfwd reflect` in namespace a as the far end of the latency
+    /// probes: the TUN path alone (latency workloads only).
+    Reflect { spec: String, args: Vec<String> },
 }
 
 impl Target {
@@ -53,7 +78,7 @@ impl Target {
             }
             "veth" => Ok(Target::Veth),
             "vxlan" => Ok(Target::Vxlan),
-            "poll" | "uring" => {
+            "poll" | "uring" | "reflect" => {
                 let mut args = Vec::new();
                 for item in parts {
                     let (flag, value) = match item.split_once('=') {
@@ -68,6 +93,12 @@ impl Target {
                     args.push(format!("--{flag}"));
                     args.extend(value.map(str::to_string));
                 }
+                if head == "reflect" {
+                    return Ok(Target::Reflect {
+                        spec: s.to_string(),
+                        args,
+                    });
+                }
                 Ok(Target::Tunfwd {
                     spec: s.to_string(),
                     engine: head.to_string(),
@@ -75,7 +106,7 @@ impl Target {
                 })
             }
             other => Err(format!(
-                "unknown bench target {other:?}: use veth, vxlan, poll or uring (optionally +FLAG=VALUE...)"
+                "unknown bench target {other:?}: use veth, vxlan, poll, uring or reflect (optionally +FLAG=VALUE...)"
             )),
         }
     }
@@ -84,8 +115,13 @@ impl Target {
         match self {
             Target::Veth => "veth".into(),
             Target::Vxlan => "vxlan".into(),
-            Target::Tunfwd { spec, .. } => spec.clone(),
+            Target::Tunfwd { spec, .. } | Target::Reflect { spec, .. } => spec.clone(),
         }
+    }
+
+    /// The reflector only serves as a latency far end, idle.
+    fn runs(&self, w: &Workload) -> bool {
+        !matches!(self, Target::Reflect { .. }) || *w == Workload::Latency { loaded: false }
     }
 
     fn dst(&self) -> Ipv4Addr {
@@ -93,6 +129,7 @@ impl Target {
             Target::Veth => UNDERLAY_B,
             Target::Vxlan => VXLAN_B,
             Target::Tunfwd { .. } => TUN_B,
+            Target::Reflect { .. } => std::net::Ipv4Addr::new(198, 19, 3, 2),
         }
     }
 }
@@ -238,12 +275,16 @@ pub fn run(cfg: &BenchConfig) -> Result<bool> {
         topo.add_vxlan()?;
     }
     let plan = cfg.plan();
-    let total = plan.len() * cfg.targets.len();
+    let total: usize = cfg
+        .targets
+        .iter()
+        .map(|t| plan.iter().filter(|w| t.runs(w)).count())
+        .sum();
     let started = Instant::now();
     let mut rows = Vec::with_capacity(total);
     let mut step = 0;
     'outer: for target in &cfg.targets {
-        for workload in &plan {
+        for workload in plan.iter().filter(|w| target.runs(w)) {
             if stop.load(Ordering::SeqCst) {
                 break 'outer;
             }
@@ -310,13 +351,14 @@ fn measure(
         Target::Tunfwd { engine, args, .. } => {
             let mut all = cfg.forwarder_args.clone();
             all.extend(args.iter().cloned());
-            Some(ForwarderPair::start(topo, engine, &all)?)
+            Some(Running::Pair(ForwarderPair::start(topo, engine, &all)?))
         }
+        Target::Reflect { args, .. } => Some(Running::Reflector(Reflector::start(topo, args)?)),
         _ => None,
     };
     let dst = target.dst();
     let sys_before = system_cpu_seconds();
-    let fwd_before = forwarders.as_ref().map(ForwarderPair::cpu_seconds);
+    let fwd_before = forwarders.as_ref().map(Running::cpu_seconds);
     let mut row = Row {
         target: target.name(),
         workload: workload.clone(),
@@ -373,7 +415,8 @@ fn measure(
                 // Let the bulk stream ramp up first.
                 std::thread::sleep(Duration::from_millis(300));
             }
-            let r = traffic::latency(topo, dst, cfg.duration, 1_000_000, stop)?;
+            let echo_server = !matches!(target, Target::Reflect { .. });
+            let r = traffic::latency(topo, dst, cfg.duration, 1_000_000, echo_server, stop)?;
             if let Some(bg) = background {
                 bg.join()
                     .map_err(|_| Error::config("background load thread panicked"))??;

@@ -230,19 +230,24 @@ pub fn tcp_bulk(
     Ok(TcpResult { bytes, seconds })
 }
 
-/// Closed-loop UDP ping-pong from a to an echo server at `dst` in b for
-/// `duration`, at most `max_probes` probes.
+/// Closed-loop UDP ping-pong from a to `dst` for `duration`, at most
+/// `max_probes` probes. With `echo_server`, an echo server in b answers;
+/// without, something else does (a `tunfwd reflect` in a).
 pub fn latency(
     topo: &Topology,
     dst: Ipv4Addr,
     duration: Duration,
     max_probes: u64,
+    echo_server: bool,
     stop: &Arc<AtomicBool>,
 ) -> Result<LatencyResult> {
     let addr = SocketAddr::from((dst, ECHO_PORT));
     let done = Arc::new(AtomicBool::new(false));
     let (ready_tx, ready_rx) = crossbeam::channel::bounded(1);
-    let echo = {
+    if !echo_server {
+        let _ = ready_tx.send(());
+    }
+    let echo = echo_server.then(|| {
         let done = done.clone();
         topo.b.spawn("bench-echo", move || {
             let sock = UdpSocket::bind(addr).context(|| format!("bind echo server {addr}"))?;
@@ -256,8 +261,9 @@ pub fn latency(
                 }
             }
             Ok(())
-        })?
-    };
+        })
+    });
+    let echo = echo.transpose()?;
     ready_rx
         .recv_timeout(Duration::from_secs(5))
         .map_err(|_| Error::config("echo server did not start"))?;
@@ -301,6 +307,8 @@ pub fn latency(
     })?;
     let result = join(client, "latency probe");
     done.store(true, Ordering::Relaxed);
-    join(echo, "echo server")?;
+    if let Some(echo) = echo {
+        join(echo, "echo server")?;
+    }
     result
 }
