@@ -113,6 +113,8 @@ impl ReflectArgs {
             cpus: self.cpus,
             offload: config::Toggle::Off,
             reflect: true,
+            tap_vni: None,
+            mac: None,
             busy_poll: self.busy_poll,
             sndbuf: None,
             rcvbuf: None,
@@ -216,6 +218,42 @@ enum EngineArg {
     Poll,
 }
 
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum ModeArg {
+    /// IP packets (a TUN device).
+    Tun,
+    /// Ethernet frames (a TAP device), carried in VXLAN.
+    Tap,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum EncapArg {
+    /// One IP packet per datagram (TUN mode).
+    None,
+    /// An 8-byte VXLAN header and an Ethernet frame per datagram (TAP mode;
+    /// the kernel's vxlan device is a peer).
+    Vxlan,
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let bad = || format!("{s:?} is not a MAC address like 02:00:00:00:00:01");
+    if parts.len() != 6 {
+        return Err(bad());
+    }
+    let mut mac = [0u8; 6];
+    for (m, p) in mac.iter_mut().zip(parts) {
+        *m = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    if mac[0] & 1 != 0 {
+        return Err(format!(
+            "{s}: a multicast address cannot be an interface address"
+        ));
+    }
+    Ok(mac)
+}
+
 #[derive(ValueEnum, Clone, Copy, Debug)]
 enum ToggleArg {
     On,
@@ -238,6 +276,23 @@ struct TunnelArgs {
     /// TUN device name; a `%d` in it lets the kernel pick a number.
     #[arg(long, default_value = "tunfwd%d", value_name = "NAME")]
     dev: String,
+
+    /// tun: IP packets; tap: Ethernet frames in VXLAN (needs --vni; for a
+    /// kernel vxlan peer use --mtu 1450 and port 4789).
+    #[arg(long, value_enum, default_value = "tun")]
+    mode: ModeArg,
+
+    /// Encapsulation [default: none with --mode tun, vxlan with --mode tap].
+    #[arg(long, value_enum)]
+    encap: Option<EncapArg>,
+
+    /// VXLAN network identifier, 0-16777215 (--mode tap).
+    #[arg(long, value_name = "VNI")]
+    vni: Option<u32>,
+
+    /// Ethernet address of the TAP device [default: chosen by the kernel].
+    #[arg(long, value_name = "MAC", value_parser = parse_mac)]
+    mac: Option<[u8; 6]>,
 
     /// Only attach to an existing (persistent) device; fail if it does not
     /// exist. Without it, an existing device is attached to and a missing one
@@ -370,8 +425,32 @@ struct TunnelArgs {
 }
 
 impl TunnelArgs {
-    fn into_config(self) -> TunnelConfig {
-        TunnelConfig {
+    fn into_config(self) -> crate::error::Result<TunnelConfig> {
+        use crate::error::Error;
+        let tap_vni = match (self.mode, self.encap) {
+            (ModeArg::Tun, None | Some(EncapArg::None)) => {
+                if self.vni.is_some() {
+                    return Err(Error::config("--vni applies to --mode tap only"));
+                }
+                None
+            }
+            (ModeArg::Tun, Some(EncapArg::Vxlan)) => {
+                return Err(Error::config(
+                    "--encap vxlan carries Ethernet frames: use it with --mode tap",
+                ));
+            }
+            (ModeArg::Tap, None | Some(EncapArg::Vxlan)) => Some(self.vni.ok_or_else(|| {
+                Error::config("--mode tap needs --vni N (the VXLAN network identifier)")
+            })?),
+            (ModeArg::Tap, Some(EncapArg::None)) => {
+                return Err(Error::config(
+                    "--mode tap needs --encap vxlan (plain Ethernet over UDP is not supported)",
+                ));
+            }
+        };
+        Ok(TunnelConfig {
+            tap_vni,
+            mac: self.mac,
             dev: self.dev,
             attach: self.attach,
             addresses: self.addresses,
@@ -404,7 +483,7 @@ impl TunnelArgs {
             stats_interval_secs: self.stats_interval,
             netns: self.netns,
             exit_with_parent: self.exit_with_parent,
-        }
+        })
     }
 }
 
@@ -417,7 +496,10 @@ pub fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Tunnel(args) => crate::runtime::run_tunnel(&args.into_config()).map(|()| true),
+        Command::Tunnel(args) => args
+            .into_config()
+            .and_then(|c| crate::runtime::run_tunnel(&c))
+            .map(|()| true),
         Command::Bench(args) => crate::bench::run(&args.into_config()),
         Command::Reflect(args) => crate::runtime::run_tunnel(&args.into_config()).map(|()| true),
     };

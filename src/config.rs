@@ -227,6 +227,10 @@ pub struct TunnelConfig {
     pub offload: Toggle,
     /// `tunfwd reflect`: answer packets on the device; no peer.
     pub reflect: bool,
+    /// TAP mode: Ethernet frames in VXLAN with this VNI.
+    pub tap_vni: Option<u32>,
+    /// Ethernet address for a TAP device.
+    pub mac: Option<[u8; 6]>,
 }
 
 impl TunnelConfig {
@@ -310,6 +314,19 @@ impl TunnelConfig {
                 }
             }
         }
+        if let Some(vni) = self.tap_vni {
+            if vni > crate::packet::vxlan::MAX_VNI {
+                return Err(Error::config(format!(
+                    "--vni {vni} is out of range 0..={}",
+                    crate::packet::vxlan::MAX_VNI
+                )));
+            }
+            if self.offload == Toggle::On {
+                return Err(Error::config("--offload on: not available in TAP mode"));
+            }
+        } else if self.mac.is_some() {
+            return Err(Error::config("--mac applies to --mode tap only"));
+        }
         crate::device::check_name(&self.dev)?;
         Ok(())
     }
@@ -361,6 +378,8 @@ mod tests {
             uring: UringFlags::default(),
             offload: Toggle::Auto,
             reflect: false,
+            tap_vni: None,
+            mac: None,
         }
     }
 

@@ -48,10 +48,14 @@ pub enum DropReason {
     BadOffload,
     /// Reflect mode: a packet the reflector does not answer.
     NotReflected,
+    /// TAP mode: a datagram without the VXLAN I flag.
+    BadVxlan,
+    /// TAP mode: a VXLAN datagram for another VNI.
+    WrongVni,
 }
 
 impl DropReason {
-    pub const COUNT: usize = 11;
+    pub const COUNT: usize = 13;
     pub const ALL: [DropReason; DropReason::COUNT] = [
         DropReason::Empty,
         DropReason::Truncated,
@@ -64,6 +68,8 @@ impl DropReason {
         DropReason::TunWriteFailed,
         DropReason::BadOffload,
         DropReason::NotReflected,
+        DropReason::BadVxlan,
+        DropReason::WrongVni,
     ];
 
     /// Stable snake_case name used in stats output.
@@ -80,6 +86,8 @@ impl DropReason {
             DropReason::TunWriteFailed => "tun_write_failed",
             DropReason::BadOffload => "bad_offload",
             DropReason::NotReflected => "not_reflected",
+            DropReason::BadVxlan => "bad_vxlan",
+            DropReason::WrongVni => "wrong_vni",
         }
     }
 
@@ -115,6 +123,8 @@ pub struct Forwarder {
     peer: SocketAddr,
     /// Answer packets from the TUN device instead of forwarding them.
     reflect: bool,
+    /// TAP mode: Ethernet frames in VXLAN with this VNI.
+    vxlan_vni: Option<u32>,
 }
 
 impl Forwarder {
@@ -125,6 +135,35 @@ impl Forwarder {
             mtu,
             peer: canonical(peer),
             reflect: false,
+            vxlan_vni: None,
+        }
+    }
+
+    /// TAP mode: Ethernet frames (up to `mtu` + 18 bytes: header and a
+    /// VLAN tag) carried in VXLAN with network identifier `vni`. The engine
+    /// writes [`Forwarder::encap_len`] header bytes in front of every frame
+    /// it sends ([`Forwarder::write_encap`]) and strips as many from every
+    /// datagram it writes to the device.
+    pub fn vxlan(mtu: usize, peer: SocketAddr, vni: u32) -> Self {
+        Forwarder {
+            vxlan_vni: Some(vni),
+            ..Forwarder::new(mtu, peer)
+        }
+    }
+
+    /// Bytes of encapsulation before each packet on the wire (0 or 8).
+    pub fn encap_len(&self) -> usize {
+        if self.vxlan_vni.is_some() {
+            crate::packet::vxlan::HEADER_LEN
+        } else {
+            0
+        }
+    }
+
+    /// Writes the encapsulation header into `out[..encap_len()]`.
+    pub fn write_encap(&self, out: &mut [u8]) {
+        if let Some(vni) = self.vxlan_vni {
+            crate::packet::vxlan::write_header(out, vni);
         }
     }
 
@@ -146,8 +185,14 @@ impl Forwarder {
         self.peer
     }
 
-    /// A packet the kernel routed into the TUN device.
+    /// A packet the kernel routed into the TUN device (a frame, in TAP mode).
     pub fn handle_from_tun(&self, packet: &[u8]) -> Decision {
+        if self.vxlan_vni.is_some() {
+            return match self.check_frame(packet) {
+                Ok(()) => Decision::ToPeer,
+                Err(r) => Decision::Drop(r),
+            };
+        }
         match self.check(packet) {
             Ok(()) => Decision::ToPeer,
             Err(reason) => Decision::Drop(reason),
@@ -171,13 +216,53 @@ impl Forwarder {
 
     /// A datagram received on the UDP socket from `src`.
     pub fn handle_from_peer(&self, src: SocketAddr, datagram: &[u8]) -> Decision {
-        if self.reflect || canonical(src) != self.peer {
+        if self.reflect || !self.is_peer(src) {
             return Decision::Drop(DropReason::NotFromPeer);
+        }
+        if let Some(vni) = self.vxlan_vni {
+            use crate::packet::vxlan::{self, VxlanError};
+            return match vxlan::check(datagram, vni) {
+                Ok(()) => match self.check_frame(&datagram[vxlan::HEADER_LEN..]) {
+                    Ok(()) => Decision::ToTun,
+                    Err(r) => Decision::Drop(r),
+                },
+                Err(VxlanError::Truncated) => Decision::Drop(DropReason::Truncated),
+                Err(VxlanError::BadFlags) => Decision::Drop(DropReason::BadVxlan),
+                Err(VxlanError::WrongVni) => Decision::Drop(DropReason::WrongVni),
+            };
         }
         match self.check(datagram) {
             Ok(()) => Decision::ToTun,
             Err(reason) => Decision::Drop(reason),
         }
+    }
+
+    /// VXLAN senders pick the UDP source port from a flow hash (RFC 7348),
+    /// so in TAP mode only the peer's address must match; otherwise the
+    /// address and port.
+    fn is_peer(&self, src: SocketAddr) -> bool {
+        let src = canonical(src);
+        if self.vxlan_vni.is_some() {
+            src.ip() == self.peer.ip()
+        } else {
+            src == self.peer
+        }
+    }
+
+    /// An Ethernet frame: at least a header, at most MTU + header + one
+    /// VLAN tag.
+    fn check_frame(&self, frame: &[u8]) -> Result<(), DropReason> {
+        use crate::packet::vxlan::ETH_HEADER_LEN;
+        if frame.is_empty() {
+            return Err(DropReason::Empty);
+        }
+        if frame.len() < ETH_HEADER_LEN {
+            return Err(DropReason::Truncated);
+        }
+        if frame.len() > self.mtu + ETH_HEADER_LEN + 4 {
+            return Err(DropReason::OverMtu);
+        }
+        Ok(())
     }
 
     fn check(&self, bytes: &[u8]) -> Result<(), DropReason> {
@@ -322,5 +407,56 @@ mod tests {
                 assert_ne!(r.name(), other.name());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod vxlan_tests {
+    use super::*;
+
+    #[test]
+    fn tap_mode_checks_frames_and_vxlan() {
+        let peer: SocketAddr = "198.18.0.2:4789".parse().unwrap();
+        let f = Forwarder::vxlan(1450, peer, 42);
+        assert_eq!(f.encap_len(), 8);
+        let frame = vec![0xaa; 60];
+        assert_eq!(f.handle_from_tun(&frame), Decision::ToPeer);
+        assert_eq!(
+            f.handle_from_tun(&frame[..10]),
+            Decision::Drop(DropReason::Truncated)
+        );
+        assert_eq!(
+            f.handle_from_tun(&vec![0; 1450 + 19]),
+            Decision::Drop(DropReason::OverMtu)
+        );
+        let mut d = vec![0u8; 8];
+        f.write_encap(&mut d);
+        d.extend_from_slice(&frame);
+        assert_eq!(f.handle_from_peer(peer, &d), Decision::ToTun);
+        let other = Forwarder::vxlan(1450, peer, 43);
+        assert_eq!(
+            other.handle_from_peer(peer, &d),
+            Decision::Drop(DropReason::WrongVni)
+        );
+        let mut bad = d.clone();
+        bad[0] = 0;
+        assert_eq!(
+            f.handle_from_peer(peer, &bad),
+            Decision::Drop(DropReason::BadVxlan)
+        );
+        assert_eq!(
+            f.handle_from_peer(peer, &d[..20]),
+            Decision::Drop(DropReason::Truncated)
+        );
+        let stranger: SocketAddr = "198.18.0.9:4789".parse().unwrap();
+        assert_eq!(
+            f.handle_from_peer(stranger, &d),
+            Decision::Drop(DropReason::NotFromPeer)
+        );
+        // Any source port of the peer's address (VXLAN source-port entropy).
+        let other_port: SocketAddr = "198.18.0.2:53123".parse().unwrap();
+        assert_eq!(f.handle_from_peer(other_port, &d), Decision::ToTun);
+        // A TUN-mode forwarder has no encapsulation.
+        assert_eq!(Forwarder::new(1450, peer).encap_len(), 0);
     }
 }

@@ -70,29 +70,30 @@ impl Engine {
 fn choose_engine(cfg: &TunnelConfig) -> Result<Engine> {
     #[cfg(target_os = "linux")]
     {
-        let opts = UringOptions::from_flags(
-            &cfg.uring,
-            cfg.batch,
-            cfg.busy_poll,
-            cfg.offload != Toggle::Off,
-        );
+        // Reflected packets and TAP frames in VXLAN carry no virtio-net
+        // headers: offload is off there.
+        let offload = if cfg.reflect || cfg.tap_vni.is_some() {
+            Toggle::Off
+        } else {
+            cfg.offload
+        };
+        let opts =
+            UringOptions::from_flags(&cfg.uring, cfg.batch, cfg.busy_poll, offload != Toggle::Off);
         match cfg.engine {
             EngineKind::Poll => Ok(Engine::Poll),
             EngineKind::Uring => Ok(Engine::Uring(Box::new(uring::probe(
                 &opts,
                 cfg.mtu as usize,
                 cfg.queues,
-                cfg.offload,
+                offload,
             )?))),
-            EngineKind::Auto => {
-                match uring::probe(&opts, cfg.mtu as usize, cfg.queues, cfg.offload) {
-                    Ok(plan) => Ok(Engine::Uring(Box::new(plan))),
-                    Err(e) => {
-                        crate::info!("io_uring unavailable ({e}): using the poll engine");
-                        Ok(Engine::Poll)
-                    }
+            EngineKind::Auto => match uring::probe(&opts, cfg.mtu as usize, cfg.queues, offload) {
+                Ok(plan) => Ok(Engine::Uring(Box::new(plan))),
+                Err(e) => {
+                    crate::info!("io_uring unavailable ({e}): using the poll engine");
+                    Ok(Engine::Poll)
                 }
-            }
+            },
         }
     }
     #[cfg(not(target_os = "linux"))]
@@ -176,8 +177,9 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
 
     let engine = choose_engine(cfg)?;
     let offload = match (cfg.offload, &engine) {
-        // Reflected packets go back as they came: no virtio-net headers.
-        _ if cfg.reflect => false,
+        // Reflected packets go back as they came, and TAP frames travel in
+        // VXLAN: no virtio-net headers.
+        _ if cfg.reflect || cfg.tap_vni.is_some() => false,
         (Toggle::Off, _) => false,
         (_, Engine::Poll) => true,
         // The probe decided (and said why if not).
@@ -224,7 +226,11 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
         queues: cfg.queues,
         attach: cfg.attach,
         vnet_hdr: offload,
+        tap: cfg.tap_vni.is_some(),
     })?;
+    if let Some(mac) = cfg.mac {
+        device.set_mac(mac)?;
+    }
     let dev_name = device.name().to_string();
     let created = device.created();
     let txqueuelen = cfg.txqueuelen.or(if created {
@@ -271,6 +277,8 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
         let label = format!("TUN queue {q} of {dev_name}");
         let forwarder = if cfg.reflect {
             Forwarder::reflector(cfg.mtu as usize, cfg.peer_for(q))
+        } else if let Some(vni) = cfg.tap_vni {
+            Forwarder::vxlan(cfg.mtu as usize, cfg.peer_for(q), vni)
         } else {
             Forwarder::new(cfg.mtu as usize, cfg.peer_for(q))
         };

@@ -33,6 +33,8 @@ pub struct TunOptions<'a> {
     pub attach: bool,
     /// Open with `IFF_VNET_HDR`: every packet carries a virtio-net header.
     pub vnet_hdr: bool,
+    /// A TAP device (Ethernet frames) instead of TUN (IP packets).
+    pub tap: bool,
 }
 
 /// Offloads the TUN device accepted (`TUNSETOFFLOAD`).
@@ -72,7 +74,12 @@ impl TunDevice {
             )));
         }
 
-        let mut flags = libc::IFF_TUN | libc::IFF_NO_PI | libc::IFF_MULTI_QUEUE;
+        let kind = if opts.tap {
+            libc::IFF_TAP
+        } else {
+            libc::IFF_TUN
+        };
+        let mut flags = kind | libc::IFF_NO_PI | libc::IFF_MULTI_QUEUE;
         if opts.vnet_hdr {
             flags |= libc::IFF_VNET_HDR;
         }
@@ -153,6 +160,18 @@ impl TunDevice {
             tso: true,
             uso: false,
         })
+    }
+
+    /// Sets the Ethernet address (TAP devices).
+    pub fn set_mac(&self, mac: [u8; 6]) -> Result<()> {
+        let sock = control_socket(AddressFamily::Inet)?;
+        let m = mac
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":");
+        sys::set_mac(sock.as_fd(), &self.name, mac)
+            .context(|| format!("set MAC address {m} on {}", self.name))
     }
 
     /// The interface name the kernel gave the device.

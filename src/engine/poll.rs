@@ -164,7 +164,9 @@ impl PollWorker {
             if let (Some(at), true) = (to_tun_pending, tun_out) {
                 to_tun_pending = if offloading {
                     self.flush_tun_writes(&mut coalescer, at)?
-                } else if let Push::Done = self.push_to_tun(&to_tun_buf[..at])? {
+                } else if let Push::Done =
+                    self.push_to_tun(&to_tun_buf[self.forwarder.encap_len()..at])?
+                {
                     None
                 } else {
                     Some(at)
@@ -197,9 +199,12 @@ impl PollWorker {
     /// peer. Returns the length of a packet left in `buf` if the socket filled.
     fn drain_tun(&self, buf: &mut [u8], peer: SocketAddr) -> Result<Option<usize>> {
         let stats = &self.stats;
+        // Headroom for the encapsulation header (VXLAN in TAP mode): the
+        // frame is read behind it and sent with it, without a copy.
+        let head = self.forwarder.encap_len();
         for _ in 0..self.batch {
             stats.syscalls.add(1);
-            let len = match (&self.tun).read(buf) {
+            let len = match (&self.tun).read(&mut buf[head..]) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -207,18 +212,22 @@ impl PollWorker {
                     return Err(Error::io(format!("read from {}", self.label), e));
                 }
             };
-            match self.forwarder.handle_from_tun_mut(&mut buf[..len]) {
+            match self
+                .forwarder
+                .handle_from_tun_mut(&mut buf[head..head + len])
+            {
                 Decision::ToPeer => {
-                    if let Push::Full = self.push_to_peer(&buf[..len], peer) {
+                    self.forwarder.write_encap(&mut buf[..head]);
+                    if let Push::Full = self.push_to_peer(&buf[..head + len], peer) {
                         stats.tun_to_peer.backpressure.add(1);
-                        return Ok(Some(len));
+                        return Ok(Some(head + len));
                     }
                 }
                 Decision::Drop(reason) => stats.tun_to_peer.drop(reason),
                 // A hairpin (the core answering on the same side): no waiting
                 // for room here, a full TUN queue loses the packet.
                 Decision::ToTun => {
-                    if let Push::Full = self.push_to_tun(&buf[..len])? {
+                    if let Push::Full = self.push_to_tun(&buf[head..head + len])? {
                         stats.peer_to_tun.drop(DropReason::TunWriteFailed);
                     }
                 }
@@ -253,7 +262,8 @@ impl PollWorker {
             };
             match self.forwarder.handle_from_peer(src, &buf[..len]) {
                 Decision::ToTun => {
-                    if let Push::Full = self.push_to_tun(&buf[..len])? {
+                    let head = self.forwarder.encap_len();
+                    if let Push::Full = self.push_to_tun(&buf[head..len])? {
                         stats.peer_to_tun.backpressure.add(1);
                         return Ok(Some(len));
                     }

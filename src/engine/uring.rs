@@ -805,7 +805,8 @@ impl UringWorker {
         let mut r = BufRing::new(u32::from(n))
             .map_err(|e| Error::io(format!("allocate {what} buffer ring for {}", self.label), e))?;
         for bid in first..first + n {
-            r.push(self.buf_ptr(bid), self.plan.buf_len, bid);
+            let (ptr, len) = self.read_area(bid);
+            r.push(ptr, len, bid);
         }
         r.publish();
         // SAFETY: the caller stores the BufRing in `self`, where it is dropped
@@ -912,8 +913,8 @@ impl UringWorker {
                 self.stats.pool_exhausted.add(1);
                 break;
             };
-            let ptr = self.buf_ptr(bid);
-            let len = (self.plan.buf_len) as u32;
+            let (ptr, len) = self.read_area(bid);
+            let len = len as u32;
             let e = if self.plan.fixed_buffers {
                 with_file!(self, TUN_SLOT, |f| opcode::ReadFixed::new(f, ptr, len, 0)
                     .build())
@@ -981,8 +982,7 @@ impl UringWorker {
 
     /// Returns a buffer to its group, re-arming a starved reader.
     fn recycle(&mut self, bid: u16) -> Result<()> {
-        let ptr = self.buf_ptr(bid);
-        let len = self.plan.buf_len;
+        let (ptr, len) = self.read_area(bid);
         if self.is_tun_buf(bid) {
             match &mut self.tun_ring {
                 Some(r) => {
@@ -1236,21 +1236,42 @@ impl UringWorker {
         Ok(())
     }
 
+    /// Where reads into buffer `bid` land: TUN buffers keep headroom for
+    /// the encapsulation header (VXLAN in TAP mode) in front.
+    fn read_area(&self, bid: u16) -> (*mut u8, usize) {
+        let head = if self.is_tun_buf(bid) {
+            self.forwarder.encap_len()
+        } else {
+            0
+        };
+        // SAFETY: head (0 or 8) < buf_len, inside buffer `bid`.
+        (
+            unsafe { self.buf_ptr(bid).add(head) },
+            self.plan.buf_len - head,
+        )
+    }
+
     fn handle_tun_packet(&mut self, bid: u16, len: usize) -> Result<()> {
         if self.plan.offload {
             return self.handle_tun_offload(bid, len);
         }
+        let head = self.forwarder.encap_len();
         let decision = {
             let ptr = self.buf_ptr(bid);
             // SAFETY: the read that filled buffer `bid` has completed and no
             // other operation uses it until it is handed to exactly one
-            // send/write or recycled below; len <= buf_len.
-            let pkt = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
-            self.forwarder.handle_from_tun_mut(pkt)
+            // send/write or recycled below; head + len <= buf_len.
+            let buf = unsafe { std::slice::from_raw_parts_mut(ptr, head + len) };
+            let (encap, pkt) = buf.split_at_mut(head);
+            let d = self.forwarder.handle_from_tun_mut(pkt);
+            if d == Decision::ToPeer {
+                self.forwarder.write_encap(encap);
+            }
+            d
         };
         match decision {
-            Decision::ToPeer => self.send_to_peer(bid, 0, len),
-            Decision::ToTun => self.write_to_tun(bid, 0, len),
+            Decision::ToPeer => self.send_to_peer(bid, 0, head + len),
+            Decision::ToTun => self.write_to_tun(bid, head, len),
             Decision::Drop(r) => {
                 self.stats.tun_to_peer.drop(r);
                 self.recycle(bid)
@@ -1283,7 +1304,10 @@ impl UringWorker {
                 .handle_from_peer(src, self.packet(bid, offset, len)),
         };
         match decision {
-            Decision::ToTun => self.write_to_tun(bid, offset, len),
+            Decision::ToTun => {
+                let head = self.forwarder.encap_len();
+                self.write_to_tun(bid, offset + head, len - head)
+            }
             Decision::ToPeer => self.send_to_peer(bid, offset, len),
             Decision::Drop(r) => {
                 self.stats.peer_to_tun.drop(r);

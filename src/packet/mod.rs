@@ -10,5 +10,6 @@ pub mod checksum;
 pub mod ip;
 pub mod offload;
 pub mod virtio;
+pub mod vxlan;
 
 pub use ip::{IpPacket, Ipv4Packet, Ipv6Packet, ParseError};

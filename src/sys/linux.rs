@@ -154,6 +154,20 @@ pub fn set_txqueuelen(sock: BorrowedFd<'_>, name: &str, packets: u32) -> io::Res
     ifreq_ioctl(sock, libc::SIOCSIFTXQLEN, &mut ifr)
 }
 
+/// Sets the Ethernet address of a TAP interface.
+pub fn set_mac(sock: BorrowedFd<'_>, name: &str, mac: [u8; 6]) -> io::Result<()> {
+    let mut ifr = IfReq::new(name)?;
+    let mut data = [0 as c_char; 14];
+    for (dst, src) in data.iter_mut().zip(mac) {
+        *dst = src as c_char;
+    }
+    ifr.0.ifr_ifru.ifru_hwaddr = libc::sockaddr {
+        sa_family: libc::ARPHRD_ETHER,
+        sa_data: data,
+    };
+    ifreq_ioctl(sock, libc::SIOCSIFHWADDR, &mut ifr)
+}
+
 /// A `sockaddr` holding an AF_INET address (port 0), built field by field.
 fn sockaddr_v4(addr: Ipv4Addr) -> libc::sockaddr {
     let mut data = [0 as c_char; 14];

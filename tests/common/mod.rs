@@ -42,7 +42,7 @@ pub fn can_run_kernel_tests(test: &str) -> bool {
     if !std::path::Path::new("/dev/net/tun").exists() {
         missing.push("/dev/net/tun".to_string());
     }
-    for tool in ["ip", "ping", "socat", "iperf3"] {
+    for tool in ["ip", "ping", "socat", "iperf3", "ethtool"] {
         if Command::new(tool)
             .arg(if tool == "ip" { "-V" } else { "-h" })
             .stdout(Stdio::null())

@@ -1,0 +1,137 @@
+//! TAP mode with VXLAN encapsulation (RFC 7348), against the Linux kernel's
+//! own vxlan device and tunfwd to tunfwd, under both engines. Needs root.
+
+mod common;
+
+use std::net::SocketAddr;
+
+use common::*;
+
+/// tunfwd in TAP/VXLAN mode on side a, with overlay `addr`.
+fn tap_args(side_a: bool, engine: &str) -> Vec<String> {
+    let (me, peer, addr, addr6) = if side_a {
+        (UNDERLAY_A, UNDERLAY_B, "198.19.2.1/24", "2001:db8:2::1/64")
+    } else {
+        (UNDERLAY_B, UNDERLAY_A, "198.19.2.2/24", "2001:db8:2::2/64")
+    };
+    [
+        "tunnel",
+        "--engine",
+        engine,
+        "--mode",
+        "tap",
+        "--vni",
+        "42",
+        "--dev",
+        "tap0",
+        "--mtu",
+        "1450",
+        "--address",
+        addr,
+        "--address",
+        addr6,
+        "--listen",
+        &format!("{me}:4789"),
+        "--peer",
+        &format!("{peer}:4789"),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+#[test]
+fn tap_vxlan_against_kernel_vxlan() {
+    if !can_run_kernel_tests("tap_vxlan_against_kernel_vxlan") {
+        return;
+    }
+    for engine in ["poll", "uring"] {
+        let topo = Topology::new();
+        let mut a = Proc::tunfwd(&topo.a, &tap_args(true, engine));
+        topo.b.ip(&[
+            "link", "add", "vxlan0", "type", "vxlan", "id", "42", "local", UNDERLAY_B, "remote",
+            UNDERLAY_A, "dstport", "4789", "dev", "veth0",
+        ]);
+        topo.b
+            .ip(&["addr", "add", "198.19.2.2/24", "dev", "vxlan0"]);
+        topo.b.ip(&["link", "set", "vxlan0", "up"]);
+        // On one host the kernel's packets cross veth with checksums left
+        // for the (absent) NIC; on a wire they would be complete. Ask the
+        // kernel side for complete checksums, as a NIC would deliver.
+        assert!(
+            topo.b.run_ok(&["ethtool", "-K", "vxlan0", "tx", "off"]),
+            "ethtool -K vxlan0 tx off"
+        );
+        assert!(
+            topo.a.ping("198.19.2.2"),
+            "{engine}: tunfwd -> kernel vxlan (ARP, then ICMP)"
+        );
+        assert!(
+            topo.b.ping("198.19.2.1"),
+            "{engine}: kernel vxlan -> tunfwd"
+        );
+        let to_b: SocketAddr = "198.19.2.2:7000".parse().unwrap();
+        let to_a: SocketAddr = "198.19.2.1:7001".parse().unwrap();
+        verified_tcp_transfer(&topo.a, &topo.b, to_b, 8 << 20);
+        verified_tcp_transfer(&topo.b, &topo.a, to_a, 8 << 20);
+        assert!(a.terminate().success());
+        let out = a.stdout();
+        assert_eq!(stat(&out, "summary total", "wrong_vni"), 0, "{out}");
+    }
+}
+
+#[test]
+fn tap_vxlan_tunfwd_to_tunfwd() {
+    if !can_run_kernel_tests("tap_vxlan_tunfwd_to_tunfwd") {
+        return;
+    }
+    for (ea, eb) in [("poll", "poll"), ("uring", "uring"), ("uring", "poll")] {
+        let topo = Topology::new();
+        let mut a = Proc::tunfwd(&topo.a, &tap_args(true, ea));
+        let mut b = Proc::tunfwd(&topo.b, &tap_args(false, eb));
+        assert!(topo.a.ping("198.19.2.2"), "{ea}/{eb}: ping v4");
+        // IPv6 addresses on an Ethernet device wait for duplicate address
+        // detection (about a second) before they can be used.
+        let pinged = (0..10).any(|_| {
+            topo.b.ping("2001:db8:2::1") || {
+                std::thread::sleep(std::time::Duration::from_millis(500));
+                false
+            }
+        });
+        assert!(pinged, "{ea}/{eb}: ping v6");
+        let to_b: SocketAddr = "198.19.2.2:7000".parse().unwrap();
+        verified_tcp_transfer(&topo.a, &topo.b, to_b, 8 << 20);
+        assert!(a.terminate().success());
+        assert!(b.terminate().success());
+    }
+}
+
+#[test]
+fn tap_flag_errors() {
+    for (args, want) in [
+        (vec!["--mode", "tap"], "--mode tap needs --vni"),
+        (vec!["--encap", "vxlan"], "use it with --mode tap"),
+        (vec!["--vni", "5"], "--vni applies to --mode tap only"),
+        (
+            vec!["--mode", "tap", "--vni", "16777216"],
+            "--vni 16777216 is out of range",
+        ),
+        (
+            vec!["--mac", "01:00:00:00:00:01", "--mode", "tap", "--vni", "1"],
+            "multicast",
+        ),
+        (
+            vec!["--mac", "02:00:00:00:00:01"],
+            "--mac applies to --mode tap only",
+        ),
+    ] {
+        let mut full = vec!["tunnel", "--listen", "127.0.0.1:0", "--peer", "127.0.0.1:9"];
+        full.extend(&args);
+        let out = std::process::Command::new(tunfwd_bin())
+            .args(&full)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+}
