@@ -36,46 +36,59 @@ enum Command {
     Reflect(ReflectArgs),
 }
 
+/// The device options shared by `tunnel` and `reflect`.
 #[derive(clap::Args, Debug)]
-struct ReflectArgs {
+struct DeviceArgs {
     /// TUN device name; a `%d` in it lets the kernel pick a number.
     #[arg(long, default_value = "tunfwd%d", value_name = "NAME")]
     dev: String,
 
-    /// Only attach to an existing device; never create one.
+    /// Only attach to an existing (persistent) device; fail if it does not
+    /// exist. Without it, an existing device is attached to and a missing one
+    /// created. Attached devices are left in place on exit.
     #[arg(long)]
     attach: bool,
 
-    /// Address and prefix length for the device, e.g. 198.19.0.1/24 (then
-    /// ping 198.19.0.2). Repeatable: at most one IPv4, any number of IPv6.
+    /// Address and prefix length for the device, e.g. 198.19.0.1/24 or
+    /// 2001:db8:19::1/64. Repeatable: at most one IPv4, any number of IPv6.
     #[arg(long = "address", value_name = "CIDR")]
     addresses: Vec<Cidr>,
 
-    /// Device MTU in bytes (68-65507; 1280+ with IPv6).
+    /// Device MTU in bytes: the largest inner IP packet. Range 68-65507
+    /// (1280 or more with an IPv6 address). Default fits a 1500-byte underlay
+    /// with an IPv6 outer header.
     #[arg(long, default_value_t = config::DEFAULT_MTU, value_name = "BYTES")]
     mtu: u32,
 
-    /// Device transmit queue length in packets [default: 1000 on a created device].
+    /// Device transmit queue length in packets. Default: 1000 on a device
+    /// tunfwd creates (the kernel's 500 drops bursts); unchanged on an
+    /// attached one.
     #[arg(long, value_name = "PACKETS")]
     txqueuelen: Option<u32>,
+}
 
-    /// Engine.
+/// The worker options shared by `tunnel` and `reflect`.
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Forwarding engine.
     #[arg(long, value_enum, default_value = "auto")]
     engine: EngineArg,
 
-    /// Number of TUN queues, one worker thread each (1-256).
+    /// Number of TUN queues, one worker thread and UDP port each (1-256).
     #[arg(long, default_value_t = 1, value_name = "N")]
     queues: usize,
 
-    /// CPUs for the workers: auto, none, or a list like 0,2-3.
+    /// CPUs for the workers: `auto` (worker i on the i-th CPU this process
+    /// may use), `none` (no pinning), or a list like `0,2-3`.
     #[arg(long, default_value = "auto", value_name = "LIST")]
     cpus: config::CpuPlan,
 
-    /// Max packets handled per loop iteration.
+    /// Max packets handled per direction per wakeup.
     #[arg(long, default_value_t = config::DEFAULT_BATCH, value_name = "PACKETS")]
     batch: usize,
 
-    /// Spin instead of sleeping while waiting.
+    /// Spin instead of sleeping while waiting for packets (burns a CPU per
+    /// worker; lowers latency).
     #[arg(long)]
     busy_poll: bool,
 
@@ -83,7 +96,8 @@ struct ReflectArgs {
     #[arg(long, default_value_t = 0, value_name = "SECS")]
     stats_interval: u64,
 
-    /// Enter the network namespace at PATH before setup.
+    /// Enter the network namespace at PATH (e.g. /run/netns/NAME or
+    /// /proc/PID/ns/net) before creating the device and sockets.
     #[arg(long, value_name = "PATH")]
     netns: Option<std::path::PathBuf>,
 
@@ -92,38 +106,67 @@ struct ReflectArgs {
     exit_with_parent: bool,
 }
 
+impl EngineArg {
+    fn kind(self) -> EngineKind {
+        match self {
+            EngineArg::Auto => EngineKind::Auto,
+            EngineArg::Uring => EngineKind::Uring,
+            EngineArg::Poll => EngineKind::Poll,
+        }
+    }
+}
+
+/// A configuration from the shared options; tunnel-only settings at their
+/// defaults (no offload, no TAP, no socket or io_uring tuning).
+fn base_config(
+    device: DeviceArgs,
+    run: RunArgs,
+    listen: SocketAddr,
+    peer: SocketAddr,
+) -> TunnelConfig {
+    TunnelConfig {
+        dev: device.dev,
+        attach: device.attach,
+        addresses: device.addresses,
+        mtu: device.mtu,
+        txqueuelen: device.txqueuelen,
+        listen,
+        peer,
+        engine: run.engine.kind(),
+        queues: run.queues,
+        cpus: run.cpus,
+        batch: run.batch,
+        busy_poll: run.busy_poll,
+        stats_interval_secs: run.stats_interval,
+        netns: run.netns,
+        exit_with_parent: run.exit_with_parent,
+        offload: config::Toggle::Off,
+        reflect: false,
+        tap_vni: None,
+        mac: None,
+        sndbuf: None,
+        rcvbuf: None,
+        uring: config::UringFlags::default(),
+    }
+}
+
+#[derive(clap::Args, Debug)]
+struct ReflectArgs {
+    #[command(flatten)]
+    device: DeviceArgs,
+
+    #[command(flatten)]
+    run: RunArgs,
+}
+
 impl ReflectArgs {
     fn into_config(self) -> TunnelConfig {
         // The workers' UDP sockets are bound to a kernel-chosen port and
         // never used: the reflector sends nothing to the network.
         let unused: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 0));
         TunnelConfig {
-            dev: self.dev,
-            attach: self.attach,
-            addresses: self.addresses,
-            mtu: self.mtu,
-            txqueuelen: self.txqueuelen,
-            listen: unused,
-            peer: unused,
-            engine: match self.engine {
-                EngineArg::Auto => EngineKind::Auto,
-                EngineArg::Uring => EngineKind::Uring,
-                EngineArg::Poll => EngineKind::Poll,
-            },
-            cpus: self.cpus,
-            offload: config::Toggle::Off,
             reflect: true,
-            tap_vni: None,
-            mac: None,
-            busy_poll: self.busy_poll,
-            sndbuf: None,
-            rcvbuf: None,
-            uring: config::UringFlags::default(),
-            queues: self.queues,
-            batch: self.batch,
-            stats_interval_secs: self.stats_interval,
-            netns: self.netns,
-            exit_with_parent: self.exit_with_parent,
+            ..base_config(self.device, self.run, unused, unused)
         }
     }
 }
@@ -273,9 +316,8 @@ impl From<ToggleArg> for config::Toggle {
 
 #[derive(clap::Args, Debug)]
 struct TunnelArgs {
-    /// TUN device name; a `%d` in it lets the kernel pick a number.
-    #[arg(long, default_value = "tunfwd%d", value_name = "NAME")]
-    dev: String,
+    #[command(flatten)]
+    device: DeviceArgs,
 
     /// tun: IP packets; tap: Ethernet frames in VXLAN (needs --vni; for a
     /// kernel vxlan peer use --mtu 1450 and port 4789).
@@ -294,29 +336,6 @@ struct TunnelArgs {
     #[arg(long, value_name = "MAC", value_parser = parse_mac)]
     mac: Option<[u8; 6]>,
 
-    /// Only attach to an existing (persistent) device; fail if it does not
-    /// exist. Without it, an existing device is attached to and a missing one
-    /// created. Attached devices are left in place on exit.
-    #[arg(long)]
-    attach: bool,
-
-    /// Address and prefix length for the device, e.g. 198.19.0.1/24 or
-    /// 2001:db8:19::1/64. Repeatable: at most one IPv4, any number of IPv6.
-    #[arg(long = "address", value_name = "CIDR")]
-    addresses: Vec<Cidr>,
-
-    /// Device MTU in bytes: the largest inner IP packet. Range 68-65507
-    /// (1280 or more with an IPv6 address). Default fits a 1500-byte underlay
-    /// with an IPv6 outer header.
-    #[arg(long, default_value_t = config::DEFAULT_MTU, value_name = "BYTES")]
-    mtu: u32,
-
-    /// Device transmit queue length in packets. Default: 1000 on a device
-    /// tunfwd creates (the kernel's 500 drops bursts); unchanged on an
-    /// attached one.
-    #[arg(long, value_name = "PACKETS")]
-    txqueuelen: Option<u32>,
-
     /// Local UDP address to bind, e.g. 198.18.0.1:5000 or [::]:5000. With
     /// --queues N, queue i binds PORT+i.
     #[arg(long, value_name = "ADDR:PORT")]
@@ -327,25 +346,14 @@ struct TunnelArgs {
     #[arg(long, value_name = "ADDR:PORT")]
     peer: SocketAddr,
 
-    /// Forwarding engine.
-    #[arg(long, value_enum, default_value = "auto")]
-    engine: EngineArg,
-
-    /// CPUs for the workers: `auto` (worker i on the i-th CPU this process
-    /// may use), `none` (no pinning), or a list like `0,2-3`.
-    #[arg(long, default_value = "auto", value_name = "LIST")]
-    cpus: config::CpuPlan,
-
-    /// Spin instead of sleeping while waiting for packets (burns a CPU per
-    /// worker; lowers latency).
-    #[arg(long)]
-    busy_poll: bool,
+    #[command(flatten)]
+    run: RunArgs,
 
     /// Offloads: the TUN device hands over TCP/UDP super-packets (TSO, USO)
     /// that tunfwd cuts into MTU-sized packets and sends with UDP GSO; UDP
     /// GRO on receive, and TCP segments coalesced before the TUN write.
-    /// Datagrams on the wire stay one IP packet each. auto: on where the
-    /// engine supports it (poll; not yet uring).
+    /// Datagrams on the wire stay one IP packet each. auto: on where
+    /// available (the uring engine needs multishot receives for it).
     #[arg(long, value_enum, default_value = "auto", value_name = "on|off|auto")]
     offload: ToggleArg,
 
@@ -401,27 +409,6 @@ struct TunnelArgs {
     /// io_uring: pin the SQPOLL thread to this CPU.
     #[arg(long, value_name = "CPU", help_heading = "io_uring engine")]
     sqpoll_cpu: Option<u32>,
-
-    /// Number of TUN queues, one worker thread and UDP port each (1-256).
-    #[arg(long, default_value_t = 1, value_name = "N")]
-    queues: usize,
-
-    /// Max packets handled per direction per wakeup.
-    #[arg(long, default_value_t = config::DEFAULT_BATCH, value_name = "PACKETS")]
-    batch: usize,
-
-    /// Print a stats line every SECS seconds (0: only the final summary).
-    #[arg(long, default_value_t = 0, value_name = "SECS")]
-    stats_interval: u64,
-
-    /// Enter the network namespace at PATH (e.g. /run/netns/NAME or
-    /// /proc/PID/ns/net) before creating the device and sockets.
-    #[arg(long, value_name = "PATH")]
-    netns: Option<std::path::PathBuf>,
-
-    /// Stop cleanly when the parent process exits (used by `tunfwd bench`).
-    #[arg(long, hide = true)]
-    exit_with_parent: bool,
 }
 
 impl TunnelArgs {
@@ -451,22 +438,7 @@ impl TunnelArgs {
         Ok(TunnelConfig {
             tap_vni,
             mac: self.mac,
-            dev: self.dev,
-            attach: self.attach,
-            addresses: self.addresses,
-            mtu: self.mtu,
-            txqueuelen: self.txqueuelen,
-            listen: self.listen,
-            peer: self.peer,
-            engine: match self.engine {
-                EngineArg::Auto => EngineKind::Auto,
-                EngineArg::Uring => EngineKind::Uring,
-                EngineArg::Poll => EngineKind::Poll,
-            },
-            cpus: self.cpus,
             offload: self.offload.into(),
-            reflect: false,
-            busy_poll: self.busy_poll,
             sndbuf: self.sndbuf,
             rcvbuf: self.rcvbuf,
             uring: config::UringFlags {
@@ -478,11 +450,7 @@ impl TunnelArgs {
                 sqpoll_idle_ms: self.sqpoll,
                 sqpoll_cpu: self.sqpoll_cpu,
             },
-            queues: self.queues,
-            batch: self.batch,
-            stats_interval_secs: self.stats_interval,
-            netns: self.netns,
-            exit_with_parent: self.exit_with_parent,
+            ..base_config(self.device, self.run, self.listen, self.peer)
         })
     }
 }

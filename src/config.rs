@@ -331,6 +331,16 @@ impl TunnelConfig {
         Ok(())
     }
 
+    /// The offload setting in effect: reflected packets go back as they came
+    /// and TAP frames travel in VXLAN, so neither carries virtio-net headers.
+    pub fn effective_offload(&self) -> Toggle {
+        if self.reflect || self.tap_vni.is_some() {
+            Toggle::Off
+        } else {
+            self.offload
+        }
+    }
+
     /// Local UDP address of worker `queue`: one port per queue.
     pub fn listen_for(&self, queue: usize) -> SocketAddr {
         offset_port(self.listen, queue)

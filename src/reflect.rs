@@ -11,11 +11,7 @@
 //! packets back unchanged, so pings timed out).
 
 use crate::packet::checksum::{fold, pseudo_header_sum, sum};
-use crate::packet::ip::IpPacket;
-
-const PROTO_ICMP: u8 = 1;
-const PROTO_UDP: u8 = 17;
-const PROTO_ICMPV6: u8 = 58;
+use crate::packet::ip::{IpPacket, PROTO_ICMP, PROTO_ICMPV6, PROTO_UDP};
 /// TTL / hop limit of answers.
 const REPLY_TTL: u8 = 64;
 

@@ -70,13 +70,7 @@ impl Engine {
 fn choose_engine(cfg: &TunnelConfig) -> Result<Engine> {
     #[cfg(target_os = "linux")]
     {
-        // Reflected packets and TAP frames in VXLAN carry no virtio-net
-        // headers: offload is off there.
-        let offload = if cfg.reflect || cfg.tap_vni.is_some() {
-            Toggle::Off
-        } else {
-            cfg.offload
-        };
+        let offload = cfg.effective_offload();
         let opts =
             UringOptions::from_flags(&cfg.uring, cfg.batch, cfg.busy_poll, offload != Toggle::Off);
         match cfg.engine {
@@ -176,10 +170,7 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
     }
 
     let engine = choose_engine(cfg)?;
-    let offload = match (cfg.offload, &engine) {
-        // Reflected packets go back as they came, and TAP frames travel in
-        // VXLAN: no virtio-net headers.
-        _ if cfg.reflect || cfg.tap_vni.is_some() => false,
+    let offload = match (cfg.effective_offload(), &engine) {
         (Toggle::Off, _) => false,
         (_, Engine::Poll) => true,
         // The probe decided (and said why if not).

@@ -5,6 +5,12 @@
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+/// IP protocol numbers (the IPv4 protocol / IPv6 next-header field).
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMPV6: u8 = 58;
+
 /// Minimum IPv4 header length in bytes (IHL = 5).
 pub const IPV4_MIN_HEADER_LEN: usize = 20;
 /// Fixed IPv6 header length in bytes.

@@ -15,11 +15,9 @@ use std::fmt;
 use std::net::IpAddr;
 
 use super::checksum::{fold, fold_partial, pseudo_header_sum, sum};
-use super::ip::{IPV4_MIN_HEADER_LEN, IPV6_HEADER_LEN, IpPacket};
+use super::ip::{IPV4_MIN_HEADER_LEN, IPV6_HEADER_LEN, IpPacket, PROTO_TCP, PROTO_UDP};
 use super::virtio::{self, VirtioNetHdr};
 
-const PROTO_TCP: u8 = 6;
-const PROTO_UDP: u8 = 17;
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
