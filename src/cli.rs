@@ -28,7 +28,8 @@ enum Command {
     Tunnel(TunnelArgs),
     /// Measure tunfwd against the bare veth underlay and the kernel's VXLAN
     /// tunnel in one run, on a two-namespace topology the bench builds and
-    /// removes itself (needs root).
+    /// removes itself (needs root; Linux only).
+    #[cfg(target_os = "linux")]
     Bench(BenchArgs),
     /// Answer ICMP/ICMPv6 echo requests and UDP datagrams that the kernel
     /// routes into a TUN device, back into it (a self-test and a latency far
@@ -39,8 +40,9 @@ enum Command {
 /// The device options shared by `tunnel` and `reflect`.
 #[derive(clap::Args, Debug)]
 struct DeviceArgs {
-    /// TUN device name; a `%d` in it lets the kernel pick a number.
-    #[arg(long, default_value = "tunfwd%d", value_name = "NAME")]
+    /// TUN device name; a `%d` in it lets the kernel pick a number. On
+    /// macOS: utun%d or utunN.
+    #[arg(long, default_value = crate::device::DEFAULT_NAME, value_name = "NAME")]
     dev: String,
 
     /// Only attach to an existing (persistent) device; fail if it does not
@@ -171,6 +173,7 @@ impl ReflectArgs {
     }
 }
 
+#[cfg(target_os = "linux")]
 #[derive(clap::Args, Debug)]
 struct BenchArgs {
     /// Targets to measure, in order: veth (bare underlay, no tunnel), vxlan
@@ -222,6 +225,7 @@ struct BenchArgs {
     forwarder_args: Vec<String>,
 }
 
+#[cfg(target_os = "linux")]
 impl BenchArgs {
     fn into_config(self) -> crate::bench::BenchConfig {
         let q = self.quick;
@@ -468,6 +472,7 @@ pub fn main() -> ExitCode {
             .into_config()
             .and_then(|c| crate::runtime::run_tunnel(&c))
             .map(|()| true),
+        #[cfg(target_os = "linux")]
         Command::Bench(args) => crate::bench::run(&args.into_config()),
         Command::Reflect(args) => crate::runtime::run_tunnel(&args.into_config()).map(|()| true),
     };

@@ -328,13 +328,45 @@ impl TunnelConfig {
             return Err(Error::config("--mac applies to --mode tap only"));
         }
         crate::device::check_name(&self.dev)?;
+        if !cfg!(target_os = "linux") {
+            if let Some(flag) = self.linux_only_flags().first() {
+                return Err(Error::config(format!(
+                    "{flag} needs Linux; on this system tunfwd runs the poll engine on one \
+                     utun device"
+                )));
+            }
+        }
         Ok(())
+    }
+
+    /// The options given that only Linux implements (io_uring, multi-queue,
+    /// offload, TAP, namespaces, pinning).
+    pub fn linux_only_flags(&self) -> Vec<&'static str> {
+        let mut flags = Vec::new();
+        let mut check = |given: bool, flag: &'static str| {
+            if given {
+                flags.push(flag);
+            }
+        };
+        check(self.engine == EngineKind::Uring, "--engine uring");
+        check(self.queues > 1, "--queues above 1");
+        check(self.attach, "--attach");
+        check(self.txqueuelen.is_some(), "--txqueuelen");
+        check(self.netns.is_some(), "--netns");
+        check(self.exit_with_parent, "--exit-with-parent");
+        check(matches!(self.cpus, CpuPlan::List(_)), "--cpus LIST");
+        check(self.offload == Toggle::On, "--offload on");
+        check(self.tap_vni.is_some(), "--mode tap");
+        check(self.mac.is_some(), "--mac");
+        flags.extend(self.uring.given());
+        flags
     }
 
     /// The offload setting in effect: reflected packets go back as they came
     /// and TAP frames travel in VXLAN, so neither carries virtio-net headers.
     pub fn effective_offload(&self) -> Toggle {
-        if self.reflect || self.tap_vni.is_some() {
+        // Virtio-net headers on the device are Linux-only.
+        if !cfg!(target_os = "linux") || self.reflect || self.tap_vni.is_some() {
             Toggle::Off
         } else {
             self.offload
@@ -391,6 +423,38 @@ mod tests {
             tap_vni: None,
             mac: None,
         }
+    }
+
+    #[test]
+    fn linux_only_flags_are_listed() {
+        assert!(base().linux_only_flags().is_empty());
+        let mut c = base();
+        c.engine = EngineKind::Uring;
+        c.queues = 2;
+        c.attach = true;
+        c.txqueuelen = Some(10);
+        c.cpus = CpuPlan::List(vec![0]);
+        c.offload = Toggle::On;
+        c.tap_vni = Some(1);
+        c.uring.buffers = Some(8);
+        assert_eq!(
+            c.linux_only_flags(),
+            [
+                "--engine uring",
+                "--queues above 1",
+                "--attach",
+                "--txqueuelen",
+                "--cpus LIST",
+                "--offload on",
+                "--mode tap",
+                "--buffers"
+            ]
+        );
+        // Auto settings are not flags given: they resolve per platform.
+        let mut auto = base();
+        auto.engine = EngineKind::Auto;
+        auto.offload = Toggle::Auto;
+        assert!(auto.linux_only_flags().is_empty());
     }
 
     #[test]

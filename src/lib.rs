@@ -10,7 +10,11 @@
 //!   reason. It does no I/O and is tested without root.
 //! - [`packet`] holds checked views over IPv4/IPv6 bytes.
 //! - [`device`] opens and configures TUN devices with ioctls (never `ip`).
-//! - `sys` is the only module that calls libc directly; `unsafe` lives there.
+//! - `sys` is the only module that calls libc directly; `unsafe` lives there
+//!   (and in [`engine::uring`] on Linux).
+//! - `platform` holds the other OS services (pinning, socket buffers, UDP
+//!   GSO/GRO), one file per platform: Linux, and macOS where tunfwd runs the
+//!   poll engine on a utun device.
 //!
 //! # Data path
 //! kernel -> TUN queue -> `read` into a buffer -> [`forward::Forwarder::handle_from_tun`]
@@ -40,6 +44,7 @@ pub mod netlink;
 #[cfg(target_os = "linux")]
 pub mod netns;
 pub mod packet;
+mod platform;
 pub mod reflect;
 pub mod runtime;
 pub mod stats;

@@ -105,11 +105,8 @@ fn worker_cpus(plan: &CpuPlan, queues: usize) -> Result<Vec<Option<usize>>> {
         CpuPlan::None => return Ok(vec![None; queues]),
         CpuPlan::Spread if queues == 1 => return Ok(vec![None]),
         CpuPlan::Spread => {
-            let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))
-                .map_err(|e| Error::io("read CPU affinity", e.into()))?;
-            let allowed: Vec<usize> = (0..nix::sched::CpuSet::count())
-                .filter(|&c| set.is_set(c).unwrap_or(false))
-                .collect();
+            let allowed =
+                crate::platform::allowed_cpus().map_err(|e| Error::io("read CPU affinity", e))?;
             if allowed.is_empty() {
                 return Ok(vec![None; queues]);
             }
@@ -121,11 +118,8 @@ fn worker_cpus(plan: &CpuPlan, queues: usize) -> Result<Vec<Option<usize>>> {
 }
 
 fn pin_current_thread(cpu: usize, label: &str) -> Result<()> {
-    let mut set = nix::sched::CpuSet::new();
-    set.set(cpu)
-        .map_err(|e| Error::io(format!("pin {label} to CPU {cpu}"), e.into()))?;
-    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
-        .map_err(|e| Error::io(format!("pin {label} to CPU {cpu}"), e.into()))
+    crate::platform::pin_current_thread(cpu)
+        .map_err(|e| Error::io(format!("pin {label} to CPU {cpu}"), e))
         .map_err(|e| e.with_hint("is the CPU online and allowed? see --cpus"))
 }
 
@@ -136,16 +130,13 @@ fn set_socket_buffers(
     sndbuf: Option<usize>,
     rcvbuf: Option<usize>,
 ) -> Result<()> {
-    use nix::sys::socket::{setsockopt, sockopt};
     if let Some(n) = sndbuf {
-        setsockopt(sock, sockopt::SndBufForce, &n)
-            .or_else(|_| setsockopt(sock, sockopt::SndBuf, &n))
-            .map_err(|e| Error::io(format!("set SO_SNDBUF {n} on UDP socket {addr}"), e.into()))?;
+        crate::platform::set_sndbuf(sock, n)
+            .map_err(|e| Error::io(format!("set SO_SNDBUF {n} on UDP socket {addr}"), e))?;
     }
     if let Some(n) = rcvbuf {
-        setsockopt(sock, sockopt::RcvBufForce, &n)
-            .or_else(|_| setsockopt(sock, sockopt::RcvBuf, &n))
-            .map_err(|e| Error::io(format!("set SO_RCVBUF {n} on UDP socket {addr}"), e.into()))?;
+        crate::platform::set_rcvbuf(sock, n)
+            .map_err(|e| Error::io(format!("set SO_RCVBUF {n} on UDP socket {addr}"), e))?;
     }
     Ok(())
 }
@@ -161,9 +152,10 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
     cfg.validate()?;
     if cfg.exit_with_parent {
         // SIGTERM is blocked and taken by the signal thread: a clean stop.
-        nix::sys::prctl::set_pdeathsig(Signal::SIGTERM)
-            .map_err(|e| Error::io("set parent-death signal", e.into()))?;
+        crate::platform::set_parent_death_signal()
+            .map_err(|e| Error::io("set parent-death signal", e))?;
     }
+    #[cfg(target_os = "linux")]
     if let Some(path) = &cfg.netns {
         // Before any socket or device: everything below lives in it.
         crate::netns::NetNs::open(path)?.enter()?;
@@ -201,9 +193,7 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
             .map_err(|e| Error::io(format!("set blocking mode of UDP socket {addr}"), e))?;
         set_socket_buffers(&sock, addr, cfg.sndbuf, cfg.rcvbuf)?;
         if offload {
-            if let Err(e) =
-                nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::UdpGroSegment, &true)
-            {
+            if let Err(e) = crate::platform::enable_udp_gro(&sock) {
                 crate::info!(
                     "offload: UDP GRO unavailable on {addr} ({e}): one datagram per receive"
                 );
@@ -219,17 +209,14 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
         vnet_hdr: offload,
         tap: cfg.tap_vni.is_some(),
     })?;
+    #[cfg(target_os = "linux")]
     if let Some(mac) = cfg.mac {
         device.set_mac(mac)?;
     }
     let dev_name = device.name().to_string();
     let created = device.created();
-    let txqueuelen = cfg.txqueuelen.or(if created {
-        Some(crate::config::DEFAULT_TXQUEUELEN)
-    } else {
-        None
-    });
-    device.configure(cfg.mtu, &cfg.addresses, txqueuelen)?;
+    device.configure(cfg.mtu, &cfg.addresses, cfg.txqueuelen)?;
+    #[cfg(target_os = "linux")]
     if offload {
         let got = device.enable_offloads()?;
         crate::info!(
@@ -307,7 +294,13 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
                         #[cfg(target_os = "linux")]
                         Engine::Uring(plan) => {
                             let w = UringWorker::new(
-                                label, tun, udp, forwarder, *plan, stats, shutdown,
+                                label,
+                                tun.into_file(),
+                                udp,
+                                forwarder,
+                                *plan,
+                                stats,
+                                shutdown,
                             )?;
                             Box::new(move || w.run())
                         }

@@ -2,6 +2,8 @@
 //! values, and nothing (process, namespace, device) is left behind, also when
 //! the run is interrupted. These tests check behaviour, never speed.
 
+#![cfg(target_os = "linux")]
+
 mod common;
 
 use std::process::{Command, Stdio};

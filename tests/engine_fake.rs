@@ -3,6 +3,8 @@
 //! small receive queue that makes backpressure easy to provoke), the UDP side
 //! is a real socket on loopback.
 
+#![cfg(target_os = "linux")]
+
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, UdpSocket};
@@ -52,7 +54,7 @@ impl Harness {
         let shutdown = Arc::new(Shutdown::new().unwrap());
         let worker = PollWorker {
             label: "fake TUN queue 0".into(),
-            tun: File::from(tun_end),
+            tun: File::from(tun_end).into(),
             udp,
             forwarder: Forwarder::new(mtu, peer.local_addr().unwrap()),
             batch,

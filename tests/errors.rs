@@ -2,6 +2,8 @@
 //! non-zero exit, and no panic. The first tests need no root; the rest run in
 //! their own namespaces and need root (under CI=true they must run).
 
+#![cfg(target_os = "linux")]
+
 mod common;
 
 use std::process::{Command, Output, Stdio};

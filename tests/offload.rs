@@ -3,6 +3,8 @@
 //! offload on both sides, on one side only, and the counters that show the
 //! offload paths were taken. Need root.
 
+#![cfg(target_os = "linux")]
+
 mod common;
 
 use std::net::{SocketAddr, UdpSocket};

@@ -2,6 +2,8 @@
 //! IPv6) to another address of the device's subnet are answered, and UDP
 //! datagrams come back to their sender byte for byte. Needs root.
 
+#![cfg(target_os = "linux")]
+
 mod common;
 
 use std::net::UdpSocket;

@@ -1,6 +1,8 @@
 //! TAP mode with VXLAN encapsulation (RFC 7348), against the Linux kernel's
 //! own vxlan device and tunfwd to tunfwd, under both engines. Needs root.
 
+#![cfg(target_os = "linux")]
+
 mod common;
 
 use std::net::SocketAddr;

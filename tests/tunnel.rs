@@ -2,6 +2,8 @@
 //! TUN device in each, traffic through the tunnel. Need root; under CI=true
 //! they fail instead of skipping.
 
+#![cfg(target_os = "linux")]
+
 mod common;
 
 use std::net::{SocketAddr, UdpSocket};

@@ -2,6 +2,8 @@
 //! each forced fallback still carries verified traffic, no io-wq threads
 //! appear under load, and the tuning flags take effect. Need root.
 
+#![cfg(target_os = "linux")]
+
 mod common;
 
 use std::net::SocketAddr;

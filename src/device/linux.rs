@@ -2,7 +2,7 @@
 //! IFF_MULTI_QUEUE`, one open file per queue.
 
 use std::fs::{File, OpenOptions};
-use std::io;
+use std::io::{self, Read, Write};
 use std::net::IpAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
@@ -15,6 +15,29 @@ use crate::error::{Context, Error, Result};
 use crate::sys;
 
 const TUN_PATH: &str = "/dev/net/tun";
+
+/// The default `--dev`: the kernel numbers it.
+pub const DEFAULT_NAME: &str = "tunfwd%d";
+
+impl super::TunQueue {
+    /// Reads one packet (frame) into `buf`.
+    pub fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        (&self.file).read(buf)
+    }
+
+    /// Writes one packet (frame).
+    pub fn write(&self, packet: &[u8]) -> io::Result<usize> {
+        (&self.file).write(packet)
+    }
+}
+
+/// Errors that say the TUN device is gone or unusable: the worker must stop.
+pub fn is_fatal_error(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EBADF) | Some(libc::EBADFD) | Some(libc::ENODEV) | Some(libc::ENXIO)
+    )
+}
 
 /// Validates a device name or `%d` template before any system call.
 pub fn check_name(name: &str) -> Result<()> {
@@ -184,13 +207,20 @@ impl TunDevice {
         self.created
     }
 
-    /// Hands out the queue files, one per worker.
-    pub fn into_queues(self) -> Vec<File> {
-        self.queues
+    /// Hands out the queues, one per worker.
+    pub fn into_queues(self) -> Vec<super::TunQueue> {
+        self.queues.into_iter().map(super::TunQueue::from).collect()
     }
 
-    /// Sets MTU, transmit queue length (if given), addresses, and link up.
+    /// Sets MTU, transmit queue length, addresses, and link up. A device
+    /// this process created gets [`crate::config::DEFAULT_TXQUEUELEN`] unless
+    /// `txqueuelen` says otherwise; an attached one keeps its own.
     pub fn configure(&self, mtu: u32, addresses: &[Cidr], txqueuelen: Option<u32>) -> Result<()> {
+        let txqueuelen = txqueuelen.or(if self.created {
+            Some(crate::config::DEFAULT_TXQUEUELEN)
+        } else {
+            None
+        });
         configure_link(&self.name, Some(mtu), addresses, txqueuelen)
     }
 }

@@ -8,12 +8,9 @@ pub mod poll;
 #[cfg(target_os = "linux")]
 pub mod uring;
 
-use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-
-use nix::fcntl::OFlag;
 
 use crate::error::{Context, Result};
 
@@ -28,9 +25,8 @@ pub struct Shutdown {
 
 impl Shutdown {
     pub fn new() -> Result<Shutdown> {
-        let (wake_rx, wake_tx) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)
-            .map_err(io::Error::from)
-            .context(|| "create shutdown pipe")?;
+        let (wake_rx, wake_tx) =
+            crate::platform::nonblocking_pipe().context(|| "create shutdown pipe")?;
         Ok(Shutdown {
             flag: AtomicBool::new(false),
             wake_rx,
@@ -66,13 +62,7 @@ pub fn send_addr(local: SocketAddr, peer: SocketAddr) -> SocketAddr {
     }
 }
 
-/// Errors that say the TUN device is gone or unusable: the worker must stop.
-pub fn is_fatal_tun_error(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EBADF) | Some(libc::EBADFD) | Some(libc::ENODEV) | Some(libc::ENXIO)
-    )
-}
+pub use crate::device::is_fatal_error as is_fatal_tun_error;
 
 #[cfg(test)]
 mod tests {

@@ -6,10 +6,9 @@
 //! nothing is dropped for lack of room. Packets are read straight into the
 //! buffer they are sent from: no copy between the two endpoints.
 
-use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::{SocketAddr, UdpSocket};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsFd;
 use std::sync::Arc;
 
 use nix::errno::Errno;
@@ -31,7 +30,7 @@ const SPLIT_LEN: usize = 2 * 65536;
 pub struct PollWorker {
     /// Name used in error messages: "TUN queue 0 of tun0".
     pub label: String,
-    pub tun: File,
+    pub tun: crate::device::TunQueue,
     pub udp: UdpSocket,
     pub forwarder: Forwarder,
     /// Max packets per direction per wakeup.
@@ -204,7 +203,7 @@ impl PollWorker {
         let head = self.forwarder.encap_len();
         for _ in 0..self.batch {
             stats.syscalls.add(1);
-            let len = match (&self.tun).read(&mut buf[head..]) {
+            let len = match self.tun.read(&mut buf[head..]) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -291,7 +290,7 @@ impl PollWorker {
         let stats = &self.stats;
         for _ in 0..self.batch {
             stats.syscalls.add(1);
-            let n = match (&self.tun).read(buf) {
+            let n = match self.tun.read(buf) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -362,20 +361,11 @@ impl PollWorker {
     /// One UDP GSO send of `chunk` (datagrams of `seg` bytes). None if the
     /// kernel refused GSO: it is then off for this worker (one log line).
     fn send_gso(&self, chunk: &[u8], seg: usize, peer: SocketAddr) -> Option<Push> {
-        use nix::sys::socket::{ControlMessage, MsgFlags, SockaddrStorage, sendmsg};
         let stats = &self.stats;
         let count = chunk.len().div_ceil(seg);
-        let seg16 = seg as u16;
-        let addr = SockaddrStorage::from(peer);
         loop {
             stats.syscalls.add(1);
-            let r = sendmsg(
-                self.udp.as_raw_fd(),
-                &[io::IoSlice::new(chunk)],
-                &[ControlMessage::UdpGsoSegments(&seg16)],
-                MsgFlags::empty(),
-                Some(&addr),
-            );
+            let r = crate::platform::send_segments(&self.udp, chunk, seg as u16, peer);
             return match r {
                 Ok(_) => {
                     stats.gso_sends.add(1);
@@ -413,49 +403,23 @@ impl PollWorker {
     /// them to the TUN queue with virtio-net headers. Returns the index of
     /// the next write if the TUN queue was full.
     fn drain_udp_gro(&self, buf: &mut [u8], coalescer: &mut Coalescer) -> Result<Option<usize>> {
-        use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg};
         let stats = &self.stats;
-        let mut cmsg = nix::cmsg_space!(i32);
+        let mut cmsg = crate::platform::segments_cmsg_space();
         for _ in 0..self.batch {
             stats.syscalls.add(1);
-            let (n, src, seg) = {
-                let mut iov = [io::IoSliceMut::new(&mut buf[..])];
-                match recvmsg::<SockaddrStorage>(
-                    self.udp.as_raw_fd(),
-                    &mut iov,
-                    Some(&mut cmsg),
-                    MsgFlags::empty(),
-                ) {
-                    Ok(m) => {
-                        let seg = m.cmsgs().ok().and_then(|mut c| {
-                            c.find_map(|c| match c {
-                                ControlMessageOwned::UdpGroSegments(s) => Some(s as usize),
-                                _ => None,
-                            })
-                        });
-                        let src = m.address.and_then(|a| {
-                            a.as_sockaddr_in()
-                                .map(|v4| SocketAddr::from(std::net::SocketAddrV4::from(*v4)))
-                                .or_else(|| {
-                                    a.as_sockaddr_in6().map(|v6| {
-                                        SocketAddr::from(std::net::SocketAddrV6::from(*v6))
-                                    })
-                                })
-                        });
-                        (m.bytes, src, seg)
-                    }
-                    Err(Errno::EAGAIN) => return Ok(None),
-                    Err(Errno::EINTR) => continue,
-                    Err(e) if is_transient_socket_error(&io::Error::from(e)) => {
-                        stats.io_errors.add(1);
-                        continue;
-                    }
-                    Err(e) => {
-                        return Err(Error::io(
-                            format!("receive on UDP socket of {}", self.label),
-                            e.into(),
-                        ));
-                    }
+            let (n, src, seg) = match crate::platform::recv_segments(&self.udp, buf, &mut cmsg) {
+                Ok(r) => r,
+                Err(Errno::EAGAIN) => return Ok(None),
+                Err(Errno::EINTR) => continue,
+                Err(e) if crate::platform::is_transient_socket_errno(e) => {
+                    stats.io_errors.add(1);
+                    continue;
+                }
+                Err(e) => {
+                    return Err(Error::io(
+                        format!("receive on UDP socket of {}", self.label),
+                        e.into(),
+                    ));
                 }
             };
             let Some(src) = src else {
@@ -559,7 +523,7 @@ impl PollWorker {
     fn write_tun(&self, frame: &[u8]) -> Result<TunWrite> {
         loop {
             self.stats.syscalls.add(1);
-            match (&self.tun).write(frame) {
+            match self.tun.write(frame) {
                 Ok(_) => return Ok(TunWrite::Written),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(TunWrite::Full),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -583,13 +547,6 @@ enum TunWrite {
 
 /// Socket errors that report a past ICMP error rather than a broken socket.
 fn is_transient_socket_error(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::ECONNREFUSED)
-            | Some(libc::EHOSTUNREACH)
-            | Some(libc::ENETUNREACH)
-            | Some(libc::EHOSTDOWN)
-            | Some(libc::ENETDOWN)
-            | Some(libc::EPROTO)
-    )
+    e.raw_os_error()
+        .is_some_and(|n| crate::platform::is_transient_socket_errno(Errno::from_raw(n)))
 }

@@ -1,0 +1,46 @@
+//! Operating-system services other than the TUN device itself, one file per
+//! platform with the same functions: CPU pinning, socket buffer sizes, UDP
+//! segmentation offload, the parent-death signal, the shutdown pipe.
+//!
+//! Linux has all of them. Elsewhere (macOS) the functions that have no
+//! equivalent say so with an error that names the flag, or report "not
+//! available" so the caller takes the portable path.
+
+#[cfg(target_os = "linux")]
+mod linux;
+#[cfg(target_os = "linux")]
+pub use linux::*;
+
+#[cfg(not(target_os = "linux"))]
+mod other;
+#[cfg(not(target_os = "linux"))]
+pub use other::*;
+
+use std::net::SocketAddr;
+
+use nix::errno::Errno;
+use nix::sys::socket::SockaddrStorage;
+
+/// A received datagram's source as a `SocketAddr` (None for other families).
+pub fn socket_addr(a: &SockaddrStorage) -> Option<SocketAddr> {
+    a.as_sockaddr_in()
+        .map(|v4| SocketAddr::from(std::net::SocketAddrV4::from(*v4)))
+        .or_else(|| {
+            a.as_sockaddr_in6()
+                .map(|v6| SocketAddr::from(std::net::SocketAddrV6::from(*v6)))
+        })
+}
+
+/// Socket errors that report a past ICMP error (peer port unreachable, ...)
+/// rather than a broken socket: the socket stays usable.
+pub fn is_transient_socket_errno(e: Errno) -> bool {
+    matches!(
+        e,
+        Errno::ECONNREFUSED
+            | Errno::EHOSTUNREACH
+            | Errno::ENETUNREACH
+            | Errno::EHOSTDOWN
+            | Errno::ENETDOWN
+            | Errno::EPROTO
+    )
+}

@@ -1,0 +1,83 @@
+//! macOS and other BSD-like systems: no thread pinning, no forced buffer
+//! sizes, no UDP segmentation offload. Each function either does the
+//! portable equivalent or says it is unavailable; `config::validate`
+//! rejects the Linux-only flags before any of this runs.
+
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::OwnedFd;
+
+use nix::errno::Errno;
+use nix::fcntl::{FcntlArg, FdFlag, OFlag, fcntl};
+use nix::sys::socket::{SockaddrStorage, recvfrom, setsockopt, sockopt};
+
+fn linux_only(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::Unsupported, format!("{what} needs Linux"))
+}
+
+/// The CPUs this process may run on: unknown here, so none are listed and
+/// workers are left to the scheduler.
+pub fn allowed_cpus() -> io::Result<Vec<usize>> {
+    Ok(Vec::new())
+}
+
+/// Thread pinning is Linux-only (`--cpus`).
+pub fn pin_current_thread(_cpu: usize) -> io::Result<()> {
+    Err(linux_only("pinning threads to CPUs (--cpus)"))
+}
+
+/// SO_SNDBUF, within the system's maximum.
+pub fn set_sndbuf(sock: &UdpSocket, bytes: usize) -> io::Result<()> {
+    setsockopt(sock, sockopt::SndBuf, &bytes).map_err(Into::into)
+}
+
+/// SO_RCVBUF, within the system's maximum.
+pub fn set_rcvbuf(sock: &UdpSocket, bytes: usize) -> io::Result<()> {
+    setsockopt(sock, sockopt::RcvBuf, &bytes).map_err(Into::into)
+}
+
+/// UDP GRO is Linux-only.
+pub fn enable_udp_gro(_sock: &UdpSocket) -> io::Result<()> {
+    Err(linux_only("UDP GRO"))
+}
+
+/// No UDP segmentation offload: the caller sends datagram by datagram.
+pub fn send_segments(
+    _sock: &UdpSocket,
+    _chunk: &[u8],
+    _seg: u16,
+    _to: SocketAddr,
+) -> nix::Result<usize> {
+    Err(Errno::EOPNOTSUPP)
+}
+
+/// No control message is read here.
+pub fn segments_cmsg_space() -> Vec<u8> {
+    Vec::new()
+}
+
+/// Receives one datagram: (bytes, source, None).
+pub fn recv_segments(
+    sock: &UdpSocket,
+    buf: &mut [u8],
+    _cmsg: &mut [u8],
+) -> nix::Result<(usize, Option<SocketAddr>, Option<usize>)> {
+    use std::os::fd::AsRawFd;
+    let (n, src) = recvfrom::<SockaddrStorage>(sock.as_raw_fd(), buf)?;
+    Ok((n, src.as_ref().and_then(super::socket_addr), None))
+}
+
+/// The parent-death signal is Linux-only (used by `tunfwd bench`).
+pub fn set_parent_death_signal() -> io::Result<()> {
+    Err(linux_only("a parent-death signal"))
+}
+
+/// A close-on-exec, nonblocking pipe: (read end, write end).
+pub fn nonblocking_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let (rx, tx) = nix::unistd::pipe()?;
+    for fd in [&rx, &tx] {
+        fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))?;
+        fcntl(fd, FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
+    }
+    Ok((rx, tx))
+}
