@@ -103,6 +103,13 @@ struct RunArgs {
     #[arg(long, value_name = "PATH")]
     netns: Option<std::path::PathBuf>,
 
+    /// Switch to this user (and group; default: the user's primary group),
+    /// names or numeric ids, once the device, sockets and rings are set up.
+    /// Forwarding needs no privilege after that; the process keeps no
+    /// capabilities. Linux only.
+    #[arg(long, value_name = "USER[:GROUP]")]
+    user: Option<config::UserSpec>,
+
     /// Stop cleanly when the parent process exits (used by `tunfwd bench`).
     #[arg(long, hide = true)]
     exit_with_parent: bool,
@@ -142,6 +149,8 @@ fn base_config(
         stats_interval_secs: run.stats_interval,
         netns: run.netns,
         exit_with_parent: run.exit_with_parent,
+        user: run.user,
+        allowed_src: Vec::new(),
         offload: config::Toggle::Off,
         reflect: false,
         tap_vni: None,
@@ -323,6 +332,13 @@ struct TunnelArgs {
     #[command(flatten)]
     device: DeviceArgs,
 
+    /// Accept from the peer only inner packets whose source address is in
+    /// this prefix, e.g. 198.19.0.0/24 (repeatable, like WireGuard's
+    /// AllowedIPs; host bits are ignored). Others are dropped and counted as
+    /// source_not_allowed. Default: any source. TUN mode only.
+    #[arg(long = "allow-src", value_name = "CIDR")]
+    allow_src: Vec<config::Prefix>,
+
     /// tun: IP packets; tap: Ethernet frames in VXLAN (needs --vni; for a
     /// kernel vxlan peer use --mtu 1450 and port 4789).
     #[arg(long, value_enum, default_value = "tun")]
@@ -445,6 +461,7 @@ impl TunnelArgs {
             offload: self.offload.into(),
             sndbuf: self.sndbuf,
             rcvbuf: self.rcvbuf,
+            allowed_src: self.allow_src,
             uring: config::UringFlags {
                 ring_entries: self.ring_entries,
                 buffers: self.buffers,

@@ -58,6 +58,65 @@ impl fmt::Display for Cidr {
     }
 }
 
+/// An address prefix that inner source addresses are checked against
+/// (`--allow-src`), e.g. `198.19.0.0/24`, `2001:db8::/32`, `0.0.0.0/0`. Host
+/// bits are cleared: `198.19.0.7/24` means `198.19.0.0/24`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Prefix {
+    net: IpAddr,
+    len: u8,
+}
+
+impl Prefix {
+    /// True if `addr` is inside the prefix (an IPv4 prefix never contains
+    /// an IPv6 address and vice versa).
+    pub fn contains(&self, addr: IpAddr) -> bool {
+        match (self.net, addr) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => u32::from(a) & v4_mask(self.len) == u32::from(n),
+            (IpAddr::V6(n), IpAddr::V6(a)) => u128::from(a) & v6_mask(self.len) == u128::from(n),
+            _ => false,
+        }
+    }
+}
+
+fn v4_mask(len: u8) -> u32 {
+    u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0)
+}
+
+fn v6_mask(len: u8) -> u128 {
+    u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0)
+}
+
+impl FromStr for Prefix {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, len) = s
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?} is not ADDRESS/PREFIX (e.g. 198.19.0.0/24)"))?;
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("{addr:?} is not an IPv4 or IPv6 address"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len: u8 = len
+            .parse()
+            .ok()
+            .filter(|&p| p <= max)
+            .ok_or_else(|| format!("prefix length {len:?} is not a number from 0 to {max}"))?;
+        let net = match addr {
+            IpAddr::V4(a) => IpAddr::from(std::net::Ipv4Addr::from(u32::from(a) & v4_mask(len))),
+            IpAddr::V6(a) => IpAddr::from(std::net::Ipv6Addr::from(u128::from(a) & v6_mask(len))),
+        };
+        Ok(Prefix { net, len })
+    }
+}
+
+impl fmt::Display for Prefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.net, self.len)
+    }
+}
+
 /// Which engine moves the packets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EngineKind {
@@ -231,6 +290,45 @@ pub struct TunnelConfig {
     pub tap_vni: Option<u32>,
     /// Ethernet address for a TAP device.
     pub mac: Option<[u8; 6]>,
+    /// Inner source prefixes accepted from the peer; empty: any.
+    pub allowed_src: Vec<Prefix>,
+    /// Drop to this user (and group) once devices and sockets are set up.
+    pub user: Option<UserSpec>,
+}
+
+/// `--user USER[:GROUP]`: names or numeric ids.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UserSpec {
+    pub user: String,
+    /// None: the user's primary group.
+    pub group: Option<String>,
+}
+
+impl FromStr for UserSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (user, group) = match s.split_once(':') {
+            Some((u, g)) => (u, Some(g)),
+            None => (s, None),
+        };
+        if user.is_empty() || group.is_some_and(str::is_empty) {
+            return Err(format!("{s:?} is not USER or USER:GROUP"));
+        }
+        Ok(UserSpec {
+            user: user.to_string(),
+            group: group.map(str::to_string),
+        })
+    }
+}
+
+impl fmt::Display for UserSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.group {
+            Some(g) => write!(f, "{}:{g}", self.user),
+            None => f.write_str(&self.user),
+        }
+    }
 }
 
 impl TunnelConfig {
@@ -324,6 +422,11 @@ impl TunnelConfig {
             if self.offload == Toggle::On {
                 return Err(Error::config("--offload on: not available in TAP mode"));
             }
+            if !self.allowed_src.is_empty() {
+                return Err(Error::config(
+                    "--allow-src checks inner IP sources: not available in TAP mode",
+                ));
+            }
         } else if self.mac.is_some() {
             return Err(Error::config("--mac applies to --mode tap only"));
         }
@@ -358,6 +461,7 @@ impl TunnelConfig {
         check(self.offload == Toggle::On, "--offload on");
         check(self.tap_vni.is_some(), "--mode tap");
         check(self.mac.is_some(), "--mac");
+        check(self.user.is_some(), "--user");
         flags.extend(self.uring.given());
         flags
     }
@@ -422,6 +526,8 @@ mod tests {
             reflect: false,
             tap_vni: None,
             mac: None,
+            allowed_src: Vec::new(),
+            user: None,
         }
     }
 
@@ -619,5 +725,49 @@ mod tests {
         let mut c = base();
         c.dev = "a/b".into();
         assert!(c.validate().is_err());
+    }
+}
+
+#[cfg(test)]
+mod prefix_tests {
+    use super::*;
+
+    #[test]
+    fn prefix_contains() {
+        let p: Prefix = "198.19.0.7/24".parse().unwrap();
+        assert_eq!(p.to_string(), "198.19.0.0/24");
+        assert!(p.contains("198.19.0.1".parse().unwrap()));
+        assert!(p.contains("198.19.0.255".parse().unwrap()));
+        assert!(!p.contains("198.19.1.1".parse().unwrap()));
+        assert!(!p.contains("2001:db8::1".parse().unwrap()));
+        let all: Prefix = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("203.0.113.9".parse().unwrap()));
+        let host: Prefix = "198.19.0.2/32".parse().unwrap();
+        assert!(host.contains("198.19.0.2".parse().unwrap()));
+        assert!(!host.contains("198.19.0.3".parse().unwrap()));
+        let v6: Prefix = "2001:db8:19::/48".parse().unwrap();
+        assert!(v6.contains("2001:db8:19::2".parse().unwrap()));
+        assert!(!v6.contains("2001:db8:20::2".parse().unwrap()));
+        assert!(!v6.contains("198.19.0.2".parse().unwrap()));
+        for bad in [
+            "198.19.0.0",
+            "198.19.0.0/33",
+            "2001:db8::/129",
+            "x/8",
+            "1.2.3.4/-1",
+        ] {
+            assert!(bad.parse::<Prefix>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn user_spec() {
+        let u: UserSpec = "nobody".parse().unwrap();
+        assert_eq!((u.user.as_str(), u.group), ("nobody", None));
+        let u: UserSpec = "65534:65534".parse().unwrap();
+        assert_eq!(u.group.as_deref(), Some("65534"));
+        for bad in ["", ":g", "u:"] {
+            assert!(bad.parse::<UserSpec>().is_err(), "{bad:?}");
+        }
     }
 }

@@ -52,10 +52,12 @@ pub enum DropReason {
     BadVxlan,
     /// TAP mode: a VXLAN datagram for another VNI.
     WrongVni,
+    /// From the peer, but the inner source address is outside `--allow-src`.
+    SourceNotAllowed,
 }
 
 impl DropReason {
-    pub const COUNT: usize = 13;
+    pub const COUNT: usize = 14;
     pub const ALL: [DropReason; DropReason::COUNT] = [
         DropReason::Empty,
         DropReason::Truncated,
@@ -70,6 +72,7 @@ impl DropReason {
         DropReason::NotReflected,
         DropReason::BadVxlan,
         DropReason::WrongVni,
+        DropReason::SourceNotAllowed,
     ];
 
     /// Stable snake_case name used in stats output.
@@ -88,6 +91,7 @@ impl DropReason {
             DropReason::NotReflected => "not_reflected",
             DropReason::BadVxlan => "bad_vxlan",
             DropReason::WrongVni => "wrong_vni",
+            DropReason::SourceNotAllowed => "source_not_allowed",
         }
     }
 
@@ -125,6 +129,8 @@ pub struct Forwarder {
     reflect: bool,
     /// TAP mode: Ethernet frames in VXLAN with this VNI.
     vxlan_vni: Option<u32>,
+    /// Inner source prefixes accepted from the peer; empty: any.
+    allowed_src: Vec<crate::config::Prefix>,
 }
 
 impl Forwarder {
@@ -136,7 +142,16 @@ impl Forwarder {
             peer: canonical(peer),
             reflect: false,
             vxlan_vni: None,
+            allowed_src: Vec::new(),
         }
+    }
+
+    /// Accept from the peer only packets whose source address is inside one
+    /// of `prefixes` (`--allow-src`, like WireGuard's AllowedIPs); the rest
+    /// are dropped as `source_not_allowed`. Empty: any source.
+    pub fn with_allowed_sources(mut self, prefixes: Vec<crate::config::Prefix>) -> Self {
+        self.allowed_src = prefixes;
+        self
     }
 
     /// TAP mode: Ethernet frames (up to `mtu` + 18 bytes: header and a
@@ -232,15 +247,30 @@ impl Forwarder {
             };
         }
         match self.check(datagram) {
-            Ok(()) => Decision::ToTun,
+            Ok(()) if self.source_allowed(datagram) => Decision::ToTun,
+            Ok(()) => Decision::Drop(DropReason::SourceNotAllowed),
             Err(reason) => Decision::Drop(reason),
+        }
+    }
+
+    /// `packet` has passed [`Forwarder::check`].
+    fn source_allowed(&self, packet: &[u8]) -> bool {
+        if self.allowed_src.is_empty() {
+            return true;
+        }
+        match IpPacket::new_checked(packet) {
+            Ok(p) => {
+                let src = p.src();
+                self.allowed_src.iter().any(|prefix| prefix.contains(src))
+            }
+            Err(_) => false,
         }
     }
 
     /// VXLAN senders pick the UDP source port from a flow hash (RFC 7348),
     /// so in TAP mode only the peer's address must match; otherwise the
     /// address and port.
-    fn is_peer(&self, src: SocketAddr) -> bool {
+    pub fn is_peer(&self, src: SocketAddr) -> bool {
         let src = canonical(src);
         if self.vxlan_vni.is_some() {
             src.ip() == self.peer.ip()
@@ -337,6 +367,58 @@ mod tests {
                 "{src}"
             );
         }
+    }
+
+    #[test]
+    fn allowed_sources() {
+        let peer = PEER.parse().unwrap();
+        let mut v4 = ipv4_udp(20);
+        let mut v6 = ipv6_udp(20);
+        let f = fwd().with_allowed_sources(vec![
+            "198.19.0.0/24".parse().unwrap(),
+            "2001:db8:19::/48".parse().unwrap(),
+        ]);
+        // Inside the prefixes: through, unchanged.
+        v4[12..16].copy_from_slice(&[198, 19, 0, 2]);
+        v6[8..24].copy_from_slice(
+            &"2001:db8:19::2"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets(),
+        );
+        assert_eq!(f.handle_from_peer(peer, &v4), Decision::ToTun);
+        assert_eq!(f.handle_from_peer(peer, &v6), Decision::ToTun);
+        // Spoofed sources: dropped and counted as such.
+        v4[12..16].copy_from_slice(&[198, 19, 1, 2]);
+        v6[8..24].copy_from_slice(
+            &"2001:db8:20::2"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets(),
+        );
+        assert_eq!(
+            f.handle_from_peer(peer, &v4),
+            Decision::Drop(DropReason::SourceNotAllowed)
+        );
+        assert_eq!(
+            f.handle_from_peer(peer, &v6),
+            Decision::Drop(DropReason::SourceNotAllowed)
+        );
+        // Malformed packets keep their own reason; the TUN direction and an
+        // empty list are not filtered.
+        assert_eq!(
+            f.handle_from_peer(peer, &[0x45, 0, 0]),
+            Decision::Drop(DropReason::Truncated)
+        );
+        assert_eq!(f.handle_from_tun(&v4), Decision::ToPeer);
+        assert_eq!(fwd().handle_from_peer(peer, &v4), Decision::ToTun);
+        // An IPv4-only list refuses every IPv6 source.
+        let only4 = fwd().with_allowed_sources(vec!["0.0.0.0/0".parse().unwrap()]);
+        assert_eq!(only4.handle_from_peer(peer, &v4), Decision::ToTun);
+        assert_eq!(
+            only4.handle_from_peer(peer, &v6),
+            Decision::Drop(DropReason::SourceNotAllowed)
+        );
     }
 
     #[test]

@@ -226,6 +226,18 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
         );
     }
     let queues = device.into_queues();
+    let inodes: Vec<u64> = sockets
+        .iter()
+        .filter_map(crate::platform::socket_inode)
+        .collect();
+    // The kernel's drops at our sockets (receive buffer full): reported
+    // next to tunfwd's own, as the increase since start.
+    let base_drops = crate::platform::udp_socket_drops(&inodes).unwrap_or(0);
+    let kernel_drops = || {
+        crate::platform::udp_socket_drops(&inodes)
+            .map(|d| format!(" udp_rcvbuf_drops={}", d.saturating_sub(base_drops)))
+            .unwrap_or_default()
+    };
 
     let shutdown = Arc::new(Shutdown::new()?);
     let (events_tx, events_rx) = channel::unbounded::<Event>();
@@ -259,6 +271,7 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
             Forwarder::vxlan(cfg.mtu as usize, cfg.peer_for(q), vni)
         } else {
             Forwarder::new(cfg.mtu as usize, cfg.peer_for(q))
+                .with_allowed_sources(cfg.allowed_src.clone())
         };
         let shutdown = shutdown.clone();
         let engine = engine.clone();
@@ -350,6 +363,17 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
         };
     }
 
+    // Everything privileged is done: devices, sockets, rings, pinning.
+    if let Some(spec) = &cfg.user {
+        if let Err(e) = crate::platform::drop_privileges(spec) {
+            shutdown.trigger();
+            for h in handles {
+                let _ = h.join();
+            }
+            return Err(e);
+        }
+    }
+
     let started = Instant::now();
     let path = if cfg.reflect {
         "reflecting echo requests and UDP back into the device".to_string()
@@ -390,9 +414,10 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
                 let bytes = (total.tun_to_peer.bytes + total.peer_to_tun.bytes)
                     - (last.tun_to_peer.bytes + last.peer_to_tun.bytes);
                 out(format_args!(
-                    "tunfwd: stats t={:.1}s rate_pps={pps:.0} rate_mbps={:.1} total {total}",
+                    "tunfwd: stats t={:.1}s rate_pps={pps:.0} rate_mbps={:.1} total {total}{}",
                     now.duration_since(started).as_secs_f64(),
                     bytes as f64 * 8.0 / secs / 1e6,
+                    kernel_drops(),
                 ));
                 if snaps.len() > 1 {
                     for (q, s) in snaps.iter().enumerate() {
@@ -405,6 +430,8 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
         }
     }
 
+    // Read while the workers still own their sockets.
+    let kd = kernel_drops();
     shutdown.trigger();
     let mut first_error = None;
     for h in handles {
@@ -428,6 +455,9 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
         started.elapsed().as_secs_f64()
     ));
     out(format_args!("tunfwd: summary total {total}"));
+    if !kd.is_empty() {
+        out(format_args!("tunfwd: summary kernel{kd}"));
+    }
     if snaps.len() > 1 {
         for (q, s) in snaps.iter().enumerate() {
             out(format_args!("tunfwd: summary queue={q} {s}"));

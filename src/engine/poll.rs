@@ -434,7 +434,10 @@ impl PollWorker {
             coalescer.clear();
             let data = &buf[..n];
             if n == 0 {
-                stats.peer_to_tun.drop(DropReason::Empty);
+                // Empty from the peer, or a stranger's: the core decides.
+                if let Decision::Drop(r) = self.forwarder.handle_from_peer(src, &[]) {
+                    stats.peer_to_tun.drop(r);
+                }
                 continue;
             }
             for chunk in data.chunks(seg) {

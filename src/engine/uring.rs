@@ -1169,6 +1169,14 @@ impl UringWorker {
         plen: usize,
         seg: usize,
     ) -> Result<()> {
+        if plen == 0 {
+            // No chunks to walk: the empty datagram is still counted (as
+            // empty from the peer, not_from_peer from a stranger).
+            if let Decision::Drop(r) = self.forwarder.handle_from_peer(src, &[]) {
+                self.stats.peer_to_tun.drop(r);
+            }
+            return self.recycle(bid);
+        }
         let slot = usize::from(bid - self.per_group);
         let mut c = std::mem::take(&mut self.coalescers[slot]);
         c.clear();
@@ -1293,7 +1301,7 @@ impl UringWorker {
             Some(_) if truncated => {
                 // Longer than the buffer: certainly over the MTU, unless a
                 // stranger sent it.
-                if src.map(crate::forward::canonical) == Some(self.forwarder.peer()) {
+                if src.is_some_and(|s| self.forwarder.is_peer(s)) {
                     Decision::Drop(DropReason::OverMtu)
                 } else {
                     Decision::Drop(DropReason::NotFromPeer)

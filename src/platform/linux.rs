@@ -97,3 +97,92 @@ pub fn set_parent_death_signal() -> io::Result<()> {
 pub fn nonblocking_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK).map_err(Into::into)
 }
+
+/// Switches the whole process (every thread: glibc broadcasts set*id) to
+/// `spec`'s user and group, with no supplementary groups, and checks that
+/// root cannot be regained.
+pub fn drop_privileges(spec: &crate::config::UserSpec) -> crate::error::Result<()> {
+    use nix::unistd::{Gid, Group, Uid, User, getegid, geteuid, setgid, setgroups, setuid};
+
+    use crate::error::{Context, Error};
+
+    let what = || format!("switch to user {spec}");
+    let lookup_err = |e: nix::Error| Error::io(what(), e.into());
+    let user = User::from_name(&spec.user).map_err(lookup_err)?;
+    let uid = match (&user, spec.user.parse::<u32>()) {
+        (Some(u), _) => u.uid,
+        (None, Ok(n)) => Uid::from_raw(n),
+        (None, Err(_)) => {
+            return Err(Error::config(format!("{}: no such user", what())));
+        }
+    };
+    let gid = match &spec.group {
+        Some(g) => match (Group::from_name(g).map_err(lookup_err)?, g.parse::<u32>()) {
+            (Some(grp), _) => grp.gid,
+            (None, Ok(n)) => Gid::from_raw(n),
+            (None, Err(_)) => {
+                return Err(Error::config(format!("{}: no such group {g}", what())));
+            }
+        },
+        None => match &user {
+            Some(u) => u.gid,
+            None => {
+                return Err(Error::config(format!(
+                    "{}: uid {uid} has no passwd entry: give the group as USER:GROUP",
+                    what()
+                )));
+            }
+        },
+    };
+    let hint = "switching user needs root (CAP_SETUID and CAP_SETGID)";
+    setgroups(&[gid])
+        .map_err(io::Error::from)
+        .context(|| format!("{}: set supplementary groups", what()))
+        .map_err(|e| e.with_hint(hint))?;
+    setgid(gid)
+        .map_err(io::Error::from)
+        .context(|| format!("{}: set group {gid}", what()))
+        .map_err(|e| e.with_hint(hint))?;
+    setuid(uid)
+        .map_err(io::Error::from)
+        .context(|| format!("{}: set user {uid}", what()))
+        .map_err(|e| e.with_hint(hint))?;
+    if geteuid() != uid || getegid() != gid || (!uid.is_root() && setuid(Uid::from_raw(0)).is_ok())
+    {
+        return Err(Error::config(format!(
+            "{}: the switch did not take",
+            what()
+        )));
+    }
+    crate::info!("running as uid {uid}, gid {gid}");
+    Ok(())
+}
+
+/// The inode number that identifies `sock` in `/proc/net/udp`.
+pub fn socket_inode(sock: &UdpSocket) -> Option<u64> {
+    nix::sys::stat::fstat(sock).ok().map(|st| st.st_ino)
+}
+
+/// Datagrams the kernel dropped at these sockets (full receive buffer,
+/// bad checksum): the `drops` column of `/proc/net/udp` and `udp6` in the
+/// calling thread's namespace. None if unreadable.
+pub fn udp_socket_drops(inodes: &[u64]) -> Option<u64> {
+    let mut total = 0;
+    let mut found = false;
+    for table in ["/proc/thread-self/net/udp", "/proc/thread-self/net/udp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            let (Some(inode), Some(drops)) = (cols.get(9), cols.get(12)) else {
+                continue;
+            };
+            if inode.parse().is_ok_and(|i: u64| inodes.contains(&i)) {
+                total += drops.parse::<u64>().unwrap_or(0);
+                found = true;
+            }
+        }
+    }
+    found.then_some(total)
+}

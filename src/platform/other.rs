@@ -81,3 +81,18 @@ pub fn nonblocking_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     }
     Ok((rx, tx))
 }
+
+/// `--user` is Linux-only here (config validation rejects it first).
+pub fn drop_privileges(_spec: &crate::config::UserSpec) -> crate::error::Result<()> {
+    Err(crate::error::Error::config("--user needs Linux"))
+}
+
+/// No `/proc/net/udp` here.
+pub fn socket_inode(_sock: &UdpSocket) -> Option<u64> {
+    None
+}
+
+/// Kernel socket drops are not readable here.
+pub fn udp_socket_drops(_inodes: &[u64]) -> Option<u64> {
+    None
+}
