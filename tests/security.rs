@@ -683,7 +683,7 @@ fn runs_without_root_via_file_capability() {
             script.push(' ');
             script.push_str(&arg);
         }
-        let mut cmd = topo.a.command(&["unshare", "--mount", "sh", "-c", &script]);
+        let cmd = topo.a.command(&["unshare", "--mount", "sh", "-c", &script]);
         let mut a = Proc::spawn(cmd);
         a.wait_for_stderr("tunnel up");
         let _b = Proc::tunfwd(&topo.b, &tunnel_args(false, &["--engine", engine]));
