@@ -239,7 +239,8 @@ impl UringFlags {
                 "--buffers {buffers} must be a power of two from 2 to 32768"
             )));
         }
-        let inflight = self.inflight.unwrap_or(DEFAULT_INFLIGHT);
+        // Unless given, the default shrinks to fit a small pool.
+        let inflight = self.inflight.unwrap_or(DEFAULT_INFLIGHT.min(buffers / 2));
         if inflight == 0 || inflight > buffers / 2 {
             return Err(Error::config(format!(
                 "--inflight {inflight} is out of range 1..={} (half of --buffers)",
@@ -600,6 +601,10 @@ mod tests {
         c.uring.inflight = Some(33);
         assert!(c.validate().is_err());
         c.uring.inflight = None;
+        // The smallest pool works with the default in-flight count.
+        c.uring.buffers = Some(2);
+        c.validate().unwrap();
+        c.uring.buffers = None;
         c.uring.sqpoll_cpu = Some(1);
         assert!(
             c.validate()

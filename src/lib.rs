@@ -39,6 +39,7 @@ pub mod device;
 pub mod engine;
 pub mod error;
 pub mod forward;
+pub mod fuzz;
 #[cfg(target_os = "linux")]
 pub mod netlink;
 #[cfg(target_os = "linux")]

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
-use crate::engine::{Shutdown, is_fatal_tun_error, send_addr};
+use crate::engine::{Shutdown, is_fatal_tun_error, send_addr, tun_failure};
 use crate::error::{Error, Result};
 use crate::forward::{Decision, DropReason, Forwarder};
 use crate::packet::offload::{self, Coalescer};
@@ -208,7 +208,7 @@ impl PollWorker {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    return Err(Error::io(format!("read from {}", self.label), e));
+                    return Err(tun_failure("read from", &self.label, e));
                 }
             };
             match self
@@ -294,7 +294,7 @@ impl PollWorker {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(Error::io(format!("read from {}", self.label), e)),
+                Err(e) => return Err(tun_failure("read from", &self.label, e)),
             };
             let Some(hdr) = VirtioNetHdr::parse(&buf[..n]) else {
                 stats.tun_to_peer.drop(DropReason::Truncated);
@@ -531,7 +531,7 @@ impl PollWorker {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(TunWrite::Full),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if is_fatal_tun_error(&e) => {
-                    return Err(Error::io(format!("write to {}", self.label), e));
+                    return Err(tun_failure("write to", &self.label, e));
                 }
                 // E.g. EIO while the link is down, EINVAL for a packet the
                 // kernel refuses: lose this one.

@@ -34,7 +34,7 @@ use io_uring::{IoUring, cqueue, opcode, squeue};
 use nix::sys::socket::{SockaddrLike, SockaddrStorage};
 
 use crate::config::{Toggle, UringFlags};
-use crate::engine::{Shutdown, is_fatal_tun_error, send_addr};
+use crate::engine::{Shutdown, is_fatal_tun_error, send_addr, tun_failure};
 use crate::error::{Error, Result};
 use crate::forward::{Decision, DropReason, Forwarder};
 use crate::packet::virtio::{self, VirtioNetHdr};
@@ -82,12 +82,13 @@ impl UringOptions {
         offload_wanted: bool,
     ) -> UringOptions {
         use crate::config::{DEFAULT_BUFFERS, DEFAULT_INFLIGHT, DEFAULT_RING_ENTRIES};
+        let buffers = f
+            .buffers
+            .unwrap_or(if offload_wanted { 64 } else { DEFAULT_BUFFERS });
         UringOptions {
             ring_entries: f.ring_entries.unwrap_or(DEFAULT_RING_ENTRIES),
-            buffers: f
-                .buffers
-                .unwrap_or(if offload_wanted { 64 } else { DEFAULT_BUFFERS }),
-            inflight: f.inflight.unwrap_or(DEFAULT_INFLIGHT),
+            buffers,
+            inflight: f.inflight.unwrap_or(DEFAULT_INFLIGHT.min(buffers / 2)),
             multishot: f.multishot.unwrap_or(Toggle::Auto),
             fixed_buffers: f.fixed_buffers.unwrap_or(Toggle::Auto),
             sqpoll_idle_ms: f.sqpoll_idle_ms,
@@ -1230,7 +1231,7 @@ impl UringWorker {
                     .bytes
                     .add((frame.len() - virtio::LEN + extra) as u64);
             } else if res < 0 && is_fatal_tun_error(&io::Error::from_raw_os_error(-res)) {
-                self.tun_error(res);
+                self.tun_error("write to", res);
             } else if res != -libc::ECANCELED {
                 for _ in 0..w.packets {
                     self.stats.peer_to_tun.drop(DropReason::TunWriteFailed);
@@ -1348,7 +1349,7 @@ impl UringWorker {
                             && res != -libc::ECANCELED
                             && res != -libc::EINTR
                         {
-                            self.tun_error(res);
+                            self.tun_error("read from", res);
                         }
                     } else if let Some(bid) = cqueue::buffer_select(flags) {
                         self.tun_ring_avail = self.tun_ring_avail.saturating_sub(1);
@@ -1362,7 +1363,7 @@ impl UringWorker {
                     if res < 0 {
                         self.recycle(bid)?;
                         if res != -libc::EAGAIN && res != -libc::ECANCELED && res != -libc::EINTR {
-                            self.tun_error(res);
+                            self.tun_error("read from", res);
                         }
                     } else {
                         self.handle_tun_packet(bid, res as usize)?;
@@ -1470,7 +1471,7 @@ impl UringWorker {
                 if res >= 0 && res as usize == len {
                     self.stats.peer_to_tun.delivered(len);
                 } else if res < 0 && is_fatal_tun_error(&io::Error::from_raw_os_error(-res)) {
-                    self.tun_error(res);
+                    self.tun_error("write to", res);
                 } else if res != -libc::ECANCELED {
                     // A short write or a refused packet: this one is lost.
                     self.stats.peer_to_tun.drop(DropReason::TunWriteFailed);
@@ -1490,10 +1491,11 @@ impl UringWorker {
         }
     }
 
-    fn tun_error(&mut self, res: i32) {
+    fn tun_error(&mut self, op: &str, res: i32) {
         if self.fatal.is_none() {
-            self.fatal = Some(Error::io(
-                format!("read from {}", self.label),
+            self.fatal = Some(tun_failure(
+                op,
+                &self.label,
                 io::Error::from_raw_os_error(-res),
             ));
         }

@@ -92,9 +92,11 @@ pub fn run_ok(args: &[&str]) -> bool {
         .unwrap_or(false)
 }
 
-/// A network namespace, deleted on drop.
+/// A network namespace, deleted on drop (unless it is a borrowed handle
+/// from [`Netns::existing`]).
 pub struct Netns {
     pub name: String,
+    owned: bool,
 }
 
 impl Netns {
@@ -106,9 +108,18 @@ impl Netns {
             SEQ.fetch_add(1, Ordering::Relaxed)
         );
         run(&["ip", "netns", "add", &name]);
-        let ns = Netns { name };
+        let ns = Netns { name, owned: true };
         ns.ip(&["link", "set", "lo", "up"]);
         ns
+    }
+
+    /// A handle to a namespace another `Netns` owns (for use on another
+    /// thread); dropping it leaves the namespace alone.
+    pub fn existing(name: &str) -> Netns {
+        Netns {
+            name: name.to_string(),
+            owned: false,
+        }
     }
 
     /// `ip -n NAME ARGS...`, which must succeed.
@@ -163,6 +174,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .stdout(Stdio::null())

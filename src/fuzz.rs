@@ -1,0 +1,228 @@
+//! Invariant checks over untrusted bytes, one function per fuzz target.
+//!
+//! Each function takes arbitrary input, runs the code that handles bytes
+//! from the network or the TUN device, and panics if an invariant breaks.
+//! The cargo-fuzz targets in `tests/fuzz/fuzz_targets/` call them
+//! (`cargo +nightly fuzz run --fuzz-dir tests/fuzz ip_validation`), and so
+//! does `tests/fuzz.rs`, which runs the seed corpus and a bounded number of
+//! random and mutated inputs on stable Rust in every CI run.
+
+use std::net::SocketAddr;
+
+use crate::config::Prefix;
+use crate::forward::{Decision, DropReason, Forwarder};
+use crate::packet::offload::{self, Coalescer};
+use crate::packet::virtio::{self, VirtioNetHdr};
+use crate::packet::{IpPacket, checksum, vxlan};
+
+const PEER: &str = "198.18.0.2:5000";
+const STRANGER: &str = "198.18.0.9:5000";
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().expect("constant address")
+}
+
+/// IP validation and the forwarding decision in both directions, for a
+/// plain tunnel, one with `--allow-src`, and the reflector.
+pub fn ip_validation(data: &[u8]) {
+    let parsed = IpPacket::new_checked(data);
+    if let Ok(p) = &parsed {
+        assert_eq!(p.len(), data.len());
+        match p {
+            IpPacket::V4(v4) => {
+                assert!((20..=60).contains(&v4.header_len()));
+                assert!(v4.header_len() <= data.len());
+                assert_eq!(
+                    usize::from(u16::from_be_bytes([data[2], data[3]])),
+                    data.len()
+                );
+            }
+            IpPacket::V6(_) => {
+                assert!(data.len() >= 40);
+                assert_eq!(
+                    usize::from(u16::from_be_bytes([data[4], data[5]])) + 40,
+                    data.len()
+                );
+            }
+        }
+    }
+    // The MTU comes from the input too, so the fuzzer reaches both sides
+    // of the limit.
+    let mtu = 68 + data.len() % 1500;
+    let fwd = Forwarder::new(mtu, addr(PEER));
+    let from_peer = fwd.handle_from_peer(addr(PEER), data);
+    let acceptable = parsed.as_ref().is_ok_and(|p| p.len() <= mtu);
+    assert_eq!(from_peer == Decision::ToTun, acceptable, "{from_peer:?}");
+    assert_ne!(from_peer, Decision::ToPeer);
+    match (&parsed, from_peer) {
+        (Err(e), Decision::Drop(r)) => assert_eq!(DropReason::from(*e), r),
+        (Ok(_), Decision::Drop(r)) => assert_eq!(r, DropReason::OverMtu),
+        _ => {}
+    }
+    // A stranger's bytes are never looked at.
+    assert_eq!(
+        fwd.handle_from_peer(addr(STRANGER), data),
+        Decision::Drop(DropReason::NotFromPeer)
+    );
+    // The TUN side applies the same validation.
+    let from_tun = fwd.handle_from_tun(data);
+    assert_eq!(from_tun == Decision::ToPeer, acceptable);
+
+    // --allow-src: only accepted packets are checked, and a packet passes
+    // only with a source inside the prefix.
+    let prefix: Prefix = "198.19.0.0/24".parse().expect("constant prefix");
+    let filtered = fwd.clone().with_allowed_sources(vec![prefix]);
+    match filtered.handle_from_peer(addr(PEER), data) {
+        Decision::ToTun => {
+            let p = parsed.as_ref().expect("accepted implies parsed");
+            assert!(prefix.contains(p.src()));
+        }
+        Decision::Drop(DropReason::SourceNotAllowed) => {
+            assert!(acceptable);
+            let p = parsed.as_ref().expect("accepted implies parsed");
+            assert!(!prefix.contains(p.src()));
+        }
+        d => assert_eq!(d, from_peer),
+    }
+
+    // The reflector answers in place: an answer is a valid packet of the
+    // same length going back to the sender.
+    let mut copy = data.to_vec();
+    let reflector = Forwarder::reflector(mtu, addr(PEER));
+    if reflector.handle_from_tun_mut(&mut copy) == Decision::ToTun {
+        let before = parsed.as_ref().expect("reflected implies parsed");
+        let after = IpPacket::new_checked(&copy).expect("the answer is a valid packet");
+        assert_eq!(after.len(), data.len());
+        assert_eq!(after.src(), before.dst());
+        assert_eq!(after.dst(), before.src());
+        // The reflector writes a fresh IPv4 header checksum.
+        if let IpPacket::V4(v4) = after {
+            let hl = v4.header_len();
+            assert_eq!(checksum::fold(checksum::sum(&copy[..hl], 0)), 0);
+        }
+    }
+    assert_eq!(
+        reflector.handle_from_peer(addr(PEER), data),
+        Decision::Drop(DropReason::NotFromPeer)
+    );
+}
+
+/// VXLAN decoding in TAP mode, against a VNI taken from the input (so the
+/// fuzzer can match it) and a fixed one.
+pub fn vxlan_decode(data: &[u8]) {
+    let mtu = 1450;
+    let own_vni = data
+        .get(4..7)
+        .map(|b| u32::from_be_bytes([0, b[0], b[1], b[2]]))
+        .unwrap_or(42);
+    for vni in [own_vni, 42] {
+        let checked = vxlan::check(data, vni);
+        if checked.is_ok() {
+            assert!(data.len() >= vxlan::HEADER_LEN + vxlan::ETH_HEADER_LEN);
+            assert_ne!(data[0] & 0x08, 0);
+            // Re-encoding the header gives back the same VNI.
+            let mut hdr = [0u8; vxlan::HEADER_LEN];
+            vxlan::write_header(&mut hdr, vni);
+            assert_eq!(hdr[4..7], data[4..7]);
+        }
+        let fwd = Forwarder::vxlan(mtu, addr(PEER), vni);
+        // TAP mode matches the peer by address: any source port.
+        let from_peer = fwd.handle_from_peer(addr("198.18.0.2:41234"), data);
+        let frame_ok = data.len() <= vxlan::HEADER_LEN + mtu + vxlan::ETH_HEADER_LEN + 4;
+        assert_eq!(
+            from_peer == Decision::ToTun,
+            checked.is_ok() && frame_ok,
+            "{from_peer:?}"
+        );
+        assert_eq!(
+            fwd.handle_from_peer(addr(STRANGER), data),
+            Decision::Drop(DropReason::NotFromPeer)
+        );
+    }
+    // And the other way: any frame gets a header that decodes to our VNI.
+    let mut wire = vec![0u8; vxlan::HEADER_LEN];
+    vxlan::write_header(&mut wire, own_vni & vxlan::MAX_VNI);
+    wire.extend_from_slice(data);
+    let expect_ok = data.len() >= vxlan::ETH_HEADER_LEN;
+    assert_eq!(
+        vxlan::check(&wire, own_vni & vxlan::MAX_VNI).is_ok(),
+        expect_ok
+    );
+}
+
+/// The virtio-net header: parse and write are inverse, short input is
+/// refused.
+pub fn virtio_header(data: &[u8]) {
+    match VirtioNetHdr::parse(data) {
+        None => assert!(data.len() < virtio::LEN),
+        Some(h) => {
+            let mut out = [0u8; virtio::LEN];
+            h.write(&mut out);
+            assert_eq!(&out[..], &data[..virtio::LEN]);
+            assert_eq!(VirtioNetHdr::parse(&out), Some(h));
+        }
+    }
+}
+
+/// GSO split of a TUN super-packet (virtio-net header, 2-byte MTU, packet),
+/// followed by what the engines do with the result,
+/// and GRO coalescing of the segments: every segment is a valid IP packet
+/// within the MTU, coalescing keeps every packet and emits only valid
+/// virtio-net header + IP packet writes, and a coalesced write splits back
+/// into as many packets as went in.
+pub fn split_coalesce(data: &[u8]) {
+    let Some(hdr) = VirtioNetHdr::parse(data) else {
+        return;
+    };
+    let Some(mtu_bytes) = data.get(virtio::LEN..virtio::LEN + 2) else {
+        return;
+    };
+    let mtu = 68 + usize::from(u16::from_be_bytes([mtu_bytes[0], mtu_bytes[1]])) % 9000;
+    let pkt = &data[virtio::LEN + 2..];
+    let mut out = vec![0u8; 2 * 65536];
+    let Ok(segs) = offload::split(&hdr, pkt, mtu, &mut out) else {
+        return;
+    };
+    assert!(segs.count >= 1);
+    assert!(segs.total_len() <= out.len());
+    let mut coalescer = Coalescer::new();
+    let mut pushed = 0;
+    let fwd = Forwarder::new(mtu, addr(PEER));
+    for r in segs.ranges() {
+        let seg = &out[r];
+        if segs.count == 1 {
+            // One packet: the engines validate it like any other.
+            if fwd.handle_from_tun(seg) != Decision::ToPeer {
+                continue;
+            }
+        } else {
+            // Segments are sent unchecked: split must have made them valid
+            // and within the MTU.
+            let p = IpPacket::new_checked(seg).expect("every segment is a valid IP packet");
+            assert!(
+                p.len() <= mtu,
+                "segment of {} bytes over MTU {mtu}",
+                p.len()
+            );
+        }
+        coalescer.push(seg);
+        pushed += 1;
+    }
+    let (bytes, writes) = coalescer.finish();
+    let total: usize = writes.iter().map(|w| w.packets).sum();
+    assert_eq!(total, pushed);
+    let mut resplit = vec![0u8; 2 * 65536];
+    for w in writes {
+        let frame = &bytes[w.start..w.end];
+        let h = VirtioNetHdr::parse(frame).expect("a write starts with a virtio-net header");
+        let ip = &frame[virtio::LEN..];
+        IpPacket::new_checked(ip).expect("a write carries a valid IP packet");
+        let back = offload::split(&h, ip, mtu.max(ip.len().min(65535)), &mut resplit);
+        if w.packets > 1 {
+            let s = offload::split(&h, ip, mtu, &mut resplit).expect("a coalesced write splits");
+            assert_eq!(s.count, w.packets);
+        } else {
+            assert!(back.is_ok());
+        }
+    }
+}
