@@ -192,6 +192,9 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
         sock.set_nonblocking(matches!(engine, Engine::Poll))
             .map_err(|e| Error::io(format!("set blocking mode of UDP socket {addr}"), e))?;
         set_socket_buffers(&sock, addr, cfg.sndbuf, cfg.rcvbuf)?;
+        if let Err(e) = crate::platform::enable_recverr(&sock) {
+            crate::info!("{addr}: ICMP errors will not be counted (IP_RECVERR: {e})");
+        }
         if offload {
             if let Err(e) = crate::platform::enable_udp_gro(&sock) {
                 crate::info!(

@@ -79,6 +79,9 @@ pub struct WorkerStats {
     pub waits: Counter,
     /// Socket errors that did not stop the worker (queued ICMP errors).
     pub io_errors: Counter,
+    /// ICMP errors (port or host unreachable, ...) the kernel reported for
+    /// datagrams sent to the peer: the peer is down or unreachable.
+    pub peer_unreachable: Counter,
     /// Times a read found no free buffer in the worker's pool.
     pub pool_exhausted: Counter,
     /// UDP GSO sends and the datagrams they carried.
@@ -100,6 +103,7 @@ impl WorkerStats {
             syscalls: self.syscalls.get(),
             waits: self.waits.get(),
             io_errors: self.io_errors.get(),
+            peer_unreachable: self.peer_unreachable.get(),
             pool_exhausted: self.pool_exhausted.get(),
             gso_sends: self.gso_sends.get(),
             gso_segments: self.gso_segments.get(),
@@ -147,6 +151,7 @@ pub struct WorkerSnapshot {
     pub syscalls: u64,
     pub waits: u64,
     pub io_errors: u64,
+    pub peer_unreachable: u64,
     pub pool_exhausted: u64,
     pub gso_sends: u64,
     pub gso_segments: u64,
@@ -165,6 +170,7 @@ impl WorkerSnapshot {
             total.syscalls += s.syscalls;
             total.waits += s.waits;
             total.io_errors += s.io_errors;
+            total.peer_unreachable += s.peer_unreachable;
             total.pool_exhausted += s.pool_exhausted;
             total.gso_sends += s.gso_sends;
             total.gso_segments += s.gso_segments;
@@ -224,8 +230,8 @@ impl fmt::Display for WorkerSnapshot {
         };
         let _ = write!(
             s,
-            " | syscalls={} syscalls_per_packet={per_packet:.2} waits={} io_errors={} pool_exhausted={}",
-            self.syscalls, self.waits, self.io_errors, self.pool_exhausted
+            " | syscalls={} syscalls_per_packet={per_packet:.2} waits={} io_errors={} peer_unreachable={} pool_exhausted={}",
+            self.syscalls, self.waits, self.io_errors, self.peer_unreachable, self.pool_exhausted
         );
         let ratio = |a: u64, b: u64| if b > 0 { a as f64 / b as f64 } else { 0.0 };
         if self.gso_sends + self.gro_receives + self.vnet_writes > 0 {

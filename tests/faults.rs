@@ -104,11 +104,12 @@ fn peer_not_running_then_starting() {
         assert!(b.terminate().success());
         let out = a.stdout();
         eprintln!("{engine}: {unreach} port unreachable(s) while the peer was down\n{out}");
-        // What the sends to a dead peer did is visible in the counters:
-        // every echo request left (packets) or failed (send_failed).
-        let sent = stat(&out, "summary total", "packets");
-        let failed = stat(&out, "summary total", "send_failed");
-        assert!(sent + failed >= 3, "{engine}: {out}");
+        // The kernel's port unreachables reached tunfwd (IP_RECVERR) and
+        // were counted; the echo requests themselves left.
+        let counted = stat(&out, "summary total", "peer_unreachable");
+        // (Other datagrams sent before b started, such as IPv6 router
+        // solicitations, may add to it.)
+        assert!(counted >= 1, "{engine}: {counted} of {unreach}\n{out}");
     }
 }
 

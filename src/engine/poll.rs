@@ -138,6 +138,16 @@ impl PollWorker {
             if fds[2].revents().is_some_and(|r| !r.is_empty()) {
                 break;
             }
+            if fds[1]
+                .revents()
+                .is_some_and(|r| r.contains(PollFlags::POLLERR))
+            {
+                // ICMP errors for our sends (IP_RECVERR): count and clear,
+                // or POLLERR would stay set.
+                stats
+                    .peer_unreachable
+                    .add(crate::platform::drain_error_queue(&self.udp));
+            }
             if fds[0]
                 .revents()
                 .is_some_and(|r| r.contains(PollFlags::POLLNVAL))

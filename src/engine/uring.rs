@@ -474,6 +474,8 @@ enum Op {
     /// One coalesced TUN write; its index within the buffer's writes is in
     /// bits 16..32 of user_data.
     VnetWrite = 7,
+    /// POLLERR on the UDP socket: ICMP errors on its error queue.
+    ErrPoll = 8,
 }
 
 const OP_SHIFT: u32 = 32;
@@ -500,6 +502,7 @@ fn decode(ud: u64) -> (Option<Op>, u16) {
         5 => Some(Op::Cancel),
         6 => Some(Op::GsoSend),
         7 => Some(Op::VnetWrite),
+        8 => Some(Op::ErrPoll),
         _ => None,
     };
     (op, ud as u16)
@@ -972,6 +975,18 @@ impl UringWorker {
             self.udp_reads += 1;
         }
         Ok(())
+    }
+
+    /// Waits for POLLERR on the UDP socket (queued ICMP errors).
+    fn arm_err_poll(&mut self) -> Result<()> {
+        if self.stopping {
+            return Ok(());
+        }
+        let fd = self.udp.as_raw_fd();
+        let e = opcode::PollAdd::new(Fd(fd), libc::POLLERR as u32).build();
+        // SAFETY: no buffer; the socket is owned by self and outlives the
+        // operation (drain reaps every operation before self is dropped).
+        unsafe { self.push(e.user_data(user_data(Op::ErrPoll, 0))) }
     }
 
     fn arm_wake(&mut self) -> Result<()> {
@@ -1487,6 +1502,17 @@ impl UringWorker {
                 self.stopping = true;
                 Ok(None)
             }
+            Op::ErrPoll => {
+                if res >= 0 {
+                    self.stats
+                        .peer_unreachable
+                        .add(crate::platform::drain_error_queue(&self.udp));
+                }
+                if res != -libc::ECANCELED {
+                    self.arm_err_poll()?;
+                }
+                Ok(None)
+            }
             Op::Cancel => Ok(None),
         }
     }
@@ -1506,6 +1532,7 @@ impl UringWorker {
     /// reaps every operation.
     pub fn run(mut self) -> Result<()> {
         self.arm_wake()?;
+        self.arm_err_poll()?;
         self.arm_tun_reads()?;
         self.arm_udp_reads()?;
         let batch = self.plan.opts.batch;
@@ -1650,6 +1677,9 @@ mod tests {
             Op::TunWrite,
             Op::Wake,
             Op::Cancel,
+            Op::GsoSend,
+            Op::VnetWrite,
+            Op::ErrPoll,
         ] {
             for bid in [0u16, 1, 4095, u16::MAX] {
                 assert_eq!(decode(user_data(op, bid)), (Some(op), bid));

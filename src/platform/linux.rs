@@ -186,3 +186,52 @@ pub fn udp_socket_drops(inodes: &[u64]) -> Option<u64> {
     }
     found.then_some(total)
 }
+
+/// Asks the kernel to report ICMP errors (peer port or host unreachable)
+/// for datagrams sent from this unconnected socket: `IP_RECVERR`, and
+/// `IPV6_RECVERR` on an IPv6 socket. They arrive on the socket's error
+/// queue, which [`drain_error_queue`] empties and counts.
+pub fn enable_recverr(sock: &UdpSocket) -> io::Result<()> {
+    let v6 = sock.local_addr()?.is_ipv6();
+    if v6 {
+        setsockopt(sock, sockopt::Ipv6RecvErr, &true)?;
+    }
+    // On an IPv6 socket this covers IPv4-mapped peers; on IPv4 it is the
+    // only one.
+    match setsockopt(sock, sockopt::Ipv4RecvErr, &true) {
+        Err(e) if v6 => {
+            let _ = e;
+            Ok(())
+        }
+        r => r.map_err(Into::into),
+    }
+}
+
+/// Reads every queued ICMP error off `sock` (`MSG_ERRQUEUE`) and returns
+/// how many there were. Nonblocking; the queue holds kernel memory charged
+/// to the socket's receive buffer, so it must not be left to fill.
+pub fn drain_error_queue(sock: &UdpSocket) -> u64 {
+    let mut n = 0;
+    let mut data = [0u8; 64];
+    let mut cmsg = nix::cmsg_space!([u8; 64]);
+    loop {
+        let mut iov = [io::IoSliceMut::new(&mut data)];
+        let r = recvmsg::<()>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_ERRQUEUE | MsgFlags::MSG_DONTWAIT,
+        );
+        match r {
+            Ok(_) => n += 1,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => break,
+        }
+    }
+    // A pending error that did not fit on the queue (receive buffer full)
+    // still raises POLLERR: reading SO_ERROR clears it.
+    match nix::sys::socket::getsockopt(sock, sockopt::SocketError) {
+        Ok(0) | Err(_) => n,
+        Ok(_) => n.max(1),
+    }
+}

@@ -96,3 +96,14 @@ pub fn socket_inode(_sock: &UdpSocket) -> Option<u64> {
 pub fn udp_socket_drops(_inodes: &[u64]) -> Option<u64> {
     None
 }
+
+/// No error queue here: ICMP errors are not reported for unconnected
+/// sockets.
+pub fn enable_recverr(_sock: &UdpSocket) -> io::Result<()> {
+    Ok(())
+}
+
+/// Nothing is queued without `enable_recverr`.
+pub fn drain_error_queue(_sock: &UdpSocket) -> u64 {
+    0
+}
