@@ -25,19 +25,8 @@ OUT=${OUT:-$PWD/target/bench-results}
 CONFIGS=("$@")
 [ ${#CONFIGS[@]} -gt 0 ] || CONFIGS=(poll)
 
-if [ "$(id -u)" != 0 ]; then
-    echo "iperf3.sh: run as root: it creates network namespaces and devices" >&2
-    exit 1
-fi
-missing=()
-command -v iperf3 >/dev/null || missing+=(iperf3)
-command -v jq >/dev/null || missing+=(jq)
-command -v gnuplot >/dev/null || missing+=(gnuplot-nox)
-command -v ping >/dev/null || missing+=(iputils-ping)
-if [ ${#missing[@]} -gt 0 ]; then
-    echo "iperf3.sh: installing ${missing[*]}" >&2
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+need_root iperf3.sh
+install_missing iperf3:iperf3 jq:jq gnuplot:gnuplot-nox ping:iputils-ping
 
 cargo build --release --quiet
 BIN=$PWD/target/release/tunfwd
@@ -74,21 +63,8 @@ ip -n "$A" link set vxlan0 up
 ip -n "$B" link set vxlan0 up
 
 start_forwarders() { # engine flags...
-    local engine=$1
-    shift
-    ip netns exec "$A" "$BIN" tunnel --engine "$engine" --dev tun0 --address 198.19.0.1/24 \
-        --listen 198.18.0.1:5000 --peer 198.18.0.2:5000 "$@" >"$TMP/a.out" 2>"$TMP/a.err" &
-    fwd_pids+=($!)
-    ip netns exec "$B" "$BIN" tunnel --engine "$engine" --dev tun0 --address 198.19.0.2/24 \
-        --listen 198.18.0.2:5000 --peer 198.18.0.1:5000 "$@" >"$TMP/b.out" 2>"$TMP/b.err" &
-    fwd_pids+=($!)
-    for f in "$TMP/a.err" "$TMP/b.err"; do
-        for _ in $(seq 200); do
-            grep -q "tunnel up" "$f" 2>/dev/null && break
-            sleep 0.05
-        done
-        grep -q "tunnel up" "$f" || { cat "$f" >&2; exit 1; }
-    done
+    tunfwd_pair "$BIN" "$A" "$B" "$TMP" "$@"
+    fwd_pids+=("$PA" "$PB")
 }
 
 iperf_json() { # server-address extra-client-args...

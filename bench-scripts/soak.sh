@@ -22,17 +22,8 @@ OUT=${OUT:-$PWD/target/bench-results}
 ENGINES=("$@")
 [ ${#ENGINES[@]} -gt 0 ] || ENGINES=(uring poll)
 
-if [ "$(id -u)" != 0 ]; then
-    echo "soak.sh: run as root: it creates network namespaces and devices" >&2
-    exit 1
-fi
-missing=()
-command -v iperf3 >/dev/null || missing+=(iperf3)
-command -v jq >/dev/null || missing+=(jq)
-command -v ping >/dev/null || missing+=(iputils-ping)
-if [ ${#missing[@]} -gt 0 ]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+need_root soak.sh
+install_missing iperf3:iperf3 jq:jq ping:iputils-ping
 
 cargo build --release --quiet
 BIN=$PWD/target/release/tunfwd
@@ -69,27 +60,16 @@ kernel_drops() { grep -o 'udp_rcvbuf_drops=[0-9]*' "$1" | tail -1 | cut -d= -f2;
     echo "Kernel $(uname -r), $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs))."
     echo "Load for ${DURATION} s per engine: iperf3 TCP a->b unlimited, iperf3 UDP b->a ${UDP_RATE}bit/s (1200 B), ping a->b 5/s."
     echo
-    echo "| engine | TCP GB sent / received | UDP datagrams sent / lost (%) | pings sent / received | drops a | drops b | kernel rcvbuf drops a / b | RSS a KiB start -> end | RSS b KiB | fds a start -> end | fds b |"
+    echo "| engine | TCP GB sent / received | UDP datagrams sent / lost (%) | pings sent / received | drops a | drops b | kernel rcvbuf drops a / b | RSS a KiB start / half / end | RSS b KiB | fds a start -> end | fds b |"
     echo "|---|---|---|---|---|---|---|---|---|---|---|"
 } >"$MD"
 
 for engine in "${ENGINES[@]}"; do
     echo "soak.sh: $engine for ${DURATION} s" >&2
     topo_create "$A" "$B"
-    ip netns exec "$A" "$BIN" tunnel --engine "$engine" --dev tun0 --address 198.19.0.1/24 \
-        --listen 198.18.0.1:5000 --peer 198.18.0.2:5000 --stats-interval 60 >"$TMP/a.out" 2>"$TMP/a.err" &
-    pa=$!
-    ip netns exec "$B" "$BIN" tunnel --engine "$engine" --dev tun0 --address 198.19.0.2/24 \
-        --listen 198.18.0.2:5000 --peer 198.18.0.1:5000 --stats-interval 60 >"$TMP/b.out" 2>"$TMP/b.err" &
-    pb=$!
+    tunfwd_pair "$BIN" "$A" "$B" "$TMP" "$engine" --stats-interval 60
+    pa=$PA pb=$PB
     pids=("$pa" "$pb")
-    for f in "$TMP/a.err" "$TMP/b.err"; do
-        for _ in $(seq 200); do
-            grep -q "tunnel up" "$f" 2>/dev/null && break
-            sleep 0.05
-        done
-        grep -q "tunnel up" "$f" || { cat "$f" >&2; exit 1; }
-    done
     ip netns exec "$B" iperf3 -s -1 -B 198.19.0.2 -p 5201 >/dev/null 2>&1 &
     ip netns exec "$A" iperf3 -s -1 -B 198.19.0.1 -p 5202 >/dev/null 2>&1 &
     sleep 2
@@ -100,6 +80,9 @@ for engine in "${ENGINES[@]}"; do
     udp=$!
     ip netns exec "$A" ping -q -i 0.2 -c $((DURATION * 5)) 198.19.0.2 >"$TMP/ping.txt" 2>&1 &
     png=$!
+    # Halfway: tells first-touch growth of the buffer pool from a leak.
+    sleep $((DURATION / 2))
+    rss_ah=$(rss_kib "$pa") rss_bh=$(rss_kib "$pb")
     wait "$tcp" || true
     wait "$udp" || true
     wait "$png" || true
@@ -119,7 +102,7 @@ for engine in "${ENGINES[@]}"; do
     udp_p=$(jq '.end.sum.lost_percent // 0 | . * 1000 | round / 1000' "$TMP/udp.json")
     ping_s=$(sed -n 's/^\([0-9]*\) packets transmitted, \([0-9]*\) received.*/\1/p' "$TMP/ping.txt")
     ping_r=$(sed -n 's/^\([0-9]*\) packets transmitted, \([0-9]*\) received.*/\2/p' "$TMP/ping.txt")
-    echo "| $engine | $tcp_s / $tcp_r | $udp_n / $udp_l ($udp_p) | $ping_s / $ping_r | $(drops_of "$TMP/a.out") | $(drops_of "$TMP/b.out") | $(kernel_drops "$TMP/a.out") / $(kernel_drops "$TMP/b.out") | $rss_a0 -> $rss_a1 | $rss_b0 -> $rss_b1 | $fds_a0 -> $fds_a1 | $fds_b0 -> $fds_b1 |" >>"$MD"
+    echo "| $engine | $tcp_s / $tcp_r | $udp_n / $udp_l ($udp_p) | $ping_s / $ping_r | $(drops_of "$TMP/a.out") | $(drops_of "$TMP/b.out") | $(kernel_drops "$TMP/a.out") / $(kernel_drops "$TMP/b.out") | $rss_a0 / $rss_ah / $rss_a1 | $rss_b0 / $rss_bh / $rss_b1 | $fds_a0 -> $fds_a1 | $fds_b0 -> $fds_b1 |" >>"$MD"
     topo_destroy "$A" "$B"
 done
 

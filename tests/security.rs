@@ -509,38 +509,9 @@ fn hostile_vxlan_input_is_counted() {
     }
     for engine in ENGINES {
         let topo = Topology::new();
-        let tap = |side_a: bool| -> Vec<String> {
-            let (me, other, addr) = if side_a {
-                (UNDERLAY_A, UNDERLAY_B, "198.19.2.1/24")
-            } else {
-                (UNDERLAY_B, UNDERLAY_A, "198.19.2.2/24")
-            };
-            [
-                "tunnel",
-                "--engine",
-                engine,
-                "--mode",
-                "tap",
-                "--vni",
-                "42",
-                "--dev",
-                "tap0",
-                "--mtu",
-                "1450",
-                "--address",
-                addr,
-                "--rcvbuf",
-                "8388608",
-                "--listen",
-                &format!("{me}:4789"),
-                "--peer",
-                &format!("{other}:4789"),
-            ]
-            .map(String::from)
-            .to_vec()
-        };
-        let mut a = Proc::tunfwd(&topo.a, &tap(true));
-        let _b = Proc::tunfwd(&topo.b, &tap(false));
+        let extra = ["--rcvbuf", "8388608"];
+        let mut a = Proc::tunfwd(&topo.a, &tap_args(true, engine, &extra));
+        let _b = Proc::tunfwd(&topo.b, &tap_args(false, engine, &extra));
         let dst: SocketAddr = "198.19.2.1:7000".parse().unwrap();
         verified_tcp_transfer(&topo.b, &topo.a, dst, 4 << 20);
         let stop = Arc::new(AtomicBool::new(false));

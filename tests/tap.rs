@@ -9,38 +9,6 @@ use std::net::SocketAddr;
 
 use common::*;
 
-/// tunfwd in TAP/VXLAN mode on side a, with overlay `addr`.
-fn tap_args(side_a: bool, engine: &str) -> Vec<String> {
-    let (me, peer, addr, addr6) = if side_a {
-        (UNDERLAY_A, UNDERLAY_B, "198.19.2.1/24", "2001:db8:2::1/64")
-    } else {
-        (UNDERLAY_B, UNDERLAY_A, "198.19.2.2/24", "2001:db8:2::2/64")
-    };
-    [
-        "tunnel",
-        "--engine",
-        engine,
-        "--mode",
-        "tap",
-        "--vni",
-        "42",
-        "--dev",
-        "tap0",
-        "--mtu",
-        "1450",
-        "--address",
-        addr,
-        "--address",
-        addr6,
-        "--listen",
-        &format!("{me}:4789"),
-        "--peer",
-        &format!("{peer}:4789"),
-    ]
-    .map(String::from)
-    .to_vec()
-}
-
 #[test]
 fn tap_vxlan_against_kernel_vxlan() {
     if !can_run_kernel_tests("tap_vxlan_against_kernel_vxlan") {
@@ -48,7 +16,7 @@ fn tap_vxlan_against_kernel_vxlan() {
     }
     for engine in ["poll", "uring"] {
         let topo = Topology::new();
-        let mut a = Proc::tunfwd(&topo.a, &tap_args(true, engine));
+        let mut a = Proc::tunfwd(&topo.a, &tap_args(true, engine, &[]));
         topo.b.ip(&[
             "link", "add", "vxlan0", "type", "vxlan", "id", "42", "local", UNDERLAY_B, "remote",
             UNDERLAY_A, "dstport", "4789", "dev", "veth0",
@@ -88,8 +56,8 @@ fn tap_vxlan_tunfwd_to_tunfwd() {
     }
     for (ea, eb) in [("poll", "poll"), ("uring", "uring"), ("uring", "poll")] {
         let topo = Topology::new();
-        let mut a = Proc::tunfwd(&topo.a, &tap_args(true, ea));
-        let mut b = Proc::tunfwd(&topo.b, &tap_args(false, eb));
+        let mut a = Proc::tunfwd(&topo.a, &tap_args(true, ea, &[]));
+        let mut b = Proc::tunfwd(&topo.b, &tap_args(false, eb, &[]));
         assert!(topo.a.ping("198.19.2.2"), "{ea}/{eb}: ping v4");
         // IPv6 addresses on an Ethernet device wait for duplicate address
         // detection (about a second) before they can be used.

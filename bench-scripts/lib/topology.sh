@@ -3,6 +3,7 @@
 #
 #   topo_create A B   namespaces A and B, veth0 198.18.0.1/30 - 198.18.0.2/30
 #   topo_destroy A B  kill what runs inside them, then delete them
+#   need_root, install_missing, tunfwd_pair: see each function
 
 topo_create() {
     local a=$1 b=$2
@@ -25,5 +26,49 @@ topo_destroy() {
     done
     for ns in "$@"; do
         ip netns del "$ns" 2>/dev/null || true
+    done
+}
+
+# need_root SCRIPT: exit unless root.
+need_root() {
+    if [ "$(id -u)" != 0 ]; then
+        echo "$1: run as root: it creates network namespaces and devices" >&2
+        exit 1
+    fi
+}
+
+# install_missing COMMAND:PACKAGE...: apt-get install the packages whose
+# command is missing.
+install_missing() {
+    local missing=() pair
+    for pair in "$@"; do
+        command -v "${pair%%:*}" >/dev/null || missing+=("${pair#*:}")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "installing ${missing[*]}" >&2
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+}
+
+# tunfwd_pair BIN A B DIR ENGINE FLAGS...: a tunfwd in each namespace
+# (overlay 198.19.0.1/24 in A, .2 in B, UDP port 5000), output in DIR/a.out,
+# a.err, b.out, b.err; sets PA and PB to their pids; returns once both
+# report the tunnel up (exits with their error otherwise).
+tunfwd_pair() {
+    local bin=$1 a=$2 b=$3 dir=$4 engine=$5
+    shift 5
+    ip netns exec "$a" "$bin" tunnel --engine "$engine" --dev tun0 --address 198.19.0.1/24 \
+        --listen 198.18.0.1:5000 --peer 198.18.0.2:5000 "$@" >"$dir/a.out" 2>"$dir/a.err" &
+    PA=$!
+    ip netns exec "$b" "$bin" tunnel --engine "$engine" --dev tun0 --address 198.19.0.2/24 \
+        --listen 198.18.0.2:5000 --peer 198.18.0.1:5000 "$@" >"$dir/b.out" 2>"$dir/b.err" &
+    PB=$!
+    local f
+    for f in "$dir/a.err" "$dir/b.err"; do
+        for _ in $(seq 200); do
+            grep -q "tunnel up" "$f" 2>/dev/null && break
+            sleep 0.05
+        done
+        grep -q "tunnel up" "$f" || { cat "$f" >&2; exit 1; }
     done
 }

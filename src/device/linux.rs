@@ -44,22 +44,6 @@ pub fn check_name(name: &str) -> Result<()> {
     sys::check_ifname(name).map_err(|e| Error::config(format!("--dev: {e}")))
 }
 
-/// How to open a TUN device.
-#[derive(Clone, Debug)]
-pub struct TunOptions<'a> {
-    /// Interface name, or a template with `%d` for the kernel to number.
-    pub name: &'a str,
-    /// Number of queue files to open (1 or more).
-    pub queues: usize,
-    /// Require that the device exists already (a persistent device made with
-    /// `ip tuntap add ... multi_queue`); never create one.
-    pub attach: bool,
-    /// Open with `IFF_VNET_HDR`: every packet carries a virtio-net header.
-    pub vnet_hdr: bool,
-    /// A TAP device (Ethernet frames) instead of TUN (IP packets).
-    pub tap: bool,
-}
-
 /// Offloads the TUN device accepted (`TUNSETOFFLOAD`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TunOffloads {
@@ -82,7 +66,7 @@ pub struct TunDevice {
 
 impl TunDevice {
     /// Creates the device, or attaches to it if it exists already.
-    pub fn open(opts: &TunOptions<'_>) -> Result<TunDevice> {
+    pub fn open(opts: &super::TunOptions<'_>) -> Result<TunDevice> {
         check_name(opts.name)?;
         let templated = opts.name.contains('%');
         let existed = !templated && if_nametoindex(opts.name).is_ok();

@@ -52,18 +52,6 @@ fn parse_unit(name: &str) -> Result<u32> {
     n.checked_add(1).ok_or_else(bad)
 }
 
-/// How to open the device. Only `name` varies on macOS: one queue, created
-/// by this process, no virtio-net header, no TAP (config validation says so
-/// before this is reached).
-#[derive(Clone, Debug)]
-pub struct TunOptions<'a> {
-    pub name: &'a str,
-    pub queues: usize,
-    pub attach: bool,
-    pub vnet_hdr: bool,
-    pub tap: bool,
-}
-
 impl super::TunQueue {
     /// Reads one packet into `buf`, without its address-family prefix.
     pub fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
@@ -107,7 +95,10 @@ pub struct TunDevice {
 
 impl TunDevice {
     /// Creates a utun device. It disappears when the socket closes.
-    pub fn open(opts: &TunOptions<'_>) -> Result<TunDevice> {
+    /// Only `opts.name` may vary on macOS: one queue, created by this
+    /// process, no virtio-net header, no TAP (config validation says so
+    /// before this is reached).
+    pub fn open(opts: &super::TunOptions<'_>) -> Result<TunDevice> {
         let unit = parse_unit(opts.name)?;
         if opts.queues != 1 || opts.attach || opts.vnet_hdr || opts.tap {
             return Err(Error::config(

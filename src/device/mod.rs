@@ -14,17 +14,33 @@ use std::os::fd::{AsFd, BorrowedFd};
 mod linux;
 #[cfg(target_os = "linux")]
 pub use linux::{
-    DEFAULT_NAME, TunDevice, TunOffloads, TunOptions, check_name, configure_link, interface_index,
+    DEFAULT_NAME, TunDevice, TunOffloads, check_name, configure_link, interface_index,
     is_fatal_error,
 };
 
 #[cfg(target_os = "macos")]
 mod macos;
 #[cfg(target_os = "macos")]
-pub use macos::{DEFAULT_NAME, TunDevice, TunOptions, check_name, is_fatal_error};
+pub use macos::{DEFAULT_NAME, TunDevice, check_name, is_fatal_error};
 
 #[cfg(not(any(target_os = "linux", target_os = "macos")))]
 compile_error!("tunfwd has TUN device support for Linux and macOS only");
+
+/// How to open a TUN device.
+#[derive(Clone, Debug)]
+pub struct TunOptions<'a> {
+    /// Interface name, or a template with `%d` for the kernel to number.
+    pub name: &'a str,
+    /// Number of queue files to open (1 or more).
+    pub queues: usize,
+    /// Require that the device exists already (a persistent device made with
+    /// `ip tuntap add ... multi_queue`); never create one.
+    pub attach: bool,
+    /// Open with `IFF_VNET_HDR`: every packet carries a virtio-net header.
+    pub vnet_hdr: bool,
+    /// A TAP device (Ethernet frames) instead of TUN (IP packets).
+    pub tap: bool,
+}
 
 /// One queue of a TUN device: `read` and `write` move one raw IP packet
 /// (one Ethernet frame in TAP mode), nonblocking.

@@ -239,6 +239,41 @@ pub fn tunnel_args(side_a: bool, extra: &[&str]) -> Vec<String> {
     v
 }
 
+/// Arguments of `tunfwd tunnel` in TAP/VXLAN mode (VNI 42, port 4789,
+/// MTU 1450) for side a or b, plus `extra`.
+pub fn tap_args(side_a: bool, engine: &str, extra: &[&str]) -> Vec<String> {
+    let (me, peer, addr, addr6) = if side_a {
+        (UNDERLAY_A, UNDERLAY_B, "198.19.2.1/24", "2001:db8:2::1/64")
+    } else {
+        (UNDERLAY_B, UNDERLAY_A, "198.19.2.2/24", "2001:db8:2::2/64")
+    };
+    [
+        "tunnel",
+        "--engine",
+        engine,
+        "--mode",
+        "tap",
+        "--vni",
+        "42",
+        "--dev",
+        "tap0",
+        "--mtu",
+        "1450",
+        "--address",
+        addr,
+        "--address",
+        addr6,
+        "--listen",
+        &format!("{me}:4789"),
+        "--peer",
+        &format!("{peer}:4789"),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain(extra.iter().map(|s| s.to_string()))
+    .collect()
+}
+
 /// A running process whose output is collected; killed on drop.
 pub struct Proc {
     pub child: Child,
