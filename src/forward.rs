@@ -209,7 +209,7 @@ impl Forwarder {
             };
         }
         match self.check(packet) {
-            Ok(()) => Decision::ToPeer,
+            Ok(_) => Decision::ToPeer,
             Err(reason) => Decision::Drop(reason),
         }
     }
@@ -247,23 +247,17 @@ impl Forwarder {
             };
         }
         match self.check(datagram) {
-            Ok(()) if self.source_allowed(datagram) => Decision::ToTun,
-            Ok(()) => Decision::Drop(DropReason::SourceNotAllowed),
+            Ok(p) if self.source_allowed(&p) => Decision::ToTun,
+            Ok(_) => Decision::Drop(DropReason::SourceNotAllowed),
             Err(reason) => Decision::Drop(reason),
         }
     }
 
-    /// `packet` has passed [`Forwarder::check`].
-    fn source_allowed(&self, packet: &[u8]) -> bool {
-        if self.allowed_src.is_empty() {
-            return true;
-        }
-        match IpPacket::new_checked(packet) {
-            Ok(p) => {
-                let src = p.src();
-                self.allowed_src.iter().any(|prefix| prefix.contains(src))
-            }
-            Err(_) => false,
+    /// `--allow-src`: true if no prefixes are set or one holds the source.
+    fn source_allowed(&self, packet: &IpPacket<'_>) -> bool {
+        self.allowed_src.is_empty() || {
+            let src = packet.src();
+            self.allowed_src.iter().any(|prefix| prefix.contains(src))
         }
     }
 
@@ -295,12 +289,12 @@ impl Forwarder {
         Ok(())
     }
 
-    fn check(&self, bytes: &[u8]) -> Result<(), DropReason> {
+    fn check<'a>(&self, bytes: &'a [u8]) -> Result<IpPacket<'a>, DropReason> {
         let packet = IpPacket::new_checked(bytes)?;
         if packet.len() > self.mtu {
             return Err(DropReason::OverMtu);
         }
-        Ok(())
+        Ok(packet)
     }
 }
 
