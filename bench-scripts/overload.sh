@@ -24,27 +24,11 @@ ENGINES=("$@")
 [ ${#ENGINES[@]} -gt 0 ] || ENGINES=(uring poll)
 PAYLOAD=$((SIZE - 28))
 
-need_root overload.sh
+bench_setup overload.sh tfov
 install_missing iperf3:iperf3 jq:jq ping:iputils-ping
-cargo build --release --quiet
-BIN=$PWD/target/release/tunfwd
 mkdir -p "$OUT"
-STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 MD=$OUT/overload-$STAMP.md
-A=tfov-$$-a
-B=tfov-$$-b
-TMP=$(mktemp -d)
-pids=()
-cleanup() {
-    trap - EXIT INT TERM
-    for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-    topo_destroy "$A" "$B"
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
 
-rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0; }
 median_ms() { sed -n 's/.*time=\([0-9.]*\) ms.*/\1/p' | sort -n | awk '{ v[NR] = $1 } END { print (NR ? v[int((NR + 1) / 2)] : 0) }'; }
 tun_stat() { ip netns exec "$1" cat "/sys/class/net/tun0/statistics/$2"; }
 iperf_udp() { # rate-bits/s secs -> JSON

@@ -22,29 +22,11 @@ OUT=${OUT:-$PWD/target/bench-results}
 ENGINES=("$@")
 [ ${#ENGINES[@]} -gt 0 ] || ENGINES=(uring poll)
 
-need_root soak.sh
+bench_setup soak.sh tfsk
 install_missing iperf3:iperf3 jq:jq ping:iputils-ping
-
-cargo build --release --quiet
-BIN=$PWD/target/release/tunfwd
 mkdir -p "$OUT"
-STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 MD=$OUT/soak-$STAMP.md
 
-A=tfsk-$$-a
-B=tfsk-$$-b
-TMP=$(mktemp -d)
-pids=()
-cleanup() {
-    trap - EXIT INT TERM
-    for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-    topo_destroy "$A" "$B"
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 fds() { ls "/proc/$1/fd" | wc -l; }
 # The bracketed drop list of a summary line, or "none".
 drops_of() {

@@ -79,11 +79,13 @@ impl Prefix {
     }
 }
 
-fn v4_mask(len: u8) -> u32 {
+/// The IPv4 netmask of a prefix length (0 for /0).
+pub(crate) fn v4_mask(len: u8) -> u32 {
     u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0)
 }
 
-fn v6_mask(len: u8) -> u128 {
+/// The IPv6 netmask of a prefix length (0 for /0).
+pub(crate) fn v6_mask(len: u8) -> u128 {
     u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0)
 }
 

@@ -3,7 +3,7 @@
 #
 #   topo_create A B   namespaces A and B, veth0 198.18.0.1/30 - 198.18.0.2/30
 #   topo_destroy A B  kill what runs inside them, then delete them
-#   need_root, install_missing, tunfwd_pair: see each function
+#   need_root, install_missing, tunfwd_pair, bench_setup, rss_kib: see each
 
 topo_create() {
     local a=$1 b=$2
@@ -72,3 +72,32 @@ tunfwd_pair() {
         grep -q "tunnel up" "$f" || { cat "$f" >&2; exit 1; }
     done
 }
+
+# bench_setup NAME TAG: builds the release binary and sets BIN, STAMP,
+# A and B (namespace names), TMP (a scratch directory) and pids (forwarders
+# to stop); on exit (normal, error, Ctrl-C) stops pids, removes the
+# namespaces and TMP.
+bench_setup() {
+    local name=$1 tag=$2
+    need_root "$name"
+    cargo build --release --quiet
+    BIN=$PWD/target/release/tunfwd
+    STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+    A=$tag-$$-a
+    B=$tag-$$-b
+    TMP=$(mktemp -d)
+    pids=()
+    trap bench_cleanup EXIT
+    trap 'exit 130' INT TERM
+}
+
+bench_cleanup() {
+    trap - EXIT INT TERM
+    local p
+    for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+    topo_destroy "$A" "$B"
+    rm -rf "$TMP"
+}
+
+# rss_kib PID: resident memory in KiB (0 if the process is gone).
+rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0; }
