@@ -150,11 +150,10 @@ fn base_config(
         netns: run.netns,
         exit_with_parent: run.exit_with_parent,
         user: run.user,
-        allowed_src: Vec::new(),
         offload: config::Toggle::Off,
-        reflect: false,
-        tap_vni: None,
-        mac: None,
+        mode: config::Mode::Tun {
+            allowed_src: Vec::new(),
+        },
         sndbuf: None,
         rcvbuf: None,
         uring: config::UringFlags::default(),
@@ -176,7 +175,7 @@ impl ReflectArgs {
         // never used: the reflector sends nothing to the network.
         let unused: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 0));
         TunnelConfig {
-            reflect: true,
+            mode: config::Mode::Reflect,
             ..base_config(self.device, self.run, unused, unused)
         }
     }
@@ -434,21 +433,36 @@ struct TunnelArgs {
 impl TunnelArgs {
     fn into_config(self) -> crate::error::Result<TunnelConfig> {
         use crate::error::Error;
-        let tap_vni = match (self.mode, self.encap) {
+        let mode = match (self.mode, self.encap) {
             (ModeArg::Tun, None | Some(EncapArg::None)) => {
                 if self.vni.is_some() {
                     return Err(Error::config("--vni applies to --mode tap only"));
                 }
-                None
+                if self.mac.is_some() {
+                    return Err(Error::config("--mac applies to --mode tap only"));
+                }
+                config::Mode::Tun {
+                    allowed_src: self.allow_src,
+                }
             }
             (ModeArg::Tun, Some(EncapArg::Vxlan)) => {
                 return Err(Error::config(
                     "--encap vxlan carries Ethernet frames: use it with --mode tap",
                 ));
             }
-            (ModeArg::Tap, None | Some(EncapArg::Vxlan)) => Some(self.vni.ok_or_else(|| {
-                Error::config("--mode tap needs --vni N (the VXLAN network identifier)")
-            })?),
+            (ModeArg::Tap, None | Some(EncapArg::Vxlan)) => {
+                if !self.allow_src.is_empty() {
+                    return Err(Error::config(
+                        "--allow-src checks inner IP sources: not available in TAP mode",
+                    ));
+                }
+                config::Mode::Tap {
+                    vni: self.vni.ok_or_else(|| {
+                        Error::config("--mode tap needs --vni N (the VXLAN network identifier)")
+                    })?,
+                    mac: self.mac,
+                }
+            }
             (ModeArg::Tap, Some(EncapArg::None)) => {
                 return Err(Error::config(
                     "--mode tap needs --encap vxlan (plain Ethernet over UDP is not supported)",
@@ -456,12 +470,10 @@ impl TunnelArgs {
             }
         };
         Ok(TunnelConfig {
-            tap_vni,
-            mac: self.mac,
+            mode,
             offload: self.offload.into(),
             sndbuf: self.sndbuf,
             rcvbuf: self.rcvbuf,
-            allowed_src: self.allow_src,
             uring: config::UringFlags {
                 ring_entries: self.ring_entries,
                 buffers: self.buffers,

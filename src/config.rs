@@ -198,6 +198,8 @@ pub struct UringFlags {
 
 pub const DEFAULT_RING_ENTRIES: u32 = 256;
 pub const DEFAULT_BUFFERS: u32 = 512;
+/// With offload each buffer holds a 64 KiB super-packet: fewer of them.
+pub const DEFAULT_BUFFERS_OFFLOAD: u32 = 64;
 pub const DEFAULT_INFLIGHT: u32 = 2;
 
 impl UringFlags {
@@ -287,16 +289,43 @@ pub struct TunnelConfig {
     pub uring: UringFlags,
     /// TSO/USO on the TUN device, UDP GSO/GRO on the socket.
     pub offload: Toggle,
-    /// `tunfwd reflect`: answer packets on the device; no peer.
-    pub reflect: bool,
-    /// TAP mode: Ethernet frames in VXLAN with this VNI.
-    pub tap_vni: Option<u32>,
-    /// Ethernet address for a TAP device.
-    pub mac: Option<[u8; 6]>,
-    /// Inner source prefixes accepted from the peer; empty: any.
-    pub allowed_src: Vec<Prefix>,
+    /// What moves: IP packets, Ethernet frames in VXLAN, or reflected
+    /// packets; with the options that only make sense for that mode.
+    pub mode: Mode,
     /// Drop to this user (and group) once devices and sockets are set up.
     pub user: Option<UserSpec>,
+}
+
+/// The three ways tunfwd runs. Options that belong to one mode live in its
+/// variant, so a combination that makes no sense cannot be written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// `tunfwd tunnel --mode tun`: IP packets on a TUN device, one per UDP
+    /// datagram.
+    Tun {
+        /// Inner source prefixes accepted from the peer; empty: any.
+        allowed_src: Vec<Prefix>,
+    },
+    /// `tunfwd tunnel --mode tap`: Ethernet frames on a TAP device, carried
+    /// in VXLAN (RFC 7348) with this network identifier.
+    Tap {
+        vni: u32,
+        /// Ethernet address for the device (None: the kernel's random one).
+        mac: Option<[u8; 6]>,
+    },
+    /// `tunfwd reflect`: answer echo requests and UDP on the device; nothing
+    /// goes to the network.
+    Reflect,
+}
+
+impl Mode {
+    pub fn is_tap(&self) -> bool {
+        matches!(self, Mode::Tap { .. })
+    }
+
+    pub fn is_reflect(&self) -> bool {
+        matches!(self, Mode::Reflect)
+    }
 }
 
 /// `--user USER[:GROUP]`: names or numeric ids.
@@ -363,7 +392,7 @@ impl TunnelConfig {
         if self.batch == 0 {
             return Err(Error::config("--batch must be at least 1 packet"));
         }
-        if !self.reflect && (self.peer.port() == 0 || self.peer.ip().is_unspecified()) {
+        if !self.mode.is_reflect() && (self.peer.port() == 0 || self.peer.ip().is_unspecified()) {
             return Err(Error::config(format!(
                 "--peer {} needs a concrete address and a non-zero port",
                 self.peer
@@ -375,7 +404,7 @@ impl TunnelConfig {
                 self.listen, self.peer
             )));
         }
-        if self.queues > 1 && !self.reflect {
+        if self.queues > 1 && !self.mode.is_reflect() {
             let last = self.queues - 1;
             if self.listen.port() == 0 {
                 return Err(Error::config(
@@ -415,7 +444,7 @@ impl TunnelConfig {
                 }
             }
         }
-        if let Some(vni) = self.tap_vni {
+        if let Mode::Tap { vni, .. } = self.mode {
             if vni > crate::packet::vxlan::MAX_VNI {
                 return Err(Error::config(format!(
                     "--vni {vni} is out of range 0..={}",
@@ -425,13 +454,6 @@ impl TunnelConfig {
             if self.offload == Toggle::On {
                 return Err(Error::config("--offload on: not available in TAP mode"));
             }
-            if !self.allowed_src.is_empty() {
-                return Err(Error::config(
-                    "--allow-src checks inner IP sources: not available in TAP mode",
-                ));
-            }
-        } else if self.mac.is_some() {
-            return Err(Error::config("--mac applies to --mode tap only"));
         }
         crate::device::check_name(&self.dev)?;
         if !cfg!(target_os = "linux") {
@@ -462,8 +484,8 @@ impl TunnelConfig {
         check(self.exit_with_parent, "--exit-with-parent");
         check(matches!(self.cpus, CpuPlan::List(_)), "--cpus LIST");
         check(self.offload == Toggle::On, "--offload on");
-        check(self.tap_vni.is_some(), "--mode tap");
-        check(self.mac.is_some(), "--mac");
+        check(self.mode.is_tap(), "--mode tap");
+        check(matches!(self.mode, Mode::Tap { mac: Some(_), .. }), "--mac");
         check(self.user.is_some(), "--user");
         flags.extend(self.uring.given());
         flags
@@ -473,7 +495,7 @@ impl TunnelConfig {
     /// and TAP frames travel in VXLAN, so neither carries virtio-net headers.
     pub fn effective_offload(&self) -> Toggle {
         // Virtio-net headers on the device are Linux-only.
-        if !cfg!(target_os = "linux") || self.reflect || self.tap_vni.is_some() {
+        if !cfg!(target_os = "linux") || !matches!(self.mode, Mode::Tun { .. }) {
             Toggle::Off
         } else {
             self.offload
@@ -526,10 +548,9 @@ mod tests {
             rcvbuf: None,
             uring: UringFlags::default(),
             offload: Toggle::Auto,
-            reflect: false,
-            tap_vni: None,
-            mac: None,
-            allowed_src: Vec::new(),
+            mode: Mode::Tun {
+                allowed_src: Vec::new(),
+            },
             user: None,
         }
     }
@@ -544,7 +565,7 @@ mod tests {
         c.txqueuelen = Some(10);
         c.cpus = CpuPlan::List(vec![0]);
         c.offload = Toggle::On;
-        c.tap_vni = Some(1);
+        c.mode = Mode::Tap { vni: 1, mac: None };
         c.uring.buffers = Some(8);
         assert_eq!(
             c.linux_only_flags(),

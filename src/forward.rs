@@ -1,7 +1,7 @@
 //! The forwarding core: bytes in, decisions out.
 //!
-//! Engines hand every packet they read to [`Forwarder`] and act on the
-//! returned [`Decision`]. The core does no I/O, holds no clock and keeps no
+//! The datapath hands every packet to [`Forwarder`] and acts on the
+//! returned [`TunVerdict`] or [`PeerVerdict`]. The core does no I/O, holds no clock and keeps no
 //! per-packet state, so it is unit-tested and fuzzed without root, and both
 //! engines behave identically by construction.
 
@@ -10,14 +10,27 @@ use std::net::SocketAddr;
 
 use crate::packet::{IpPacket, ParseError};
 
-/// What an engine does with one packet.
+/// What becomes of a packet read from the TUN device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Decision {
-    /// Write the bytes unchanged to the TUN device.
-    ToTun,
-    /// Send the bytes unchanged to the peer as one UDP datagram.
+pub enum TunVerdict {
+    /// Send it to the peer (in one UDP datagram, behind the encapsulation
+    /// header if there is one).
     ToPeer,
-    /// Drop the packet and count it under this reason.
+    /// Reflect mode: the packet was rewritten in place into its answer;
+    /// write it back into the TUN device.
+    Reflect,
+    /// Drop it and count it under this reason.
+    Drop(DropReason),
+}
+
+/// What becomes of a datagram received from the network. Nothing that came
+/// from the network goes back to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerVerdict {
+    /// Write the packet (the datagram without its encapsulation header) to
+    /// the TUN device.
+    ToTun,
+    /// Drop it and count it under this reason.
     Drop(DropReason),
 }
 
@@ -54,10 +67,14 @@ pub enum DropReason {
     WrongVni,
     /// From the peer, but the inner source address is outside `--allow-src`.
     SourceNotAllowed,
+    /// A TCP segment from the peer whose IPv4 header or TCP checksum does
+    /// not verify (checked before segments are coalesced: the kernel takes
+    /// a coalesced super-packet's checksum as already verified).
+    BadChecksum,
 }
 
 impl DropReason {
-    pub const COUNT: usize = 14;
+    pub const COUNT: usize = 15;
     pub const ALL: [DropReason; DropReason::COUNT] = [
         DropReason::Empty,
         DropReason::Truncated,
@@ -73,6 +90,7 @@ impl DropReason {
         DropReason::BadVxlan,
         DropReason::WrongVni,
         DropReason::SourceNotAllowed,
+        DropReason::BadChecksum,
     ];
 
     /// Stable snake_case name used in stats output.
@@ -92,6 +110,7 @@ impl DropReason {
             DropReason::BadVxlan => "bad_vxlan",
             DropReason::WrongVni => "wrong_vni",
             DropReason::SourceNotAllowed => "source_not_allowed",
+            DropReason::BadChecksum => "bad_checksum",
         }
     }
 
@@ -119,18 +138,26 @@ impl From<ParseError> for DropReason {
     }
 }
 
-/// The per-worker forwarding policy: who the peer is and how large a packet
-/// may be.
+/// What the forwarder carries: the policy part of [`crate::config::Mode`].
+#[derive(Clone, Debug)]
+enum Kind {
+    /// IP packets; inner source prefixes accepted from the peer (empty: any).
+    Tun {
+        allowed_src: Vec<crate::config::Prefix>,
+    },
+    /// Ethernet frames in VXLAN with this VNI.
+    Tap { vni: u32 },
+    /// Answer packets from the TUN device; accept nothing from the network.
+    Reflect,
+}
+
+/// The per-worker forwarding policy: who the peer is, how large a packet
+/// may be, and what the mode accepts.
 #[derive(Clone, Debug)]
 pub struct Forwarder {
     mtu: usize,
     peer: SocketAddr,
-    /// Answer packets from the TUN device instead of forwarding them.
-    reflect: bool,
-    /// TAP mode: Ethernet frames in VXLAN with this VNI.
-    vxlan_vni: Option<u32>,
-    /// Inner source prefixes accepted from the peer; empty: any.
-    allowed_src: Vec<crate::config::Prefix>,
+    kind: Kind,
 }
 
 impl Forwarder {
@@ -140,17 +167,31 @@ impl Forwarder {
         Forwarder {
             mtu,
             peer: canonical(peer),
-            reflect: false,
-            vxlan_vni: None,
-            allowed_src: Vec::new(),
+            kind: Kind::Tun {
+                allowed_src: Vec::new(),
+            },
+        }
+    }
+
+    /// The forwarder for a configured mode.
+    pub fn for_mode(mode: &crate::config::Mode, mtu: usize, peer: SocketAddr) -> Self {
+        use crate::config::Mode;
+        match mode {
+            Mode::Tun { allowed_src } => {
+                Forwarder::new(mtu, peer).with_allowed_sources(allowed_src.clone())
+            }
+            Mode::Tap { vni, .. } => Forwarder::vxlan(mtu, peer, *vni),
+            Mode::Reflect => Forwarder::reflector(mtu, peer),
         }
     }
 
     /// Accept from the peer only packets whose source address is inside one
     /// of `prefixes` (`--allow-src`, like WireGuard's AllowedIPs); the rest
-    /// are dropped as `source_not_allowed`. Empty: any source.
+    /// are dropped as `source_not_allowed`. Empty: any source. TUN mode only.
     pub fn with_allowed_sources(mut self, prefixes: Vec<crate::config::Prefix>) -> Self {
-        self.allowed_src = prefixes;
+        if let Kind::Tun { allowed_src } = &mut self.kind {
+            *allowed_src = prefixes;
+        }
         self
     }
 
@@ -161,23 +202,37 @@ impl Forwarder {
     /// datagram it writes to the device.
     pub fn vxlan(mtu: usize, peer: SocketAddr, vni: u32) -> Self {
         Forwarder {
-            vxlan_vni: Some(vni),
+            kind: Kind::Tap { vni },
             ..Forwarder::new(mtu, peer)
         }
     }
 
     /// Bytes of encapsulation before each packet on the wire (0 or 8).
     pub fn encap_len(&self) -> usize {
-        if self.vxlan_vni.is_some() {
-            crate::packet::vxlan::HEADER_LEN
-        } else {
-            0
+        match self.kind {
+            Kind::Tap { .. } => crate::packet::vxlan::HEADER_LEN,
+            _ => 0,
         }
+    }
+
+    /// The largest packet or frame the device hands over or accepts: the
+    /// MTU, plus an Ethernet header and one VLAN tag in TAP mode.
+    pub fn max_frame_len(&self) -> usize {
+        match self.kind {
+            Kind::Tap { .. } => self.mtu + crate::packet::vxlan::ETH_HEADER_LEN + 4,
+            _ => self.mtu,
+        }
+    }
+
+    /// The largest datagram accepted from the peer: a largest frame behind
+    /// the encapsulation header. Receive buffers are sized from this.
+    pub fn max_datagram_len(&self) -> usize {
+        self.encap_len() + self.max_frame_len()
     }
 
     /// Writes the encapsulation header into `out[..encap_len()]`.
     pub fn write_encap(&self, out: &mut [u8]) {
-        if let Some(vni) = self.vxlan_vni {
+        if let Kind::Tap { vni } = self.kind {
             crate::packet::vxlan::write_header(out, vni);
         }
     }
@@ -187,7 +242,7 @@ impl Forwarder {
     /// from the network (`peer` only names the unused socket's partner).
     pub fn reflector(mtu: usize, peer: SocketAddr) -> Self {
         Forwarder {
-            reflect: true,
+            kind: Kind::Reflect,
             ..Forwarder::new(mtu, peer)
         }
     }
@@ -200,64 +255,60 @@ impl Forwarder {
         self.peer
     }
 
-    /// A packet the kernel routed into the TUN device (a frame, in TAP mode).
-    pub fn handle_from_tun(&self, packet: &[u8]) -> Decision {
-        if self.vxlan_vni.is_some() {
-            return match self.check_frame(packet) {
-                Ok(()) => Decision::ToPeer,
-                Err(r) => Decision::Drop(r),
-            };
-        }
-        match self.check(packet) {
-            Ok(_) => Decision::ToPeer,
-            Err(reason) => Decision::Drop(reason),
+    /// A packet the kernel routed into the TUN device (a frame, in TAP
+    /// mode), checked for forwarding. A reflector answers packets, which
+    /// needs [`Forwarder::handle_from_tun_mut`].
+    pub fn handle_from_tun(&self, packet: &[u8]) -> TunVerdict {
+        let checked = match self.kind {
+            Kind::Tap { .. } => self.check_frame(packet),
+            _ => self.check(packet).map(|_| ()),
+        };
+        match checked {
+            Ok(()) => TunVerdict::ToPeer,
+            Err(reason) => TunVerdict::Drop(reason),
         }
     }
 
-    /// A packet from the TUN device that the decision may rewrite in place
+    /// A packet from the TUN device that the verdict may rewrite in place
     /// (the reflector answers it); otherwise as [`Forwarder::handle_from_tun`].
-    pub fn handle_from_tun_mut(&self, packet: &mut [u8]) -> Decision {
-        if !self.reflect {
+    pub fn handle_from_tun_mut(&self, packet: &mut [u8]) -> TunVerdict {
+        if !matches!(self.kind, Kind::Reflect) {
             return self.handle_from_tun(packet);
         }
         if let Err(reason) = self.check(packet) {
-            return Decision::Drop(reason);
+            return TunVerdict::Drop(reason);
         }
         match crate::reflect::reflect(packet) {
-            Ok(()) => Decision::ToTun,
-            Err(_) => Decision::Drop(DropReason::NotReflected),
+            Ok(()) => TunVerdict::Reflect,
+            Err(_) => TunVerdict::Drop(DropReason::NotReflected),
         }
     }
 
     /// A datagram received on the UDP socket from `src`.
-    pub fn handle_from_peer(&self, src: SocketAddr, datagram: &[u8]) -> Decision {
-        if self.reflect || !self.is_peer(src) {
-            return Decision::Drop(DropReason::NotFromPeer);
+    pub fn handle_from_peer(&self, src: SocketAddr, datagram: &[u8]) -> PeerVerdict {
+        if !self.is_peer(src) {
+            return PeerVerdict::Drop(DropReason::NotFromPeer);
         }
-        if let Some(vni) = self.vxlan_vni {
-            use crate::packet::vxlan::{self, VxlanError};
-            return match vxlan::check(datagram, vni) {
-                Ok(()) => match self.check_frame(&datagram[vxlan::HEADER_LEN..]) {
-                    Ok(()) => Decision::ToTun,
-                    Err(r) => Decision::Drop(r),
-                },
-                Err(VxlanError::Truncated) => Decision::Drop(DropReason::Truncated),
-                Err(VxlanError::BadFlags) => Decision::Drop(DropReason::BadVxlan),
-                Err(VxlanError::WrongVni) => Decision::Drop(DropReason::WrongVni),
-            };
-        }
-        match self.check(datagram) {
-            Ok(p) if self.source_allowed(&p) => Decision::ToTun,
-            Ok(_) => Decision::Drop(DropReason::SourceNotAllowed),
-            Err(reason) => Decision::Drop(reason),
-        }
-    }
-
-    /// `--allow-src`: true if no prefixes are set or one holds the source.
-    fn source_allowed(&self, packet: &IpPacket<'_>) -> bool {
-        self.allowed_src.is_empty() || {
-            let src = packet.src();
-            self.allowed_src.iter().any(|prefix| prefix.contains(src))
+        let checked = match &self.kind {
+            Kind::Reflect => Err(DropReason::NotFromPeer),
+            Kind::Tap { vni } => {
+                use crate::packet::vxlan::{self, VxlanError};
+                match vxlan::check(datagram, *vni) {
+                    Ok(()) => self.check_frame(&datagram[vxlan::HEADER_LEN..]),
+                    Err(VxlanError::Truncated) => Err(DropReason::Truncated),
+                    Err(VxlanError::BadFlags) => Err(DropReason::BadVxlan),
+                    Err(VxlanError::WrongVni) => Err(DropReason::WrongVni),
+                }
+            }
+            Kind::Tun { allowed_src } => match self.check(datagram) {
+                Ok(p) if source_allowed(allowed_src, &p) => Ok(()),
+                Ok(_) => Err(DropReason::SourceNotAllowed),
+                Err(reason) => Err(reason),
+            },
+        };
+        match checked {
+            Ok(()) => PeerVerdict::ToTun,
+            Err(reason) => PeerVerdict::Drop(reason),
         }
     }
 
@@ -266,10 +317,9 @@ impl Forwarder {
     /// address and port.
     pub fn is_peer(&self, src: SocketAddr) -> bool {
         let src = canonical(src);
-        if self.vxlan_vni.is_some() {
-            src.ip() == self.peer.ip()
-        } else {
-            src == self.peer
+        match self.kind {
+            Kind::Tap { .. } => src.ip() == self.peer.ip(),
+            _ => src == self.peer,
         }
     }
 
@@ -283,7 +333,7 @@ impl Forwarder {
         if frame.len() < ETH_HEADER_LEN {
             return Err(DropReason::Truncated);
         }
-        if frame.len() > self.mtu + ETH_HEADER_LEN + 4 {
+        if frame.len() > self.max_frame_len() {
             return Err(DropReason::OverMtu);
         }
         Ok(())
@@ -295,6 +345,14 @@ impl Forwarder {
             return Err(DropReason::OverMtu);
         }
         Ok(packet)
+    }
+}
+
+/// `--allow-src`: true if no prefixes are set or one holds the source.
+fn source_allowed(allowed: &[crate::config::Prefix], packet: &IpPacket<'_>) -> bool {
+    allowed.is_empty() || {
+        let src = packet.src();
+        allowed.iter().any(|prefix| prefix.contains(src))
     }
 }
 
@@ -317,8 +375,8 @@ mod tests {
 
     #[test]
     fn tun_to_peer_both_versions() {
-        assert_eq!(fwd().handle_from_tun(&ipv4_udp(100)), Decision::ToPeer);
-        assert_eq!(fwd().handle_from_tun(&ipv6_udp(100)), Decision::ToPeer);
+        assert_eq!(fwd().handle_from_tun(&ipv4_udp(100)), TunVerdict::ToPeer);
+        assert_eq!(fwd().handle_from_tun(&ipv6_udp(100)), TunVerdict::ToPeer);
     }
 
     #[test]
@@ -326,11 +384,11 @@ mod tests {
         let peer = PEER.parse().unwrap();
         assert_eq!(
             fwd().handle_from_peer(peer, &ipv4_udp(100)),
-            Decision::ToTun
+            PeerVerdict::ToTun
         );
         assert_eq!(
             fwd().handle_from_peer(peer, &ipv6_udp(100)),
-            Decision::ToTun
+            PeerVerdict::ToTun
         );
     }
 
@@ -339,15 +397,15 @@ mod tests {
         let peer = PEER.parse().unwrap();
         let at_mtu = ipv4_udp(1400 - 28);
         let over = ipv6_udp(1400 - 48 + 1);
-        assert_eq!(fwd().handle_from_tun(&at_mtu), Decision::ToPeer);
-        assert_eq!(fwd().handle_from_peer(peer, &at_mtu), Decision::ToTun);
+        assert_eq!(fwd().handle_from_tun(&at_mtu), TunVerdict::ToPeer);
+        assert_eq!(fwd().handle_from_peer(peer, &at_mtu), PeerVerdict::ToTun);
         assert_eq!(
             fwd().handle_from_tun(&over),
-            Decision::Drop(DropReason::OverMtu)
+            TunVerdict::Drop(DropReason::OverMtu)
         );
         assert_eq!(
             fwd().handle_from_peer(peer, &over),
-            Decision::Drop(DropReason::OverMtu)
+            PeerVerdict::Drop(DropReason::OverMtu)
         );
     }
 
@@ -357,7 +415,7 @@ mod tests {
         for src in ["198.18.0.2:5001", "198.18.0.3:5000", "[2001:db8::2]:5000"] {
             assert_eq!(
                 f.handle_from_peer(src.parse().unwrap(), &ipv4_udp(10)),
-                Decision::Drop(DropReason::NotFromPeer),
+                PeerVerdict::Drop(DropReason::NotFromPeer),
                 "{src}"
             );
         }
@@ -380,8 +438,8 @@ mod tests {
                 .unwrap()
                 .octets(),
         );
-        assert_eq!(f.handle_from_peer(peer, &v4), Decision::ToTun);
-        assert_eq!(f.handle_from_peer(peer, &v6), Decision::ToTun);
+        assert_eq!(f.handle_from_peer(peer, &v4), PeerVerdict::ToTun);
+        assert_eq!(f.handle_from_peer(peer, &v6), PeerVerdict::ToTun);
         // Spoofed sources: dropped and counted as such.
         v4[12..16].copy_from_slice(&[198, 19, 1, 2]);
         v6[8..24].copy_from_slice(
@@ -392,26 +450,26 @@ mod tests {
         );
         assert_eq!(
             f.handle_from_peer(peer, &v4),
-            Decision::Drop(DropReason::SourceNotAllowed)
+            PeerVerdict::Drop(DropReason::SourceNotAllowed)
         );
         assert_eq!(
             f.handle_from_peer(peer, &v6),
-            Decision::Drop(DropReason::SourceNotAllowed)
+            PeerVerdict::Drop(DropReason::SourceNotAllowed)
         );
         // Malformed packets keep their own reason; the TUN direction and an
         // empty list are not filtered.
         assert_eq!(
             f.handle_from_peer(peer, &[0x45, 0, 0]),
-            Decision::Drop(DropReason::Truncated)
+            PeerVerdict::Drop(DropReason::Truncated)
         );
-        assert_eq!(f.handle_from_tun(&v4), Decision::ToPeer);
-        assert_eq!(fwd().handle_from_peer(peer, &v4), Decision::ToTun);
+        assert_eq!(f.handle_from_tun(&v4), TunVerdict::ToPeer);
+        assert_eq!(fwd().handle_from_peer(peer, &v4), PeerVerdict::ToTun);
         // An IPv4-only list refuses every IPv6 source.
         let only4 = fwd().with_allowed_sources(vec!["0.0.0.0/0".parse().unwrap()]);
-        assert_eq!(only4.handle_from_peer(peer, &v4), Decision::ToTun);
+        assert_eq!(only4.handle_from_peer(peer, &v4), PeerVerdict::ToTun);
         assert_eq!(
             only4.handle_from_peer(peer, &v6),
-            Decision::Drop(DropReason::SourceNotAllowed)
+            PeerVerdict::Drop(DropReason::SourceNotAllowed)
         );
     }
 
@@ -421,7 +479,7 @@ mod tests {
         let src = "198.18.0.9:5000".parse().unwrap();
         assert_eq!(
             fwd().handle_from_peer(src, &[]),
-            Decision::Drop(DropReason::NotFromPeer)
+            PeerVerdict::Drop(DropReason::NotFromPeer)
         );
     }
 
@@ -429,17 +487,17 @@ mod tests {
     fn ipv4_mapped_peer_matches() {
         let f = Forwarder::new(1400, "[::ffff:198.18.0.2]:5000".parse().unwrap());
         let src = PEER.parse().unwrap();
-        assert_eq!(f.handle_from_peer(src, &ipv4_udp(1)), Decision::ToTun);
+        assert_eq!(f.handle_from_peer(src, &ipv4_udp(1)), PeerVerdict::ToTun);
         let f = fwd();
         let src = "[::ffff:198.18.0.2]:5000".parse().unwrap();
-        assert_eq!(f.handle_from_peer(src, &ipv4_udp(1)), Decision::ToTun);
+        assert_eq!(f.handle_from_peer(src, &ipv4_udp(1)), PeerVerdict::ToTun);
     }
 
     #[test]
     fn ipv6_peer() {
         let f = Forwarder::new(1400, "[2001:db8::2]:5000".parse().unwrap());
         let src = "[2001:db8::2]:5000".parse().unwrap();
-        assert_eq!(f.handle_from_peer(src, &ipv6_udp(1)), Decision::ToTun);
+        assert_eq!(f.handle_from_peer(src, &ipv6_udp(1)), PeerVerdict::ToTun);
     }
 
     #[test]
@@ -464,12 +522,12 @@ mod tests {
         for (bytes, reason) in cases {
             assert_eq!(
                 fwd().handle_from_tun(&bytes),
-                Decision::Drop(reason),
+                TunVerdict::Drop(reason),
                 "tun {reason}"
             );
             assert_eq!(
                 fwd().handle_from_peer(peer, &bytes),
-                Decision::Drop(reason),
+                PeerVerdict::Drop(reason),
                 "peer {reason}"
             );
         }
@@ -496,42 +554,42 @@ mod vxlan_tests {
         let f = Forwarder::vxlan(1450, peer, 42);
         assert_eq!(f.encap_len(), 8);
         let frame = vec![0xaa; 60];
-        assert_eq!(f.handle_from_tun(&frame), Decision::ToPeer);
+        assert_eq!(f.handle_from_tun(&frame), TunVerdict::ToPeer);
         assert_eq!(
             f.handle_from_tun(&frame[..10]),
-            Decision::Drop(DropReason::Truncated)
+            TunVerdict::Drop(DropReason::Truncated)
         );
         assert_eq!(
             f.handle_from_tun(&vec![0; 1450 + 19]),
-            Decision::Drop(DropReason::OverMtu)
+            TunVerdict::Drop(DropReason::OverMtu)
         );
         let mut d = vec![0u8; 8];
         f.write_encap(&mut d);
         d.extend_from_slice(&frame);
-        assert_eq!(f.handle_from_peer(peer, &d), Decision::ToTun);
+        assert_eq!(f.handle_from_peer(peer, &d), PeerVerdict::ToTun);
         let other = Forwarder::vxlan(1450, peer, 43);
         assert_eq!(
             other.handle_from_peer(peer, &d),
-            Decision::Drop(DropReason::WrongVni)
+            PeerVerdict::Drop(DropReason::WrongVni)
         );
         let mut bad = d.clone();
         bad[0] = 0;
         assert_eq!(
             f.handle_from_peer(peer, &bad),
-            Decision::Drop(DropReason::BadVxlan)
+            PeerVerdict::Drop(DropReason::BadVxlan)
         );
         assert_eq!(
             f.handle_from_peer(peer, &d[..20]),
-            Decision::Drop(DropReason::Truncated)
+            PeerVerdict::Drop(DropReason::Truncated)
         );
         let stranger: SocketAddr = "198.18.0.9:4789".parse().unwrap();
         assert_eq!(
             f.handle_from_peer(stranger, &d),
-            Decision::Drop(DropReason::NotFromPeer)
+            PeerVerdict::Drop(DropReason::NotFromPeer)
         );
         // Any source port of the peer's address (VXLAN source-port entropy).
         let other_port: SocketAddr = "198.18.0.2:53123".parse().unwrap();
-        assert_eq!(f.handle_from_peer(other_port, &d), Decision::ToTun);
+        assert_eq!(f.handle_from_peer(other_port, &d), PeerVerdict::ToTun);
         // A TUN-mode forwarder has no encapsulation.
         assert_eq!(Forwarder::new(1450, peer).encap_len(), 0);
     }

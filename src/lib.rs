@@ -35,6 +35,7 @@ macro_rules! info {
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod datapath;
 pub mod device;
 pub mod engine;
 pub mod error;

@@ -13,12 +13,10 @@ use std::time::{Duration, Instant};
 use crossbeam::channel::{self, Receiver};
 use nix::sys::signal::{SigSet, Signal};
 
-use crate::config::{CpuPlan, EngineKind, Toggle, TunnelConfig};
+use crate::config::{CpuPlan, TunnelConfig};
+use crate::datapath::Datapath;
 use crate::device::{TunDevice, TunOptions};
-use crate::engine::Shutdown;
-use crate::engine::poll::PollWorker;
-#[cfg(target_os = "linux")]
-use crate::engine::uring::{self, UringOptions, UringPlan, UringWorker};
+use crate::engine::{Engine, Shutdown, WorkerEvent, WorkerParts, spawn_worker};
 use crate::error::{Error, Result};
 use crate::forward::Forwarder;
 use crate::stats::{WorkerSnapshot, WorkerStats};
@@ -42,59 +40,7 @@ pub fn block_stop_signals() -> Result<()> {
 
 enum Event {
     Signal(Signal),
-    /// A worker finished setup: None, or the error that stopped it.
-    Ready(Option<Error>),
-    WorkerExited,
-}
-
-/// The engine every worker runs, after probing.
-#[derive(Clone, Debug)]
-enum Engine {
-    Poll,
-    #[cfg(target_os = "linux")]
-    Uring(Box<UringPlan>),
-}
-
-impl Engine {
-    fn name(&self) -> &'static str {
-        match self {
-            Engine::Poll => "poll",
-            #[cfg(target_os = "linux")]
-            Engine::Uring(_) => "uring",
-        }
-    }
-}
-
-/// Resolves `--engine`: auto takes io_uring when the probe passes and says
-/// so in one line when it does not.
-fn choose_engine(cfg: &TunnelConfig) -> Result<Engine> {
-    #[cfg(target_os = "linux")]
-    {
-        let offload = cfg.effective_offload();
-        let opts =
-            UringOptions::from_flags(&cfg.uring, cfg.batch, cfg.busy_poll, offload != Toggle::Off);
-        match cfg.engine {
-            EngineKind::Poll => Ok(Engine::Poll),
-            EngineKind::Uring => Ok(Engine::Uring(Box::new(uring::probe(
-                &opts,
-                cfg.mtu as usize,
-                cfg.queues,
-                offload,
-            )?))),
-            EngineKind::Auto => match uring::probe(&opts, cfg.mtu as usize, cfg.queues, offload) {
-                Ok(plan) => Ok(Engine::Uring(Box::new(plan))),
-                Err(e) => {
-                    crate::info!("io_uring unavailable ({e}): using the poll engine");
-                    Ok(Engine::Poll)
-                }
-            },
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    match cfg.engine {
-        EngineKind::Uring => Err(Error::config("--engine uring needs Linux")),
-        _ => Ok(Engine::Poll),
-    }
+    Worker(WorkerEvent),
 }
 
 /// The CPU of each worker, if pinned. `auto` pins only with 2+ queues: a
@@ -115,12 +61,6 @@ fn worker_cpus(plan: &CpuPlan, queues: usize) -> Result<Vec<Option<usize>>> {
         CpuPlan::List(list) => list.clone(),
     };
     Ok((0..queues).map(|q| Some(list[q % list.len()])).collect())
-}
-
-fn pin_current_thread(cpu: usize, label: &str) -> Result<()> {
-    crate::platform::pin_current_thread(cpu)
-        .map_err(|e| Error::io(format!("pin {label} to CPU {cpu}"), e))
-        .map_err(|e| e.with_hint("is the CPU online and allowed? see --cpus"))
 }
 
 /// Applies --sndbuf/--rcvbuf; as root beyond the sysctl maximum.
@@ -161,14 +101,8 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
         crate::netns::NetNs::open(path)?.enter()?;
     }
 
-    let engine = choose_engine(cfg)?;
-    let offload = match (cfg.effective_offload(), &engine) {
-        (Toggle::Off, _) => false,
-        (_, Engine::Poll) => true,
-        // The probe decided (and said why if not).
-        #[cfg(target_os = "linux")]
-        (_, Engine::Uring(plan)) => plan.offload,
-    };
+    let engine = Engine::choose(cfg)?;
+    let offload = engine.offload(cfg);
     let cpus = worker_cpus(&cfg.cpus, cfg.queues)?;
 
     // Sockets first: a port in use fails before a device is created.
@@ -187,10 +121,6 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
                 None => err,
             }
         })?;
-        // The poll engine needs nonblocking sockets; io_uring waits for room
-        // itself (internal poll) when a send would block.
-        sock.set_nonblocking(matches!(engine, Engine::Poll))
-            .map_err(|e| Error::io(format!("set blocking mode of UDP socket {addr}"), e))?;
         set_socket_buffers(&sock, addr, cfg.sndbuf, cfg.rcvbuf)?;
         if let Err(e) = crate::platform::enable_recverr(&sock) {
             crate::info!("{addr}: ICMP errors will not be counted (IP_RECVERR: {e})");
@@ -210,10 +140,10 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
         queues: cfg.queues,
         attach: cfg.attach,
         vnet_hdr: offload,
-        tap: cfg.tap_vni.is_some(),
+        tap: cfg.mode.is_tap(),
     })?;
     #[cfg(target_os = "linux")]
-    if let Some(mac) = cfg.mac {
+    if let crate::config::Mode::Tap { mac: Some(mac), .. } = cfg.mode {
         device.set_mac(mac)?;
     }
     let dev_name = device.name().to_string();
@@ -268,75 +198,20 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
         let stats = Arc::new(WorkerStats::default());
         all_stats.push(stats.clone());
         let label = format!("TUN queue {q} of {dev_name}");
-        let forwarder = if cfg.reflect {
-            Forwarder::reflector(cfg.mtu as usize, cfg.peer_for(q))
-        } else if let Some(vni) = cfg.tap_vni {
-            Forwarder::vxlan(cfg.mtu as usize, cfg.peer_for(q), vni)
-        } else {
-            Forwarder::new(cfg.mtu as usize, cfg.peer_for(q))
-                .with_allowed_sources(cfg.allowed_src.clone())
+        let forwarder = Forwarder::for_mode(&cfg.mode, cfg.mtu as usize, cfg.peer_for(q));
+        let parts = WorkerParts {
+            tun,
+            udp,
+            datapath: Datapath::new(label, forwarder, stats, offload),
+            shutdown: shutdown.clone(),
+            batch: cfg.batch,
+            busy_poll: cfg.busy_poll,
         };
-        let shutdown = shutdown.clone();
-        let engine = engine.clone();
-        let (batch, busy_poll, cpu) = (cfg.batch, cfg.busy_poll, cpus[q]);
         let tx = events_tx.clone();
-        let handle = thread::Builder::new()
-            .name(format!("tunfwd-q{q}"))
-            .spawn(move || {
-                // Setup on the worker's own thread (pinning, and the ring is
-                // single-issuer), reported before any packet moves.
-                let setup = || -> Result<Box<dyn FnOnce() -> Result<()>>> {
-                    if let Some(cpu) = cpu {
-                        pin_current_thread(cpu, &label)?;
-                    }
-                    Ok(match engine {
-                        Engine::Poll => {
-                            let w = PollWorker {
-                                label,
-                                tun,
-                                udp,
-                                forwarder,
-                                batch,
-                                busy_poll,
-                                stats,
-                                shutdown,
-                                offload: offload.then(|| crate::engine::poll::PollOffload {
-                                    gso: std::cell::Cell::new(true),
-                                    gro: true,
-                                }),
-                            };
-                            Box::new(move || w.run())
-                        }
-                        #[cfg(target_os = "linux")]
-                        Engine::Uring(plan) => {
-                            let w = UringWorker::new(
-                                label,
-                                tun.into_file(),
-                                udp,
-                                forwarder,
-                                *plan,
-                                stats,
-                                shutdown,
-                            )?;
-                            Box::new(move || w.run())
-                        }
-                    })
-                };
-                let result = match setup() {
-                    Ok(run) => {
-                        let _ = tx.send(Event::Ready(None));
-                        run()
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Event::Ready(Some(e)));
-                        Ok(())
-                    }
-                };
-                let _ = tx.send(Event::WorkerExited);
-                result
-            })
-            .map_err(|e| Error::io(format!("spawn worker thread for queue {q}"), e))?;
-        handles.push(handle);
+        let report = move |ev| {
+            let _ = tx.send(Event::Worker(ev));
+        };
+        handles.push(spawn_worker(q, engine.clone(), parts, cpus[q], report)?);
     }
 
     // Wait until every worker is set up (or one failed, or a signal came).
@@ -345,13 +220,13 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
     let mut stopped_early = false;
     while ready < cfg.queues && setup_error.is_none() && !stopped_early {
         match events_rx.recv() {
-            Ok(Event::Ready(None)) => ready += 1,
-            Ok(Event::Ready(Some(e))) => setup_error = Some(e),
+            Ok(Event::Worker(WorkerEvent::Ready(None))) => ready += 1,
+            Ok(Event::Worker(WorkerEvent::Ready(Some(e)))) => setup_error = Some(e),
             Ok(Event::Signal(sig)) => {
                 crate::info!("{} received during setup, stopping", sig.as_str());
                 stopped_early = true;
             }
-            Ok(Event::WorkerExited) => {}
+            Ok(Event::Worker(WorkerEvent::Exited)) => {}
             Err(_) => stopped_early = true,
         }
     }
@@ -378,7 +253,7 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
     }
 
     let started = Instant::now();
-    let path = if cfg.reflect {
+    let path = if cfg.mode.is_reflect() {
         "reflecting echo requests and UDP back into the device".to_string()
     } else {
         format!("udp {} -> {}", cfg.listen, cfg.peer)
@@ -405,8 +280,8 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
                     crate::info!("{} received, stopping", sig.as_str());
                     break;
                 }
-                Ok(Event::WorkerExited) | Err(_) => break,
-                Ok(Event::Ready(_)) => {}
+                Ok(Event::Worker(WorkerEvent::Exited)) | Err(_) => break,
+                Ok(Event::Worker(WorkerEvent::Ready(_))) => {}
             },
             recv(ticker) -> _ => {
                 let now = Instant::now();

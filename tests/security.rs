@@ -19,7 +19,7 @@ use common::*;
 use nix::sys::socket::{
     AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrIn, sendto, socket,
 };
-use tunfwd::forward::{Decision, Forwarder};
+use tunfwd::forward::{Forwarder, PeerVerdict};
 
 const ENGINES: &[&str] = &["poll", "uring"];
 /// Malformed datagrams per hostile sender.
@@ -378,7 +378,7 @@ fn hostile_input_is_counted_and_never_reaches_the_device() {
     for i in 0..HOSTILE_COUNT {
         let p = malformed_ip(i, &mut rng, 1472);
         match reference.handle_from_peer(peer, &p) {
-            Decision::Drop(r) => *expected.entry(r.name()).or_default() += 1,
+            PeerVerdict::Drop(r) => *expected.entry(r.name()).or_default() += 1,
             d => panic!("generator made an acceptable datagram ({d:?}): {p:02x?}"),
         }
     }
@@ -486,7 +486,7 @@ fn hostile_vxlan_input_is_counted() {
     for i in 0..COUNT {
         let p = malformed_vxlan(i, &mut rng, VNI);
         match reference.handle_from_peer(peer, &p) {
-            Decision::Drop(r) => *expected.entry(r.name()).or_default() += 1,
+            PeerVerdict::Drop(r) => *expected.entry(r.name()).or_default() += 1,
             d => panic!("generator made an acceptable datagram ({d:?})"),
         }
     }

@@ -1,18 +1,196 @@
 //! Engines move batches of packets between a TUN queue and a UDP socket.
 //!
-//! They differ only in how they wait and batch; every forwarding decision
-//! comes from [`crate::forward::Forwarder`], so they behave the same. An engine
-//! runs one worker per TUN queue and stops when its [`Shutdown`] fires.
+//! They differ only in how they wait, submit and own buffers; what a packet
+//! becomes, what an I/O result means and what is counted is the shared
+//! [`crate::datapath`]'s decision, so they behave the same. An engine runs
+//! one worker per TUN queue ([`spawn_worker`]) and stops when its
+//! [`Shutdown`] fires.
 
+#[cfg(target_os = "linux")]
+pub mod fake;
 pub mod poll;
 #[cfg(target_os = "linux")]
 pub mod uring;
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
 
-use crate::error::{Context, Result};
+use crate::config::{EngineKind, Toggle, TunnelConfig};
+use crate::datapath::Datapath;
+use crate::device::TunQueue;
+use crate::error::{Context, Error, Result};
+
+/// What every worker is made of, whatever the engine.
+pub struct WorkerParts {
+    /// The TUN queue (nonblocking).
+    pub tun: TunQueue,
+    /// The UDP socket (nonblocking for poll; io_uring waits itself).
+    pub udp: UdpSocket,
+    pub datapath: Datapath,
+    pub shutdown: Arc<Shutdown>,
+    /// Most reads per direction per wakeup (`--batch`).
+    pub batch: usize,
+    /// Spin instead of sleeping (`--busy-poll`).
+    pub busy_poll: bool,
+}
+
+/// What was asked for: the engine flags before probing.
+#[derive(Clone, Debug)]
+pub struct EngineWanted {
+    pub kind: EngineKind,
+    pub uring: crate::config::UringFlags,
+    pub batch: usize,
+    pub busy_poll: bool,
+    pub offload: Toggle,
+}
+
+/// The engine every worker runs, as the probe settled it.
+#[derive(Clone, Debug)]
+pub enum Engine {
+    Poll,
+    #[cfg(target_os = "linux")]
+    Uring(Box<uring::UringPlan>),
+}
+
+impl Engine {
+    /// Resolves `--engine` for a tunnel: auto takes io_uring when the probe
+    /// passes and says so in one line when it does not.
+    pub fn choose(cfg: &TunnelConfig) -> Result<Engine> {
+        let fwd = crate::forward::Forwarder::for_mode(&cfg.mode, cfg.mtu as usize, cfg.peer);
+        let want = EngineWanted {
+            kind: cfg.engine,
+            uring: cfg.uring.clone(),
+            batch: cfg.batch,
+            busy_poll: cfg.busy_poll,
+            offload: cfg.effective_offload(),
+        };
+        Engine::select(&want, &fwd, cfg.queues)
+    }
+
+    /// Resolves an engine request for `queues` workers whose forwarders are
+    /// like `fwd` (the probe sizes buffers from it).
+    pub fn select(
+        want: &EngineWanted,
+        fwd: &crate::forward::Forwarder,
+        queues: usize,
+    ) -> Result<Engine> {
+        #[cfg(target_os = "linux")]
+        {
+            let opts = uring::UringOptions::from_flags(&want.uring, want.batch, want.busy_poll);
+            let probe = || uring::probe(&opts, fwd, queues, want.offload);
+            match want.kind {
+                EngineKind::Poll => Ok(Engine::Poll),
+                EngineKind::Uring => Ok(Engine::Uring(Box::new(probe()?))),
+                EngineKind::Auto => match probe() {
+                    Ok(plan) => Ok(Engine::Uring(Box::new(plan))),
+                    Err(e) => {
+                        crate::info!("io_uring unavailable ({e}): using the poll engine");
+                        Ok(Engine::Poll)
+                    }
+                },
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            let _ = (fwd, queues);
+            match want.kind {
+                EngineKind::Uring => Err(Error::config("--engine uring needs Linux")),
+                _ => Ok(Engine::Poll),
+            }
+        }
+    }
+
+    /// Whether the workers use offload: asked for (or auto) and, for
+    /// io_uring, allowed by the probe (which said why if not).
+    pub fn offload_with(&self, wanted: Toggle) -> bool {
+        match (wanted, self) {
+            (Toggle::Off, _) => false,
+            (_, Engine::Poll) => true,
+            #[cfg(target_os = "linux")]
+            (_, Engine::Uring(plan)) => plan.offload,
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Engine::Poll => "poll",
+            #[cfg(target_os = "linux")]
+            Engine::Uring(_) => "uring",
+        }
+    }
+
+    /// Whether a tunnel's workers use offload.
+    pub fn offload(&self, cfg: &TunnelConfig) -> bool {
+        self.offload_with(cfg.effective_offload())
+    }
+
+    /// Builds a worker on the calling thread (io_uring rings are
+    /// single-issuer) and returns what runs it.
+    pub fn build(self, parts: WorkerParts) -> Result<Box<dyn FnOnce() -> Result<()>>> {
+        Ok(match self {
+            Engine::Poll => {
+                let w = poll::PollWorker::new(parts)?;
+                Box::new(move || w.run())
+            }
+            #[cfg(target_os = "linux")]
+            Engine::Uring(plan) => {
+                let w = uring::UringWorker::new(parts, *plan)?;
+                Box::new(move || w.run())
+            }
+        })
+    }
+}
+
+/// What a worker thread reports to the runtime.
+#[derive(Debug)]
+pub enum WorkerEvent {
+    /// Setup finished: None, or the error that stopped it.
+    Ready(Option<Error>),
+    /// The worker stopped (its result is the thread's).
+    Exited,
+}
+
+/// Spawns worker thread `queue`: it pins itself to `cpu` (if any), builds
+/// its engine, reports [`WorkerEvent::Ready`], forwards until shutdown and
+/// reports [`WorkerEvent::Exited`].
+pub fn spawn_worker(
+    queue: usize,
+    engine: Engine,
+    parts: WorkerParts,
+    cpu: Option<usize>,
+    report: impl Fn(WorkerEvent) + Send + 'static,
+) -> Result<JoinHandle<Result<()>>> {
+    std::thread::Builder::new()
+        .name(format!("tunfwd-q{queue}"))
+        .spawn(move || {
+            let setup = || -> Result<Box<dyn FnOnce() -> Result<()>>> {
+                if let Some(cpu) = cpu {
+                    crate::platform::pin_current_thread(cpu)
+                        .map_err(|e| {
+                            Error::io(format!("pin {} to CPU {cpu}", parts.datapath.label()), e)
+                        })
+                        .map_err(|e| e.with_hint("is the CPU online and allowed? see --cpus"))?;
+                }
+                engine.build(parts)
+            };
+            let result = match setup() {
+                Ok(run) => {
+                    report(WorkerEvent::Ready(None));
+                    run()
+                }
+                Err(e) => {
+                    report(WorkerEvent::Ready(Some(e)));
+                    Ok(())
+                }
+            };
+            report(WorkerEvent::Exited);
+            result
+        })
+        .map_err(|e| Error::io(format!("spawn worker thread for queue {queue}"), e))
+}
 
 /// A shutdown flag that also wakes sleeping workers: a pipe whose read end
 /// every worker polls, and to which `trigger` writes one byte.

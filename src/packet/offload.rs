@@ -6,7 +6,10 @@
 //!   also completes a partial checksum (`NEEDS_CSUM`) of a single packet.
 //! - [`Coalescer`]: the reverse for the TUN write side: consecutive TCP
 //!   segments of one flow become one super-packet with a virtio-net header;
-//!   anything else passes through one by one, in order.
+//!   anything else passes through one by one, in order. A super-packet is
+//!   written with `NEEDS_CSUM`, which the kernel takes as already verified,
+//!   so every TCP segment that could join one has its IPv4 header and TCP
+//!   checksums verified first; one that fails is refused ([`BadChecksum`]).
 //!
 //! Every segment leaves as an ordinary IP packet, so a peer without offload
 //! interoperates unchanged.
@@ -285,12 +288,33 @@ pub fn split(
 }
 
 /// One TUN write produced by the [`Coalescer`]: `out[start..end]` is a
-/// virtio-net header and one IP packet made of `packets` received packets.
+/// virtio-net header and one IP packet made of `packets` received packets,
+/// which were `bytes` long together (what the stats count as delivered).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TunWrite {
     pub start: usize,
     pub end: usize,
     pub packets: usize,
+    pub bytes: usize,
+}
+
+/// A TCP segment whose IPv4 header or TCP checksum does not verify: the
+/// coalescer refused it (nothing was written for it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BadChecksum;
+
+/// True if the IPv4 header checksum (if IPv4) and the TCP checksum over the
+/// pseudo-header of the segment described by `v` verify.
+fn checksums_verify(v: &TcpView, pkt: &[u8]) -> bool {
+    if !v.v6 && fold(sum(&pkt[..v.l4_off], 0)) != 0 {
+        return false;
+    }
+    let l4_len = pkt.len() - v.l4_off;
+    let s = sum(
+        &pkt[v.l4_off..],
+        pseudo_header_sum(v.src, v.dst, PROTO_TCP, l4_len),
+    );
+    fold(s) == 0
 }
 
 /// The TCP super-packet being built.
@@ -308,6 +332,8 @@ struct Open {
     /// except a last shorter one.
     mss: usize,
     packets: usize,
+    /// Bytes of the packets that joined, as received.
+    bytes: usize,
     /// No more segments may join (a short or PSH segment joined).
     closed: bool,
 }
@@ -388,12 +414,19 @@ impl Coalescer {
     }
 
     /// Adds one received IP packet (already validated by the forwarder).
-    pub fn push(&mut self, pkt: &[u8]) {
+    /// A TCP segment that could be coalesced must verify its checksums, or
+    /// it is refused with [`BadChecksum`] and leaves no trace in the output.
+    pub fn push(&mut self, pkt: &[u8]) -> Result<(), BadChecksum> {
         let view = tcp_view(pkt);
+        if let Some(v) = &view {
+            if !checksums_verify(v, pkt) {
+                return Err(BadChecksum);
+            }
+        }
         if let (Some(open), Some(v)) = (&self.open, &view) {
             if self.can_join(open, v, pkt) {
                 self.join(v, pkt);
-                return;
+                return Ok(());
             }
         }
         self.finish_open();
@@ -412,6 +445,7 @@ impl Coalescer {
                     next_seq: v.seq.wrapping_add(v.payload_len as u32),
                     mss: v.payload_len,
                     packets: 1,
+                    bytes: pkt.len(),
                     closed: v.flags & TCP_PSH != 0,
                 });
             }
@@ -419,8 +453,10 @@ impl Coalescer {
                 start,
                 end: self.out.len(),
                 packets: 1,
+                bytes: pkt.len(),
             }),
         }
+        Ok(())
     }
 
     fn can_join(&self, open: &Open, v: &TcpView, pkt: &[u8]) -> bool {
@@ -456,6 +492,7 @@ impl Coalescer {
         self.out.extend_from_slice(payload);
         let Some(open) = &mut self.open else { return };
         open.packets += 1;
+        open.bytes += pkt.len();
         open.next_seq = open.next_seq.wrapping_add(v.payload_len as u32);
         if v.flags & TCP_PSH != 0 {
             // The super-packet carries PSH (the kernel puts it on the last
@@ -500,6 +537,7 @@ impl Coalescer {
             start: open.start,
             end,
             packets: open.packets,
+            bytes: open.bytes,
         });
     }
 
@@ -607,6 +645,17 @@ pub(crate) mod tests {
         }
         fill_l4_checksum(&mut p, &info, l4 + 16);
         p
+    }
+
+    /// Recomputes the IPv4 header and TCP checksums after a test edited
+    /// the packet.
+    pub(crate) fn refresh_tcp_checksums(p: &mut [u8]) {
+        let info = ip_info(p).unwrap();
+        let total = p.len();
+        if !info.v6 {
+            fix_ip_header(p, false, total, info.l4_off, None);
+        }
+        fill_l4_checksum(p, &info, info.l4_off + 16);
     }
 
     fn udp_packet(v6: bool, payload: &[u8]) -> Vec<u8> {
@@ -810,7 +859,7 @@ pub(crate) mod tests {
             let s = split(&hdr, &p, 1500, &mut out).unwrap();
             let mut c = Coalescer::new();
             for seg in segments(&out, &s) {
-                c.push(&seg);
+                c.push(&seg).unwrap();
             }
             let (bytes, writes) = c.finish();
             assert_eq!(writes.len(), 1, "{writes:?}");
@@ -890,7 +939,7 @@ pub(crate) mod tests {
         for (what, pkts, want) in cases {
             let mut c = Coalescer::new();
             for p in &pkts {
-                c.push(p);
+                c.push(p).unwrap();
             }
             let (_, writes) = c.finish();
             let got: Vec<usize> = writes.iter().map(|w| w.packets).collect();
@@ -900,19 +949,58 @@ pub(crate) mod tests {
         let a = seg(0, TCP_ACK, 100);
         let mut b = seg(100, TCP_ACK, 100);
         b[20] = 1;
+        refresh_tcp_checksums(&mut b);
         let mut d = seg(100, TCP_ACK, 100);
         d[28..32].copy_from_slice(&9u32.to_be_bytes());
+        refresh_tcp_checksums(&mut d);
         let mut opt = tcp_packet(false, 100, TCP_ACK, &[], &data(100));
         opt.splice(20..20, [1u8, 1, 1, 0]);
         opt[0] = 0x46;
         let n = opt.len() as u16;
         opt[2..4].copy_from_slice(&n.to_be_bytes());
+        refresh_tcp_checksums(&mut opt);
         for (what, second) in [("other port", b), ("other ack", d), ("IP options", opt)] {
             let mut c = Coalescer::new();
-            c.push(&a);
-            c.push(&second);
+            c.push(&a).unwrap();
+            c.push(&second).unwrap();
             let (_, writes) = c.finish();
             assert_eq!(writes.len(), 2, "{what}");
+        }
+    }
+
+    #[test]
+    fn corrupted_segments_are_refused_not_merged() {
+        for v6 in [false, true] {
+            let good = |seq: u32| tcp_packet(v6, seq, TCP_ACK, &[], &data(100));
+            // A flipped payload bit (TCP checksum), and for IPv4 a flipped
+            // TTL (header checksum): both refused, the rest still joins.
+            let mut bad_payload = good(100);
+            let last = bad_payload.len() - 1;
+            bad_payload[last] ^= 0x01;
+            let mut cases = vec![("payload", bad_payload)];
+            if !v6 {
+                let mut bad_ttl = good(100);
+                bad_ttl[8] ^= 0x01;
+                cases.push(("IPv4 header", bad_ttl));
+            }
+            for (what, bad) in cases {
+                let mut c = Coalescer::new();
+                c.push(&good(0)).unwrap();
+                assert_eq!(c.push(&bad), Err(BadChecksum), "{what}");
+                c.push(&good(100)).unwrap();
+                c.push(&good(200)).unwrap();
+                let (bytes, writes) = c.finish();
+                assert_eq!(writes.len(), 1, "{what}");
+                assert_eq!(writes[0].packets, 3);
+                assert_eq!(writes[0].bytes, 3 * good(0).len());
+                // The merged payload is the good data, in order.
+                let w = &bytes[writes[0].start + virtio::LEN..writes[0].end];
+                let l4 = if v6 { 40 } else { 20 };
+                assert_eq!(
+                    &w[l4 + 20..],
+                    &[data(100), data(100), data(100)].concat()[..]
+                );
+            }
         }
     }
 
@@ -922,9 +1010,9 @@ pub(crate) mod tests {
         let t1 = tcp_packet(false, 0, TCP_ACK, &[], &data(100));
         let t2 = tcp_packet(false, 100, TCP_ACK, &[], &data(100));
         let mut c = Coalescer::new();
-        c.push(&t1);
-        c.push(&u);
-        c.push(&t2);
+        c.push(&t1).unwrap();
+        c.push(&u).unwrap();
+        c.push(&t2).unwrap();
         let (bytes, writes) = c.finish();
         assert_eq!(
             writes.len(),
@@ -1014,7 +1102,7 @@ mod props {
 
             let mut c = Coalescer::new();
             for r in s.ranges() {
-                c.push(&out[r]);
+                c.push(&out[r]).unwrap();
             }
             let (bytes, writes) = c.finish();
             prop_assert_eq!(writes.len(), 1);
@@ -1036,12 +1124,15 @@ mod props {
             let mut c = Coalescer::new();
             let mut pushed = 0;
             for (i, p) in pkts.iter().enumerate() {
-                c.push(p);
-                pushed += 1;
+                // Arbitrary bytes: a TCP-looking segment with bad checksums
+                // is refused and must leave no trace.
+                if c.push(p).is_ok() {
+                    pushed += 1;
+                }
                 // Interleave valid 100-byte segments whose sequence numbers
                 // sometimes line up, so joins happen too.
                 if let Some(&s) = seqs.get(i) {
-                    c.push(&tcp_packet(false, s * 100, 0x10, &[], &[p.len() as u8; 100]));
+                    c.push(&tcp_packet(false, s * 100, 0x10, &[], &[p.len() as u8; 100])).unwrap();
                     pushed += 1;
                 }
             }

@@ -1,0 +1,834 @@
+//! The datapath both engines share: what a TUN read or a UDP receive
+//! becomes, what every I/O result means, and all the counting. No I/O, no
+//! syscalls, no allocation per packet: engines read into their buffers,
+//! call in, move the bytes they are told to move, and report the results.
+//!
+//! # TUN to peer
+//! [`Datapath::handle_tun_read`] turns one read (a plain packet, or with
+//! offload a virtio-net header and a super-packet) into a [`TxPlan`]: the
+//! datagrams to send, back to back in one buffer, all the same size but the
+//! last. [`Datapath::next_send`] cuts the plan into sends (one UDP GSO send
+//! of up to 64 datagrams, or one datagram when GSO is off or the plan is one
+//! packet), in order; [`Datapath::on_send`] takes each send's result.
+//!
+//! # Peer to TUN
+//! [`Datapath::handle_receive`] checks one receive (one datagram, or with
+//! UDP GRO several of one flow) and says which bytes to write to the TUN
+//! device: the datagram in place, or (offload) the [`Coalescer`]'s writes,
+//! where consecutive TCP segments became one super-packet.
+//! [`Datapath::on_tun_write`] takes each write's result.
+//!
+//! # The rules, the same for both engines
+//! - **Nothing is dropped for lack of room.** A send or TUN write that meets
+//!   `EAGAIN` is retried once its destination has room ([`After::Retry`]);
+//!   later sends of the same direction wait behind it, so order is kept.
+//! - **GSO refused** (`EIO`, `EINVAL`, `EOPNOTSUPP`, `ENOPROTOOPT` on a
+//!   segmented send): GSO is turned off for the worker, said in one line,
+//!   and the same datagrams are sent one by one. Nothing is lost.
+//! - **Send errors** other than those (peer unreachable, no route, a full
+//!   device queue): the datagrams of that send are lost and counted as
+//!   `send_failed`; the worker goes on.
+//! - **TUN write errors**: the device is gone (`EBADFD`, `EBADF`, ...): the
+//!   worker stops with an error naming the queue. Any other error (e.g.
+//!   `EIO` while the link is down, `EINVAL` for a packet the kernel refuses):
+//!   that write's packets are lost and counted as `tun_write_failed`.
+//! - **UDP receive errors** ([`Datapath::on_receive_error`]): errors that
+//!   report an earlier ICMP error or a passing shortage (`ECONNREFUSED`,
+//!   `EHOSTUNREACH`, `ENOBUFS`, `ENOMEM`, ...) are counted as `io_errors`
+//!   and the worker goes on; anything else means the socket is broken, and
+//!   the worker stops with an error naming it.
+//! - **Coalescing verifies first**: a TCP segment whose checksums fail is
+//!   dropped as `bad_checksum`, never merged into a super-packet that the
+//!   kernel would take as verified.
+
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::sync::Arc;
+
+use nix::errno::Errno;
+
+use crate::engine::tun_failure;
+use crate::error::{Error, Result};
+use crate::forward::{DropReason, Forwarder, PeerVerdict, TunVerdict};
+use crate::packet::offload::{self, Coalescer};
+use crate::packet::virtio::{self, VirtioNetHdr};
+use crate::stats::WorkerStats;
+
+/// Most datagrams one UDP GSO send may carry (the kernel's UDP_MAX_SEGMENTS
+/// on older kernels).
+pub const GSO_MAX_SEGMENTS: usize = 64;
+/// Most bytes one UDP GSO send may carry: one UDP payload over IPv4.
+pub const GSO_MAX_BYTES: usize = 65507;
+/// Bytes of the largest TUN read with offload: a virtio-net header and a
+/// 64 KiB super-packet.
+pub const OFFLOAD_READ_LEN: usize = 65536 + virtio::LEN;
+/// Room for one super-packet cut into segments (headers repeated).
+pub const SPLIT_LEN: usize = 2 * 65536;
+
+/// Which buffer a [`TxPlan`]'s datagrams are in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TxBuf {
+    /// The buffer the TUN read landed in (headroom included).
+    Read,
+    /// The split buffer: the segments of a super-packet (offload).
+    Split,
+}
+
+/// The datagrams one TUN read became: bytes `start..end` of `buf`, cut every
+/// `seg` bytes (the last datagram may be shorter). `sent` bytes have been
+/// dealt with (sent, or lost and counted).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TxPlan {
+    pub buf: TxBuf,
+    start: usize,
+    end: usize,
+    seg: usize,
+    sent: usize,
+}
+
+impl TxPlan {
+    /// True once every datagram was sent or counted as lost.
+    pub fn is_done(&self) -> bool {
+        self.start + self.sent >= self.end
+    }
+
+    /// Datagrams in the plan.
+    pub fn datagrams(&self) -> usize {
+        (self.end - self.start).div_ceil(self.seg)
+    }
+}
+
+/// One send of a plan: bytes `range` of the plan's buffer; with `gso_size`,
+/// one UDP GSO send of datagrams of that many bytes, else one datagram.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TxSend {
+    pub range: Range<usize>,
+    pub gso_size: Option<u16>,
+}
+
+impl TxSend {
+    fn datagrams(&self) -> usize {
+        match self.gso_size {
+            Some(g) => self.range.len().div_ceil(usize::from(g).max(1)),
+            None => 1,
+        }
+    }
+}
+
+/// What a TUN read becomes.
+#[derive(Debug, PartialEq, Eq)]
+pub enum TunAction {
+    /// Send these datagrams to the peer.
+    Send(TxPlan),
+    /// Reflect mode: write these bytes of the read buffer back into the TUN
+    /// device (the answer, rewritten in place).
+    Reflect(Range<usize>),
+    /// Dropped and counted.
+    Dropped,
+}
+
+/// One receive from the UDP socket, as the engine got it.
+#[derive(Clone, Debug)]
+pub struct Received {
+    /// The sender; None if its address family is not IP.
+    pub src: Option<SocketAddr>,
+    /// Where the payload lies in the receive buffer.
+    pub payload: Range<usize>,
+    /// UDP GRO: the payload holds datagrams of this size (the last may be
+    /// shorter). None: one datagram.
+    pub gro_size: Option<usize>,
+    /// The payload did not fit the buffer (MSG_TRUNC).
+    pub truncated: bool,
+}
+
+/// What a receive becomes.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RxAction {
+    /// Write these bytes of the receive buffer to the TUN device (one
+    /// packet, its encapsulation header stripped).
+    Write(Range<usize>),
+    /// Offload: write the coalescer's writes, in order.
+    Coalesced,
+    /// Everything was dropped and counted.
+    Dropped,
+}
+
+/// What one TUN write carries, for counting its result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WriteInfo {
+    /// Packets as they arrived (a coalesced write carries several).
+    pub packets: usize,
+    /// Their bytes as they arrived.
+    pub bytes: usize,
+    /// Written with a virtio-net header (offload).
+    pub vnet: bool,
+}
+
+impl WriteInfo {
+    /// A single packet of `len` bytes.
+    pub fn plain(len: usize) -> WriteInfo {
+        WriteInfo {
+            packets: 1,
+            bytes: len,
+            vnet: false,
+        }
+    }
+
+    /// One of a coalescer's writes.
+    pub fn coalesced(w: &offload::TunWrite) -> WriteInfo {
+        WriteInfo {
+            packets: w.packets,
+            bytes: w.bytes,
+            vnet: true,
+        }
+    }
+}
+
+/// What the engine does after an I/O result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum After {
+    /// Done with it: go on (for a plan, ask [`Datapath::next_send`]).
+    Next,
+    /// The destination was full or the call interrupted: do the same again,
+    /// once the destination has room.
+    Retry,
+}
+
+/// Headroom an engine leaves in front of every TUN read: room for the
+/// encapsulation header, written in place (none with offload, whose
+/// datagrams are cut into a split buffer).
+pub fn read_headroom(fwd: &Forwarder, offload: bool) -> usize {
+    if offload { 0 } else { fwd.encap_len() }
+}
+
+/// Bytes a TUN read may return: the largest frame, or with offload a
+/// virtio-net header and a 64 KiB super-packet.
+pub fn max_read_len(fwd: &Forwarder, offload: bool) -> usize {
+    if offload {
+        OFFLOAD_READ_LEN
+    } else {
+        fwd.max_frame_len()
+    }
+}
+
+/// Bytes a receive buffer needs: the largest datagram the peer may send,
+/// plus one so that an oversize datagram is told by its length; with GRO, a
+/// 64 KiB batch.
+pub fn max_receive_len(fwd: &Forwarder, offload: bool) -> usize {
+    if offload {
+        65536
+    } else {
+        fwd.max_datagram_len() + 1
+    }
+}
+
+/// The shared datapath of one worker: policy, offload state and counters.
+#[derive(Debug)]
+pub struct Datapath {
+    fwd: Forwarder,
+    stats: Arc<WorkerStats>,
+    /// The TUN device carries virtio-net headers; the socket does GSO/GRO.
+    offload: bool,
+    /// Segmented sends with UDP GSO (off once the kernel refused it).
+    gso: bool,
+    /// "TUN queue 0 of tun0", for the few log lines and errors.
+    label: String,
+}
+
+impl Datapath {
+    pub fn new(label: String, fwd: Forwarder, stats: Arc<WorkerStats>, offload: bool) -> Self {
+        Datapath {
+            fwd,
+            stats,
+            offload,
+            gso: offload,
+            label,
+        }
+    }
+
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    pub fn stats(&self) -> &WorkerStats {
+        &self.stats
+    }
+
+    pub fn forwarder(&self) -> &Forwarder {
+        &self.fwd
+    }
+
+    pub fn offload(&self) -> bool {
+        self.offload
+    }
+
+    /// Headroom the engine leaves in front of every TUN read.
+    pub fn read_headroom(&self) -> usize {
+        read_headroom(&self.fwd, self.offload)
+    }
+
+    /// Bytes a TUN read may return.
+    pub fn max_read_len(&self) -> usize {
+        max_read_len(&self.fwd, self.offload)
+    }
+
+    /// Bytes a receive buffer needs.
+    pub fn max_receive_len(&self) -> usize {
+        max_receive_len(&self.fwd, self.offload)
+    }
+
+    /// A TUN read of `len` bytes at `read[head..]`, where `head` is
+    /// [`Datapath::read_headroom`]. Offload cuts a super-packet into
+    /// `split` (at least [`SPLIT_LEN`] bytes).
+    pub fn handle_tun_read(&mut self, read: &mut [u8], len: usize, split: &mut [u8]) -> TunAction {
+        if self.offload {
+            return self.handle_offload_read(&read[..len], split);
+        }
+        let head = self.read_headroom();
+        let (encap, pkt) = read[..head + len].split_at_mut(head);
+        match self.fwd.handle_from_tun_mut(pkt) {
+            TunVerdict::ToPeer => {
+                self.fwd.write_encap(encap);
+                TunAction::Send(TxPlan {
+                    buf: TxBuf::Read,
+                    start: 0,
+                    end: head + len,
+                    seg: (head + len).max(1),
+                    sent: 0,
+                })
+            }
+            TunVerdict::Reflect => TunAction::Reflect(head..head + len),
+            TunVerdict::Drop(r) => {
+                self.stats.tun_to_peer.drop(r);
+                TunAction::Dropped
+            }
+        }
+    }
+
+    fn handle_offload_read(&mut self, frame: &[u8], split: &mut [u8]) -> TunAction {
+        let Some(hdr) = VirtioNetHdr::parse(frame) else {
+            self.stats.tun_to_peer.drop(DropReason::Truncated);
+            return TunAction::Dropped;
+        };
+        let segs = match offload::split(&hdr, &frame[virtio::LEN..], self.fwd.mtu(), split) {
+            Ok(s) => s,
+            Err(_) => {
+                self.stats.tun_to_peer.drop(DropReason::BadOffload);
+                return TunAction::Dropped;
+            }
+        };
+        // One packet gets the same checks as without offload; split made
+        // every segment of a super-packet valid and within the MTU.
+        if segs.count == 1 {
+            if let TunVerdict::Drop(r) = self.fwd.handle_from_tun(&split[..segs.last_len]) {
+                self.stats.tun_to_peer.drop(r);
+                return TunAction::Dropped;
+            }
+        }
+        TunAction::Send(TxPlan {
+            buf: TxBuf::Split,
+            start: 0,
+            end: segs.total_len(),
+            seg: segs.seg_len.max(1),
+            sent: 0,
+        })
+    }
+
+    /// The next send of `plan`, or None when it is done.
+    pub fn next_send(&self, plan: &TxPlan) -> Option<TxSend> {
+        if plan.is_done() {
+            return None;
+        }
+        let at = plan.start + plan.sent;
+        let left = plan.end - at;
+        let seg = plan.seg;
+        if self.gso && left > seg {
+            let per_send = GSO_MAX_SEGMENTS.min(GSO_MAX_BYTES / seg).max(1) * seg;
+            let len = left.min(per_send);
+            if len > seg {
+                return Some(TxSend {
+                    range: at..at + len,
+                    gso_size: Some(seg as u16),
+                });
+            }
+        }
+        Some(TxSend {
+            range: at..at + left.min(seg),
+            gso_size: None,
+        })
+    }
+
+    /// The result of `send` (from [`Datapath::next_send`] on `plan`): bytes
+    /// sent, or the error. Counts, and advances the plan unless the send
+    /// must be retried. `Errno::ECANCELED` (an engine shutting down) counts
+    /// nothing and abandons the plan.
+    pub fn on_send(
+        &mut self,
+        plan: &mut TxPlan,
+        send: &TxSend,
+        res: std::result::Result<usize, Errno>,
+    ) -> After {
+        let stats = &self.stats;
+        let datagrams = send.datagrams() as u64;
+        match res {
+            Ok(n) if n == send.range.len() => {
+                if send.gso_size.is_some() {
+                    stats.gso_sends.add(1);
+                    stats.gso_segments.add(datagrams);
+                }
+                stats.tun_to_peer.packets.add(datagrams);
+                stats.tun_to_peer.bytes.add(n as u64);
+            }
+            Err(Errno::EAGAIN) => {
+                stats.tun_to_peer.backpressure.add(1);
+                return After::Retry;
+            }
+            Err(Errno::EINTR) => return After::Retry,
+            Err(Errno::ECANCELED) => {
+                plan.sent = plan.end - plan.start;
+                return After::Next;
+            }
+            Err(e @ (Errno::EIO | Errno::EINVAL | Errno::EOPNOTSUPP | Errno::ENOPROTOOPT))
+                if send.gso_size.is_some() =>
+            {
+                // Send the same datagrams again, one by one.
+                self.gso = false;
+                crate::info!(
+                    "{}: UDP GSO refused ({e}): sending datagrams one by one",
+                    self.label
+                );
+                return After::Next;
+            }
+            // A short send (never seen for UDP) or an error: lost.
+            Ok(_) | Err(_) => {
+                for _ in 0..datagrams {
+                    stats.tun_to_peer.drop(DropReason::SendFailed);
+                }
+            }
+        }
+        plan.sent += send.range.len();
+        After::Next
+    }
+
+    /// A receive (`rx`, whose payload lies in `buf`). Plain: says which bytes
+    /// to write. Offload: fills `coalescer` (cleared first).
+    pub fn handle_receive(
+        &mut self,
+        rx: &Received,
+        buf: &[u8],
+        coalescer: &mut Coalescer,
+    ) -> RxAction {
+        let stats = &self.stats;
+        let Some(src) = rx.src else {
+            stats.peer_to_tun.drop(DropReason::NotFromPeer);
+            return RxAction::Dropped;
+        };
+        if rx.truncated {
+            // Longer than the buffer: over the MTU, unless a stranger sent it.
+            stats.peer_to_tun.drop(if self.fwd.is_peer(src) {
+                DropReason::OverMtu
+            } else {
+                DropReason::NotFromPeer
+            });
+            return RxAction::Dropped;
+        }
+        let payload = &buf[rx.payload.clone()];
+        if !self.offload {
+            return match self.fwd.handle_from_peer(src, payload) {
+                PeerVerdict::ToTun => {
+                    RxAction::Write(rx.payload.start + self.fwd.encap_len()..rx.payload.end)
+                }
+                PeerVerdict::Drop(r) => {
+                    stats.peer_to_tun.drop(r);
+                    RxAction::Dropped
+                }
+            };
+        }
+        coalescer.clear();
+        if payload.is_empty() {
+            // No datagrams to walk: the empty one is still counted (empty
+            // from the peer, not_from_peer from a stranger).
+            if let PeerVerdict::Drop(r) = self.fwd.handle_from_peer(src, payload) {
+                stats.peer_to_tun.drop(r);
+            }
+            return RxAction::Dropped;
+        }
+        let seg = rx.gro_size.unwrap_or(payload.len()).max(1);
+        if seg < payload.len() {
+            stats.gro_receives.add(1);
+            stats.gro_datagrams.add(payload.len().div_ceil(seg) as u64);
+        }
+        for datagram in payload.chunks(seg) {
+            match self.fwd.handle_from_peer(src, datagram) {
+                PeerVerdict::ToTun => {
+                    if coalescer.push(datagram).is_err() {
+                        stats.peer_to_tun.drop(DropReason::BadChecksum);
+                    }
+                }
+                PeerVerdict::Drop(r) => stats.peer_to_tun.drop(r),
+            }
+        }
+        if coalescer.finish().1.is_empty() {
+            RxAction::Dropped
+        } else {
+            RxAction::Coalesced
+        }
+    }
+
+    /// The result of a UDP receive that failed with `e`: Ok(Retry) to try
+    /// again (after waiting), Ok(Next) counted and go on, Err to stop the
+    /// worker.
+    pub fn on_receive_error(&self, e: Errno) -> Result<After> {
+        match e {
+            Errno::EAGAIN | Errno::EINTR | Errno::ECANCELED => Ok(After::Retry),
+            e if crate::platform::is_transient_socket_errno(e)
+                || matches!(e, Errno::ENOBUFS | Errno::ENOMEM) =>
+            {
+                self.stats.io_errors.add(1);
+                Ok(After::Next)
+            }
+            e => Err(Error::io(
+                format!("receive on UDP socket of {}", self.label),
+                e.into(),
+            )),
+        }
+    }
+
+    /// The result of a TUN write of `w`. Err if the device is gone.
+    /// `Errno::ECANCELED` (an engine shutting down) counts nothing.
+    pub fn on_tun_write(
+        &self,
+        w: &WriteInfo,
+        res: std::result::Result<usize, Errno>,
+    ) -> Result<After> {
+        let stats = &self.stats;
+        match res {
+            Ok(_) => {
+                if w.vnet {
+                    stats.vnet_writes.add(1);
+                    stats.vnet_write_packets.add(w.packets as u64);
+                }
+                stats.peer_to_tun.packets.add(w.packets as u64);
+                stats.peer_to_tun.bytes.add(w.bytes as u64);
+            }
+            Err(Errno::EAGAIN) => {
+                stats.peer_to_tun.backpressure.add(1);
+                return Ok(After::Retry);
+            }
+            Err(Errno::EINTR) => return Ok(After::Retry),
+            Err(Errno::ECANCELED) => {}
+            Err(e) => {
+                let e = std::io::Error::from(e);
+                if crate::engine::is_fatal_tun_error(&e) {
+                    return Err(tun_failure("write to", &self.label, e));
+                }
+                for _ in 0..w.packets {
+                    stats.peer_to_tun.drop(DropReason::TunWriteFailed);
+                }
+            }
+        }
+        Ok(After::Next)
+    }
+
+    /// The result of a TUN read that failed with `e`: Ok(()) to read again
+    /// once readable; Err if the device failed (a TUN read has no error a
+    /// worker can go on from).
+    pub fn on_tun_read_error(&self, e: Errno) -> Result<()> {
+        match e {
+            Errno::EAGAIN | Errno::EINTR | Errno::ECANCELED => Ok(()),
+            e => Err(tun_failure("read from", &self.label, e.into())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::packet::offload::tests::{refresh_tcp_checksums, tcp_packet};
+
+    const PEER: &str = "198.18.0.2:5000";
+
+    fn dp(offload: bool) -> Datapath {
+        let fwd = Forwarder::new(1500, PEER.parse().unwrap());
+        Datapath::new(
+            "test".into(),
+            fwd,
+            Arc::new(WorkerStats::default()),
+            offload,
+        )
+    }
+
+    /// A TSO super-packet as the TUN device hands it over.
+    fn tso_read(payload_len: usize, mss: u16) -> Vec<u8> {
+        let payload: Vec<u8> = (0..payload_len).map(|i| i as u8).collect();
+        let mut p = tcp_packet(false, 1, 0x10, &[], &payload);
+        // The checksum field holds the pseudo-header sum (NEEDS_CSUM).
+        let partial =
+            crate::packet::checksum::fold_partial(crate::packet::checksum::pseudo_header_sum(
+                [198, 19, 0, 1].into(),
+                [198, 19, 0, 2].into(),
+                6,
+                p.len() - 20,
+            ));
+        p[36..38].copy_from_slice(&partial.to_be_bytes());
+        let hdr = VirtioNetHdr {
+            flags: virtio::F_NEEDS_CSUM,
+            gso_type: virtio::GSO_TCPV4,
+            hdr_len: 40,
+            gso_size: mss,
+            csum_start: 20,
+            csum_offset: 16,
+        };
+        let mut read = vec![0u8; virtio::LEN];
+        hdr.write(&mut read);
+        read.extend_from_slice(&p);
+        read
+    }
+
+    fn plan_of(a: TunAction) -> TxPlan {
+        match a {
+            TunAction::Send(p) => p,
+            other => panic!("not a send: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn plain_read_is_one_datagram_in_place() {
+        let mut d = dp(false);
+        let pkt = tcp_packet(false, 0, 0x10, &[], &[7; 100]);
+        let mut read = pkt.clone();
+        let mut plan = plan_of(d.handle_tun_read(&mut read, pkt.len(), &mut []));
+        assert_eq!(plan.buf, TxBuf::Read);
+        let send = d.next_send(&plan).unwrap();
+        assert_eq!(
+            send,
+            TxSend {
+                range: 0..pkt.len(),
+                gso_size: None
+            }
+        );
+        assert_eq!(d.on_send(&mut plan, &send, Ok(pkt.len())), After::Next);
+        assert!(d.next_send(&plan).is_none());
+        let s = d.stats().snapshot();
+        assert_eq!(
+            (s.tun_to_peer.packets, s.tun_to_peer.bytes),
+            (1, pkt.len() as u64)
+        );
+    }
+
+    #[test]
+    fn super_packet_is_cut_into_gso_sends_in_order() {
+        let mut d = dp(true);
+        // 46 segments of 1400: more than one GSO send may carry (65507 B).
+        let mut read = tso_read(46 * 1400, 1400);
+        let len = read.len();
+        let mut split = vec![0u8; SPLIT_LEN];
+        let mut plan = plan_of(d.handle_tun_read(&mut read, len, &mut split));
+        assert_eq!(plan.buf, TxBuf::Split);
+        assert_eq!(plan.datagrams(), 46);
+        let mut sends = Vec::new();
+        while let Some(s) = d.next_send(&plan) {
+            assert_eq!(d.on_send(&mut plan, &s, Ok(s.range.len())), After::Next);
+            sends.push(s);
+        }
+        // In order, back to back: 45 datagrams of 1440 bytes fill one GSO
+        // send (65507 bytes hold no more), the last goes alone.
+        assert_eq!(sends.len(), 2);
+        assert_eq!(sends[0].range, 0..45 * 1440);
+        assert_eq!(sends[0].gso_size, Some(1440));
+        assert_eq!(sends[1].range, 45 * 1440..46 * 1440);
+        assert_eq!(sends[1].gso_size, None);
+        let st = d.stats().snapshot();
+        assert_eq!(st.tun_to_peer.packets, 46);
+        assert_eq!(st.gso_sends, 1);
+        assert_eq!(st.gso_segments, 45);
+    }
+
+    #[test]
+    fn gso_refused_resends_the_same_datagrams_one_by_one() {
+        let mut d = dp(true);
+        let mut read = tso_read(10 * 1400, 1400);
+        let len = read.len();
+        let mut split = vec![0u8; SPLIT_LEN];
+        let mut plan = plan_of(d.handle_tun_read(&mut read, len, &mut split));
+        let first = d.next_send(&plan).unwrap();
+        assert!(first.gso_size.is_some());
+        assert_eq!(d.on_send(&mut plan, &first, Err(Errno::EIO)), After::Next);
+        let mut n = 0;
+        let mut at = 0;
+        while let Some(s) = d.next_send(&plan) {
+            assert_eq!(s.gso_size, None);
+            assert_eq!(s.range.start, at, "nothing skipped");
+            at = s.range.end;
+            d.on_send(&mut plan, &s, Ok(s.range.len()));
+            n += 1;
+        }
+        assert_eq!(n, 10);
+        let st = d.stats().snapshot();
+        assert_eq!(st.tun_to_peer.packets, 10);
+        assert_eq!(st.tun_to_peer.dropped(), 0);
+        // GSO stays off for the next read.
+        let mut read = tso_read(3 * 1400, 1400);
+        let len = read.len();
+        let plan = plan_of(d.handle_tun_read(&mut read, len, &mut split));
+        assert_eq!(d.next_send(&plan).unwrap().gso_size, None);
+    }
+
+    #[test]
+    fn full_socket_retries_the_same_send_and_errors_count_losses() {
+        let mut d = dp(true);
+        let mut read = tso_read(4 * 1400, 1400);
+        let len = read.len();
+        let mut split = vec![0u8; SPLIT_LEN];
+        let mut plan = plan_of(d.handle_tun_read(&mut read, len, &mut split));
+        let s = d.next_send(&plan).unwrap();
+        assert_eq!(d.on_send(&mut plan, &s, Err(Errno::EAGAIN)), After::Retry);
+        assert_eq!(d.next_send(&plan).unwrap(), s, "the same send again");
+        assert_eq!(
+            d.on_send(&mut plan, &s, Err(Errno::ECONNREFUSED)),
+            After::Next
+        );
+        assert!(plan.is_done());
+        let st = d.stats().snapshot();
+        assert_eq!(st.tun_to_peer.backpressure, 1);
+        assert_eq!(st.tun_to_peer.drops_for(DropReason::SendFailed), 4);
+    }
+
+    #[test]
+    fn receive_with_gro_coalesces_and_drops_bad_checksums() {
+        let mut d = dp(true);
+        let peer: SocketAddr = PEER.parse().unwrap();
+        let seg = |seq: u32| tcp_packet(false, seq, 0x10, &[], &[seq as u8; 100]);
+        let mut bad = seg(100);
+        let n = bad.len();
+        bad[n - 1] ^= 0xff;
+        let mut buf = Vec::new();
+        for p in [seg(0), bad, seg(100), seg(200)] {
+            buf.extend_from_slice(&p);
+        }
+        let rx = Received {
+            src: Some(peer),
+            payload: 0..buf.len(),
+            gro_size: Some(n),
+            truncated: false,
+        };
+        let mut c = Coalescer::new();
+        assert_eq!(d.handle_receive(&rx, &buf, &mut c), RxAction::Coalesced);
+        let (_, writes) = c.output();
+        assert_eq!(writes.len(), 1);
+        assert_eq!(writes[0].packets, 3);
+        let info = WriteInfo::coalesced(&writes[0]);
+        assert_eq!(d.on_tun_write(&info, Ok(10)).unwrap(), After::Next);
+        let st = d.stats().snapshot();
+        assert_eq!(st.peer_to_tun.drops_for(DropReason::BadChecksum), 1);
+        assert_eq!(st.peer_to_tun.packets, 3);
+        assert_eq!(st.peer_to_tun.bytes, 3 * n as u64);
+        assert_eq!((st.gro_receives, st.gro_datagrams), (1, 4));
+        assert_eq!((st.vnet_writes, st.vnet_write_packets), (1, 3));
+    }
+
+    #[test]
+    fn receive_checks_source_truncation_and_strips_encapsulation() {
+        let peer: SocketAddr = PEER.parse().unwrap();
+        let stranger: SocketAddr = "198.18.0.9:5000".parse().unwrap();
+        let mut pkt = tcp_packet(false, 0, 0x10, &[], &[1; 10]);
+        refresh_tcp_checksums(&mut pkt);
+        let rx = |src, truncated| Received {
+            src,
+            payload: 0..pkt.len(),
+            gro_size: None,
+            truncated,
+        };
+        for offload in [false, true] {
+            let mut d = dp(offload);
+            let mut c = Coalescer::new();
+            let want = if offload {
+                RxAction::Coalesced
+            } else {
+                RxAction::Write(0..pkt.len())
+            };
+            assert_eq!(d.handle_receive(&rx(Some(peer), false), &pkt, &mut c), want);
+            for (src, trunc, reason) in [
+                (None, false, DropReason::NotFromPeer),
+                (Some(stranger), false, DropReason::NotFromPeer),
+                (Some(peer), true, DropReason::OverMtu),
+                (Some(stranger), true, DropReason::NotFromPeer),
+            ] {
+                let before = d.stats().snapshot().peer_to_tun.drops_for(reason);
+                assert_eq!(
+                    d.handle_receive(&rx(src, trunc), &pkt, &mut c),
+                    RxAction::Dropped
+                );
+                assert_eq!(
+                    d.stats().snapshot().peer_to_tun.drops_for(reason),
+                    before + 1
+                );
+            }
+        }
+        // TAP mode: the VXLAN header stays out of the TUN write.
+        let fwd = Forwarder::vxlan(1450, peer, 42);
+        let mut d = Datapath::new("t".into(), fwd, Arc::new(WorkerStats::default()), false);
+        let mut dgram = vec![0u8; 8];
+        crate::packet::vxlan::write_header(&mut dgram, 42);
+        dgram.extend_from_slice(&[0xaa; 60]);
+        let rx = Received {
+            src: Some(peer),
+            payload: 0..dgram.len(),
+            gro_size: None,
+            truncated: false,
+        };
+        assert_eq!(
+            d.handle_receive(&rx, &dgram, &mut Coalescer::new()),
+            RxAction::Write(8..68)
+        );
+    }
+
+    #[test]
+    fn write_and_receive_error_policy() {
+        let d = dp(false);
+        let w = WriteInfo::plain(100);
+        assert_eq!(
+            d.on_tun_write(&w, Err(Errno::EAGAIN)).unwrap(),
+            After::Retry
+        );
+        assert_eq!(d.on_tun_write(&w, Err(Errno::EIO)).unwrap(), After::Next);
+        assert!(d.on_tun_write(&w, Err(Errno::ENODEV)).is_err());
+        assert_eq!(d.on_receive_error(Errno::EAGAIN).unwrap(), After::Retry);
+        assert_eq!(
+            d.on_receive_error(Errno::ECONNREFUSED).unwrap(),
+            After::Next
+        );
+        assert_eq!(d.on_receive_error(Errno::ENOBUFS).unwrap(), After::Next);
+        assert!(d.on_receive_error(Errno::EBADF).is_err());
+        assert!(d.on_tun_read_error(Errno::EAGAIN).is_ok());
+        assert!(d.on_tun_read_error(Errno::ENODEV).is_err());
+        let s = d.stats().snapshot();
+        assert_eq!(s.peer_to_tun.drops_for(DropReason::TunWriteFailed), 1);
+        assert_eq!(s.peer_to_tun.backpressure, 1);
+        assert_eq!(s.io_errors, 2);
+    }
+
+    #[test]
+    fn reflect_answers_in_place() {
+        let fwd = Forwarder::reflector(1500, PEER.parse().unwrap());
+        let mut d = Datapath::new("t".into(), fwd, Arc::new(WorkerStats::default()), false);
+        // An ICMP echo request.
+        let mut p = vec![0u8; 28];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&28u16.to_be_bytes());
+        p[8] = 64;
+        p[9] = 1;
+        p[12..16].copy_from_slice(&[198, 19, 0, 2]);
+        p[16..20].copy_from_slice(&[198, 19, 0, 1]);
+        p[20] = 8;
+        let c = crate::packet::checksum::checksum(&p[..20]);
+        p[10..12].copy_from_slice(&c.to_be_bytes());
+        let c = crate::packet::checksum::checksum(&p[20..]);
+        p[22..24].copy_from_slice(&c.to_be_bytes());
+        assert_eq!(
+            d.handle_tun_read(&mut p, 28, &mut []),
+            TunAction::Reflect(0..28)
+        );
+        assert_eq!(p[20], 0, "an echo reply");
+    }
+}

@@ -1,0 +1,366 @@
+//! The io_uring engine (Linux): one ring per worker, batched completions, one
+//! kernel entry per loop iteration.
+//!
+//! What a packet becomes is the shared [`crate::datapath`]'s decision; this
+//! engine only decides how to wait and submit, and owns the buffers:
+//! - this file: the options, and the probe that decides once, before the
+//!   workers start, what the running kernel offers (one log line per missing
+//!   feature) and resolves every default;
+//! - [`pool`]: memory shared with the kernel and the buffer-ownership rule;
+//! - [`ops`]: operation tags and the message headers the kernel points to;
+//! - [`worker`]: the ring, the submissions (the `unsafe` pushes), and the
+//!   completion loop.
+//!
+//! Each worker owns a buffer pool split into two groups: buffers the TUN
+//! queue reads into (and the UDP socket sends from, or, with offload, their
+//! split areas), and buffers the UDP socket receives into (and the TUN queue
+//! is written from, or, with offload, their coalescers' output).
+//!
+//! Receive side, best first (probed at start, `--multishot`): multishot reads
+//! (`READ_MULTISHOT` on the TUN, 6.7+; multishot `RECVMSG` on UDP, 6.0+) from
+//! provided buffer rings, re-armed when a completion lacks the MORE flag; or
+//! `--inflight` single-shot reads per descriptor. Writes to the TUN use
+//! `WRITE_FIXED` from registered buffers when `--fixed-buffers` allows.
+//! Datagrams to the peer go out with `SENDMSG` (with `UDP_SEGMENT` for GSO).
+//! Shutdown cancels every operation and reaps every completion before any
+//! buffer memory is freed.
+#![allow(unsafe_code)]
+
+mod ops;
+mod pool;
+mod worker;
+
+pub use ops::{gro_segment, parse_sockaddr};
+pub use worker::UringWorker;
+
+use std::io;
+
+use io_uring::{IoUring, opcode};
+
+use crate::config::{Toggle, UringFlags};
+use crate::error::{Error, Result};
+use crate::forward::Forwarder;
+use ops::{CMSG_SPACE_INT, RECVMSG_PREFIX};
+
+/// The io_uring tuning flags.
+#[derive(Clone, Debug)]
+pub struct UringOptions {
+    /// Submission queue entries (the completion queue gets 4x).
+    pub ring_entries: u32,
+    /// Buffers per worker (half for each direction; a power of two).
+    /// Resolved by [`probe`]: 512, or 64 when offload is on (each buffer
+    /// then holds a 64 KiB super-packet).
+    pub buffers: u32,
+    /// Single-shot reads kept outstanding per descriptor (without multishot).
+    /// Resolved by [`probe`]: 2, or fewer for a pool of 2 buffers.
+    pub inflight: u32,
+    pub multishot: Toggle,
+    pub fixed_buffers: Toggle,
+    /// Kernel submission-polling thread with this idle time in ms.
+    pub sqpoll_idle_ms: Option<u32>,
+    pub sqpoll_cpu: Option<u32>,
+    /// Never sleep in the kernel: poll the completion queue instead.
+    pub busy_poll: bool,
+    /// Max packets handled per direction per loop iteration.
+    pub batch: usize,
+}
+
+/// How a worker's ring wakes up for task work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TaskRun {
+    /// `SINGLE_ISSUER | DEFER_TASKRUN` (6.1+): work runs only when we wait.
+    Defer,
+    /// `COOP_TASKRUN | TASKRUN_FLAG` (5.19+).
+    Coop,
+    /// Neither.
+    Plain,
+}
+
+impl UringOptions {
+    /// The options as given; `--buffers` and `--inflight` stay unresolved
+    /// (0) until [`probe`] knows whether offload is on.
+    pub fn from_flags(f: &UringFlags, batch: usize, busy_poll: bool) -> UringOptions {
+        use crate::config::DEFAULT_RING_ENTRIES;
+        UringOptions {
+            ring_entries: f.ring_entries.unwrap_or(DEFAULT_RING_ENTRIES),
+            buffers: f.buffers.unwrap_or(0),
+            inflight: f.inflight.unwrap_or(0),
+            multishot: f.multishot.unwrap_or(Toggle::Auto),
+            fixed_buffers: f.fixed_buffers.unwrap_or(Toggle::Auto),
+            sqpoll_idle_ms: f.sqpoll_idle_ms,
+            sqpoll_cpu: f.sqpoll_cpu,
+            busy_poll,
+            batch,
+        }
+    }
+
+    /// Fills in `buffers` and `inflight` where they were not given.
+    fn resolve(&mut self, offload: bool) {
+        use crate::config::{DEFAULT_BUFFERS, DEFAULT_BUFFERS_OFFLOAD, DEFAULT_INFLIGHT};
+        if self.buffers == 0 {
+            self.buffers = if offload {
+                DEFAULT_BUFFERS_OFFLOAD
+            } else {
+                DEFAULT_BUFFERS
+            };
+        }
+        if self.inflight == 0 {
+            self.inflight = DEFAULT_INFLIGHT.min(self.buffers / 2);
+        }
+    }
+}
+
+/// What the probe decided; every worker builds its ring the same way.
+#[derive(Clone, Debug)]
+pub struct UringPlan {
+    pub opts: UringOptions,
+    pub taskrun: TaskRun,
+    pub multishot_tun: bool,
+    pub multishot_udp: bool,
+    pub fixed_buffers: bool,
+    /// Bytes per buffer.
+    pub buf_len: usize,
+    /// TSO/USO super-packets from the TUN device, UDP GSO/GRO, coalesced
+    /// TUN writes with virtio-net headers (needs multishot receives).
+    pub offload: bool,
+}
+
+/// Bytes per buffer: room for the largest TUN read behind its headroom,
+/// and for the largest datagram the peer may send (plus one byte, so an
+/// oversize one is told by its length) behind the multishot recvmsg header,
+/// the sender's address and the control data.
+pub fn buffer_len(fwd: &Forwarder, offload: bool) -> usize {
+    let read =
+        crate::datapath::read_headroom(fwd, offload) + crate::datapath::max_read_len(fwd, offload);
+    let control = if offload { CMSG_SPACE_INT } else { 0 };
+    let receive = RECVMSG_PREFIX + control + crate::datapath::max_receive_len(fwd, offload);
+    read.max(receive).next_multiple_of(64)
+}
+
+const TUN_GROUP: u16 = 0;
+const UDP_GROUP: u16 = 1;
+
+fn build_ring(opts: &UringOptions, taskrun: TaskRun) -> io::Result<IoUring> {
+    let mut b = IoUring::builder();
+    b.setup_cqsize(opts.ring_entries.saturating_mul(4))
+        .setup_clamp();
+    if let Some(idle) = opts.sqpoll_idle_ms {
+        b.setup_sqpoll(idle);
+        if let Some(cpu) = opts.sqpoll_cpu {
+            b.setup_sqpoll_cpu(cpu);
+        }
+    }
+    match taskrun {
+        TaskRun::Defer => {
+            b.setup_single_issuer().setup_defer_taskrun();
+        }
+        TaskRun::Coop => {
+            b.setup_coop_taskrun().setup_taskrun_flag();
+        }
+        TaskRun::Plain => {}
+    }
+    b.build(opts.ring_entries)
+}
+
+/// Probes the running kernel once, before the workers start, and says in one
+/// line per missing feature what is used instead. Fails if io_uring itself is
+/// unusable or a feature forced `on` is missing.
+pub fn probe(
+    opts: &UringOptions,
+    fwd: &Forwarder,
+    queues: usize,
+    offload: Toggle,
+) -> Result<UringPlan> {
+    let mut opts = opts.clone();
+    if opts.buffers != 0
+        && (!opts.buffers.is_power_of_two() || !(2..=32768).contains(&opts.buffers))
+    {
+        return Err(Error::config(format!(
+            "--buffers {} must be a power of two from 2 to 32768",
+            opts.buffers
+        )));
+    }
+    // Busy polling and SQPOLL need completions posted without our waiting.
+    let mut candidates = vec![TaskRun::Defer, TaskRun::Coop, TaskRun::Plain];
+    if opts.busy_poll || opts.sqpoll_idle_ms.is_some() {
+        candidates.retain(|t| *t != TaskRun::Defer);
+    }
+    let mut last_err = None;
+    let mut found = None;
+    // A small ring answers the feature questions; its memory is released
+    // asynchronously after drop, so it must not crowd out the workers' rings.
+    let small = UringOptions {
+        ring_entries: 8,
+        ..opts.clone()
+    };
+    for t in candidates {
+        match build_ring(&small, t) {
+            Ok(ring) => {
+                found = Some((t, ring));
+                break;
+            }
+            Err(e) => last_err = Some(e),
+        }
+    }
+    let Some((taskrun, ring)) = found else {
+        let e = last_err.unwrap_or_else(|| io::Error::from_raw_os_error(libc::ENOSYS));
+        return Err(Error::io(
+            format!("set up io_uring with {} entries", opts.ring_entries),
+            e,
+        ));
+    };
+    if taskrun != TaskRun::Defer && !opts.busy_poll && opts.sqpoll_idle_ms.is_none() {
+        crate::info!("io_uring: no DEFER_TASKRUN on this kernel, using {taskrun:?} task work");
+    }
+
+    let mut probe = io_uring::Probe::new();
+    ring.submitter()
+        .register_probe(&mut probe)
+        .map_err(|e| Error::io("probe io_uring opcodes", e))?;
+    for (code, name) in [
+        (opcode::Read::CODE, "READ"),
+        (opcode::Write::CODE, "WRITE"),
+        (opcode::Send::CODE, "SEND"),
+        (opcode::RecvMsg::CODE, "RECVMSG"),
+        (opcode::PollAdd::CODE, "POLL_ADD"),
+        (opcode::AsyncCancel::CODE, "ASYNC_CANCEL"),
+    ] {
+        if !probe.is_supported(code) {
+            return Err(Error::config(format!(
+                "io_uring on this kernel lacks {name}, which the uring engine needs"
+            )));
+        }
+    }
+    // SEND with a destination address (unconnected UDP) and multishot
+    // RECVMSG arrived in Linux 6.0, with SEND_ZC: its presence marks 6.0.
+    if !probe.is_supported(opcode::SendZc::CODE) {
+        return Err(Error::config(
+            "io_uring on this kernel predates Linux 6.0 (no SEND with a destination address)",
+        ));
+    }
+
+    let mut plan = UringPlan {
+        opts: opts.clone(),
+        taskrun,
+        multishot_tun: false,
+        multishot_udp: false,
+        fixed_buffers: false,
+        buf_len: 0,
+        offload: false,
+    };
+
+    // Multishot needs READ_MULTISHOT (6.7) for the TUN; multishot RECVMSG
+    // and provided buffer rings (6.0) come with it. Workers still fall back
+    // per group if registering a buffer ring fails.
+    if opts.multishot != Toggle::Off {
+        if probe.is_supported(opcode::ReadMulti::CODE) {
+            plan.multishot_tun = true;
+            plan.multishot_udp = true;
+        } else if opts.multishot == Toggle::On {
+            return Err(Error::config(
+                "--multishot on: this kernel lacks READ_MULTISHOT (Linux 6.7+)",
+            ));
+        } else {
+            crate::info!(
+                "io_uring: no READ_MULTISHOT (Linux 6.7+): single-shot reads, --inflight per descriptor"
+            );
+        }
+    }
+
+    // Offload builds on multishot receives (the GRO size arrives as control
+    // data in the provided buffer).
+    if offload != Toggle::Off {
+        if plan.multishot_tun && plan.multishot_udp {
+            plan.offload = true;
+        } else if offload == Toggle::On {
+            return Err(Error::config(
+                "--offload on: the uring engine needs multishot receives (Linux 6.7+) for offload",
+            ));
+        } else {
+            crate::info!("offload: the uring engine needs multishot receives for it: off");
+        }
+    }
+
+    // Defaults that depend on offload are settled now, once.
+    opts.resolve(plan.offload);
+    plan.opts = opts.clone();
+    plan.buf_len = buffer_len(fwd, plan.offload);
+    let buf_len = plan.buf_len;
+
+    // Ring memory and provided-buffer rings are pinned too: if even those do
+    // not fit, io_uring is not usable here.
+    let base = ring_bytes(&opts).saturating_mul(queues as u64);
+    if let Err(why) = memlock_allows(base) {
+        return Err(Error::config(format!(
+            "io_uring rings need {} KiB of locked memory: {why}",
+            base / 1024
+        ))
+        .with_hint("raise RLIMIT_MEMLOCK (ulimit -l) or lower --ring-entries"));
+    }
+
+    // Registered buffers are pinned and count against RLIMIT_MEMLOCK unless
+    // the process has CAP_IPC_LOCK. Decided from the limit, not by a trial
+    // registration: ring teardown is asynchronous and a trial's accounting
+    // would linger into the workers' setup.
+    if opts.fixed_buffers != Toggle::Off {
+        let need = base + buffer_bytes(&opts, buf_len).saturating_mul(queues as u64);
+        match memlock_allows(need) {
+            Ok(()) => plan.fixed_buffers = true,
+            Err(why) if opts.fixed_buffers == Toggle::On => {
+                return Err(Error::config(format!(
+                    "--fixed-buffers on: {} KiB of registered buffers do not fit: {why}",
+                    need / 1024
+                ))
+                .with_hint(
+                    "raise RLIMIT_MEMLOCK (ulimit -l), lower --buffers, or use --fixed-buffers off",
+                ));
+            }
+            Err(why) => crate::info!(
+                "io_uring: {} KiB of registered buffers do not fit ({why}): using unregistered buffers",
+                need / 1024
+            ),
+        }
+    }
+    Ok(plan)
+}
+
+fn pages(bytes: u64) -> u64 {
+    bytes.next_multiple_of(4096)
+}
+
+/// Locked memory one worker's ring needs: submission entries, the
+/// completion and submission rings, and two provided-buffer rings.
+fn ring_bytes(opts: &UringOptions) -> u64 {
+    let sq = u64::from(opts.ring_entries.next_power_of_two());
+    let cq = sq * 4;
+    let provided = 2 * pages(u64::from(opts.buffers / 2) * 16);
+    pages(sq * 64) + pages(64 * 4 + cq * 16 + sq * 4) + provided
+}
+
+/// Locked memory one worker's registered buffer pool needs.
+fn buffer_bytes(opts: &UringOptions, buf_len: usize) -> u64 {
+    pages(u64::from(opts.buffers) * buf_len as u64)
+}
+
+/// Ok if `bytes` more may be pinned: CAP_IPC_LOCK, or room under
+/// RLIMIT_MEMLOCK. Otherwise the reason.
+fn memlock_allows(bytes: u64) -> std::result::Result<(), String> {
+    // CAP_IPC_LOCK from linux/capability.h (not in libc).
+    const CAP_IPC_LOCK: u32 = 14;
+    let cap_ipc_lock = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << CAP_IPC_LOCK) != 0);
+    if cap_ipc_lock {
+        return Ok(());
+    }
+    match nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_MEMLOCK) {
+        Ok((soft, _)) if soft == nix::sys::resource::RLIM_INFINITY || soft >= bytes => Ok(()),
+        Ok((soft, _)) => Err(format!("RLIMIT_MEMLOCK is {} KiB", soft / 1024)),
+        Err(e) => Err(format!("cannot read RLIMIT_MEMLOCK: {e}")),
+    }
+}

@@ -1,0 +1,1168 @@
+//! One io_uring worker: its ring, the submissions (every `unsafe` push of the
+//! engine, each naming the memory that must outlive the operation), and the
+//! completion loop. A completion is dispatched by its operation tag to a
+//! handler that asks the [`Datapath`] what the bytes become and submits
+//! exactly that.
+#![allow(unsafe_code)]
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::net::UdpSocket;
+use std::ops::Range;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+
+use io_uring::types::{CancelBuilder, Fd, Fixed, RecvMsgOut, SubmitArgs, Timespec};
+use io_uring::{IoUring, cqueue, opcode, squeue};
+use nix::errno::Errno;
+use nix::sys::socket::{SockaddrLike, SockaddrStorage};
+
+use super::ops::{
+    CHAINED, CMSG_SPACE_INT, MsgSlot, Op, SINGLE_WRITE, SOCKADDR_LEN, decode, gro_segment,
+    parse_sockaddr, user_data,
+};
+use super::pool::{BufRing, Owner, Owners, Region};
+use super::{TUN_GROUP, UDP_GROUP, UringPlan, build_ring};
+use crate::config::Toggle;
+use crate::datapath::{
+    After, Datapath, Received, RxAction, SPLIT_LEN, TunAction, TxBuf, TxPlan, TxSend, WriteInfo,
+};
+use crate::engine::{Shutdown, WorkerParts, send_addr};
+use crate::error::{Error, Result};
+use crate::forward::DropReason;
+use crate::packet::offload::Coalescer;
+
+/// Completions reaped in one iteration that count as "under load".
+const COALESCE_AFTER: usize = 8;
+/// Completions to wait for under load...
+const COALESCE_WANT: usize = 32;
+/// ...but no longer than this.
+const COALESCE_WAIT_NS: u32 = 50_000;
+
+/// Registered-file slots.
+const TUN_SLOT: u32 = 0;
+const UDP_SLOT: u32 = 1;
+
+/// Evaluates `$build` with `$f` bound to the worker's TUN or UDP descriptor:
+/// the registered slot when files are registered, else the raw fd.
+macro_rules! with_file {
+    ($w:expr, $slot:expr, |$f:ident| $build:expr) => {
+        if $w.files_registered {
+            let $f = Fixed($slot);
+            $build
+        } else {
+            let $f = Fd($w.raw_fd($slot));
+            $build
+        }
+    };
+}
+
+/// The receive side of one descriptor: how its reads are armed.
+struct Reads {
+    /// Multishot: the provided-buffer ring the kernel takes buffers from.
+    ring: Option<BufRing>,
+    /// Single-shot: buffers not in use.
+    free: Vec<u16>,
+    /// Reads outstanding (single-shot) or armed (multishot, 0/1).
+    armed: u32,
+    /// A read was refused for lack of buffers; re-arm when one returns.
+    starved: bool,
+    /// Buffers currently in the provided ring.
+    ring_avail: u32,
+}
+
+impl Reads {
+    fn multishot(&self) -> bool {
+        self.ring.is_some()
+    }
+}
+
+/// One TUN-side buffer: a read lands in it; its datagrams leave from it (or
+/// from its split area), or its reflected answer goes back to the TUN.
+struct TxSlot {
+    msg: MsgSlot,
+    plan: Option<TxPlan>,
+    /// The send in flight.
+    send: Option<TxSend>,
+    /// Reflect mode: the answer being written back.
+    reflect: Option<Range<usize>>,
+    /// Order of that write among all TUN writes.
+    seq: u64,
+}
+
+/// One UDP-side buffer: a receive lands in it; its packet (or, with
+/// offload, its coalescer's writes) goes to the TUN.
+struct RxSlot {
+    msg: MsgSlot,
+    coalescer: Coalescer,
+    /// The one packet being written (bytes of the buffer), without offload.
+    single: Option<Range<usize>>,
+    /// TUN writes of this buffer still in flight.
+    writes_in_flight: u32,
+    /// Order of the first of those writes among all TUN writes (the others
+    /// follow it).
+    seq: u64,
+}
+
+/// TUN writes in order. A write that meets a full queue (`EAGAIN`) waits,
+/// with every write after it, until the queue has room: then they go out
+/// as one linked chain behind a `POLL_ADD(POLLOUT)`, in their original
+/// order; if the chain breaks, what it cancelled waits again. Nothing is
+/// dropped. From the first refusal on, every TUN write of the worker goes
+/// out that way (a device that pushed back once will again), so nothing
+/// overtakes a waiting write; before it, writes are submitted directly, and
+/// only writes submitted together with that first refused one could have
+/// passed it. A real TUN device does not refuse writes (its socket send
+/// buffer is unlimited), so the direct path is the one that runs.
+struct TunWrites {
+    /// Writes carry RWF_NOWAIT: a full queue answers EAGAIN at once instead
+    /// of io_uring waiting inside the kernel, where a later write could
+    /// overtake a waiting one. Cleared (one log line) if the kernel
+    /// refuses the flag for this device.
+    nowait: bool,
+    /// A write was refused once: every write now waits its turn in
+    /// `stalled` and goes out in a chain.
+    pushed_back: bool,
+    /// (order, buffer, write index) of the writes waiting, oldest first.
+    stalled: VecDeque<(u64, u16, u16)>,
+    /// Writes started in this loop iteration, submitted directly at its end
+    /// unless a refusal reaped in the same iteration made them wait.
+    direct: Vec<(u64, u16, u16)>,
+    /// Members of the retry chain still in flight (0: none).
+    chain: usize,
+    next_seq: u64,
+}
+
+impl TunWrites {
+    /// Puts a write back in its place among the waiting ones.
+    fn stall(&mut self, seq: u64, bid: u16, index: u16) {
+        let at = self.stalled.partition_point(|&(s, _, _)| s < seq);
+        self.stalled.insert(at, (seq, bid, index));
+    }
+
+    /// True if a new write must wait behind earlier ones.
+    fn blocked(&self) -> bool {
+        self.pushed_back || !self.stalled.is_empty() || self.chain > 0
+    }
+}
+
+/// One io_uring worker. Built and run on its own thread (the ring is
+/// single-issuer).
+pub struct UringWorker {
+    // Field order is drop order: the ring goes (after `run` drained it)
+    // before the memory it used.
+    ring: IoUring,
+    tun_reads: Reads,
+    udp_reads: Reads,
+    tx: Vec<TxSlot>,
+    rx: Vec<RxSlot>,
+    tun_writes: TunWrites,
+    multishot_msg: Box<libc::msghdr>,
+    peer_addr: Box<SockaddrStorage>,
+    /// Offload: one split area of SPLIT_LEN bytes per TUN buffer.
+    split: Option<Region>,
+    pool: Region,
+    owners: Owners,
+
+    tun: File,
+    udp: UdpSocket,
+    dp: Datapath,
+    plan: UringPlan,
+    shutdown: Arc<Shutdown>,
+    batch: usize,
+    busy_poll: bool,
+    /// Buffers per group: TUN buffers are 0..per_group, UDP ones after.
+    per_group: u16,
+    /// Operations whose final completion has not arrived.
+    in_flight: usize,
+    files_registered: bool,
+    stopping: bool,
+    fatal: Option<Error>,
+}
+
+/// Buffer `bid` of the pool at `base` (`buf_len` bytes each) as a slice.
+///
+/// # Safety
+/// `bid` must be a buffer of the pool, owned by the engine
+/// ([`Owner::Engine`]): no operation in flight uses it, no other slice of it
+/// is alive while this one is, and the pool outlives it.
+unsafe fn buffer<'a>(base: *mut u8, buf_len: usize, bid: u16) -> &'a mut [u8] {
+    // SAFETY: forwarded from the caller: the range lies inside the pool and
+    // nobody else uses it.
+    unsafe { std::slice::from_raw_parts_mut(base.add(usize::from(bid) * buf_len), buf_len) }
+}
+
+impl UringWorker {
+    /// Builds the ring, registers files and buffers, and fills the buffer
+    /// rings. Must run on the thread that calls [`UringWorker::run`].
+    pub fn new(parts: WorkerParts, plan: UringPlan) -> Result<UringWorker> {
+        let WorkerParts {
+            tun,
+            udp,
+            datapath: dp,
+            shutdown,
+            batch,
+            busy_poll,
+        } = parts;
+        let tun = tun.into_file();
+        let label = dp.label().to_string();
+        // io_uring waits for room itself (internal poll) when a send would
+        // block; a nonblocking socket would hand EAGAIN back instead.
+        udp.set_nonblocking(false)
+            .map_err(|e| Error::io(format!("make UDP socket of {label} blocking"), e))?;
+        let ring = build_ring(&plan.opts, plan.taskrun)
+            .map_err(|e| Error::io(format!("set up io_uring for {label}"), e))?;
+        // Cap io-wq: nothing we submit should need it; if something does, it
+        // must not grow a thread pool.
+        let _ = ring.submitter().register_iowq_max_workers(&mut [1, 1]);
+        let files_registered = ring
+            .submitter()
+            // Slots TUN_SLOT and UDP_SLOT.
+            .register_files(&[tun.as_raw_fd(), udp.as_raw_fd()])
+            .is_ok();
+
+        let per_group = (plan.opts.buffers / 2) as u16;
+        let total = usize::from(per_group) * 2;
+        let pool = Region::new(total * plan.buf_len)
+            .map_err(|e| Error::io(format!("allocate buffer pool for {label}"), e))?;
+        let mut plan = plan;
+        if plan.fixed_buffers {
+            // SAFETY: the iovec covers `pool`, which is dropped only after the
+            // ring (field order) and after `run` reaped every operation.
+            let r = unsafe { ring.submitter().register_buffers(&[pool.iovec()]) };
+            match r {
+                Ok(()) => {}
+                Err(e) if plan.opts.fixed_buffers == Toggle::Auto => {
+                    crate::info!(
+                        "io_uring: {label}: cannot register buffers ({e}): using unregistered buffers"
+                    );
+                    plan.fixed_buffers = false;
+                }
+                Err(e) => return Err(Error::io(format!("register buffers for {label}"), e)),
+            }
+        }
+        let split = if plan.offload {
+            Some(
+                Region::new(usize::from(per_group) * SPLIT_LEN)
+                    .map_err(|e| Error::io(format!("allocate segment buffers for {label}"), e))?,
+            )
+        } else {
+            None
+        };
+        let peer = send_addr(
+            udp.local_addr()
+                .map_err(|e| Error::io(format!("query UDP address of {label}"), e))?,
+            dp.forwarder().peer(),
+        );
+        let mut multishot_msg: Box<libc::msghdr> = Box::new(
+            // SAFETY: msghdr is plain data (integers and raw pointers), for
+            // which all-zero bytes are valid.
+            unsafe { std::mem::zeroed() },
+        );
+        multishot_msg.msg_namelen = SOCKADDR_LEN as u32;
+        if plan.offload {
+            // The kernel lays the control data (UDP_GRO) out in the buffer.
+            multishot_msg.msg_controllen = CMSG_SPACE_INT as _;
+        }
+        let reads = || Reads {
+            ring: None,
+            free: Vec::new(),
+            armed: 0,
+            starved: false,
+            ring_avail: 0,
+        };
+        let mut w = UringWorker {
+            ring,
+            tun_reads: reads(),
+            udp_reads: reads(),
+            tx: (0..per_group)
+                .map(|_| TxSlot {
+                    msg: MsgSlot::new(),
+                    plan: None,
+                    send: None,
+                    reflect: None,
+                    seq: 0,
+                })
+                .collect(),
+            rx: (0..per_group)
+                .map(|_| RxSlot {
+                    msg: MsgSlot::new(),
+                    coalescer: Coalescer::new(),
+                    single: None,
+                    writes_in_flight: 0,
+                    seq: 0,
+                })
+                .collect(),
+            tun_writes: TunWrites {
+                nowait: true,
+                pushed_back: false,
+                stalled: VecDeque::new(),
+                direct: Vec::with_capacity(usize::from(per_group)),
+                chain: 0,
+                next_seq: 0,
+            },
+            multishot_msg,
+            peer_addr: Box::new(SockaddrStorage::from(peer)),
+            split,
+            pool,
+            owners: Owners::new(total),
+            tun,
+            udp,
+            dp,
+            shutdown,
+            batch,
+            busy_poll,
+            per_group,
+            in_flight: 0,
+            files_registered,
+            stopping: false,
+            fatal: None,
+            plan,
+        };
+        w.setup_reads()?;
+        Ok(w)
+    }
+
+    fn raw_fd(&self, slot: u32) -> RawFd {
+        if slot == TUN_SLOT {
+            self.tun.as_raw_fd()
+        } else {
+            self.udp.as_raw_fd()
+        }
+    }
+
+    fn buf_ptr(&self, bid: u16) -> *mut u8 {
+        // SAFETY: bid < 2 * per_group, so the offset stays inside `pool`.
+        unsafe { self.pool.ptr.add(usize::from(bid) * self.plan.buf_len) }
+    }
+
+    fn is_tun_buf(&self, bid: u16) -> bool {
+        bid < self.per_group
+    }
+
+    /// Where reads into buffer `bid` land: TUN buffers keep the datapath's
+    /// headroom in front.
+    fn read_area(&self, bid: u16) -> (*mut u8, usize) {
+        let head = if self.is_tun_buf(bid) {
+            self.dp.read_headroom()
+        } else {
+            0
+        };
+        // SAFETY: head (0 or 8) < buf_len, inside buffer `bid`.
+        (
+            unsafe { self.buf_ptr(bid).add(head) },
+            self.plan.buf_len - head,
+        )
+    }
+
+    /// A provided-buffer ring holding buffers `first..first + per_group`,
+    /// registered as `group`; None if the kernel refuses and `--multishot`
+    /// is auto (the group then uses single-shot reads).
+    fn provided_ring(&self, group: u16, first: u16) -> Result<Option<BufRing>> {
+        let n = self.per_group;
+        let label = self.dp.label();
+        let what = if group == TUN_GROUP { "TUN" } else { "UDP" };
+        let mut r = BufRing::new(u32::from(n))
+            .map_err(|e| Error::io(format!("allocate {what} buffer ring for {label}"), e))?;
+        for bid in first..first + n {
+            let (ptr, len) = self.read_area(bid);
+            r.push(ptr, len, bid);
+        }
+        r.publish();
+        // SAFETY: the caller stores the BufRing in `self`, where it is dropped
+        // after the ring (field order).
+        match unsafe { r.register(&self.ring, group) } {
+            Ok(()) => Ok(Some(r)),
+            Err(e) if self.plan.opts.multishot == Toggle::Auto => {
+                crate::info!(
+                    "io_uring: {label}: cannot register {what} buffer ring ({e}): single-shot reads"
+                );
+                Ok(None)
+            }
+            Err(e) => Err(Error::io(
+                format!("register {what} buffer ring for {label}"),
+                e,
+            )),
+        }
+    }
+
+    fn setup_reads(&mut self) -> Result<()> {
+        let n = self.per_group;
+        if self.plan.multishot_tun {
+            self.tun_reads.ring = self.provided_ring(TUN_GROUP, 0)?;
+            self.tun_reads.ring_avail = u32::from(n);
+        }
+        if !self.tun_reads.multishot() {
+            self.tun_reads.free = (0..n).rev().collect();
+        }
+        if self.plan.multishot_udp {
+            self.udp_reads.ring = self.provided_ring(UDP_GROUP, n)?;
+            self.udp_reads.ring_avail = u32::from(n);
+        }
+        if !self.udp_reads.multishot() {
+            self.udp_reads.free = (n..2 * n).rev().collect();
+        }
+        if self.plan.offload && !(self.tun_reads.multishot() && self.udp_reads.multishot()) {
+            return Err(Error::config(format!(
+                "{}: offload needs multishot receives, but a buffer ring could not be registered",
+                self.dp.label()
+            ))
+            .with_hint("use --offload off or --multishot on"));
+        }
+        Ok(())
+    }
+
+    /// Pushes one entry, submitting first if the queue is full.
+    ///
+    /// # Safety
+    /// Every buffer and structure `entry` points to must stay valid until the
+    /// operation's final completion is reaped.
+    unsafe fn push(&mut self, entry: squeue::Entry) -> Result<()> {
+        loop {
+            let pushed = {
+                let mut sq = self.ring.submission();
+                // SAFETY: forwarded from the caller.
+                unsafe { sq.push(&entry) }.is_ok()
+            };
+            if pushed {
+                self.in_flight += 1;
+                return Ok(());
+            }
+            self.dp.stats().syscalls.add(1);
+            self.ring
+                .submit()
+                .map_err(|e| Error::io(format!("submit to io_uring of {}", self.dp.label()), e))?;
+        }
+    }
+
+    /// Stops the worker with `e` (the first error wins).
+    fn fail(&mut self, e: Error) {
+        self.fatal.get_or_insert(e);
+        self.stopping = true;
+    }
+
+    fn arm_tun_reads(&mut self) -> Result<()> {
+        if self.stopping {
+            return Ok(());
+        }
+        if self.tun_reads.multishot() {
+            if self.tun_reads.armed == 0 {
+                let e = with_file!(self, TUN_SLOT, |f| opcode::ReadMulti::new(f, 0, TUN_GROUP)
+                    .build());
+                // SAFETY: buffers come from the registered TUN buffer ring,
+                // which outlives every operation.
+                unsafe { self.push(e.user_data(user_data(Op::TunRead, 0, 0)))? };
+                self.tun_reads.armed = 1;
+            }
+            return Ok(());
+        }
+        while self.tun_reads.armed < self.plan.opts.inflight {
+            let Some(bid) = self.tun_reads.free.pop() else {
+                self.tun_reads.starved = true;
+                self.dp.stats().pool_exhausted.add(1);
+                break;
+            };
+            self.owners.set(bid, Owner::Free, Owner::Kernel);
+            let (ptr, len) = self.read_area(bid);
+            let len = len as u32;
+            let e = if self.plan.fixed_buffers {
+                with_file!(self, TUN_SLOT, |f| opcode::ReadFixed::new(f, ptr, len, 0)
+                    .build())
+            } else {
+                with_file!(self, TUN_SLOT, |f| opcode::Read::new(f, ptr, len).build())
+            };
+            // SAFETY: buffer `bid` is the kernel's until this read completes;
+            // the pool outlives the ring.
+            unsafe { self.push(e.user_data(user_data(Op::TunRead, bid, 0)))? };
+            self.tun_reads.armed += 1;
+        }
+        Ok(())
+    }
+
+    fn arm_udp_reads(&mut self) -> Result<()> {
+        if self.stopping {
+            return Ok(());
+        }
+        if self.udp_reads.multishot() {
+            if self.udp_reads.armed == 0 {
+                let msg = &*self.multishot_msg as *const libc::msghdr;
+                let e = with_file!(self, UDP_SLOT, |f| opcode::RecvMsgMulti::new(
+                    f, msg, UDP_GROUP
+                )
+                .build());
+                // SAFETY: the msghdr is boxed in self and the buffers come from
+                // the registered UDP ring; both outlive every operation.
+                unsafe { self.push(e.user_data(user_data(Op::UdpRecv, 0, 0)))? };
+                self.udp_reads.armed = 1;
+            }
+            return Ok(());
+        }
+        while self.udp_reads.armed < self.plan.opts.inflight {
+            let Some(bid) = self.udp_reads.free.pop() else {
+                self.udp_reads.starved = true;
+                self.dp.stats().pool_exhausted.add(1);
+                break;
+            };
+            self.owners.set(bid, Owner::Free, Owner::Kernel);
+            let ptr = self.buf_ptr(bid);
+            let len = self.plan.buf_len;
+            let slot = usize::from(bid - self.per_group);
+            let msg = self.rx[slot].msg.prepare_recv(ptr, len);
+            let e = with_file!(self, UDP_SLOT, |f| opcode::RecvMsg::new(f, msg).build());
+            // SAFETY: the slot's msghdr (in a Vec never resized after setup)
+            // and the buffer are the kernel's until this receive completes.
+            unsafe { self.push(e.user_data(user_data(Op::UdpRecv, bid, 0)))? };
+            self.udp_reads.armed += 1;
+        }
+        Ok(())
+    }
+
+    /// Waits for POLLERR on the UDP socket (queued ICMP errors).
+    fn arm_err_poll(&mut self) -> Result<()> {
+        if self.stopping {
+            return Ok(());
+        }
+        let fd = self.udp.as_raw_fd();
+        let e = opcode::PollAdd::new(Fd(fd), libc::POLLERR as u32).build();
+        // SAFETY: no buffer; the socket is owned by self and outlives the
+        // operation (drain reaps every operation before self is dropped).
+        unsafe { self.push(e.user_data(user_data(Op::ErrPoll, 0, 0))) }
+    }
+
+    fn arm_wake(&mut self) -> Result<()> {
+        let fd = self.shutdown.wake_fd().as_raw_fd();
+        let e = opcode::PollAdd::new(Fd(fd), libc::POLLIN as u32).build();
+        // SAFETY: no buffer; the pipe lives in `shutdown`, held by self.
+        unsafe { self.push(e.user_data(user_data(Op::Wake, 0, 0))) }
+    }
+
+    /// Returns a buffer the engine owns to its group, re-arming a starved
+    /// reader.
+    fn recycle(&mut self, bid: u16) -> Result<()> {
+        self.owners.set(bid, Owner::Engine, Owner::Free);
+        let (ptr, len) = self.read_area(bid);
+        let tun = self.is_tun_buf(bid);
+        let reads = if tun {
+            &mut self.tun_reads
+        } else {
+            &mut self.udp_reads
+        };
+        match &mut reads.ring {
+            Some(r) => {
+                r.push(ptr, len, bid);
+                r.publish();
+                reads.ring_avail += 1;
+            }
+            None => reads.free.push(bid),
+        }
+        if reads.starved {
+            reads.starved = false;
+            if tun {
+                self.arm_tun_reads()?;
+            } else {
+                self.arm_udp_reads()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Where TUN write `index` of buffer `bid` takes its bytes from: the
+    /// address, the length, what it carries, and its order.
+    fn write_source(&self, bid: u16, index: u16) -> Option<(*const u8, usize, WriteInfo, u64)> {
+        if self.is_tun_buf(bid) {
+            let slot = &self.tx[usize::from(bid)];
+            let r = slot.reflect.clone()?;
+            // SAFETY: the range lies inside buffer `bid`.
+            let p = unsafe { self.buf_ptr(bid).add(r.start) };
+            return Some((p, r.len(), WriteInfo::plain(r.len()), slot.seq));
+        }
+        let slot = &self.rx[usize::from(bid - self.per_group)];
+        if index == SINGLE_WRITE {
+            let r = slot.single.clone()?;
+            // SAFETY: the range lies inside buffer `bid`.
+            let p = unsafe { self.buf_ptr(bid).add(r.start) };
+            return Some((p, r.len(), WriteInfo::plain(r.len()), slot.seq));
+        }
+        let (bytes, writes) = slot.coalescer.output();
+        let w = writes.get(usize::from(index))?;
+        let seq = slot.seq + u64::from(index);
+        Some((
+            bytes[w.start..].as_ptr(),
+            w.end - w.start,
+            WriteInfo::coalesced(w),
+            seq,
+        ))
+    }
+
+    /// Starts TUN writes `0..count` of buffer `bid` (SINGLE_WRITE: its one
+    /// packet), in order: submitted now, or queued behind writes that wait
+    /// for room. The buffer must be [`Owner::Kernel`] already.
+    fn start_writes(&mut self, bid: u16, count: u16) -> Result<()> {
+        let seq = self.tun_writes.next_seq;
+        let (indices, n) = if count == SINGLE_WRITE {
+            (SINGLE_WRITE..=SINGLE_WRITE, 1)
+        } else {
+            (0..=count.saturating_sub(1), count)
+        };
+        self.tun_writes.next_seq += u64::from(n);
+        if self.is_tun_buf(bid) {
+            self.tx[usize::from(bid)].seq = seq;
+        } else {
+            self.rx[usize::from(bid - self.per_group)].seq = seq;
+        }
+        for (k, index) in indices.enumerate() {
+            if self.tun_writes.blocked() {
+                self.tun_writes.stall(seq + k as u64, bid, index);
+            } else {
+                self.tun_writes.direct.push((seq + k as u64, bid, index));
+            }
+        }
+        Ok(())
+    }
+
+    /// Submits the writes started in this iteration, in order; if a write
+    /// was refused meanwhile, they wait behind it instead.
+    fn submit_direct_writes(&mut self) -> Result<()> {
+        for k in 0..self.tun_writes.direct.len() {
+            let (seq, bid, index) = self.tun_writes.direct[k];
+            if self.tun_writes.blocked() {
+                self.tun_writes.stall(seq, bid, index);
+            } else {
+                self.submit_write(bid, index, squeue::Flags::empty(), 0)?;
+            }
+        }
+        self.tun_writes.direct.clear();
+        Ok(())
+    }
+
+    /// Submits TUN write `index` of buffer `bid` with `flags`; `chained`
+    /// (CHAINED or 0) marks a member of a retry chain.
+    fn submit_write(
+        &mut self,
+        bid: u16,
+        index: u16,
+        flags: squeue::Flags,
+        chained: u64,
+    ) -> Result<()> {
+        let Some((ptr, len, _, _)) = self.write_source(bid, index) else {
+            return Ok(());
+        };
+        let len = len as u32;
+        let rw = if self.tun_writes.nowait {
+            libc::RWF_NOWAIT
+        } else {
+            0
+        };
+        // Registered buffers cover the pool, not a coalescer's output.
+        let e = if self.plan.fixed_buffers && index == SINGLE_WRITE {
+            with_file!(self, TUN_SLOT, |f| opcode::WriteFixed::new(f, ptr, len, 0)
+                .rw_flags(rw)
+                .build())
+        } else {
+            with_file!(self, TUN_SLOT, |f| opcode::Write::new(f, ptr, len)
+                .rw_flags(rw)
+                .build())
+        };
+        let e = e
+            .flags(flags)
+            .user_data(user_data(Op::TunWrite, bid, index) | chained);
+        // SAFETY: the bytes lie in buffer `bid` or its coalescer's output,
+        // both untouched while the buffer is the kernel's (until its last
+        // write completes).
+        unsafe { self.push(e) }
+    }
+
+    /// Sends the waiting TUN writes as one chain behind a POLL_ADD(POLLOUT)
+    /// on the TUN queue, in order (at most what the submission queue holds;
+    /// the rest wait for the next chain).
+    fn retry_stalled_writes(&mut self) -> Result<()> {
+        if self.stopping || self.tun_writes.chain > 0 || self.tun_writes.stalled.is_empty() {
+            return Ok(());
+        }
+        // The whole chain must go in one submission: make room first.
+        let capacity = self.ring.submission().capacity();
+        if self.ring.submission().len() + self.tun_writes.stalled.len() + 1 > capacity {
+            self.dp.stats().syscalls.add(1);
+            self.ring
+                .submit()
+                .map_err(|e| Error::io(format!("submit to io_uring of {}", self.dp.label()), e))?;
+        }
+        let n = self.tun_writes.stalled.len().min(capacity - 1);
+        let fd = self.tun.as_raw_fd();
+        let poll = opcode::PollAdd::new(Fd(fd), libc::POLLOUT as u32)
+            .build()
+            .flags(squeue::Flags::IO_LINK)
+            .user_data(user_data(Op::TunPollOut, 0, 0));
+        // SAFETY: no buffer; the TUN queue is owned by self and outlives
+        // the operation.
+        unsafe { self.push(poll)? };
+        for k in 0..n {
+            let Some((_, bid, index)) = self.tun_writes.stalled.pop_front() else {
+                break;
+            };
+            let flags = if k + 1 < n {
+                squeue::Flags::IO_LINK
+            } else {
+                squeue::Flags::empty()
+            };
+            self.tun_writes.chain += 1;
+            self.submit_write(bid, index, flags, CHAINED)?;
+        }
+        Ok(())
+    }
+
+    /// Sends the next part of TUN buffer `bid`'s plan; recycles the buffer
+    /// when the plan is done.
+    fn submit_send(&mut self, bid: u16) -> Result<()> {
+        let i = usize::from(bid);
+        let next = match &self.tx[i].plan {
+            Some(plan) if !self.stopping => self.dp.next_send(plan).map(|s| (s, plan.buf)),
+            _ => None,
+        };
+        let Some((send, buf)) = next else {
+            self.tx[i].plan = None;
+            return self.recycle(bid);
+        };
+        let base = match buf {
+            TxBuf::Read => self.buf_ptr(bid),
+            TxBuf::Split => match &self.split {
+                // SAFETY: bid < per_group: the split area lies inside `split`,
+                // which exists whenever a plan uses it (offload).
+                Some(s) => unsafe { s.ptr.add(i * SPLIT_LEN) },
+                None => return self.recycle(bid),
+            },
+        };
+        // SAFETY: the range lies inside the buffer or split area.
+        let data = unsafe { base.add(send.range.start) };
+        let dest = (self.peer_addr.as_ptr(), self.peer_addr.len());
+        let msg = self.tx[i]
+            .msg
+            .prepare_send(data, send.range.len(), dest, send.gso_size);
+        self.tx[i].send = Some(send);
+        self.owners.set(bid, Owner::Engine, Owner::Kernel);
+        let e = with_file!(self, UDP_SLOT, |f| opcode::SendMsg::new(f, msg).build());
+        // SAFETY: the msghdr, iovec and cmsg live in `tx[bid]` (a Vec never
+        // resized after setup), the data in buffer `bid` or its split area,
+        // the address in `peer_addr`; all untouched until this send completes.
+        unsafe { self.push(e.user_data(user_data(Op::Send, bid, 0))) }
+    }
+
+    /// Forwards until shutdown or a fatal error, then cancels and reaps
+    /// every operation.
+    pub fn run(mut self) -> Result<()> {
+        self.arm_wake()?;
+        self.arm_err_poll()?;
+        self.arm_tun_reads()?;
+        self.arm_udp_reads()?;
+        let batch = self.batch;
+        let mut cqes: Vec<(u64, i32, u32)> = Vec::with_capacity(batch * 2 + 8);
+        while !self.stopping && !self.shutdown.is_triggered() {
+            // Reap what is there: up to `batch` inputs per direction.
+            cqes.clear();
+            let mut tun_in = 0;
+            let mut udp_in = 0;
+            let mut more_waiting = false;
+            {
+                let mut cq = self.ring.completion();
+                cq.sync();
+                for cqe in &mut cq {
+                    match decode(cqe.user_data()).0 {
+                        Some(Op::TunRead) => tun_in += 1,
+                        Some(Op::UdpRecv) => udp_in += 1,
+                        _ => {}
+                    }
+                    cqes.push((cqe.user_data(), cqe.result(), cqe.flags()));
+                    if tun_in >= batch || udp_in >= batch {
+                        more_waiting = true;
+                        break;
+                    }
+                }
+            }
+            for &(ud, res, flags) in &cqes {
+                self.complete(ud, res, flags)?;
+            }
+            if self.stopping {
+                break;
+            }
+            self.submit_direct_writes()?;
+            self.retry_stalled_writes()?;
+            // One kernel entry: submit everything queued, and wait for at
+            // least one completion unless some are already waiting.
+            let wait = !self.busy_poll && !more_waiting && self.ring.completion().is_empty();
+            // Under load (the last reap was large), wait for a batch of
+            // completions for at most COALESCE_WAIT: fewer kernel entries per
+            // packet. At low load, wake on the first completion. With
+            // offload one completion already stands for up to 64 KiB:
+            // waiting for more would only add latency.
+            let coalesce = wait && !self.plan.offload && cqes.len() >= COALESCE_AFTER;
+            let stats = self.dp.stats();
+            stats.syscalls.add(1);
+            let r = if coalesce {
+                stats.waits.add(1);
+                let ts = Timespec::new().nsec(COALESCE_WAIT_NS);
+                let args = SubmitArgs::new().timespec(&ts);
+                self.ring
+                    .submitter()
+                    .submit_with_args(COALESCE_WANT.min(batch), &args)
+            } else if wait {
+                stats.waits.add(1);
+                self.ring.submit_and_wait(1)
+            } else {
+                self.ring.submit()
+            };
+            if let Err(e) = r {
+                // The coalescing timeout expired, a signal, or a full
+                // completion queue: reap what is there.
+                if !matches!(
+                    e.raw_os_error(),
+                    Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+                ) {
+                    return Err(Error::io(
+                        format!("io_uring_enter for {}", self.dp.label()),
+                        e,
+                    ));
+                }
+            }
+        }
+        self.drain()?;
+        // Registered files hold references to the TUN queue and socket, and
+        // ring teardown is asynchronous: release them now, so a device we
+        // created is gone by the time the process exits.
+        if self.files_registered {
+            let _ = self.ring.submitter().unregister_files();
+        }
+        if self.plan.fixed_buffers {
+            let _ = self.ring.submitter().unregister_buffers();
+        }
+        match self.fatal.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Acts on one completion: a short dispatch by operation.
+    fn complete(&mut self, ud: u64, res: i32, flags: u32) -> Result<()> {
+        let (op, bid, index) = decode(ud);
+        let chained = ud & CHAINED != 0;
+        if !cqueue::more(flags) {
+            self.in_flight = self.in_flight.saturating_sub(1);
+        }
+        let Some(op) = op else { return Ok(()) };
+        match op {
+            Op::TunRead => self.on_tun_read(bid, res, flags),
+            Op::UdpRecv => self.on_udp_recv(bid, res, flags),
+            Op::Send => self.on_send(bid, res),
+            Op::TunWrite => self.on_tun_write(bid, index, res, chained),
+            // Its chain's writes report for themselves.
+            Op::TunPollOut => Ok(()),
+            Op::ErrPoll => self.on_err_poll(res),
+            Op::Wake => {
+                self.stopping = true;
+                Ok(())
+            }
+            Op::Cancel => Ok(()),
+        }
+    }
+
+    /// A TUN read completed: single-shot into `bid`, or multishot into the
+    /// buffer the flags name.
+    fn on_tun_read(&mut self, bid: u16, res: i32, flags: u32) -> Result<()> {
+        let multishot = self.tun_reads.multishot();
+        let more = cqueue::more(flags);
+        let buffer = if multishot {
+            if !more {
+                self.tun_reads.armed = 0;
+            }
+            cqueue::buffer_select(flags).inspect(|&b| {
+                self.tun_reads.ring_avail = self.tun_reads.ring_avail.saturating_sub(1);
+                self.owners.set(b, Owner::Free, Owner::Engine);
+            })
+        } else {
+            self.tun_reads.armed -= 1;
+            self.owners.set(bid, Owner::Kernel, Owner::Engine);
+            Some(bid)
+        };
+        if res < 0 {
+            if multishot && res == -libc::ENOBUFS {
+                self.dp.stats().pool_exhausted.add(1);
+                // Buffers may have come back earlier in this batch: starve
+                // only if the ring is empty.
+                self.tun_reads.starved = self.tun_reads.ring_avail == 0;
+            } else if let Err(e) = self.dp.on_tun_read_error(Errno::from_raw(-res)) {
+                self.fail(e);
+            }
+            if let Some(b) = buffer {
+                self.recycle(b)?;
+            }
+        } else if let Some(b) = buffer {
+            self.handle_tun_read(b, res as usize)?;
+        }
+        if !multishot || (!more && !self.tun_reads.starved) {
+            self.arm_tun_reads()?;
+        }
+        Ok(())
+    }
+
+    /// `len` bytes read from the TUN into `bid`: send, reflect or drop.
+    fn handle_tun_read(&mut self, bid: u16, len: usize) -> Result<()> {
+        let i = usize::from(bid);
+        // SAFETY: the read completed and the engine owns the buffer; the
+        // split area of `bid` belongs to this buffer alone.
+        let (read, split) = unsafe {
+            (
+                buffer(self.pool.ptr, self.plan.buf_len, bid),
+                match &self.split {
+                    Some(s) => std::slice::from_raw_parts_mut(s.ptr.add(i * SPLIT_LEN), SPLIT_LEN),
+                    None => &mut [][..],
+                },
+            )
+        };
+        match self.dp.handle_tun_read(read, len, split) {
+            TunAction::Send(plan) => {
+                self.tx[i].plan = Some(plan);
+                self.submit_send(bid)
+            }
+            TunAction::Reflect(range) => {
+                self.tx[i].reflect = Some(range);
+                self.owners.set(bid, Owner::Engine, Owner::Kernel);
+                self.start_writes(bid, SINGLE_WRITE)
+            }
+            TunAction::Dropped => self.recycle(bid),
+        }
+    }
+
+    /// A send of TUN buffer `bid` completed.
+    fn on_send(&mut self, bid: u16, res: i32) -> Result<()> {
+        self.owners.set(bid, Owner::Kernel, Owner::Engine);
+        let i = usize::from(bid);
+        let r = if res >= 0 {
+            Ok(res as usize)
+        } else {
+            Err(Errno::from_raw(-res))
+        };
+        let slot = &mut self.tx[i];
+        if let (Some(plan), Some(send)) = (slot.plan.as_mut(), slot.send.take()) {
+            // Retry or next: the plan says which send comes now.
+            let _: After = self.dp.on_send(plan, &send, r);
+        }
+        self.submit_send(bid)
+    }
+
+    /// A UDP receive completed: single-shot into `bid`, or multishot into
+    /// the buffer the flags name.
+    fn on_udp_recv(&mut self, bid: u16, res: i32, flags: u32) -> Result<()> {
+        let multishot = self.udp_reads.multishot();
+        let more = cqueue::more(flags);
+        let buffer = if multishot {
+            if !more {
+                self.udp_reads.armed = 0;
+            }
+            cqueue::buffer_select(flags).inspect(|&b| {
+                self.udp_reads.ring_avail = self.udp_reads.ring_avail.saturating_sub(1);
+                self.owners.set(b, Owner::Free, Owner::Engine);
+            })
+        } else {
+            self.udp_reads.armed -= 1;
+            self.owners.set(bid, Owner::Kernel, Owner::Engine);
+            Some(bid)
+        };
+        if res < 0 {
+            if multishot && res == -libc::ENOBUFS {
+                self.dp.stats().pool_exhausted.add(1);
+                self.udp_reads.starved = self.udp_reads.ring_avail == 0;
+            } else if let Err(e) = self.dp.on_receive_error(Errno::from_raw(-res)) {
+                self.fail(e);
+            }
+            if let Some(b) = buffer {
+                self.recycle(b)?;
+            }
+        } else if let Some(b) = buffer {
+            let rx = if multishot {
+                self.parse_multishot(b, res as usize)
+            } else {
+                let slot = &self.rx[usize::from(b - self.per_group)].msg;
+                Some(Received {
+                    src: slot.sender(),
+                    payload: 0..(res as usize).min(self.plan.buf_len),
+                    gro_size: None,
+                    truncated: slot.truncated() || res as usize >= self.plan.buf_len,
+                })
+            };
+            match rx {
+                Some(rx) => self.handle_receive(b, &rx)?,
+                None => {
+                    self.dp.stats().peer_to_tun.drop(DropReason::Truncated);
+                    self.recycle(b)?;
+                }
+            }
+        }
+        if !multishot || (!more && !self.udp_reads.starved) {
+            self.arm_udp_reads()?;
+        }
+        Ok(())
+    }
+
+    /// Reads the recvmsg header the kernel laid out in buffer `bid`.
+    fn parse_multishot(&self, bid: u16, res: usize) -> Option<Received> {
+        let len = res.min(self.plan.buf_len);
+        // SAFETY: the receive completed and the engine owns the buffer; this
+        // shared view ends before anything writes to it.
+        let buf = unsafe { std::slice::from_raw_parts(self.buf_ptr(bid), len) };
+        let out = RecvMsgOut::parse(buf, &self.multishot_msg).ok()?;
+        let payload = out.payload_data();
+        let offset = payload.as_ptr() as usize - buf.as_ptr() as usize;
+        Some(Received {
+            src: parse_sockaddr(out.name_data()),
+            payload: offset..offset + payload.len(),
+            gro_size: gro_segment(out.control_data()),
+            truncated: out.is_payload_truncated() || offset + payload.len() >= self.plan.buf_len,
+        })
+    }
+
+    /// A receive in UDP buffer `bid`: write what the datapath accepts.
+    fn handle_receive(&mut self, bid: u16, rx: &Received) -> Result<()> {
+        let slot = usize::from(bid - self.per_group);
+        // SAFETY: the receive completed and the engine owns the buffer.
+        let buf = unsafe { buffer(self.pool.ptr, self.plan.buf_len, bid) };
+        match self
+            .dp
+            .handle_receive(rx, buf, &mut self.rx[slot].coalescer)
+        {
+            RxAction::Write(range) => {
+                self.rx[slot].single = Some(range);
+                self.rx[slot].writes_in_flight = 1;
+                self.owners.set(bid, Owner::Engine, Owner::Kernel);
+                self.start_writes(bid, SINGLE_WRITE)
+            }
+            RxAction::Coalesced => {
+                // A coalescer emits far fewer writes than a u16 counts.
+                let n = self.rx[slot]
+                    .coalescer
+                    .output()
+                    .1
+                    .len()
+                    .min(usize::from(SINGLE_WRITE - 1));
+                self.rx[slot].writes_in_flight = n as u32;
+                self.owners.set(bid, Owner::Engine, Owner::Kernel);
+                self.start_writes(bid, n as u16)
+            }
+            RxAction::Dropped => self.recycle(bid),
+        }
+    }
+
+    /// TUN write `index` of buffer `bid` completed (`chained`: as part of
+    /// a retry chain).
+    fn on_tun_write(&mut self, bid: u16, index: u16, res: i32, chained: bool) -> Result<()> {
+        if chained {
+            self.tun_writes.chain = self.tun_writes.chain.saturating_sub(1);
+        }
+        let Some((_, _, info, seq)) = self.write_source(bid, index) else {
+            return Ok(());
+        };
+        let r = if res >= 0 {
+            Ok(res as usize)
+        } else {
+            Err(Errno::from_raw(-res))
+        };
+        let wait = if res == -libc::ECANCELED && chained {
+            // An earlier write of the chain failed: this one never ran.
+            !self.stopping
+        } else if res == -libc::EOPNOTSUPP && self.tun_writes.nowait {
+            // The device does not take RWF_NOWAIT: write without it (a
+            // nonblocking TUN queue then answers EAGAIN itself).
+            self.tun_writes.nowait = false;
+            crate::info!(
+                "io_uring: {}: TUN writes refuse RWF_NOWAIT: writing without it",
+                self.dp.label()
+            );
+            !self.stopping
+        } else {
+            match self.dp.on_tun_write(&info, r) {
+                Ok(After::Retry) => {
+                    self.tun_writes.pushed_back = true;
+                    !self.stopping
+                }
+                Ok(After::Next) => false,
+                Err(e) => {
+                    self.fail(e);
+                    false
+                }
+            }
+        };
+        if wait {
+            self.tun_writes.stall(seq, bid, index);
+            return Ok(());
+        }
+        if self.is_tun_buf(bid) {
+            self.tx[usize::from(bid)].reflect = None;
+        } else {
+            let slot = &mut self.rx[usize::from(bid - self.per_group)];
+            slot.writes_in_flight = slot.writes_in_flight.saturating_sub(1);
+            if slot.writes_in_flight > 0 {
+                return Ok(());
+            }
+            slot.single = None;
+        }
+        self.owners.set(bid, Owner::Kernel, Owner::Engine);
+        self.recycle(bid)
+    }
+
+    fn on_err_poll(&mut self, res: i32) -> Result<()> {
+        if res >= 0 {
+            self.dp
+                .stats()
+                .peer_unreachable
+                .add(crate::platform::drain_error_queue(&self.udp));
+        }
+        if res != -libc::ECANCELED {
+            self.arm_err_poll()?;
+        }
+        Ok(())
+    }
+
+    /// Cancels every operation and reaps until none is left, so no buffer is
+    /// freed while the kernel may still use it.
+    fn drain(&mut self) -> Result<()> {
+        self.stopping = true;
+        let e = opcode::AsyncCancel2::new(CancelBuilder::any()).build();
+        // SAFETY: no buffer involved.
+        unsafe { self.push(e.user_data(user_data(Op::Cancel, 0, 0)))? };
+        let mut spins = 0u32;
+        while self.in_flight > 0 {
+            self.dp.stats().syscalls.add(1);
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) => {}
+                Err(e) => {
+                    return Err(Error::io(
+                        format!("drain io_uring of {}", self.dp.label()),
+                        e,
+                    ));
+                }
+            }
+            let cqes: Vec<(u64, i32, u32)> = {
+                let mut cq = self.ring.completion();
+                cq.sync();
+                (&mut cq)
+                    .map(|c| (c.user_data(), c.result(), c.flags()))
+                    .collect()
+            };
+            for (ud, res, flags) in cqes {
+                // Buffers go back (no re-arming while stopping); sends and
+                // writes still count what they did.
+                let _ = self.complete(ud, res, flags);
+                if decode(ud).0 == Some(Op::Cancel) && self.in_flight > 0 {
+                    // Operations submitted after the cancel (none expected)
+                    // get cancelled by a fresh request.
+                    spins += 1;
+                    if spins < 1000 {
+                        let e = opcode::AsyncCancel2::new(CancelBuilder::any()).build();
+                        // SAFETY: no buffer involved.
+                        unsafe { self.push(e.user_data(user_data(Op::Cancel, 0, 0)))? };
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
