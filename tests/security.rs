@@ -652,3 +652,119 @@ fn runs_without_root_via_file_capability() {
         assert!(!topo.a.has_link("tun0"));
     }
 }
+
+/// The kernel's count of TCP segments with a bad checksum in `ns`.
+fn tcp_in_csum_errors(ns: &Netns) -> u64 {
+    let out = ns.command(&["cat", "/proc/net/snmp"]).output().unwrap();
+    let snmp = String::from_utf8_lossy(&out.stdout).to_string();
+    let lines: Vec<&str> = snmp.lines().filter(|l| l.starts_with("Tcp:")).collect();
+    let [names, values] = lines[..] else {
+        panic!("no Tcp lines in /proc/net/snmp: {snmp}");
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "InCsumErrors")
+        .and_then(|(_, v)| v.parse().ok())
+        .expect("Tcp InCsumErrors")
+}
+
+/// An IPv4 TCP segment (ACK) of 1000 bytes from the overlay address of b to
+/// a's port 7000 (where the transfers run), whose TCP checksum was valid
+/// before one payload bit flipped in transit.
+fn corrupted_segment(i: usize, rng: &mut Rng) -> Vec<u8> {
+    let mut p = vec![0u8; 1040];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&1040u16.to_be_bytes());
+    p[6] = 0x40;
+    p[8] = 64;
+    p[9] = 6;
+    p[12..16].copy_from_slice(&[198, 19, 0, 2]);
+    p[16..20].copy_from_slice(&[198, 19, 0, 1]);
+    let c = inet_checksum(&p[..20]);
+    p[10..12].copy_from_slice(&c.to_be_bytes());
+    p[20..22].copy_from_slice(&(40000 + (i % 1000) as u16).to_be_bytes());
+    p[22..24].copy_from_slice(&7000u16.to_be_bytes());
+    p[24..28].copy_from_slice(&(rng.next() as u32).to_be_bytes());
+    p[28..32].copy_from_slice(&(rng.next() as u32).to_be_bytes());
+    p[32] = 5 << 4;
+    p[33] = 0x10;
+    p[34..36].copy_from_slice(&1024u16.to_be_bytes());
+    for b in &mut p[40..] {
+        *b = rng.next() as u8;
+    }
+    let mut pseudo = p[12..20].to_vec();
+    pseudo.extend_from_slice(&[0, 6]);
+    pseudo.extend_from_slice(&1020u16.to_be_bytes());
+    pseudo.extend_from_slice(&p[20..]);
+    let c = inet_checksum(&pseudo);
+    p[36..38].copy_from_slice(&c.to_be_bytes());
+    p[40 + i % 1000] ^= 0x10;
+    p
+}
+
+/// TCP segments with corrupted payloads, sent from the peer's own address
+/// and port into running transfers (offload on, so the receiver coalesces
+/// TCP segments into super-packets that the kernel takes as verified):
+/// every one is dropped as bad_checksum before it could be merged, none
+/// reaches the kernel's TCP (its checksum-error counter stays put), and
+/// every transfer's data arrives intact.
+#[test]
+fn corrupted_tcp_segments_are_counted_and_never_delivered() {
+    if !can_run_kernel_tests("corrupted_tcp_segments_are_counted_and_never_delivered") {
+        return;
+    }
+    const COUNT: usize = 5_000;
+    let peer: SocketAddr = format!("{UNDERLAY_B}:{PORT}").parse().unwrap();
+    let target: SocketAddr = format!("{UNDERLAY_A}:{PORT}").parse().unwrap();
+    for engine in ENGINES {
+        let topo = Topology::new();
+        let extra = ["--engine", engine, "--rcvbuf", "8388608"];
+        let mut a = Proc::tunfwd(&topo.a, &tunnel_args(true, &extra));
+        let mut b = Proc::tunfwd(&topo.b, &tunnel_args(false, &extra));
+        assert!(
+            a.stderr().contains("offload: TSO on"),
+            "{engine}: the coalescing path must be on: {}",
+            a.stderr()
+        );
+        let dst: SocketAddr = format!("{OVERLAY_A}:7000").parse().unwrap();
+        verified_tcp_transfer(&topo.b, &topo.a, dst, 8 << 20);
+        let csum_before = tcp_in_csum_errors(&topo.a);
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let injector = topo.b.spawn(move || {
+            let mut raw = RawUdp::new(peer, target);
+            let mut rng = Rng(0xc0ffee);
+            paced(COUNT, 10_000, |i| raw.send(&corrupted_segment(i, &mut rng)));
+        });
+        let transfers = {
+            let stop2 = stop.clone();
+            let (from, to) = (&topo.b, &topo.a);
+            std::thread::scope(|sc| {
+                let h = sc.spawn(|| transfers_until(from, to, dst, &stop2));
+                injector.join().unwrap();
+                stop.store(true, Ordering::Relaxed);
+                h.join().unwrap()
+            })
+        };
+        // The last injected datagrams are counted by the time a ping has
+        // crossed the same path after them.
+        assert!(topo.b.ping(OVERLAY_A), "{engine}: ping after the injection");
+        let csum_after = tcp_in_csum_errors(&topo.a);
+        assert!(a.terminate().success());
+        assert!(b.terminate().success());
+        let out = a.stdout();
+        eprintln!("{engine}: {transfers} verified 8 MiB transfers during the injection\n{out}");
+        let bad = stat(&out, "summary total", "bad_checksum");
+        let kernel_drops = stat(&out, "summary kernel", "udp_rcvbuf_drops");
+        assert!(
+            bad <= COUNT as u64 && bad + kernel_drops >= COUNT as u64,
+            "{engine}: bad_checksum={bad}, kernel drops {kernel_drops}, injected {COUNT}\n{out}"
+        );
+        assert!(bad > 0, "{engine}: no corrupted segment was seen\n{out}");
+        assert_eq!(
+            csum_before, csum_after,
+            "{engine}: corrupted segments reached the kernel's TCP"
+        );
+    }
+}

@@ -105,3 +105,51 @@ fn tap_flag_errors() {
         assert!(err.contains(want), "{args:?}: {err}");
     }
 }
+
+/// TAP mode against the kernel's vxlan at every MTU a user is likely to
+/// pick, both engines: full-size frames from the kernel must fit tunfwd's
+/// receive buffers (a frame is the MTU plus an Ethernet header, behind the
+/// VXLAN header), so TCP carries verified data both ways. The underlay is
+/// sized for the overlay (MTU + 50 bytes of VXLAN, UDP, IP and Ethernet
+/// headers: 9050 bytes for a jumbo overlay).
+#[test]
+fn tap_vxlan_every_mtu_against_kernel_vxlan() {
+    if !can_run_kernel_tests("tap_vxlan_every_mtu_against_kernel_vxlan") {
+        return;
+    }
+    for mtu in [1280u32, 1420, 1450, 1472, 1500, 9000] {
+        for engine in ["poll", "uring"] {
+            let topo = Topology::new();
+            let underlay = (mtu + 50).max(1500).to_string();
+            for ns in [&topo.a, &topo.b] {
+                ns.ip(&["link", "set", "veth0", "mtu", &underlay]);
+            }
+            let mut a = Proc::tunfwd(&topo.a, &tap_args_mtu(true, engine, mtu, &[]));
+            topo.b.ip(&[
+                "link", "add", "vxlan0", "type", "vxlan", "id", "42", "local", UNDERLAY_B,
+                "remote", UNDERLAY_A, "dstport", "4789", "dev", "veth0",
+            ]);
+            topo.b
+                .ip(&["link", "set", "vxlan0", "mtu", &mtu.to_string()]);
+            topo.b
+                .ip(&["addr", "add", "198.19.2.2/24", "dev", "vxlan0"]);
+            topo.b.ip(&["link", "set", "vxlan0", "up"]);
+            assert!(
+                topo.b.run_ok(&["ethtool", "-K", "vxlan0", "tx", "off"]),
+                "ethtool -K vxlan0 tx off"
+            );
+            let what = format!("{engine}, MTU {mtu}");
+            assert!(topo.a.ping("198.19.2.2"), "{what}: tunfwd -> kernel vxlan");
+            let to_b: SocketAddr = "198.19.2.2:7000".parse().unwrap();
+            let to_a: SocketAddr = "198.19.2.1:7001".parse().unwrap();
+            verified_tcp_transfer(&topo.a, &topo.b, to_b, 4 << 20);
+            verified_tcp_transfer(&topo.b, &topo.a, to_a, 4 << 20);
+            assert!(a.terminate().success(), "{what}");
+            let out = a.stdout();
+            assert_eq!(stat(&out, "summary total", "over_mtu"), 0, "{what}: {out}");
+            // Frames from the kernel did reach the device.
+            let received = stat_values::<u64>(&out, "summary total", "packets");
+            assert!(received.get(1).is_some_and(|&n| n > 0), "{what}: {out}");
+        }
+    }
+}

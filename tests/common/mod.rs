@@ -242,6 +242,11 @@ pub fn tunnel_args(side_a: bool, extra: &[&str]) -> Vec<String> {
 /// Arguments of `tunfwd tunnel` in TAP/VXLAN mode (VNI 42, port 4789,
 /// MTU 1450) for side a or b, plus `extra`.
 pub fn tap_args(side_a: bool, engine: &str, extra: &[&str]) -> Vec<String> {
+    tap_args_mtu(side_a, engine, 1450, extra)
+}
+
+/// As [`tap_args`], with the given MTU.
+pub fn tap_args_mtu(side_a: bool, engine: &str, mtu: u32, extra: &[&str]) -> Vec<String> {
     let (me, peer, addr, addr6) = if side_a {
         (UNDERLAY_A, UNDERLAY_B, "198.19.2.1/24", "2001:db8:2::1/64")
     } else {
@@ -258,7 +263,7 @@ pub fn tap_args(side_a: bool, engine: &str, extra: &[&str]) -> Vec<String> {
         "--dev",
         "tap0",
         "--mtu",
-        "1450",
+        &mtu.to_string(),
         "--address",
         addr,
         "--address",
