@@ -163,58 +163,101 @@ pub fn virtio_header(data: &[u8]) {
     }
 }
 
-/// GSO split of a TUN super-packet (virtio-net header, 2-byte MTU, packet),
-/// followed by what the engines do with the result,
-/// and GRO coalescing of the segments: every segment is a valid IP packet
-/// within the MTU, coalescing keeps every packet and emits only valid
-/// virtio-net header + IP packet writes, and a coalesced write splits back
-/// into as many packets as went in.
+/// The offload datapath, both directions, as both engines run it: a TUN
+/// read (virtio-net header, 2-byte MTU, packet) through
+/// [`Datapath::handle_tun_read`] and its sends, then those datagrams as one
+/// GRO receive through [`Datapath::handle_receive`]. Every datagram sent is
+/// a valid IP packet within the MTU, in order and back to back; every
+/// packet received is accounted for exactly once (written or dropped with a
+/// reason); every TUN write is a virtio-net header and a valid IP packet,
+/// and a coalesced write splits back into as many packets as went in.
 pub fn split_coalesce(data: &[u8]) {
-    let Some(hdr) = VirtioNetHdr::parse(data) else {
+    use crate::datapath::{After, Datapath, Received, RxAction, SPLIT_LEN, TunAction, TxBuf};
+    use crate::stats::WorkerStats;
+    if data.len() < virtio::LEN + 2 {
         return;
+    }
+    let mtu = 68
+        + usize::from(u16::from_be_bytes([
+            data[virtio::LEN],
+            data[virtio::LEN + 1],
+        ])) % 9000;
+    let mut read = data[..virtio::LEN].to_vec();
+    read.extend_from_slice(&data[virtio::LEN + 2..]);
+    let len = read.len();
+    let stats = std::sync::Arc::new(WorkerStats::default());
+    let mut dp = Datapath::new(
+        "fuzz".into(),
+        Forwarder::new(mtu, addr(PEER)),
+        stats.clone(),
+        true,
+    );
+    let mut split = vec![0u8; SPLIT_LEN];
+    let mut plan = match dp.handle_tun_read(&mut read, len, &mut split) {
+        TunAction::Send(plan) => plan,
+        TunAction::Reflect(_) => panic!("a tunnel never reflects"),
+        TunAction::Dropped => {
+            assert_eq!(
+                stats.snapshot().tun_to_peer.dropped(),
+                1,
+                "a drop is counted once"
+            );
+            return;
+        }
     };
-    let Some(mtu_bytes) = data.get(virtio::LEN..virtio::LEN + 2) else {
-        return;
-    };
-    let mtu = 68 + usize::from(u16::from_be_bytes([mtu_bytes[0], mtu_bytes[1]])) % 9000;
-    let pkt = &data[virtio::LEN + 2..];
-    let mut out = vec![0u8; 2 * 65536];
-    let Ok(segs) = offload::split(&hdr, pkt, mtu, &mut out) else {
-        return;
-    };
-    assert!(segs.count >= 1);
-    assert!(segs.total_len() <= out.len());
-    let mut coalescer = Coalescer::new();
-    let mut pushed = 0;
-    let fwd = Forwarder::new(mtu, addr(PEER));
-    for r in segs.ranges() {
-        let seg = &out[r];
-        if segs.count == 1 {
-            // One packet: the engines validate it like any other.
-            if fwd.handle_from_tun(seg) != TunVerdict::ToPeer {
-                continue;
-            }
-        } else {
-            // Segments are sent unchecked: split must have made them valid
-            // and within the MTU.
-            let p = IpPacket::new_checked(seg).expect("every segment is a valid IP packet");
+    // Send everything as the engines do; collect the datagrams.
+    let mut wire = Vec::new();
+    let mut datagrams = 0;
+    let mut seg_len = 0;
+    while let Some(send) = dp.next_send(&plan) {
+        assert_eq!(
+            send.range.start,
+            wire.len(),
+            "sends are in order, back to back"
+        );
+        let buf = match plan.buf {
+            TxBuf::Read => &read,
+            TxBuf::Split => &split,
+        };
+        let bytes = &buf[send.range.clone()];
+        let seg = send.gso_size.map_or(bytes.len(), usize::from);
+        seg_len = seg_len.max(seg);
+        for d in bytes.chunks(seg) {
+            let p = IpPacket::new_checked(d).expect("every datagram is a valid IP packet");
             assert!(
                 p.len() <= mtu,
-                "segment of {} bytes over MTU {mtu}",
+                "datagram of {} bytes over MTU {mtu}",
                 p.len()
             );
+            datagrams += 1;
         }
-        match coalescer.push(seg) {
-            Ok(()) => pushed += 1,
-            // Only a single packet passed through as it came can carry a
-            // wrong checksum: split computes every segment's.
-            Err(_) => assert_eq!(segs.count, 1, "split made a segment that does not verify"),
-        }
+        wire.extend_from_slice(bytes);
+        assert_eq!(
+            dp.on_send(&mut plan, &send, Ok(send.range.len())),
+            After::Next
+        );
     }
-    let (bytes, writes) = coalescer.finish();
-    let total: usize = writes.iter().map(|w| w.packets).sum();
-    assert_eq!(total, pushed);
-    let mut resplit = vec![0u8; 2 * 65536];
+    assert_eq!(stats.snapshot().tun_to_peer.packets, datagrams);
+
+    // The same datagrams arrive at the far end as one GRO receive.
+    let rx = Received {
+        src: Some(addr(PEER)),
+        payload: 0..wire.len(),
+        gro_size: Some(seg_len),
+        truncated: false,
+    };
+    let mut coalescer = Coalescer::new();
+    let action = dp.handle_receive(&rx, &wire, &mut coalescer);
+    let snap = stats.snapshot();
+    let (bytes, writes) = coalescer.output();
+    let written: usize = writes.iter().map(|w| w.packets).sum();
+    assert_eq!(
+        written as u64 + snap.peer_to_tun.dropped(),
+        datagrams,
+        "every datagram is written or dropped, once"
+    );
+    assert_eq!(action == RxAction::Coalesced, !writes.is_empty());
+    let mut resplit = vec![0u8; SPLIT_LEN];
     for w in writes {
         let frame = &bytes[w.start..w.end];
         let h = VirtioNetHdr::parse(frame).expect("a write starts with a virtio-net header");
