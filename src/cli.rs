@@ -390,7 +390,8 @@ struct TunnelArgs {
     ring_entries: Option<u32>,
 
     /// io_uring: packet buffers per worker, half per direction; a power of
-    /// two, 2-32768 [default: 512].
+    /// two, 2-32768 [default: 512, or 64 when offload is on: each buffer
+    /// then holds a 64 KiB super-packet].
     #[arg(long, value_name = "N", help_heading = "io_uring engine")]
     buffers: Option<u32>,
 

@@ -1,26 +1,43 @@
 //! tunfwd: a userspace packet forwarder between a TUN device and a UDP peer.
 //!
 //! # Layers, top to bottom
-//! - [`cli`] parses arguments into a [`config::TunnelConfig`].
-//! - [`runtime`] opens the [`device`] and sockets, runs one worker thread per
-//!   TUN queue, turns SIGINT/SIGTERM into a clean stop, and prints [`stats`].
-//! - [`engine`] moves batches of packets between a TUN queue and a UDP socket;
-//!   engines differ only in how they wait ([`engine::poll`]: `poll(2)`).
-//! - [`forward`] decides per packet: to the TUN, to the peer, or drop with a
-//!   reason. It does no I/O and is tested without root.
-//! - [`packet`] holds checked views over IPv4/IPv6 bytes.
-//! - [`device`] opens and configures TUN devices with ioctls (never `ip`).
-//! - `sys` is the only module that calls libc directly; `unsafe` lives there
-//!   (and in [`engine::uring`] on Linux).
-//! - `platform` holds the other OS services (pinning, socket buffers, UDP
-//!   GSO/GRO), one file per platform: Linux, and macOS where tunfwd runs the
-//!   poll engine on a utun device.
+//! - [`cli`] parses arguments into a [`config::TunnelConfig`]; its
+//!   [`config::Mode`] says what moves (IP packets, Ethernet frames in VXLAN,
+//!   or reflected packets).
+//! - [`runtime`] opens the [`device`] and sockets, starts one worker per TUN
+//!   queue ([`engine::spawn_worker`]), turns SIGINT/SIGTERM into a clean
+//!   stop, and prints [`stats`].
+//! - [`engine`] waits, submits and owns buffers: [`engine::poll`] with
+//!   `poll(2)` (everywhere), `engine::uring` with io_uring (Linux). Engines
+//!   make no forwarding decision and count nothing themselves.
+//! - [`datapath`] is what both engines call, once per read or receive and
+//!   once per I/O result: what a TUN read becomes (datagrams to send, cut by
+//!   GSO size), what a UDP receive becomes (TUN writes, coalesced), what an
+//!   error means, and every counter. No I/O; tested without root.
+//! - [`forward`] decides per packet (verdicts per direction) and
+//!   [`packet`] holds the checked views, checksums, and offload (split and
+//!   coalesce): pure code over byte slices, unit-tested and fuzzed ([`fuzz`]).
+//! - [`device`] opens and configures TUN/TAP devices with ioctls (never `ip`).
+//! - `sys` and `platform` are the only modules that call the OS directly;
+//!   `unsafe` lives there and in the io_uring engine.
 //!
 //! # Data path
-//! kernel -> TUN queue -> `read` into a buffer -> [`forward::Forwarder::handle_from_tun`]
-//! -> `sendto(peer)` from the same buffer. The reverse: `recvfrom` ->
-//! [`forward::Forwarder::handle_from_peer`] (peer check, validation) -> TUN `write`.
-//! One UDP datagram carries exactly one IP packet, nothing added.
+//! Without offload: TUN `read` into a buffer (with headroom for the VXLAN
+//! header in TAP mode) -> [`datapath::Datapath::handle_tun_read`] -> one
+//! `sendto` from the same buffer. Back: `recvmsg` -> peer check and
+//! validation -> one TUN `write` from the receive buffer. Two kernel copies
+//! per direction (into and out of the process), none in tunfwd.
+//!
+//! With offload (default where the kernel has it): one TUN read returns up
+//! to 64 KiB (a TSO/USO super-packet behind a virtio-net header); the
+//! datapath cuts it into MTU-sized datagrams in a split buffer (one copy,
+//! headers repeated, checksums computed) and sends them with UDP GSO, up to
+//! 64 datagrams per `sendmsg`, in order. Back: one UDP GRO receive returns
+//! up to 64 KiB of one flow's datagrams; each is validated, TCP segments
+//! have their checksums verified, and consecutive segments are copied into
+//! one super-packet (one copy) written with a virtio-net header. One UDP
+//! datagram always carries exactly one IP packet, so a peer without offload
+//! interoperates.
 
 /// One line on stderr with the `tunfwd: ` prefix; never panics.
 #[macro_export]

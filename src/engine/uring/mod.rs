@@ -94,8 +94,9 @@ impl UringOptions {
         }
     }
 
-    /// Fills in `buffers` and `inflight` where they were not given.
-    fn resolve(&mut self, offload: bool) {
+    /// Fills in `buffers` and `inflight` where they were not given, and
+    /// checks that they fit together.
+    fn resolve(&mut self, offload: bool) -> Result<()> {
         use crate::config::{DEFAULT_BUFFERS, DEFAULT_BUFFERS_OFFLOAD, DEFAULT_INFLIGHT};
         if self.buffers == 0 {
             self.buffers = if offload {
@@ -107,6 +108,20 @@ impl UringOptions {
         if self.inflight == 0 {
             self.inflight = DEFAULT_INFLIGHT.min(self.buffers / 2);
         }
+        if self.inflight > self.buffers / 2 {
+            return Err(Error::config(format!(
+                "--inflight {} is out of range 1..={} (half of --buffers {}{})",
+                self.inflight,
+                self.buffers / 2,
+                self.buffers,
+                if offload {
+                    ", the default with offload"
+                } else {
+                    ""
+                }
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -282,7 +297,7 @@ pub fn probe(
     }
 
     // Defaults that depend on offload are settled now, once.
-    opts.resolve(plan.offload);
+    opts.resolve(plan.offload)?;
     plan.opts = opts.clone();
     plan.buf_len = buffer_len(fwd, plan.offload);
     let buf_len = plan.buf_len;
@@ -362,5 +377,55 @@ fn memlock_allows(bytes: u64) -> std::result::Result<(), String> {
         Ok((soft, _)) if soft == nix::sys::resource::RLIM_INFINITY || soft >= bytes => Ok(()),
         Ok((soft, _)) => Err(format!("RLIMIT_MEMLOCK is {} KiB", soft / 1024)),
         Err(e) => Err(format!("cannot read RLIMIT_MEMLOCK: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(buffers: Option<u32>, inflight: Option<u32>) -> UringOptions {
+        let flags = UringFlags {
+            buffers,
+            inflight,
+            ..UringFlags::default()
+        };
+        UringOptions::from_flags(&flags, 64, false)
+    }
+
+    #[test]
+    fn defaults_are_resolved_from_what_the_probe_decided() {
+        let mut o = opts(None, None);
+        o.resolve(true).unwrap();
+        assert_eq!((o.buffers, o.inflight), (64, 2));
+        let mut o = opts(None, None);
+        o.resolve(false).unwrap();
+        assert_eq!((o.buffers, o.inflight), (512, 2));
+        // Given values stand; a pool of 2 gets 1 read in flight.
+        let mut o = opts(Some(2), None);
+        o.resolve(true).unwrap();
+        assert_eq!((o.buffers, o.inflight), (2, 1));
+        // --inflight beyond half of the (default) pool is refused.
+        let mut o = opts(None, Some(100));
+        let e = o.resolve(true).unwrap_err().to_string();
+        assert!(e.contains("--inflight 100"), "{e}");
+    }
+
+    #[test]
+    fn buffers_hold_the_largest_datagram_of_every_mode_and_mtu() {
+        let peer = "198.18.0.2:4789".parse().unwrap();
+        for mtu in [68usize, 1280, 1420, 1450, 1472, 1500, 9000, 65507] {
+            for fwd in [Forwarder::new(mtu, peer), Forwarder::vxlan(mtu, peer, 42)] {
+                let len = buffer_len(&fwd, false);
+                assert_eq!(len % 64, 0);
+                // A multishot receive: header, address, then the payload,
+                // which must hold the largest datagram and one byte more.
+                assert!(len > RECVMSG_PREFIX + fwd.max_datagram_len(), "{mtu}");
+                // A TUN read behind the encapsulation headroom.
+                assert!(len >= fwd.encap_len() + fwd.max_frame_len(), "{mtu}");
+            }
+        }
+        let fwd = Forwarder::new(1500, peer);
+        assert!(buffer_len(&fwd, true) >= RECVMSG_PREFIX + CMSG_SPACE_INT + 65536);
     }
 }
