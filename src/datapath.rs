@@ -475,6 +475,12 @@ impl Datapath {
         }
     }
 
+    /// A receive whose layout could not be read (a multishot receive whose
+    /// header does not fit its buffer): dropped as truncated.
+    pub fn on_unreadable_receive(&self) {
+        self.stats.peer_to_tun.drop(DropReason::Truncated);
+    }
+
     /// The result of a UDP receive that failed with `e`: Ok(Retry) to try
     /// again (after waiting), Ok(Next) counted and go on, Err to stop the
     /// worker.

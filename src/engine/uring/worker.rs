@@ -29,7 +29,6 @@ use crate::datapath::{
 };
 use crate::engine::{Shutdown, WorkerParts, send_addr};
 use crate::error::{Error, Result};
-use crate::forward::DropReason;
 use crate::packet::offload::Coalescer;
 
 /// Completions reaped in one iteration that count as "under load".
@@ -864,43 +863,83 @@ impl UringWorker {
         }
     }
 
-    /// A TUN read completed: single-shot into `bid`, or multishot into the
-    /// buffer the flags name.
-    fn on_tun_read(&mut self, bid: u16, res: i32, flags: u32) -> Result<()> {
-        let multishot = self.tun_reads.multishot();
-        let more = cqueue::more(flags);
-        let buffer = if multishot {
-            if !more {
-                self.tun_reads.armed = 0;
-            }
-            cqueue::buffer_select(flags).inspect(|&b| {
-                self.tun_reads.ring_avail = self.tun_reads.ring_avail.saturating_sub(1);
-                self.owners.set(b, Owner::Free, Owner::Engine);
-            })
+    /// The bookkeeping of a read completion (TUN if `tun`, else UDP):
+    /// which buffer it handed over (now the engine's), and its error, if
+    /// any, other than a multishot read running out of provided buffers
+    /// (counted here; the read is re-armed when a buffer returns).
+    fn reap_read(
+        &mut self,
+        tun: bool,
+        bid: u16,
+        res: i32,
+        flags: u32,
+    ) -> (Option<u16>, Option<Errno>) {
+        let reads = if tun {
+            &mut self.tun_reads
         } else {
-            self.tun_reads.armed -= 1;
+            &mut self.udp_reads
+        };
+        let buffer = if reads.multishot() {
+            if !cqueue::more(flags) {
+                reads.armed = 0;
+            }
+            let b = cqueue::buffer_select(flags);
+            if let Some(b) = b {
+                reads.ring_avail = reads.ring_avail.saturating_sub(1);
+                self.owners.set(b, Owner::Free, Owner::Engine);
+            }
+            b
+        } else {
+            reads.armed -= 1;
             self.owners.set(bid, Owner::Kernel, Owner::Engine);
             Some(bid)
         };
-        if res < 0 {
-            if multishot && res == -libc::ENOBUFS {
-                self.dp.stats().pool_exhausted.add(1);
-                // Buffers may have come back earlier in this batch: starve
-                // only if the ring is empty.
-                self.tun_reads.starved = self.tun_reads.ring_avail == 0;
-            } else if let Err(e) = self.dp.on_tun_read_error(Errno::from_raw(-res)) {
-                self.fail(e);
-            }
-            if let Some(b) = buffer {
-                self.recycle(b)?;
-            }
-        } else if let Some(b) = buffer {
-            self.handle_tun_read(b, res as usize)?;
+        if res >= 0 {
+            return (buffer, None);
         }
-        if !multishot || (!more && !self.tun_reads.starved) {
-            self.arm_tun_reads()?;
+        if reads.multishot() && res == -libc::ENOBUFS {
+            self.dp.stats().pool_exhausted.add(1);
+            // Buffers may have come back earlier in this batch: starve only
+            // if the ring is empty.
+            reads.starved = reads.ring_avail == 0;
+            return (buffer, None);
         }
-        Ok(())
+        (buffer, Some(Errno::from_raw(-res)))
+    }
+
+    /// Re-arms reads after a completion: single-shot reads always, a
+    /// multishot read once it ended (no MORE flag) unless starved.
+    fn rearm_reads(&mut self, tun: bool, flags: u32) -> Result<()> {
+        let reads = if tun {
+            &self.tun_reads
+        } else {
+            &self.udp_reads
+        };
+        if reads.multishot() && (cqueue::more(flags) || reads.starved) {
+            return Ok(());
+        }
+        if tun {
+            self.arm_tun_reads()
+        } else {
+            self.arm_udp_reads()
+        }
+    }
+
+    /// A TUN read completed: single-shot into `bid`, or multishot into the
+    /// buffer the flags name.
+    fn on_tun_read(&mut self, bid: u16, res: i32, flags: u32) -> Result<()> {
+        match self.reap_read(true, bid, res, flags) {
+            (Some(b), None) if res >= 0 => self.handle_tun_read(b, res as usize)?,
+            (buffer, error) => {
+                if let Some(Err(e)) = error.map(|e| self.dp.on_tun_read_error(e)) {
+                    self.fail(e);
+                }
+                if let Some(b) = buffer {
+                    self.recycle(b)?;
+                }
+            }
+        }
+        self.rearm_reads(true, flags)
     }
 
     /// `len` bytes read from the TUN into `bid`: send, reflect or drop.
@@ -951,55 +990,37 @@ impl UringWorker {
     /// A UDP receive completed: single-shot into `bid`, or multishot into
     /// the buffer the flags name.
     fn on_udp_recv(&mut self, bid: u16, res: i32, flags: u32) -> Result<()> {
-        let multishot = self.udp_reads.multishot();
-        let more = cqueue::more(flags);
-        let buffer = if multishot {
-            if !more {
-                self.udp_reads.armed = 0;
+        match self.reap_read(false, bid, res, flags) {
+            (Some(b), None) if res >= 0 => {
+                let rx = if self.udp_reads.multishot() {
+                    self.parse_multishot(b, res as usize)
+                } else {
+                    let slot = &self.rx[usize::from(b - self.per_group)].msg;
+                    Some(Received {
+                        src: slot.sender(),
+                        payload: 0..(res as usize).min(self.plan.buf_len),
+                        gro_size: None,
+                        truncated: slot.truncated() || res as usize >= self.plan.buf_len,
+                    })
+                };
+                match rx {
+                    Some(rx) => self.handle_receive(b, &rx)?,
+                    None => {
+                        self.dp.on_unreadable_receive();
+                        self.recycle(b)?;
+                    }
+                }
             }
-            cqueue::buffer_select(flags).inspect(|&b| {
-                self.udp_reads.ring_avail = self.udp_reads.ring_avail.saturating_sub(1);
-                self.owners.set(b, Owner::Free, Owner::Engine);
-            })
-        } else {
-            self.udp_reads.armed -= 1;
-            self.owners.set(bid, Owner::Kernel, Owner::Engine);
-            Some(bid)
-        };
-        if res < 0 {
-            if multishot && res == -libc::ENOBUFS {
-                self.dp.stats().pool_exhausted.add(1);
-                self.udp_reads.starved = self.udp_reads.ring_avail == 0;
-            } else if let Err(e) = self.dp.on_receive_error(Errno::from_raw(-res)) {
-                self.fail(e);
-            }
-            if let Some(b) = buffer {
-                self.recycle(b)?;
-            }
-        } else if let Some(b) = buffer {
-            let rx = if multishot {
-                self.parse_multishot(b, res as usize)
-            } else {
-                let slot = &self.rx[usize::from(b - self.per_group)].msg;
-                Some(Received {
-                    src: slot.sender(),
-                    payload: 0..(res as usize).min(self.plan.buf_len),
-                    gro_size: None,
-                    truncated: slot.truncated() || res as usize >= self.plan.buf_len,
-                })
-            };
-            match rx {
-                Some(rx) => self.handle_receive(b, &rx)?,
-                None => {
-                    self.dp.stats().peer_to_tun.drop(DropReason::Truncated);
+            (buffer, error) => {
+                if let Some(Err(e)) = error.map(|e| self.dp.on_receive_error(e)) {
+                    self.fail(e);
+                }
+                if let Some(b) = buffer {
                     self.recycle(b)?;
                 }
             }
         }
-        if !multishot || (!more && !self.udp_reads.starved) {
-            self.arm_udp_reads()?;
-        }
-        Ok(())
+        self.rearm_reads(false, flags)
     }
 
     /// Reads the recvmsg header the kernel laid out in buffer `bid`.
