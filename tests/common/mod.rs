@@ -519,7 +519,26 @@ impl StreamHash {
 pub fn verified_tcp_transfer(from: &Netns, to: &Netns, to_addr: SocketAddr, bytes: u64) -> u64 {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let receiver = to.spawn(move || {
-        let listener = TcpListener::bind(to_addr).expect("bind listener");
+        // The port can still be held for a moment by the previous
+        // transfer's listener or connection (seen rarely, under floods):
+        // wait until it is free, at most 5 s.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let listener = loop {
+            match TcpListener::bind(to_addr) {
+                Ok(l) => break l,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < deadline =>
+                {
+                    thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => {
+                    // Who holds the port (this thread is in the namespace).
+                    let ss = Command::new("ss").arg("-tan").output();
+                    let ss = ss.map(|o| String::from_utf8_lossy(&o.stdout).to_string());
+                    panic!("bind listener {to_addr}: {e}\n{}", ss.unwrap_or_default());
+                }
+            }
+        };
         ready_tx.send(()).unwrap();
         // accept() with a 30 s guard, so a broken tunnel fails the test.
         listener.set_nonblocking(true).unwrap();
