@@ -275,10 +275,6 @@ pub fn probe(
             return Err(Error::config(
                 "--multishot on: this kernel lacks READ_MULTISHOT (Linux 6.7+)",
             ));
-        } else {
-            crate::info!(
-                "io_uring: no READ_MULTISHOT (Linux 6.7+): single-shot reads, --inflight per descriptor"
-            );
         }
     }
 
@@ -298,6 +294,12 @@ pub fn probe(
 
     // Defaults that depend on offload are settled now, once.
     opts.resolve(plan.offload)?;
+    if opts.multishot != Toggle::Off && !plan.multishot_tun {
+        crate::info!(
+            "io_uring: no READ_MULTISHOT (Linux 6.7+): single-shot reads, {} in flight per descriptor",
+            opts.inflight
+        );
+    }
     plan.opts = opts.clone();
     plan.buf_len = buffer_len(fwd, plan.offload);
     let buf_len = plan.buf_len;
