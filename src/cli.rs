@@ -376,11 +376,15 @@ struct TunnelArgs {
     #[arg(long, value_enum, default_value = "auto", value_name = "on|off|auto")]
     offload: ToggleArg,
 
-    /// UDP socket send buffer in bytes (default: the kernel's).
+    /// UDP socket send buffer in bytes, 1024-1073741824; beyond
+    /// net.core.wmem_max only with CAP_NET_ADMIN (else clamped, said in one
+    /// line) [default: 4194304].
     #[arg(long, value_name = "BYTES")]
     sndbuf: Option<usize>,
 
-    /// UDP socket receive buffer in bytes (default: the kernel's).
+    /// UDP socket receive buffer in bytes, 1024-1073741824: room for bursts
+    /// while a worker is not running; beyond net.core.rmem_max only with
+    /// CAP_NET_ADMIN (else clamped, said in one line) [default: 4194304].
     #[arg(long, value_name = "BYTES")]
     rcvbuf: Option<usize>,
 

@@ -59,6 +59,11 @@ use crate::stats::WorkerStats;
 pub const GSO_MAX_SEGMENTS: usize = 64;
 /// Most bytes one UDP GSO send may carry: one UDP payload over IPv4.
 pub const GSO_MAX_BYTES: usize = 65507;
+/// Datagrams of at most `seg_len` bytes that one UDP GSO send may carry.
+pub fn gso_segments_per_send(seg_len: usize) -> usize {
+    GSO_MAX_SEGMENTS.min(GSO_MAX_BYTES / seg_len.max(1)).max(1)
+}
+
 /// Bytes of the largest TUN read with offload: a virtio-net header and a
 /// 64 KiB super-packet.
 pub const OFFLOAD_READ_LEN: usize = 65536 + virtio::LEN;
@@ -343,7 +348,7 @@ impl Datapath {
         let left = plan.end - at;
         let seg = plan.seg;
         if self.gso && left > seg {
-            let per_send = GSO_MAX_SEGMENTS.min(GSO_MAX_BYTES / seg).max(1) * seg;
+            let per_send = gso_segments_per_send(seg) * seg;
             let len = left.min(per_send);
             if len > seg {
                 return Some(TxSend {

@@ -53,6 +53,14 @@ impl Message {
         self
     }
 
+    /// Appends a `struct ifinfomsg` naming the existing link `ifindex`.
+    pub fn ifinfomsg_index(&mut self, ifindex: u32) -> &mut Self {
+        let mut m = [0u8; IFINFOMSG_LEN];
+        m[4..8].copy_from_slice(&ifindex.to_ne_bytes());
+        self.buf.extend_from_slice(&m);
+        self
+    }
+
     /// Appends one attribute, padded to 4 bytes.
     pub fn attr(&mut self, ty: u16, data: &[u8]) -> &mut Self {
         let len = 4 + data.len();
@@ -117,6 +125,16 @@ pub fn parse_ack(reply: &[u8]) -> io::Result<()> {
     } else {
         Err(io::Error::from_raw_os_error(-code))
     }
+}
+
+/// The RTM_NEWLINK request that changes the most segments the stack puts in
+/// one GSO packet for the device with index `ifindex`.
+pub fn gso_max_segs_request(ifindex: u32, max_segs: u32) -> Message {
+    let flags = libc::NLM_F_REQUEST | libc::NLM_F_ACK;
+    let mut m = Message::new(libc::RTM_NEWLINK, flags as u16, 1);
+    m.ifinfomsg_index(ifindex);
+    m.attr_u32(libc::IFLA_GSO_MAX_SEGS, max_segs);
+    m
 }
 
 fn new_link_request() -> Message {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use crossbeam::channel::{self, Receiver};
 use nix::sys::signal::{SigSet, Signal};
 
-use crate::config::{CpuPlan, TunnelConfig};
+use crate::config::{CpuPlan, DEFAULT_SOCKET_BUFFER_BYTES, TunnelConfig};
 use crate::datapath::Datapath;
 use crate::device::{TunDevice, TunOptions};
 use crate::engine::{Engine, Shutdown, WorkerEvent, WorkerParts, spawn_worker};
@@ -63,22 +63,48 @@ fn worker_cpus(plan: &CpuPlan, queues: usize) -> Result<Vec<Option<usize>>> {
     Ok((0..queues).map(|q| Some(list[q % list.len()])).collect())
 }
 
-/// Applies --sndbuf/--rcvbuf; as root beyond the sysctl maximum.
+/// Applies the socket buffer sizes; as root beyond the sysctl maximum.
+/// Returns a line to log if the kernel gave less than asked (the sysctl
+/// maximum clamps an unprivileged process).
 fn set_socket_buffers(
     sock: &UdpSocket,
     addr: std::net::SocketAddr,
     sndbuf: Option<usize>,
     rcvbuf: Option<usize>,
-) -> Result<()> {
+) -> Result<Option<String>> {
+    use nix::sys::socket::{getsockopt, sockopt};
+    let mut short = Vec::new();
     if let Some(n) = sndbuf {
         crate::platform::set_sndbuf(sock, n)
             .map_err(|e| Error::io(format!("set SO_SNDBUF {n} on UDP socket {addr}"), e))?;
+        // The kernel reports twice what it reserves for data.
+        if let Ok(got) = getsockopt(sock, sockopt::SndBuf) {
+            if got / 2 < n {
+                short.push(format!(
+                    "send buffer {} of {n} bytes (net.core.wmem_max)",
+                    got / 2
+                ));
+            }
+        }
     }
     if let Some(n) = rcvbuf {
         crate::platform::set_rcvbuf(sock, n)
             .map_err(|e| Error::io(format!("set SO_RCVBUF {n} on UDP socket {addr}"), e))?;
+        if let Ok(got) = getsockopt(sock, sockopt::RcvBuf) {
+            if got / 2 < n {
+                short.push(format!(
+                    "receive buffer {} of {n} bytes (net.core.rmem_max)",
+                    got / 2
+                ));
+            }
+        }
     }
-    Ok(())
+    Ok((!short.is_empty()).then(|| {
+        format!(
+            "UDP socket {addr}: {}; bursts beyond them are lost: run with CAP_NET_ADMIN or raise the sysctls",
+            short.join(", ")
+        )
+    }))
 }
 
 /// Writes one line to stdout, ignoring a closed stdout (never panics).
@@ -121,7 +147,14 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
                 None => err,
             }
         })?;
-        set_socket_buffers(&sock, addr, cfg.sndbuf, cfg.rcvbuf)?;
+        // Tunnels get buffers that hold GSO bursts by default; a reflector
+        // sends nothing to the network.
+        let default = (!cfg.mode.is_reflect()).then_some(DEFAULT_SOCKET_BUFFER_BYTES);
+        let clamped =
+            set_socket_buffers(&sock, addr, cfg.sndbuf.or(default), cfg.rcvbuf.or(default))?;
+        if let (Some(line), 0) = (clamped, q) {
+            crate::info!("{line}");
+        }
         if let Err(e) = crate::platform::enable_recverr(&sock) {
             crate::info!("{addr}: ICMP errors will not be counted (IP_RECVERR: {e})");
         }
@@ -157,19 +190,28 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
             if got.tso { "on" } else { "off" },
             if got.uso { "on" } else { "off (Linux 6.2+)" }
         );
+        if let Err(e) = device.limit_gso_segments(cfg.mtu as usize) {
+            crate::info!(
+                "offload: {e}: a super-packet of more segments than one UDP GSO send carries goes out in two sends"
+            );
+        }
     }
     let queues = device.into_queues();
     let inodes: Vec<u64> = sockets
         .iter()
         .filter_map(crate::platform::socket_inode)
         .collect();
-    // The kernel's drops at our sockets (receive buffer full): reported
-    // next to tunfwd's own, as the increase since start.
+    // The kernel's drops at our sockets (receive buffer full) and on the
+    // way into the device (its queue to us full): reported next to
+    // tunfwd's own, as the increase since start.
     let base_drops = crate::platform::udp_socket_drops(&inodes).unwrap_or(0);
+    let base_tun_drops = crate::platform::device_tx_drops(&dev_name).unwrap_or(0);
     let kernel_drops = || {
-        crate::platform::udp_socket_drops(&inodes)
-            .map(|d| format!(" udp_rcvbuf_drops={}", d.saturating_sub(base_drops)))
-            .unwrap_or_default()
+        let udp = crate::platform::udp_socket_drops(&inodes)
+            .map(|d| format!(" udp_rcvbuf_drops={}", d.saturating_sub(base_drops)));
+        let tun = crate::platform::device_tx_drops(&dev_name)
+            .map(|d| format!(" tun_queue_drops={}", d.saturating_sub(base_tun_drops)));
+        format!("{}{}", udp.unwrap_or_default(), tun.unwrap_or_default())
     };
 
     let shutdown = Arc::new(Shutdown::new()?);

@@ -96,7 +96,8 @@ impl Forwarder {
         }
     }
 
-    /// SIGTERM, wait, and return the summary line ("summary total ...").
+    /// SIGTERM, wait, and return the summary lines ("summary total ...",
+    /// then "summary kernel ..." or nothing).
     fn stop(mut self) -> Result<String> {
         let _ = kill(Pid::from_raw(self.pid()), Signal::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -120,10 +121,15 @@ impl Forwarder {
                 text(&self.stderr).trim()
             )));
         }
-        out.lines()
+        let total = out
+            .lines()
             .find(|l| l.contains("summary total"))
-            .map(str::to_string)
-            .ok_or_else(|| Error::config(format!("no summary from forwarder: {out}")))
+            .ok_or_else(|| Error::config(format!("no summary from forwarder: {out}")))?;
+        let kernel = out
+            .lines()
+            .find(|l| l.contains("summary kernel"))
+            .unwrap_or_default();
+        Ok(format!("{total}\n{kernel}"))
     }
 }
 
@@ -142,7 +148,12 @@ pub struct PairCounters {
     /// Packets that crossed the tunnel (each is read from a TUN device once).
     pub tunnel_packets: u64,
     pub syscalls: u64,
+    /// tunfwd's own drops, all reasons.
     pub drops: u64,
+    /// The kernel's drops at the forwarders' UDP sockets (receive buffer
+    /// full) and on the way into their TUN devices (queue full).
+    pub udp_rcvbuf_drops: u64,
+    pub tun_queue_drops: u64,
 }
 
 /// Values of `key=` on a summary line, in order of appearance.
@@ -160,6 +171,8 @@ fn counters(line: &str) -> PairCounters {
         tunnel_packets: fields(line, "packets").first().copied().unwrap_or(0),
         syscalls: fields(line, "syscalls").first().copied().unwrap_or(0),
         drops: fields(line, "drops").iter().sum(),
+        udp_rcvbuf_drops: fields(line, "udp_rcvbuf_drops").iter().sum(),
+        tun_queue_drops: fields(line, "tun_queue_drops").iter().sum(),
     }
 }
 
@@ -199,8 +212,7 @@ impl Reflector {
         let line = self.f.stop()?;
         Ok(PairCounters {
             tunnel_packets: fields(&line, "packets").get(1).copied().unwrap_or(0),
-            syscalls: fields(&line, "syscalls").first().copied().unwrap_or(0),
-            drops: fields(&line, "drops").iter().sum(),
+            ..counters(&line)
         })
     }
 }
@@ -254,6 +266,8 @@ impl ForwarderPair {
             tunnel_packets: ca.tunnel_packets + cb.tunnel_packets,
             syscalls: ca.syscalls + cb.syscalls,
             drops: ca.drops + cb.drops,
+            udp_rcvbuf_drops: ca.udp_rcvbuf_drops + cb.udp_rcvbuf_drops,
+            tun_queue_drops: ca.tun_queue_drops + cb.tun_queue_drops,
         })
     }
 }
@@ -311,11 +325,13 @@ mod tests {
     fn parses_summary_line() {
         let line = "tunfwd: summary total tun_to_peer packets=10 bytes=840 drops=2 backpressure=0 \
                     [over_mtu=2] | peer_to_tun packets=7 bytes=500 drops=1 backpressure=3 \
-                    [not_from_peer=1] | syscalls=40 syscalls_per_packet=2.35 waits=9 io_errors=0";
+                    [not_from_peer=1] | syscalls=40 syscalls_per_packet=2.35 waits=9 io_errors=0\n\
+                    tunfwd: summary kernel udp_rcvbuf_drops=5 tun_queue_drops=6";
         let c = counters(line);
         assert_eq!(c.tunnel_packets, 10);
         assert_eq!(c.syscalls, 40);
         assert_eq!(c.drops, 3);
+        assert_eq!((c.udp_rcvbuf_drops, c.tun_queue_drops), (5, 6));
     }
 
     #[test]

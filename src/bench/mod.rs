@@ -374,6 +374,9 @@ fn measure(
         fwd_syscalls: None,
         fwd_packets: None,
         fwd_drops: None,
+        udp_rcvbuf_drops: None,
+        tun_queue_drops: None,
+        tcp: None,
         ratio: None,
     };
     match *workload {
@@ -394,6 +397,7 @@ fn measure(
             let r = traffic::tcp_bulk(topo, dst, streams, cfg.duration, 0, stop)?;
             row.seconds = r.seconds;
             row.gbps = Some(r.bytes as f64 * 8.0 / r.seconds / 1e9);
+            row.tcp = Some(r.info);
         }
         Workload::Latency { loaded } => {
             let background = if loaded {
@@ -442,6 +446,8 @@ fn measure(
         row.fwd_packets = Some(c.tunnel_packets);
         row.fwd_syscalls = Some(c.syscalls);
         row.fwd_drops = Some(c.drops);
+        row.udp_rcvbuf_drops = Some(c.udp_rcvbuf_drops);
+        row.tun_queue_drops = Some(c.tun_queue_drops);
     }
     Ok(row)
 }

@@ -62,6 +62,11 @@ pub struct Row {
     pub fwd_packets: Option<u64>,
     /// Drops both forwarders counted.
     pub fwd_drops: Option<u64>,
+    /// The kernel's drops at the forwarders' sockets and TUN queues.
+    pub udp_rcvbuf_drops: Option<u64>,
+    pub tun_queue_drops: Option<u64>,
+    /// TCP workloads: what the senders' kernels reported.
+    pub tcp: Option<super::traffic::TcpStats>,
     /// Against the baseline's row of the same workload.
     pub ratio: Option<f64>,
 }
@@ -118,6 +123,10 @@ pub fn set_ratios(rows: &mut [Row], baseline: &str) {
     }
 }
 
+fn count(v: Option<u64>) -> String {
+    v.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
+}
+
 fn opt(v: Option<f64>, prec: usize) -> String {
     v.map(|v| format!("{v:.prec$}"))
         .unwrap_or_else(|| "-".into())
@@ -134,7 +143,7 @@ pub fn table(rows: &[Row], baseline: &str) -> String {
         .max(10);
     let _ = writeln!(
         s,
-        "{:<15} {:<tw$} {:>10} {:>10} {:>8} {:>7} {:>7} {:>10} {:>10} {:>9}",
+        "{:<15} {:<tw$} {:>10} {:>10} {:>8} {:>7} {:>7} {:>10} {:>10} {:>9} {:>8} {:>8} {:>8} {:>8}",
         "workload",
         "target",
         "offer kpps",
@@ -144,7 +153,11 @@ pub fn table(rows: &[Row], baseline: &str) -> String {
         "ratio",
         "fwdCPU s/M",
         "sysCPU s/M",
-        "calls/pkt"
+        "calls/pkt",
+        "retrans",
+        "sockDrop",
+        "tunqDrop",
+        "fwdDrop"
     );
     for r in rows
         .iter()
@@ -152,7 +165,7 @@ pub fn table(rows: &[Row], baseline: &str) -> String {
     {
         let _ = writeln!(
             s,
-            "{:<15} {:<tw$} {:>10} {:>10} {:>8} {:>7} {:>7} {:>10} {:>10} {:>9}",
+            "{:<15} {:<tw$} {:>10} {:>10} {:>8} {:>7} {:>7} {:>10} {:>10} {:>9} {:>8} {:>8} {:>8} {:>8}",
             r.workload.label(),
             r.target,
             opt(r.offered_pps.map(|v| v / 1e3), 1),
@@ -163,6 +176,10 @@ pub fn table(rows: &[Row], baseline: &str) -> String {
             opt(r.fwd_cpu_s_per_mpkt(), 2),
             opt(r.sys_cpu_s_per_mpkt(), 2),
             opt(r.syscalls_per_packet(), 2),
+            count(r.tcp.map(|t| t.retransmits)),
+            count(r.udp_rcvbuf_drops),
+            count(r.tun_queue_drops),
+            count(r.fwd_drops),
         );
     }
     let lat: Vec<&Row> = rows.iter().filter(|r| r.latency.is_some()).collect();
@@ -203,7 +220,10 @@ pub fn table(rows: &[Row], baseline: &str) -> String {
         s,
         "\nratio: against '{baseline}' in this run (delivered pps for udp, Gbit/s for tcp, p50 for latency).\n\
          fwdCPU s/M: forwarder CPU seconds per million tunnel packets; sysCPU s/M: whole-machine CPU \
-         seconds per million delivered packets; calls/pkt: forwarder system calls per tunnel packet."
+         seconds per million delivered packets; calls/pkt: forwarder system calls per tunnel packet.\n\
+         retrans: TCP segments the senders retransmitted; sockDrop, tunqDrop: datagrams the kernel \
+         dropped at the forwarders' full UDP receive buffers and packets it dropped at their full TUN \
+         queues; fwdDrop: tunfwd's own drops (both forwarders)."
     );
     s
 }
@@ -243,6 +263,20 @@ pub fn json(rows: &[Row], meta: Value) -> Value {
                 "forwarder_syscalls": r.fwd_syscalls,
                 "forwarder_syscalls_per_packet": r.syscalls_per_packet(),
                 "forwarder_drops": r.fwd_drops,
+                "kernel_drops": json!({
+                    "udp_rcvbuf": r.udp_rcvbuf_drops,
+                    "tun_queue": r.tun_queue_drops,
+                }),
+                "tcp_info": r.tcp.map(|t| json!({
+                    "retransmits": t.retransmits,
+                    "reord_seen": t.reord_seen,
+                    "dsack_dups": t.dsack_dups,
+                    "rtt_us": t.rtt_us,
+                    "cwnd": t.cwnd,
+                    "rwnd_limited_us": t.rwnd_limited_us,
+                    "sndbuf_limited_us": t.sndbuf_limited_us,
+                    "busy_us": t.busy_us,
+                })),
                 "ratio": r.ratio,
             })
         })
@@ -273,6 +307,9 @@ mod tests {
             fwd_syscalls: Some(2000),
             fwd_packets: Some(1000),
             fwd_drops: Some(0),
+            udp_rcvbuf_drops: None,
+            tun_queue_drops: None,
+            tcp: None,
             ratio: None,
         }
     }

@@ -42,6 +42,58 @@ pub struct TcpResult {
     /// Payload bytes the sinks received.
     pub bytes: u64,
     pub seconds: f64,
+    /// The senders' `TCP_INFO` at the end, summed over streams (RTT and
+    /// cwnd averaged).
+    pub info: TcpStats,
+}
+
+/// What the senders' kernels said about their streams (`TCP_INFO`).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct TcpStats {
+    /// Segments retransmitted.
+    pub retransmits: u64,
+    /// Reordering events the sender detected.
+    pub reord_seen: u64,
+    /// Duplicate SACKs received (the receiver got a segment twice: a
+    /// spurious retransmit).
+    pub dsack_dups: u64,
+    /// Smoothed RTT and congestion window at the end (mean over streams).
+    pub rtt_us: f64,
+    pub cwnd: f64,
+    /// Time the sender was limited by the receive window, by its send
+    /// buffer, and busy sending at all (microseconds, summed).
+    pub rwnd_limited_us: u64,
+    pub sndbuf_limited_us: u64,
+    pub busy_us: u64,
+}
+
+impl TcpStats {
+    fn of(i: &libc::tcp_info) -> TcpStats {
+        TcpStats {
+            retransmits: u64::from(i.tcpi_total_retrans),
+            reord_seen: u64::from(i.tcpi_reord_seen),
+            dsack_dups: u64::from(i.tcpi_dsack_dups),
+            rtt_us: f64::from(i.tcpi_rtt),
+            cwnd: f64::from(i.tcpi_snd_cwnd),
+            rwnd_limited_us: i.tcpi_rwnd_limited,
+            sndbuf_limited_us: i.tcpi_sndbuf_limited,
+            busy_us: i.tcpi_busy_time,
+        }
+    }
+
+    fn sum(all: &[TcpStats]) -> TcpStats {
+        let n = all.len().max(1) as f64;
+        TcpStats {
+            retransmits: all.iter().map(|s| s.retransmits).sum(),
+            reord_seen: all.iter().map(|s| s.reord_seen).sum(),
+            dsack_dups: all.iter().map(|s| s.dsack_dups).sum(),
+            rtt_us: all.iter().map(|s| s.rtt_us).sum::<f64>() / n,
+            cwnd: all.iter().map(|s| s.cwnd).sum::<f64>() / n,
+            rwnd_limited_us: all.iter().map(|s| s.rwnd_limited_us).sum(),
+            sndbuf_limited_us: all.iter().map(|s| s.sndbuf_limited_us).sum(),
+            busy_us: all.iter().map(|s| s.busy_us).sum(),
+        }
+    }
 }
 
 /// Result of latency probes: round-trip times in nanoseconds.
@@ -219,15 +271,23 @@ pub fn tcp_bulk(
                     break;
                 }
             }
-            Ok(())
+            use std::os::fd::AsFd;
+            let info = crate::sys::tcp_info(s.as_fd())
+                .context(|| format!("read TCP_INFO of the stream to {addr}"))?;
+            Ok(TcpStats::of(&info))
         })?);
     }
+    let mut stats = Vec::with_capacity(streams);
     for s in senders {
-        join(s, "TCP sender")?;
+        stats.push(join(s, "TCP sender")?);
     }
     let seconds = start.elapsed().as_secs_f64();
     let bytes = join(sink, "TCP sink")?;
-    Ok(TcpResult { bytes, seconds })
+    Ok(TcpResult {
+        bytes,
+        seconds,
+        info: TcpStats::sum(&stats),
+    })
 }
 
 /// Closed-loop UDP ping-pong from a to `dst` for `duration`, at most

@@ -169,6 +169,21 @@ impl TunDevice {
         })
     }
 
+    /// Caps the segments the kernel puts in one TSO/USO super-packet for this
+    /// device so that its datagrams, at most `mtu` bytes each, always fit one
+    /// UDP GSO send (64 datagrams and 65,507 bytes at most): a super-packet
+    /// then never needs a second send whose tail could be overtaken.
+    /// Returns the cap.
+    pub fn limit_gso_segments(&self, mtu: usize) -> Result<u32> {
+        let segs = crate::datapath::gso_segments_per_send(mtu) as u32;
+        let index = interface_index(&self.name)?;
+        crate::netlink::request(
+            &format!("limit GSO segments of {} to {segs}", self.name),
+            crate::netlink::gso_max_segs_request(index, segs),
+        )?;
+        Ok(segs)
+    }
+
     /// Sets the Ethernet address (TAP devices).
     pub fn set_mac(&self, mac: [u8; 6]) -> Result<()> {
         let sock = control_socket(AddressFamily::Inet)?;

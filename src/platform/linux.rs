@@ -187,6 +187,21 @@ pub fn udp_socket_drops(inodes: &[u64]) -> Option<u64> {
     found.then_some(total)
 }
 
+/// Packets the kernel dropped on their way into device `name` (for a TUN
+/// device: its queue to tunfwd was full): the transmit `drop` column of
+/// `/proc/net/dev` in the calling thread's namespace. None if unreadable.
+pub fn device_tx_drops(name: &str) -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/thread-self/net/dev").ok()?;
+    text.lines().skip(2).find_map(|line| {
+        let (dev, counters) = line.split_once(':')?;
+        if dev.trim() != name {
+            return None;
+        }
+        // 8 receive counters, then transmit bytes, packets, errs, drop.
+        counters.split_whitespace().nth(11)?.parse().ok()
+    })
+}
+
 /// Asks the kernel to report ICMP errors (peer port or host unreachable)
 /// for datagrams sent from this unconnected socket: `IP_RECVERR`, and
 /// `IPV6_RECVERR` on an IPv6 socket. They arrive on the socket's error

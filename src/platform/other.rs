@@ -92,6 +92,11 @@ pub fn socket_inode(_sock: &UdpSocket) -> Option<u64> {
     None
 }
 
+/// Device drop counters are not readable here.
+pub fn device_tx_drops(_name: &str) -> Option<u64> {
+    None
+}
+
 /// Kernel socket drops are not readable here.
 pub fn udp_socket_drops(_inodes: &[u64]) -> Option<u64> {
     None
