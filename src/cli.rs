@@ -25,7 +25,7 @@ pub struct Cli {
 enum Command {
     /// Run the forwarder: create (or attach to) a TUN device, configure it,
     /// and forward its packets to --peer over UDP, and back.
-    Tunnel(TunnelArgs),
+    Tunnel(Box<TunnelArgs>),
     /// Measure tunfwd against the bare veth underlay and the kernel's VXLAN
     /// tunnel in one run, on a two-namespace topology the bench builds and
     /// removes itself (needs root; Linux only).
@@ -151,6 +151,7 @@ fn base_config(
         exit_with_parent: run.exit_with_parent,
         user: run.user,
         offload: config::Toggle::Off,
+        aqm: None,
         mode: config::Mode::Tun {
             allowed_src: Vec::new(),
         },
@@ -309,6 +310,13 @@ fn parse_mac(s: &str) -> Result<[u8; 6], String> {
     Ok(mac)
 }
 
+/// `--aqm`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum AqmArg {
+    Codel,
+    Off,
+}
+
 #[derive(ValueEnum, Clone, Copy, Debug)]
 enum ToggleArg {
     On,
@@ -375,6 +383,25 @@ struct TunnelArgs {
     /// available (the uring engine needs multishot receives for it).
     #[arg(long, value_enum, default_value = "auto", value_name = "on|off|auto")]
     offload: ToggleArg,
+
+    /// Queue management for packets from the peer: codel signals a standing
+    /// queue in the UDP receive buffer (CoDel, RFC 8289, on the time each
+    /// datagram waited there, from the kernel's arrival timestamps): a CE
+    /// mark on an ECN-capable packet, else a drop. off: the buffer holds
+    /// whatever queue builds. TUN mode only.
+    #[arg(long, value_enum, default_value = "codel", value_name = "codel|off")]
+    aqm: AqmArg,
+
+    /// CoDel target: the standing queue delay it tolerates, in microseconds
+    /// [default: 500].
+    #[arg(long, value_name = "US")]
+    aqm_target_us: Option<u64>,
+
+    /// CoDel interval: how long the delay must stay above target before it
+    /// acts, about the longest round trip of the tunnel's flows, in
+    /// microseconds [default: 10000].
+    #[arg(long, value_name = "US")]
+    aqm_interval_us: Option<u64>,
 
     /// UDP socket send buffer in bytes, 1024-1073741824; beyond
     /// net.core.wmem_max only with CAP_NET_ADMIN (else clamped, said in one
@@ -477,6 +504,29 @@ impl TunnelArgs {
         Ok(TunnelConfig {
             mode,
             offload: self.offload.into(),
+            aqm: match self.aqm {
+                AqmArg::Off => {
+                    if self.aqm_target_us.is_some() || self.aqm_interval_us.is_some() {
+                        return Err(Error::config(
+                            "--aqm-target-us and --aqm-interval-us apply to --aqm codel only",
+                        ));
+                    }
+                    None
+                }
+                AqmArg::Codel => {
+                    let d = crate::aqm::CodelParams::default();
+                    Some(crate::aqm::CodelParams {
+                        target: self
+                            .aqm_target_us
+                            .map(std::time::Duration::from_micros)
+                            .unwrap_or(d.target),
+                        interval: self
+                            .aqm_interval_us
+                            .map(std::time::Duration::from_micros)
+                            .unwrap_or(d.interval),
+                    })
+                }
+            },
             sndbuf: self.sndbuf,
             rcvbuf: self.rcvbuf,
             uring: config::UringFlags {

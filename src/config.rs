@@ -299,6 +299,8 @@ pub struct TunnelConfig {
     /// What moves: IP packets, Ethernet frames in VXLAN, or reflected
     /// packets; with the options that only make sense for that mode.
     pub mode: Mode,
+    /// CoDel on datagrams from the peer (`--aqm codel`); None: off.
+    pub aqm: Option<crate::aqm::CodelParams>,
     /// Drop to this user (and group) once devices and sockets are set up.
     pub user: Option<UserSpec>,
 }
@@ -451,6 +453,15 @@ impl TunnelConfig {
                 }
             }
         }
+        if let Some(p) = &self.aqm {
+            if p.target.is_zero() || p.interval <= p.target || p.interval.as_secs() > 10 {
+                return Err(Error::config(format!(
+                    "--aqm-target-us {} and --aqm-interval-us {}: need 0 < target < interval <= 10 s",
+                    p.target.as_micros(),
+                    p.interval.as_micros()
+                )));
+            }
+        }
         if let Mode::Tap { vni, .. } = self.mode {
             if vni > crate::packet::vxlan::MAX_VNI {
                 return Err(Error::config(format!(
@@ -558,6 +569,7 @@ mod tests {
             mode: Mode::Tun {
                 allowed_src: Vec::new(),
             },
+            aqm: None,
             user: None,
         }
     }

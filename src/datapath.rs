@@ -144,6 +144,9 @@ pub struct Received {
     pub gro_size: Option<usize>,
     /// The payload did not fit the buffer (MSG_TRUNC).
     pub truncated: bool,
+    /// When the kernel queued it (`SO_TIMESTAMPNS`, ns since the Unix
+    /// epoch), if it said.
+    pub arrived_ns: Option<u64>,
 }
 
 /// What a receive becomes.
@@ -238,6 +241,8 @@ pub struct Datapath {
     gso: bool,
     /// "TUN queue 0 of tun0", for the few log lines and errors.
     label: String,
+    /// CoDel over the time datagrams waited in the socket's receive queue.
+    aqm: Option<crate::aqm::Codel>,
 }
 
 impl Datapath {
@@ -248,6 +253,48 @@ impl Datapath {
             offload,
             gso: offload,
             label,
+            aqm: None,
+        }
+    }
+
+    /// Applies CoDel with `params` to datagrams from the peer, using the
+    /// kernel's arrival timestamps (TUN mode: the packets must be IP to
+    /// carry a mark).
+    pub fn with_aqm(mut self, params: Option<crate::aqm::CodelParams>) -> Self {
+        self.aqm = params
+            .filter(|_| self.fwd.carries_ip())
+            .map(crate::aqm::Codel::new);
+        self
+    }
+
+    /// Turns the AQM off (the kernel gives no arrival timestamps).
+    pub fn disable_aqm(&mut self) {
+        self.aqm = None;
+    }
+
+    /// True if the engine should ask the kernel for arrival timestamps.
+    pub fn wants_timestamps(&self) -> bool {
+        self.aqm.is_some()
+    }
+
+    /// CoDel's verdict on a receive leaving the socket's queue at `now_ns`:
+    /// true if one of its packets is to be marked or dropped.
+    fn aqm_signal(&mut self, rx: &Received, now_ns: u64) -> bool {
+        match (&mut self.aqm, rx.arrived_ns) {
+            (Some(codel), Some(at)) => codel.on_dequeue(now_ns, now_ns.saturating_sub(at)),
+            _ => false,
+        }
+    }
+
+    /// Carries out a CoDel signal on an accepted packet: a CE mark if it is
+    /// ECN-capable (true: forward it), else a counted drop (false).
+    fn aqm_act(stats: &WorkerStats, pkt: &mut [u8]) -> bool {
+        if crate::aqm::mark_ce(pkt) {
+            stats.aqm_marks.add(1);
+            true
+        } else {
+            stats.peer_to_tun.drop(DropReason::Aqm);
+            false
         }
     }
 
@@ -415,31 +462,37 @@ impl Datapath {
         After::Next
     }
 
-    /// A receive (`rx`, whose payload lies in `buf`). Plain: says which bytes
-    /// to write. Offload: fills `coalescer` (cleared first).
+    /// A receive (`rx`, whose payload lies in `buf`), taken from the socket
+    /// at `now_ns` (ns since the Unix epoch, the clock of `rx.arrived_ns`).
+    /// Plain: says which bytes to write. Offload: fills `coalescer`
+    /// (cleared first). With AQM, a packet found in a standing queue is
+    /// CE-marked in place or dropped.
     pub fn handle_receive(
         &mut self,
         rx: &Received,
-        buf: &[u8],
+        buf: &mut [u8],
         coalescer: &mut Coalescer,
+        now_ns: u64,
     ) -> RxAction {
-        let stats = &self.stats;
         let Some(src) = rx.src else {
-            stats.peer_to_tun.drop(DropReason::NotFromPeer);
+            self.stats.peer_to_tun.drop(DropReason::NotFromPeer);
             return RxAction::Dropped;
         };
         if rx.truncated {
             // Longer than the buffer: over the MTU, unless a stranger sent it.
-            stats.peer_to_tun.drop(if self.fwd.is_peer(src) {
+            self.stats.peer_to_tun.drop(if self.fwd.is_peer(src) {
                 DropReason::OverMtu
             } else {
                 DropReason::NotFromPeer
             });
             return RxAction::Dropped;
         }
-        let payload = &buf[rx.payload.clone()];
+        let mut signal = self.fwd.is_peer(src) && self.aqm_signal(rx, now_ns);
+        let stats = &self.stats;
+        let payload = &mut buf[rx.payload.clone()];
         if !self.offload {
             return match self.fwd.handle_from_peer(src, payload) {
+                PeerVerdict::ToTun if signal && !Self::aqm_act(stats, payload) => RxAction::Dropped,
                 PeerVerdict::ToTun => {
                     RxAction::Write(rx.payload.start + self.fwd.encap_len()..rx.payload.end)
                 }
@@ -463,9 +516,14 @@ impl Datapath {
             stats.gro_receives.add(1);
             stats.gro_datagrams.add(payload.len().div_ceil(seg) as u64);
         }
-        for datagram in payload.chunks(seg) {
+        for datagram in payload.chunks_mut(seg) {
             match self.fwd.handle_from_peer(src, datagram) {
                 PeerVerdict::ToTun => {
+                    // The first accepted packet of the batch carries the
+                    // signal (a mark, or its loss).
+                    if std::mem::take(&mut signal) && !Self::aqm_act(stats, datagram) {
+                        continue;
+                    }
                     if coalescer.push(datagram).is_err() {
                         stats.peer_to_tun.drop(DropReason::BadChecksum);
                     }
@@ -722,9 +780,13 @@ mod tests {
             payload: 0..buf.len(),
             gro_size: Some(n),
             truncated: false,
+            arrived_ns: None,
         };
         let mut c = Coalescer::new();
-        assert_eq!(d.handle_receive(&rx, &buf, &mut c), RxAction::Coalesced);
+        assert_eq!(
+            d.handle_receive(&rx, &mut buf, &mut c, 0),
+            RxAction::Coalesced
+        );
         let (_, writes) = c.output();
         assert_eq!(writes.len(), 1);
         assert_eq!(writes[0].packets, 3);
@@ -749,6 +811,7 @@ mod tests {
             payload: 0..pkt.len(),
             gro_size: None,
             truncated,
+            arrived_ns: None,
         };
         for offload in [false, true] {
             let mut d = dp(offload);
@@ -758,7 +821,10 @@ mod tests {
             } else {
                 RxAction::Write(0..pkt.len())
             };
-            assert_eq!(d.handle_receive(&rx(Some(peer), false), &pkt, &mut c), want);
+            assert_eq!(
+                d.handle_receive(&rx(Some(peer), false), &mut pkt.clone(), &mut c, 0),
+                want
+            );
             for (src, trunc, reason) in [
                 (None, false, DropReason::NotFromPeer),
                 (Some(stranger), false, DropReason::NotFromPeer),
@@ -767,7 +833,7 @@ mod tests {
             ] {
                 let before = d.stats().snapshot().peer_to_tun.drops_for(reason);
                 assert_eq!(
-                    d.handle_receive(&rx(src, trunc), &pkt, &mut c),
+                    d.handle_receive(&rx(src, trunc), &mut pkt.clone(), &mut c, 0),
                     RxAction::Dropped
                 );
                 assert_eq!(
@@ -787,11 +853,76 @@ mod tests {
             payload: 0..dgram.len(),
             gro_size: None,
             truncated: false,
+            arrived_ns: None,
         };
         assert_eq!(
-            d.handle_receive(&rx, &dgram, &mut Coalescer::new()),
+            d.handle_receive(&rx, &mut dgram, &mut Coalescer::new(), 0),
             RxAction::Write(8..68)
         );
+    }
+
+    #[test]
+    fn codel_marks_ect_packets_and_drops_others_in_a_standing_queue() {
+        let peer: SocketAddr = PEER.parse().unwrap();
+        for offload in [false, true] {
+            let mut d = dp(offload).with_aqm(Some(crate::aqm::CodelParams::default()));
+            assert!(d.wants_timestamps());
+            let mut c = Coalescer::new();
+            // ECT(0) TCP segments, each having waited 2 ms in the socket
+            // (target 500 us, interval 10 ms): one every 100 us.
+            let mut marked_at = None;
+            for i in 0..300u64 {
+                let mut p = tcp_packet(false, 0, 0x10, &[], &[1; 10]);
+                p[1] = 0x02;
+                refresh_tcp_checksums(&mut p);
+                let now = 1_000_000_000 + i * 100_000;
+                let rx = Received {
+                    src: Some(peer),
+                    payload: 0..p.len(),
+                    gro_size: None,
+                    truncated: false,
+                    arrived_ns: Some(now - 2_000_000),
+                };
+                let action = d.handle_receive(&rx, &mut p, &mut c, now);
+                assert_ne!(
+                    action,
+                    RxAction::Dropped,
+                    "an ECT packet is marked, never dropped"
+                );
+                if p[1] & 0b11 == 0b11 {
+                    marked_at.get_or_insert(i);
+                    // The mark keeps the IPv4 header valid.
+                    assert_eq!(crate::packet::checksum::checksum(&p[..20]), 0);
+                }
+            }
+            // The first signal one interval (10 ms = 100 packets) after
+            // the queue went above target.
+            assert_eq!(marked_at, Some(100), "offload {offload}");
+            // Then at 100 + 100/sqrt(1) and + 100/sqrt(2) packets: 3 marks.
+            let s = d.stats().snapshot();
+            assert_eq!(s.aqm_marks, 3, "{s}");
+            assert_eq!(s.peer_to_tun.dropped(), 0);
+
+            // Not ECN-capable: the signal is a drop, counted as aqm.
+            let mut p = tcp_packet(false, 0, 0x10, &[], &[1; 10]);
+            let mut dropped = 0;
+            for i in 0..200u64 {
+                let now = 2_000_000_000 + i * 100_000;
+                let rx = Received {
+                    src: Some(peer),
+                    payload: 0..p.len(),
+                    gro_size: None,
+                    truncated: false,
+                    arrived_ns: Some(now - 2_000_000),
+                };
+                if d.handle_receive(&rx, &mut p, &mut c, now) == RxAction::Dropped {
+                    dropped += 1;
+                }
+            }
+            let s = d.stats().snapshot();
+            assert!(dropped >= 1);
+            assert_eq!(s.peer_to_tun.drops_for(DropReason::Aqm), dropped);
+        }
     }
 
     #[test]

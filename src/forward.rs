@@ -71,10 +71,13 @@ pub enum DropReason {
     /// not verify (checked before segments are coalesced: the kernel takes
     /// a coalesced super-packet's checksum as already verified).
     BadChecksum,
+    /// CoDel found it in a standing queue and it could not carry an ECN
+    /// mark: dropped to tell its sender to slow down.
+    Aqm,
 }
 
 impl DropReason {
-    pub const COUNT: usize = 15;
+    pub const COUNT: usize = 16;
     pub const ALL: [DropReason; DropReason::COUNT] = [
         DropReason::Empty,
         DropReason::Truncated,
@@ -91,6 +94,7 @@ impl DropReason {
         DropReason::WrongVni,
         DropReason::SourceNotAllowed,
         DropReason::BadChecksum,
+        DropReason::Aqm,
     ];
 
     /// Stable snake_case name used in stats output.
@@ -111,6 +115,7 @@ impl DropReason {
             DropReason::WrongVni => "wrong_vni",
             DropReason::SourceNotAllowed => "source_not_allowed",
             DropReason::BadChecksum => "bad_checksum",
+            DropReason::Aqm => "aqm",
         }
     }
 
@@ -253,6 +258,12 @@ impl Forwarder {
 
     pub fn peer(&self) -> SocketAddr {
         self.peer
+    }
+
+    /// True if packets from the peer are IP packets (TUN mode), which an
+    /// AQM can mark.
+    pub fn carries_ip(&self) -> bool {
+        matches!(self.kind, Kind::Tun { .. })
     }
 
     /// A packet the kernel routed into the TUN device (a frame, in TAP

@@ -245,9 +245,10 @@ pub fn split_coalesce(data: &[u8]) {
         payload: 0..wire.len(),
         gro_size: Some(seg_len),
         truncated: false,
+        arrived_ns: None,
     };
     let mut coalescer = Coalescer::new();
-    let action = dp.handle_receive(&rx, &wire, &mut coalescer);
+    let action = dp.handle_receive(&rx, &mut wire, &mut coalescer, 0);
     let snap = stats.snapshot();
     let (bytes, writes) = coalescer.output();
     let written: usize = writes.iter().map(|w| w.packets).sum();

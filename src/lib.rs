@@ -48,6 +48,7 @@ macro_rules! info {
     }};
 }
 
+pub mod aqm;
 #[cfg(target_os = "linux")]
 pub mod bench;
 pub mod cli;

@@ -244,7 +244,7 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
         let parts = WorkerParts {
             tun,
             udp,
-            datapath: Datapath::new(label, forwarder, stats, offload),
+            datapath: Datapath::new(label, forwarder, stats, offload).with_aqm(cfg.aqm),
             shutdown: shutdown.clone(),
             batch: cfg.batch,
             busy_poll: cfg.busy_poll,

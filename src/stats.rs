@@ -93,6 +93,9 @@ pub struct WorkerStats {
     /// TUN writes with a virtio-net header, and the packets they carried.
     pub vnet_writes: Counter,
     pub vnet_write_packets: Counter,
+    /// Packets from the peer that CoDel found in a standing queue and
+    /// marked CE (ECN-capable); those it dropped count as drops (`aqm`).
+    pub aqm_marks: Counter,
 }
 
 impl WorkerStats {
@@ -111,6 +114,7 @@ impl WorkerStats {
             gro_datagrams: self.gro_datagrams.get(),
             vnet_writes: self.vnet_writes.get(),
             vnet_write_packets: self.vnet_write_packets.get(),
+            aqm_marks: self.aqm_marks.get(),
         }
     }
 }
@@ -159,6 +163,7 @@ pub struct WorkerSnapshot {
     pub gro_datagrams: u64,
     pub vnet_writes: u64,
     pub vnet_write_packets: u64,
+    pub aqm_marks: u64,
 }
 
 impl WorkerSnapshot {
@@ -178,6 +183,7 @@ impl WorkerSnapshot {
             total.gro_datagrams += s.gro_datagrams;
             total.vnet_writes += s.vnet_writes;
             total.vnet_write_packets += s.vnet_write_packets;
+            total.aqm_marks += s.aqm_marks;
         }
         total
     }
@@ -233,6 +239,10 @@ impl fmt::Display for WorkerSnapshot {
             " | syscalls={} syscalls_per_packet={per_packet:.2} waits={} io_errors={} peer_unreachable={} pool_exhausted={}",
             self.syscalls, self.waits, self.io_errors, self.peer_unreachable, self.pool_exhausted
         );
+        let aqm_drops = self.peer_to_tun.drops_for(DropReason::Aqm);
+        if self.aqm_marks + aqm_drops > 0 {
+            let _ = write!(s, " | aqm_marks={} aqm_drops={aqm_drops}", self.aqm_marks);
+        }
         let ratio = |a: u64, b: u64| if b > 0 { a as f64 / b as f64 } else { 0.0 };
         if self.gso_sends + self.gro_receives + self.vnet_writes > 0 {
             let _ = write!(

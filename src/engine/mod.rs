@@ -231,6 +231,32 @@ impl Shutdown {
     }
 }
 
+/// Now, in ns since the Unix epoch: the clock the kernel's receive
+/// timestamps (`SO_TIMESTAMPNS`) use, passed to the datapath with each
+/// receive.
+pub fn wall_clock_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// Turns on the kernel's arrival timestamps on `udp` if the datapath's
+/// AQM needs them; if the kernel refuses, the AQM stays off for this worker
+/// (one log line).
+pub fn enable_timestamps(udp: &UdpSocket, dp: &mut Datapath) {
+    if !dp.wants_timestamps() {
+        return;
+    }
+    if let Err(e) = crate::platform::enable_rx_timestamps(udp) {
+        crate::info!(
+            "{}: no receive timestamps ({e}): queue management off",
+            dp.label()
+        );
+        dp.disable_aqm();
+    }
+}
+
 /// The address to pass to `send_to` on a socket bound to `local`: an IPv4
 /// peer is reached from an IPv6 (dual-stack) socket as `::ffff:a.b.c.d`.
 pub fn send_addr(local: SocketAddr, peer: SocketAddr) -> SocketAddr {

@@ -76,11 +76,12 @@ impl PollWorker {
         let WorkerParts {
             tun,
             udp,
-            datapath: dp,
+            datapath: mut dp,
             shutdown,
             batch,
             busy_poll,
         } = parts;
+        crate::engine::enable_timestamps(&udp, &mut dp);
         udp.set_nonblocking(true)
             .map_err(|e| Error::io(format!("make UDP socket of {} nonblocking", dp.label()), e))?;
         let local = udp
@@ -275,7 +276,7 @@ impl PollWorker {
             self.dp.stats().syscalls.add(1);
             let r =
                 crate::platform::recv_segments(&self.udp, &mut self.inb.buf, &mut self.inb.cmsg);
-            let (n, src, gro_size) = match r {
+            let got = match r {
                 Ok(r) => r,
                 Err(Errno::EAGAIN) => return Ok(()),
                 Err(e) => {
@@ -284,14 +285,16 @@ impl PollWorker {
                 }
             };
             let rx = crate::datapath::Received {
-                src,
-                payload: 0..n,
-                gro_size,
-                truncated: n >= self.inb.buf.len() && gro_size.is_none(),
+                src: got.src,
+                payload: 0..got.len,
+                gro_size: got.gro_size,
+                truncated: got.len >= self.inb.buf.len() && got.gro_size.is_none(),
+                arrived_ns: got.arrived_ns,
             };
+            let now = crate::engine::wall_clock_ns();
             match self
                 .dp
-                .handle_receive(&rx, &self.inb.buf, &mut self.inb.coalescer)
+                .handle_receive(&rx, &mut self.inb.buf, &mut self.inb.coalescer, now)
             {
                 RxAction::Write(range) => self.write_packet(range)?,
                 RxAction::Coalesced => self.write_coalesced(0)?,

@@ -64,28 +64,54 @@ pub fn send_segments(
     )
 }
 
-/// Room for the control message `recv_segments` reads.
+/// Room for the control messages `recv_segments` reads.
 pub fn segments_cmsg_space() -> Vec<u8> {
-    nix::cmsg_space!(i32)
+    nix::cmsg_space!(i32, nix::sys::time::TimeSpec)
 }
 
-/// Receives one datagram or, with UDP GRO on, several of the same size:
-/// (bytes, source, segment size if more than one datagram came).
-pub fn recv_segments(
-    sock: &UdpSocket,
-    buf: &mut [u8],
-    cmsg: &mut [u8],
-) -> nix::Result<(usize, Option<SocketAddr>, Option<usize>)> {
+/// What one receive returned.
+#[derive(Clone, Copy, Debug)]
+pub struct RecvInfo {
+    pub len: usize,
+    pub src: Option<SocketAddr>,
+    /// UDP GRO: the size of each datagram, if more than one came.
+    pub gro_size: Option<usize>,
+    /// When the kernel queued it (ns since the Unix epoch), with
+    /// `SO_TIMESTAMPNS` on.
+    pub arrived_ns: Option<u64>,
+}
+
+/// Receives one datagram or, with UDP GRO on, several of the same size.
+pub fn recv_segments(sock: &UdpSocket, buf: &mut [u8], cmsg: &mut [u8]) -> nix::Result<RecvInfo> {
     let mut iov = [io::IoSliceMut::new(buf)];
     let m = recvmsg::<SockaddrStorage>(sock.as_raw_fd(), &mut iov, Some(cmsg), MsgFlags::empty())?;
-    let seg = m.cmsgs().ok().and_then(|mut c| {
-        c.find_map(|c| match c {
-            ControlMessageOwned::UdpGroSegments(s) => Some(s as usize),
-            _ => None,
-        })
-    });
-    let src = m.address.as_ref().and_then(super::socket_addr);
-    Ok((m.bytes, src, seg))
+    let mut gro_size = None;
+    let mut arrived_ns = None;
+    if let Ok(cmsgs) = m.cmsgs() {
+        for c in cmsgs {
+            match c {
+                ControlMessageOwned::UdpGroSegments(s) => gro_size = Some(s as usize),
+                ControlMessageOwned::ScmTimestampns(t) => {
+                    arrived_ns = u64::try_from(t.tv_sec())
+                        .ok()
+                        .map(|s| s * 1_000_000_000 + t.tv_nsec() as u64)
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(RecvInfo {
+        len: m.bytes,
+        src: m.address.as_ref().and_then(super::socket_addr),
+        gro_size,
+        arrived_ns,
+    })
+}
+
+/// Asks the kernel to stamp each received datagram with its arrival time
+/// (`SO_TIMESTAMPNS`), read by [`recv_segments`].
+pub fn enable_rx_timestamps(sock: &UdpSocket) -> io::Result<()> {
+    setsockopt(sock, sockopt::ReceiveTimestampns, &true).map_err(Into::into)
 }
 
 /// Asks the kernel to send SIGTERM when the parent process dies.

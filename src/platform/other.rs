@@ -56,15 +56,30 @@ pub fn segments_cmsg_space() -> Vec<u8> {
     Vec::new()
 }
 
-/// Receives one datagram: (bytes, source, None).
-pub fn recv_segments(
-    sock: &UdpSocket,
-    buf: &mut [u8],
-    _cmsg: &mut [u8],
-) -> nix::Result<(usize, Option<SocketAddr>, Option<usize>)> {
+/// What one receive returned.
+#[derive(Clone, Copy, Debug)]
+pub struct RecvInfo {
+    pub len: usize,
+    pub src: Option<SocketAddr>,
+    pub gro_size: Option<usize>,
+    pub arrived_ns: Option<u64>,
+}
+
+/// Receives one datagram (no GRO, no arrival time here).
+pub fn recv_segments(sock: &UdpSocket, buf: &mut [u8], _cmsg: &mut [u8]) -> nix::Result<RecvInfo> {
     use std::os::fd::AsRawFd;
     let (n, src) = recvfrom::<SockaddrStorage>(sock.as_raw_fd(), buf)?;
-    Ok((n, src.as_ref().and_then(super::socket_addr), None))
+    Ok(RecvInfo {
+        len: n,
+        src: src.as_ref().and_then(super::socket_addr),
+        gro_size: None,
+        arrived_ns: None,
+    })
+}
+
+/// No receive timestamps here: the AQM stays off.
+pub fn enable_rx_timestamps(_sock: &UdpSocket) -> io::Result<()> {
+    Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
 }
 
 /// The parent-death signal is Linux-only (used by `tunfwd bench`).

@@ -30,7 +30,7 @@ mod ops;
 mod pool;
 mod worker;
 
-pub use ops::{gro_segment, parse_sockaddr};
+pub use ops::{Control, gro_segment, parse_control, parse_sockaddr};
 pub use worker::UringWorker;
 
 use std::io;
@@ -40,7 +40,7 @@ use io_uring::{IoUring, opcode};
 use crate::config::{Toggle, UringFlags};
 use crate::error::{Error, Result};
 use crate::forward::Forwarder;
-use ops::{CMSG_SPACE_INT, RECVMSG_PREFIX};
+use ops::{CMSG_SPACE_INT, CMSG_SPACE_TIMESPEC, RECVMSG_PREFIX};
 
 /// The io_uring tuning flags.
 #[derive(Clone, Debug)]
@@ -147,9 +147,18 @@ pub struct UringPlan {
 pub fn buffer_len(fwd: &Forwarder, offload: bool) -> usize {
     let read =
         crate::datapath::read_headroom(fwd, offload) + crate::datapath::max_read_len(fwd, offload);
-    let control = if offload { CMSG_SPACE_INT } else { 0 };
+    // Room for every control message a receive may carry.
+    let control = control_len(true, true);
     let receive = RECVMSG_PREFIX + control + crate::datapath::max_receive_len(fwd, offload);
     read.max(receive).next_multiple_of(64)
+}
+
+/// Control data a multishot receive asks for: the UDP_GRO size (offload)
+/// and the arrival time (AQM).
+fn control_len(gro: bool, timestamps: bool) -> usize {
+    let gro = if gro { CMSG_SPACE_INT } else { 0 };
+    let ts = if timestamps { CMSG_SPACE_TIMESPEC } else { 0 };
+    gro + ts
 }
 
 const TUN_GROUP: u16 = 0;

@@ -55,8 +55,11 @@ pub(super) fn decode(ud: u64) -> (Option<Op>, u16, u16) {
 pub(super) const SOCKADDR_LEN: usize = std::mem::size_of::<libc::sockaddr_in6>();
 /// `struct io_uring_recvmsg_out` (16 bytes) + the sender address we ask for.
 pub(super) const RECVMSG_PREFIX: usize = 16 + SOCKADDR_LEN;
-/// Control data we ask for or send: one cmsghdr with one int.
+/// Control data we ask for or send: one cmsghdr with one int (UDP_GRO,
+/// UDP_SEGMENT)...
 pub(super) const CMSG_SPACE_INT: usize = 24;
+/// ...and one with a struct timespec (SCM_TIMESTAMPNS).
+pub(super) const CMSG_SPACE_TIMESPEC: usize = 32;
 
 /// The message header of one buffer's sendmsg or single-shot recvmsg. Kept
 /// in a Vec that is never resized, so the kernel's pointers into it stay
@@ -64,8 +67,9 @@ pub(super) const CMSG_SPACE_INT: usize = 24;
 pub(super) struct MsgSlot {
     pub(super) msg: libc::msghdr,
     pub(super) iov: libc::iovec,
-    /// One cmsghdr with UDP_SEGMENT, 8-byte aligned.
-    pub(super) cmsg: [u64; 3],
+    /// Control data, 8-byte aligned: UDP_SEGMENT out, or SCM_TIMESTAMPNS
+    /// in.
+    pub(super) cmsg: [u64; 4],
     pub(super) name: libc::sockaddr_in6,
 }
 
@@ -79,7 +83,7 @@ impl MsgSlot {
                 iov_base: std::ptr::null_mut(),
                 iov_len: 0,
             },
-            cmsg: [0; 3],
+            cmsg: [0; 4],
             // SAFETY: as above: a plain C struct.
             name: unsafe { std::mem::zeroed() },
         }
@@ -104,7 +108,8 @@ impl MsgSlot {
         self.msg.msg_iovlen = 1;
         match gso_size {
             Some(seg) => {
-                self.cmsg = udp_segment_cmsg(seg);
+                let c = udp_segment_cmsg(seg);
+                self.cmsg[..3].copy_from_slice(&c);
                 self.msg.msg_control = self.cmsg.as_mut_ptr().cast();
                 self.msg.msg_controllen = CMSG_SPACE_INT as _;
             }
@@ -117,8 +122,14 @@ impl MsgSlot {
     }
 
     /// Points the header at `len` bytes at `data` and at its own address
-    /// field. Returns the header for a single-shot RECVMSG.
-    pub(super) fn prepare_recv(&mut self, data: *mut u8, len: usize) -> *mut libc::msghdr {
+    /// field (and control area, for an arrival time if `timestamps`).
+    /// Returns the header for a single-shot RECVMSG.
+    pub(super) fn prepare_recv(
+        &mut self,
+        data: *mut u8,
+        len: usize,
+        timestamps: bool,
+    ) -> *mut libc::msghdr {
         self.iov = libc::iovec {
             iov_base: data.cast(),
             iov_len: len,
@@ -127,8 +138,14 @@ impl MsgSlot {
         self.msg.msg_namelen = SOCKADDR_LEN as u32;
         self.msg.msg_iov = &mut self.iov;
         self.msg.msg_iovlen = 1;
-        self.msg.msg_control = std::ptr::null_mut();
-        self.msg.msg_controllen = 0;
+        if timestamps {
+            self.cmsg = [0; 4];
+            self.msg.msg_control = self.cmsg.as_mut_ptr().cast();
+            self.msg.msg_controllen = CMSG_SPACE_TIMESPEC as _;
+        } else {
+            self.msg.msg_control = std::ptr::null_mut();
+            self.msg.msg_controllen = 0;
+        }
         self.msg.msg_flags = 0;
         &mut self.msg
     }
@@ -142,6 +159,16 @@ impl MsgSlot {
             std::slice::from_raw_parts((&self.name as *const libc::sockaddr_in6).cast::<u8>(), len)
         };
         parse_sockaddr(bytes)
+    }
+
+    /// The control data a completed single-shot recvmsg left.
+    pub(super) fn control(&self) -> &[u8] {
+        if self.msg.msg_control.is_null() || self.msg.msg_controllen == 0 {
+            return &[];
+        }
+        // SAFETY: `cmsg` is 32 plain bytes owned by self (zeroed before
+        // each receive, so only what the kernel wrote is there).
+        unsafe { std::slice::from_raw_parts(self.cmsg.as_ptr().cast::<u8>(), CMSG_SPACE_TIMESPEC) }
     }
 
     /// The completed single-shot recvmsg was truncated.
@@ -188,23 +215,64 @@ fn udp_segment_cmsg(seg: u16) -> [u64; 3] {
     [w(0), w(1), w(2)]
 }
 
-/// The UDP_GRO segment size in recvmsg control data, if present.
-pub fn gro_segment(control: &[u8]) -> Option<usize> {
+/// What recvmsg control data says: the UDP_GRO segment size and the
+/// arrival time (SCM_TIMESTAMPNS, ns since the Unix epoch), where present.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Control {
+    pub gro_size: Option<usize>,
+    pub arrived_ns: Option<u64>,
+}
+
+/// Parses recvmsg control data (native-endian cmsghdrs, 8-byte aligned).
+pub fn parse_control(control: &[u8]) -> Control {
+    let mut out = Control::default();
     let mut at = 0;
+    let field = |b: &[u8], i: usize, n: usize| b.get(i..i + n).map(|s| s.to_vec());
     while at + 16 <= control.len() {
-        let len = usize::try_from(u64::from_ne_bytes(control[at..at + 8].try_into().ok()?)).ok()?;
-        let level = i32::from_ne_bytes(control[at + 8..at + 12].try_into().ok()?);
-        let kind = i32::from_ne_bytes(control[at + 12..at + 16].try_into().ok()?);
+        let Some(len) = field(control, at, 8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_ne_bytes)
+            .and_then(|l| usize::try_from(l).ok())
+        else {
+            break;
+        };
         if len < 16 {
-            return None;
+            break;
         }
-        if level == libc::SOL_UDP && kind == libc::UDP_GRO && at + 20 <= control.len() {
-            let v = i32::from_ne_bytes(control[at + 16..at + 20].try_into().ok()?);
-            return usize::try_from(v).ok().filter(|&v| v > 0);
+        let int = |i: usize| {
+            field(control, at + i, 4)
+                .and_then(|b| b.try_into().ok())
+                .map(i32::from_ne_bytes)
+        };
+        let i64_at = |i: usize| {
+            field(control, at + i, 8)
+                .and_then(|b| b.try_into().ok())
+                .map(i64::from_ne_bytes)
+        };
+        match (int(8), int(12)) {
+            (Some(libc::SOL_UDP), Some(libc::UDP_GRO)) => {
+                out.gro_size = int(16)
+                    .and_then(|v| usize::try_from(v).ok())
+                    .filter(|&v| v > 0);
+            }
+            (Some(libc::SOL_SOCKET), Some(libc::SCM_TIMESTAMPNS)) => {
+                if let (Some(sec), Some(nsec)) = (i64_at(16), i64_at(24)) {
+                    out.arrived_ns = u64::try_from(sec)
+                        .ok()
+                        .zip(u64::try_from(nsec).ok())
+                        .map(|(s, n)| s * 1_000_000_000 + n);
+                }
+            }
+            _ => {}
         }
         at += len.next_multiple_of(8);
     }
-    None
+    out
+}
+
+/// The UDP_GRO segment size in recvmsg control data, if present.
+pub fn gro_segment(control: &[u8]) -> Option<usize> {
+    parse_control(control).gro_size
 }
 
 #[cfg(test)]
@@ -258,5 +326,20 @@ mod tests {
         bytes[16..20].copy_from_slice(&1400i32.to_ne_bytes());
         assert_eq!(gro_segment(&bytes), Some(1400));
         assert_eq!(gro_segment(&bytes[..10]), None);
+        // A timestamp after it.
+        let mut ts = vec![0u8; 32];
+        ts[..8].copy_from_slice(&32u64.to_ne_bytes());
+        ts[8..12].copy_from_slice(&libc::SOL_SOCKET.to_ne_bytes());
+        ts[12..16].copy_from_slice(&libc::SCM_TIMESTAMPNS.to_ne_bytes());
+        ts[16..24].copy_from_slice(&1_700_000_000i64.to_ne_bytes());
+        ts[24..32].copy_from_slice(&123i64.to_ne_bytes());
+        bytes.extend_from_slice(&ts);
+        assert_eq!(
+            parse_control(&bytes),
+            Control {
+                gro_size: Some(1400),
+                arrived_ns: Some(1_700_000_000 * 1_000_000_000 + 123)
+            }
+        );
     }
 }

@@ -17,8 +17,8 @@ use nix::errno::Errno;
 use nix::sys::socket::{SockaddrLike, SockaddrStorage};
 
 use super::ops::{
-    CHAINED, CMSG_SPACE_INT, MsgSlot, Op, SINGLE_WRITE, SOCKADDR_LEN, decode, gro_segment,
-    parse_sockaddr, user_data,
+    CHAINED, MsgSlot, Op, SINGLE_WRITE, SOCKADDR_LEN, decode, parse_control, parse_sockaddr,
+    user_data,
 };
 use super::pool::{BufRing, Owner, Owners, Region};
 use super::{TUN_GROUP, UDP_GROUP, UringPlan, build_ring};
@@ -160,11 +160,12 @@ impl UringWorker {
         let WorkerParts {
             tun,
             udp,
-            datapath: dp,
+            datapath: mut dp,
             shutdown,
             batch,
             busy_poll,
         } = parts;
+        crate::engine::enable_timestamps(&udp, &mut dp);
         let tun = tun.into_file();
         let label = dp.label().to_string();
         // io_uring waits for room itself (internal poll) when a send would
@@ -221,10 +222,9 @@ impl UringWorker {
             unsafe { std::mem::zeroed() },
         );
         multishot_msg.msg_namelen = SOCKADDR_LEN as u32;
-        if plan.offload {
-            // The kernel lays the control data (UDP_GRO) out in the buffer.
-            multishot_msg.msg_controllen = CMSG_SPACE_INT as _;
-        }
+        // The kernel lays the control data (UDP_GRO, the arrival time) out
+        // in the provided buffer, behind the address.
+        multishot_msg.msg_controllen = super::control_len(plan.offload, dp.wants_timestamps()) as _;
         let reads = || Reads {
             ring: None,
             free: Vec::new(),
@@ -461,7 +461,8 @@ impl UringWorker {
             let ptr = self.buf_ptr(bid);
             let len = self.plan.buf_len;
             let slot = usize::from(bid - self.per_group);
-            let msg = self.rx[slot].msg.prepare_recv(ptr, len);
+            let timestamps = self.dp.wants_timestamps();
+            let msg = self.rx[slot].msg.prepare_recv(ptr, len, timestamps);
             let e = with_file!(self, UDP_SLOT, |f| opcode::RecvMsg::new(f, msg).build());
             // SAFETY: the slot's msghdr (in a Vec never resized after setup)
             // and the buffer are the kernel's until this receive completes.
@@ -811,6 +812,7 @@ impl UringWorker {
                         payload: 0..(res as usize).min(self.plan.buf_len),
                         gro_size: None,
                         truncated: slot.truncated() || res as usize >= self.plan.buf_len,
+                        arrived_ns: parse_control(slot.control()).arrived_ns,
                     })
                 };
                 match rx {
@@ -842,11 +844,13 @@ impl UringWorker {
         let out = RecvMsgOut::parse(buf, &self.multishot_msg).ok()?;
         let payload = out.payload_data();
         let offset = payload.as_ptr() as usize - buf.as_ptr() as usize;
+        let control = parse_control(out.control_data());
         Some(Received {
             src: parse_sockaddr(out.name_data()),
             payload: offset..offset + payload.len(),
-            gro_size: gro_segment(out.control_data()),
+            gro_size: control.gro_size,
             truncated: out.is_payload_truncated() || offset + payload.len() >= self.plan.buf_len,
+            arrived_ns: control.arrived_ns,
         })
     }
 
@@ -855,9 +859,10 @@ impl UringWorker {
         let slot = usize::from(bid - self.per_group);
         // SAFETY: the receive completed and the engine owns the buffer.
         let buf = unsafe { buffer(self.pool.ptr, self.plan.buf_len, bid) };
+        let now = crate::engine::wall_clock_ns();
         match self
             .dp
-            .handle_receive(rx, buf, &mut self.rx[slot].coalescer)
+            .handle_receive(rx, buf, &mut self.rx[slot].coalescer, now)
         {
             RxAction::Write(range) => {
                 self.rx[slot].single = Some(range);
