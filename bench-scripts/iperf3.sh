@@ -104,8 +104,9 @@ measure() { # name dst flags-string
     local name=$1 dst=$2 flags=$3
     echo "iperf3.sh: measuring $name" >&2
     local t1 t4 u64 u1400 lat
-    t1=$(iperf_json "$dst" | jq '.end.sum_received.bits_per_second // 0')
-    t4=$(iperf_json "$dst" -P 4 | jq '.end.sum_received.bits_per_second // 0')
+    # TCP: received bit/s and the sender's retransmitted segments.
+    t1=$(iperf_json "$dst" | jq -c '{bps: (.end.sum_received.bits_per_second // 0), retransmits: (.end.sum_sent.retransmits // 0)}')
+    t4=$(iperf_json "$dst" -P 4 | jq -c '{bps: (.end.sum_received.bits_per_second // 0), retransmits: (.end.sum_sent.retransmits // 0)}')
     # -l is the UDP payload: IP packet minus 28 bytes of IPv4 + UDP header.
     u64=$(iperf_json "$dst" -u -b 0 -l 36 | udp_summary 64)
     u1400=$(iperf_json "$dst" -u -b 0 -l 1372 | udp_summary 1400)
@@ -113,7 +114,9 @@ measure() { # name dst flags-string
     jq -cn --arg name "$name" --arg flags "$flags" --argjson t1 "$t1" --argjson t4 "$t4" \
         --argjson u64 "$u64" --argjson u1400 "$u1400" \
         --argjson p50 "${lat% *}" --argjson p99 "${lat#* }" \
-        '{config: $name, flags: $flags, tcp1_bps: $t1, tcp4_bps: $t4, udp64: $u64, udp1400: $u1400, ping_p50_us: $p50, ping_p99_us: $p99}' >>"$rows"
+        '{config: $name, flags: $flags, tcp1_bps: $t1.bps, tcp1_retransmits: $t1.retransmits,
+          tcp4_bps: $t4.bps, tcp4_retransmits: $t4.retransmits,
+          udp64: $u64, udp1400: $u1400, ping_p50_us: $p50, ping_p99_us: $p99}' >>"$rows"
 }
 
 measure veth 198.18.0.2 ""
@@ -135,11 +138,11 @@ jq -s --arg kernel "$KERNEL" --arg cpu "$CPU" --argjson cpus "$NPROC" --arg iper
     "$rows" >"$JSON"
 
 {
-    echo "| config | TCP 1 stream Gbit/s | ratio to veth | TCP 4 streams Gbit/s | UDP 64 B delivered kpps (loss %) | UDP 1400 B delivered Gbit/s (loss %) | ping p50 / p99 us |"
+    echo "| config | TCP 1 stream Gbit/s (retransmits) | ratio to veth | TCP 4 streams Gbit/s (retransmits) | UDP 64 B delivered kpps (loss %) | UDP 1400 B delivered Gbit/s (loss %) | ping p50 / p99 us |"
     echo "|---|---|---|---|---|---|---|"
     jq -r 'def r3: . * 1000 | round / 1000;
         .results as $r | ($r[0].tcp1_bps) as $base | $r[] |
-        "| \(.config) | \(.tcp1_bps / 1e9 | r3) | \(if $base > 0 then (.tcp1_bps / $base | r3) else "-" end) | \(.tcp4_bps / 1e9 | r3) | \(.udp64.delivered_pps / 1000 | round) (\(.udp64.lost_pct | round)) | \(.udp1400.ip_gbps | r3) (\(.udp1400.lost_pct | round)) | \(.ping_p50_us) / \(.ping_p99_us) |"' "$JSON"
+        "| \(.config) | \(.tcp1_bps / 1e9 | r3) (\(.tcp1_retransmits)) | \(if $base > 0 then (.tcp1_bps / $base | r3) else "-" end) | \(.tcp4_bps / 1e9 | r3) (\(.tcp4_retransmits)) | \(.udp64.delivered_pps / 1000 | round) (\(.udp64.lost_pct | round)) | \(.udp1400.ip_gbps | r3) (\(.udp1400.lost_pct | round)) | \(.ping_p50_us) / \(.ping_p99_us) |"' "$JSON"
     echo
     echo "$IPERF, ${SECS} s per run, kernel $KERNEL, $CPU, $NPROC CPUs. Command: \`bench-scripts/iperf3.sh $*\`."
     echo "UDP: iperf3 at unlimited rate (-b 0); delivered = what its receiver got, loss = its receiver's count; sizes are IP packet bytes."
