@@ -1,5 +1,5 @@
 # Shared by the bench scripts (sourced, not run): the two-namespace topology
-# of design.md section 7, and its removal.
+# (underlay 198.18.0.0/30 on a veth pair, overlay 198.19.0.0/24 on the tunnel), and its removal.
 #
 #   topo_create A B   namespaces A and B, veth0 198.18.0.1/30 - 198.18.0.2/30
 #   topo_destroy A B  kill what runs inside them, then delete them

@@ -1,4 +1,4 @@
-//! The bench topology (design.md section 7), built from Rust: two anonymous
+//! The bench topology (README, "Benchmarks"), built from Rust: two anonymous
 //! namespaces joined by a veth pair, optionally a kernel VXLAN tunnel over it.
 //! Everything vanishes with the namespaces when the bench exits, however it
 //! exits.

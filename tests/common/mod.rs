@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use nix::sched::{CloneFlags, setns};
 
-/// Overlay and underlay addresses of design.md section 7.
+/// Overlay and underlay addresses of the test topology: underlay 198.18.0.0/30 on veth, overlay 198.19.0.0/24 and 2001:db8:19::/64 on the tunnel.
 pub const UNDERLAY_A: &str = "198.18.0.1";
 pub const UNDERLAY_B: &str = "198.18.0.2";
 pub const OVERLAY_A: &str = "198.19.0.1";
