@@ -75,9 +75,20 @@ pub const SPLIT_LEN: usize = 2 * 65536;
 pub enum TxBuf {
     /// The buffer the TUN read landed in (headroom included).
     Read,
-    /// The split buffer: the segments of a super-packet (offload).
-    Split,
+    /// Offload: datagram `i` is its headers in the split buffer
+    /// (`g.headers(i)`) followed by its payload in the read buffer
+    /// (`READ_PAYLOAD_OFFSET + g.payload(i)`): sent as a gather list, the
+    /// payload never copied. See [`TxPlan::pieces`].
+    Gather(offload::GatherSegments),
 }
+
+/// Where an offload read's packet starts in the read buffer: behind the
+/// virtio-net header.
+pub const READ_PAYLOAD_OFFSET: usize = virtio::LEN;
+
+/// Most datagrams one send carries, so most pieces (header and payload per
+/// datagram) of a gather send: engines size their iovec arrays with it.
+pub const MAX_GATHER_PIECES: usize = 2 * GSO_MAX_SEGMENTS;
 
 /// The datagrams one TUN read became: bytes `start..end` of `buf`, cut every
 /// `seg` bytes (the last datagram may be shorter). `sent` bytes have been
@@ -100,6 +111,31 @@ impl TxPlan {
     /// Datagrams in the plan.
     pub fn datagrams(&self) -> usize {
         (self.end - self.start).div_ceil(self.seg)
+    }
+
+    /// A gather plan's pieces of `send`, in order, one pair per datagram:
+    /// its headers (a range of the split buffer) and its payload (a range
+    /// of the read buffer). Empty for a plan that is one contiguous range.
+    pub fn pieces(
+        &self,
+        send: &TxSend,
+    ) -> impl Iterator<Item = (Range<usize>, Range<usize>)> + use<> {
+        let (g, first, last) = match self.buf {
+            TxBuf::Gather(g) => (
+                Some(g),
+                send.range.start / self.seg,
+                send.range.end.div_ceil(self.seg),
+            ),
+            TxBuf::Read => (None, 0, 0),
+        };
+        (first..last).filter_map(move |i| {
+            let g = g?;
+            let p = g.payload(i);
+            Some((
+                g.headers(i),
+                READ_PAYLOAD_OFFSET + p.start..READ_PAYLOAD_OFFSET + p.end,
+            ))
+        })
     }
 }
 
@@ -334,7 +370,7 @@ impl Datapath {
     /// `split` (at least [`SPLIT_LEN`] bytes).
     pub fn handle_tun_read(&mut self, read: &mut [u8], len: usize, split: &mut [u8]) -> TunAction {
         if self.offload {
-            return self.handle_offload_read(&read[..len], split);
+            return self.handle_offload_read(&mut read[..len], split);
         }
         let head = self.read_headroom();
         let (encap, pkt) = read[..head + len].split_at_mut(head);
@@ -357,33 +393,45 @@ impl Datapath {
         }
     }
 
-    fn handle_offload_read(&mut self, frame: &[u8], split: &mut [u8]) -> TunAction {
+    fn handle_offload_read(&mut self, frame: &mut [u8], split: &mut [u8]) -> TunAction {
         let Some(hdr) = VirtioNetHdr::parse(frame) else {
             self.stats.tun_to_peer.drop(DropReason::Truncated);
             return TunAction::Dropped;
         };
-        let segs = match offload::split(&hdr, &frame[virtio::LEN..], self.fwd.mtu(), split) {
-            Ok(s) => s,
+        let frame_len = frame.len();
+        let pkt = &mut frame[READ_PAYLOAD_OFFSET..];
+        let gathered = match offload::split_gather(&hdr, pkt, self.fwd.mtu(), split) {
+            Ok(g) => g,
             Err(_) => {
                 self.stats.tun_to_peer.drop(DropReason::BadOffload);
                 return TunAction::Dropped;
             }
         };
-        // One packet gets the same checks as without offload; split made
-        // every segment of a super-packet valid and within the MTU.
-        if segs.count == 1 {
-            if let TunVerdict::Drop(r) = self.fwd.handle_from_tun(&split[..segs.last_len]) {
-                self.stats.tun_to_peer.drop(r);
-                return TunAction::Dropped;
-            }
+        match gathered {
+            // One packet gets the same checks as without offload, and goes
+            // out from where it was read.
+            offload::Gathered::Single => match self.fwd.handle_from_tun(pkt) {
+                TunVerdict::Drop(r) => {
+                    self.stats.tun_to_peer.drop(r);
+                    TunAction::Dropped
+                }
+                _ => TunAction::Send(TxPlan {
+                    buf: TxBuf::Read,
+                    start: READ_PAYLOAD_OFFSET,
+                    end: frame_len,
+                    seg: pkt.len().max(1),
+                    sent: 0,
+                }),
+            },
+            // Split made every segment valid and within the MTU.
+            offload::Gathered::Segments(g) => TunAction::Send(TxPlan {
+                buf: TxBuf::Gather(g),
+                start: 0,
+                end: g.total_len(),
+                seg: g.seg_len().max(1),
+                sent: 0,
+            }),
         }
-        TunAction::Send(TxPlan {
-            buf: TxBuf::Split,
-            start: 0,
-            end: segs.total_len(),
-            seg: segs.seg_len.max(1),
-            sent: 0,
-        })
     }
 
     /// The next send of `plan`, or None when it is done.
@@ -693,7 +741,10 @@ mod tests {
         let len = read.len();
         let mut split = vec![0u8; SPLIT_LEN];
         let mut plan = plan_of(d.handle_tun_read(&mut read, len, &mut split));
-        assert_eq!(plan.buf, TxBuf::Split);
+        assert!(
+            matches!(plan.buf, TxBuf::Gather(_)),
+            "a super-packet is sent as a gather list"
+        );
         assert_eq!(plan.datagrams(), 46);
         let mut sends = Vec::new();
         while let Some(s) = d.next_send(&plan) {

@@ -207,19 +207,31 @@ pub fn split_coalesce(data: &[u8]) {
     };
     // Send everything as the engines do; collect the datagrams.
     let mut wire = Vec::new();
+    let mut next_at = None;
     let mut datagrams = 0;
     let mut seg_len = 0;
     while let Some(send) = dp.next_send(&plan) {
         assert_eq!(
             send.range.start,
-            wire.len(),
+            next_at.unwrap_or(send.range.start),
             "sends are in order, back to back"
         );
-        let buf = match plan.buf {
-            TxBuf::Read => &read,
-            TxBuf::Split => &split,
+        next_at = Some(send.range.end);
+        // The datagrams as the engines gather them.
+        let bytes: Vec<u8> = match plan.buf {
+            TxBuf::Read => read[send.range.clone()].to_vec(),
+            TxBuf::Gather(_) => plan
+                .pieces(&send)
+                .flat_map(|(h, p)| {
+                    split[h]
+                        .iter()
+                        .chain(&read[p])
+                        .copied()
+                        .collect::<Vec<u8>>()
+                })
+                .collect(),
         };
-        let bytes = &buf[send.range.clone()];
+        assert_eq!(bytes.len(), send.range.len(), "the pieces make up the send");
         let seg = send.gso_size.map_or(bytes.len(), usize::from);
         seg_len = seg_len.max(seg);
         for d in bytes.chunks(seg) {
@@ -231,7 +243,7 @@ pub fn split_coalesce(data: &[u8]) {
             );
             datagrams += 1;
         }
-        wire.extend_from_slice(bytes);
+        wire.extend_from_slice(&bytes);
         assert_eq!(
             dp.on_send(&mut plan, &send, Ok(send.range.len())),
             After::Next

@@ -7,7 +7,7 @@
 //! become writable: nothing is dropped for lack of room, and nothing
 //! overtakes what is held.
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::net::{SocketAddr, UdpSocket};
 use std::ops::Range;
 use std::os::fd::AsFd;
@@ -16,7 +16,9 @@ use std::sync::Arc;
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
-use crate::datapath::{After, Datapath, RxAction, SPLIT_LEN, TunAction, TxBuf, TxPlan, WriteInfo};
+use crate::datapath::{
+    After, Datapath, MAX_GATHER_PIECES, RxAction, SPLIT_LEN, TunAction, TxBuf, TxPlan, WriteInfo,
+};
 use crate::engine::{Shutdown, WorkerParts, send_addr};
 use crate::error::{Error, Result};
 use crate::packet::offload::Coalescer;
@@ -238,17 +240,27 @@ impl PollWorker {
 
     /// Sends what is left of `plan`; holds it if the socket fills up.
     fn send_plan(&mut self, mut plan: TxPlan) -> Result<()> {
+        let mut iov = [IoSlice::new(&[]); MAX_GATHER_PIECES];
         while let Some(send) = self.dp.next_send(&plan) {
-            let buf = match plan.buf {
-                TxBuf::Read => &self.out.read,
-                TxBuf::Split => &self.out.split,
+            // One slice of the read buffer, or each datagram's headers (in
+            // the split buffer) and payload (in the read buffer).
+            let n = match plan.buf {
+                TxBuf::Read => {
+                    iov[0] = IoSlice::new(&self.out.read[send.range.clone()]);
+                    1
+                }
+                TxBuf::Gather(_) => {
+                    let mut n = 0;
+                    for (h, p) in plan.pieces(&send) {
+                        iov[n] = IoSlice::new(&self.out.split[h]);
+                        iov[n + 1] = IoSlice::new(&self.out.read[p]);
+                        n += 2;
+                    }
+                    n
+                }
             };
-            let data = &buf[send.range.clone()];
             self.dp.stats().syscalls.add(1);
-            let res = match send.gso_size {
-                Some(seg) => crate::platform::send_segments(&self.udp, data, seg, self.peer),
-                None => errno_of(self.udp.send_to(data, self.peer)),
-            };
+            let res = crate::platform::send_gather(&self.udp, &iov[..n], send.gso_size, self.peer);
             if self.dp.on_send(&mut plan, &send, res) == After::Retry {
                 self.out.held = Some(OutHeld::Send(plan));
                 return Ok(());

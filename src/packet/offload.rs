@@ -137,6 +137,7 @@ fn fix_ip_header(p: &mut [u8], v6: bool, len: usize, l4_off: usize, id: Option<u
 
 /// Writes the full L4 checksum of the packet at `p` into `field` (offset
 /// within `p`); UDP over IPv4 writes 0xffff for a computed 0.
+#[cfg(test)]
 fn fill_l4_checksum(p: &mut [u8], info: &IpInfo, field: usize) {
     let l4_len = p.len() - info.l4_off;
     p[field..field + 2].copy_from_slice(&[0, 0]);
@@ -151,6 +152,179 @@ fn fill_l4_checksum(p: &mut [u8], info: &IpInfo, field: usize) {
     p[field..field + 2].copy_from_slice(&c.to_be_bytes());
 }
 
+/// Completes the partial checksum (`NEEDS_CSUM`) of a single packet in
+/// place: the field holds the pseudo-header sum, and summing it in with the
+/// rest yields the full checksum.
+fn complete_checksum(hdr: &VirtioNetHdr, p: &mut [u8]) -> Result<(), OffloadError> {
+    if hdr.flags & virtio::F_NEEDS_CSUM == 0 {
+        return Ok(());
+    }
+    let len = p.len();
+    let start = usize::from(hdr.csum_start);
+    let field = start + usize::from(hdr.csum_offset);
+    if start >= len || field + 2 > len {
+        return Err(OffloadError::Malformed(
+            "checksum offsets beyond the packet",
+        ));
+    }
+    let c = fold(sum(&p[start..len], 0));
+    p[field..field + 2].copy_from_slice(&c.to_be_bytes());
+    Ok(())
+}
+
+/// How a super-packet is cut: the headers every segment repeats, the
+/// payload per segment, and what each segment's headers must say.
+struct Cut {
+    info: IpInfo,
+    tcp: bool,
+    /// Bytes of IP and L4 headers (`hlen`), repeated in every segment.
+    headers: usize,
+    mss: usize,
+    count: usize,
+    last_payload: usize,
+    ip_id: Option<u16>,
+    seq: u32,
+    tcp_flags: u8,
+}
+
+impl Cut {
+    /// Checks `pkt` against its GSO header and the MTU.
+    fn plan(hdr: &VirtioNetHdr, pkt: &[u8], mtu: usize) -> Result<Cut, OffloadError> {
+        let kind = hdr.gso_kind();
+        let info = ip_info(pkt)?;
+        let (want_proto, l4_hdr_len) = match kind {
+            virtio::GSO_TCPV4 | virtio::GSO_TCPV6 => {
+                if info.protocol != PROTO_TCP {
+                    return Err(OffloadError::Unsupported("TCP GSO on a non-TCP packet"));
+                }
+                let off = info.l4_off + 12;
+                let b = *pkt
+                    .get(off)
+                    .ok_or(OffloadError::Malformed("truncated TCP header"))?;
+                (PROTO_TCP, usize::from(b >> 4) * 4)
+            }
+            virtio::GSO_UDP_L4 => (PROTO_UDP, 8),
+            virtio::GSO_UDP => return Err(OffloadError::Unsupported("UFO (IP fragmentation)")),
+            _ => return Err(OffloadError::Unsupported("unknown GSO type")),
+        };
+        if info.protocol != want_proto {
+            return Err(OffloadError::Unsupported(
+                "GSO type does not match the L4 protocol",
+            ));
+        }
+        if (kind == virtio::GSO_TCPV4 && info.v6) || (kind == virtio::GSO_TCPV6 && !info.v6) {
+            return Err(OffloadError::Unsupported(
+                "GSO type does not match the IP version",
+            ));
+        }
+        if l4_hdr_len < 8 || (want_proto == PROTO_TCP && l4_hdr_len < 20) {
+            return Err(OffloadError::Malformed("bad L4 header length"));
+        }
+        let headers = info.l4_off + l4_hdr_len;
+        if headers > pkt.len() {
+            return Err(OffloadError::Malformed("truncated L4 header"));
+        }
+        if headers >= mtu {
+            return Err(OffloadError::TooBig);
+        }
+        let payload = pkt.len() - headers;
+        let gso = usize::from(hdr.gso_size).max(1);
+        // Never exceed the MTU, whatever the header says.
+        let mss = gso.min(mtu - headers);
+        let count = payload.div_ceil(mss).max(1);
+        let l4 = info.l4_off;
+        let tcp = want_proto == PROTO_TCP;
+        let (seq, tcp_flags) = if tcp {
+            (
+                u32::from_be_bytes([pkt[l4 + 4], pkt[l4 + 5], pkt[l4 + 6], pkt[l4 + 7]]),
+                pkt[l4 + 13],
+            )
+        } else {
+            (0, 0)
+        };
+        Ok(Cut {
+            ip_id: (!info.v6).then(|| u16::from_be_bytes([pkt[4], pkt[5]])),
+            info,
+            tcp,
+            headers,
+            mss,
+            count,
+            last_payload: payload - (count - 1) * mss,
+            seq,
+            tcp_flags,
+        })
+    }
+
+    fn segments(&self) -> Segments {
+        Segments {
+            count: self.count,
+            seg_len: self.headers
+                + self
+                    .mss
+                    .min(self.mss * (self.count - 1) + self.last_payload),
+            last_len: self.headers + self.last_payload,
+        }
+    }
+
+    /// Payload bytes of segment `i` within the super-packet.
+    fn payload_range(&self, i: usize) -> std::ops::Range<usize> {
+        let start = self.headers + i * self.mss;
+        let len = if i + 1 == self.count {
+            self.last_payload
+        } else {
+            self.mss
+        };
+        start..start + len
+    }
+
+    /// Fills in the headers `h` (a copy of the super-packet's) for segment
+    /// `i`, whose payload is `payload`: lengths, IPv4 id and checksum,
+    /// sequence number and flags, and the L4 checksum over both parts.
+    fn write_headers(&self, h: &mut [u8], i: usize, payload: &[u8]) {
+        let info = &self.info;
+        let l4 = info.l4_off;
+        let len = h.len() + payload.len();
+        fix_ip_header(
+            h,
+            info.v6,
+            len,
+            l4,
+            self.ip_id.map(|id| id.wrapping_add(i as u16)),
+        );
+        let field = if self.tcp {
+            let s = self.seq.wrapping_add((i * self.mss) as u32);
+            h[l4 + 4..l4 + 8].copy_from_slice(&s.to_be_bytes());
+            let mut flags = self.tcp_flags;
+            if i + 1 != self.count {
+                flags &= !(TCP_FIN | TCP_PSH);
+            }
+            if i != 0 {
+                flags &= !TCP_CWR;
+            }
+            h[l4 + 13] = flags;
+            l4 + 16
+        } else {
+            h[l4 + 4..l4 + 6].copy_from_slice(&((len - l4) as u16).to_be_bytes());
+            l4 + 6
+        };
+        // The L4 header has an even length (TCP: a multiple of 4, UDP: 8),
+        // so the two parts' sums add up.
+        h[field..field + 2].copy_from_slice(&[0, 0]);
+        let s = sum(
+            payload,
+            sum(
+                &h[l4..],
+                pseudo_header_sum(info.src, info.dst, info.protocol, len - l4),
+            ),
+        );
+        let mut c = fold(s);
+        if !self.tcp && c == 0 {
+            c = 0xffff;
+        }
+        h[field..field + 2].copy_from_slice(&c.to_be_bytes());
+    }
+}
+
 /// Splits the packet `pkt` (read from a TUN device with header `hdr`) into
 /// IP packets of at most `mtu` bytes, written back to back into `out`.
 /// A non-GSO packet is copied as one segment, its checksum completed if the
@@ -161,130 +335,119 @@ pub fn split(
     mtu: usize,
     out: &mut [u8],
 ) -> Result<Segments, OffloadError> {
-    let kind = hdr.gso_kind();
-    if kind == virtio::GSO_NONE {
+    if hdr.gso_kind() == virtio::GSO_NONE {
         let len = pkt.len();
         if len > out.len() {
             return Err(OffloadError::NoRoom);
         }
         out[..len].copy_from_slice(pkt);
-        if hdr.flags & virtio::F_NEEDS_CSUM != 0 {
-            let start = usize::from(hdr.csum_start);
-            let field = start + usize::from(hdr.csum_offset);
-            if start >= len || field + 2 > len {
-                return Err(OffloadError::Malformed(
-                    "checksum offsets beyond the packet",
-                ));
-            }
-            // The field holds the pseudo-header sum: summing it in with the
-            // rest yields the full checksum.
-            let c = fold(sum(&out[start..len], 0));
-            out[field..field + 2].copy_from_slice(&c.to_be_bytes());
-        }
+        complete_checksum(hdr, &mut out[..len])?;
         return Ok(Segments {
             count: 1,
             seg_len: len,
             last_len: len,
         });
     }
-
-    let info = ip_info(pkt)?;
-    let (want_proto, l4_hdr_len) = match kind {
-        virtio::GSO_TCPV4 | virtio::GSO_TCPV6 => {
-            if info.protocol != PROTO_TCP {
-                return Err(OffloadError::Unsupported("TCP GSO on a non-TCP packet"));
-            }
-            let off = info.l4_off + 12;
-            let b = *pkt
-                .get(off)
-                .ok_or(OffloadError::Malformed("truncated TCP header"))?;
-            (PROTO_TCP, usize::from(b >> 4) * 4)
-        }
-        virtio::GSO_UDP_L4 => (PROTO_UDP, 8),
-        virtio::GSO_UDP => return Err(OffloadError::Unsupported("UFO (IP fragmentation)")),
-        _ => return Err(OffloadError::Unsupported("unknown GSO type")),
-    };
-    if info.protocol != want_proto {
-        return Err(OffloadError::Unsupported(
-            "GSO type does not match the L4 protocol",
-        ));
-    }
-    if (kind == virtio::GSO_TCPV4 && info.v6) || (kind == virtio::GSO_TCPV6 && !info.v6) {
-        return Err(OffloadError::Unsupported(
-            "GSO type does not match the IP version",
-        ));
-    }
-    if l4_hdr_len < 8 || (want_proto == PROTO_TCP && l4_hdr_len < 20) {
-        return Err(OffloadError::Malformed("bad L4 header length"));
-    }
-    let headers = info.l4_off + l4_hdr_len;
-    if headers > pkt.len() {
-        return Err(OffloadError::Malformed("truncated L4 header"));
-    }
-    if headers >= mtu {
-        return Err(OffloadError::TooBig);
-    }
-    let payload = &pkt[headers..];
-    let gso = usize::from(hdr.gso_size).max(1);
-    // Never exceed the MTU, whatever the header says.
-    let mss = gso.min(mtu - headers);
-    let count = payload.len().div_ceil(mss).max(1);
-    let seg_len = headers + mss.min(payload.len());
-    let last_payload = payload.len() - (count - 1) * mss;
-    let segs = Segments {
-        count,
-        seg_len,
-        last_len: headers + last_payload,
-    };
+    let cut = Cut::plan(hdr, pkt, mtu)?;
+    let segs = cut.segments();
     if segs.total_len() > out.len() {
         return Err(OffloadError::NoRoom);
     }
-
-    let ip_id = if info.v6 {
-        None
-    } else {
-        Some(u16::from_be_bytes([pkt[4], pkt[5]]))
-    };
-    let l4 = info.l4_off;
-    let (seq, tcp_flags) = if want_proto == PROTO_TCP {
-        (
-            u32::from_be_bytes([pkt[l4 + 4], pkt[l4 + 5], pkt[l4 + 6], pkt[l4 + 7]]),
-            pkt[l4 + 13],
-        )
-    } else {
-        (0, 0)
-    };
+    let hlen = cut.headers;
     for (i, range) in segs.ranges().enumerate() {
-        let seg = &mut out[range.clone()];
-        let chunk = &payload[i * mss..i * mss + (range.len() - headers)];
-        seg[..headers].copy_from_slice(&pkt[..headers]);
-        seg[headers..].copy_from_slice(chunk);
-        let len = seg.len();
-        fix_ip_header(
-            seg,
-            info.v6,
-            len,
-            l4,
-            ip_id.map(|id| id.wrapping_add(i as u16)),
-        );
-        if want_proto == PROTO_TCP {
-            let s = seq.wrapping_add((i * mss) as u32);
-            seg[l4 + 4..l4 + 8].copy_from_slice(&s.to_be_bytes());
-            let mut flags = tcp_flags;
-            if i + 1 != count {
-                flags &= !(TCP_FIN | TCP_PSH);
-            }
-            if i != 0 {
-                flags &= !TCP_CWR;
-            }
-            seg[l4 + 13] = flags;
-            fill_l4_checksum(seg, &info, l4 + 16);
-        } else {
-            seg[l4 + 4..l4 + 6].copy_from_slice(&((len - l4) as u16).to_be_bytes());
-            fill_l4_checksum(seg, &info, l4 + 6);
-        }
+        let seg = &mut out[range];
+        let (h, payload) = seg.split_at_mut(hlen);
+        h.copy_from_slice(&pkt[..hlen]);
+        payload.copy_from_slice(&pkt[cut.payload_range(i)]);
+        cut.write_headers(h, i, payload);
     }
     Ok(segs)
+}
+
+/// What [`split_gather`] made of a TUN read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Gathered {
+    /// Not a super-packet: the packet itself, its checksum completed in
+    /// place, is the one datagram.
+    Single,
+    /// A super-packet: datagram `i` is the headers at
+    /// `headers[i * hlen..][..hlen]` followed by the payload at
+    /// `pkt[payload_start + i * mss..]` (`mss` bytes, the last
+    /// `last_payload`). Nothing of the payload was copied.
+    Segments(GatherSegments),
+}
+
+/// The layout of a super-packet cut by [`split_gather`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GatherSegments {
+    pub count: usize,
+    /// Header bytes per datagram.
+    pub hlen: usize,
+    pub mss: usize,
+    pub last_payload: usize,
+}
+
+impl GatherSegments {
+    /// Bytes of datagram `i` (all `hlen + mss` but the last).
+    pub fn seg_len(&self) -> usize {
+        self.hlen
+            + self
+                .mss
+                .min(self.mss * (self.count - 1) + self.last_payload)
+    }
+
+    /// Where the payload of datagram `i` lies in the super-packet.
+    pub fn payload(&self, i: usize) -> std::ops::Range<usize> {
+        let start = self.hlen + i * self.mss;
+        let len = if i + 1 == self.count {
+            self.last_payload
+        } else {
+            self.mss
+        };
+        start..start + len
+    }
+
+    /// Where the headers of datagram `i` lie in the headers area.
+    pub fn headers(&self, i: usize) -> std::ops::Range<usize> {
+        i * self.hlen..(i + 1) * self.hlen
+    }
+
+    /// Bytes of all datagrams together.
+    pub fn total_len(&self) -> usize {
+        (self.count - 1) * self.seg_len() + self.hlen + self.last_payload
+    }
+}
+
+/// As [`split`], without copying the payload: only each datagram's headers
+/// are written (into `headers`); the payload stays in `pkt`, to be sent as
+/// a gather list. The datagrams are byte for byte those [`split`] writes.
+/// A non-GSO packet's checksum is completed in `pkt` itself.
+pub fn split_gather(
+    hdr: &VirtioNetHdr,
+    pkt: &mut [u8],
+    mtu: usize,
+    headers: &mut [u8],
+) -> Result<Gathered, OffloadError> {
+    if hdr.gso_kind() == virtio::GSO_NONE {
+        complete_checksum(hdr, pkt)?;
+        return Ok(Gathered::Single);
+    }
+    let cut = Cut::plan(hdr, pkt, mtu)?;
+    let hlen = cut.headers;
+    if cut.count * hlen > headers.len() {
+        return Err(OffloadError::NoRoom);
+    }
+    for i in 0..cut.count {
+        let h = &mut headers[i * hlen..(i + 1) * hlen];
+        h.copy_from_slice(&pkt[..hlen]);
+        cut.write_headers(h, i, &pkt[cut.payload_range(i)]);
+    }
+    Ok(Gathered::Segments(GatherSegments {
+        count: cut.count,
+        hlen,
+        mss: cut.mss,
+        last_payload: cut.last_payload,
+    }))
 }
 
 /// One TUN write produced by the [`Coalescer`]: `out[start..end]` is a
@@ -658,7 +821,7 @@ pub(crate) mod tests {
         fill_l4_checksum(p, &info, info.l4_off + 16);
     }
 
-    fn udp_packet(v6: bool, payload: &[u8]) -> Vec<u8> {
+    pub(crate) fn udp_packet(v6: bool, payload: &[u8]) -> Vec<u8> {
         let mut p = tcp_packet(v6, 0, TCP_ACK, &[], &[0u8; 0]);
         let l4 = if v6 { 40 } else { 20 };
         p.truncate(l4);
@@ -1112,6 +1275,64 @@ mod props {
             let s2 = split(&h, &bytes[w.start + virtio::LEN..w.end], mtu, &mut again).unwrap();
             prop_assert_eq!(s2, s);
             prop_assert_eq!(&again[..s2.total_len()], &out[..s.total_len()]);
+        }
+
+        /// The gather split writes only headers, yet its datagrams (headers
+        /// followed by payload slices of the super-packet) are byte for byte
+        /// those of the copying split, for TCP and UDP, both IP versions.
+        #[test]
+        fn gather_split_is_byte_identical(
+            v6 in any::<bool>(),
+            udp in any::<bool>(),
+            ts in any::<bool>(),
+            len in 1usize..20000,
+            mss in 100u16..1500,
+            mtu in 600usize..1600,
+            seq in any::<u32>(),
+        ) {
+            let options: &[u8] = if ts && !udp { &[1, 1, 8, 10, 0, 0, 0, 9, 0, 0, 0, 7] } else { &[] };
+            let payload: Vec<u8> = (0..len).map(|i| (i * 29 + 5) as u8).collect();
+            let l4 = if v6 { 40 } else { 20 };
+            let (p, hdr) = if udp {
+                let p = super::tests::udp_packet(v6, &payload);
+                let hdr = VirtioNetHdr {
+                    flags: virtio::F_NEEDS_CSUM,
+                    gso_type: virtio::GSO_UDP_L4,
+                    hdr_len: (l4 + 8) as u16,
+                    gso_size: mss,
+                    csum_start: l4 as u16,
+                    csum_offset: 6,
+                };
+                (p, hdr)
+            } else {
+                let p = tcp_packet(v6, seq, 0x18, options, &payload);
+                let hdr = VirtioNetHdr {
+                    flags: virtio::F_NEEDS_CSUM,
+                    gso_type: if v6 { virtio::GSO_TCPV6 } else { virtio::GSO_TCPV4 },
+                    hdr_len: (l4 + 20 + options.len()) as u16,
+                    gso_size: mss,
+                    csum_start: l4 as u16,
+                    csum_offset: 16,
+                };
+                (p, hdr)
+            };
+            let mut out = vec![0u8; 70000];
+            let s = split(&hdr, &p, mtu, &mut out).unwrap();
+            let mut pkt = p.clone();
+            let mut headers = vec![0u8; 70000];
+            let Gathered::Segments(g) = split_gather(&hdr, &mut pkt, mtu, &mut headers).unwrap() else {
+                panic!("a super-packet");
+            };
+            prop_assert_eq!(g.count, s.count);
+            prop_assert_eq!(g.seg_len(), s.seg_len);
+            prop_assert_eq!(g.total_len(), s.total_len());
+            let mut wire = Vec::new();
+            for i in 0..g.count {
+                wire.extend_from_slice(&headers[g.headers(i)]);
+                wire.extend_from_slice(&pkt[g.payload(i)]);
+            }
+            prop_assert_eq!(&wire[..], &out[..s.total_len()]);
+            prop_assert_eq!(&pkt, &p, "the super-packet is left as it was");
         }
 
         /// Arbitrary packets into the coalescer: no panic, every packet is

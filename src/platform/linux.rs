@@ -47,21 +47,25 @@ pub fn enable_udp_gro(sock: &UdpSocket) -> io::Result<()> {
     setsockopt(sock, sockopt::UdpGroSegment, &true).map_err(Into::into)
 }
 
-/// Sends `chunk` as datagrams of `seg` bytes in one UDP GSO send.
-pub fn send_segments(
+/// Sends the bytes of `iov`, gathered, to `to`: one datagram, or with
+/// `gso_size` one UDP GSO send of datagrams of that many bytes.
+pub fn send_gather(
     sock: &UdpSocket,
-    chunk: &[u8],
-    seg: u16,
+    iov: &[io::IoSlice<'_>],
+    gso_size: Option<u16>,
     to: SocketAddr,
 ) -> nix::Result<usize> {
     let addr = SockaddrStorage::from(to);
-    sendmsg(
-        sock.as_raw_fd(),
-        &[io::IoSlice::new(chunk)],
-        &[ControlMessage::UdpGsoSegments(&seg)],
-        MsgFlags::empty(),
-        Some(&addr),
-    )
+    match gso_size {
+        Some(seg) => sendmsg(
+            sock.as_raw_fd(),
+            iov,
+            &[ControlMessage::UdpGsoSegments(&seg)],
+            MsgFlags::empty(),
+            Some(&addr),
+        ),
+        None => sendmsg(sock.as_raw_fd(), iov, &[], MsgFlags::empty(), Some(&addr)),
+    }
 }
 
 /// Room for the control messages `recv_segments` reads.

@@ -41,14 +41,26 @@ pub fn enable_udp_gro(_sock: &UdpSocket) -> io::Result<()> {
     Err(linux_only("UDP GRO"))
 }
 
-/// No UDP segmentation offload: the caller sends datagram by datagram.
-pub fn send_segments(
-    _sock: &UdpSocket,
-    _chunk: &[u8],
-    _seg: u16,
-    _to: SocketAddr,
+/// Sends the bytes of `iov`, gathered, as one datagram to `to` (no UDP
+/// GSO here: a `gso_size` is refused).
+pub fn send_gather(
+    sock: &UdpSocket,
+    iov: &[io::IoSlice<'_>],
+    gso_size: Option<u16>,
+    to: SocketAddr,
 ) -> nix::Result<usize> {
-    Err(Errno::EOPNOTSUPP)
+    use std::os::fd::AsRawFd;
+    if gso_size.is_some() {
+        return Err(Errno::EOPNOTSUPP);
+    }
+    let addr = SockaddrStorage::from(to);
+    nix::sys::socket::sendmsg(
+        sock.as_raw_fd(),
+        iov,
+        &[],
+        nix::sys::socket::MsgFlags::empty(),
+        Some(&addr),
+    )
 }
 
 /// No control message is read here.

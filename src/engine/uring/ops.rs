@@ -102,10 +102,24 @@ impl MsgSlot {
             iov_base: data.cast(),
             iov_len: len,
         };
+        let iov = &mut self.iov as *mut libc::iovec;
+        self.prepare_gather(iov, 1, dest, gso_size)
+    }
+
+    /// Points the header at the `n` iovecs at `iov` (kept alive by the
+    /// caller until the send completes), to `dest`, with UDP_SEGMENT =
+    /// `gso_size` if given. Returns the header for SENDMSG.
+    pub(super) fn prepare_gather(
+        &mut self,
+        iov: *mut libc::iovec,
+        n: usize,
+        dest: (*const libc::sockaddr, u32),
+        gso_size: Option<u16>,
+    ) -> *const libc::msghdr {
         self.msg.msg_name = dest.0 as *mut libc::c_void;
         self.msg.msg_namelen = dest.1;
-        self.msg.msg_iov = &mut self.iov;
-        self.msg.msg_iovlen = 1;
+        self.msg.msg_iov = iov;
+        self.msg.msg_iovlen = n as _;
         match gso_size {
             Some(seg) => {
                 let c = udp_segment_cmsg(seg);

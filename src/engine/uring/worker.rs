@@ -24,7 +24,8 @@ use super::pool::{BufRing, Owner, Owners, Region};
 use super::{TUN_GROUP, UDP_GROUP, UringPlan, build_ring};
 use crate::config::Toggle;
 use crate::datapath::{
-    After, Datapath, Received, RxAction, SPLIT_LEN, TunAction, TxBuf, TxPlan, TxSend,
+    After, Datapath, MAX_GATHER_PIECES, Received, RxAction, SPLIT_LEN, TunAction, TxBuf, TxPlan,
+    TxSend,
 };
 use crate::engine::{Shutdown, WorkerParts, send_addr};
 use crate::error::{Error, Result};
@@ -84,6 +85,9 @@ impl Reads {
 /// from its split area), or its reflected answer goes back to the TUN.
 struct TxSlot {
     msg: MsgSlot,
+    /// The gather list of a send of a cut super-packet: each datagram's
+    /// headers (split area) and payload (this buffer).
+    iov: [libc::iovec; MAX_GATHER_PIECES],
     plan: Option<TxPlan>,
     /// The send in flight.
     send: Option<TxSend>,
@@ -239,6 +243,10 @@ impl UringWorker {
             tx: (0..per_group)
                 .map(|_| TxSlot {
                     msg: MsgSlot::new(),
+                    iov: [libc::iovec {
+                        iov_base: std::ptr::null_mut(),
+                        iov_len: 0,
+                    }; MAX_GATHER_PIECES],
                     plan: None,
                     send: None,
                     reflect: None,
@@ -533,26 +541,48 @@ impl UringWorker {
             self.tx[i].plan = None;
             return self.recycle(bid);
         };
-        let base = match buf {
-            TxBuf::Read => self.buf_ptr(bid),
-            TxBuf::Split => match &self.split {
-                // SAFETY: bid < per_group: the split area lies inside `split`,
-                // which exists whenever a plan uses it (offload).
-                Some(s) => unsafe { s.ptr.add(i * SPLIT_LEN) },
-                None => return self.recycle(bid),
-            },
-        };
-        // SAFETY: the range lies inside the buffer or split area.
-        let data = unsafe { base.add(send.range.start) };
         let dest = (self.peer_addr.as_ptr(), self.peer_addr.len());
-        let msg = self.tx[i]
-            .msg
-            .prepare_send(data, send.range.len(), dest, send.gso_size);
+        let base = self.buf_ptr(bid);
+        let msg = match buf {
+            TxBuf::Read => {
+                // SAFETY: the range lies inside buffer `bid`.
+                let data = unsafe { base.add(send.range.start) };
+                self.tx[i]
+                    .msg
+                    .prepare_send(data, send.range.len(), dest, send.gso_size)
+            }
+            TxBuf::Gather(_) => {
+                let Some(split) = self.split.as_ref().map(|s| s.ptr) else {
+                    return self.recycle(bid);
+                };
+                // SAFETY: bid < per_group: the split area lies inside `split`.
+                let headers = unsafe { split.add(i * SPLIT_LEN) };
+                let pieces = self.tx[i].plan.as_ref().map(|plan| plan.pieces(&send));
+                let slot = &mut self.tx[i];
+                let mut n = 0;
+                for (h, p) in pieces.into_iter().flatten() {
+                    // SAFETY: the ranges lie inside the split area and the
+                    // buffer; at most MAX_GATHER_PIECES pieces per send.
+                    let (hp, pp) = unsafe { (headers.add(h.start), base.add(p.start)) };
+                    slot.iov[n] = libc::iovec {
+                        iov_base: hp.cast(),
+                        iov_len: h.len(),
+                    };
+                    slot.iov[n + 1] = libc::iovec {
+                        iov_base: pp.cast(),
+                        iov_len: p.len(),
+                    };
+                    n += 2;
+                }
+                let iov = slot.iov.as_mut_ptr();
+                slot.msg.prepare_gather(iov, n, dest, send.gso_size)
+            }
+        };
         self.tx[i].send = Some(send);
         self.owners.set(bid, Owner::Engine, Owner::Kernel);
         let e = with_file!(self, UDP_SLOT, |f| opcode::SendMsg::new(f, msg).build());
-        // SAFETY: the msghdr, iovec and cmsg live in `tx[bid]` (a Vec never
-        // resized after setup), the data in buffer `bid` or its split area,
+        // SAFETY: the msghdr, iovecs and cmsg live in `tx[bid]` (a Vec never
+        // resized after setup), the data in buffer `bid` and its split area,
         // the address in `peer_addr`; all untouched until this send completes.
         unsafe { self.push(e.user_data(user_data(Op::Send, bid, 0))) }
     }
