@@ -6,8 +6,10 @@
 //! # TUN to peer
 //! [`Datapath::handle_tun_read`] turns one read (a plain packet, or with
 //! offload a virtio-net header and a super-packet) into a [`TxPlan`]: the
-//! datagrams to send, back to back in one buffer, all the same size but the
-//! last. [`Datapath::next_send`] cuts the plan into sends (one UDP GSO send
+//! datagrams to send, all the same size but the last: one packet where it
+//! was read, or a super-packet's datagrams as a gather list of headers
+//! written into the split buffer and payload slices of the read buffer
+//! ([`TxPlan::pieces`]). [`Datapath::next_send`] cuts the plan into sends (one UDP GSO send
 //! of up to 64 datagrams, or one datagram when GSO is off or the plan is one
 //! packet), in order; [`Datapath::on_send`] takes each send's result.
 //!
@@ -67,7 +69,8 @@ pub fn gso_segments_per_send(seg_len: usize) -> usize {
 /// Bytes of the largest TUN read with offload: a virtio-net header and a
 /// 64 KiB super-packet.
 pub const OFFLOAD_READ_LEN: usize = 65536 + virtio::LEN;
-/// Room for one super-packet cut into segments (headers repeated).
+/// Room for the per-datagram headers of one super-packet (the split
+/// buffer): up to 2,000 datagrams of 64-byte headers, or fewer larger ones.
 pub const SPLIT_LEN: usize = 2 * 65536;
 
 /// Which buffer a [`TxPlan`]'s datagrams are in.
@@ -240,7 +243,7 @@ pub enum After {
 
 /// Headroom an engine leaves in front of every TUN read: room for the
 /// encapsulation header, written in place (none with offload, whose
-/// datagrams are cut into a split buffer).
+/// datagrams get their headers in the split buffer).
 pub fn read_headroom(fwd: &Forwarder, offload: bool) -> usize {
     if offload { 0 } else { fwd.encap_len() }
 }

@@ -24,18 +24,20 @@
 //! # Data path
 //! Without offload: TUN `read` into a buffer (with headroom for the VXLAN
 //! header in TAP mode) -> [`datapath::Datapath::handle_tun_read`] -> one
-//! `sendto` from the same buffer. Back: `recvmsg` -> peer check and
+//! `sendmsg` from the same buffer. Back: `recvmsg` -> peer check and
 //! validation -> one TUN `write` from the receive buffer. Two kernel copies
 //! per direction (into and out of the process), none in tunfwd.
 //!
 //! With offload (default where the kernel has it): one TUN read returns up
 //! to 64 KiB (a TSO/USO super-packet behind a virtio-net header); the
-//! datapath cuts it into MTU-sized datagrams in a split buffer (one copy,
-//! headers repeated, checksums computed) and sends them with UDP GSO, up to
-//! 64 datagrams per `sendmsg`, in order. Back: one UDP GRO receive returns
-//! up to 64 KiB of one flow's datagrams; each is validated, TCP segments
-//! have their checksums verified, and consecutive segments are copied into
-//! one super-packet (one copy) written with a virtio-net header. One UDP
+//! datapath writes each MTU-sized datagram's headers (lengths, sequence
+//! numbers, checksums) into a small area and sends headers and payload
+//! slices of the read buffer as one gather list with UDP GSO, up to 64
+//! datagrams per `sendmsg`, in order: the payload is not copied, only read
+//! once for its checksum. Back: one UDP GRO receive returns up to 64 KiB of
+//! one flow's datagrams; each is validated, TCP segments have their
+//! checksums verified, and consecutive segments are copied into one
+//! super-packet (one copy) written with a virtio-net header. One UDP
 //! datagram always carries exactly one IP packet, so a peer without offload
 //! interoperates.
 
