@@ -14,18 +14,7 @@ use common::*;
 
 /// `IpExt InCEPkts` of `ns`: IP packets received with the CE mark.
 fn in_ce_packets(ns: &Netns) -> u64 {
-    let out = ns.command(&["cat", "/proc/net/netstat"]).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("IpExt:")).collect();
-    let [names, values] = lines[..] else {
-        panic!("no IpExt lines: {text}");
-    };
-    names
-        .split_whitespace()
-        .zip(values.split_whitespace())
-        .find(|(n, _)| *n == "InCEPkts")
-        .and_then(|(_, v)| v.parse().ok())
-        .expect("IpExt InCEPkts")
+    kernel_counter(ns, "/proc/net/netstat", "IpExt", "InCEPkts")
 }
 
 #[test]

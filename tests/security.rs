@@ -655,18 +655,7 @@ fn runs_without_root_via_file_capability() {
 
 /// The kernel's count of TCP segments with a bad checksum in `ns`.
 fn tcp_in_csum_errors(ns: &Netns) -> u64 {
-    let out = ns.command(&["cat", "/proc/net/snmp"]).output().unwrap();
-    let snmp = String::from_utf8_lossy(&out.stdout).to_string();
-    let lines: Vec<&str> = snmp.lines().filter(|l| l.starts_with("Tcp:")).collect();
-    let [names, values] = lines[..] else {
-        panic!("no Tcp lines in /proc/net/snmp: {snmp}");
-    };
-    names
-        .split_whitespace()
-        .zip(values.split_whitespace())
-        .find(|(n, _)| *n == "InCsumErrors")
-        .and_then(|(_, v)| v.parse().ok())
-        .expect("Tcp InCsumErrors")
+    kernel_counter(ns, "/proc/net/snmp", "Tcp", "InCsumErrors")
 }
 
 /// An IPv4 TCP segment (ACK) of 1000 bytes from the overlay address of b to

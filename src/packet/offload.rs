@@ -255,26 +255,23 @@ impl Cut {
         })
     }
 
-    fn segments(&self) -> Segments {
-        Segments {
+    /// Where each datagram's headers and payload lie.
+    fn layout(&self) -> GatherSegments {
+        GatherSegments {
             count: self.count,
-            seg_len: self.headers
-                + self
-                    .mss
-                    .min(self.mss * (self.count - 1) + self.last_payload),
-            last_len: self.headers + self.last_payload,
+            hlen: self.headers,
+            mss: self.mss,
+            last_payload: self.last_payload,
         }
     }
 
-    /// Payload bytes of segment `i` within the super-packet.
-    fn payload_range(&self, i: usize) -> std::ops::Range<usize> {
-        let start = self.headers + i * self.mss;
-        let len = if i + 1 == self.count {
-            self.last_payload
-        } else {
-            self.mss
-        };
-        start..start + len
+    fn segments(&self) -> Segments {
+        let l = self.layout();
+        Segments {
+            count: l.count,
+            seg_len: l.seg_len(),
+            last_len: l.hlen + l.last_payload,
+        }
     }
 
     /// Fills in the headers `h` (a copy of the super-packet's) for segment
@@ -353,12 +350,12 @@ pub fn split(
     if segs.total_len() > out.len() {
         return Err(OffloadError::NoRoom);
     }
-    let hlen = cut.headers;
+    let layout = cut.layout();
     for (i, range) in segs.ranges().enumerate() {
         let seg = &mut out[range];
-        let (h, payload) = seg.split_at_mut(hlen);
-        h.copy_from_slice(&pkt[..hlen]);
-        payload.copy_from_slice(&pkt[cut.payload_range(i)]);
+        let (h, payload) = seg.split_at_mut(layout.hlen);
+        h.copy_from_slice(&pkt[..layout.hlen]);
+        payload.copy_from_slice(&pkt[layout.payload(i)]);
         cut.write_headers(h, i, payload);
     }
     Ok(segs)
@@ -433,21 +430,16 @@ pub fn split_gather(
         return Ok(Gathered::Single);
     }
     let cut = Cut::plan(hdr, pkt, mtu)?;
-    let hlen = cut.headers;
-    if cut.count * hlen > headers.len() {
+    let layout = cut.layout();
+    if layout.count * layout.hlen > headers.len() {
         return Err(OffloadError::NoRoom);
     }
-    for i in 0..cut.count {
-        let h = &mut headers[i * hlen..(i + 1) * hlen];
-        h.copy_from_slice(&pkt[..hlen]);
-        cut.write_headers(h, i, &pkt[cut.payload_range(i)]);
+    for i in 0..layout.count {
+        let h = &mut headers[layout.headers(i)];
+        h.copy_from_slice(&pkt[..layout.hlen]);
+        cut.write_headers(h, i, &pkt[layout.payload(i)]);
     }
-    Ok(Gathered::Segments(GatherSegments {
-        count: cut.count,
-        hlen,
-        mss: cut.mss,
-        last_payload: cut.last_payload,
-    }))
+    Ok(Gathered::Segments(layout))
 }
 
 /// One TUN write produced by the [`Coalescer`]: `out[start..end]` is a

@@ -73,20 +73,12 @@ pub fn segments_cmsg_space() -> Vec<u8> {
     nix::cmsg_space!(i32, nix::sys::time::TimeSpec)
 }
 
-/// What one receive returned.
-#[derive(Clone, Copy, Debug)]
-pub struct RecvInfo {
-    pub len: usize,
-    pub src: Option<SocketAddr>,
-    /// UDP GRO: the size of each datagram, if more than one came.
-    pub gro_size: Option<usize>,
-    /// When the kernel queued it (ns since the Unix epoch), with
-    /// `SO_TIMESTAMPNS` on.
-    pub arrived_ns: Option<u64>,
-}
-
 /// Receives one datagram or, with UDP GRO on, several of the same size.
-pub fn recv_segments(sock: &UdpSocket, buf: &mut [u8], cmsg: &mut [u8]) -> nix::Result<RecvInfo> {
+pub fn recv_segments(
+    sock: &UdpSocket,
+    buf: &mut [u8],
+    cmsg: &mut [u8],
+) -> nix::Result<super::RecvInfo> {
     let mut iov = [io::IoSliceMut::new(buf)];
     let m = recvmsg::<SockaddrStorage>(sock.as_raw_fd(), &mut iov, Some(cmsg), MsgFlags::empty())?;
     let mut gro_size = None;
@@ -104,7 +96,7 @@ pub fn recv_segments(sock: &UdpSocket, buf: &mut [u8], cmsg: &mut [u8]) -> nix::
             }
         }
     }
-    Ok(RecvInfo {
+    Ok(super::RecvInfo {
         len: m.bytes,
         src: m.address.as_ref().and_then(super::socket_addr),
         gro_size,

@@ -21,6 +21,18 @@ use std::net::SocketAddr;
 use nix::errno::Errno;
 use nix::sys::socket::SockaddrStorage;
 
+/// What one receive returned ([`recv_segments`]).
+#[derive(Clone, Copy, Debug)]
+pub struct RecvInfo {
+    pub len: usize,
+    pub src: Option<SocketAddr>,
+    /// UDP GRO: the size of each datagram, if more than one came.
+    pub gro_size: Option<usize>,
+    /// When the kernel queued it (ns since the Unix epoch), with
+    /// `SO_TIMESTAMPNS` on (Linux).
+    pub arrived_ns: Option<u64>,
+}
+
 /// A received datagram's source as a `SocketAddr` (None for other families).
 pub fn socket_addr(a: &SockaddrStorage) -> Option<SocketAddr> {
     a.as_sockaddr_in()

@@ -68,20 +68,15 @@ pub fn segments_cmsg_space() -> Vec<u8> {
     Vec::new()
 }
 
-/// What one receive returned.
-#[derive(Clone, Copy, Debug)]
-pub struct RecvInfo {
-    pub len: usize,
-    pub src: Option<SocketAddr>,
-    pub gro_size: Option<usize>,
-    pub arrived_ns: Option<u64>,
-}
-
 /// Receives one datagram (no GRO, no arrival time here).
-pub fn recv_segments(sock: &UdpSocket, buf: &mut [u8], _cmsg: &mut [u8]) -> nix::Result<RecvInfo> {
+pub fn recv_segments(
+    sock: &UdpSocket,
+    buf: &mut [u8],
+    _cmsg: &mut [u8],
+) -> nix::Result<super::RecvInfo> {
     use std::os::fd::AsRawFd;
     let (n, src) = recvfrom::<SockaddrStorage>(sock.as_raw_fd(), buf)?;
-    Ok(RecvInfo {
+    Ok(super::RecvInfo {
         len: n,
         src: src.as_ref().and_then(super::socket_addr),
         gro_size: None,

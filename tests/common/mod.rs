@@ -599,6 +599,25 @@ pub fn verified_tcp_transfer(from: &Netns, to: &Netns, to_addr: SocketAddr, byte
     got.1
 }
 
+/// A counter of the kernel's SNMP tables in namespace `ns`: `file` is
+/// `/proc/net/snmp` or `/proc/net/netstat`, `section` a line prefix such as
+/// `Tcp` or `IpExt`, `name` the column.
+pub fn kernel_counter(ns: &Netns, file: &str, section: &str, name: &str) -> u64 {
+    let out = ns.command(&["cat", file]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let prefix = format!("{section}:");
+    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with(&prefix)).collect();
+    let [names, values] = lines[..] else {
+        panic!("no {section} lines in {file}: {text}");
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == name)
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or_else(|| panic!("{section} {name} in {file}"))
+}
+
 /// Internet checksum (RFC 1071) over `data`.
 pub fn inet_checksum(data: &[u8]) -> u16 {
     let mut sum: u32 = 0;
