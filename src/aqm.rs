@@ -145,6 +145,31 @@ impl Codel {
     }
 }
 
+/// True if `pkt` is a TCP segment without payload (a SYN, FIN or pure ACK
+/// of any ECN-capable flow is Not-ECT, RFC 3168 section 6.1.4).
+pub fn is_tcp_without_data(pkt: &[u8]) -> bool {
+    let (l4, total, proto) = match pkt.first().map(|b| b >> 4) {
+        Some(4) if pkt.len() >= 20 => (
+            usize::from(pkt[0] & 0x0f) * 4,
+            usize::from(u16::from_be_bytes([pkt[2], pkt[3]])),
+            pkt[9],
+        ),
+        Some(6) if pkt.len() >= 40 => (
+            40,
+            40 + usize::from(u16::from_be_bytes([pkt[4], pkt[5]])),
+            pkt[6],
+        ),
+        _ => return false,
+    };
+    if proto != crate::packet::ip::PROTO_TCP {
+        return false;
+    }
+    match pkt.get(l4 + 12) {
+        Some(off) => total <= l4 + usize::from(off >> 4) * 4,
+        None => false,
+    }
+}
+
 /// ECN field values (RFC 3168).
 const ECN_MASK: u8 = 0b11;
 const ECN_CE: u8 = 0b11;
@@ -285,6 +310,20 @@ mod tests {
         let c = crate::packet::checksum::checksum(&p[..20]);
         p[10..12].copy_from_slice(&c.to_be_bytes());
         p
+    }
+
+    #[test]
+    fn tells_tcp_control_packets_from_data() {
+        let mut ack = ipv4(0);
+        ack[32] = 5 << 4; // TCP header of 20 bytes, no data
+        assert!(is_tcp_without_data(&ack));
+        let mut data = vec![0u8; 60];
+        data[..40].copy_from_slice(&ack);
+        data[2..4].copy_from_slice(&60u16.to_be_bytes());
+        assert!(!is_tcp_without_data(&data));
+        let mut udp = ipv4(0);
+        udp[9] = 17;
+        assert!(!is_tcp_without_data(&udp));
     }
 
     #[test]

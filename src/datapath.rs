@@ -282,6 +282,10 @@ pub struct Datapath {
     label: String,
     /// CoDel over the time datagrams waited in the socket's receive queue.
     aqm: Option<crate::aqm::Codel>,
+    /// A CoDel signal not yet carried out: the next packet that carries
+    /// data gets it (TCP control packets, which free no room and cannot
+    /// carry a mark, pass).
+    aqm_pending: bool,
 }
 
 impl Datapath {
@@ -293,6 +297,7 @@ impl Datapath {
             gso: offload,
             label,
             aqm: None,
+            aqm_pending: false,
         }
     }
 
@@ -325,9 +330,16 @@ impl Datapath {
         }
     }
 
-    /// Carries out a CoDel signal on an accepted packet: a CE mark if it is
-    /// ECN-capable (true: forward it), else a counted drop (false).
-    fn aqm_act(stats: &WorkerStats, pkt: &mut [u8]) -> bool {
+    /// Carries out a pending CoDel signal on an accepted packet: a CE mark
+    /// if it is ECN-capable, else a counted drop. Returns false if the
+    /// packet is to be dropped. A TCP segment without data passes and leaves
+    /// the signal for the next packet: dropping it would free no room, and
+    /// an ECN-capable flow's SYNs, FINs and ACKs cannot carry a mark.
+    fn aqm_apply(pending: &mut bool, stats: &WorkerStats, pkt: &mut [u8]) -> bool {
+        if !*pending || crate::aqm::is_tcp_without_data(pkt) {
+            return true;
+        }
+        *pending = false;
         if crate::aqm::mark_ce(pkt) {
             stats.aqm_marks.add(1);
             true
@@ -538,12 +550,17 @@ impl Datapath {
             });
             return RxAction::Dropped;
         }
-        let mut signal = self.fwd.is_peer(src) && self.aqm_signal(rx, now_ns);
+        if self.fwd.is_peer(src) && self.aqm_signal(rx, now_ns) {
+            self.aqm_pending = true;
+        }
+        let pending = &mut self.aqm_pending;
         let stats = &self.stats;
         let payload = &mut buf[rx.payload.clone()];
         if !self.offload {
             return match self.fwd.handle_from_peer(src, payload) {
-                PeerVerdict::ToTun if signal && !Self::aqm_act(stats, payload) => RxAction::Dropped,
+                PeerVerdict::ToTun if !Self::aqm_apply(pending, stats, payload) => {
+                    RxAction::Dropped
+                }
                 PeerVerdict::ToTun => {
                     RxAction::Write(rx.payload.start + self.fwd.encap_len()..rx.payload.end)
                 }
@@ -570,9 +587,9 @@ impl Datapath {
         for datagram in payload.chunks_mut(seg) {
             match self.fwd.handle_from_peer(src, datagram) {
                 PeerVerdict::ToTun => {
-                    // The first accepted packet of the batch carries the
-                    // signal (a mark, or its loss).
-                    if std::mem::take(&mut signal) && !Self::aqm_act(stats, datagram) {
+                    // The first accepted packet with data carries a signal
+                    // (a mark, or its loss).
+                    if !Self::aqm_apply(pending, stats, datagram) {
                         continue;
                     }
                     if coalescer.push(datagram).is_err() {
