@@ -12,8 +12,9 @@
 //!   completion loop.
 //!
 //! Each worker owns a buffer pool split into two groups: buffers the TUN
-//! queue reads into (and the UDP socket sends from, or, with offload, their
-//! split areas), and buffers the UDP socket receives into (and the TUN queue
+//! queue reads into (and the UDP socket sends from; with offload, as a
+//! gather list with the datagrams' headers in each buffer's split area), and
+//! buffers the UDP socket receives into (and the TUN queue
 //! is written from, or, with offload, their coalescers' output).
 //!
 //! Receive side, best first (probed at start, `--multishot`): multishot reads
