@@ -62,7 +62,7 @@ struct DeviceArgs {
     #[arg(long, default_value_t = config::DEFAULT_MTU, value_name = "BYTES")]
     mtu: u32,
 
-    /// Device transmit queue length in packets. Default: 1000 on a device
+    /// Device transmit queue length in packets, 1-1000000. Default: 1000 on a device
     /// tunfwd creates (the kernel's 500 drops bursts); unchanged on an
     /// attached one.
     #[arg(long, value_name = "PACKETS")]
@@ -85,7 +85,7 @@ struct RunArgs {
     #[arg(long, default_value = "auto", value_name = "LIST")]
     cpus: config::CpuPlan,
 
-    /// Max packets handled per direction per wakeup.
+    /// Max packets handled per direction per wakeup, 1-4096.
     #[arg(long, default_value_t = config::DEFAULT_BATCH, value_name = "PACKETS")]
     batch: usize,
 

@@ -27,6 +27,10 @@ pub const DEFAULT_BATCH: usize = 64;
 /// the receiving socket; 4 MiB removed those losses for one and four
 /// streams (README, Performance).
 pub const DEFAULT_SOCKET_BUFFER_BYTES: usize = 4 << 20;
+/// Upper bound on `--batch`: a loop iteration's work stays bounded.
+pub const MAX_BATCH: usize = 4096;
+/// Upper bound on `--txqueuelen`.
+pub const MAX_TXQUEUELEN: u32 = 1_000_000;
 /// Upper bound on `--queues`.
 pub const MAX_QUEUES: usize = 256;
 
@@ -398,8 +402,33 @@ impl TunnelConfig {
                 self.queues
             )));
         }
-        if self.batch == 0 {
-            return Err(Error::config("--batch must be at least 1 packet"));
+        if !(1..=MAX_BATCH).contains(&self.batch) {
+            return Err(Error::config(format!(
+                "--batch {} is out of range 1..={MAX_BATCH} packets",
+                self.batch
+            )));
+        }
+        if let Some(n) = self.txqueuelen {
+            if !(1..=MAX_TXQUEUELEN).contains(&n) {
+                return Err(Error::config(format!(
+                    "--txqueuelen {n} is out of range 1..={MAX_TXQUEUELEN} packets"
+                )));
+            }
+        }
+        if self.user.is_some() && self.uring.sqpoll_idle_ms.is_some() {
+            return Err(Error::config(
+                "--user with --sqpoll: the kernel's submission-polling thread keeps the \
+                 privileges of the process that set up the ring; use one or the other",
+            ));
+        }
+        if let (SocketAddr::V6(l), SocketAddr::V4(_)) = (self.listen, self.peer) {
+            if !l.ip().is_unspecified() && l.ip().to_ipv4_mapped().is_none() {
+                return Err(Error::config(format!(
+                    "--listen {} is a specific IPv6 address but --peer {} is IPv4: listen on an \
+                     IPv4 address or on [::]:PORT",
+                    self.listen, self.peer
+                )));
+            }
         }
         if !self.mode.is_reflect() && (self.peer.port() == 0 || self.peer.ip().is_unspecified()) {
             return Err(Error::config(format!(
@@ -572,6 +601,38 @@ mod tests {
             aqm: None,
             user: None,
         }
+    }
+
+    #[test]
+    fn sizes_and_combinations_are_refused_with_one_line() {
+        let err = |c: TunnelConfig| c.validate().unwrap_err().to_string();
+        let mut c = base();
+        c.batch = MAX_BATCH + 1;
+        assert!(err(c).contains("--batch 4097 is out of range 1..=4096"));
+        let mut c = base();
+        c.batch = 0;
+        assert!(err(c).contains("--batch 0 is out of range"));
+        let mut c = base();
+        c.txqueuelen = Some(0);
+        assert!(err(c).contains("--txqueuelen 0 is out of range"));
+        let mut c = base();
+        c.user = Some("nobody".parse().unwrap());
+        c.uring.sqpoll_idle_ms = Some(1000);
+        c.engine = EngineKind::Uring;
+        assert!(err(c).contains("--user with --sqpoll"));
+        let mut c = base();
+        c.listen = "[2001:db8::1]:5000".parse().unwrap();
+        assert!(err(c).contains("is a specific IPv6 address but --peer"));
+        // [::] (dual stack) with an IPv4 peer is fine.
+        let mut c = base();
+        c.listen = "[::]:5000".parse().unwrap();
+        assert!(c.validate().is_ok());
+        let mut c = base();
+        c.aqm = Some(crate::aqm::CodelParams {
+            target: std::time::Duration::from_millis(20),
+            interval: std::time::Duration::from_millis(10),
+        });
+        assert!(err(c).contains("need 0 < target < interval"));
     }
 
     #[test]
