@@ -109,6 +109,8 @@ echo "== iperf3 TCP, 1 stream, ${SECS} s each (same run, same machine)"
 printf '%-34s %12s %10s\n' "path" "Mbit/s" "ratio"
 printf '%-34s %12s %10s\n' "bare veth underlay" "$veth" "1.000"
 for r in "${results[@]}"; do
+    # Word splitting wanted: "label gbps" into $1 $2.
+    # shellcheck disable=SC2086
     set -- $r
     ratio=$(awk -v t="$2" -v v="$veth" 'BEGIN { if (v > 0) printf "%.3f", t / v; else print "n/a" }')
     printf '%-34s %12s %10s\n' "tunfwd, engine $1" "$2" "$ratio"

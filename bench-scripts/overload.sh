@@ -57,7 +57,7 @@ for engine in "${ENGINES[@]}"; do
     # unlimited flood alone under-reads it: receive livelock).
     cap=0
     for kpps in 25 50 100 150 200 300 0; do
-        per_stream=$((kpps * 1000 / 2 * PAYLOAD * 8))
+        per_stream=$((kpps * 1000 * PAYLOAD * 8 / 2))
         got=$(iperf_udp "$per_stream" 3 | jq --argjson p "$PAYLOAD" '(.end.sum_received.bytes // 0) / $p / (.end.sum_received.seconds // 1) | floor')
         echo "overload.sh: $engine offered ${kpps}k pps (0: unlimited): delivered $got pps" >&2
         [ "$got" -gt "$cap" ] && cap=$got

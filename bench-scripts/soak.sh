@@ -27,7 +27,7 @@ install_missing iperf3:iperf3 jq:jq ping:iputils-ping
 mkdir -p "$OUT"
 MD=$OUT/soak-$STAMP.md
 
-fds() { ls "/proc/$1/fd" | wc -l; }
+fds() { find "/proc/$1/fd" -mindepth 1 -maxdepth 1 | wc -l; }
 # The bracketed drop list of a summary line, or "none".
 drops_of() {
     local d

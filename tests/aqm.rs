@@ -26,9 +26,14 @@ fn codel_marks_ecn_capable_tcp_and_drops_the_rest() {
         for ecn in [true, false] {
             let what = format!("{engine}, ECN {}", if ecn { "on" } else { "off" });
             let topo = Topology::new();
-            let value = format!("net.ipv4.tcp_ecn={}", u8::from(ecn));
+            // net.ipv4.tcp_ecn is per namespace: written from a thread
+            // inside each one.
             for ns in [&topo.a, &topo.b] {
-                assert!(ns.run_ok(&["sysctl", "-qw", &value]), "{what}: sysctl");
+                let value = if ecn { "1" } else { "0" };
+                ns.spawn(move || std::fs::write("/proc/sys/net/ipv4/tcp_ecn", value))
+                    .join()
+                    .unwrap()
+                    .unwrap_or_else(|e| panic!("set net.ipv4.tcp_ecn: {e}"));
             }
             // Target 1 us: every datagram waits longer in the socket than
             // that, so CoDel acts after each 200 us interval.

@@ -1,3 +1,5 @@
+# shellcheck shell=bash
+# shellcheck disable=SC2034 # PA, PB, BIN, STAMP are set here for the scripts that source this file.
 # Shared by the bench scripts (sourced, not run): the two-namespace topology
 # (underlay 198.18.0.0/30 on a veth pair, overlay 198.19.0.0/24 on the tunnel), and its removal.
 #
