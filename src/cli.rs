@@ -292,6 +292,29 @@ enum EncapArg {
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff`.
+/// `ADDR:PORT`, where an IPv6 address may carry its scope as a number or an
+/// interface name: `[fe80::2%eth0]:5000` (the name is looked up here, in the
+/// namespace tunfwd starts in; with --netns give the number).
+fn parse_endpoint(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    let bad = || format!("{s:?} is not ADDR:PORT (e.g. 198.18.0.1:5000, [2001:db8::1]:5000)");
+    let (host, port) = s.rsplit_once("]:").ok_or_else(bad)?;
+    let (ip, scope) = host
+        .strip_prefix('[')
+        .and_then(|h| h.split_once('%'))
+        .ok_or_else(bad)?;
+    let ip: std::net::Ipv6Addr = ip.parse().map_err(|_| bad())?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    let index = nix::net::if_::if_nametoindex(scope).map_err(|e| {
+        format!("{s:?}: no interface {scope:?} here ({e}); with --netns, give its index instead")
+    })?;
+    Ok(SocketAddr::V6(std::net::SocketAddrV6::new(
+        ip, port, 0, index,
+    )))
+}
+
 fn parse_mac(s: &str) -> Result<[u8; 6], String> {
     let parts: Vec<&str> = s.split(':').collect();
     let bad = || format!("{s:?} is not a MAC address like 02:00:00:00:00:01");
@@ -363,14 +386,16 @@ struct TunnelArgs {
     #[arg(long, value_name = "MAC", value_parser = parse_mac)]
     mac: Option<[u8; 6]>,
 
-    /// Local UDP address to bind, e.g. 198.18.0.1:5000 or [::]:5000. With
+    /// Local UDP address to bind, e.g. 198.18.0.1:5000, [::]:5000, or a
+    /// link-local one with its interface, [fe80::1%eth0]:5000. With
     /// --queues N, queue i binds PORT+i.
-    #[arg(long, value_name = "ADDR:PORT")]
+    #[arg(long, value_name = "ADDR:PORT", value_parser = parse_endpoint)]
     listen: SocketAddr,
 
-    /// The peer's UDP address. Only datagrams from it reach the device. With
+    /// The peer's UDP address (a link-local one with its interface,
+    /// [fe80::2%eth0]:5000). Only datagrams from it reach the device. With
     /// --queues N, queue i talks to PORT+i.
-    #[arg(long, value_name = "ADDR:PORT")]
+    #[arg(long, value_name = "ADDR:PORT", value_parser = parse_endpoint)]
     peer: SocketAddr,
 
     #[command(flatten)]

@@ -415,6 +415,17 @@ impl TunnelConfig {
                 )));
             }
         }
+        for (what, addr) in [("--listen", self.listen), ("--peer", self.peer)] {
+            if let SocketAddr::V6(a) = addr {
+                if a.ip().is_unicast_link_local() && a.scope_id() == 0 {
+                    return Err(Error::config(format!(
+                        "{what} {addr} is link-local: name its interface, e.g. [{}%eth0]:{}",
+                        a.ip(),
+                        a.port()
+                    )));
+                }
+            }
+        }
         if self.user.is_some() && self.uring.sqpoll_idle_ms.is_some() {
             return Err(Error::config(
                 "--user with --sqpoll: the kernel's submission-polling thread keeps the \
@@ -567,7 +578,10 @@ fn offset_port(addr: SocketAddr, queue: usize) -> SocketAddr {
     }
     // validate() guarantees the sum fits.
     let port = u16::try_from(usize::from(addr.port()) + queue).unwrap_or(u16::MAX);
-    SocketAddr::new(addr.ip(), port)
+    // Only the port changes: an IPv6 scope stays.
+    let mut a = addr;
+    a.set_port(port);
+    a
 }
 
 #[cfg(test)]
@@ -623,6 +637,10 @@ mod tests {
         let mut c = base();
         c.listen = "[2001:db8::1]:5000".parse().unwrap();
         assert!(err(c).contains("is a specific IPv6 address but --peer"));
+        let mut c = base();
+        c.listen = "[fe80::1%2]:5000".parse().unwrap();
+        c.peer = "[fe80::2]:5000".parse().unwrap();
+        assert!(err(c).contains("--peer [fe80::2]:5000 is link-local: name its interface"));
         // [::] (dual stack) with an IPv4 peer is fine.
         let mut c = base();
         c.listen = "[::]:5000".parse().unwrap();

@@ -368,9 +368,22 @@ fn source_allowed(allowed: &[crate::config::Prefix], packet: &IpPacket<'_>) -> b
 }
 
 /// IPv4-mapped IPv6 addresses (what a dual-stack socket reports for an IPv4
-/// sender) compare equal to the plain IPv4 address.
+/// sender) compare equal to the plain IPv4 address; an IPv6 address keeps
+/// its scope (a link-local peer is only itself on its own interface) but
+/// not its flow label.
 pub fn canonical(addr: SocketAddr) -> SocketAddr {
-    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => SocketAddr::V6(std::net::SocketAddrV6::new(
+                *v6.ip(),
+                v6.port(),
+                0,
+                v6.scope_id(),
+            )),
+        },
+        v4 => v4,
+    }
 }
 
 #[cfg(test)]

@@ -367,3 +367,69 @@ fn stats_interval_and_device_settings() {
         "{line}"
     );
 }
+
+/// An IPv6 link-local underlay: `--listen` and `--peer` name their scope by
+/// interface (`[fe80::a%veth0]:5000`), both queues keep it, and traffic
+/// flows both ways with nothing counted as a stranger.
+#[test]
+fn ipv6_link_local_underlay_with_named_scope() {
+    if !can_run_kernel_tests("ipv6_link_local_underlay_with_named_scope") {
+        return;
+    }
+    for engine in ENGINES {
+        let topo = Topology::new();
+        // nodad: usable at once, no duplicate address detection to wait for.
+        topo.a
+            .ip(&["addr", "add", "fe80::a/64", "dev", "veth0", "nodad"]);
+        topo.b
+            .ip(&["addr", "add", "fe80::b/64", "dev", "veth0", "nodad"]);
+        let args = |me: &str, peer: &str, overlay: &str| -> Vec<String> {
+            [
+                "tunnel",
+                "--engine",
+                engine,
+                "--queues",
+                "2",
+                "--dev",
+                "tun0",
+                "--address",
+                overlay,
+                "--listen",
+                me,
+                "--peer",
+                peer,
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+        };
+        let mut a = Proc::tunfwd(
+            &topo.a,
+            &args(
+                "[fe80::a%veth0]:5000",
+                "[fe80::b%veth0]:5000",
+                "198.19.0.1/24",
+            ),
+        );
+        let mut b = Proc::tunfwd(
+            &topo.b,
+            &args(
+                "[fe80::b%veth0]:5000",
+                "[fe80::a%veth0]:5000",
+                "198.19.0.2/24",
+            ),
+        );
+        assert!(
+            topo.a.ping(OVERLAY_B),
+            "{engine}: ping over a link-local underlay"
+        );
+        let dst: SocketAddr = format!("{OVERLAY_B}:7000").parse().unwrap();
+        verified_tcp_transfer(&topo.a, &topo.b, dst, 4 << 20);
+        assert!(a.terminate().success(), "{engine}");
+        assert!(b.terminate().success(), "{engine}");
+        for out in [a.stdout(), b.stdout()] {
+            assert_eq!(stat(&out, "summary total", "not_from_peer"), 0, "{out}");
+            assert!(stat(&out, "summary total", "packets") > 0, "{out}");
+        }
+    }
+}
