@@ -31,18 +31,27 @@ pub fn tunfwd_bin() -> &'static str {
     env!("CARGO_BIN_EXE_tunfwd")
 }
 
-/// True if real-kernel tests can run here (root, /dev/net/tun, `ip`). When
-/// they cannot: under CI=true the test fails; elsewhere it prints why and the
-/// caller returns early (a skip).
+/// True if real-kernel tests can run here (root, /dev/net/tun, the tools
+/// they drive). When they cannot, the test fails with a message naming what
+/// is missing (the packages to install), unless the user asked to skip them
+/// with `TUNFWD_SKIP_KERNEL_TESTS=1` (never under `CI=true`): then it prints
+/// `SKIP ...` and the caller returns early.
 pub fn can_run_kernel_tests(test: &str) -> bool {
     let mut missing = Vec::new();
     if !nix::unistd::geteuid().is_root() {
         missing.push("root".to_string());
     }
     if !std::path::Path::new("/dev/net/tun").exists() {
-        missing.push("/dev/net/tun".to_string());
+        missing.push("/dev/net/tun (the tun module)".to_string());
     }
-    for tool in ["ip", "ping", "socat", "iperf3", "ethtool"] {
+    let mut packages = Vec::new();
+    for (tool, package) in [
+        ("ip", "iproute2"),
+        ("ping", "iputils-ping"),
+        ("socat", "socat"),
+        ("iperf3", "iperf3"),
+        ("ethtool", "ethtool"),
+    ] {
         if Command::new(tool)
             .arg(if tool == "ip" { "-V" } else { "-h" })
             .stdout(Stdio::null())
@@ -51,14 +60,29 @@ pub fn can_run_kernel_tests(test: &str) -> bool {
             .is_err()
         {
             missing.push(tool.to_string());
+            packages.push(package);
         }
     }
     if missing.is_empty() {
         return true;
     }
-    let msg = format!("{test}: needs {}", missing.join(", "));
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{msg} (CI=true: real-kernel tests must run)");
+    let install = if packages.is_empty() {
+        String::new()
+    } else {
+        format!(" (apt-get install -y {})", packages.join(" "))
+    };
+    let msg = format!("{test}: needs {}{install}", missing.join(", "));
+    let ci = std::env::var("CI").as_deref() == Ok("true");
+    let skip = std::env::var("TUNFWD_SKIP_KERNEL_TESTS").as_deref() == Ok("1");
+    if ci || !skip {
+        panic!(
+            "{msg}{}",
+            if ci {
+                " (CI=true: real-kernel tests must run)"
+            } else {
+                "; run as root with those installed, or set TUNFWD_SKIP_KERNEL_TESTS=1 to skip the real-kernel tests"
+            }
+        );
     }
     eprintln!("SKIP {msg}");
     false
