@@ -550,21 +550,34 @@ fn user_flag_drops_root_and_keeps_forwarding() {
             "{}",
             a.stderr()
         );
-        let status = std::fs::read_to_string(format!("/proc/{}/status", a.child.id())).unwrap();
-        for (key, want) in [
-            ("Uid:", "65534\t65534\t65534\t65534"),
-            ("Gid:", "65534\t65534\t65534\t65534"),
-            ("Groups:", "65534"),
-            ("CapEff:", "0000000000000000"),
-            ("CapPrm:", "0000000000000000"),
-        ] {
-            assert_eq!(status_field(&status, key), want, "{engine}: {key}");
-        }
-        // Every worker thread too (set*id applies to the whole process).
+        // The process and every thread of it (workers, signal thread):
+        // set*id must have applied to all, and no capability stayed.
+        let mut threads = 0;
         for task in std::fs::read_dir(format!("/proc/{}/task", a.child.id())).unwrap() {
-            let s = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
-            assert_eq!(status_field(&s, "Uid:"), "65534\t65534\t65534\t65534");
+            let path = task.unwrap().path().join("status");
+            let s = std::fs::read_to_string(&path).unwrap();
+            for (key, want) in [
+                ("Uid:", "65534\t65534\t65534\t65534"),
+                ("Gid:", "65534\t65534\t65534\t65534"),
+                ("Groups:", "65534"),
+                ("CapInh:", "0000000000000000"),
+                ("CapPrm:", "0000000000000000"),
+                ("CapEff:", "0000000000000000"),
+                ("CapAmb:", "0000000000000000"),
+            ] {
+                assert_eq!(
+                    status_field(&s, key),
+                    want,
+                    "{engine}: {key} of {}",
+                    path.display()
+                );
+            }
+            threads += 1;
         }
+        assert!(
+            threads >= 3,
+            "{engine}: main, signal and worker threads: {threads}"
+        );
         assert!(topo.a.ping(OVERLAY_B), "{engine}");
         let dst: SocketAddr = format!("{OVERLAY_B}:7000").parse().unwrap();
         verified_tcp_transfer(&topo.a, &topo.b, dst, 16 << 20);
