@@ -63,6 +63,35 @@ fn exit_within(p: &mut Proc, secs: u64) -> (std::process::ExitStatus, Duration) 
 
 /// A verified transfer on its own thread, so the test can break things
 /// while it runs.
+/// A verified transfer from a to b of `bytes`, paced to 64 MB/s so that it
+/// runs for a while, in the background; `progress` counts what b received.
+fn paced_transfer(
+    topo: &Topology,
+    bytes: u64,
+    progress: Arc<std::sync::atomic::AtomicU64>,
+) -> std::thread::JoinHandle<u64> {
+    let dst: SocketAddr = format!("{OVERLAY_B}:7000").parse().unwrap();
+    let (from, to) = (topo.a.name.clone(), topo.b.name.clone());
+    std::thread::spawn(move || {
+        let from = Netns::existing(&from);
+        let to = Netns::existing(&to);
+        verified_tcp_transfer_observed(&from, &to, dst, bytes, Some(progress), Some(64 << 20))
+    })
+}
+
+/// Waits until `progress` reaches `at_least` bytes (30 s hang guard).
+fn wait_progress(progress: &std::sync::atomic::AtomicU64, at_least: u64, what: &str) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let n = progress.load(Ordering::Relaxed);
+        if n >= at_least {
+            return n;
+        }
+        assert!(Instant::now() < deadline, "{what}: {n} of {at_least} bytes");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 fn transfer_in_background(topo: &Topology, to_b: bool, bytes: u64) -> std::thread::JoinHandle<u64> {
     let (from, to, dst) = if to_b {
         (&topo.a, &topo.b, format!("{OVERLAY_B}:7000"))
@@ -121,17 +150,34 @@ fn peer_restart_mid_transfer_keeps_the_tcp_stream() {
     for engine in ENGINES {
         let topo = Topology::new();
         let extra = ["--engine", engine];
-        let _a = Proc::tunfwd(&topo.a, &tunnel_args(true, &extra));
+        let mut a = Proc::tunfwd(&topo.a, &tunnel_args(true, &extra));
         let mut b = Proc::tunfwd(&topo.b, &tunnel_args(false, &extra));
-        let transfer = transfer_in_background(&topo, true, 96 << 20);
-        std::thread::sleep(Duration::from_millis(300));
+        const TOTAL: u64 = 96 << 20;
+        let progress = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let transfer = paced_transfer(&topo, TOTAL, progress.clone());
+        // The fault meets a running transfer: some bytes arrived, not all.
+        let before = wait_progress(&progress, 8 << 20, "transfer started");
         assert!(b.terminate().success(), "{engine}: {}", b.stderr());
+        let at_fault = progress.load(Ordering::Relaxed);
+        assert!(
+            at_fault < TOTAL,
+            "{engine}: the transfer was over before the fault"
+        );
         // Down for a second: the device (and its address) are gone.
         std::thread::sleep(Duration::from_secs(1));
         let _b2 = Proc::tunfwd(&topo.b, &tunnel_args(false, &extra));
         let bytes = transfer.join().expect("transfer survived the restart");
-        assert_eq!(bytes, 96 << 20);
-        eprintln!("{engine}: 96 MiB verified across a peer restart");
+        assert_eq!(bytes, TOTAL);
+        assert!(a.terminate().success());
+        // The outage showed: the kernel reported the peer's port closed.
+        let out = a.stdout();
+        assert!(
+            stat(&out, "summary total", "peer_unreachable") > 0,
+            "{engine}: {out}"
+        );
+        eprintln!(
+            "{engine}: 96 MiB verified across a peer restart ({before} bytes before it, {at_fault} at it)"
+        );
     }
 }
 
@@ -145,17 +191,28 @@ fn underlay_link_down_and_up() {
         let extra = ["--engine", engine];
         let mut a = Proc::tunfwd(&topo.a, &tunnel_args(true, &extra));
         let _b = Proc::tunfwd(&topo.b, &tunnel_args(false, &extra));
-        let transfer = transfer_in_background(&topo, true, 96 << 20);
-        std::thread::sleep(Duration::from_millis(300));
+        const TOTAL: u64 = 96 << 20;
+        let progress = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let transfer = paced_transfer(&topo, TOTAL, progress.clone());
+        wait_progress(&progress, 8 << 20, "transfer started");
         topo.a.ip(&["link", "set", "veth0", "down"]);
+        let at_fault = progress.load(Ordering::Relaxed);
+        assert!(
+            at_fault < TOTAL,
+            "{engine}: the transfer was over before the fault"
+        );
         std::thread::sleep(Duration::from_secs(1));
         topo.a.ip(&["link", "set", "veth0", "up"]);
         let bytes = transfer.join().expect("transfer survived the link flap");
-        assert_eq!(bytes, 96 << 20);
+        assert_eq!(bytes, TOTAL);
         assert!(topo.a.ping(OVERLAY_B), "{engine}: ping after the flap");
         assert!(a.terminate().success());
+        // The outage showed: sends failed while the link was down.
         let out = a.stdout();
-        eprintln!("{engine}: link flap\n{out}");
+        let failed = stat(&out, "summary total", "send_failed")
+            + stat(&out, "summary total", "peer_unreachable");
+        assert!(failed > 0, "{engine}: the outage left no trace\n{out}");
+        eprintln!("{engine}: link flap at {at_fault} of {TOTAL} bytes\n{out}");
     }
 }
 

@@ -541,6 +541,20 @@ impl StreamHash {
 /// `to_addr` (a listener started in namespace `to`), and checks the receiver
 /// got exactly the same bytes (hash and length). Returns the byte count.
 pub fn verified_tcp_transfer(from: &Netns, to: &Netns, to_addr: SocketAddr, bytes: u64) -> u64 {
+    verified_tcp_transfer_observed(from, to, to_addr, bytes, None, None)
+}
+
+/// As [`verified_tcp_transfer`], with the receiver's byte count kept in
+/// `progress` as it goes (so a test can act while the transfer runs and see
+/// it go on afterwards), and the sender paced to at most `max_bytes_per_s`.
+pub fn verified_tcp_transfer_observed(
+    from: &Netns,
+    to: &Netns,
+    to_addr: SocketAddr,
+    bytes: u64,
+    progress: Option<Arc<std::sync::atomic::AtomicU64>>,
+    max_bytes_per_s: Option<u64>,
+) -> u64 {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let receiver = to.spawn(move || {
         // The port can still be held for a moment by the previous
@@ -587,6 +601,9 @@ pub fn verified_tcp_transfer(from: &Netns, to: &Netns, to_addr: SocketAddr, byte
                 break;
             }
             hash.update(&buf[..n]);
+            if let Some(p) = &progress {
+                p.fetch_add(n as u64, Ordering::Relaxed);
+            }
         }
         hash.finish()
     });
@@ -601,12 +618,20 @@ pub fn verified_tcp_transfer(from: &Netns, to: &Netns, to_addr: SocketAddr, byte
         let mut hash = StreamHash::default();
         let mut buf = vec![0u8; 1 << 16];
         let mut left = bytes;
+        let started = Instant::now();
         while left > 0 {
             let n = left.min(buf.len() as u64) as usize;
             data.fill(&mut buf[..n]);
             s.write_all(&buf[..n]).expect("send (30 s stall guard)");
             hash.update(&buf[..n]);
             left -= n as u64;
+            if let Some(rate) = max_bytes_per_s {
+                // Pacing: a traffic shape, not a wait for readiness.
+                let due = Duration::from_secs_f64((bytes - left) as f64 / rate as f64);
+                if let Some(ahead) = due.checked_sub(started.elapsed()) {
+                    thread::sleep(ahead);
+                }
+            }
         }
         s.shutdown(Shutdown::Write).unwrap();
         // Wait for the receiver to close, so every byte was read.
