@@ -386,6 +386,14 @@ fn starved_resources_work_or_fail_clearly() {
                 verified_tcp_transfer(&topo.a, &topo.b, dst, 2 << 20);
                 assert!(a.terminate().success(), "{what}");
                 assert!(b.terminate().success());
+                if limit.contains("memlock") {
+                    // The README's promise: it falls back, and says so.
+                    assert!(
+                        a.stderr().contains("unregistered buffers"),
+                        "{what}: no fallback line: {}",
+                        a.stderr()
+                    );
+                }
                 let log: Vec<_> = a
                     .stderr()
                     .lines()
@@ -395,6 +403,10 @@ fn starved_resources_work_or_fail_clearly() {
                 eprintln!("{what}: works: {}", log.join(" / "));
             }
             Err((status, err)) => {
+                assert!(
+                    must_fail.is_some(),
+                    "{what}: must work (README, Reliability) but was refused: {err}"
+                );
                 assert!(!status.success(), "{what}");
                 assert!(!err.contains("panicked"), "{what}: {err}");
                 let last = err.lines().last().unwrap_or("");
