@@ -722,6 +722,14 @@ mod tests {
         read
     }
 
+    /// The plan of a TSO read of `payload_len` bytes cut at MSS 1400.
+    fn offload_plan(d: &mut Datapath, payload_len: usize) -> TxPlan {
+        let mut read = tso_read(payload_len, 1400);
+        let len = read.len();
+        let mut split = vec![0u8; SPLIT_LEN];
+        plan_of(d.handle_tun_read(&mut read, len, &mut split))
+    }
+
     fn plan_of(a: TunAction) -> TxPlan {
         match a {
             TunAction::Send(p) => p,
@@ -757,10 +765,7 @@ mod tests {
     fn super_packet_is_cut_into_gso_sends_in_order() {
         let mut d = dp(true);
         // 46 segments of 1400: more than one GSO send may carry (65507 B).
-        let mut read = tso_read(46 * 1400, 1400);
-        let len = read.len();
-        let mut split = vec![0u8; SPLIT_LEN];
-        let mut plan = plan_of(d.handle_tun_read(&mut read, len, &mut split));
+        let mut plan = offload_plan(&mut d, 46 * 1400);
         assert!(
             matches!(plan.buf, TxBuf::Gather(_)),
             "a super-packet is sent as a gather list"
@@ -787,10 +792,7 @@ mod tests {
     #[test]
     fn gso_refused_resends_the_same_datagrams_one_by_one() {
         let mut d = dp(true);
-        let mut read = tso_read(10 * 1400, 1400);
-        let len = read.len();
-        let mut split = vec![0u8; SPLIT_LEN];
-        let mut plan = plan_of(d.handle_tun_read(&mut read, len, &mut split));
+        let mut plan = offload_plan(&mut d, 10 * 1400);
         let first = d.next_send(&plan).unwrap();
         assert!(first.gso_size.is_some());
         assert_eq!(d.on_send(&mut plan, &first, Err(Errno::EIO)), After::Next);
@@ -808,19 +810,14 @@ mod tests {
         assert_eq!(st.tun_to_peer.packets, 10);
         assert_eq!(st.tun_to_peer.dropped(), 0);
         // GSO stays off for the next read.
-        let mut read = tso_read(3 * 1400, 1400);
-        let len = read.len();
-        let plan = plan_of(d.handle_tun_read(&mut read, len, &mut split));
+        let plan = offload_plan(&mut d, 3 * 1400);
         assert_eq!(d.next_send(&plan).unwrap().gso_size, None);
     }
 
     #[test]
     fn full_socket_retries_the_same_send_and_errors_count_losses() {
         let mut d = dp(true);
-        let mut read = tso_read(4 * 1400, 1400);
-        let len = read.len();
-        let mut split = vec![0u8; SPLIT_LEN];
-        let mut plan = plan_of(d.handle_tun_read(&mut read, len, &mut split));
+        let mut plan = offload_plan(&mut d, 4 * 1400);
         let s = d.next_send(&plan).unwrap();
         assert_eq!(d.on_send(&mut plan, &s, Err(Errno::EAGAIN)), After::Retry);
         assert_eq!(d.next_send(&plan).unwrap(), s, "the same send again");

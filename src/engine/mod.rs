@@ -129,7 +129,8 @@ impl Engine {
 
     /// Builds a worker on the calling thread (io_uring rings are
     /// single-issuer) and returns what runs it.
-    pub fn build(self, parts: WorkerParts) -> Result<Box<dyn FnOnce() -> Result<()>>> {
+    pub fn build(self, mut parts: WorkerParts) -> Result<Box<dyn FnOnce() -> Result<()>>> {
+        enable_timestamps(&parts.udp, &mut parts.datapath);
         Ok(match self {
             Engine::Poll => {
                 let w = poll::PollWorker::new(parts)?;
@@ -244,7 +245,7 @@ pub fn wall_clock_ns() -> u64 {
 /// Turns on the kernel's arrival timestamps on `udp` if the datapath's
 /// AQM needs them; if the kernel refuses, the AQM stays off for this worker
 /// (one log line).
-pub fn enable_timestamps(udp: &UdpSocket, dp: &mut Datapath) {
+fn enable_timestamps(udp: &UdpSocket, dp: &mut Datapath) {
     if !dp.wants_timestamps() {
         return;
     }

@@ -78,12 +78,11 @@ impl PollWorker {
         let WorkerParts {
             tun,
             udp,
-            datapath: mut dp,
+            datapath: dp,
             shutdown,
             batch,
             busy_poll,
         } = parts;
-        crate::engine::enable_timestamps(&udp, &mut dp);
         udp.set_nonblocking(true)
             .map_err(|e| Error::io(format!("make UDP socket of {} nonblocking", dp.label()), e))?;
         let local = udp

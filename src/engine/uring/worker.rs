@@ -164,12 +164,11 @@ impl UringWorker {
         let WorkerParts {
             tun,
             udp,
-            datapath: mut dp,
+            datapath: dp,
             shutdown,
             batch,
             busy_poll,
         } = parts;
-        crate::engine::enable_timestamps(&udp, &mut dp);
         let tun = tun.into_file();
         let label = dp.label().to_string();
         // io_uring waits for room itself (internal poll) when a send would
