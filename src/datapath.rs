@@ -17,7 +17,9 @@
 //! [`Datapath::handle_receive`] checks one receive (one datagram, or with
 //! UDP GRO several of one flow) and says which bytes to write to the TUN
 //! device: the datagram in place, or (offload) the [`Coalescer`]'s writes,
-//! where consecutive TCP segments became one super-packet.
+//! where consecutive TCP segments became one super-packet, each write a
+//! gather list of rewritten headers and payload slices of the receive
+//! buffer (which must stay untouched until the writes are done).
 //! [`Datapath::on_tun_write`] takes each write's result.
 //!
 //! # The rules, the same for both engines
@@ -584,22 +586,25 @@ impl Datapath {
             stats.gro_receives.add(1);
             stats.gro_datagrams.add(payload.len().div_ceil(seg) as u64);
         }
-        for datagram in payload.chunks_mut(seg) {
-            match self.fwd.handle_from_peer(src, datagram) {
+        let mut at = rx.payload.start;
+        while at < rx.payload.end {
+            let datagram = at..(at + seg).min(rx.payload.end);
+            at = datagram.end;
+            match self.fwd.handle_from_peer(src, &buf[datagram.clone()]) {
                 PeerVerdict::ToTun => {
                     // The first accepted packet with data carries a signal
                     // (a mark, or its loss).
-                    if !Self::aqm_apply(pending, stats, datagram) {
+                    if !Self::aqm_apply(pending, stats, &mut buf[datagram.clone()]) {
                         continue;
                     }
-                    if coalescer.push(datagram).is_err() {
+                    if coalescer.push(buf, datagram).is_err() {
                         stats.peer_to_tun.drop(DropReason::BadChecksum);
                     }
                 }
                 PeerVerdict::Drop(r) => stats.peer_to_tun.drop(r),
             }
         }
-        if coalescer.finish().1.is_empty() {
+        if coalescer.finish(buf).is_empty() {
             RxAction::Dropped
         } else {
             RxAction::Coalesced
@@ -855,7 +860,7 @@ mod tests {
             d.handle_receive(&rx, &mut buf, &mut c, 0),
             RxAction::Coalesced
         );
-        let (_, writes) = c.output();
+        let writes = c.writes();
         assert_eq!(writes.len(), 1);
         assert_eq!(writes[0].packets, 3);
         let info = WriteInfo::coalesced(&writes[0]);

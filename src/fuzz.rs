@@ -262,7 +262,7 @@ pub fn split_coalesce(data: &[u8]) {
     let mut coalescer = Coalescer::new();
     let action = dp.handle_receive(&rx, &mut wire, &mut coalescer, 0);
     let snap = stats.snapshot();
-    let (bytes, writes) = coalescer.output();
+    let writes = coalescer.writes();
     let written: usize = writes.iter().map(|w| w.packets).sum();
     assert_eq!(
         written as u64 + snap.peer_to_tun.dropped(),
@@ -272,7 +272,8 @@ pub fn split_coalesce(data: &[u8]) {
     assert_eq!(action == RxAction::Coalesced, !writes.is_empty());
     let mut resplit = vec![0u8; SPLIT_LEN];
     for w in writes {
-        let frame = &bytes[w.start..w.end];
+        let frame = &coalescer.frame(w, &wire)[..];
+        assert_eq!(frame.len(), w.len);
         let h = VirtioNetHdr::parse(frame).expect("a write starts with a virtio-net header");
         let ip = &frame[virtio::LEN..];
         IpPacket::new_checked(ip).expect("a write carries a valid IP packet");

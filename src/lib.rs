@@ -36,8 +36,10 @@
 //! datagrams per `sendmsg`, in order: the payload is not copied, only read
 //! once for its checksum. Back: one UDP GRO receive returns up to 64 KiB of
 //! one flow's datagrams; each is validated, TCP segments have their
-//! checksums verified, and consecutive segments are copied into one
-//! super-packet (one copy) written with a virtio-net header. One UDP
+//! checksums verified, and consecutive segments become one super-packet
+//! written with a virtio-net header as a gather write (`writev`): rewritten
+//! headers from a small area, payloads where the receive put them, so no
+//! copy in tunfwd in either direction. One UDP
 //! datagram always carries exactly one IP packet, so a peer without offload
 //! interoperates.
 

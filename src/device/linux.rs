@@ -29,6 +29,11 @@ impl super::TunQueue {
     pub fn write(&self, packet: &[u8]) -> io::Result<usize> {
         (&self.file).write(packet)
     }
+
+    /// Writes one packet (frame) gathered from `pieces`, in one system call.
+    pub fn write_gather(&self, pieces: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        (&self.file).write_vectored(pieces)
+    }
 }
 
 /// Errors that say the TUN device is gone or unusable: the worker must stop.

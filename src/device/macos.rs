@@ -76,6 +76,24 @@ impl super::TunQueue {
         let n = writev(&self.file, &[IoSlice::new(&hdr), IoSlice::new(packet)])?;
         Ok(n.saturating_sub(AF_HEADER_LEN))
     }
+
+    /// Writes one IP packet gathered from `pieces` (at most
+    /// [`MAX_WRITE_PIECES`](crate::packet::offload::MAX_WRITE_PIECES)), with
+    /// the address-family prefix its version calls for.
+    pub fn write_gather(&self, pieces: &[IoSlice<'_>]) -> io::Result<usize> {
+        let version = pieces.iter().find(|p| !p.is_empty()).map(|p| p[0] >> 4);
+        let af = match version {
+            Some(6) => libc::AF_INET6,
+            _ => libc::AF_INET,
+        };
+        let hdr = (af as u32).to_be_bytes();
+        let mut io = [IoSlice::new(&[]); 1 + crate::packet::offload::MAX_WRITE_PIECES];
+        io[0] = IoSlice::new(&hdr);
+        let n = pieces.len().min(io.len() - 1);
+        io[1..=n].copy_from_slice(&pieces[..n]);
+        let n = writev(&self.file, &io[..=n])?;
+        Ok(n.saturating_sub(AF_HEADER_LEN))
+    }
 }
 
 /// Errors that say the utun socket is unusable: the worker must stop.

@@ -21,7 +21,7 @@ use crate::datapath::{
 };
 use crate::engine::{Shutdown, WorkerParts, send_addr};
 use crate::error::{Error, Result};
-use crate::packet::offload::Coalescer;
+use crate::packet::offload::{Coalescer, MAX_WRITE_PIECES};
 
 /// One worker: a TUN queue, a UDP socket, and the datapath between them.
 pub struct PollWorker {
@@ -331,10 +331,19 @@ impl PollWorker {
 
     /// Writes the coalescer's writes from index `from` on, in order.
     fn write_coalesced(&mut self, from: usize) -> Result<()> {
-        let (bytes, writes) = self.inb.coalescer.output();
-        for (i, w) in writes.iter().enumerate().skip(from) {
+        let c = &self.inb.coalescer;
+        let mut io = [IoSlice::new(&[]); MAX_WRITE_PIECES];
+        for (i, w) in c.writes().iter().enumerate().skip(from) {
+            let mut n = 0;
+            for (slot, piece) in io.iter_mut().zip(c.slices(w, &self.inb.buf)) {
+                *slot = IoSlice::new(piece);
+                n += 1;
+            }
             self.dp.stats().syscalls.add(1);
-            let res = errno_of(self.tun.write(&bytes[w.start..w.end]));
+            let res = errno_of(match &io[..n] {
+                [one] => self.tun.write(one),
+                pieces => self.tun.write_gather(pieces),
+            });
             if self.dp.on_tun_write(&WriteInfo::coalesced(w), res)? == After::Retry {
                 self.inb.held = Some(InHeld::Coalesced(i));
                 return Ok(());

@@ -442,13 +442,33 @@ pub fn split_gather(
     Ok(Gathered::Segments(layout))
 }
 
-/// One TUN write produced by the [`Coalescer`]: `out[start..end]` is a
-/// virtio-net header and one IP packet made of `packets` received packets,
-/// which were `bytes` long together (what the stats count as delivered).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Most received segments one super-packet joins: bounds the pieces of a
+/// write (one header piece and one payload piece per segment), which UDP
+/// GRO (at most 64 datagrams per receive) never reaches anyway.
+pub const MAX_JOINED: usize = 64;
+
+/// Most pieces one [`TunWrite`] has.
+pub const MAX_WRITE_PIECES: usize = 1 + MAX_JOINED;
+
+/// Where the bytes of one piece of a TUN write are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Piece {
+    /// Bytes of the coalescer's header area ([`Coalescer::header_area`]):
+    /// a virtio-net header, with the rewritten IP and TCP headers of a
+    /// super-packet after it.
+    Header(std::ops::Range<usize>),
+    /// Bytes of the receive buffer the packets were pushed from.
+    Buffer(std::ops::Range<usize>),
+}
+
+/// One TUN write produced by the [`Coalescer`]: a virtio-net header and one
+/// IP packet, gathered from `pieces` (indices into [`Coalescer::pieces`]),
+/// `len` bytes in all; made of `packets` received packets, which were
+/// `bytes` long together (what the stats count as delivered).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TunWrite {
-    pub start: usize,
-    pub end: usize,
+    pub pieces: std::ops::Range<usize>,
+    pub len: usize,
     pub packets: usize,
     pub bytes: usize,
 }
@@ -475,8 +495,11 @@ fn checksums_verify(v: &TcpView, pkt: &[u8]) -> bool {
 /// The TCP super-packet being built.
 #[derive(Clone, Debug)]
 struct Open {
-    /// Index of its virtio-net header in the output.
-    start: usize,
+    /// Index of its first piece (its headers).
+    first_piece: usize,
+    /// Where its virtio-net header starts in the header area; the first
+    /// segment's IP and TCP headers follow it.
+    hdr_at: usize,
     v6: bool,
     l4_off: usize,
     tcp_hdr_len: usize,
@@ -486,6 +509,8 @@ struct Open {
     /// Payload bytes of the first segment: every later one must be equal,
     /// except a last shorter one.
     mss: usize,
+    /// Length of the IP packet it has become so far.
+    len: usize,
     packets: usize,
     /// Bytes of the packets that joined, as received.
     bytes: usize,
@@ -496,9 +521,18 @@ struct Open {
 /// Coalesces consecutive TCP segments of the same flow into super-packets
 /// for a TUN device with `IFF_VNET_HDR` and TSO enabled. Order is kept:
 /// a packet that cannot join is written as it is, after what came before.
+///
+/// A super-packet is not copied: its write is a gather list of a small
+/// header piece (the virtio-net header and its first segment's IP and TCP
+/// headers with lengths and checksum rewritten) and slices of the receive
+/// buffer (each segment's payload). A packet that joins nothing is copied
+/// behind its virtio-net header into one piece instead (one plain write: for
+/// one packet a short copy is cheaper than a gather write). The buffer must
+/// stay untouched until every write of the batch is done.
 #[derive(Debug, Default)]
 pub struct Coalescer {
-    out: Vec<u8>,
+    headers: Vec<u8>,
+    pieces: Vec<Piece>,
     writes: Vec<TunWrite>,
     open: Option<Open>,
 }
@@ -563,15 +597,19 @@ impl Coalescer {
 
     /// Starts a new batch; the previous one's writes are discarded.
     pub fn clear(&mut self) {
-        self.out.clear();
+        self.headers.clear();
+        self.pieces.clear();
         self.writes.clear();
         self.open = None;
     }
 
-    /// Adds one received IP packet (already validated by the forwarder).
-    /// A TCP segment that could be coalesced must verify its checksums, or
-    /// it is refused with [`BadChecksum`] and leaves no trace in the output.
-    pub fn push(&mut self, pkt: &[u8]) -> Result<(), BadChecksum> {
+    /// Adds the IP packet at `buf[at]` (already validated by the
+    /// forwarder). A TCP segment that could be coalesced must verify its
+    /// checksums, or it is refused with [`BadChecksum`] and leaves no trace
+    /// in the output. Every packet of a batch must come from the same
+    /// buffer.
+    pub fn push(&mut self, buf: &[u8], at: std::ops::Range<usize>) -> Result<(), BadChecksum> {
+        let pkt = &buf[at.clone()];
         let view = tcp_view(pkt);
         if let Some(v) = &view {
             if !checksums_verify(v, pkt) {
@@ -580,18 +618,24 @@ impl Coalescer {
         }
         if let (Some(open), Some(v)) = (&self.open, &view) {
             if self.can_join(open, v, pkt) {
-                self.join(v, pkt);
+                self.join(v, pkt, at.start);
                 return Ok(());
             }
         }
-        self.finish_open();
-        let start = self.out.len();
-        self.out.extend_from_slice(&[0u8; virtio::LEN]);
-        self.out.extend_from_slice(pkt);
+        self.finish_open(buf);
+        let hdr_at = self.headers.len();
+        self.headers.extend_from_slice(&[0u8; virtio::LEN]);
+        let first_piece = self.pieces.len();
         match view {
             Some(v) => {
+                // The headers are copied: a super-packet rewrites them.
+                let hlen = v.l4_off + v.tcp_hdr_len;
+                self.headers.extend_from_slice(&pkt[..hlen]);
+                self.pieces.push(Piece::Header(hdr_at..self.headers.len()));
+                self.pieces.push(Piece::Buffer(at.start + hlen..at.end));
                 self.open = Some(Open {
-                    start,
+                    first_piece,
+                    hdr_at,
                     v6: v.v6,
                     l4_off: v.l4_off,
                     tcp_hdr_len: v.tcp_hdr_len,
@@ -599,33 +643,40 @@ impl Coalescer {
                     dst: v.dst,
                     next_seq: v.seq.wrapping_add(v.payload_len as u32),
                     mss: v.payload_len,
+                    len: pkt.len(),
                     packets: 1,
                     bytes: pkt.len(),
                     closed: v.flags & TCP_PSH != 0,
                 });
             }
-            None => self.writes.push(TunWrite {
-                start,
-                end: self.out.len(),
-                packets: 1,
-                bytes: pkt.len(),
-            }),
+            None => {
+                self.headers.extend_from_slice(pkt);
+                self.pieces.push(Piece::Header(hdr_at..self.headers.len()));
+                self.writes.push(TunWrite {
+                    pieces: first_piece..self.pieces.len(),
+                    len: virtio::LEN + pkt.len(),
+                    packets: 1,
+                    bytes: pkt.len(),
+                });
+            }
         }
         Ok(())
     }
 
     fn can_join(&self, open: &Open, v: &TcpView, pkt: &[u8]) -> bool {
         if open.closed
+            || open.packets >= MAX_JOINED
             || v.v6 != open.v6
             || v.src != open.src
             || v.dst != open.dst
             || v.tcp_hdr_len != open.tcp_hdr_len
             || v.seq != open.next_seq
             || v.payload_len > open.mss
+            || open.len + v.payload_len > MAX_SUPER_LEN
         {
             return false;
         }
-        let first = &self.out[open.start + virtio::LEN..];
+        let first = &self.headers[open.hdr_at + virtio::LEN..];
         let l4 = open.l4_off;
         // Same IP header fields that matter (TOS/TTL/DF; traffic class,
         // flow label, hop limit), same ports, ack, window and options.
@@ -638,22 +689,24 @@ impl Coalescer {
             && first[l4 + 8..l4 + 12] == pkt[l4 + 8..l4 + 12]
             && first[l4 + 14..l4 + 16] == pkt[l4 + 14..l4 + 16]
             && first[l4 + 20..l4 + open.tcp_hdr_len] == pkt[l4 + 20..l4 + open.tcp_hdr_len];
-        let new_len = self.out.len() - open.start - virtio::LEN + v.payload_len;
-        ip_same && tcp_same && new_len <= MAX_SUPER_LEN
+        ip_same && tcp_same
     }
 
-    fn join(&mut self, v: &TcpView, pkt: &[u8]) {
-        let payload = &pkt[v.l4_off + v.tcp_hdr_len..];
-        self.out.extend_from_slice(payload);
+    /// Joins the segment `pkt`, which starts at `start` in the buffer.
+    fn join(&mut self, v: &TcpView, pkt: &[u8], start: usize) {
         let Some(open) = &mut self.open else { return };
+        let hlen = v.l4_off + v.tcp_hdr_len;
+        self.pieces
+            .push(Piece::Buffer(start + hlen..start + pkt.len()));
         open.packets += 1;
         open.bytes += pkt.len();
+        open.len += v.payload_len;
         open.next_seq = open.next_seq.wrapping_add(v.payload_len as u32);
         if v.flags & TCP_PSH != 0 {
             // The super-packet carries PSH (the kernel puts it on the last
             // segment when it segments again).
-            let flag_at = open.start + virtio::LEN + open.l4_off + 13;
-            self.out[flag_at] |= TCP_PSH;
+            let flag_at = open.hdr_at + virtio::LEN + open.l4_off + 13;
+            self.headers[flag_at] |= TCP_PSH;
             open.closed = true;
         }
         if v.payload_len < open.mss {
@@ -661,18 +714,32 @@ impl Coalescer {
         }
     }
 
-    /// Writes the header (and fixes lengths) of the open super-packet.
-    fn finish_open(&mut self) {
+    /// Writes the header (and fixes lengths) of the open super-packet; a
+    /// lone segment is copied behind its header instead (one piece). `buf`
+    /// is the buffer the packets were pushed from.
+    fn finish_open(&mut self, buf: &[u8]) {
         let Some(open) = self.open.take() else { return };
-        let end = self.out.len();
-        let pkt_start = open.start + virtio::LEN;
-        if open.packets > 1 {
-            let len = end - pkt_start;
+        let pkt_at = open.hdr_at + virtio::LEN;
+        if open.packets == 1 {
+            // Its header is the last thing in the area (nothing is added
+            // while a packet is open), its payload the last piece.
+            if let Some(Piece::Buffer(r)) = self.pieces.pop() {
+                self.headers.extend_from_slice(&buf[r]);
+            }
+            if let Some(Piece::Header(r)) = self.pieces.last_mut() {
+                r.end = self.headers.len();
+            }
+        } else {
             let l4 = open.l4_off;
-            let p = &mut self.out[pkt_start..end];
-            fix_ip_header(p, open.v6, len, l4, None);
+            let p = &mut self.headers[pkt_at..pkt_at + l4 + open.tcp_hdr_len];
+            fix_ip_header(p, open.v6, open.len, l4, None);
             // NEEDS_CSUM: the field holds the pseudo-header sum only.
-            let partial = fold_partial(pseudo_header_sum(open.src, open.dst, PROTO_TCP, len - l4));
+            let partial = fold_partial(pseudo_header_sum(
+                open.src,
+                open.dst,
+                PROTO_TCP,
+                open.len - l4,
+            ));
             p[l4 + 16..l4 + 18].copy_from_slice(&partial.to_be_bytes());
             let hdr = VirtioNetHdr {
                 flags: virtio::F_NEEDS_CSUM,
@@ -686,27 +753,56 @@ impl Coalescer {
                 csum_start: l4 as u16,
                 csum_offset: 16,
             };
-            hdr.write(&mut self.out[open.start..pkt_start]);
+            hdr.write(&mut self.headers[open.hdr_at..pkt_at]);
         }
         self.writes.push(TunWrite {
-            start: open.start,
-            end,
+            pieces: open.first_piece..self.pieces.len(),
+            len: virtio::LEN + open.len,
             packets: open.packets,
             bytes: open.bytes,
         });
     }
 
-    /// The bytes and writes of the last finished batch (after [`finish`]).
-    ///
-    /// [`finish`]: Coalescer::finish
-    pub fn output(&self) -> (&[u8], &[TunWrite]) {
-        (&self.out, &self.writes)
+    /// Closes the batch (`buf`: the buffer the packets were pushed from):
+    /// its writes, in order.
+    pub fn finish(&mut self, buf: &[u8]) -> &[TunWrite] {
+        self.finish_open(buf);
+        &self.writes
     }
 
-    /// Closes the batch: the bytes and the writes, in order.
-    pub fn finish(&mut self) -> (&[u8], &[TunWrite]) {
-        self.finish_open();
-        (&self.out, &self.writes)
+    /// The writes of the last finished batch (after [`finish`]).
+    ///
+    /// [`finish`]: Coalescer::finish
+    pub fn writes(&self) -> &[TunWrite] {
+        &self.writes
+    }
+
+    /// The pieces of write `w`, in order.
+    pub fn pieces(&self, w: &TunWrite) -> &[Piece] {
+        &self.pieces[w.pieces.clone()]
+    }
+
+    /// The bytes [`Piece::Header`] ranges refer to.
+    pub fn header_area(&self) -> &[u8] {
+        &self.headers
+    }
+
+    /// The slices of write `w`, in order, its packets having been pushed
+    /// from `buf`.
+    pub fn slices<'a>(&'a self, w: &TunWrite, buf: &'a [u8]) -> impl Iterator<Item = &'a [u8]> {
+        self.pieces(w).iter().map(move |p| match p {
+            Piece::Header(r) => &self.headers[r.clone()],
+            Piece::Buffer(r) => &buf[r.clone()],
+        })
+    }
+
+    /// Write `w` as one contiguous frame (what the device receives).
+    pub fn frame(&self, w: &TunWrite, buf: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(w.len);
+        for s in self.slices(w, buf) {
+            out.extend_from_slice(s);
+        }
+        out
     }
 }
 
@@ -715,6 +811,34 @@ pub(crate) mod tests {
     use super::*;
     use crate::packet::checksum::checksum;
     use std::net::{Ipv4Addr, Ipv6Addr};
+
+    /// Packets pushed into a coalescer from one buffer, as a receive
+    /// pushes them: the writes come back as the frames the device gets.
+    #[derive(Default)]
+    pub(crate) struct Batch {
+        buf: Vec<u8>,
+        c: Coalescer,
+    }
+
+    impl Batch {
+        pub(crate) fn push(&mut self, p: &[u8]) -> Result<(), BadChecksum> {
+            // Odd offsets: nothing may depend on alignment.
+            self.buf.push(0xee);
+            let at = self.buf.len();
+            self.buf.extend_from_slice(p);
+            self.c.push(&self.buf, at..self.buf.len())
+        }
+
+        /// Closes the batch: each write's frame, and the writes.
+        pub(crate) fn finish(&mut self) -> (Vec<Vec<u8>>, Vec<TunWrite>) {
+            let writes = self.c.finish(&self.buf).to_vec();
+            let frames: Vec<Vec<u8>> = writes.iter().map(|w| self.c.frame(w, &self.buf)).collect();
+            for (f, w) in frames.iter().zip(&writes) {
+                assert_eq!(f.len(), w.len);
+            }
+            (frames, writes)
+        }
+    }
 
     /// Independent check of a segment: IPv4 header checksum and the L4
     /// checksum over the pseudo-header verify.
@@ -1012,14 +1136,14 @@ pub(crate) mod tests {
             let (hdr, p) = tso_super(v6, &[], &payload, 1400, TCP_ACK | TCP_PSH);
             let mut out = vec![0u8; 70000];
             let s = split(&hdr, &p, 1500, &mut out).unwrap();
-            let mut c = Coalescer::new();
+            let mut c = Batch::default();
             for seg in segments(&out, &s) {
                 c.push(&seg).unwrap();
             }
-            let (bytes, writes) = c.finish();
+            let (frames, writes) = c.finish();
             assert_eq!(writes.len(), 1, "{writes:?}");
             assert_eq!(writes[0].packets, s.count);
-            let w = &bytes[writes[0].start..writes[0].end];
+            let w = &frames[0][..];
             let h = VirtioNetHdr::parse(w).unwrap();
             assert_eq!(h.gso_size, 1400);
             assert_eq!(h.flags, virtio::F_NEEDS_CSUM);
@@ -1092,7 +1216,7 @@ pub(crate) mod tests {
             ),
         ];
         for (what, pkts, want) in cases {
-            let mut c = Coalescer::new();
+            let mut c = Batch::default();
             for p in &pkts {
                 c.push(p).unwrap();
             }
@@ -1115,7 +1239,7 @@ pub(crate) mod tests {
         opt[2..4].copy_from_slice(&n.to_be_bytes());
         refresh_tcp_checksums(&mut opt);
         for (what, second) in [("other port", b), ("other ack", d), ("IP options", opt)] {
-            let mut c = Coalescer::new();
+            let mut c = Batch::default();
             c.push(&a).unwrap();
             c.push(&second).unwrap();
             let (_, writes) = c.finish();
@@ -1139,17 +1263,17 @@ pub(crate) mod tests {
                 cases.push(("IPv4 header", bad_ttl));
             }
             for (what, bad) in cases {
-                let mut c = Coalescer::new();
+                let mut c = Batch::default();
                 c.push(&good(0)).unwrap();
                 assert_eq!(c.push(&bad), Err(BadChecksum), "{what}");
                 c.push(&good(100)).unwrap();
                 c.push(&good(200)).unwrap();
-                let (bytes, writes) = c.finish();
+                let (frames, writes) = c.finish();
                 assert_eq!(writes.len(), 1, "{what}");
                 assert_eq!(writes[0].packets, 3);
                 assert_eq!(writes[0].bytes, 3 * good(0).len());
                 // The merged payload is the good data, in order.
-                let w = &bytes[writes[0].start + virtio::LEN..writes[0].end];
+                let w = &frames[0][virtio::LEN..];
                 let l4 = if v6 { 40 } else { 20 };
                 assert_eq!(
                     &w[l4 + 20..],
@@ -1159,28 +1283,59 @@ pub(crate) mod tests {
         }
     }
 
+    /// A super-packet is gathered (its headers, then every segment's
+    /// payload straight from the buffer); a packet that joins nothing is
+    /// one piece, copied behind its virtio-net header.
+    #[test]
+    fn super_packets_gather_lone_packets_are_one_piece() {
+        let segs: Vec<Vec<u8>> = (0..3)
+            .map(|i| tcp_packet(false, i * 100, TCP_ACK, &[], &data(100)))
+            .collect();
+        let lone = udp_packet(false, &data(10));
+        let mut buf = Vec::new();
+        let mut at = Vec::new();
+        for p in segs.iter().chain([&lone]) {
+            at.push(buf.len()..buf.len() + p.len());
+            buf.extend_from_slice(p);
+        }
+        let mut c = Coalescer::new();
+        for r in &at {
+            c.push(&buf, r.clone()).unwrap();
+        }
+        let writes = c.finish(&buf).to_vec();
+        assert_eq!(writes.len(), 2);
+        let pieces = c.pieces(&writes[0]);
+        assert_eq!(pieces.len(), 4, "{pieces:?}");
+        assert!(matches!(&pieces[0], Piece::Header(r) if r.len() == virtio::LEN + 40));
+        for (p, r) in pieces[1..].iter().zip(&at) {
+            assert_eq!(p, &Piece::Buffer(r.start + 40..r.end));
+        }
+        let pieces = c.pieces(&writes[1]);
+        assert!(
+            matches!(pieces, [Piece::Header(r)] if r.len() == virtio::LEN + lone.len()),
+            "{pieces:?}"
+        );
+        assert_eq!(&c.frame(&writes[1], &buf)[virtio::LEN..], &lone[..]);
+    }
+
     #[test]
     fn non_tcp_passes_through_in_order() {
         let u = udp_packet(false, &data(10));
         let t1 = tcp_packet(false, 0, TCP_ACK, &[], &data(100));
         let t2 = tcp_packet(false, 100, TCP_ACK, &[], &data(100));
-        let mut c = Coalescer::new();
+        let mut c = Batch::default();
         c.push(&t1).unwrap();
         c.push(&u).unwrap();
         c.push(&t2).unwrap();
-        let (bytes, writes) = c.finish();
+        let (frames, writes) = c.finish();
         assert_eq!(
             writes.len(),
             3,
             "the UDP packet splits the flow: no reordering"
         );
-        for (w, orig) in writes.iter().zip([&t1, &u, &t2]) {
-            let body = &bytes[w.start + virtio::LEN..w.end];
-            assert_eq!(body, &orig[..]);
-            assert_eq!(
-                VirtioNetHdr::parse(&bytes[w.start..]).unwrap(),
-                VirtioNetHdr::default()
-            );
+        for (f, orig) in frames.iter().zip([&t1, &u, &t2]) {
+            assert_eq!(&f[virtio::LEN..], &orig[..]);
+            assert_eq!(VirtioNetHdr::parse(f).unwrap(), VirtioNetHdr::default());
         }
     }
 }
@@ -1189,7 +1344,7 @@ pub(crate) mod tests {
 /// raises the count for a longer run.
 #[cfg(test)]
 mod props {
-    use super::tests::{tcp_packet, verify};
+    use super::tests::{Batch, tcp_packet, verify};
     use super::*;
     use proptest::prelude::*;
 
@@ -1255,18 +1410,23 @@ mod props {
             }
             prop_assert_eq!(&rebuilt, &payload);
 
-            let mut c = Coalescer::new();
+            let mut c = Batch::default();
             for r in s.ranges() {
                 c.push(&out[r]).unwrap();
             }
-            let (bytes, writes) = c.finish();
-            prop_assert_eq!(writes.len(), 1);
-            let w = writes[0];
-            let h = VirtioNetHdr::parse(&bytes[w.start..]).unwrap();
-            let mut again = vec![0u8; 70000];
-            let s2 = split(&h, &bytes[w.start + virtio::LEN..w.end], mtu, &mut again).unwrap();
-            prop_assert_eq!(s2, s);
-            prop_assert_eq!(&again[..s2.total_len()], &out[..s.total_len()]);
+            // One write per MAX_JOINED segments; splitting each again
+            // gives the same datagrams back, byte for byte.
+            let (frames, writes) = c.finish();
+            prop_assert_eq!(writes.len(), s.count.div_ceil(MAX_JOINED));
+            let mut wire = Vec::new();
+            for (f, w) in frames.iter().zip(&writes) {
+                let h = VirtioNetHdr::parse(f).unwrap();
+                let mut again = vec![0u8; 70000];
+                let s2 = split(&h, &f[virtio::LEN..], mtu, &mut again).unwrap();
+                prop_assert_eq!(s2.count, w.packets);
+                wire.extend_from_slice(&again[..s2.total_len()]);
+            }
+            prop_assert_eq!(&wire[..], &out[..s.total_len()]);
         }
 
         /// The gather split writes only headers, yet its datagrams (headers
@@ -1334,7 +1494,7 @@ mod props {
             pkts in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..200), 0..20),
             seqs in proptest::collection::vec(0u32..4, 0..20),
         ) {
-            let mut c = Coalescer::new();
+            let mut c = Batch::default();
             let mut pushed = 0;
             for (i, p) in pkts.iter().enumerate() {
                 // Arbitrary bytes: a TCP-looking segment with bad checksums
@@ -1349,16 +1509,18 @@ mod props {
                     pushed += 1;
                 }
             }
-            let (bytes, writes) = c.finish();
+            let (frames, writes) = c.finish();
             let total: usize = writes.iter().map(|w| w.packets).sum();
             prop_assert_eq!(total, pushed);
+            // The writes' pieces follow each other, each write has its
+            // header piece and at most MAX_WRITE_PIECES.
             let mut at = 0;
-            for w in writes {
-                prop_assert_eq!(w.start, at);
-                prop_assert!(w.end > w.start + virtio::LEN - 1);
-                at = w.end;
+            for (w, f) in writes.iter().zip(&frames) {
+                prop_assert_eq!(w.pieces.start, at);
+                prop_assert!(!w.pieces.is_empty() && w.pieces.len() <= MAX_WRITE_PIECES);
+                prop_assert!(f.len() >= virtio::LEN);
+                at = w.pieces.end;
             }
-            prop_assert_eq!(at, bytes.len());
         }
     }
 }

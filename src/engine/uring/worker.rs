@@ -29,7 +29,7 @@ use crate::datapath::{
 };
 use crate::engine::{Shutdown, WorkerParts, send_addr};
 use crate::error::{Error, Result};
-use crate::packet::offload::Coalescer;
+use crate::packet::offload::{Coalescer, Piece};
 
 /// Completions reaped in one iteration that count as "under load".
 const COALESCE_AFTER: usize = 8;
@@ -102,6 +102,10 @@ struct TxSlot {
 struct RxSlot {
     msg: MsgSlot,
     coalescer: Coalescer,
+    /// The coalescer's pieces as iovecs, index for index (a write's iovecs
+    /// are its `pieces` range); rebuilt only while the engine owns the
+    /// buffer, so they stay put while its writes are in flight.
+    iov: Vec<libc::iovec>,
     /// The one packet being written (bytes of the buffer), without offload.
     single: Option<Range<usize>>,
     /// TUN writes of this buffer still in flight.
@@ -256,6 +260,7 @@ impl UringWorker {
                 .map(|_| RxSlot {
                     msg: MsgSlot::new(),
                     coalescer: Coalescer::new(),
+                    iov: Vec::new(),
                     single: None,
                     writes_in_flight: 0,
                     seq: 0,
@@ -900,13 +905,27 @@ impl UringWorker {
                 self.start_writes(bid, SINGLE_WRITE)
             }
             RxAction::Coalesced => {
+                let base = self.buf_ptr(bid);
+                let s = &mut self.rx[slot];
+                let c = &s.coalescer;
+                s.iov.clear();
+                for w in c.writes() {
+                    for piece in c.pieces(w) {
+                        let (area, r) = match piece {
+                            Piece::Header(r) => (c.header_area().as_ptr(), r),
+                            Piece::Buffer(r) => (base.cast_const(), r),
+                        };
+                        // SAFETY: a header range lies inside the header
+                        // area, a buffer range inside buffer `bid`.
+                        let at = unsafe { area.add(r.start) };
+                        s.iov.push(libc::iovec {
+                            iov_base: at.cast_mut().cast(),
+                            iov_len: r.len(),
+                        });
+                    }
+                }
                 // A coalescer emits far fewer writes than a u16 counts.
-                let n = self.rx[slot]
-                    .coalescer
-                    .output()
-                    .1
-                    .len()
-                    .min(usize::from(SINGLE_WRITE - 1));
+                let n = c.writes().len().min(usize::from(SINGLE_WRITE - 1));
                 self.rx[slot].writes_in_flight = n as u32;
                 self.owners.set(bid, Owner::Engine, Owner::Kernel);
                 self.start_writes(bid, n as u16)

@@ -29,6 +29,15 @@ use super::{TUN_SLOT, UringWorker};
 use crate::datapath::{After, WriteInfo};
 use crate::error::{Error, Result};
 
+/// Where the bytes of one TUN write are.
+#[derive(Clone, Copy)]
+enum Source {
+    /// One run of bytes: address and length.
+    Flat(*const u8, usize),
+    /// Coalesced: its iovecs (address and count).
+    Gather(*const libc::iovec, usize),
+}
+
 /// The order of a worker's TUN writes; see the module docs.
 pub(super) struct TunWrites {
     /// Writes carry RWF_NOWAIT: a full queue answers EAGAIN at once instead
@@ -74,32 +83,40 @@ impl TunWrites {
 }
 
 impl UringWorker {
-    /// Where TUN write `index` of buffer `bid` takes its bytes from: the
-    /// address, the length, what it carries, and its order.
-    fn write_source(&self, bid: u16, index: u16) -> Option<(*const u8, usize, WriteInfo, u64)> {
+    /// Where TUN write `index` of buffer `bid` takes its bytes from, what
+    /// it carries, and its order.
+    fn write_source(&self, bid: u16, index: u16) -> Option<(Source, WriteInfo, u64)> {
         if self.is_tun_buf(bid) {
             let slot = &self.tx[usize::from(bid)];
             let r = slot.reflect.clone()?;
             // SAFETY: the range lies inside buffer `bid`.
             let p = unsafe { self.buf_ptr(bid).add(r.start) };
-            return Some((p, r.len(), WriteInfo::plain(r.len()), slot.seq));
+            return Some((
+                Source::Flat(p, r.len()),
+                WriteInfo::plain(r.len()),
+                slot.seq,
+            ));
         }
         let slot = &self.rx[usize::from(bid - self.per_group)];
         if index == SINGLE_WRITE {
             let r = slot.single.clone()?;
             // SAFETY: the range lies inside buffer `bid`.
             let p = unsafe { self.buf_ptr(bid).add(r.start) };
-            return Some((p, r.len(), WriteInfo::plain(r.len()), slot.seq));
+            return Some((
+                Source::Flat(p, r.len()),
+                WriteInfo::plain(r.len()),
+                slot.seq,
+            ));
         }
-        let (bytes, writes) = slot.coalescer.output();
-        let w = writes.get(usize::from(index))?;
+        let w = slot.coalescer.writes().get(usize::from(index))?;
+        let iov = slot.iov.get(w.pieces.clone())?;
         let seq = slot.seq + u64::from(index);
-        Some((
-            bytes[w.start..].as_ptr(),
-            w.end - w.start,
-            WriteInfo::coalesced(w),
-            seq,
-        ))
+        let source = match iov {
+            // A lone packet: one run of bytes in the coalescer's header area.
+            [one] => Source::Flat(one.iov_base.cast_const().cast(), one.iov_len),
+            _ => Source::Gather(iov.as_ptr(), iov.len()),
+        };
+        Some((source, WriteInfo::coalesced(w), seq))
     }
 
     /// Starts TUN writes `0..count` of buffer `bid` (SINGLE_WRITE: its one
@@ -152,31 +169,40 @@ impl UringWorker {
         flags: squeue::Flags,
         chained: u64,
     ) -> Result<()> {
-        let Some((ptr, len, _, _)) = self.write_source(bid, index) else {
+        let Some((source, _, _)) = self.write_source(bid, index) else {
             return Ok(());
         };
-        let len = len as u32;
         let rw = if self.tun_writes.nowait {
             libc::RWF_NOWAIT
         } else {
             0
         };
-        // Registered buffers cover the pool, not a coalescer's output.
-        let e = if self.plan.fixed_buffers && index == SINGLE_WRITE {
-            with_file!(self, TUN_SLOT, |f| opcode::WriteFixed::new(f, ptr, len, 0)
+        let e = match source {
+            // Registered buffers cover the pool, not a coalescer's area.
+            Source::Flat(ptr, len) if self.plan.fixed_buffers && index == SINGLE_WRITE => {
+                with_file!(self, TUN_SLOT, |f| opcode::WriteFixed::new(
+                    f, ptr, len as u32, 0
+                )
                 .rw_flags(rw)
                 .build())
-        } else {
-            with_file!(self, TUN_SLOT, |f| opcode::Write::new(f, ptr, len)
-                .rw_flags(rw)
-                .build())
+            }
+            Source::Flat(ptr, len) => {
+                with_file!(self, TUN_SLOT, |f| opcode::Write::new(f, ptr, len as u32)
+                    .rw_flags(rw)
+                    .build())
+            }
+            Source::Gather(iov, n) => {
+                with_file!(self, TUN_SLOT, |f| opcode::Writev::new(f, iov, n as u32)
+                    .rw_flags(rw)
+                    .build())
+            }
         };
         let e = e
             .flags(flags)
             .user_data(user_data(Op::TunWrite, bid, index) | chained);
-        // SAFETY: the bytes lie in buffer `bid` or its coalescer's output,
-        // both untouched while the buffer is the kernel's (until its last
-        // write completes).
+        // SAFETY: the bytes lie in buffer `bid` or its coalescer's header
+        // area, and a gather's iovecs in its slot; all untouched while the
+        // buffer is the kernel's (until its last write completes).
         unsafe { self.push(e) }
     }
 
@@ -231,7 +257,7 @@ impl UringWorker {
         if chained {
             self.tun_writes.chain = self.tun_writes.chain.saturating_sub(1);
         }
-        let Some((_, _, info, seq)) = self.write_source(bid, index) else {
+        let Some((_, info, seq)) = self.write_source(bid, index) else {
             return Ok(());
         };
         let r = if res >= 0 {
