@@ -229,10 +229,21 @@ pub fn probe(
     }
     let Some((taskrun, ring)) = found else {
         let e = last_err.unwrap_or_else(|| io::Error::from_raw_os_error(libc::ENOSYS));
-        return Err(Error::io(
+        let refused = matches!(e.raw_os_error(), Some(libc::EPERM | libc::ENOSYS));
+        let err = Error::io(
             format!("set up io_uring with {} entries", opts.ring_entries),
             e,
-        ));
+        );
+        // Not a missing capability: the kernel (or a sandbox) refuses
+        // io_uring itself.
+        return Err(if refused {
+            err.with_hint(
+                "io_uring is disabled here: sysctl kernel.io_uring_disabled, or a seccomp or \
+                 container policy; --engine poll works without it",
+            )
+        } else {
+            err
+        });
     };
     if taskrun != TaskRun::Defer && !opts.busy_poll && opts.sqpoll_idle_ms.is_none() {
         crate::info!("io_uring: no DEFER_TASKRUN on this kernel, using {taskrun:?} task work");
