@@ -22,7 +22,7 @@ fn codel_marks_ecn_capable_tcp_and_drops_the_rest() {
     if !can_run_kernel_tests("codel_marks_ecn_capable_tcp_and_drops_the_rest") {
         return;
     }
-    for engine in ["poll", "uring"] {
+    for engine in engines("codel_marks_ecn_capable_tcp_and_drops_the_rest") {
         for ecn in [true, false] {
             let what = format!("{engine}, ECN {}", if ecn { "on" } else { "off" });
             let topo = Topology::new();

@@ -110,7 +110,7 @@ fn nothing_lost_below_capacity() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(40_000);
-    for engine in ["poll", "uring"] {
+    for engine in engines("nothing_lost_below_capacity") {
         let topo = Topology::new();
         let extra = ["--engine", engine, "--rcvbuf", "16777216"];
         let mut a = Proc::tunfwd(&topo.a, &tunnel_args(true, &extra));

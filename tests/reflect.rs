@@ -16,7 +16,7 @@ fn reflector_answers_ping_and_udp() {
     if !can_run_kernel_tests("reflector_answers_ping_and_udp") {
         return;
     }
-    for engine in ["poll", "uring"] {
+    for engine in engines("reflector_answers_ping_and_udp") {
         let ns = Netns::new("r");
         let args: Vec<String> = [
             "reflect",

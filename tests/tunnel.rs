@@ -11,9 +11,6 @@ use std::time::Duration;
 
 use common::*;
 
-/// Engines every tunnel test runs under.
-const ENGINES: &[&str] = &["poll", "uring"];
-
 fn engine_args(engine: &str) -> Vec<&str> {
     vec!["--engine", engine]
 }
@@ -30,7 +27,7 @@ fn ping_ipv4_and_ipv6_both_ways() {
     if !can_run_kernel_tests("ping_ipv4_and_ipv6_both_ways") {
         return;
     }
-    for engine in ENGINES {
+    for engine in engines("ping_ipv4_and_ipv6_both_ways") {
         let topo = Topology::new();
         let (mut a, mut b) = start_pair(&topo, &engine_args(engine));
         assert!(topo.a.ping(OVERLAY_B), "{engine}: ping a->b v4");
@@ -50,7 +47,7 @@ fn tcp_transfer_64mib_verified() {
     if !can_run_kernel_tests("tcp_transfer_64mib_verified") {
         return;
     }
-    for engine in ENGINES {
+    for engine in engines("tcp_transfer_64mib_verified") {
         let topo = Topology::new();
         let (mut a, mut b) = start_pair(&topo, &engine_args(engine));
         let dst: SocketAddr = format!("{OVERLAY_B}:7000").parse().unwrap();
@@ -70,7 +67,7 @@ fn iperf3_tcp_through_tunnel() {
     if !can_run_kernel_tests("iperf3_tcp_through_tunnel") {
         return;
     }
-    for engine in ENGINES {
+    for engine in engines("iperf3_tcp_through_tunnel") {
         let topo = Topology::new();
         let (_a, _b) = start_pair(&topo, &engine_args(engine));
         let bps = iperf3_tcp(&topo.a, &topo.b, OVERLAY_B, 2, 5201);
@@ -88,7 +85,7 @@ fn interop_with_socat() {
     if !can_run_kernel_tests("interop_with_socat") {
         return;
     }
-    for engine in ENGINES {
+    for engine in engines("interop_with_socat") {
         let topo = Topology::new();
         let mut a = Proc::tunfwd(&topo.a, &tunnel_args(true, &engine_args(engine)));
         let socat = Proc::spawn(topo.b.command(&[
@@ -126,7 +123,7 @@ fn spoofed_datagrams_are_dropped_and_counted() {
     if !can_run_kernel_tests("spoofed_datagrams_are_dropped_and_counted") {
         return;
     }
-    for engine in ENGINES {
+    for engine in engines("spoofed_datagrams_are_dropped_and_counted") {
         let topo = Topology::new();
         // A second underlay address on b, outside the peer's.
         topo.b.ip(&["addr", "add", "198.18.1.2/32", "dev", "veth0"]);
@@ -189,7 +186,7 @@ fn sigterm_mid_transfer_exits_cleanly() {
     if !can_run_kernel_tests("sigterm_mid_transfer_exits_cleanly") {
         return;
     }
-    for engine in ENGINES {
+    for engine in engines("sigterm_mid_transfer_exits_cleanly") {
         let topo = Topology::new();
         let (mut a, _b) = start_pair(&topo, &engine_args(engine));
         let (tx, rx) = std::sync::mpsc::channel();
@@ -250,7 +247,7 @@ fn attach_to_persistent_device() {
     if !can_run_kernel_tests("attach_to_persistent_device") {
         return;
     }
-    for engine in ENGINES {
+    for engine in engines("attach_to_persistent_device") {
         let topo = Topology::new();
         topo.a.ip(&[
             "tuntap",
@@ -297,7 +294,7 @@ fn two_queues_spread_flows_over_both_workers() {
     if !can_run_kernel_tests("two_queues_spread_flows_over_both_workers") {
         return;
     }
-    for engine in ENGINES {
+    for engine in engines("two_queues_spread_flows_over_both_workers") {
         let topo = Topology::new();
         let (mut a, mut b) = start_pair(&topo, &["--queues", "2", "--engine", engine]);
         std::thread::scope(|s| {
@@ -376,7 +373,7 @@ fn ipv6_link_local_underlay_with_named_scope() {
     if !can_run_kernel_tests("ipv6_link_local_underlay_with_named_scope") {
         return;
     }
-    for engine in ENGINES {
+    for engine in engines("ipv6_link_local_underlay_with_named_scope") {
         let topo = Topology::new();
         // nodad: usable at once, no duplicate address detection to wait for.
         topo.a

@@ -22,19 +22,45 @@ fn pair_with_traffic(topo: &Topology, extra: &[&str]) -> (Proc, Proc) {
     (a, b)
 }
 
+/// The default engine (auto) is io_uring where the kernel offers it, and
+/// poll, with one line saying why, where it does not (run with io_uring
+/// disabled: `kernel.io_uring_disabled=2` and `TUNFWD_SKIP_URING=1`).
 #[test]
-fn uring_is_the_default_engine_here() {
-    if !can_run_kernel_tests("uring_is_the_default_engine_here") {
+fn auto_engine_is_uring_here_or_falls_back_to_poll() {
+    let test = "auto_engine_is_uring_here_or_falls_back_to_poll";
+    if !can_run_kernel_tests(test) {
         return;
     }
     let topo = Topology::new();
-    let a = Proc::tunfwd(&topo.a, &tunnel_args(true, &[]));
-    assert!(a.stderr().contains("engine uring"), "{}", a.stderr());
+    let mut a = Proc::tunfwd(&topo.a, &tunnel_args(true, &[]));
+    let mut b = Proc::tunfwd(&topo.b, &tunnel_args(false, &[]));
+    let err = a.stderr();
+    if let Err(why) = uring_available() {
+        assert!(
+            uring_skip_asked(),
+            "{test}: io_uring is not usable here ({why}); set TUNFWD_SKIP_URING=1 to check the fallback instead"
+        );
+        assert!(err.contains("engine poll"), "{err}");
+        assert!(
+            err.contains("io_uring unavailable") && err.contains("using the poll engine"),
+            "{err}"
+        );
+    } else {
+        assert!(err.contains("engine uring"), "{err}");
+    }
+    // Whichever it chose forwards.
+    let dst: SocketAddr = format!("{OVERLAY_B}:7000").parse().unwrap();
+    verified_tcp_transfer(&topo.a, &topo.b, dst, 4 << 20);
+    assert!(a.terminate().success());
+    assert!(b.terminate().success());
 }
 
 #[test]
 fn forced_fallbacks_still_forward() {
     if !can_run_kernel_tests("forced_fallbacks_still_forward") {
+        return;
+    }
+    if !uring_usable("forced_fallbacks_still_forward") {
         return;
     }
     for flags in [
@@ -72,6 +98,9 @@ fn forced_fallbacks_still_forward() {
 #[test]
 fn low_memlock_falls_back() {
     if !can_run_kernel_tests("low_memlock_falls_back") {
+        return;
+    }
+    if !uring_usable("low_memlock_falls_back") {
         return;
     }
     let topo = Topology::new();
@@ -130,6 +159,9 @@ fn no_io_wq_threads_under_load() {
     if !can_run_kernel_tests("no_io_wq_threads_under_load") {
         return;
     }
+    if !uring_usable("no_io_wq_threads_under_load") {
+        return;
+    }
     let topo = Topology::new();
     let a = Proc::tunfwd(&topo.a, &tunnel_args(true, &["--engine", "uring"]));
     let b = Proc::tunfwd(&topo.b, &tunnel_args(false, &["--engine", "uring"]));
@@ -165,7 +197,7 @@ fn cpus_pin_workers() {
         return;
     }
     let topo = Topology::new();
-    for engine in ["poll", "uring"] {
+    for engine in engines("cpus_pin_workers") {
         let a = Proc::tunfwd(
             &topo.a,
             &tunnel_args(
@@ -231,6 +263,9 @@ fn socket_buffer_flags_apply() {
 #[test]
 fn busy_poll_and_sqpoll_forward() {
     if !can_run_kernel_tests("busy_poll_and_sqpoll_forward") {
+        return;
+    }
+    if !uring_usable("busy_poll_and_sqpoll_forward") {
         return;
     }
     for flags in [

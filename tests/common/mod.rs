@@ -84,8 +84,69 @@ pub fn can_run_kernel_tests(test: &str) -> bool {
             }
         );
     }
-    eprintln!("SKIP {msg}");
+    report_skip(&msg);
     false
+}
+
+/// Says that a test (or some of its cases) was skipped, where the user sees
+/// it: straight to the process's stderr (the test harness captures only the
+/// print macros) and, when `TUNFWD_SKIP_LOG` names a file (as
+/// `tests/run.sh` sets it), appended there so the run can count the skips.
+pub fn report_skip(msg: &str) {
+    let line = format!("SKIP {msg}\n");
+    let _ = std::io::stderr().write_all(line.as_bytes());
+    if let Ok(path) = std::env::var("TUNFWD_SKIP_LOG") {
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = f.write_all(line.as_bytes());
+        }
+    }
+}
+
+/// Whether a ring can be set up here (checked once): the io_uring engine's
+/// first need. `Err` says why not (e.g. `kernel.io_uring_disabled=2`).
+pub fn uring_available() -> Result<(), String> {
+    static AVAILABLE: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    AVAILABLE
+        .get_or_init(|| {
+            io_uring::IoUring::new(8)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+        .clone()
+}
+
+/// True if the user asked to skip the io_uring cases (`TUNFWD_SKIP_URING=1`).
+pub fn uring_skip_asked() -> bool {
+    std::env::var("TUNFWD_SKIP_URING").as_deref() == Ok("1")
+}
+
+/// Whether the io_uring cases of `test` run. Where io_uring is unusable they
+/// are skipped with a SKIP line, but only when the user asked for it
+/// ([`uring_skip_asked`]); otherwise the test fails, naming the cause.
+pub fn uring_usable(test: &str) -> bool {
+    let Err(e) = uring_available() else {
+        return true;
+    };
+    let msg = format!("{test}: io_uring cases: io_uring is not usable here ({e})");
+    if uring_skip_asked() {
+        report_skip(&msg);
+        return false;
+    }
+    panic!("{msg}; set TUNFWD_SKIP_URING=1 to skip the io_uring cases (kernel.io_uring_disabled?)");
+}
+
+/// The engines `test` runs under: poll, and uring unless it is unusable and
+/// the user asked to skip it ([`uring_usable`]).
+pub fn engines(test: &str) -> Vec<&'static str> {
+    if uring_usable(test) {
+        vec!["poll", "uring"]
+    } else {
+        vec!["poll"]
+    }
 }
 
 /// Runs a command to completion, panicking with its output if it fails.
@@ -396,6 +457,41 @@ impl Proc {
                 self.stderr()
             );
             thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits (up to 20 s, a hang guard) until the latest interval stats
+    /// line (`tunfwd: stats t=...`; start the process with
+    /// `--stats-interval`) satisfies `ready`; returns that line. Panics
+    /// with the output if the process exits first.
+    pub fn wait_for_stats(&mut self, what: &str, ready: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = self.stdout();
+            if let Some(line) = out
+                .lines()
+                .rev()
+                .find(|l| l.starts_with("tunfwd: stats t="))
+            {
+                if ready(line) {
+                    return line.to_string();
+                }
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                self.join_readers();
+                panic!(
+                    "process exited ({status}) while waiting for {what}\nstdout:\n{}\nstderr:\n{}",
+                    self.stdout(),
+                    self.stderr()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no stats line with {what} within 20 s\nstdout:\n{}\nstderr:\n{}",
+                self.stdout(),
+                self.stderr()
+            );
+            thread::sleep(Duration::from_millis(50));
         }
     }
 
