@@ -18,7 +18,7 @@ mod linux {
     use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
     use nix::sys::socket::{setsockopt, sockopt};
     use tunfwd::config::{EngineKind, Toggle, UringFlags};
-    use tunfwd::datapath::Datapath;
+    use tunfwd::datapath::{Datapath, VisitLimits};
     use tunfwd::engine::fake::FakeTun;
     use tunfwd::engine::{Engine, EngineWanted, Shutdown, WorkerEvent, WorkerParts, spawn_worker};
     use tunfwd::forward::Forwarder;
@@ -69,9 +69,12 @@ mod linux {
                         fwd,
                         Arc::new(WorkerStats::default()),
                         false,
-                    ),
+                    )
+                    .with_visit_limits(VisitLimits {
+                        packets: batch,
+                        bytes: 0,
+                    }),
                     shutdown: shutdown.clone(),
-                    batch,
                     busy_poll: false,
                 };
                 let (tx, rx) = mpsc::channel();

@@ -89,6 +89,13 @@ struct RunArgs {
     #[arg(long, default_value_t = config::DEFAULT_BATCH, value_name = "PACKETS")]
     batch: usize,
 
+    /// Max bytes read or received per visit to one direction before the
+    /// worker turns to the other (0: only --batch bounds a visit). Keeps
+    /// one direction's 64 KiB super-packets from delaying the other's
+    /// pings and ACKs.
+    #[arg(long, default_value_t = config::DEFAULT_VISIT_BYTES, value_name = "BYTES")]
+    visit_bytes: usize,
+
     /// Spin instead of sleeping while waiting for packets (burns a CPU per
     /// worker; lowers latency).
     #[arg(long)]
@@ -145,6 +152,7 @@ fn base_config(
         queues: run.queues,
         cpus: run.cpus,
         batch: run.batch,
+        visit_bytes: run.visit_bytes,
         busy_poll: run.busy_poll,
         stats_interval_secs: run.stats_interval,
         netns: run.netns,

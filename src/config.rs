@@ -29,6 +29,12 @@ pub const DEFAULT_BATCH: usize = 64;
 pub const DEFAULT_SOCKET_BUFFER_BYTES: usize = 4 << 20;
 /// Upper bound on `--batch`: a loop iteration's work stays bounded.
 pub const MAX_BATCH: usize = 4096;
+/// Default bytes one visit to a direction may take: four 64 KiB
+/// super-packets (offload), or a whole `--batch` of MTU-sized packets
+/// without offload (README, Performance).
+pub const DEFAULT_VISIT_BYTES: usize = 256 << 10;
+/// Upper bound on `--visit-bytes`.
+pub const MAX_VISIT_BYTES: usize = 64 << 20;
 /// Upper bound on `--txqueuelen`.
 pub const MAX_TXQUEUELEN: u32 = 1_000_000;
 /// Upper bound on `--queues`.
@@ -285,6 +291,8 @@ pub struct TunnelConfig {
     pub engine: EngineKind,
     pub queues: usize,
     pub batch: usize,
+    /// Bytes one visit to a direction may take (0: no byte bound).
+    pub visit_bytes: usize,
     /// 0: no periodic stats line.
     pub stats_interval_secs: u64,
     /// Enter this network namespace before any setup.
@@ -406,6 +414,12 @@ impl TunnelConfig {
             return Err(Error::config(format!(
                 "--batch {} is out of range 1..={MAX_BATCH} packets",
                 self.batch
+            )));
+        }
+        if self.visit_bytes > MAX_VISIT_BYTES {
+            return Err(Error::config(format!(
+                "--visit-bytes {} is out of range 0..={MAX_VISIT_BYTES}",
+                self.visit_bytes
             )));
         }
         if let Some(n) = self.txqueuelen {
@@ -600,6 +614,7 @@ mod tests {
             engine: EngineKind::Poll,
             queues: 1,
             batch: DEFAULT_BATCH,
+            visit_bytes: DEFAULT_VISIT_BYTES,
             stats_interval_secs: 0,
             netns: None,
             exit_with_parent: false,

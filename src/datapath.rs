@@ -288,6 +288,66 @@ pub struct Datapath {
     /// data gets it (TCP control packets, which free no room and cannot
     /// carry a mark, pass).
     aqm_pending: bool,
+    /// What one visit to a direction may take.
+    limits: VisitLimits,
+}
+
+/// Which way work moves packets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    TunToPeer,
+    PeerToTun,
+}
+
+/// How much one visit to a direction may take before the engine turns to
+/// the other: `packets` reads or receives, and `bytes` of them (0: no byte
+/// bound). The byte bound is what keeps one direction's super-packets
+/// (64 KiB each with offload) from making the other wait for megabytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VisitLimits {
+    pub packets: usize,
+    pub bytes: usize,
+}
+
+impl Default for VisitLimits {
+    fn default() -> Self {
+        VisitLimits {
+            packets: 64,
+            bytes: 0,
+        }
+    }
+}
+
+/// One visit of an engine to one direction: what it took so far, against
+/// the limits, and when it began. Ended with [`Datapath::end_visit`].
+#[derive(Debug)]
+pub struct Visit {
+    dir: Direction,
+    began: std::time::Instant,
+    packets: usize,
+    bytes: usize,
+    limits: VisitLimits,
+}
+
+impl Visit {
+    /// One read or receive of `bytes` was taken.
+    #[inline]
+    pub fn took(&mut self, bytes: usize) {
+        self.packets += 1;
+        self.bytes += bytes;
+    }
+
+    /// True while the visit may take another read or receive.
+    #[inline]
+    pub fn has_room(&self) -> bool {
+        self.packets < self.limits.packets
+            && (self.limits.bytes == 0 || self.bytes < self.limits.bytes)
+    }
+
+    /// True if it took anything.
+    pub fn took_any(&self) -> bool {
+        self.packets > 0
+    }
 }
 
 impl Datapath {
@@ -300,6 +360,44 @@ impl Datapath {
             label,
             aqm: None,
             aqm_pending: false,
+            limits: VisitLimits::default(),
+        }
+    }
+
+    /// Bounds each visit to a direction (see [`VisitLimits`]).
+    pub fn with_visit_limits(mut self, limits: VisitLimits) -> Self {
+        self.limits = VisitLimits {
+            packets: limits.packets.max(1),
+            ..limits
+        };
+        self
+    }
+
+    /// What each visit to a direction may take.
+    pub fn visit_limits(&self) -> VisitLimits {
+        self.limits
+    }
+
+    /// Starts a visit to `dir`.
+    pub fn begin_visit(&self, dir: Direction) -> Visit {
+        Visit {
+            dir,
+            began: std::time::Instant::now(),
+            packets: 0,
+            bytes: 0,
+            limits: self.limits,
+        }
+    }
+
+    /// Ends a visit: one that took anything is counted with its duration.
+    pub fn end_visit(&self, v: Visit) {
+        if !v.took_any() {
+            return;
+        }
+        let ns = v.began.elapsed().as_nanos() as u64;
+        match v.dir {
+            Direction::TunToPeer => self.stats.tun_to_peer.visits.record(ns),
+            Direction::PeerToTun => self.stats.peer_to_tun.visits.record(ns),
         }
     }
 
@@ -326,9 +424,14 @@ impl Datapath {
     /// CoDel's verdict on a receive leaving the socket's queue at `now_ns`:
     /// true if one of its packets is to be marked or dropped.
     fn aqm_signal(&mut self, rx: &Received, now_ns: u64) -> bool {
-        match (&mut self.aqm, rx.arrived_ns) {
-            (Some(codel), Some(at)) => codel.on_dequeue(now_ns, now_ns.saturating_sub(at)),
-            _ => false,
+        let Some(at) = rx.arrived_ns else {
+            return false;
+        };
+        let sojourn = now_ns.saturating_sub(at);
+        self.stats.peer_to_tun.queue_delay.record(sojourn);
+        match &mut self.aqm {
+            Some(codel) => codel.on_dequeue(now_ns, sojourn),
+            None => false,
         }
     }
 
@@ -996,6 +1099,62 @@ mod tests {
             assert!(dropped >= 1);
             assert_eq!(s.peer_to_tun.drops_for(DropReason::Aqm), dropped);
         }
+    }
+
+    #[test]
+    fn visits_stop_at_their_packet_or_byte_bound_and_are_timed() {
+        let take_all = |d: &Datapath, dir, bytes| {
+            let mut v = d.begin_visit(dir);
+            let mut n = 0;
+            while v.has_room() {
+                v.took(bytes);
+                n += 1;
+            }
+            d.end_visit(v);
+            n
+        };
+        let d = dp(true).with_visit_limits(VisitLimits {
+            packets: 64,
+            bytes: 256 << 10,
+        });
+        // Four 64 KiB super-packets, or 64 small packets.
+        assert_eq!(take_all(&d, Direction::TunToPeer, 65536), 4);
+        assert_eq!(take_all(&d, Direction::PeerToTun, 1400), 64);
+        // No byte bound: only packets.
+        let d2 = dp(true).with_visit_limits(VisitLimits {
+            packets: 8,
+            bytes: 0,
+        });
+        assert_eq!(take_all(&d2, Direction::TunToPeer, 65536), 8);
+        // A visit that took nothing is not counted.
+        d.end_visit(d.begin_visit(Direction::PeerToTun));
+        let s = d.stats().snapshot();
+        assert_eq!(s.tun_to_peer.visits.count, 1);
+        assert_eq!(s.peer_to_tun.visits.count, 1);
+        // One visit: its time is the total and the longest.
+        assert_eq!(s.tun_to_peer.visits.max_ns, s.tun_to_peer.visits.total_ns);
+    }
+
+    #[test]
+    fn queue_delay_is_measured_from_arrival_timestamps() {
+        let peer: SocketAddr = PEER.parse().unwrap();
+        let mut d = dp(false).with_aqm(Some(crate::aqm::CodelParams::default()));
+        for (i, waited_us) in [100u64, 300, 200].into_iter().enumerate() {
+            let mut p = tcp_packet(false, i as u32, 0x10, &[], &[1; 10]);
+            refresh_tcp_checksums(&mut p);
+            let now = 1_000_000_000 + i as u64 * 1_000_000;
+            let rx = Received {
+                src: Some(peer),
+                payload: 0..p.len(),
+                gro_size: None,
+                truncated: false,
+                arrived_ns: Some(now - waited_us * 1000),
+            };
+            d.handle_receive(&rx, &mut p, &mut Coalescer::new(), now);
+        }
+        let q = d.stats().snapshot().peer_to_tun.queue_delay;
+        assert_eq!((q.count, q.total_ns, q.max_ns), (3, 600_000, 300_000));
+        assert_eq!(q.avg_us(), 200.0);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use crossbeam::channel::{self, Receiver};
 use nix::sys::signal::{SigSet, Signal};
 
 use crate::config::{CpuPlan, DEFAULT_SOCKET_BUFFER_BYTES, TunnelConfig};
-use crate::datapath::Datapath;
+use crate::datapath::{Datapath, VisitLimits};
 use crate::device::{TunDevice, TunOptions};
 use crate::engine::{Engine, Shutdown, WorkerEvent, WorkerParts, spawn_worker};
 use crate::error::{Error, Result};
@@ -244,9 +244,13 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
         let parts = WorkerParts {
             tun,
             udp,
-            datapath: Datapath::new(label, forwarder, stats, offload).with_aqm(cfg.aqm),
+            datapath: Datapath::new(label, forwarder, stats, offload)
+                .with_aqm(cfg.aqm)
+                .with_visit_limits(VisitLimits {
+                    packets: cfg.batch,
+                    bytes: cfg.visit_bytes,
+                }),
             shutdown: shutdown.clone(),
-            batch: cfg.batch,
             busy_poll: cfg.busy_poll,
         };
         let tx = events_tx.clone();

@@ -28,6 +28,80 @@ impl Counter {
     }
 }
 
+/// The largest value seen, with exactly one writing thread.
+#[derive(Default, Debug)]
+pub struct Max(AtomicU64);
+
+impl Max {
+    /// Keeps `v` if it is the largest yet. Only the owning worker may call
+    /// this.
+    #[inline]
+    pub fn record(&self, v: u64) {
+        if v > self.0.load(Ordering::Relaxed) {
+            self.0.store(v, Ordering::Relaxed);
+        }
+    }
+
+    #[inline]
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A duration measured many times: how often, in total, and the longest.
+#[derive(Default, Debug)]
+pub struct Durations {
+    pub count: Counter,
+    pub total_ns: Counter,
+    pub max_ns: Max,
+}
+
+impl Durations {
+    #[inline]
+    pub fn record(&self, ns: u64) {
+        self.count.add(1);
+        self.total_ns.add(ns);
+        self.max_ns.record(ns);
+    }
+
+    pub fn snapshot(&self) -> DurationSnapshot {
+        DurationSnapshot {
+            count: self.count.get(),
+            total_ns: self.total_ns.get(),
+            max_ns: self.max_ns.get(),
+        }
+    }
+}
+
+/// Plain copy of [`Durations`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DurationSnapshot {
+    pub count: u64,
+    pub total_ns: u64,
+    pub max_ns: u64,
+}
+
+impl DurationSnapshot {
+    /// The mean in microseconds (0 without measurements).
+    pub fn avg_us(&self) -> f64 {
+        if self.count == 0 {
+            0.0
+        } else {
+            self.total_ns as f64 / self.count as f64 / 1e3
+        }
+    }
+
+    pub fn max_us(&self) -> f64 {
+        self.max_ns as f64 / 1e3
+    }
+
+    fn add(&mut self, o: &DurationSnapshot) {
+        self.count += o.count;
+        self.total_ns += o.total_ns;
+        self.max_ns = self.max_ns.max(o.max_ns);
+    }
+}
+
 /// Counters of one direction of one worker.
 #[derive(Default, Debug)]
 pub struct DirectionStats {
@@ -37,6 +111,14 @@ pub struct DirectionStats {
     pub bytes: Counter,
     /// Times the destination was full and the engine had to wait.
     pub backpressure: Counter,
+    /// The worker's visits to this direction: how long each took (the
+    /// reads, the decisions and the sends or writes they led to), while
+    /// the other direction waited.
+    pub visits: Durations,
+    /// How long packets waited in the queue before this direction's
+    /// reader took them: the UDP receive buffer, from the kernel's arrival
+    /// timestamp (peer to TUN, when timestamps are on).
+    pub queue_delay: Durations,
     drops: [Counter; DropReason::COUNT],
 }
 
@@ -61,6 +143,8 @@ impl DirectionStats {
             packets: self.packets.get(),
             bytes: self.bytes.get(),
             backpressure: self.backpressure.get(),
+            visits: self.visits.snapshot(),
+            queue_delay: self.queue_delay.snapshot(),
             drops,
         }
     }
@@ -125,6 +209,8 @@ pub struct DirectionSnapshot {
     pub packets: u64,
     pub bytes: u64,
     pub backpressure: u64,
+    pub visits: DurationSnapshot,
+    pub queue_delay: DurationSnapshot,
     pub drops: [u64; DropReason::COUNT],
 }
 
@@ -141,6 +227,8 @@ impl DirectionSnapshot {
         self.packets += o.packets;
         self.bytes += o.bytes;
         self.backpressure += o.backpressure;
+        self.visits.add(&o.visits);
+        self.queue_delay.add(&o.queue_delay);
         for (a, b) in self.drops.iter_mut().zip(&o.drops) {
             *a += b;
         }
@@ -220,6 +308,23 @@ fn write_direction(out: &mut String, name: &str, d: &DirectionSnapshot) {
         }
         out.push(']');
     }
+    if d.visits.count > 0 {
+        let _ = write!(
+            out,
+            " visits={} visit_avg_us={:.1} visit_max_us={:.0}",
+            d.visits.count,
+            d.visits.avg_us(),
+            d.visits.max_us()
+        );
+    }
+    if d.queue_delay.count > 0 {
+        let _ = write!(
+            out,
+            " queue_delay_avg_us={:.1} queue_delay_max_us={:.0}",
+            d.queue_delay.avg_us(),
+            d.queue_delay.max_us()
+        );
+    }
 }
 
 impl fmt::Display for WorkerSnapshot {
@@ -285,6 +390,30 @@ mod tests {
         );
         assert!(line.contains("[over_mtu=1 not_from_peer=2]"), "{line}");
         assert!(line.contains("syscalls_per_packet=3.00"), "{line}");
+    }
+
+    #[test]
+    fn visits_and_queue_delay_are_printed_and_summed() {
+        let a = WorkerStats::default();
+        let b = WorkerStats::default();
+        a.tun_to_peer.visits.record(2_000);
+        a.tun_to_peer.visits.record(4_000);
+        b.tun_to_peer.visits.record(9_000);
+        b.peer_to_tun.queue_delay.record(150_000);
+        let line = a.snapshot().to_string();
+        assert!(
+            line.contains("visits=2 visit_avg_us=3.0 visit_max_us=4"),
+            "{line}"
+        );
+        assert!(!line.contains("queue_delay"), "{line}");
+        let total = WorkerSnapshot::sum(&[a.snapshot(), b.snapshot()]);
+        assert_eq!(total.tun_to_peer.visits.count, 3);
+        assert_eq!(total.tun_to_peer.visits.max_ns, 9_000);
+        let line = total.to_string();
+        assert!(
+            line.contains("queue_delay_avg_us=150.0 queue_delay_max_us=150"),
+            "{line}"
+        );
     }
 
     #[test]

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use common::{inet_checksum, uring_usable};
 use tunfwd::config::{EngineKind, Toggle, UringFlags};
-use tunfwd::datapath::Datapath;
+use tunfwd::datapath::{Datapath, VisitLimits};
 use tunfwd::engine::fake::FakeTun;
 use tunfwd::engine::{Engine, EngineWanted, Shutdown, WorkerEvent, WorkerParts, spawn_worker};
 use tunfwd::forward::{DropReason, Forwarder};
@@ -103,9 +103,12 @@ impl Harness {
         let parts = WorkerParts {
             tun: fake.queue,
             udp,
-            datapath: Datapath::new("fake TUN queue 0".into(), fwd, stats.clone(), s.offload),
+            datapath: Datapath::new("fake TUN queue 0".into(), fwd, stats.clone(), s.offload)
+                .with_visit_limits(VisitLimits {
+                    packets: s.batch,
+                    bytes: 0,
+                }),
             shutdown: shutdown.clone(),
-            batch: s.batch,
             busy_poll: false,
         };
         let (tx, rx) = mpsc::channel();

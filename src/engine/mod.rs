@@ -31,8 +31,6 @@ pub struct WorkerParts {
     pub udp: UdpSocket,
     pub datapath: Datapath,
     pub shutdown: Arc<Shutdown>,
-    /// Most reads per direction per wakeup (`--batch`).
-    pub batch: usize,
     /// Spin instead of sleeping (`--busy-poll`).
     pub busy_poll: bool,
 }

@@ -1,6 +1,8 @@
 //! The portable engine: `poll(2)` over a nonblocking TUN queue and UDP socket.
 //!
-//! Each wakeup moves up to `batch` reads per direction. What a read becomes
+//! Each wakeup visits each ready direction once, for at most what the
+//! datapath's visit limits allow (`--batch` reads, `--visit-bytes` bytes),
+//! so neither direction waits long behind the other. What a read becomes
 //! is the [`Datapath`]'s decision; this engine only does the calls. When a
 //! destination is full (`EAGAIN`), what is in hand is held, reading from that
 //! direction's source stops, and the worker waits for the destination to
@@ -17,7 +19,8 @@ use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use crate::datapath::{
-    After, Datapath, MAX_GATHER_PIECES, RxAction, SPLIT_LEN, TunAction, TxBuf, TxPlan, WriteInfo,
+    After, Datapath, Direction, MAX_GATHER_PIECES, RxAction, SPLIT_LEN, TunAction, TxBuf, TxPlan,
+    Visit, WriteInfo,
 };
 use crate::engine::{Shutdown, WorkerParts, send_addr};
 use crate::error::{Error, Result};
@@ -28,8 +31,6 @@ pub struct PollWorker {
     tun: crate::device::TunQueue,
     udp: UdpSocket,
     dp: Datapath,
-    /// Max reads per direction per wakeup.
-    batch: usize,
     /// Never sleep in poll(2): spin with a zero timeout.
     busy_poll: bool,
     shutdown: Arc<Shutdown>,
@@ -80,7 +81,6 @@ impl PollWorker {
             udp,
             datapath: dp,
             shutdown,
-            batch,
             busy_poll,
         } = parts;
         udp.set_nonblocking(true)
@@ -106,7 +106,6 @@ impl PollWorker {
             tun,
             udp,
             dp,
-            batch,
             busy_poll,
             shutdown,
             peer,
@@ -208,20 +207,30 @@ impl PollWorker {
         }
     }
 
-    /// Reads up to `batch` packets from the TUN queue and does what the
-    /// datapath says with each; stops early when a destination is full.
+    /// One visit: reads from the TUN queue within the visit limits and does
+    /// what the datapath says with each; stops early when a destination is
+    /// full.
     fn drain_tun(&mut self) -> Result<()> {
         let head = self.dp.read_headroom();
-        for _ in 0..self.batch {
+        let mut visit = self.dp.begin_visit(Direction::TunToPeer);
+        let r = self.drain_tun_visit(head, &mut visit);
+        self.dp.end_visit(visit);
+        r
+    }
+
+    fn drain_tun_visit(&mut self, head: usize, visit: &mut Visit) -> Result<()> {
+        while visit.has_room() {
             self.dp.stats().syscalls.add(1);
             let len = match errno_of(self.tun.read(&mut self.out.read[head..])) {
                 Ok(n) => n,
                 Err(Errno::EAGAIN) => return Ok(()),
                 Err(e) => {
+                    visit.took(0);
                     self.dp.on_tun_read_error(e)?;
                     continue;
                 }
             };
+            visit.took(len);
             match self
                 .dp
                 .handle_tun_read(&mut self.out.read, len, &mut self.out.split)
@@ -279,11 +288,18 @@ impl PollWorker {
         Ok(())
     }
 
-    /// Receives up to `batch` times (with GRO, each receive may hold many
-    /// datagrams) and writes what the datapath accepts to the TUN queue;
-    /// stops early when the TUN queue is full.
+    /// One visit: receives within the visit limits (with GRO, each receive
+    /// may hold many datagrams) and writes what the datapath accepts to the
+    /// TUN queue; stops early when the TUN queue is full.
     fn drain_udp(&mut self) -> Result<()> {
-        for _ in 0..self.batch {
+        let mut visit = self.dp.begin_visit(Direction::PeerToTun);
+        let r = self.drain_udp_visit(&mut visit);
+        self.dp.end_visit(visit);
+        r
+    }
+
+    fn drain_udp_visit(&mut self, visit: &mut Visit) -> Result<()> {
+        while visit.has_room() {
             self.dp.stats().syscalls.add(1);
             let r =
                 crate::platform::recv_segments(&self.udp, &mut self.inb.buf, &mut self.inb.cmsg);
@@ -291,10 +307,12 @@ impl PollWorker {
                 Ok(r) => r,
                 Err(Errno::EAGAIN) => return Ok(()),
                 Err(e) => {
+                    visit.took(0);
                     self.dp.on_receive_error(e)?;
                     continue;
                 }
             };
+            visit.took(got.len);
             let rx = crate::datapath::Received {
                 src: got.src,
                 payload: 0..got.len,

@@ -24,8 +24,8 @@ use super::pool::{BufRing, Owner, Owners, Region};
 use super::{TUN_GROUP, UDP_GROUP, UringPlan, build_ring};
 use crate::config::Toggle;
 use crate::datapath::{
-    After, Datapath, MAX_GATHER_PIECES, Received, RxAction, SPLIT_LEN, TunAction, TxBuf, TxPlan,
-    TxSend,
+    After, Datapath, Direction, MAX_GATHER_PIECES, Received, RxAction, SPLIT_LEN, TunAction, TxBuf,
+    TxPlan, TxSend,
 };
 use crate::engine::{Shutdown, WorkerParts, send_addr};
 use crate::error::{Error, Result};
@@ -170,9 +170,9 @@ impl UringWorker {
             udp,
             datapath: dp,
             shutdown,
-            batch,
             busy_poll,
         } = parts;
+        let batch = dp.visit_limits().packets;
         let tun = tun.into_file();
         let label = dp.label().to_string();
         // io_uring waits for room itself (internal poll) when a send would
@@ -600,6 +600,10 @@ impl UringWorker {
         self.arm_udp_reads()?;
         let batch = self.batch;
         let mut cqes: Vec<(u64, i32, u32)> = Vec::with_capacity(batch * 2 + 8);
+        // Completions of each side: the TUN side's reads and sends, the UDP
+        // side's receives and TUN writes.
+        let mut tun_side: Vec<(u64, i32, u32)> = Vec::with_capacity(batch * 2 + 8);
+        let mut udp_side: Vec<(u64, i32, u32)> = Vec::with_capacity(batch * 2 + 8);
         while !self.stopping && !self.shutdown.is_triggered() {
             // Reap what is there: up to `batch` inputs per direction.
             cqes.clear();
@@ -622,17 +626,30 @@ impl UringWorker {
                     }
                 }
             }
+            tun_side.clear();
+            udp_side.clear();
             for &(ud, res, flags) in &cqes {
-                self.complete(ud, res, flags)?;
+                match decode(ud).0 {
+                    Some(Op::TunRead | Op::Send) => tun_side.push((ud, res, flags)),
+                    Some(Op::UdpRecv | Op::TunWrite) => udp_side.push((ud, res, flags)),
+                    // Wake-ups, error polls, cancels, write-chain polls.
+                    _ => self.complete(ud, res, flags)?,
+                }
             }
+            self.visit_sides(&tun_side, &udp_side)?;
             if self.stopping {
                 break;
             }
             self.submit_direct_writes()?;
             self.retry_stalled_writes()?;
-            // One kernel entry: submit everything queued, and wait for at
-            // least one completion unless some are already waiting.
-            let wait = !self.busy_poll && !more_waiting && self.ring.completion().is_empty();
+            // One kernel entry: submit what is still queued, and wait for
+            // at least one completion unless some are already waiting.
+            let cq_pending = more_waiting || !self.ring.completion().is_empty();
+            if cq_pending && self.ring.submission().is_empty() {
+                // Completions wait and nothing is queued: no kernel entry.
+                continue;
+            }
+            let wait = !self.busy_poll && !cq_pending;
             // Under load (the last reap was large), wait for a batch of
             // completions for at most COALESCE_WAIT: fewer kernel entries per
             // packet. At low load, wake on the first completion. With
@@ -685,6 +702,64 @@ impl UringWorker {
     }
 
     /// Acts on one completion: a short dispatch by operation.
+    /// Handles one reap's completions side by side, in visits within the
+    /// datapath's limits: some of the TUN side's (reads become sends), then
+    /// some of the UDP side's (receives become TUN writes), and so on. Each
+    /// visit ends by submitting what it queued, so its sends or writes run
+    /// in the kernel before the other side's next visit: a ping or an ACK
+    /// waits behind at most one visit's bytes, not a whole reap's. Order
+    /// within a side is kept.
+    fn visit_sides(
+        &mut self,
+        tun_side: &[(u64, i32, u32)],
+        udp_side: &[(u64, i32, u32)],
+    ) -> Result<()> {
+        let (mut t, mut u) = (0, 0);
+        while (t < tun_side.len() || u < udp_side.len()) && !self.stopping {
+            for (side, at, dir) in [
+                (tun_side, &mut t, Direction::TunToPeer),
+                (udp_side, &mut u, Direction::PeerToTun),
+            ] {
+                if *at >= side.len() {
+                    continue;
+                }
+                let mut visit = self.dp.begin_visit(dir);
+                while *at < side.len() && visit.has_room() && !self.stopping {
+                    let (ud, res, flags) = side[*at];
+                    *at += 1;
+                    if matches!(decode(ud).0, Some(Op::TunRead | Op::UdpRecv)) {
+                        visit.took(usize::try_from(res).unwrap_or(0));
+                    }
+                    self.complete(ud, res, flags)?;
+                }
+                if dir == Direction::PeerToTun {
+                    self.submit_direct_writes()?;
+                }
+                self.submit_now()?;
+                self.dp.end_visit(visit);
+            }
+        }
+        Ok(())
+    }
+
+    /// Submits what is queued, without waiting.
+    fn submit_now(&mut self) -> Result<()> {
+        if self.ring.submission().is_empty() {
+            return Ok(());
+        }
+        self.dp.stats().syscalls.add(1);
+        match self.ring.submit() {
+            Ok(_) => Ok(()),
+            // A full completion queue or a signal: the rest goes with the
+            // next kernel entry.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EINTR)) => Ok(()),
+            Err(e) => Err(Error::io(
+                format!("submit to io_uring of {}", self.dp.label()),
+                e,
+            )),
+        }
+    }
+
     fn complete(&mut self, ud: u64, res: i32, flags: u32) -> Result<()> {
         let (op, bid, index) = decode(ud);
         let chained = ud & CHAINED != 0;
