@@ -58,7 +58,8 @@ fn bench_quick_reports_every_figure_and_cleans_up() {
     if uring_usable("bench_quick_reports_every_figure_and_cleans_up") {
         targets.push("uring");
     }
-    let rows_wanted = targets.len() * 6;
+    // udp x2, tcp x2, latency: idle, one stream, two streams, a flood.
+    let rows_wanted = targets.len() * 8;
     let json_path = std::env::temp_dir().join(format!("tunfwd-bench-{}.json", std::process::id()));
     let links_before = root_links();
     let mut p = Proc::spawn({
@@ -87,6 +88,8 @@ fn bench_quick_reports_every_figure_and_cleans_up() {
         "tcp x2",
         "latency idle",
         "latency loaded",
+        "latency loaded x2",
+        "latency flood",
     ] {
         assert!(out.contains(want), "table lacks {want:?}:\n{out}");
     }
@@ -111,16 +114,28 @@ fn bench_quick_reports_every_figure_and_cleans_up() {
     assert_eq!(meta["interrupted"], Value::Bool(false));
 
     let rows = doc["results"].as_array().unwrap();
-    assert_eq!(rows.len(), rows_wanted, "{targets:?} x 6 workloads");
+    assert_eq!(rows.len(), rows_wanted, "{targets:?} x 8 workloads");
     for r in rows {
         let target = r["target"].as_str().unwrap();
         let tunfwd = target == "poll" || target == "uring";
         assert!(f(r, "seconds") > 0.0, "{r}");
         assert!(f(r, "system_cpu_s") >= 0.0, "{r}");
-        let ratio = f(r, "ratio");
-        assert!(ratio > 0.0 && ratio.is_finite(), "{r}");
-        if target == "veth" {
-            assert!((ratio - 1.0).abs() < 1e-9, "baseline ratio is 1: {r}");
+        // Under a flood every probe may be lost: then there is no latency
+        // and no ratio, and the row must say all were lost.
+        let all_lost =
+            r["workload"] == "latency" && r["latency_us"]["probes"] == r["latency_us"]["lost"];
+        if all_lost {
+            assert_eq!(r["load"], "udp flood", "{r}");
+            assert!(
+                r["latency_us"]["p50"].is_null() && r["ratio"].is_null(),
+                "{r}"
+            );
+        } else {
+            let ratio = f(r, "ratio");
+            assert!(ratio > 0.0 && ratio.is_finite(), "{r}");
+            if target == "veth" {
+                assert!((ratio - 1.0).abs() < 1e-9, "baseline ratio is 1: {r}");
+            }
         }
         match r["workload"].as_str().unwrap() {
             "udp" => {
@@ -132,6 +147,7 @@ fn bench_quick_reports_every_figure_and_cleans_up() {
                 assert!(f(r, "gbps") > 0.0, "{r}");
             }
             "tcp" => assert!(f(r, "gbps") > 0.0, "{r}"),
+            "latency" if all_lost => {}
             "latency" => {
                 let l = &r["latency_us"];
                 let (p50, p90, p99, p999, max) = (
@@ -146,6 +162,10 @@ fn bench_quick_reports_every_figure_and_cleans_up() {
                     "{l}"
                 );
                 assert!(l["probes"].as_u64().unwrap() > 0, "{l}");
+                if r["load"] == "udp flood" {
+                    assert!(f(r, "offered_pps") >= f(r, "delivered_pps"), "{r}");
+                    assert!(f(r, "delivered_pps") > 0.0, "{r}");
+                }
             }
             other => panic!("unknown workload {other}"),
         }
@@ -153,6 +173,11 @@ fn bench_quick_reports_every_figure_and_cleans_up() {
             assert!(f(r, "forwarder_cpu_s") >= 0.0, "{r}");
             assert!(r["forwarder_packets"].as_u64().unwrap() > 0, "{r}");
             assert!(f(r, "forwarder_syscalls_per_packet") > 0.0, "{r}");
+            // The workers measured their visits.
+            assert!(
+                r["forwarder_queue"]["visit_max_us"].as_u64().unwrap() > 0,
+                "{r}"
+            );
         } else {
             assert!(r["forwarder_cpu_s"].is_null(), "{r}");
         }
@@ -288,10 +313,12 @@ fn bench_reflect_far_end() {
         [
             "veth latency idle",
             "veth latency loaded",
+            "veth latency loaded x4",
+            "veth latency flood",
             "reflect latency idle"
         ]
     );
-    let r = &rows[2];
+    let r = &rows[4];
     assert!(f(&r["latency_us"], "p50") > 0.0, "{r}");
     assert!(r["forwarder_packets"].as_u64().unwrap() > 0, "{r}");
     let left = processes_matching(&format!("/proc/{pid}/fd/"));

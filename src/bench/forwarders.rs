@@ -154,6 +154,13 @@ pub struct PairCounters {
     /// full) and on the way into their TUN devices (queue full).
     pub udp_rcvbuf_drops: u64,
     pub tun_queue_drops: u64,
+    /// The longest visit of a worker to one direction, and the longest a
+    /// datagram waited in a receive buffer (microseconds; 0 if unmeasured).
+    pub visit_max_us: u64,
+    pub queue_delay_max_us: u64,
+    /// CoDel's congestion signals: CE marks, and drops (part of `drops`).
+    pub aqm_marks: u64,
+    pub aqm_drops: u64,
 }
 
 /// Values of `key=` on a summary line, in order of appearance.
@@ -173,6 +180,13 @@ fn counters(line: &str) -> PairCounters {
         drops: fields(line, "drops").iter().sum(),
         udp_rcvbuf_drops: fields(line, "udp_rcvbuf_drops").iter().sum(),
         tun_queue_drops: fields(line, "tun_queue_drops").iter().sum(),
+        visit_max_us: fields(line, "visit_max_us").into_iter().max().unwrap_or(0),
+        queue_delay_max_us: fields(line, "queue_delay_max_us")
+            .into_iter()
+            .max()
+            .unwrap_or(0),
+        aqm_marks: fields(line, "aqm_marks").iter().sum(),
+        aqm_drops: fields(line, "aqm_drops").iter().sum(),
     }
 }
 
@@ -268,6 +282,10 @@ impl ForwarderPair {
             drops: ca.drops + cb.drops,
             udp_rcvbuf_drops: ca.udp_rcvbuf_drops + cb.udp_rcvbuf_drops,
             tun_queue_drops: ca.tun_queue_drops + cb.tun_queue_drops,
+            visit_max_us: ca.visit_max_us.max(cb.visit_max_us),
+            queue_delay_max_us: ca.queue_delay_max_us.max(cb.queue_delay_max_us),
+            aqm_marks: ca.aqm_marks + cb.aqm_marks,
+            aqm_drops: ca.aqm_drops + cb.aqm_drops,
         })
     }
 }

@@ -42,7 +42,7 @@ impl Running {
         }
     }
 }
-use self::report::{Percentiles, Row, Workload};
+use self::report::{Load, Percentiles, QueueFigures, Row, Workload};
 use self::topology::{TUN_B, Topology, UNDERLAY_B, VXLAN_B};
 use crate::error::{Context, Error, Result};
 
@@ -121,7 +121,7 @@ impl Target {
 
     /// The reflector only serves as a latency far end, idle.
     fn runs(&self, w: &Workload) -> bool {
-        !matches!(self, Target::Reflect { .. }) || *w == Workload::Latency { loaded: false }
+        !matches!(self, Target::Reflect { .. }) || *w == Workload::Latency { load: Load::Idle }
     }
 
     fn dst(&self) -> Ipv4Addr {
@@ -227,8 +227,14 @@ impl BenchConfig {
                     }
                 }
                 WorkloadKind::Latency => {
-                    plan.push(Workload::Latency { loaded: false });
-                    plan.push(Workload::Latency { loaded: true });
+                    plan.push(Workload::Latency { load: Load::Idle });
+                    plan.push(Workload::Latency { load: Load::Tcp(1) });
+                    if self.streams > 1 {
+                        plan.push(Workload::Latency {
+                            load: Load::Tcp(self.streams),
+                        });
+                    }
+                    plan.push(Workload::Latency { load: Load::Flood });
                 }
             }
         }
@@ -376,6 +382,7 @@ fn measure(
         fwd_drops: None,
         udp_rcvbuf_drops: None,
         tun_queue_drops: None,
+        queue: None,
         tcp: None,
         ratio: None,
     };
@@ -399,8 +406,10 @@ fn measure(
             row.gbps = Some(r.bytes as f64 * 8.0 / r.seconds / 1e9);
             row.tcp = Some(r.info);
         }
-        Workload::Latency { loaded } => {
-            let background = if loaded {
+        Workload::Latency { load } => {
+            let background = if load == Load::Idle {
+                None
+            } else {
                 let topo_a = topo.a.try_clone()?;
                 let topo_b = topo.b.try_clone()?;
                 let stop = stop.clone();
@@ -410,20 +419,34 @@ fn measure(
                         a: topo_a,
                         b: topo_b,
                     };
-                    traffic::tcp_bulk(&t, dst, 1, duration, 1, &stop)
+                    match load {
+                        Load::Tcp(streams) => {
+                            traffic::tcp_bulk(&t, dst, streams, duration, 1, &stop).map(|_| None)
+                        }
+                        _ => traffic::udp_flood(&t, dst, 1400, duration, 0, &stop).map(Some),
+                    }
                 }))
-            } else {
-                None
             };
             if background.is_some() {
-                // Let the bulk stream ramp up first.
+                // Let the load ramp up first.
                 std::thread::sleep(Duration::from_millis(300));
             }
             let echo_server = !matches!(target, Target::Reflect { .. });
             let r = traffic::latency(topo, dst, cfg.duration, 1_000_000, echo_server, stop)?;
             if let Some(bg) = background {
-                bg.join()
+                let flood = bg
+                    .join()
                     .map_err(|_| Error::config("background load thread panicked"))??;
+                if let Some(f) = flood {
+                    // What the flood offered and what got through.
+                    row.offered_pps = Some(f.offered as f64 / f.seconds);
+                    row.delivered_pps = Some(f.delivered as f64 / f.seconds);
+                    row.loss_pct = Some(if f.offered > 0 {
+                        100.0 * (1.0 - f.delivered.min(f.offered) as f64 / f.offered as f64)
+                    } else {
+                        0.0
+                    });
+                }
             }
             let h = &r.rtt_ns;
             let us = |q: f64| h.value_at_quantile(q) as f64 / 1e3;
@@ -448,6 +471,12 @@ fn measure(
         row.fwd_drops = Some(c.drops);
         row.udp_rcvbuf_drops = Some(c.udp_rcvbuf_drops);
         row.tun_queue_drops = Some(c.tun_queue_drops);
+        row.queue = Some(QueueFigures {
+            visit_max_us: c.visit_max_us,
+            queue_delay_max_us: c.queue_delay_max_us,
+            aqm_marks: c.aqm_marks,
+            aqm_drops: c.aqm_drops,
+        });
     }
     Ok(row)
 }

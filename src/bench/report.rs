@@ -12,8 +12,20 @@ pub enum Workload {
     Udp { packet_len: usize },
     /// TCP bulk with this many parallel streams.
     Tcp { streams: usize },
-    /// UDP request/response probes, optionally under a TCP bulk load.
-    Latency { loaded: bool },
+    /// UDP request/response probes, idle or under a load.
+    Latency { load: Load },
+}
+
+/// What runs through the tunnel, in the probes' direction, while latency
+/// is measured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Load {
+    Idle,
+    /// TCP bulk with this many streams.
+    Tcp(usize),
+    /// A UDP flood of 1400-byte packets as fast as the generator goes
+    /// (two to three times what a tunnel carries here).
+    Flood,
 }
 
 impl Workload {
@@ -21,8 +33,10 @@ impl Workload {
         match self {
             Workload::Udp { packet_len } => format!("udp {packet_len} B"),
             Workload::Tcp { streams } => format!("tcp x{streams}"),
-            Workload::Latency { loaded: false } => "latency idle".into(),
-            Workload::Latency { loaded: true } => "latency loaded".into(),
+            Workload::Latency { load: Load::Idle } => "latency idle".into(),
+            Workload::Latency { load: Load::Tcp(1) } => "latency loaded".into(),
+            Workload::Latency { load: Load::Tcp(n) } => format!("latency loaded x{n}"),
+            Workload::Latency { load: Load::Flood } => "latency flood".into(),
         }
     }
 }
@@ -37,6 +51,25 @@ pub struct Percentiles {
     pub max: f64,
     pub probes: u64,
     pub lost: u64,
+}
+
+/// The forwarders' own view of their queues during a workload.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueFigures {
+    /// The longest visit of a worker to one direction (microseconds).
+    pub visit_max_us: u64,
+    /// The longest a datagram waited in a forwarder's receive buffer.
+    pub queue_delay_max_us: u64,
+    /// CoDel's signals: CE marks and drops.
+    pub aqm_marks: u64,
+    pub aqm_drops: u64,
+}
+
+impl Percentiles {
+    /// Probes that got an answer: the percentiles describe these only.
+    pub fn answered(&self) -> u64 {
+        self.probes.saturating_sub(self.lost)
+    }
 }
 
 /// One measured (target, workload).
@@ -65,6 +98,8 @@ pub struct Row {
     /// The kernel's drops at the forwarders' sockets and TUN queues.
     pub udp_rcvbuf_drops: Option<u64>,
     pub tun_queue_drops: Option<u64>,
+    /// How the forwarders' queues and visits fared (tunfwd targets only).
+    pub queue: Option<QueueFigures>,
     /// TCP workloads: what the senders' kernels reported.
     pub tcp: Option<super::traffic::TcpStats>,
     /// Against the baseline's row of the same workload.
@@ -77,7 +112,7 @@ impl Row {
         match self.workload {
             Workload::Udp { .. } => self.delivered_pps,
             Workload::Tcp { .. } => self.gbps,
-            Workload::Latency { .. } => self.latency.map(|l| l.p50),
+            Workload::Latency { .. } => self.latency.filter(|l| l.answered() > 0).map(|l| l.p50),
         }
     }
 
@@ -186,7 +221,7 @@ pub fn table(rows: &[Row], baseline: &str) -> String {
     if !lat.is_empty() {
         let _ = writeln!(
             s,
-            "\n{:<15} {:<tw$} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>6} {:>7}",
+            "\n{:<18} {:<tw$} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>6} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9}",
             "workload",
             "target",
             "p50 us",
@@ -196,23 +231,36 @@ pub fn table(rows: &[Row], baseline: &str) -> String {
             "max us",
             "probes",
             "lost",
-            "ratio"
+            "ratio",
+            "sockDrop",
+            "tunqDrop",
+            "fwdDrop",
+            "aqmMark",
+            "visitMax",
+            "qDelayMax"
         );
         for r in lat {
             let l = r.latency.unwrap_or_default();
+            let p = |v: f64| opt((l.answered() > 0).then_some(v), 1);
             let _ = writeln!(
                 s,
-                "{:<15} {:<tw$} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>9.1} {:>8} {:>6} {:>7}",
+                "{:<18} {:<tw$} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>6} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9}",
                 r.workload.label(),
                 r.target,
-                l.p50,
-                l.p90,
-                l.p99,
-                l.p999,
-                l.max,
+                p(l.p50),
+                p(l.p90),
+                p(l.p99),
+                p(l.p999),
+                p(l.max),
                 l.probes,
                 l.lost,
-                opt(r.ratio, 3)
+                opt(r.ratio, 3),
+                count(r.udp_rcvbuf_drops),
+                count(r.tun_queue_drops),
+                count(r.fwd_drops),
+                count(r.queue.map(|q| q.aqm_marks)),
+                count(r.queue.map(|q| q.visit_max_us)),
+                count(r.queue.map(|q| q.queue_delay_max_us)),
             );
         }
     }
@@ -223,7 +271,11 @@ pub fn table(rows: &[Row], baseline: &str) -> String {
          seconds per million delivered packets; calls/pkt: forwarder system calls per tunnel packet.\n\
          retrans: TCP segments the senders retransmitted; sockDrop, tunqDrop: datagrams the kernel \
          dropped at the forwarders' full UDP receive buffers and packets it dropped at their full TUN \
-         queues; fwdDrop: tunfwd's own drops (both forwarders)."
+         queues; fwdDrop: tunfwd's own drops (both forwarders).\n\
+         Latency rows: loaded = one TCP stream, loaded xN = N streams, flood = 1400-byte UDP as fast \
+         as the generator goes, all in the probes' direction; aqmMark: CoDel's CE marks (its drops \
+         are in fwdDrop); visitMax: a forwarder's longest visit to one direction, qDelayMax: the \
+         longest a datagram waited in a forwarder's receive buffer (us)."
     );
     s
 }
@@ -233,10 +285,16 @@ pub fn json(rows: &[Row], meta: Value) -> Value {
     let results: Vec<Value> = rows
         .iter()
         .map(|r| {
-            let (kind, size, streams, loaded) = match r.workload {
+            let (kind, size, streams, load) = match r.workload {
                 Workload::Udp { packet_len } => ("udp", Some(packet_len), None, None),
                 Workload::Tcp { streams } => ("tcp", None, Some(streams), None),
-                Workload::Latency { loaded } => ("latency", None, None, Some(loaded)),
+                Workload::Latency { load } => ("latency", None, None, Some(load)),
+            };
+            let (loaded, load_streams, load) = match load {
+                None => (None, None, None),
+                Some(Load::Idle) => (Some(false), None, Some("idle")),
+                Some(Load::Tcp(n)) => (Some(true), Some(n), Some("tcp")),
+                Some(Load::Flood) => (Some(true), None, Some("udp flood")),
             };
             json!({
                 "target": r.target,
@@ -245,15 +303,21 @@ pub fn json(rows: &[Row], meta: Value) -> Value {
                 "packet_len": size,
                 "streams": streams,
                 "loaded": loaded,
+                "load": load,
+                "load_streams": load_streams,
                 "seconds": r.seconds,
                 "offered_pps": r.offered_pps,
                 "delivered_pps": r.delivered_pps,
                 "loss_pct": r.loss_pct,
                 "gbps": r.gbps,
-                "latency_us": r.latency.map(|l| json!({
-                    "p50": l.p50, "p90": l.p90, "p99": l.p99, "p99_9": l.p999, "max": l.max,
-                    "probes": l.probes, "lost": l.lost,
-                })),
+                // Every probe lost (an overload can do that): no percentiles.
+                "latency_us": r.latency.map(|l| {
+                    let p = |v: f64| (l.answered() > 0).then_some(v);
+                    json!({
+                        "p50": p(l.p50), "p90": p(l.p90), "p99": p(l.p99), "p99_9": p(l.p999),
+                        "max": p(l.max), "probes": l.probes, "lost": l.lost,
+                    })
+                }),
                 "packets": r.packets,
                 "forwarder_cpu_s": r.fwd_cpu_s,
                 "forwarder_cpu_s_per_mpkt": r.fwd_cpu_s_per_mpkt(),
@@ -267,6 +331,12 @@ pub fn json(rows: &[Row], meta: Value) -> Value {
                     "udp_rcvbuf": r.udp_rcvbuf_drops,
                     "tun_queue": r.tun_queue_drops,
                 }),
+                "forwarder_queue": r.queue.map(|q| json!({
+                    "visit_max_us": q.visit_max_us,
+                    "queue_delay_max_us": q.queue_delay_max_us,
+                    "aqm_marks": q.aqm_marks,
+                    "aqm_drops": q.aqm_drops,
+                })),
                 "tcp_info": r.tcp.map(|t| json!({
                     "retransmits": t.retransmits,
                     "reord_seen": t.reord_seen,
@@ -299,6 +369,7 @@ mod tests {
             gbps: matches!(w, Workload::Tcp { .. }).then_some(head),
             latency: matches!(w, Workload::Latency { .. }).then_some(Percentiles {
                 p50: head,
+                probes: 10,
                 ..Default::default()
             }),
             packets: Some(1000),
@@ -309,6 +380,7 @@ mod tests {
             fwd_drops: Some(0),
             udp_rcvbuf_drops: None,
             tun_queue_drops: None,
+            queue: None,
             tcp: None,
             ratio: None,
         }
@@ -323,7 +395,7 @@ mod tests {
             row("poll", udp.clone(), 25.0),
             row("veth", tcp.clone(), 10.0),
             row("poll", tcp.clone(), 5.0),
-            row("poll", Workload::Latency { loaded: false }, 40.0),
+            row("poll", Workload::Latency { load: Load::Idle }, 40.0),
         ];
         set_ratios(&mut rows, "veth");
         assert_eq!(rows[0].ratio, Some(1.0));
@@ -338,5 +410,27 @@ mod tests {
         let j = json(&rows, json!({"kernel": "x"}));
         assert_eq!(j["results"][1]["ratio"], json!(0.25));
         assert_eq!(j["results"][4]["latency_us"]["p50"], json!(40.0));
+
+        // Every probe lost: no percentiles, no ratio, "-" in the table.
+        let mut flood = vec![
+            row("veth", Workload::Latency { load: Load::Flood }, 20.0),
+            row("poll", Workload::Latency { load: Load::Flood }, 0.0),
+        ];
+        if let Some(l) = &mut flood[1].latency {
+            l.lost = l.probes;
+        }
+        set_ratios(&mut flood, "veth");
+        assert_eq!(flood[1].ratio, None);
+        let j = json(&flood, json!({}));
+        assert!(j["results"][1]["latency_us"]["p50"].is_null(), "{j}");
+        assert_eq!(j["results"][1]["latency_us"]["lost"], json!(10));
+        let t = table(&flood, "veth");
+        let line = t
+            .lines()
+            .find(|l| l.contains("latency flood") && l.contains("poll"));
+        assert!(
+            line.is_some_and(|l| l.split_whitespace().nth(3) == Some("-")),
+            "{t}"
+        );
     }
 }
