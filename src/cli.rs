@@ -228,6 +228,11 @@ struct BenchArgs {
     #[arg(long, default_value_t = 0, value_name = "PPS")]
     rate_pps: u64,
 
+    /// TCP with ECN at both ends (net.ipv4.tcp_ecn=1 in both namespaces):
+    /// congestion signals from queue management become CE marks.
+    #[arg(long)]
+    ecn: bool,
+
     /// A short run: 1 s per workload, sizes 64,1400, 2 streams.
     #[arg(long)]
     quick: bool,
@@ -266,6 +271,7 @@ impl BenchArgs {
                     .clamp(0.0, 3600.0),
             ),
             rate_pps: self.rate_pps,
+            ecn: self.ecn,
             json: self.json,
             forwarder_args: self.forwarder_args,
         }

@@ -146,7 +146,11 @@ fn bench_quick_reports_every_figure_and_cleans_up() {
                 assert!((0.0..=100.0).contains(&loss), "{r}");
                 assert!(f(r, "gbps") > 0.0, "{r}");
             }
-            "tcp" => assert!(f(r, "gbps") > 0.0, "{r}"),
+            "tcp" => {
+                assert!(f(r, "gbps") > 0.0, "{r}");
+                // Without --ecn no stream negotiates ECN.
+                assert_eq!(r["tcp_info"]["ecn_streams"], 0, "{r}");
+            }
             "latency" if all_lost => {}
             "latency" => {
                 let l = &r["latency_us"];
@@ -192,6 +196,46 @@ fn bench_quick_reports_every_figure_and_cleans_up() {
     assert!(left.is_empty(), "forwarders left running: {left:?}");
 }
 
+/// `--ecn`: TCP negotiates ECN at both ends (the sysctl reached the
+/// namespaces), and the row says how many streams did.
+#[test]
+fn bench_ecn_turns_on_ecn_in_both_namespaces() {
+    if !can_run_kernel_tests("bench_ecn_turns_on_ecn_in_both_namespaces") {
+        return;
+    }
+    let json_path =
+        std::env::temp_dir().join(format!("tunfwd-bench-ecn-{}.json", std::process::id()));
+    let mut p = Proc::spawn({
+        let mut c = Command::new(tunfwd_bin());
+        c.args([
+            "bench",
+            "--compare",
+            "veth,poll",
+            "--workloads",
+            "tcp",
+            "--streams",
+            "2",
+            "--duration",
+            "1",
+            "--ecn",
+            "--json",
+        ])
+        .arg(&json_path);
+        c
+    });
+    let status = p.wait_timeout(120).expect("bench finished within 120 s");
+    assert!(status.success(), "bench failed: {status}\n{}", p.stderr());
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&json_path);
+    assert_eq!(doc["meta"]["tcp_ecn"], Value::Bool(true));
+    let rows = doc["results"].as_array().unwrap();
+    assert_eq!(rows.len(), 4, "{doc}");
+    for r in rows {
+        let streams = r["streams"].as_u64().unwrap();
+        assert_eq!(r["tcp_info"]["ecn_streams"], streams, "{r}");
+    }
+}
+
 #[test]
 fn bench_interrupted_cleans_up() {
     if !can_run_kernel_tests("bench_interrupted_cleans_up") {
@@ -215,11 +259,15 @@ fn bench_interrupted_cleans_up() {
     let pid = p.child.id();
     // Interrupt while the forwarders run.
     p.wait_for_stderr("poll tcp x1");
-    std::thread::sleep(Duration::from_millis(1000));
-    assert!(
-        !processes_matching(&format!("/proc/{pid}/fd/")).is_empty(),
-        "forwarders should be running now"
-    );
+    // Interrupt once the forwarders run.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while processes_matching(&format!("/proc/{pid}/fd/")).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "forwarders should be running now"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid as i32),
         nix::sys::signal::Signal::SIGINT,
@@ -233,8 +281,14 @@ fn bench_interrupted_cleans_up() {
         p.stderr()
     );
     assert!(p.stderr().contains("SIGINT received"), "{}", p.stderr());
-    std::thread::sleep(Duration::from_millis(200));
-    let left = processes_matching(&format!("/proc/{pid}/fd/"));
+    // The forwarders stop with their parent (a parent-death signal, which
+    // arrives asynchronously): they must be gone within a hang guard.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut left = processes_matching(&format!("/proc/{pid}/fd/"));
+    while !left.is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        left = processes_matching(&format!("/proc/{pid}/fd/"));
+    }
     assert!(left.is_empty(), "forwarders left running: {left:?}");
     assert_eq!(
         root_links(),

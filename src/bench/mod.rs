@@ -169,6 +169,8 @@ pub struct BenchConfig {
     pub duration: Duration,
     /// Offered UDP load cap (0: as fast as the generator can).
     pub rate_pps: u64,
+    /// TCP with ECN in both namespaces (`net.ipv4.tcp_ecn=1`).
+    pub ecn: bool,
     pub json: Option<PathBuf>,
     /// Passed unchanged to every `tunfwd tunnel` under test.
     pub forwarder_args: Vec<String>,
@@ -277,6 +279,9 @@ pub fn run(cfg: &BenchConfig) -> Result<bool> {
 
     progress(format_args!("building topology (2 namespaces, veth)"));
     let topo = Topology::new()?;
+    if cfg.ecn {
+        topo.enable_tcp_ecn()?;
+    }
     if cfg.targets.contains(&Target::Vxlan) {
         topo.add_vxlan()?;
     }
@@ -323,6 +328,7 @@ pub fn run(cfg: &BenchConfig) -> Result<bool> {
         "sizes": cfg.sizes,
         "streams": cfg.streams,
         "rate_pps": cfg.rate_pps,
+        "tcp_ecn": cfg.ecn,
         "forwarder_args": cfg.forwarder_args,
         "command": std::env::args().collect::<Vec<_>>(),
         "interrupted": interrupted,

@@ -346,6 +346,8 @@ pub fn json(rows: &[Row], meta: Value) -> Value {
                     "rwnd_limited_us": t.rwnd_limited_us,
                     "sndbuf_limited_us": t.sndbuf_limited_us,
                     "busy_us": t.busy_us,
+                    "ecn_streams": t.ecn_streams,
+                    "delivered_ce": t.delivered_ce,
                 })),
                 "ratio": r.ratio,
             })

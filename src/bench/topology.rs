@@ -60,6 +60,19 @@ impl Topology {
         Ok(Topology { a, b })
     }
 
+    /// Turns on ECN for TCP (`net.ipv4.tcp_ecn=1`: request it on outgoing
+    /// connections, accept it on incoming ones) in both namespaces.
+    pub fn enable_tcp_ecn(&self) -> Result<()> {
+        for ns in [&self.a, &self.b] {
+            // A thread inside the namespace opens the namespace's own sysctl.
+            ns.run(|| {
+                std::fs::write("/proc/sys/net/ipv4/tcp_ecn", "1")
+                    .map_err(|e| crate::error::Error::io("set net.ipv4.tcp_ecn=1", e))
+            })?;
+        }
+        Ok(())
+    }
+
     /// Adds `vxlan0` (VNI 42, UDP 4789) on both sides: 198.19.1.1/24 - .2/24.
     pub fn add_vxlan(&self) -> Result<()> {
         for (ns, local, remote, addr) in [

@@ -65,7 +65,16 @@ pub struct TcpStats {
     pub rwnd_limited_us: u64,
     pub sndbuf_limited_us: u64,
     pub busy_us: u64,
+    /// Streams that negotiated ECN, and the segments the receivers reported
+    /// as having arrived with a CE mark (congestion signals that cost no
+    /// retransmit).
+    pub ecn_streams: u64,
+    pub delivered_ce: u64,
 }
+
+/// `tcpi_options` bit: ECN was negotiated (`TCPI_OPT_ECN` in Linux's
+/// `include/uapi/linux/tcp.h`; the libc crate defines it for Hurd only).
+const TCPI_OPT_ECN: u8 = 8;
 
 impl TcpStats {
     fn of(i: &libc::tcp_info) -> TcpStats {
@@ -78,6 +87,8 @@ impl TcpStats {
             rwnd_limited_us: i.tcpi_rwnd_limited,
             sndbuf_limited_us: i.tcpi_sndbuf_limited,
             busy_us: i.tcpi_busy_time,
+            ecn_streams: u64::from(i.tcpi_options & TCPI_OPT_ECN != 0),
+            delivered_ce: u64::from(i.tcpi_delivered_ce),
         }
     }
 
@@ -92,6 +103,8 @@ impl TcpStats {
             rwnd_limited_us: all.iter().map(|s| s.rwnd_limited_us).sum(),
             sndbuf_limited_us: all.iter().map(|s| s.sndbuf_limited_us).sum(),
             busy_us: all.iter().map(|s| s.busy_us).sum(),
+            ecn_streams: all.iter().map(|s| s.ecn_streams).sum(),
+            delivered_ce: all.iter().map(|s| s.delivered_ce).sum(),
         }
     }
 }
