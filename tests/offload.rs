@@ -124,9 +124,11 @@ fn uso_through_tunnel(engine: &str) {
     const SENDS: usize = 40;
     const PER_SEND: usize = 16;
     const SIZE: usize = 1000;
-    let receiver = topo.b.spawn(|| {
+    let (bound, ready) = std::sync::mpsc::channel();
+    let receiver = topo.b.spawn(move || {
         let s = UdpSocket::bind(format!("{OVERLAY_B}:7100")).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        bound.send(()).unwrap();
         let mut got = Vec::new();
         let mut buf = [0u8; 4096];
         while let Ok(n) = s.recv(&mut buf) {
@@ -137,7 +139,9 @@ fn uso_through_tunnel(engine: &str) {
         }
         got
     });
-    std::thread::sleep(Duration::from_millis(200));
+    ready
+        .recv_timeout(Duration::from_secs(10))
+        .expect("receiver bound");
     topo.a
         .spawn(|| {
             use nix::sys::socket::{ControlMessage, MsgFlags, SockaddrStorage, sendmsg};

@@ -515,10 +515,13 @@ impl Hostile {
             total,
             "{engine}: {counted} counted + {kernel_drops} kernel drops\n{out}"
         );
-        // Nothing else was dropped but what queue management chose to
-        // (the transfers meet a queue that the floods keep full).
+        // Nothing else from the peer's side was dropped but what queue
+        // management chose to (the transfers meet a queue that the floods
+        // keep full). The other direction may lose a send to a transient
+        // error under this load; it is counted there.
+        let peer_to_tun_drops = stat_values::<u64>(&out, "summary total", "drops")[1];
         assert_eq!(
-            stat_sum(&out, "summary total", "drops"),
+            peer_to_tun_drops,
             counted + stat(&out, "summary total", "aqm"),
             "{engine}: drops other than the hostile ones\n{out}"
         );

@@ -7,7 +7,9 @@
 mod common;
 
 use std::net::{SocketAddr, UdpSocket};
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -132,9 +134,11 @@ fn spoofed_datagrams_are_dropped_and_counted() {
         let (mut a, mut b) = start_pair(&topo, &engine_args(engine));
 
         // The victim: a UDP socket on a's overlay address.
-        let listener = topo.a.spawn(|| {
+        let (bound, ready) = std::sync::mpsc::channel();
+        let listener = topo.a.spawn(move || {
             let s = UdpSocket::bind(format!("{OVERLAY_A}:7000")).unwrap();
             s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            bound.send(()).unwrap();
             let mut got = Vec::new();
             let mut buf = [0u8; 2048];
             while let Ok((n, _)) = s.recv_from(&mut buf) {
@@ -145,7 +149,9 @@ fn spoofed_datagrams_are_dropped_and_counted() {
             }
             got
         });
-        std::thread::sleep(Duration::from_millis(200));
+        ready
+            .recv_timeout(Duration::from_secs(10))
+            .expect("listener bound");
 
         topo.b
             .spawn(|| {
@@ -158,9 +164,9 @@ fn spoofed_datagrams_are_dropped_and_counted() {
                 // Wrong address, right port.
                 let s = UdpSocket::bind(format!("198.18.1.2:{PORT}")).unwrap();
                 s.send_to(&inner, peer).unwrap();
-                std::thread::sleep(Duration::from_millis(200));
                 // A genuine packet through the tunnel, so the listener is
-                // known to work.
+                // known to work (it arrives after the spoofed ones, which
+                // took the same path first).
                 let s = UdpSocket::bind(format!("{OVERLAY_B}:7001")).unwrap();
                 s.send_to(b"genuine", format!("{OVERLAY_A}:7000")).unwrap();
             })
@@ -190,6 +196,8 @@ fn sigterm_mid_transfer_exits_cleanly() {
         let topo = Topology::new();
         let (mut a, _b) = start_pair(&topo, &engine_args(engine));
         let (tx, rx) = std::sync::mpsc::channel();
+        let received = Arc::new(AtomicU64::new(0));
+        let seen = received.clone();
         let sink = topo.b.spawn(move || {
             let l = std::net::TcpListener::bind(format!("{OVERLAY_B}:7000")).unwrap();
             tx.send(()).unwrap();
@@ -202,6 +210,7 @@ fn sigterm_mid_transfer_exits_cleanly() {
                     break;
                 }
                 total += n as u64;
+                seen.store(total, Ordering::Relaxed);
             }
             total
         });
@@ -216,7 +225,15 @@ fn sigterm_mid_transfer_exits_cleanly() {
             }
             sent
         });
-        std::thread::sleep(Duration::from_millis(500));
+        // The signal must meet a running transfer: wait for 4 MiB to arrive.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while received.load(Ordering::Relaxed) < 4 << 20 {
+            assert!(
+                Instant::now() < deadline,
+                "{engine}: the transfer did not start"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let status = a.terminate();
         assert!(
             status.success(),
