@@ -704,11 +704,12 @@ impl UringWorker {
     /// Acts on one completion: a short dispatch by operation.
     /// Handles one reap's completions side by side, in visits within the
     /// datapath's limits: some of the TUN side's (reads become sends), then
-    /// some of the UDP side's (receives become TUN writes), and so on. Each
-    /// visit ends by submitting what it queued, so its sends or writes run
-    /// in the kernel before the other side's next visit: a ping or an ACK
-    /// waits behind at most one visit's bytes, not a whole reap's. Order
-    /// within a side is kept.
+    /// some of the UDP side's (receives become TUN writes, started but
+    /// submitted at the end of the pass, in order), and so on. Each visit
+    /// ends by submitting what it queued, so its sends run in the kernel
+    /// before the other side's next visit: a ping or an ACK waits behind at
+    /// most one visit's sends, not a whole reap's. Order within a side is
+    /// kept.
     fn visit_sides(
         &mut self,
         tun_side: &[(u64, i32, u32)],
@@ -732,9 +733,10 @@ impl UringWorker {
                     }
                     self.complete(ud, res, flags)?;
                 }
-                if dir == Direction::PeerToTun {
-                    self.submit_direct_writes()?;
-                }
+                // TUN writes wait for the end of the pass
+                // (submit_direct_writes): a write refused with EAGAIN must
+                // be reaped before any later write is submitted, or the
+                // later one could pass it.
                 self.submit_now()?;
                 self.dp.end_visit(visit);
             }
