@@ -65,9 +65,11 @@ pub struct TcpStats {
     pub rwnd_limited_us: u64,
     pub sndbuf_limited_us: u64,
     pub busy_us: u64,
-    /// Streams that negotiated ECN, and the segments the receivers reported
-    /// as having arrived with a CE mark (congestion signals that cost no
-    /// retransmit).
+    /// Streams that negotiated ECN, and the segments the senders saw
+    /// acknowledged with the ECN-Echo flag (`tcpi_delivered_ce`): with
+    /// classic ECN a receiver echoes one CE mark on every ACK until the
+    /// sender reacts, so this counts more than the marks; it is 0 when no
+    /// congestion signal came back as an echo.
     pub ecn_streams: u64,
     pub delivered_ce: u64,
 }
