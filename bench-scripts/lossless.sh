@@ -2,7 +2,9 @@
 # Nothing lost below capacity, at scale: tests/load.rs with 1,000,000
 # numbered UDP datagrams (4 flows, 512-byte payload) per engine, sent at
 # half the capacity the test measures first; every datagram must arrive, in
-# order within its flow. Release build.
+# order within its flow, except those the receiving forwarder's CoDel (on by
+# default) dropped and counted, which must account for every missing one.
+# Release build.
 #
 #   sudo bash bench-scripts/lossless.sh
 #   COUNT=200000 sudo -E bash bench-scripts/lossless.sh
