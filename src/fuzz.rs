@@ -165,8 +165,8 @@ pub fn virtio_header(data: &[u8]) {
 
 /// The offload datapath, both directions, as both engines run it: a TUN
 /// read (virtio-net header, 2-byte MTU, packet) through
-/// [`Datapath::handle_tun_read`] and its sends, then those datagrams as one
-/// GRO receive through [`Datapath::handle_receive`]. Every datagram sent is
+/// [`Datapath::handle_tun_read`](crate::datapath::Datapath::handle_tun_read) and its sends, then those datagrams as one
+/// GRO receive through [`Datapath::handle_receive`](crate::datapath::Datapath::handle_receive). Every datagram sent is
 /// a valid IP packet within the MTU, in order and back to back; every
 /// packet received is accounted for exactly once (written or dropped with a
 /// reason); every TUN write is a virtio-net header and a valid IP packet,

@@ -6,9 +6,9 @@
 //! - this file: the options, and the probe that decides once, before the
 //!   workers start, what the running kernel offers (one log line per missing
 //!   feature) and resolves every default;
-//! - [`pool`]: memory shared with the kernel and the buffer-ownership rule;
-//! - [`ops`]: operation tags and the message headers the kernel points to;
-//! - [`worker`]: the ring, the submissions (the `unsafe` pushes), and the
+//! - `pool`: memory shared with the kernel and the buffer-ownership rule;
+//! - `ops`: operation tags and the message headers the kernel points to;
+//! - `worker`: the ring, the submissions (the `unsafe` pushes), and the
 //!   completion loop.
 //!
 //! Each worker owns a buffer pool split into two groups: buffers the TUN

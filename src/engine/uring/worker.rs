@@ -701,7 +701,6 @@ impl UringWorker {
         }
     }
 
-    /// Acts on one completion: a short dispatch by operation.
     /// Handles one reap's completions side by side, in visits within the
     /// datapath's limits: some of the TUN side's (reads become sends), then
     /// some of the UDP side's (receives become TUN writes, started but
@@ -762,6 +761,7 @@ impl UringWorker {
         }
     }
 
+    /// Acts on one completion: a short dispatch by operation.
     fn complete(&mut self, ud: u64, res: i32, flags: u32) -> Result<()> {
         let (op, bid, index) = decode(ud);
         let chained = ud & CHAINED != 0;
