@@ -793,6 +793,17 @@ mod tests {
 
     const PEER: &str = "198.18.0.2:5000";
 
+    /// One datagram of `len` bytes from `src`, queued at `arrived_ns`.
+    fn datagram(src: SocketAddr, len: usize, arrived_ns: Option<u64>) -> Received {
+        Received {
+            src: Some(src),
+            payload: 0..len,
+            gro_size: None,
+            truncated: false,
+            arrived_ns,
+        }
+    }
+
     fn dp(offload: bool) -> Datapath {
         let fwd = Forwarder::new(1500, PEER.parse().unwrap());
         Datapath::new(
@@ -1024,13 +1035,7 @@ mod tests {
         let mut dgram = vec![0u8; 8];
         crate::packet::vxlan::write_header(&mut dgram, 42);
         dgram.extend_from_slice(&[0xaa; 60]);
-        let rx = Received {
-            src: Some(peer),
-            payload: 0..dgram.len(),
-            gro_size: None,
-            truncated: false,
-            arrived_ns: None,
-        };
+        let rx = datagram(peer, dgram.len(), None);
         assert_eq!(
             d.handle_receive(&rx, &mut dgram, &mut Coalescer::new(), 0),
             RxAction::Write(8..68)
@@ -1052,13 +1057,7 @@ mod tests {
                 p[1] = 0x02;
                 refresh_tcp_checksums(&mut p);
                 let now = 1_000_000_000 + i * 100_000;
-                let rx = Received {
-                    src: Some(peer),
-                    payload: 0..p.len(),
-                    gro_size: None,
-                    truncated: false,
-                    arrived_ns: Some(now - 2_000_000),
-                };
+                let rx = datagram(peer, p.len(), Some(now - 2_000_000));
                 let action = d.handle_receive(&rx, &mut p, &mut c, now);
                 assert_ne!(
                     action,
@@ -1084,13 +1083,7 @@ mod tests {
             let mut dropped = 0;
             for i in 0..200u64 {
                 let now = 2_000_000_000 + i * 100_000;
-                let rx = Received {
-                    src: Some(peer),
-                    payload: 0..p.len(),
-                    gro_size: None,
-                    truncated: false,
-                    arrived_ns: Some(now - 2_000_000),
-                };
+                let rx = datagram(peer, p.len(), Some(now - 2_000_000));
                 if d.handle_receive(&rx, &mut p, &mut c, now) == RxAction::Dropped {
                     dropped += 1;
                 }
@@ -1143,13 +1136,7 @@ mod tests {
             let mut p = tcp_packet(false, i as u32, 0x10, &[], &[1; 10]);
             refresh_tcp_checksums(&mut p);
             let now = 1_000_000_000 + i as u64 * 1_000_000;
-            let rx = Received {
-                src: Some(peer),
-                payload: 0..p.len(),
-                gro_size: None,
-                truncated: false,
-                arrived_ns: Some(now - waited_us * 1000),
-            };
+            let rx = datagram(peer, p.len(), Some(now - waited_us * 1000));
             d.handle_receive(&rx, &mut p, &mut Coalescer::new(), now);
         }
         let q = d.stats().snapshot().peer_to_tun.queue_delay;

@@ -43,6 +43,28 @@ fn processes_matching(needle: &str) -> Vec<String> {
     found
 }
 
+/// Runs `tunfwd bench ARGS --json FILE` to completion (within `secs`, a
+/// hang guard), requires success, and returns the process (for its output
+/// and pid) and the JSON document.
+fn run_bench(args: &[&str], secs: u64) -> (Proc, Value) {
+    static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let json_path =
+        std::env::temp_dir().join(format!("tunfwd-bench-{}-{n}.json", std::process::id()));
+    let mut p = Proc::spawn({
+        let mut c = Command::new(tunfwd_bin());
+        c.arg("bench").args(args).arg("--json").arg(&json_path);
+        c
+    });
+    let status = p
+        .wait_timeout(secs)
+        .unwrap_or_else(|| panic!("bench {args:?} finished within {secs} s"));
+    assert!(status.success(), "bench failed: {status}\n{}", p.stderr());
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&json_path);
+    (p, doc)
+}
+
 fn f(v: &Value, key: &str) -> f64 {
     v[key]
         .as_f64()
@@ -60,25 +82,10 @@ fn bench_quick_reports_every_figure_and_cleans_up() {
     }
     // udp x2, tcp x2, latency: idle, one stream, two streams, a flood.
     let rows_wanted = targets.len() * 8;
-    let json_path = std::env::temp_dir().join(format!("tunfwd-bench-{}.json", std::process::id()));
     let links_before = root_links();
-    let mut p = Proc::spawn({
-        let mut c = Command::new(tunfwd_bin());
-        c.args([
-            "bench",
-            "--quick",
-            "--compare",
-            &targets.join(","),
-            "--json",
-        ])
-        .arg(&json_path);
-        c
-    });
+    let compare = targets.join(",");
+    let (p, doc) = run_bench(&["--quick", "--compare", &compare], 300);
     let pid = p.child.id();
-    let status = p
-        .wait_timeout(300)
-        .expect("bench --quick finished within 300 s");
-    assert!(status.success(), "bench failed: {status}\n{}", p.stderr());
 
     let out = p.stdout();
     for want in [
@@ -100,8 +107,6 @@ fn bench_quick_reports_every_figure_and_cleans_up() {
         p.stderr()
     );
 
-    let doc: Value = serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
-    let _ = std::fs::remove_file(&json_path);
     let meta = &doc["meta"];
     for key in ["kernel", "cpu_model", "baseline"] {
         assert!(
@@ -203,30 +208,18 @@ fn bench_ecn_turns_on_ecn_in_both_namespaces() {
     if !can_run_kernel_tests("bench_ecn_turns_on_ecn_in_both_namespaces") {
         return;
     }
-    let json_path =
-        std::env::temp_dir().join(format!("tunfwd-bench-ecn-{}.json", std::process::id()));
-    let mut p = Proc::spawn({
-        let mut c = Command::new(tunfwd_bin());
-        c.args([
-            "bench",
-            "--compare",
-            "veth,poll",
-            "--workloads",
-            "tcp",
-            "--streams",
-            "2",
-            "--duration",
-            "1",
-            "--ecn",
-            "--json",
-        ])
-        .arg(&json_path);
-        c
-    });
-    let status = p.wait_timeout(120).expect("bench finished within 120 s");
-    assert!(status.success(), "bench failed: {status}\n{}", p.stderr());
-    let doc: Value = serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
-    let _ = std::fs::remove_file(&json_path);
+    let args = [
+        "--compare",
+        "veth,poll",
+        "--workloads",
+        "tcp",
+        "--streams",
+        "2",
+        "--duration",
+        "1",
+        "--ecn",
+    ];
+    let (_, doc) = run_bench(&args, 120);
     assert_eq!(doc["meta"]["tcp_ecn"], Value::Bool(true));
     let rows = doc["results"].as_array().unwrap();
     assert_eq!(rows.len(), 4, "{doc}");
@@ -329,28 +322,16 @@ fn bench_reflect_far_end() {
     if !can_run_kernel_tests("bench_reflect_far_end") {
         return;
     }
-    let json_path =
-        std::env::temp_dir().join(format!("tunfwd-reflect-{}.json", std::process::id()));
-    let mut p = Proc::spawn({
-        let mut c = Command::new(tunfwd_bin());
-        c.args([
-            "bench",
-            "--compare",
-            "veth,reflect",
-            "--workloads",
-            "latency",
-            "--duration",
-            "0.5",
-            "--json",
-        ])
-        .arg(&json_path);
-        c
-    });
+    let args = [
+        "--compare",
+        "veth,reflect",
+        "--workloads",
+        "latency",
+        "--duration",
+        "0.5",
+    ];
+    let (p, doc) = run_bench(&args, 120);
     let pid = p.child.id();
-    let status = p.wait_timeout(120).expect("bench finished");
-    assert!(status.success(), "{}", p.stderr());
-    let doc: Value = serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
-    let _ = std::fs::remove_file(&json_path);
     let rows = doc["results"].as_array().unwrap();
     let labels: Vec<String> = rows
         .iter()

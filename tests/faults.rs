@@ -19,22 +19,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// The value of `key` in the namespace's `/proc/net/snmp` section `section`
-/// (e.g. "Icmp", "InDestUnreachs").
-fn snmp(ns: &Netns, section: &str, key: &str) -> u64 {
-    let out = ns.command(&["cat", "/proc/net/snmp"]).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let prefix = format!("{section}:");
-    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with(&prefix)).collect();
-    let (names, values) = (lines[0], lines[1]);
-    names
-        .split_whitespace()
-        .zip(values.split_whitespace())
-        .find(|(n, _)| *n == key)
-        .and_then(|(_, v)| v.parse().ok())
-        .unwrap_or_else(|| panic!("{section} {key} in {text}"))
-}
-
 /// CPU seconds (user + system) used so far by `pid`.
 fn cpu_secs(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -115,11 +99,12 @@ fn peer_not_running_then_starting() {
         let topo = Topology::new();
         let extra = ["--engine", engine];
         let mut a = Proc::tunfwd(&topo.a, &tunnel_args(true, &extra));
-        let unreach_before = snmp(&topo.a, "Icmp", "InDestUnreachs");
+        let unreach_before = kernel_counter(&topo.a, "/proc/net/snmp", "Icmp", "InDestUnreachs");
         // Nobody listens on b's port: the kernel there answers port
         // unreachable, and the pings fail.
         assert!(!topo.a.ping(OVERLAY_B), "{engine}: ping without a peer");
-        let unreach = snmp(&topo.a, "Icmp", "InDestUnreachs") - unreach_before;
+        let unreach =
+            kernel_counter(&topo.a, "/proc/net/snmp", "Icmp", "InDestUnreachs") - unreach_before;
         assert!(unreach >= 1, "{engine}: no ICMP port unreachable came back");
         assert!(a.child.try_wait().unwrap().is_none(), "{engine}: a exited");
         // The peer starts: traffic flows, a was never restarted.

@@ -396,13 +396,7 @@ fn measure(
         Workload::Udp { packet_len } => {
             let r = traffic::udp_flood(topo, dst, packet_len, cfg.duration, cfg.rate_pps, stop)?;
             row.seconds = r.seconds;
-            row.offered_pps = Some(r.offered as f64 / r.seconds);
-            row.delivered_pps = Some(r.delivered as f64 / r.seconds);
-            row.loss_pct = Some(if r.offered > 0 {
-                100.0 * (1.0 - r.delivered.min(r.offered) as f64 / r.offered as f64)
-            } else {
-                0.0
-            });
+            row.set_flood(&r);
             row.gbps = Some(r.delivered as f64 * packet_len as f64 * 8.0 / r.seconds / 1e9);
             row.packets = Some(r.delivered);
         }
@@ -445,13 +439,7 @@ fn measure(
                     .map_err(|_| Error::config("background load thread panicked"))??;
                 if let Some(f) = flood {
                     // What the flood offered and what got through.
-                    row.offered_pps = Some(f.offered as f64 / f.seconds);
-                    row.delivered_pps = Some(f.delivered as f64 / f.seconds);
-                    row.loss_pct = Some(if f.offered > 0 {
-                        100.0 * (1.0 - f.delivered.min(f.offered) as f64 / f.offered as f64)
-                    } else {
-                        0.0
-                    });
+                    row.set_flood(&f);
                 }
             }
             let h = &r.rtt_ns;
@@ -485,6 +473,19 @@ fn measure(
         });
     }
     Ok(row)
+}
+
+impl Row {
+    /// A UDP flood's offered and delivered rates and its loss.
+    fn set_flood(&mut self, f: &traffic::FloodResult) {
+        self.offered_pps = Some(f.offered as f64 / f.seconds);
+        self.delivered_pps = Some(f.delivered as f64 / f.seconds);
+        self.loss_pct = Some(if f.offered > 0 {
+            100.0 * (1.0 - f.delivered.min(f.offered) as f64 / f.offered as f64)
+        } else {
+            0.0
+        });
+    }
 }
 
 fn kernel_release() -> String {

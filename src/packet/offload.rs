@@ -1348,6 +1348,24 @@ mod props {
     use super::*;
     use proptest::prelude::*;
 
+    /// The virtio-net header of a TCP super-packet with `options_len` bytes
+    /// of TCP options, cut every `mss` bytes.
+    fn tcp_tso_hdr(v6: bool, options_len: usize, mss: u16) -> VirtioNetHdr {
+        let l4 = if v6 { 40 } else { 20 };
+        VirtioNetHdr {
+            flags: virtio::F_NEEDS_CSUM,
+            gso_type: if v6 {
+                virtio::GSO_TCPV6
+            } else {
+                virtio::GSO_TCPV4
+            },
+            hdr_len: (l4 + 20 + options_len) as u16,
+            gso_size: mss,
+            csum_start: l4 as u16,
+            csum_offset: 16,
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(256))]
 
@@ -1391,14 +1409,7 @@ mod props {
             let info = ip_info(&p).unwrap();
             let partial = fold_partial(pseudo_header_sum(info.src, info.dst, 6, p.len() - l4));
             p[l4 + 16..l4 + 18].copy_from_slice(&partial.to_be_bytes());
-            let hdr = VirtioNetHdr {
-                flags: virtio::F_NEEDS_CSUM,
-                gso_type: if v6 { virtio::GSO_TCPV6 } else { virtio::GSO_TCPV4 },
-                hdr_len: (l4 + 20 + options.len()) as u16,
-                gso_size: mss,
-                csum_start: l4 as u16,
-                csum_offset: 16,
-            };
+            let hdr = tcp_tso_hdr(v6, options.len(), mss);
             let mut out = vec![0u8; 70000];
             let s = split(&hdr, &p, mtu, &mut out).unwrap();
             let headers = l4 + 20 + options.len();
@@ -1458,14 +1469,7 @@ mod props {
                 (p, hdr)
             } else {
                 let p = tcp_packet(v6, seq, 0x18, options, &payload);
-                let hdr = VirtioNetHdr {
-                    flags: virtio::F_NEEDS_CSUM,
-                    gso_type: if v6 { virtio::GSO_TCPV6 } else { virtio::GSO_TCPV4 },
-                    hdr_len: (l4 + 20 + options.len()) as u16,
-                    gso_size: mss,
-                    csum_start: l4 as u16,
-                    csum_offset: 16,
-                };
+                let hdr = tcp_tso_hdr(v6, options.len(), mss);
                 (p, hdr)
             };
             let mut out = vec![0u8; 70000];

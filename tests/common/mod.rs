@@ -436,28 +436,11 @@ impl Proc {
     }
 
     fn wait_for(&mut self, needle: &str, stderr: bool) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let text = if stderr { self.stderr() } else { self.stdout() };
-            if text.contains(needle) {
-                return;
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                self.join_readers();
-                panic!(
-                    "process exited ({status}) before printing {needle:?}\nstdout:\n{}\nstderr:\n{}",
-                    self.stdout(),
-                    self.stderr()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no {needle:?} within 20 s\nstdout:\n{}\nstderr:\n{}",
-                self.stdout(),
-                self.stderr()
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
+        let what = format!("{needle:?}");
+        self.wait_until(&what, |p| {
+            let text = if stderr { p.stderr() } else { p.stdout() };
+            text.contains(needle).then_some(())
+        });
     }
 
     /// Waits (up to 20 s, a hang guard) until the latest interval stats
@@ -465,33 +448,40 @@ impl Proc {
     /// `--stats-interval`) satisfies `ready`; returns that line. Panics
     /// with the output if the process exits first.
     pub fn wait_for_stats(&mut self, what: &str, ready: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let out = self.stdout();
-            if let Some(line) = out
+        self.wait_until(&format!("a stats line with {what}"), |p| {
+            let out = p.stdout();
+            let line = out
                 .lines()
                 .rev()
-                .find(|l| l.starts_with("tunfwd: stats t="))
-            {
-                if ready(line) {
-                    return line.to_string();
-                }
+                .find(|l| l.starts_with("tunfwd: stats t="))?;
+            ready(line).then(|| line.to_string())
+        })
+    }
+
+    /// Polls `check` until it gives a value (up to 20 s, a hang guard, not
+    /// a performance bound); panics with the output if the process exits
+    /// first or the time runs out.
+    fn wait_until<T>(&mut self, what: &str, check: impl Fn(&Proc) -> Option<T>) -> T {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(v) = check(self) {
+                return v;
             }
             if let Ok(Some(status)) = self.child.try_wait() {
                 self.join_readers();
                 panic!(
-                    "process exited ({status}) while waiting for {what}\nstdout:\n{}\nstderr:\n{}",
+                    "process exited ({status}) before {what}\nstdout:\n{}\nstderr:\n{}",
                     self.stdout(),
                     self.stderr()
                 );
             }
             assert!(
                 Instant::now() < deadline,
-                "no stats line with {what} within 20 s\nstdout:\n{}\nstderr:\n{}",
+                "no {what} within 20 s\nstdout:\n{}\nstderr:\n{}",
                 self.stdout(),
                 self.stderr()
             );
-            thread::sleep(Duration::from_millis(50));
+            thread::sleep(Duration::from_millis(20));
         }
     }
 
