@@ -160,6 +160,7 @@ fn base_config(
         user: run.user,
         offload: config::Toggle::Off,
         aqm: None,
+        flow_queues: false,
         mode: config::Mode::Tun {
             allowed_src: Vec::new(),
         },
@@ -350,6 +351,7 @@ fn parse_mac(s: &str) -> Result<[u8; 6], String> {
 /// `--aqm`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum AqmArg {
+    FqCodel,
     Codel,
     Off,
 }
@@ -423,12 +425,22 @@ struct TunnelArgs {
     #[arg(long, value_enum, default_value = "auto", value_name = "on|off|auto")]
     offload: ToggleArg,
 
-    /// Queue management for packets from the peer: codel signals a standing
-    /// queue in the UDP receive buffer (CoDel, RFC 8289, on the time each
-    /// datagram waited there, from the kernel's arrival timestamps): a CE
-    /// mark on an ECN-capable packet, else a drop. off: the buffer holds
-    /// whatever queue builds. TUN mode only.
-    #[arg(long, value_enum, default_value = "codel", value_name = "codel|off")]
+    /// Queue management (TUN mode). fq-codel: tunfwd reads the TUN device
+    /// promptly into per-flow queues (a keyed hash of the inner 5-tuple),
+    /// served by deficit round robin in bytes with priority for sparse
+    /// flows (pings, DNS, ACKs leave ahead of a bulk backlog), CoDel per
+    /// flow on the time spent queued, and when no buffer is free the head
+    /// of the fattest flow is dropped before any work is spent on it
+    /// (RFC 8290); packets from the peer get CoDel on the time they waited
+    /// in the UDP receive buffer (kernel arrival timestamps). A CoDel
+    /// signal is a CE mark on an ECN-capable packet, else a drop. codel:
+    /// only the receive side's CoDel. off: FIFO, whatever queue builds.
+    #[arg(
+        long,
+        value_enum,
+        default_value = "fq-codel",
+        value_name = "fq-codel|codel|off"
+    )]
     aqm: AqmArg,
 
     /// CoDel target: the standing queue delay it tolerates, in microseconds
@@ -547,12 +559,12 @@ impl TunnelArgs {
                 AqmArg::Off => {
                     if self.aqm_target_us.is_some() || self.aqm_interval_us.is_some() {
                         return Err(Error::config(
-                            "--aqm-target-us and --aqm-interval-us apply to --aqm codel only",
+                            "--aqm-target-us and --aqm-interval-us apply to --aqm fq-codel or codel only",
                         ));
                     }
                     None
                 }
-                AqmArg::Codel => {
+                AqmArg::FqCodel | AqmArg::Codel => {
                     let d = crate::aqm::CodelParams::default();
                     Some(crate::aqm::CodelParams {
                         target: self
@@ -566,6 +578,7 @@ impl TunnelArgs {
                     })
                 }
             },
+            flow_queues: self.aqm == AqmArg::FqCodel,
             sndbuf: self.sndbuf,
             rcvbuf: self.rcvbuf,
             uring: config::UringFlags {

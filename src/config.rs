@@ -311,8 +311,11 @@ pub struct TunnelConfig {
     /// What moves: IP packets, Ethernet frames in VXLAN, or reflected
     /// packets; with the options that only make sense for that mode.
     pub mode: Mode,
-    /// CoDel on datagrams from the peer (`--aqm codel`); None: off.
+    /// CoDel's parameters (`--aqm fq-codel` or `codel`); None: off.
     pub aqm: Option<crate::aqm::CodelParams>,
+    /// `--aqm fq-codel`: TUN reads also go through flow queues with CoDel
+    /// per flow (TUN mode); else CoDel acts on datagrams from the peer only.
+    pub flow_queues: bool,
     /// Drop to this user (and group) once devices and sockets are set up.
     pub user: Option<UserSpec>,
 }
@@ -628,6 +631,7 @@ mod tests {
                 allowed_src: Vec::new(),
             },
             aqm: None,
+            flow_queues: false,
             user: None,
         }
     }

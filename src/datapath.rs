@@ -290,6 +290,35 @@ pub struct Datapath {
     aqm_pending: bool,
     /// What one visit to a direction may take.
     limits: VisitLimits,
+    /// Flow queueing with CoDel of TUN reads (`--aqm fq-codel`): its
+    /// parameters, and the queues once the engine said how many buffers
+    /// it has ([`Datapath::attach_tx_buffers`]).
+    fq_params: Option<crate::aqm::CodelParams>,
+    txq: Option<TxQueue>,
+    /// The flow queues' clock: ns since this instant.
+    epoch: std::time::Instant,
+}
+
+/// Bytes of dequeued TUN reads whose sends may be unfinished at once (a
+/// fixed BQL): four 64 KiB super-packets keep the socket busy; the rest
+/// waits in the flow queues, where a sparse flow can pass it.
+pub const TX_IN_FLIGHT_BYTES: usize = 256 * 1024;
+
+/// The TUN side's flow queues (see [`crate::fq`]).
+#[derive(Debug)]
+struct TxQueue {
+    q: crate::fq::FlowQueues,
+    keys: std::collections::hash_map::RandomState,
+    /// Bytes and buffers dequeued that the engine has not handed back.
+    in_flight: usize,
+    in_flight_buffers: usize,
+    /// The engine's TUN-side buffers.
+    buffers: usize,
+    /// Since when every buffer has been queued or in flight each time a
+    /// read landed: the device's ring holds a standing queue.
+    full_since: Option<u64>,
+    /// How long that may last before it is overload (CoDel's interval).
+    overload_after_ns: u64,
 }
 
 /// Which way work moves packets.
@@ -361,6 +390,9 @@ impl Datapath {
             aqm: None,
             aqm_pending: false,
             limits: VisitLimits::default(),
+            fq_params: None,
+            txq: None,
+            epoch: std::time::Instant::now(),
         }
     }
 
@@ -409,6 +441,144 @@ impl Datapath {
             .filter(|_| self.fwd.carries_ip())
             .map(crate::aqm::Codel::new);
         self
+    }
+
+    /// Queues TUN reads per flow with CoDel `params` (TUN mode only: the
+    /// packets must be IP to be told apart and marked), once the engine
+    /// attaches its buffers.
+    pub fn with_flow_queues(mut self, params: Option<crate::aqm::CodelParams>) -> Self {
+        self.fq_params = params.filter(|_| self.fwd.carries_ip());
+        self
+    }
+
+    /// True if flow queueing was asked for (the engine then sizes its TUN
+    /// side's buffers for the queues and attaches them).
+    pub fn flow_queueing_requested(&self) -> bool {
+        self.fq_params.is_some()
+    }
+
+    /// The engine reads the TUN device into `buffers` buffers, numbered
+    /// from 0: with flow queueing on, they are what the queues hold.
+    pub fn attach_tx_buffers(&mut self, buffers: usize) {
+        self.txq = self.fq_params.map(|p| TxQueue {
+            q: crate::fq::FlowQueues::new(buffers, p),
+            keys: Default::default(),
+            in_flight: 0,
+            in_flight_buffers: 0,
+            buffers,
+            full_since: None,
+            overload_after_ns: p.interval.as_nanos() as u64,
+        });
+    }
+
+    /// The flow queues' clock (monotonic ns).
+    pub fn clock_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    /// True if TUN reads go through the flow queues: the engine queues
+    /// each read ([`Datapath::tx_enqueue`]) and sends what
+    /// [`Datapath::tx_next`] hands out ([`Datapath::handle_dequeued`]).
+    pub fn flow_queueing(&self) -> bool {
+        self.txq.is_some()
+    }
+
+    /// Packets in the flow queues.
+    pub fn tx_queued(&self) -> usize {
+        self.txq.as_ref().map_or(0, |t| t.q.len())
+    }
+
+    /// Where a TUN read of `len` bytes (behind the headroom) has its IP
+    /// packet: behind the virtio-net header with offload.
+    fn read_packet_range(&self, len: usize) -> Range<usize> {
+        let head = self.read_headroom();
+        let off = if self.offload { READ_PAYLOAD_OFFSET } else { 0 };
+        (head + off).min(head + len)..head + len
+    }
+
+    /// A TUN read of `len` bytes landed in buffer `id` (`read`, headroom
+    /// included) at `now_ns`: queue it by flow. The buffer is the queue's
+    /// until [`Datapath::tx_next`] or [`Datapath::tx_overload`] hands it
+    /// back.
+    pub fn tx_enqueue(&mut self, id: u32, read: &[u8], len: usize, now_ns: u64) {
+        let len = len.min(read.len().saturating_sub(self.read_headroom()));
+        let pkt = &read[self.read_packet_range(len)];
+        let Some(t) = &mut self.txq else { return };
+        let hash = crate::fq::flow_hash(&t.keys, pkt);
+        let can_signal = !crate::aqm::is_tcp_without_data(pkt);
+        t.q.enqueue(id, hash, len, can_signal, now_ns);
+        self.stats.tun_to_peer.queue_max.record(t.q.len() as u64);
+        if t.q.len() + t.in_flight_buffers >= t.buffers {
+            t.full_since.get_or_insert(now_ns);
+        } else {
+            t.full_since = None;
+        }
+    }
+
+    /// The next queued read to send at `now_ns` (new flows first, by
+    /// bytes), unless [`TX_IN_FLIGHT_BYTES`] are already on their way.
+    /// Hand its buffer and the [`crate::fq::Dequeued`] to
+    /// [`Datapath::handle_dequeued`], and call [`Datapath::tx_done`] once
+    /// the buffer is free again.
+    pub fn tx_next(&mut self, now_ns: u64) -> Option<crate::fq::Dequeued> {
+        let t = self.txq.as_mut()?;
+        if t.in_flight >= TX_IN_FLIGHT_BYTES {
+            return None;
+        }
+        let d = t.q.dequeue(now_ns)?;
+        t.in_flight += d.bytes;
+        t.in_flight_buffers += 1;
+        self.stats.tun_to_peer.queue_delay.record(d.sojourn_ns);
+        Some(d)
+    }
+
+    /// The buffer of a dequeued read is free again (sent, or dropped).
+    pub fn tx_done(&mut self, d: &crate::fq::Dequeued) {
+        if let Some(t) = &mut self.txq {
+            t.in_flight = t.in_flight.saturating_sub(d.bytes);
+            t.in_flight_buffers = t.in_flight_buffers.saturating_sub(1);
+        }
+    }
+
+    /// No buffer is free for the next TUN read at `now_ns`. A burst: None,
+    /// the device's ring holds the rest until buffers come back. Overload
+    /// (every read for a whole CoDel interval found the buffers full: the
+    /// ring holds a standing queue, in FIFO order, where a ping would wait
+    /// behind it): drops the head of the flow with the most bytes queued,
+    /// counted as `overload`, and returns its buffer for the next read,
+    /// so the device is read promptly and no work is spent on what is
+    /// dropped.
+    pub fn tx_make_room(&mut self, now_ns: u64) -> Option<u32> {
+        let t = self.txq.as_mut()?;
+        let since = t.full_since?;
+        if now_ns.saturating_sub(since) < t.overload_after_ns {
+            return None;
+        }
+        let id = t.q.drop_fattest()?;
+        self.stats.tun_to_peer.drop(DropReason::Overload);
+        Some(id)
+    }
+
+    /// What a dequeued read (`d`, in `read`) becomes: CoDel's signal
+    /// carried out first (a CE mark on an ECN-capable packet, else the
+    /// packet is dropped and counted as `aqm`), then as
+    /// [`Datapath::handle_tun_read`].
+    pub fn handle_dequeued(
+        &mut self,
+        read: &mut [u8],
+        d: &crate::fq::Dequeued,
+        split: &mut [u8],
+    ) -> TunAction {
+        if d.signal {
+            let r = self.read_packet_range(d.bytes);
+            if crate::aqm::mark_ce(&mut read[r]) {
+                self.stats.aqm_marks.add(1);
+            } else {
+                self.stats.tun_to_peer.drop(DropReason::Aqm);
+                return TunAction::Dropped;
+            }
+        }
+        self.handle_tun_read(read, d.bytes, split)
     }
 
     /// Turns the AQM off (the kernel gives no arrival timestamps).

@@ -74,10 +74,14 @@ pub enum DropReason {
     /// CoDel found it in a standing queue and it could not carry an ECN
     /// mark: dropped to tell its sender to slow down.
     Aqm,
+    /// tunfwd could not keep up: its flow queues had no free buffer for
+    /// the next TUN read, and the head of the flow with the most bytes
+    /// queued was dropped (before any work was spent on it).
+    Overload,
 }
 
 impl DropReason {
-    pub const COUNT: usize = 16;
+    pub const COUNT: usize = 17;
     pub const ALL: [DropReason; DropReason::COUNT] = [
         DropReason::Empty,
         DropReason::Truncated,
@@ -95,6 +99,7 @@ impl DropReason {
         DropReason::SourceNotAllowed,
         DropReason::BadChecksum,
         DropReason::Aqm,
+        DropReason::Overload,
     ];
 
     /// Stable snake_case name used in stats output.
@@ -116,6 +121,7 @@ impl DropReason {
             DropReason::SourceNotAllowed => "source_not_allowed",
             DropReason::BadChecksum => "bad_checksum",
             DropReason::Aqm => "aqm",
+            DropReason::Overload => "overload",
         }
     }
 

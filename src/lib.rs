@@ -62,6 +62,7 @@ pub mod device;
 pub mod engine;
 pub mod error;
 pub mod forward;
+pub mod fq;
 pub mod fuzz;
 #[cfg(target_os = "linux")]
 pub mod netlink;

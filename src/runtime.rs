@@ -246,6 +246,7 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
             udp,
             datapath: Datapath::new(label, forwarder, stats, offload)
                 .with_aqm(cfg.aqm)
+                .with_flow_queues(cfg.aqm.filter(|_| cfg.flow_queues))
                 .with_visit_limits(VisitLimits {
                     packets: cfg.batch,
                     bytes: cfg.visit_bytes,

@@ -119,6 +119,9 @@ pub struct DirectionStats {
     /// reader took them: the UDP receive buffer, from the kernel's arrival
     /// timestamp (peer to TUN, when timestamps are on).
     pub queue_delay: Durations,
+    /// TUN to peer with flow queueing: the most packets tunfwd's own
+    /// queue held at once.
+    pub queue_max: Max,
     drops: [Counter; DropReason::COUNT],
 }
 
@@ -145,6 +148,7 @@ impl DirectionStats {
             backpressure: self.backpressure.get(),
             visits: self.visits.snapshot(),
             queue_delay: self.queue_delay.snapshot(),
+            queue_max: self.queue_max.get(),
             drops,
         }
     }
@@ -211,6 +215,7 @@ pub struct DirectionSnapshot {
     pub backpressure: u64,
     pub visits: DurationSnapshot,
     pub queue_delay: DurationSnapshot,
+    pub queue_max: u64,
     pub drops: [u64; DropReason::COUNT],
 }
 
@@ -229,6 +234,7 @@ impl DirectionSnapshot {
         self.backpressure += o.backpressure;
         self.visits.add(&o.visits);
         self.queue_delay.add(&o.queue_delay);
+        self.queue_max = self.queue_max.max(o.queue_max);
         for (a, b) in self.drops.iter_mut().zip(&o.drops) {
             *a += b;
         }
@@ -325,6 +331,9 @@ fn write_direction(out: &mut String, name: &str, d: &DirectionSnapshot) {
             d.queue_delay.max_us()
         );
     }
+    if d.queue_max > 0 {
+        let _ = write!(out, " queue_max={}", d.queue_max);
+    }
 }
 
 impl fmt::Display for WorkerSnapshot {
@@ -344,7 +353,8 @@ impl fmt::Display for WorkerSnapshot {
             " | syscalls={} syscalls_per_packet={per_packet:.2} waits={} io_errors={} peer_unreachable={} pool_exhausted={}",
             self.syscalls, self.waits, self.io_errors, self.peer_unreachable, self.pool_exhausted
         );
-        let aqm_drops = self.peer_to_tun.drops_for(DropReason::Aqm);
+        let aqm_drops = self.peer_to_tun.drops_for(DropReason::Aqm)
+            + self.tun_to_peer.drops_for(DropReason::Aqm);
         if self.aqm_marks + aqm_drops > 0 {
             let _ = write!(s, " | aqm_marks={} aqm_drops={aqm_drops}", self.aqm_marks);
         }

@@ -116,3 +116,8 @@ fn fuzz_virtio_header() {
 fn fuzz_split_coalesce() {
     fuzz("split_coalesce", tunfwd::fuzz::split_coalesce);
 }
+
+#[test]
+fn fuzz_flow_queues() {
+    fuzz("flow_queues", tunfwd::fuzz::flow_queues);
+}

@@ -189,6 +189,7 @@ fn nothing_lost_below_capacity() {
             got.out_of_order
         );
         let out = b.stdout();
+        let out_a = a.stdout();
         let aqm = stat(&out, "summary total", "aqm") - aqm_before;
         eprintln!("{engine}: CoDel dropped {aqm} while the numbered datagrams ran");
         assert_eq!(sent, per_flow * FLOWS as u64);
@@ -196,7 +197,7 @@ fn nothing_lost_below_capacity() {
         assert_eq!(
             got.total + aqm,
             sent,
-            "{engine}: lost {} with {aqm} counted by CoDel\n{out}",
+            "{engine}: lost {} with {aqm} counted by CoDel\nsender: {out_a}\nreceiver: {out}",
             sent - got.total.min(sent)
         );
         assert!(

@@ -24,6 +24,7 @@ use crate::datapath::{
 };
 use crate::engine::{Shutdown, WorkerParts, send_addr};
 use crate::error::{Error, Result};
+use crate::fq::Dequeued;
 use crate::packet::offload::{Coalescer, MAX_WRITE_PIECES};
 
 /// One worker: a TUN queue, a UDP socket, and the datapath between them.
@@ -40,18 +41,30 @@ pub struct PollWorker {
     inb: Inbound,
 }
 
-/// TUN to peer: the read buffer, the split buffer, and what waits for room.
+/// TUN to peer: the read buffers, the split buffer, and what waits for
+/// room. Without flow queueing one buffer (0) takes each read, handled at
+/// once; with it, the buffers are the flow queues' pool: `free` ones take
+/// reads, queued ones wait in the datapath's queues.
 struct Outbound {
-    read: Vec<u8>,
+    bufs: Vec<Vec<u8>>,
+    free: Vec<u32>,
     split: Vec<u8>,
     held: Option<OutHeld>,
 }
 
+/// A read being sent: from buffer 0, or a dequeued read of the flow queues.
+type Taken = Option<Dequeued>;
+
+fn buffer_of(t: &Taken) -> usize {
+    t.map_or(0, |d| d.id as usize)
+}
+
 enum OutHeld {
     /// Datagrams waiting for room in the socket.
-    Send(TxPlan),
-    /// A reflected packet (bytes of `read`) waiting for room in the TUN queue.
-    Reflect(Range<usize>),
+    Send(Taken, TxPlan),
+    /// A reflected packet (bytes of its buffer) waiting for room in the
+    /// TUN queue.
+    Reflect(Taken, Range<usize>),
 }
 
 /// Peer to TUN: the receive buffer, the coalescer, and what waits for room.
@@ -89,8 +102,22 @@ impl PollWorker {
             .local_addr()
             .map_err(|e| Error::io(format!("query address of UDP socket for {}", dp.label()), e))?;
         let peer = send_addr(local, dp.forwarder().peer());
+        // With flow queueing, as many TUN-side buffers as the io_uring
+        // engine has by default (each holds one queued read).
+        let mut dp = dp;
+        let buffers = if !dp.flow_queueing_requested() {
+            1
+        } else if dp.offload() {
+            crate::config::DEFAULT_BUFFERS_OFFLOAD / 2
+        } else {
+            crate::config::DEFAULT_BUFFERS / 2
+        } as usize;
+        dp.attach_tx_buffers(buffers);
         let out = Outbound {
-            read: vec![0u8; dp.read_headroom() + dp.max_read_len()],
+            bufs: (0..buffers)
+                .map(|_| vec![0u8; dp.read_headroom() + dp.max_read_len()])
+                .collect(),
+            free: (0..buffers as u32).rev().collect(),
             split: vec![0u8; if dp.offload() { SPLIT_LEN } else { 0 }],
             held: None,
         };
@@ -121,9 +148,11 @@ impl PollWorker {
             let mut udp_events = PollFlags::empty();
             match self.out.held {
                 None => tun_events |= PollFlags::POLLIN,
-                Some(OutHeld::Send(_)) => udp_events |= PollFlags::POLLOUT,
-                Some(OutHeld::Reflect(_)) => tun_events |= PollFlags::POLLOUT,
+                Some(OutHeld::Send(..)) => udp_events |= PollFlags::POLLOUT,
+                Some(OutHeld::Reflect(..)) => tun_events |= PollFlags::POLLOUT,
             }
+            // Queued reads to send: look, don't sleep.
+            let queued = self.out.held.is_none() && self.dp.tx_queued() > 0;
             match self.inb.held {
                 None => udp_events |= PollFlags::POLLIN,
                 Some(_) => tun_events |= PollFlags::POLLOUT,
@@ -135,7 +164,7 @@ impl PollWorker {
             ];
             let stats = self.dp.stats();
             stats.syscalls.add(1);
-            let timeout = if self.busy_poll {
+            let timeout = if self.busy_poll || queued {
                 PollTimeout::ZERO
             } else {
                 stats.waits.add(1);
@@ -171,8 +200,8 @@ impl PollWorker {
 
             // Retry what the destinations refused last time, then read more.
             let out_ready = match self.out.held {
-                Some(OutHeld::Send(_)) => udp_out,
-                Some(OutHeld::Reflect(_)) => tun_out,
+                Some(OutHeld::Send(..)) => udp_out,
+                Some(OutHeld::Reflect(..)) => tun_out,
                 None => false,
             };
             if out_ready {
@@ -181,8 +210,8 @@ impl PollWorker {
             if self.inb.held.is_some() && tun_out {
                 self.retry_inbound()?;
             }
-            if tun_in && self.out.held.is_none() {
-                self.drain_tun()?;
+            if (tun_in || self.dp.tx_queued() > 0) && self.out.held.is_none() {
+                self.drain_tun(tun_in)?;
             }
             if udp_in && self.inb.held.is_none() {
                 self.drain_udp()?;
@@ -193,8 +222,8 @@ impl PollWorker {
 
     fn retry_outbound(&mut self) -> Result<()> {
         match self.out.held.take() {
-            Some(OutHeld::Send(plan)) => self.send_plan(plan),
-            Some(OutHeld::Reflect(range)) => self.reflect(range),
+            Some(OutHeld::Send(t, plan)) => self.send_plan(t, plan),
+            Some(OutHeld::Reflect(t, range)) => self.reflect(t, range),
             None => Ok(()),
         }
     }
@@ -207,13 +236,20 @@ impl PollWorker {
         }
     }
 
-    /// One visit: reads from the TUN queue within the visit limits and does
-    /// what the datapath says with each; stops early when a destination is
-    /// full.
-    fn drain_tun(&mut self) -> Result<()> {
+    /// One visit to the TUN side (`readable`: poll said the TUN queue has
+    /// packets): within the visit limits, reads and does what the datapath
+    /// says with each, or with flow queueing, reads what the device holds
+    /// into the queues and sends what they hand out; stops early when the
+    /// socket is full.
+    fn drain_tun(&mut self, readable: bool) -> Result<()> {
         let head = self.dp.read_headroom();
         let mut visit = self.dp.begin_visit(Direction::TunToPeer);
-        let r = self.drain_tun_visit(head, &mut visit);
+        let r = if self.dp.flow_queueing() {
+            self.fill_queues(head, readable)
+                .and_then(|()| self.send_queued(&mut visit))
+        } else {
+            self.drain_tun_visit(head, &mut visit)
+        };
         self.dp.end_visit(visit);
         r
     }
@@ -221,7 +257,7 @@ impl PollWorker {
     fn drain_tun_visit(&mut self, head: usize, visit: &mut Visit) -> Result<()> {
         while visit.has_room() {
             self.dp.stats().syscalls.add(1);
-            let len = match errno_of(self.tun.read(&mut self.out.read[head..])) {
+            let len = match errno_of(self.tun.read(&mut self.out.bufs[0][head..])) {
                 Ok(n) => n,
                 Err(Errno::EAGAIN) => return Ok(()),
                 Err(e) => {
@@ -233,10 +269,10 @@ impl PollWorker {
             visit.took(len);
             match self
                 .dp
-                .handle_tun_read(&mut self.out.read, len, &mut self.out.split)
+                .handle_tun_read(&mut self.out.bufs[0], len, &mut self.out.split)
             {
-                TunAction::Send(plan) => self.send_plan(plan)?,
-                TunAction::Reflect(range) => self.reflect(range)?,
+                TunAction::Send(plan) => self.send_plan(None, plan)?,
+                TunAction::Reflect(range) => self.reflect(None, range)?,
                 TunAction::Dropped => {}
             }
             if self.out.held.is_some() {
@@ -246,22 +282,84 @@ impl PollWorker {
         Ok(())
     }
 
-    /// Sends what is left of `plan`; holds it if the socket fills up.
-    fn send_plan(&mut self, mut plan: TxPlan) -> Result<()> {
+    /// Flow queueing: reads what the TUN queue holds, up to `--batch` reads,
+    /// into free buffers and queues each by flow, so the device's FIFO ring
+    /// only absorbs bursts. With no buffer free, the rest stays in the
+    /// device, unless that has lasted so long that it is overload: then
+    /// the fattest flow's head is dropped to make room.
+    fn fill_queues(&mut self, head: usize, readable: bool) -> Result<()> {
+        if !readable {
+            return Ok(());
+        }
+        for _ in 0..self.dp.visit_limits().packets {
+            let free = self.out.free.pop();
+            let Some(id) = free.or_else(|| self.dp.tx_make_room(self.dp.clock_ns())) else {
+                return Ok(());
+            };
+            self.dp.stats().syscalls.add(1);
+            let buf = &mut self.out.bufs[id as usize];
+            match errno_of(self.tun.read(&mut buf[head..])) {
+                Ok(len) => {
+                    let now = self.dp.clock_ns();
+                    self.dp.tx_enqueue(id, buf, len, now);
+                }
+                Err(e) => {
+                    self.out.free.push(id);
+                    if e == Errno::EAGAIN {
+                        return Ok(());
+                    }
+                    self.dp.on_tun_read_error(e)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Flow queueing: sends what the queues hand out, within the visit
+    /// limits; stops early when the socket is full.
+    fn send_queued(&mut self, visit: &mut Visit) -> Result<()> {
+        while visit.has_room() && self.out.held.is_none() {
+            let now = self.dp.clock_ns();
+            let Some(d) = self.dp.tx_next(now) else {
+                return Ok(());
+            };
+            visit.took(d.bytes);
+            let buf = &mut self.out.bufs[d.id as usize];
+            match self.dp.handle_dequeued(buf, &d, &mut self.out.split) {
+                TunAction::Send(plan) => self.send_plan(Some(d), plan)?,
+                TunAction::Reflect(range) => self.reflect(Some(d), range)?,
+                TunAction::Dropped => self.release(Some(d)),
+            }
+        }
+        Ok(())
+    }
+
+    /// A read's buffer is done with: back to the free ones.
+    fn release(&mut self, t: Taken) {
+        if let Some(d) = t {
+            self.dp.tx_done(&d);
+            self.out.free.push(d.id);
+        }
+    }
+
+    /// Sends what is left of `plan` (of the read `t`); holds it if the
+    /// socket fills up.
+    fn send_plan(&mut self, t: Taken, mut plan: TxPlan) -> Result<()> {
         let mut iov = [IoSlice::new(&[]); MAX_GATHER_PIECES];
+        let read = &self.out.bufs[buffer_of(&t)];
         while let Some(send) = self.dp.next_send(&plan) {
             // One slice of the read buffer, or each datagram's headers (in
             // the split buffer) and payload (in the read buffer).
             let n = match plan.buf {
                 TxBuf::Read => {
-                    iov[0] = IoSlice::new(&self.out.read[send.range.clone()]);
+                    iov[0] = IoSlice::new(&read[send.range.clone()]);
                     1
                 }
                 TxBuf::Gather(_) => {
                     let mut n = 0;
                     for (h, p) in plan.pieces(&send) {
                         iov[n] = IoSlice::new(&self.out.split[h]);
-                        iov[n + 1] = IoSlice::new(&self.out.read[p]);
+                        iov[n + 1] = IoSlice::new(&read[p]);
                         n += 2;
                     }
                     n
@@ -270,20 +368,23 @@ impl PollWorker {
             self.dp.stats().syscalls.add(1);
             let res = crate::platform::send_gather(&self.udp, &iov[..n], send.gso_size, self.peer);
             if self.dp.on_send(&mut plan, &send, res) == After::Retry {
-                self.out.held = Some(OutHeld::Send(plan));
+                self.out.held = Some(OutHeld::Send(t, plan));
                 return Ok(());
             }
         }
+        self.release(t);
         Ok(())
     }
 
     /// Writes a reflected packet back into the TUN queue; holds it if full.
-    fn reflect(&mut self, range: Range<usize>) -> Result<()> {
+    fn reflect(&mut self, t: Taken, range: Range<usize>) -> Result<()> {
         let info = WriteInfo::plain(range.len());
         self.dp.stats().syscalls.add(1);
-        let res = errno_of(self.tun.write(&self.out.read[range.clone()]));
+        let res = errno_of(self.tun.write(&self.out.bufs[buffer_of(&t)][range.clone()]));
         if self.dp.on_tun_write(&info, res)? == After::Retry {
-            self.out.held = Some(OutHeld::Reflect(range));
+            self.out.held = Some(OutHeld::Reflect(t, range));
+        } else {
+            self.release(t);
         }
         Ok(())
     }

@@ -93,3 +93,15 @@ write("split_coalesce", "tso6", virtio(1, 4, 60, 1000, 40, 16) + mtu_field(1400)
 write("split_coalesce", "uso4", virtio(1, 5, 28, 1000, 20, 6) + mtu_field(1400) + ipv4(17, udp(payload)))
 write("split_coalesce", "csum-only", virtio(1, 0, 0, 0, 20, 16) + mtu_field(1400) + ipv4(6, tcp(b"abc" * 100)))
 write("split_coalesce", "plain", virtio(0, 0, 0, 0, 0, 0) + mtu_field(1400) + v4udp)
+
+# flow_queues: 4-byte operations (enqueue, dequeue, overload drop, clock),
+# then read by the datapath half as (op, length, packet) records.
+ops = b"".join(bytes([0, f, 5, 220]) for f in range(8)) + bytes([1, 3, 0, 0]) * 4 + bytes([2, 0, 0, 0]) * 3
+write("flow_queues", "enqueue-dequeue-drop", ops + bytes([3, 40, 1, 0]) + bytes([1, 200, 0, 0]) * 6)
+ect_tcp = ipv4(6, tcp(b"d" * 60))
+ect_tcp = ect_tcp[:1] + b"\x02" + ect_tcp[2:10] + struct.pack("!H", 0) + ect_tcp[12:]
+ect_tcp = ect_tcp[:10] + struct.pack("!H", csum(ect_tcp[:20])) + ect_tcp[20:]
+records = b"".join(bytes([op, len(p)]) + p for op, p in [(0, ect_tcp)] * 6 + [(1, ect_tcp), (250, ect_tcp), (4, v4udp)] * 20)
+write("flow_queues", "ect-tcp-standing-queue", records)
+write("flow_queues", "udp-and-acks", b"".join(bytes([3, len(p)]) + p for p in [v4udp, ipv4(6, tcp(b""))] * 30))
+write("flow_queues", "clock-jumps", b"".join(bytes([op, 40]) + ipv4(17, udp(b"p" * 12)) for op in [0, 255, 3, 128, 1, 2] * 10))

@@ -38,6 +38,9 @@ const COALESCE_WANT: usize = 32;
 /// ...but no longer than this.
 const COALESCE_WAIT_NS: u32 = 50_000;
 
+/// Buffers freed at once in overload (see `pump_queues`).
+const OVERLOAD_ROOM: usize = 8;
+
 /// Registered-file slots.
 const TUN_SLOT: u32 = 0;
 const UDP_SLOT: u32 = 1;
@@ -93,6 +96,9 @@ struct TxSlot {
     send: Option<TxSend>,
     /// Reflect mode: the answer being written back.
     reflect: Option<Range<usize>>,
+    /// Flow queueing: the dequeued read this buffer holds, handed back to
+    /// the datapath when the buffer is recycled.
+    taken: Option<crate::fq::Dequeued>,
     /// Order of that write among all TUN writes.
     seq: u64,
 }
@@ -168,11 +174,13 @@ impl UringWorker {
         let WorkerParts {
             tun,
             udp,
-            datapath: dp,
+            datapath: mut dp,
             shutdown,
             busy_poll,
         } = parts;
         let batch = dp.visit_limits().packets;
+        // The TUN buffers (0..per_group) are what the flow queues hold.
+        dp.attach_tx_buffers((plan.opts.buffers / 2) as usize);
         let tun = tun.into_file();
         let label = dp.label().to_string();
         // io_uring waits for room itself (internal poll) when a send would
@@ -253,6 +261,7 @@ impl UringWorker {
                     plan: None,
                     send: None,
                     reflect: None,
+                    taken: None,
                     seq: 0,
                 })
                 .collect(),
@@ -507,6 +516,13 @@ impl UringWorker {
     /// reader.
     fn recycle(&mut self, bid: u16) -> Result<()> {
         self.owners.set(bid, Owner::Engine, Owner::Free);
+        if let Some(d) = self
+            .tx
+            .get_mut(usize::from(bid))
+            .and_then(|slot| slot.taken.take())
+        {
+            self.dp.tx_done(&d);
+        }
         let (ptr, len) = self.read_area(bid);
         let tun = self.is_tun_buf(bid);
         let reads = if tun {
@@ -732,6 +748,9 @@ impl UringWorker {
                     }
                     self.complete(ud, res, flags)?;
                 }
+                if dir == Direction::TunToPeer {
+                    self.pump_queues()?;
+                }
                 // TUN writes wait for the end of the pass
                 // (submit_direct_writes): a write refused with EAGAIN must
                 // be reaped before any later write is submitted, or the
@@ -864,9 +883,68 @@ impl UringWorker {
         self.rearm_reads(true, flags)
     }
 
-    /// `len` bytes read from the TUN into `bid`: send, reflect or drop.
+    /// `len` bytes read from the TUN into `bid`: queued by flow (sent when
+    /// [`UringWorker::pump_queues`] dequeues it), or at once: send,
+    /// reflect or drop.
     fn handle_tun_read(&mut self, bid: u16, len: usize) -> Result<()> {
+        if self.dp.flow_queueing() {
+            // SAFETY: the read completed and the engine owns the buffer;
+            // this shared view ends with the call.
+            let read = unsafe { buffer(self.pool.ptr, self.plan.buf_len, bid) };
+            let now = self.dp.clock_ns();
+            self.dp.tx_enqueue(u32::from(bid), read, len, now);
+            return Ok(());
+        }
+        self.act_on_read(bid, len, None)
+    }
+
+    /// Flow queueing: sends what the queues hand out (until the datapath's
+    /// bytes in flight are reached or they are empty); then, if no TUN
+    /// buffer is left for the next read and the datapath calls it
+    /// overload, drops from the fattest flow (up to a few buffers, so
+    /// reads keep up) so the device is still read promptly.
+    fn pump_queues(&mut self) -> Result<()> {
+        if !self.dp.flow_queueing() || self.stopping {
+            return Ok(());
+        }
+        loop {
+            let now = self.dp.clock_ns();
+            let Some(d) = self.dp.tx_next(now) else { break };
+            let Ok(bid) = u16::try_from(d.id) else { break };
+            self.act_on_read(bid, d.bytes, Some(d))?;
+        }
+        if self.tun_buffers_free() == 0 {
+            let now = self.dp.clock_ns();
+            for _ in 0..OVERLOAD_ROOM {
+                let Some(id) = self.dp.tx_make_room(now) else {
+                    break;
+                };
+                let Ok(bid) = u16::try_from(id) else { break };
+                self.recycle(bid)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// TUN buffers ready for the next read.
+    fn tun_buffers_free(&self) -> u32 {
+        if self.tun_reads.multishot() {
+            self.tun_reads.ring_avail
+        } else {
+            self.tun_reads.free.len() as u32 + self.tun_reads.armed
+        }
+    }
+
+    /// The read of `len` bytes in TUN buffer `bid` (dequeued as `taken`
+    /// with flow queueing): send, reflect or drop.
+    fn act_on_read(
+        &mut self,
+        bid: u16,
+        len: usize,
+        taken: Option<crate::fq::Dequeued>,
+    ) -> Result<()> {
         let i = usize::from(bid);
+        self.tx[i].taken = taken;
         // SAFETY: the read completed and the engine owns the buffer; the
         // split area of `bid` belongs to this buffer alone.
         let (read, split) = unsafe {
@@ -878,7 +956,11 @@ impl UringWorker {
                 },
             )
         };
-        match self.dp.handle_tun_read(read, len, split) {
+        let action = match &taken {
+            Some(d) => self.dp.handle_dequeued(read, d, split),
+            None => self.dp.handle_tun_read(read, len, split),
+        };
+        match action {
             TunAction::Send(plan) => {
                 self.tx[i].plan = Some(plan);
                 self.submit_send(bid)
