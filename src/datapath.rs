@@ -56,7 +56,7 @@ use crate::error::{Error, Result};
 use crate::forward::{DropReason, Forwarder, PeerVerdict, TunVerdict};
 use crate::packet::offload::{self, Coalescer};
 use crate::packet::virtio::{self, VirtioNetHdr};
-use crate::stats::WorkerStats;
+use crate::stats::{DirectionStats, WorkerStats};
 
 /// Most datagrams one UDP GSO send may carry (the kernel's UDP_MAX_SEGMENTS
 /// on older kernels).
@@ -294,31 +294,98 @@ pub struct Datapath {
     /// parameters, and the queues once the engine said how many buffers
     /// it has ([`Datapath::attach_tx_buffers`]).
     fq_params: Option<crate::aqm::CodelParams>,
-    txq: Option<TxQueue>,
+    txq: Option<FlowQueue>,
+    /// The same for receives from the peer (their clock is the wall
+    /// clock of the kernel's arrival timestamps).
+    rxq: Option<FlowQueue>,
     /// The flow queues' clock: ns since this instant.
     epoch: std::time::Instant,
 }
 
-/// Bytes of dequeued TUN reads whose sends may be unfinished at once (a
-/// fixed BQL): four 64 KiB super-packets keep the socket busy; the rest
-/// waits in the flow queues, where a sparse flow can pass it.
-pub const TX_IN_FLIGHT_BYTES: usize = 256 * 1024;
+/// Bytes dequeued from one side's flow queues whose sends or TUN writes
+/// may be unfinished at once (a fixed BQL): four 64 KiB super-packets keep
+/// the destination busy; the rest waits in the flow queues, where a sparse
+/// flow can pass it.
+pub const IN_FLIGHT_BYTES: usize = 256 * 1024;
 
-/// The TUN side's flow queues (see [`crate::fq`]).
+/// One side's flow queues (see [`crate::fq`]) over the engine's buffers
+/// of that side, with what is in flight and the overload state.
 #[derive(Debug)]
-struct TxQueue {
+struct FlowQueue {
     q: crate::fq::FlowQueues,
     keys: std::collections::hash_map::RandomState,
     /// Bytes and buffers dequeued that the engine has not handed back.
     in_flight: usize,
     in_flight_buffers: usize,
-    /// The engine's TUN-side buffers.
+    /// The engine's buffers of this side.
     buffers: usize,
     /// Since when every buffer has been queued or in flight each time a
-    /// read landed: the device's ring holds a standing queue.
+    /// packet landed: the kernel's queue in front holds a standing queue.
     full_since: Option<u64>,
     /// How long that may last before it is overload (CoDel's interval).
     overload_after_ns: u64,
+}
+
+impl FlowQueue {
+    fn new(buffers: usize, p: crate::aqm::CodelParams) -> FlowQueue {
+        FlowQueue {
+            q: crate::fq::FlowQueues::new(buffers, p),
+            keys: Default::default(),
+            in_flight: 0,
+            in_flight_buffers: 0,
+            buffers,
+            full_since: None,
+            overload_after_ns: p.interval.as_nanos() as u64,
+        }
+    }
+
+    /// Queues buffer `id`, `len` bytes whose (first) IP packet is `pkt`,
+    /// arrived at `at_ns`; `now_ns` for the overload state.
+    fn enqueue(
+        &mut self,
+        id: u32,
+        pkt: &[u8],
+        len: usize,
+        at_ns: u64,
+        now_ns: u64,
+        stats: &DirectionStats,
+    ) {
+        let hash = crate::fq::flow_hash(&self.keys, pkt);
+        let can_signal = !crate::aqm::is_tcp_without_data(pkt);
+        self.q.enqueue(id, hash, len, can_signal, at_ns);
+        stats.queue_max.record(self.q.len() as u64);
+        if self.q.len() + self.in_flight_buffers >= self.buffers {
+            self.full_since.get_or_insert(now_ns);
+        } else {
+            self.full_since = None;
+        }
+    }
+
+    fn next(&mut self, now_ns: u64, stats: &DirectionStats) -> Option<crate::fq::Dequeued> {
+        if self.in_flight >= IN_FLIGHT_BYTES {
+            return None;
+        }
+        let d = self.q.dequeue(now_ns)?;
+        self.in_flight += d.bytes;
+        self.in_flight_buffers += 1;
+        stats.queue_delay.record(d.sojourn_ns);
+        Some(d)
+    }
+
+    fn done(&mut self, d: &crate::fq::Dequeued) {
+        self.in_flight = self.in_flight.saturating_sub(d.bytes);
+        self.in_flight_buffers = self.in_flight_buffers.saturating_sub(1);
+    }
+
+    fn make_room(&mut self, now_ns: u64, stats: &DirectionStats) -> Option<u32> {
+        let since = self.full_since?;
+        if now_ns.saturating_sub(since) < self.overload_after_ns {
+            return None;
+        }
+        let id = self.q.drop_fattest()?;
+        stats.drop(DropReason::Overload);
+        Some(id)
+    }
 }
 
 /// Which way work moves packets.
@@ -392,6 +459,7 @@ impl Datapath {
             limits: VisitLimits::default(),
             fq_params: None,
             txq: None,
+            rxq: None,
             epoch: std::time::Instant::now(),
         }
     }
@@ -460,15 +528,71 @@ impl Datapath {
     /// The engine reads the TUN device into `buffers` buffers, numbered
     /// from 0: with flow queueing on, they are what the queues hold.
     pub fn attach_tx_buffers(&mut self, buffers: usize) {
-        self.txq = self.fq_params.map(|p| TxQueue {
-            q: crate::fq::FlowQueues::new(buffers, p),
-            keys: Default::default(),
-            in_flight: 0,
-            in_flight_buffers: 0,
-            buffers,
-            full_since: None,
-            overload_after_ns: p.interval.as_nanos() as u64,
-        });
+        self.txq = self.fq_params.map(|p| FlowQueue::new(buffers, p));
+    }
+
+    /// The engine receives from the socket into `buffers` buffers,
+    /// numbered from 0: with flow queueing on (and the kernel's arrival
+    /// timestamps, which the queues' clock is), they are what the receive
+    /// side's flow queues hold.
+    pub fn attach_rx_buffers(&mut self, buffers: usize) {
+        self.rxq = self
+            .fq_params
+            .filter(|_| self.aqm.is_some())
+            .map(|p| FlowQueue::new(buffers, p));
+    }
+
+    /// True if receives go through flow queues: the engine queues each
+    /// ([`Datapath::rx_enqueue`]) and handles what [`Datapath::rx_next`]
+    /// hands out ([`Datapath::handle_dequeued_receive`]).
+    pub fn rx_flow_queueing(&self) -> bool {
+        self.rxq.is_some()
+    }
+
+    /// Receives in the flow queues.
+    pub fn rx_queued(&self) -> usize {
+        self.rxq.as_ref().map_or(0, |q| q.q.len())
+    }
+
+    /// A receive `rx` landed in buffer `id` (`buf`) and was taken at
+    /// `now_ns` (wall clock, as [`Datapath::handle_receive`]): queue it by
+    /// the flow of its first packet, as of its arrival in the socket. The
+    /// buffer is the queue's until [`Datapath::rx_next`] or
+    /// [`Datapath::rx_make_room`] hands it back.
+    pub fn rx_enqueue(&mut self, id: u32, rx: &Received, buf: &[u8], now_ns: u64) {
+        let Some(q) = &mut self.rxq else { return };
+        let first = rx.payload.start
+            + rx.gro_size
+                .unwrap_or(rx.payload.len())
+                .min(rx.payload.len());
+        let inner = buf
+            .get(rx.payload.start + self.fwd.encap_len()..first.min(buf.len()))
+            .unwrap_or(&[]);
+        let at = rx.arrived_ns.unwrap_or(now_ns).min(now_ns);
+        let len = rx.payload.len();
+        q.enqueue(id, inner, len, at, now_ns, &self.stats.peer_to_tun);
+    }
+
+    /// The next queued receive to handle at `now_ns` (wall clock), unless
+    /// [`IN_FLIGHT_BYTES`] of TUN writes are already on their way. Its
+    /// buffer is handed back with [`Datapath::rx_done`].
+    pub fn rx_next(&mut self, now_ns: u64) -> Option<crate::fq::Dequeued> {
+        self.rxq.as_mut()?.next(now_ns, &self.stats.peer_to_tun)
+    }
+
+    /// The buffer of a dequeued receive is free again.
+    pub fn rx_done(&mut self, d: &crate::fq::Dequeued) {
+        if let Some(q) = &mut self.rxq {
+            q.done(d);
+        }
+    }
+
+    /// As [`Datapath::tx_make_room`], for the receive side: the socket's
+    /// buffer holds the rest unless that is overload.
+    pub fn rx_make_room(&mut self, now_ns: u64) -> Option<u32> {
+        self.rxq
+            .as_mut()?
+            .make_room(now_ns, &self.stats.peer_to_tun)
     }
 
     /// The flow queues' clock (monotonic ns).
@@ -498,45 +622,28 @@ impl Datapath {
 
     /// A TUN read of `len` bytes landed in buffer `id` (`read`, headroom
     /// included) at `now_ns`: queue it by flow. The buffer is the queue's
-    /// until [`Datapath::tx_next`] or [`Datapath::tx_overload`] hands it
+    /// until [`Datapath::tx_next`] or [`Datapath::tx_make_room`] hands it
     /// back.
     pub fn tx_enqueue(&mut self, id: u32, read: &[u8], len: usize, now_ns: u64) {
         let len = len.min(read.len().saturating_sub(self.read_headroom()));
         let pkt = &read[self.read_packet_range(len)];
         let Some(t) = &mut self.txq else { return };
-        let hash = crate::fq::flow_hash(&t.keys, pkt);
-        let can_signal = !crate::aqm::is_tcp_without_data(pkt);
-        t.q.enqueue(id, hash, len, can_signal, now_ns);
-        self.stats.tun_to_peer.queue_max.record(t.q.len() as u64);
-        if t.q.len() + t.in_flight_buffers >= t.buffers {
-            t.full_since.get_or_insert(now_ns);
-        } else {
-            t.full_since = None;
-        }
+        t.enqueue(id, pkt, len, now_ns, now_ns, &self.stats.tun_to_peer);
     }
 
     /// The next queued read to send at `now_ns` (new flows first, by
-    /// bytes), unless [`TX_IN_FLIGHT_BYTES`] are already on their way.
+    /// bytes), unless [`IN_FLIGHT_BYTES`] are already on their way.
     /// Hand its buffer and the [`crate::fq::Dequeued`] to
     /// [`Datapath::handle_dequeued`], and call [`Datapath::tx_done`] once
     /// the buffer is free again.
     pub fn tx_next(&mut self, now_ns: u64) -> Option<crate::fq::Dequeued> {
-        let t = self.txq.as_mut()?;
-        if t.in_flight >= TX_IN_FLIGHT_BYTES {
-            return None;
-        }
-        let d = t.q.dequeue(now_ns)?;
-        t.in_flight += d.bytes;
-        t.in_flight_buffers += 1;
-        self.stats.tun_to_peer.queue_delay.record(d.sojourn_ns);
-        Some(d)
+        self.txq.as_mut()?.next(now_ns, &self.stats.tun_to_peer)
     }
 
     /// The buffer of a dequeued read is free again (sent, or dropped).
     pub fn tx_done(&mut self, d: &crate::fq::Dequeued) {
         if let Some(t) = &mut self.txq {
-            t.in_flight = t.in_flight.saturating_sub(d.bytes);
-            t.in_flight_buffers = t.in_flight_buffers.saturating_sub(1);
+            t.done(d);
         }
     }
 
@@ -549,14 +656,9 @@ impl Datapath {
     /// so the device is read promptly and no work is spent on what is
     /// dropped.
     pub fn tx_make_room(&mut self, now_ns: u64) -> Option<u32> {
-        let t = self.txq.as_mut()?;
-        let since = t.full_since?;
-        if now_ns.saturating_sub(since) < t.overload_after_ns {
-            return None;
-        }
-        let id = t.q.drop_fattest()?;
-        self.stats.tun_to_peer.drop(DropReason::Overload);
-        Some(id)
+        self.txq
+            .as_mut()?
+            .make_room(now_ns, &self.stats.tun_to_peer)
     }
 
     /// What a dequeued read (`d`, in `read`) becomes: CoDel's signal
@@ -828,6 +930,36 @@ impl Datapath {
         if self.fwd.is_peer(src) && self.aqm_signal(rx, now_ns) {
             self.aqm_pending = true;
         }
+        self.receive(rx, src, buf, coalescer)
+    }
+
+    /// A receive that the flow queues handed out (`d`): as
+    /// [`Datapath::handle_receive`], with the queues' CoDel verdict (on the
+    /// time since it arrived in the socket) instead of the single queue's.
+    pub fn handle_dequeued_receive(
+        &mut self,
+        rx: &Received,
+        buf: &mut [u8],
+        coalescer: &mut Coalescer,
+        d: &crate::fq::Dequeued,
+    ) -> RxAction {
+        let Some(src) = rx.src.filter(|_| !rx.truncated) else {
+            return self.handle_receive(rx, buf, coalescer, 0);
+        };
+        if self.fwd.is_peer(src) && d.signal {
+            self.aqm_pending = true;
+        }
+        self.receive(rx, src, buf, coalescer)
+    }
+
+    /// The checks and the coalescing of a receive from `src`.
+    fn receive(
+        &mut self,
+        rx: &Received,
+        src: SocketAddr,
+        buf: &mut [u8],
+        coalescer: &mut Coalescer,
+    ) -> RxAction {
         let pending = &mut self.aqm_pending;
         let stats = &self.stats;
         let payload = &mut buf[rx.payload.clone()];

@@ -67,19 +67,24 @@ enum OutHeld {
     Reflect(Taken, Range<usize>),
 }
 
-/// Peer to TUN: the receive buffer, the coalescer, and what waits for room.
+/// Peer to TUN: the receive buffers, the coalescer, and what waits for
+/// room. Without flow queueing one buffer (0) takes each receive, handled
+/// at once; with it, the buffers are the receive side's flow queues' pool.
 struct Inbound {
-    buf: Vec<u8>,
+    bufs: Vec<Vec<u8>>,
+    /// What each queued buffer's receive was.
+    received: Vec<Option<crate::datapath::Received>>,
+    free: Vec<u32>,
     coalescer: Coalescer,
     cmsg: Vec<u8>,
     held: Option<InHeld>,
 }
 
 enum InHeld {
-    /// One packet (bytes of `buf`).
-    Write(Range<usize>),
+    /// One packet (bytes of its buffer).
+    Write(Taken, Range<usize>),
     /// The coalescer's writes from this index on.
-    Coalesced(usize),
+    Coalesced(Taken, usize),
 }
 
 /// A libc-level result from a std I/O result.
@@ -123,8 +128,14 @@ impl PollWorker {
         };
         // One byte more than the largest acceptable datagram (or a whole GRO
         // batch): a longer one is recognised by its length.
+        dp.attach_rx_buffers(buffers);
+        let rx_buffers = if dp.rx_flow_queueing() { buffers } else { 1 };
         let inb = Inbound {
-            buf: vec![0u8; dp.max_receive_len()],
+            bufs: (0..rx_buffers)
+                .map(|_| vec![0u8; dp.max_receive_len()])
+                .collect(),
+            received: vec![None; rx_buffers],
+            free: (0..rx_buffers as u32).rev().collect(),
             coalescer: Coalescer::new(),
             cmsg: crate::platform::segments_cmsg_space(),
             held: None,
@@ -151,8 +162,9 @@ impl PollWorker {
                 Some(OutHeld::Send(..)) => udp_events |= PollFlags::POLLOUT,
                 Some(OutHeld::Reflect(..)) => tun_events |= PollFlags::POLLOUT,
             }
-            // Queued reads to send: look, don't sleep.
-            let queued = self.out.held.is_none() && self.dp.tx_queued() > 0;
+            // Queued reads or receives to handle: look, don't sleep.
+            let queued = (self.out.held.is_none() && self.dp.tx_queued() > 0)
+                || (self.inb.held.is_none() && self.dp.rx_queued() > 0);
             match self.inb.held {
                 None => udp_events |= PollFlags::POLLIN,
                 Some(_) => tun_events |= PollFlags::POLLOUT,
@@ -213,8 +225,8 @@ impl PollWorker {
             if (tun_in || self.dp.tx_queued() > 0) && self.out.held.is_none() {
                 self.drain_tun(tun_in)?;
             }
-            if udp_in && self.inb.held.is_none() {
-                self.drain_udp()?;
+            if (udp_in || self.dp.rx_queued() > 0) && self.inb.held.is_none() {
+                self.drain_udp(udp_in)?;
             }
         }
         Ok(())
@@ -230,8 +242,8 @@ impl PollWorker {
 
     fn retry_inbound(&mut self) -> Result<()> {
         match self.inb.held.take() {
-            Some(InHeld::Write(range)) => self.write_packet(range),
-            Some(InHeld::Coalesced(from)) => self.write_coalesced(from),
+            Some(InHeld::Write(t, range)) => self.write_packet(t, range),
+            Some(InHeld::Coalesced(t, from)) => self.write_coalesced(t, from),
             None => Ok(()),
         }
     }
@@ -389,45 +401,61 @@ impl PollWorker {
         Ok(())
     }
 
-    /// One visit: receives within the visit limits (with GRO, each receive
-    /// may hold many datagrams) and writes what the datapath accepts to the
-    /// TUN queue; stops early when the TUN queue is full.
-    fn drain_udp(&mut self) -> Result<()> {
+    /// One visit to the UDP side (`readable`: poll said the socket has
+    /// datagrams): within the visit limits, receives and writes what the
+    /// datapath accepts to the TUN queue, or with flow queueing, receives
+    /// what the socket holds into the queues and writes what they hand
+    /// out; stops early when the TUN queue is full.
+    fn drain_udp(&mut self, readable: bool) -> Result<()> {
         let mut visit = self.dp.begin_visit(Direction::PeerToTun);
-        let r = self.drain_udp_visit(&mut visit);
+        let r = if self.dp.rx_flow_queueing() {
+            self.fill_rx_queues(readable)
+                .and_then(|()| self.write_queued(&mut visit))
+        } else {
+            self.drain_udp_visit(&mut visit)
+        };
         self.dp.end_visit(visit);
         r
     }
 
+    /// One receive into buffer `id`: None when the socket is empty (or
+    /// the receive failed, counted).
+    fn receive(&mut self, id: usize) -> Result<Option<crate::datapath::Received>> {
+        self.dp.stats().syscalls.add(1);
+        let buf = &mut self.inb.bufs[id];
+        let got = match crate::platform::recv_segments(&self.udp, buf, &mut self.inb.cmsg) {
+            Ok(r) => r,
+            Err(Errno::EAGAIN) => return Ok(None),
+            Err(e) => {
+                // Counted (or fatal); the visit ends, and poll says when
+                // there is more.
+                self.dp.on_receive_error(e)?;
+                return Ok(None);
+            }
+        };
+        Ok(Some(crate::datapath::Received {
+            src: got.src,
+            payload: 0..got.len,
+            gro_size: got.gro_size,
+            truncated: got.len >= buf.len() && got.gro_size.is_none(),
+            arrived_ns: got.arrived_ns,
+        }))
+    }
+
     fn drain_udp_visit(&mut self, visit: &mut Visit) -> Result<()> {
         while visit.has_room() {
-            self.dp.stats().syscalls.add(1);
-            let r =
-                crate::platform::recv_segments(&self.udp, &mut self.inb.buf, &mut self.inb.cmsg);
-            let got = match r {
-                Ok(r) => r,
-                Err(Errno::EAGAIN) => return Ok(()),
-                Err(e) => {
-                    visit.took(0);
-                    self.dp.on_receive_error(e)?;
-                    continue;
-                }
+            let Some(rx) = self.receive(0)? else {
+                return Ok(());
             };
-            visit.took(got.len);
-            let rx = crate::datapath::Received {
-                src: got.src,
-                payload: 0..got.len,
-                gro_size: got.gro_size,
-                truncated: got.len >= self.inb.buf.len() && got.gro_size.is_none(),
-                arrived_ns: got.arrived_ns,
-            };
+            visit.took(rx.payload.len());
             let now = crate::engine::wall_clock_ns();
+            let buf = &mut self.inb.bufs[0];
             match self
                 .dp
-                .handle_receive(&rx, &mut self.inb.buf, &mut self.inb.coalescer, now)
+                .handle_receive(&rx, buf, &mut self.inb.coalescer, now)
             {
-                RxAction::Write(range) => self.write_packet(range)?,
-                RxAction::Coalesced => self.write_coalesced(0)?,
+                RxAction::Write(range) => self.write_packet(None, range)?,
+                RxAction::Coalesced => self.write_coalesced(None, 0)?,
                 RxAction::Dropped => {}
             }
             if self.inb.held.is_some() {
@@ -437,24 +465,87 @@ impl PollWorker {
         Ok(())
     }
 
-    /// Writes one received packet (bytes of the receive buffer).
-    fn write_packet(&mut self, range: Range<usize>) -> Result<()> {
+    /// Flow queueing: receives what the socket holds, up to `--batch`
+    /// receives, into free buffers and queues each by flow, so the
+    /// socket's FIFO buffer only absorbs bursts (as the TUN side).
+    fn fill_rx_queues(&mut self, readable: bool) -> Result<()> {
+        if !readable {
+            return Ok(());
+        }
+        for _ in 0..self.dp.visit_limits().packets {
+            let now = crate::engine::wall_clock_ns();
+            let free = self.inb.free.pop();
+            let Some(id) = free.or_else(|| self.dp.rx_make_room(now)) else {
+                return Ok(());
+            };
+            let Some(rx) = self.receive(id as usize)? else {
+                self.inb.free.push(id);
+                return Ok(());
+            };
+            let now = crate::engine::wall_clock_ns();
+            self.dp
+                .rx_enqueue(id, &rx, &self.inb.bufs[id as usize], now);
+            self.inb.received[id as usize] = Some(rx);
+        }
+        Ok(())
+    }
+
+    /// Flow queueing: writes what the receive queues hand out, within the
+    /// visit limits; stops early when the TUN queue is full.
+    fn write_queued(&mut self, visit: &mut Visit) -> Result<()> {
+        while visit.has_room() && self.inb.held.is_none() {
+            let now = crate::engine::wall_clock_ns();
+            let Some(d) = self.dp.rx_next(now) else {
+                return Ok(());
+            };
+            visit.took(d.bytes);
+            let id = d.id as usize;
+            let Some(rx) = self.inb.received[id].take() else {
+                self.release_rx(Some(d));
+                continue;
+            };
+            let buf = &mut self.inb.bufs[id];
+            match self
+                .dp
+                .handle_dequeued_receive(&rx, buf, &mut self.inb.coalescer, &d)
+            {
+                RxAction::Write(range) => self.write_packet(Some(d), range)?,
+                RxAction::Coalesced => self.write_coalesced(Some(d), 0)?,
+                RxAction::Dropped => self.release_rx(Some(d)),
+            }
+        }
+        Ok(())
+    }
+
+    /// A receive's buffer is done with: back to the free ones.
+    fn release_rx(&mut self, t: Taken) {
+        if let Some(d) = t {
+            self.dp.rx_done(&d);
+            self.inb.free.push(d.id);
+        }
+    }
+
+    /// Writes one received packet (bytes of its buffer).
+    fn write_packet(&mut self, t: Taken, range: Range<usize>) -> Result<()> {
         let info = WriteInfo::plain(range.len());
         self.dp.stats().syscalls.add(1);
-        let res = errno_of(self.tun.write(&self.inb.buf[range.clone()]));
+        let res = errno_of(self.tun.write(&self.inb.bufs[buffer_of(&t)][range.clone()]));
         if self.dp.on_tun_write(&info, res)? == After::Retry {
-            self.inb.held = Some(InHeld::Write(range));
+            self.inb.held = Some(InHeld::Write(t, range));
+        } else {
+            self.release_rx(t);
         }
         Ok(())
     }
 
     /// Writes the coalescer's writes from index `from` on, in order.
-    fn write_coalesced(&mut self, from: usize) -> Result<()> {
+    fn write_coalesced(&mut self, t: Taken, from: usize) -> Result<()> {
         let c = &self.inb.coalescer;
+        let buf = &self.inb.bufs[buffer_of(&t)];
         let mut io = [IoSlice::new(&[]); MAX_WRITE_PIECES];
         for (i, w) in c.writes().iter().enumerate().skip(from) {
             let mut n = 0;
-            for (slot, piece) in io.iter_mut().zip(c.slices(w, &self.inb.buf)) {
+            for (slot, piece) in io.iter_mut().zip(c.slices(w, buf)) {
                 *slot = IoSlice::new(piece);
                 n += 1;
             }
@@ -464,10 +555,11 @@ impl PollWorker {
                 pieces => self.tun.write_gather(pieces),
             });
             if self.dp.on_tun_write(&WriteInfo::coalesced(w), res)? == After::Retry {
-                self.inb.held = Some(InHeld::Coalesced(i));
+                self.inb.held = Some(InHeld::Coalesced(t, i));
                 return Ok(());
             }
         }
+        self.release_rx(t);
         Ok(())
     }
 }

@@ -119,6 +119,10 @@ struct RxSlot {
     /// Order of the first of those writes among all TUN writes (the others
     /// follow it).
     seq: u64,
+    /// Flow queueing: the receive this buffer holds while queued, and once
+    /// dequeued, what the queues handed out (given back on recycling).
+    received: Option<Received>,
+    taken: Option<crate::fq::Dequeued>,
 }
 
 /// One io_uring worker. Built and run on its own thread (the ring is
@@ -179,8 +183,11 @@ impl UringWorker {
             busy_poll,
         } = parts;
         let batch = dp.visit_limits().packets;
-        // The TUN buffers (0..per_group) are what the flow queues hold.
+        // The TUN buffers (0..per_group) are what the flow queues hold, and
+        // the UDP ones (per_group.., numbered from 0 for the datapath) the
+        // receive side's.
         dp.attach_tx_buffers((plan.opts.buffers / 2) as usize);
+        dp.attach_rx_buffers((plan.opts.buffers / 2) as usize);
         let tun = tun.into_file();
         let label = dp.label().to_string();
         // io_uring waits for room itself (internal poll) when a send would
@@ -273,6 +280,8 @@ impl UringWorker {
                     single: None,
                     writes_in_flight: 0,
                     seq: 0,
+                    received: None,
+                    taken: None,
                 })
                 .collect(),
             tun_writes: TunWrites::new(usize::from(per_group)),
@@ -516,12 +525,12 @@ impl UringWorker {
     /// reader.
     fn recycle(&mut self, bid: u16) -> Result<()> {
         self.owners.set(bid, Owner::Engine, Owner::Free);
-        if let Some(d) = self
-            .tx
-            .get_mut(usize::from(bid))
-            .and_then(|slot| slot.taken.take())
-        {
-            self.dp.tx_done(&d);
+        if self.is_tun_buf(bid) {
+            if let Some(d) = self.tx[usize::from(bid)].taken.take() {
+                self.dp.tx_done(&d);
+            }
+        } else if let Some(d) = self.rx[usize::from(bid - self.per_group)].taken.take() {
+            self.dp.rx_done(&d);
         }
         let (ptr, len) = self.read_area(bid);
         let tun = self.is_tun_buf(bid);
@@ -748,8 +757,9 @@ impl UringWorker {
                     }
                     self.complete(ud, res, flags)?;
                 }
-                if dir == Direction::TunToPeer {
-                    self.pump_queues()?;
+                match dir {
+                    Direction::TunToPeer => self.pump_queues()?,
+                    Direction::PeerToTun => self.pump_receives()?,
                 }
                 // TUN writes wait for the end of the pass
                 // (submit_direct_writes): a write refused with EAGAIN must
@@ -1047,16 +1057,86 @@ impl UringWorker {
         })
     }
 
-    /// A receive in UDP buffer `bid`: write what the datapath accepts.
+    /// A receive in UDP buffer `bid`: queued by flow (written when
+    /// [`UringWorker::pump_receives`] dequeues it), or at once: write what
+    /// the datapath accepts.
     fn handle_receive(&mut self, bid: u16, rx: &Received) -> Result<()> {
+        if self.dp.rx_flow_queueing() {
+            let slot = usize::from(bid - self.per_group);
+            // SAFETY: the receive completed and the engine owns the buffer;
+            // this view ends with the call.
+            let buf = unsafe { buffer(self.pool.ptr, self.plan.buf_len, bid) };
+            let now = crate::engine::wall_clock_ns();
+            self.dp.rx_enqueue(slot as u32, rx, buf, now);
+            self.rx[slot].received = Some(rx.clone());
+            return Ok(());
+        }
+        self.act_on_receive(bid, rx, None)
+    }
+
+    /// Flow queueing: writes what the receive queues hand out (until the
+    /// datapath's bytes in flight are reached or they are empty); then, if
+    /// no UDP buffer is left and the datapath calls it overload, drops
+    /// from the fattest flow so the socket is still read promptly.
+    fn pump_receives(&mut self) -> Result<()> {
+        if !self.dp.rx_flow_queueing() || self.stopping {
+            return Ok(());
+        }
+        loop {
+            let now = crate::engine::wall_clock_ns();
+            let Some(d) = self.dp.rx_next(now) else { break };
+            let Ok(slot) = u16::try_from(d.id) else { break };
+            let bid = slot + self.per_group;
+            match self.rx[usize::from(slot)].received.take() {
+                Some(rx) => self.act_on_receive(bid, &rx, Some(d))?,
+                None => {
+                    self.rx[usize::from(slot)].taken = Some(d);
+                    self.recycle(bid)?;
+                }
+            }
+        }
+        let free = if self.udp_reads.multishot() {
+            self.udp_reads.ring_avail
+        } else {
+            self.udp_reads.free.len() as u32 + self.udp_reads.armed
+        };
+        if free == 0 {
+            let now = crate::engine::wall_clock_ns();
+            for _ in 0..OVERLOAD_ROOM {
+                let Some(id) = self.dp.rx_make_room(now) else {
+                    break;
+                };
+                let Ok(slot) = u16::try_from(id) else { break };
+                self.rx[usize::from(slot)].received = None;
+                self.recycle(slot + self.per_group)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The receive `rx` in UDP buffer `bid` (dequeued as `taken` with flow
+    /// queueing): write what the datapath accepts.
+    fn act_on_receive(
+        &mut self,
+        bid: u16,
+        rx: &Received,
+        taken: Option<crate::fq::Dequeued>,
+    ) -> Result<()> {
         let slot = usize::from(bid - self.per_group);
+        self.rx[slot].taken = taken;
         // SAFETY: the receive completed and the engine owns the buffer.
         let buf = unsafe { buffer(self.pool.ptr, self.plan.buf_len, bid) };
-        let now = crate::engine::wall_clock_ns();
-        match self
-            .dp
-            .handle_receive(rx, buf, &mut self.rx[slot].coalescer, now)
-        {
+        let action = match &taken {
+            Some(d) => self
+                .dp
+                .handle_dequeued_receive(rx, buf, &mut self.rx[slot].coalescer, d),
+            None => {
+                let now = crate::engine::wall_clock_ns();
+                self.dp
+                    .handle_receive(rx, buf, &mut self.rx[slot].coalescer, now)
+            }
+        };
+        match action {
             RxAction::Write(range) => {
                 self.rx[slot].single = Some(range);
                 self.rx[slot].writes_in_flight = 1;
