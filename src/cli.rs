@@ -62,9 +62,11 @@ struct DeviceArgs {
     #[arg(long, default_value_t = config::DEFAULT_MTU, value_name = "BYTES")]
     mtu: u32,
 
-    /// Device transmit queue length in packets, 1-1000000. Default: 1000 on a device
-    /// tunfwd creates (the kernel's 500 drops bursts); unchanged on an
-    /// attached one.
+    /// Device transmit queue length in packets, 1-1000000. Default on a
+    /// device tunfwd creates: 256 with --aqm fq-codel (tunfwd reads the
+    /// device promptly and keeps the standing queue itself; the ring only
+    /// absorbs bursts), else 1000 (the kernel's 500 drops bursts);
+    /// unchanged on an attached one.
     #[arg(long, value_name = "PACKETS")]
     txqueuelen: Option<u32>,
 }

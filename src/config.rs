@@ -18,6 +18,11 @@ pub const DEFAULT_MTU: u32 = 1452;
 /// Default transmit queue length set on devices tunfwd creates: larger than
 /// the kernel's 500, which drops bursts.
 pub const DEFAULT_TXQUEUELEN: u32 = 1000;
+/// The same with flow queueing (`--aqm fq-codel`, TUN mode): tunfwd reads
+/// the device promptly and keeps the standing queue itself, so its FIFO
+/// ring only has to absorb bursts; a shorter ring is a shorter wait for a
+/// packet read behind an overload (README, Performance).
+pub const DEFAULT_TXQUEUELEN_FQ: u32 = 256;
 /// Default packets handled per direction per wakeup.
 pub const DEFAULT_BATCH: usize = 64;
 /// Default UDP send and receive buffer of a tunnel's sockets: room for the
@@ -388,6 +393,21 @@ impl fmt::Display for UserSpec {
 }
 
 impl TunnelConfig {
+    /// True if TUN reads (and receives) go through flow queues.
+    pub fn flow_queueing(&self) -> bool {
+        self.flow_queues && self.aqm.is_some() && matches!(self.mode, Mode::Tun { .. })
+    }
+
+    /// The transmit queue length for a device tunfwd created: the flag,
+    /// else the default for the queue management in use.
+    pub fn created_txqueuelen(&self) -> u32 {
+        self.txqueuelen.unwrap_or(if self.flow_queueing() {
+            DEFAULT_TXQUEUELEN_FQ
+        } else {
+            DEFAULT_TXQUEUELEN
+        })
+    }
+
     /// Checks the combination of options. Called once before setup.
     pub fn validate(&self) -> Result<()> {
         if !(MIN_MTU..=MAX_MTU).contains(&self.mtu) {
@@ -634,6 +654,22 @@ mod tests {
             flow_queues: false,
             user: None,
         }
+    }
+
+    #[test]
+    fn a_created_device_gets_a_short_ring_with_flow_queueing() {
+        let mut c = base();
+        assert_eq!(c.created_txqueuelen(), DEFAULT_TXQUEUELEN);
+        c.aqm = Some(crate::aqm::CodelParams::default());
+        c.flow_queues = true;
+        assert!(c.flow_queueing());
+        assert_eq!(c.created_txqueuelen(), DEFAULT_TXQUEUELEN_FQ);
+        c.txqueuelen = Some(4000);
+        assert_eq!(c.created_txqueuelen(), 4000);
+        c.txqueuelen = None;
+        c.mode = Mode::Tap { vni: 1, mac: None };
+        assert!(!c.flow_queueing(), "TAP frames are not flow-queued");
+        assert_eq!(c.created_txqueuelen(), DEFAULT_TXQUEUELEN);
     }
 
     #[test]

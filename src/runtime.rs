@@ -181,7 +181,12 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
     }
     let dev_name = device.name().to_string();
     let created = device.created();
-    device.configure(cfg.mtu, &cfg.addresses, cfg.txqueuelen)?;
+    let txqueuelen = if created {
+        Some(cfg.created_txqueuelen())
+    } else {
+        cfg.txqueuelen
+    };
+    device.configure(cfg.mtu, &cfg.addresses, txqueuelen)?;
     #[cfg(target_os = "linux")]
     if offload {
         let got = device.enable_offloads()?;

@@ -340,7 +340,8 @@ fn two_queues_spread_flows_over_both_workers() {
 }
 
 /// `--stats-interval` prints periodic lines; `--txqueuelen` and `--mtu`
-/// reach the device (default txqueuelen 1000 on a created device).
+/// reach the device (default txqueuelen on a created device: 256 with the
+/// default --aqm fq-codel).
 #[test]
 fn stats_interval_and_device_settings() {
     if !can_run_kernel_tests("stats_interval_and_device_settings") {
@@ -368,7 +369,7 @@ fn stats_interval_and_device_settings() {
         "{link}"
     );
     let link_b = String::from_utf8_lossy(&topo.b.ip(&["link", "show", "tun0"]).stdout).to_string();
-    assert!(link_b.contains("qlen 1000"), "default txqueuelen: {link_b}");
+    assert!(link_b.contains("qlen 256"), "default txqueuelen: {link_b}");
     assert!(topo.a.ping(OVERLAY_B));
     a.wait_for_stdout("tunfwd: stats t=");
     let out = a.stdout();
