@@ -163,6 +163,7 @@ fn base_config(
         offload: config::Toggle::Off,
         aqm: None,
         flow_queues: false,
+        aqm_inflight_bytes: config::DEFAULT_AQM_INFLIGHT_BYTES,
         mode: config::Mode::Tun {
             allowed_src: Vec::new(),
         },
@@ -456,6 +457,13 @@ struct TunnelArgs {
     #[arg(long, value_name = "US")]
     aqm_interval_us: Option<u64>,
 
+    /// With --aqm fq-codel: bytes handed out by each side's flow queues
+    /// and not yet sent (or written to the TUN device), 1500-67108864: a
+    /// fixed byte queue limit (BQL) that keeps the destination busy while
+    /// the rest waits where a sparse flow can pass it [default: 65536: one super-packet].
+    #[arg(long, value_name = "BYTES")]
+    aqm_inflight_bytes: Option<usize>,
+
     /// UDP socket send buffer in bytes, 1024-1073741824; beyond
     /// net.core.wmem_max only with CAP_NET_ADMIN (else clamped, said in one
     /// line) [default: 4194304].
@@ -581,6 +589,15 @@ impl TunnelArgs {
                 }
             },
             flow_queues: self.aqm == AqmArg::FqCodel,
+            aqm_inflight_bytes: match (self.aqm, self.aqm_inflight_bytes) {
+                (AqmArg::FqCodel, n) => n.unwrap_or(config::DEFAULT_AQM_INFLIGHT_BYTES),
+                (_, None) => config::DEFAULT_AQM_INFLIGHT_BYTES,
+                (_, Some(_)) => {
+                    return Err(Error::config(
+                        "--aqm-inflight-bytes applies to --aqm fq-codel only",
+                    ));
+                }
+            },
             sndbuf: self.sndbuf,
             rcvbuf: self.rcvbuf,
             uring: config::UringFlags {

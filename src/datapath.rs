@@ -294,6 +294,7 @@ pub struct Datapath {
     /// parameters, and the queues once the engine said how many buffers
     /// it has ([`Datapath::attach_tx_buffers`]).
     fq_params: Option<crate::aqm::CodelParams>,
+    fq_in_flight: usize,
     txq: Option<FlowQueue>,
     /// The same for receives from the peer (their clock is the wall
     /// clock of the kernel's arrival timestamps).
@@ -302,20 +303,18 @@ pub struct Datapath {
     epoch: std::time::Instant,
 }
 
-/// Bytes dequeued from one side's flow queues whose sends or TUN writes
-/// may be unfinished at once (a fixed BQL): four 64 KiB super-packets keep
-/// the destination busy; the rest waits in the flow queues, where a sparse
-/// flow can pass it.
-pub const IN_FLIGHT_BYTES: usize = 256 * 1024;
-
 /// One side's flow queues (see [`crate::fq`]) over the engine's buffers
 /// of that side, with what is in flight and the overload state.
 #[derive(Debug)]
 struct FlowQueue {
     q: crate::fq::FlowQueues,
     keys: std::collections::hash_map::RandomState,
-    /// Bytes and buffers dequeued that the engine has not handed back.
+    /// Bytes and buffers dequeued that the engine has not handed back, and
+    /// the most bytes that may be (a fixed BQL: enough to keep the
+    /// destination busy; the rest waits here, where a sparse flow can pass
+    /// it).
     in_flight: usize,
+    in_flight_limit: usize,
     in_flight_buffers: usize,
     /// The engine's buffers of this side.
     buffers: usize,
@@ -327,11 +326,12 @@ struct FlowQueue {
 }
 
 impl FlowQueue {
-    fn new(buffers: usize, p: crate::aqm::CodelParams) -> FlowQueue {
+    fn new(buffers: usize, p: crate::aqm::CodelParams, in_flight_limit: usize) -> FlowQueue {
         FlowQueue {
             q: crate::fq::FlowQueues::new(buffers, p),
             keys: Default::default(),
             in_flight: 0,
+            in_flight_limit,
             in_flight_buffers: 0,
             buffers,
             full_since: None,
@@ -362,7 +362,7 @@ impl FlowQueue {
     }
 
     fn next(&mut self, now_ns: u64, stats: &DirectionStats) -> Option<crate::fq::Dequeued> {
-        if self.in_flight >= IN_FLIGHT_BYTES {
+        if self.in_flight >= self.in_flight_limit {
             return None;
         }
         let d = self.q.dequeue(now_ns)?;
@@ -458,6 +458,7 @@ impl Datapath {
             aqm_pending: false,
             limits: VisitLimits::default(),
             fq_params: None,
+            fq_in_flight: crate::config::DEFAULT_AQM_INFLIGHT_BYTES,
             txq: None,
             rxq: None,
             epoch: std::time::Instant::now(),
@@ -511,11 +512,17 @@ impl Datapath {
         self
     }
 
-    /// Queues TUN reads per flow with CoDel `params` (TUN mode only: the
-    /// packets must be IP to be told apart and marked), once the engine
-    /// attaches its buffers.
-    pub fn with_flow_queues(mut self, params: Option<crate::aqm::CodelParams>) -> Self {
+    /// Queues TUN reads and receives per flow with CoDel `params` (TUN
+    /// mode only: the packets must be IP to be told apart and marked),
+    /// handing out at most `in_flight` bytes per side not yet sent or
+    /// written, once the engine attaches its buffers.
+    pub fn with_flow_queues(
+        mut self,
+        params: Option<crate::aqm::CodelParams>,
+        in_flight: usize,
+    ) -> Self {
         self.fq_params = params.filter(|_| self.fwd.carries_ip());
+        self.fq_in_flight = in_flight.max(1);
         self
     }
 
@@ -528,7 +535,8 @@ impl Datapath {
     /// The engine reads the TUN device into `buffers` buffers, numbered
     /// from 0: with flow queueing on, they are what the queues hold.
     pub fn attach_tx_buffers(&mut self, buffers: usize) {
-        self.txq = self.fq_params.map(|p| FlowQueue::new(buffers, p));
+        let limit = self.fq_in_flight;
+        self.txq = self.fq_params.map(|p| FlowQueue::new(buffers, p, limit));
     }
 
     /// The engine receives from the socket into `buffers` buffers,
@@ -536,10 +544,11 @@ impl Datapath {
     /// timestamps, which the queues' clock is), they are what the receive
     /// side's flow queues hold.
     pub fn attach_rx_buffers(&mut self, buffers: usize) {
+        let limit = self.fq_in_flight;
         self.rxq = self
             .fq_params
             .filter(|_| self.aqm.is_some())
-            .map(|p| FlowQueue::new(buffers, p));
+            .map(|p| FlowQueue::new(buffers, p, limit));
     }
 
     /// True if receives go through flow queues: the engine queues each
@@ -574,7 +583,7 @@ impl Datapath {
     }
 
     /// The next queued receive to handle at `now_ns` (wall clock), unless
-    /// [`IN_FLIGHT_BYTES`] of TUN writes are already on their way. Its
+    /// the in-flight limit of TUN writes is reached. Its
     /// buffer is handed back with [`Datapath::rx_done`].
     pub fn rx_next(&mut self, now_ns: u64) -> Option<crate::fq::Dequeued> {
         self.rxq.as_mut()?.next(now_ns, &self.stats.peer_to_tun)
@@ -632,7 +641,7 @@ impl Datapath {
     }
 
     /// The next queued read to send at `now_ns` (new flows first, by
-    /// bytes), unless [`IN_FLIGHT_BYTES`] are already on their way.
+    /// bytes), unless the in-flight limit (`--aqm-inflight-bytes`) is reached.
     /// Hand its buffer and the [`crate::fq::Dequeued`] to
     /// [`Datapath::handle_dequeued`], and call [`Datapath::tx_done`] once
     /// the buffer is free again.
@@ -661,26 +670,43 @@ impl Datapath {
             .make_room(now_ns, &self.stats.tun_to_peer)
     }
 
-    /// What a dequeued read (`d`, in `read`) becomes: CoDel's signal
-    /// carried out first (a CE mark on an ECN-capable packet, else the
-    /// packet is dropped and counted as `aqm`), then as
-    /// [`Datapath::handle_tun_read`].
+    /// What a dequeued read (`d`, in `read`) becomes: as
+    /// [`Datapath::handle_tun_read`], with CoDel's signal carried out. An
+    /// ECN-capable packet is marked CE (a super-packet before it is cut, so
+    /// every datagram carries the mark). Otherwise one datagram is dropped
+    /// and counted as `aqm`: a lone packet, or the first datagram of a
+    /// super-packet while the rest goes, so the sender loses one segment
+    /// (one retransmit) rather than the 45 of a whole 64 KiB super-packet.
     pub fn handle_dequeued(
         &mut self,
         read: &mut [u8],
         d: &crate::fq::Dequeued,
         split: &mut [u8],
     ) -> TunAction {
-        if d.signal {
+        let marked = d.signal && {
             let r = self.read_packet_range(d.bytes);
-            if crate::aqm::mark_ce(&mut read[r]) {
-                self.stats.aqm_marks.add(1);
-            } else {
-                self.stats.tun_to_peer.drop(DropReason::Aqm);
-                return TunAction::Dropped;
-            }
+            crate::aqm::mark_ce(&mut read[r])
+        };
+        if marked {
+            self.stats.aqm_marks.add(1);
         }
-        self.handle_tun_read(read, d.bytes, split)
+        let action = self.handle_tun_read(read, d.bytes, split);
+        if !d.signal || marked {
+            return action;
+        }
+        match action {
+            TunAction::Send(mut plan) => {
+                self.stats.tun_to_peer.drop(DropReason::Aqm);
+                if plan.datagrams() > 1 {
+                    plan.sent = plan.seg;
+                    TunAction::Send(plan)
+                } else {
+                    TunAction::Dropped
+                }
+            }
+            // Dropped and counted for its own reason, or reflected.
+            other => other,
+        }
     }
 
     /// Turns the AQM off (the kernel gives no arrival timestamps).
@@ -1393,6 +1419,60 @@ mod tests {
             let s = d.stats().snapshot();
             assert!(dropped >= 1);
             assert_eq!(s.peer_to_tun.drops_for(DropReason::Aqm), dropped);
+        }
+    }
+
+    #[test]
+    fn flow_queued_super_packet_marked_whole_or_loses_one_datagram() {
+        let params = crate::aqm::CodelParams {
+            target: std::time::Duration::from_micros(1),
+            interval: std::time::Duration::from_micros(10),
+        };
+        for ect in [false, true] {
+            let mut d = dp(true).with_flow_queues(Some(params), 1 << 20);
+            d.attach_tx_buffers(1);
+            let mut read = tso_read(14_000, 1400);
+            if ect {
+                // ECT(0), header checksum left to the split (it rewrites it).
+                read[virtio::LEN + 1] = 0x02;
+            }
+            let len = read.len();
+            let mut split = vec![0u8; SPLIT_LEN];
+            // Queued long enough ago that CoDel signals on dequeue: first
+            // an interval above target, then the signal.
+            let mut signalled = None;
+            for t in 0..100u64 {
+                d.tx_enqueue(0, &read, len, t * 1_000);
+                let q = d.tx_next(t * 1_000 + 50_000).expect("queued");
+                if q.signal {
+                    signalled = Some(q);
+                    break;
+                }
+                d.tx_done(&q);
+            }
+            let q = signalled.expect("CoDel signalled");
+            let plan = plan_of(d.handle_dequeued(&mut read, &q, &mut split));
+            let s = d.stats().snapshot();
+            if ect {
+                assert_eq!(s.aqm_marks, 1);
+                assert_eq!(s.tun_to_peer.dropped(), 0);
+                assert_eq!(plan.datagrams(), 10);
+                assert!(!plan.is_done());
+                assert_eq!(plan.sent, 0, "all ten go, marked");
+                let send = d.next_send(&plan).expect("a send");
+                for (h, _) in plan.pieces(&send) {
+                    let ip = &split[h];
+                    assert_eq!(ip[1] & 0b11, 0b11, "CE in every datagram");
+                    assert_eq!(crate::packet::checksum::checksum(&ip[..20]), 0);
+                }
+            } else {
+                assert_eq!(s.aqm_marks, 0);
+                assert_eq!(s.tun_to_peer.drops_for(DropReason::Aqm), 1);
+                assert_eq!(plan.sent, plan.seg, "the first datagram is the one dropped");
+                let first = d.next_send(&plan).expect("nine left");
+                assert_eq!(first.range.start, plan.seg);
+                assert_eq!(first.range.len(), 9 * 1440);
+            }
         }
     }
 

@@ -387,10 +387,13 @@ pub fn flow_queues_datapath(data: &[u8]) {
         stats.clone(),
         false,
     )
-    .with_flow_queues(Some(crate::aqm::CodelParams {
-        target: std::time::Duration::from_micros(500),
-        interval: std::time::Duration::from_millis(10),
-    }));
+    .with_flow_queues(
+        Some(crate::aqm::CodelParams {
+            target: std::time::Duration::from_micros(500),
+            interval: std::time::Duration::from_millis(10),
+        }),
+        4096,
+    );
     dp.attach_tx_buffers(BUFFERS);
     let mut bufs = vec![vec![0u8; 1600]; BUFFERS];
     let mut free: Vec<u32> = (0..BUFFERS as u32).collect();

@@ -14,6 +14,11 @@
 //!   once per I/O result: what a TUN read becomes (datagrams to send, cut by
 //!   GSO size), what a UDP receive becomes (TUN writes, coalesced), what an
 //!   error means, and every counter. No I/O; tested without root.
+//! - [`fq`] is the queue management the datapath applies between a read (or
+//!   receive) and its send (or TUN write) with `--aqm fq-codel`: per-flow
+//!   queues over the engine's buffer numbers, deficit round robin with
+//!   priority for sparse flows, CoDel per flow ([`aqm`]), overload drops.
+//!   Pure, with the clock passed in.
 //! - [`forward`] decides per packet (verdicts per direction) and
 //!   [`packet`] holds the checked views, checksums, and offload (split and
 //!   coalesce): pure code over byte slices, unit-tested and fuzzed ([`fuzz`]).
@@ -22,6 +27,11 @@
 //!   `unsafe` lives there and in the io_uring engine.
 //!
 //! # Data path
+//! With `--aqm fq-codel` (the default in TUN mode) every read and receive
+//! below is first queued by flow and handled when the queues hand it out
+//! (`Datapath::tx_enqueue` / `tx_next`, `rx_enqueue` / `rx_next`); the
+//! engines read promptly, so the kernel's FIFO queues only absorb bursts.
+//!
 //! Without offload: TUN `read` into a buffer (with headroom for the VXLAN
 //! header in TAP mode) -> [`datapath::Datapath::handle_tun_read`] -> one
 //! `sendmsg` from the same buffer. Back: `recvmsg` -> peer check and

@@ -251,7 +251,7 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
             udp,
             datapath: Datapath::new(label, forwarder, stats, offload)
                 .with_aqm(cfg.aqm)
-                .with_flow_queues(cfg.aqm.filter(|_| cfg.flow_queues))
+                .with_flow_queues(cfg.aqm.filter(|_| cfg.flow_queues), cfg.aqm_inflight_bytes)
                 .with_visit_limits(VisitLimits {
                     packets: cfg.batch,
                     bytes: cfg.visit_bytes,

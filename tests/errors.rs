@@ -113,9 +113,21 @@ fn help_explains_units_and_defaults() {
         "--stats-interval <SECS>",
         "--batch <PACKETS>",
         "--txqueuelen <PACKETS>",
+        "--aqm <fq-codel|codel|off>",
+        "[default: fq-codel]",
+        "--aqm-inflight-bytes <BYTES>",
+        "[default: 65536: one super-packet]",
     ] {
         assert!(text.contains(want), "help lacks {want:?}:\n{text}");
     }
+}
+
+#[test]
+fn flow_queue_flags_need_fq_codel() {
+    let mut args = vec!["tunnel", "--aqm", "codel", "--aqm-inflight-bytes", "65536"];
+    args.extend(LOOP);
+    let out = tunfwd(&args);
+    assert_clean_failure(&out, "--aqm-inflight-bytes applies to --aqm fq-codel only");
 }
 
 #[test]
