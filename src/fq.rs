@@ -20,10 +20,14 @@
 //! - **Byte accounting**: a super-packet (up to 64 KiB with offload) costs
 //!   its bytes from its flow's deficit, not one packet.
 //! - **CoDel per flow** ([`crate::aqm::Codel`], RFC 8289) on the time a
-//!   packet spent in this queue. A signal is carried by the first packet of
-//!   the flow that can carry one: a TCP segment without data (an
-//!   ECN-capable flow's SYN, FIN, ACK, all Not-ECT) passes and the signal
-//!   waits for the flow's next data packet. The caller marks it CE if it is
+//!   packet waited (the caller says since when: a TUN read since it was
+//!   read, a receive since it arrived in the socket). A signal is carried
+//!   by the first packet of the flow that can carry one: a TCP segment
+//!   without data (an ECN-capable flow's SYN, FIN, ACK, all Not-ECT)
+//!   passes, and so does a packet served from the new flows (a sparse
+//!   flow's: its wait, if any, was behind other flows in the kernel's FIFO
+//!   queue, not behind its own backlog); the signal waits for the flow's
+//!   next packet that can carry it. The caller marks it CE if it is
 //!   ECN-capable, else drops it.
 //! - **Overload**: when the engine has no free buffer for the next read,
 //!   [`FlowQueues::drop_fattest`] drops the head of the flow with the most
@@ -228,7 +232,12 @@ impl FlowQueues {
             if f.codel.on_dequeue(now_ns, sojourn_ns) {
                 f.pending = true;
             }
-            let signal = f.pending && e.can_signal;
+            // A packet served from the new flows was not queued behind its
+            // own flow's backlog: any wait it had was behind other flows
+            // (in the kernel's FIFO queue before tunfwd read it, which is
+            // part of the sojourn time of a receive), so it carries no
+            // signal; the flow's next packet from the old flows does.
+            let signal = f.pending && e.can_signal && !from_new;
             if signal {
                 f.pending = false;
             }
@@ -506,5 +515,22 @@ mod tests {
             flow_hash(&keys, &a[..len.min(40)]);
         }
         flow_hash(&keys, &[0x60; 39]);
+    }
+
+    #[test]
+    fn a_sparse_flow_is_not_signalled_for_waiting_behind_others() {
+        let mut h = Harness::new(8);
+        // Every packet of a sparse flow waited 10 ms before tunfwd read it
+        // (in the kernel's FIFO queue, behind other flows), for 400 ms:
+        // served from the new flows, none is signalled.
+        for t in 0..400u64 {
+            let now = (1000 + t) * MS;
+            h.push(3, 100, now - 10 * MS);
+            let d = h.pop(now).expect("queued");
+            assert!(!d.signal, "signalled at {t} ms");
+            // The engine asks until the queues are empty (which takes the
+            // emptied flow off the lists).
+            assert_eq!(h.pop(now), None);
+        }
     }
 }

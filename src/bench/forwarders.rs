@@ -155,12 +155,17 @@ pub struct PairCounters {
     pub udp_rcvbuf_drops: u64,
     pub tun_queue_drops: u64,
     /// The longest visit of a worker to one direction, and the longest a
-    /// datagram waited in a receive buffer (microseconds; 0 if unmeasured).
+    /// packet waited in a forwarder's queues (flow queues, or with `--aqm
+    /// codel` the receive buffer; microseconds, 0 if unmeasured).
     pub visit_max_us: u64,
     pub queue_delay_max_us: u64,
+    /// The most packets one side's flow queues held.
+    pub queue_max: u64,
     /// CoDel's congestion signals: CE marks, and drops (part of `drops`).
     pub aqm_marks: u64,
     pub aqm_drops: u64,
+    /// Overload drops from the fattest flow (part of `drops`).
+    pub overload_drops: u64,
 }
 
 /// Values of `key=` on a summary line, in order of appearance.
@@ -185,8 +190,10 @@ fn counters(line: &str) -> PairCounters {
             .into_iter()
             .max()
             .unwrap_or(0),
+        queue_max: fields(line, "queue_max").into_iter().max().unwrap_or(0),
         aqm_marks: fields(line, "aqm_marks").iter().sum(),
         aqm_drops: fields(line, "aqm_drops").iter().sum(),
+        overload_drops: fields(line, "overload").iter().sum(),
     }
 }
 
@@ -284,8 +291,10 @@ impl ForwarderPair {
             tun_queue_drops: ca.tun_queue_drops + cb.tun_queue_drops,
             visit_max_us: ca.visit_max_us.max(cb.visit_max_us),
             queue_delay_max_us: ca.queue_delay_max_us.max(cb.queue_delay_max_us),
+            queue_max: ca.queue_max.max(cb.queue_max),
             aqm_marks: ca.aqm_marks + cb.aqm_marks,
             aqm_drops: ca.aqm_drops + cb.aqm_drops,
+            overload_drops: ca.overload_drops + cb.overload_drops,
         })
     }
 }

@@ -468,8 +468,10 @@ fn measure(
         row.queue = Some(QueueFigures {
             visit_max_us: c.visit_max_us,
             queue_delay_max_us: c.queue_delay_max_us,
+            queue_max: c.queue_max,
             aqm_marks: c.aqm_marks,
             aqm_drops: c.aqm_drops,
+            overload_drops: c.overload_drops,
         });
     }
     Ok(row)

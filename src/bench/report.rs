@@ -58,11 +58,16 @@ pub struct Percentiles {
 pub struct QueueFigures {
     /// The longest visit of a worker to one direction (microseconds).
     pub visit_max_us: u64,
-    /// The longest a datagram waited in a forwarder's receive buffer.
+    /// The longest a packet waited in a forwarder's queues (its flow
+    /// queues, or with `--aqm codel` its receive buffer).
     pub queue_delay_max_us: u64,
+    /// The most packets one side's flow queues held.
+    pub queue_max: u64,
     /// CoDel's signals: CE marks and drops.
     pub aqm_marks: u64,
     pub aqm_drops: u64,
+    /// Overload drops from the fattest flow.
+    pub overload_drops: u64,
 }
 
 impl Percentiles {
@@ -274,8 +279,9 @@ pub fn table(rows: &[Row], baseline: &str) -> String {
          queues; fwdDrop: tunfwd's own drops (both forwarders).\n\
          Latency rows: loaded = one TCP stream, loaded xN = N streams, flood = 1400-byte UDP as fast \
          as the generator goes, all in the probes' direction; aqmMark: CoDel's CE marks (its drops \
-         are in fwdDrop); visitMax: a forwarder's longest visit to one direction, qDelayMax: the \
-         longest a datagram waited in a forwarder's receive buffer (us)."
+         and overload drops are in fwdDrop); visitMax: a forwarder's longest visit to one direction, \
+         qDelayMax: the longest a packet waited in a forwarder's queues (its flow queues, since the \
+         read or the arrival in the socket; with --aqm codel the receive buffer) (us)."
     );
     s
 }
@@ -334,8 +340,10 @@ pub fn json(rows: &[Row], meta: Value) -> Value {
                 "forwarder_queue": r.queue.map(|q| json!({
                     "visit_max_us": q.visit_max_us,
                     "queue_delay_max_us": q.queue_delay_max_us,
+                    "queue_max": q.queue_max,
                     "aqm_marks": q.aqm_marks,
                     "aqm_drops": q.aqm_drops,
+                    "overload_drops": q.overload_drops,
                 })),
                 "tcp_info": r.tcp.map(|t| json!({
                     "retransmits": t.retransmits,
