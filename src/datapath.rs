@@ -301,7 +301,21 @@ pub struct Datapath {
     rxq: Option<FlowQueue>,
     /// The flow queues' clock: ns since this instant.
     epoch: std::time::Instant,
+    /// The TUN device's name, its drop counter as last read (and when),
+    /// and when the engine was last told to read it.
+    device: String,
+    ring_drops: Option<(u64, u64)>,
+    ring_checked_ns: u64,
 }
+
+/// Overload lasts this long after the kernel last dropped at the TUN
+/// device's full ring: while it does, a read that finds no free buffer
+/// drops the fattest flow's head to make room.
+pub const OVERLOAD_HOLD_NS: u64 = 100_000_000;
+
+/// How often the engine reads the device's drop counter
+/// ([`Datapath::ring_check_due`]).
+pub const RING_CHECK_NS: u64 = 10_000_000;
 
 /// One side's flow queues (see [`crate::fq`]) over the engine's buffers
 /// of that side, with what is in flight and the overload state.
@@ -309,20 +323,21 @@ pub struct Datapath {
 struct FlowQueue {
     q: crate::fq::FlowQueues,
     keys: std::collections::hash_map::RandomState,
-    /// Bytes and buffers dequeued that the engine has not handed back, and
+    /// Buffers dequeued that the engine has not handed back, and the most
+    /// that may be: half the pool, so that the other half can hold queued
+    /// packets (and a backlog can be dropped from) while sends are slow.
+    in_flight_buffers: usize,
+    max_in_flight_buffers: usize,
+    /// Bytes dequeued that the engine has not handed back, and
     /// the most bytes that may be (a fixed BQL: enough to keep the
     /// destination busy; the rest waits here, where a sparse flow can pass
     /// it).
     in_flight: usize,
     in_flight_limit: usize,
-    in_flight_buffers: usize,
-    /// The engine's buffers of this side.
-    buffers: usize,
-    /// Since when every buffer has been queued or in flight each time a
-    /// packet landed: the kernel's queue in front holds a standing queue.
-    full_since: Option<u64>,
-    /// How long that may last before it is overload (CoDel's interval).
-    overload_after_ns: u64,
+    /// Overload: when the kernel last dropped at the queue in front of
+    /// this side (the TUN device's ring overflowed), as the engine found
+    /// by reading the device's drop counter.
+    ring_dropped_ns: Option<u64>,
 }
 
 impl FlowQueue {
@@ -333,36 +348,24 @@ impl FlowQueue {
             in_flight: 0,
             in_flight_limit,
             in_flight_buffers: 0,
-            buffers,
-            full_since: None,
-            overload_after_ns: p.interval.as_nanos() as u64,
+            max_in_flight_buffers: (buffers / 2).max(1),
+            ring_dropped_ns: None,
         }
     }
 
     /// Queues buffer `id`, `len` bytes whose (first) IP packet is `pkt`,
-    /// arrived at `at_ns`; `now_ns` for the overload state.
-    fn enqueue(
-        &mut self,
-        id: u32,
-        pkt: &[u8],
-        len: usize,
-        at_ns: u64,
-        now_ns: u64,
-        stats: &DirectionStats,
-    ) {
+    /// arrived at `at_ns`.
+    fn enqueue(&mut self, id: u32, pkt: &[u8], len: usize, at_ns: u64, stats: &DirectionStats) {
         let hash = crate::fq::flow_hash(&self.keys, pkt);
         let can_signal = !crate::aqm::is_tcp_without_data(pkt);
         self.q.enqueue(id, hash, len, can_signal, at_ns);
         stats.queue_max.record(self.q.len() as u64);
-        if self.q.len() + self.in_flight_buffers >= self.buffers {
-            self.full_since.get_or_insert(now_ns);
-        } else {
-            self.full_since = None;
-        }
     }
 
     fn next(&mut self, now_ns: u64, stats: &DirectionStats) -> Option<crate::fq::Dequeued> {
-        if self.in_flight >= self.in_flight_limit {
+        if self.in_flight >= self.in_flight_limit
+            || self.in_flight_buffers >= self.max_in_flight_buffers
+        {
             return None;
         }
         let d = self.q.dequeue(now_ns)?;
@@ -378,8 +381,8 @@ impl FlowQueue {
     }
 
     fn make_room(&mut self, now_ns: u64, stats: &DirectionStats) -> Option<u32> {
-        let since = self.full_since?;
-        if now_ns.saturating_sub(since) < self.overload_after_ns {
+        let t = self.ring_dropped_ns?;
+        if now_ns.saturating_sub(t) >= OVERLOAD_HOLD_NS {
             return None;
         }
         let id = self.q.drop_fattest()?;
@@ -462,6 +465,9 @@ impl Datapath {
             txq: None,
             rxq: None,
             epoch: std::time::Instant::now(),
+            device: String::new(),
+            ring_drops: None,
+            ring_checked_ns: 0,
         }
     }
 
@@ -579,7 +585,7 @@ impl Datapath {
             .unwrap_or(&[]);
         let at = rx.arrived_ns.unwrap_or(now_ns).min(now_ns);
         let len = rx.payload.len();
-        q.enqueue(id, inner, len, at, now_ns, &self.stats.peer_to_tun);
+        q.enqueue(id, inner, len, at, &self.stats.peer_to_tun);
     }
 
     /// The next queued receive to handle at `now_ns` (wall clock), unless
@@ -596,12 +602,46 @@ impl Datapath {
         }
     }
 
-    /// As [`Datapath::tx_make_room`], for the receive side: the socket's
-    /// buffer holds the rest unless that is overload.
-    pub fn rx_make_room(&mut self, now_ns: u64) -> Option<u32> {
-        self.rxq
-            .as_mut()?
-            .make_room(now_ns, &self.stats.peer_to_tun)
+    /// Names the TUN device whose drop counter the engine reads for
+    /// overload ([`Datapath::ring_check_due`]).
+    pub fn with_device(mut self, name: &str) -> Self {
+        self.device = name.to_string();
+        self
+    }
+
+    /// The device to watch.
+    pub fn device(&self) -> &str {
+        &self.device
+    }
+
+    /// True every [`RING_CHECK_NS`] with flow queueing on: the engine then
+    /// reads the device's drop counter (`crate::platform::device_tx_drops`)
+    /// and reports it with [`Datapath::tx_ring_drops`].
+    pub fn ring_check_due(&mut self, now_ns: u64) -> bool {
+        if self.txq.is_none() || self.device.is_empty() {
+            return false;
+        }
+        if now_ns.saturating_sub(self.ring_checked_ns) < RING_CHECK_NS {
+            return false;
+        }
+        self.ring_checked_ns = now_ns;
+        true
+    }
+
+    /// The device's transmit drop counter was `count` at `now_ns` (None:
+    /// unreadable): an increase is the ring overflowing, which starts (or
+    /// continues) overload.
+    pub fn tx_ring_drops(&mut self, count: Option<u64>, now_ns: u64) {
+        let Some(count) = count else { return };
+        let before = self.ring_drops.replace((count, now_ns));
+        // Only an increase since a recent reading is current: after a
+        // quiet spell (no visits, no readings) it may be long past.
+        if let (Some((b, at)), Some(q)) = (before, self.txq.as_mut())
+            && count > b
+            && now_ns.saturating_sub(at) <= 2 * RING_CHECK_NS
+        {
+            q.ring_dropped_ns = Some(now_ns);
+        }
     }
 
     /// The flow queues' clock (monotonic ns).
@@ -637,7 +677,7 @@ impl Datapath {
         let len = len.min(read.len().saturating_sub(self.read_headroom()));
         let pkt = &read[self.read_packet_range(len)];
         let Some(t) = &mut self.txq else { return };
-        t.enqueue(id, pkt, len, now_ns, now_ns, &self.stats.tun_to_peer);
+        t.enqueue(id, pkt, len, now_ns, &self.stats.tun_to_peer);
     }
 
     /// The next queued read to send at `now_ns` (new flows first, by
@@ -656,14 +696,15 @@ impl Datapath {
         }
     }
 
-    /// No buffer is free for the next TUN read at `now_ns`. A burst: None,
-    /// the device's ring holds the rest until buffers come back. Overload
-    /// (every read for a whole CoDel interval found the buffers full: the
-    /// ring holds a standing queue, in FIFO order, where a ping would wait
-    /// behind it): drops the head of the flow with the most bytes queued,
-    /// counted as `overload`, and returns its buffer for the next read,
-    /// so the device is read promptly and no work is spent on what is
-    /// dropped.
+    /// No buffer is free for the next TUN read at `now_ns`. Normally None:
+    /// the device's ring holds the rest until buffers come back (a burst).
+    /// In overload (the ring overflowed within [`OVERLOAD_HOLD_NS`]: the
+    /// sender does not answer CoDel, and a ping waits behind a full FIFO
+    /// ring or is dropped there): drops the head of the flow with the most
+    /// bytes queued, counted as `overload`, and returns its buffer for the
+    /// next read, so the device is read promptly, the flood loses what it
+    /// must in tunfwd's queue instead of everyone in the ring, and no work
+    /// is spent on what is dropped.
     pub fn tx_make_room(&mut self, now_ns: u64) -> Option<u32> {
         self.txq
             .as_mut()?
@@ -1474,6 +1515,43 @@ mod tests {
                 assert_eq!(first.range.len(), 9 * 1440);
             }
         }
+    }
+
+    #[test]
+    fn overload_is_the_rings_drop_counter_rising_recently() {
+        let mut d = dp(false)
+            .with_device("tun9")
+            .with_flow_queues(Some(crate::aqm::CodelParams::default()), 1 << 20);
+        d.attach_tx_buffers(4);
+        let pkt = crate::packet::offload::tests::tcp_packet(false, 1, 0x10, &[], &[7; 100]);
+        for id in 0..4 {
+            d.tx_enqueue(id, &pkt, pkt.len(), 0);
+        }
+        let ms = 1_000_000;
+        assert!(d.ring_check_due(0) || d.ring_check_due(RING_CHECK_NS));
+        d.tx_ring_drops(Some(100), RING_CHECK_NS);
+        // No increase: a full pool is a burst, the ring holds the rest.
+        assert_eq!(d.tx_make_room(RING_CHECK_NS), None);
+        // An increase since a reading 10 ms ago: overload, the fattest
+        // flow's head makes room, counted.
+        d.tx_ring_drops(Some(150), 2 * RING_CHECK_NS);
+        assert_eq!(d.tx_make_room(2 * RING_CHECK_NS + ms), Some(0));
+        assert_eq!(
+            d.stats()
+                .snapshot()
+                .tun_to_peer
+                .drops_for(DropReason::Overload),
+            1
+        );
+        // It holds for OVERLOAD_HOLD_NS, then ends.
+        let later = 2 * RING_CHECK_NS + OVERLOAD_HOLD_NS;
+        assert_eq!(d.tx_make_room(later), None);
+        // An increase found after a long quiet spell is not current.
+        d.tx_ring_drops(Some(900), later + 50 * ms);
+        assert_eq!(d.tx_make_room(later + 51 * ms), None);
+        // Not due more often than every RING_CHECK_NS.
+        assert!(d.ring_check_due(later + 60 * ms));
+        assert!(!d.ring_check_due(later + 61 * ms));
     }
 
     #[test]

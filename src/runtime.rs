@@ -250,6 +250,7 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
             tun,
             udp,
             datapath: Datapath::new(label, forwarder, stats, offload)
+                .with_device(&dev_name)
                 .with_aqm(cfg.aqm)
                 .with_flow_queues(cfg.aqm.filter(|_| cfg.flow_queues), cfg.aqm_inflight_bytes)
                 .with_visit_limits(VisitLimits {

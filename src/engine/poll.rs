@@ -297,9 +297,15 @@ impl PollWorker {
     /// Flow queueing: reads what the TUN queue holds, up to `--batch` reads,
     /// into free buffers and queues each by flow, so the device's FIFO ring
     /// only absorbs bursts. With no buffer free, the rest stays in the
-    /// device, unless that has lasted so long that it is overload: then
-    /// the fattest flow's head is dropped to make room.
+    /// device, unless its ring has been overflowing (overload, from the
+    /// device's drop counter, read every 10 ms): then the fattest flow's
+    /// head is dropped to make room.
     fn fill_queues(&mut self, head: usize, readable: bool) -> Result<()> {
+        let now = self.dp.clock_ns();
+        if self.dp.ring_check_due(now) {
+            let drops = crate::platform::device_tx_drops(self.dp.device());
+            self.dp.tx_ring_drops(drops, now);
+        }
         if !readable {
             return Ok(());
         }
@@ -473,9 +479,8 @@ impl PollWorker {
             return Ok(());
         }
         for _ in 0..self.dp.visit_limits().packets {
-            let now = crate::engine::wall_clock_ns();
-            let free = self.inb.free.pop();
-            let Some(id) = free.or_else(|| self.dp.rx_make_room(now)) else {
+            // With no buffer free, the socket's buffer holds the rest.
+            let Some(id) = self.inb.free.pop() else {
                 return Ok(());
             };
             let Some(rx) = self.receive(id as usize)? else {

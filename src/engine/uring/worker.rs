@@ -38,9 +38,6 @@ const COALESCE_WANT: usize = 32;
 /// ...but no longer than this.
 const COALESCE_WAIT_NS: u32 = 50_000;
 
-/// Buffers freed at once in overload (see `pump_queues`).
-const OVERLOAD_ROOM: usize = 8;
-
 /// Registered-file slots.
 const TUN_SLOT: u32 = 0;
 const UDP_SLOT: u32 = 1;
@@ -76,6 +73,9 @@ struct Reads {
     starved: bool,
     /// Buffers currently in the provided ring.
     ring_avail: u32,
+    /// TUN: a read found no buffer since the flow queues last looked (the
+    /// device's ring had more than tunfwd could take).
+    ran_out: bool,
 }
 
 impl Reads {
@@ -253,6 +253,7 @@ impl UringWorker {
             armed: 0,
             starved: false,
             ring_avail: 0,
+            ran_out: false,
         };
         let mut w = UringWorker {
             ring,
@@ -443,6 +444,7 @@ impl UringWorker {
         while self.tun_reads.armed < self.plan.opts.inflight {
             let Some(bid) = self.tun_reads.free.pop() else {
                 self.tun_reads.starved = true;
+                self.tun_reads.ran_out = true;
                 self.dp.stats().pool_exhausted.add(1);
                 break;
             };
@@ -850,6 +852,7 @@ impl UringWorker {
         }
         if reads.multishot() && res == -libc::ENOBUFS {
             self.dp.stats().pool_exhausted.add(1);
+            reads.ran_out = tun;
             // Buffers may have come back earlier in this batch: starve only
             // if the ring is empty.
             reads.starved = reads.ring_avail == 0;
@@ -911,8 +914,8 @@ impl UringWorker {
     /// Flow queueing: sends what the queues hand out (until the datapath's
     /// bytes in flight are reached or they are empty); then, if no TUN
     /// buffer is left for the next read and the datapath calls it
-    /// overload, drops from the fattest flow (up to a few buffers, so
-    /// reads keep up) so the device is still read promptly.
+    /// overload, drops from the fattest flow (until half the buffers are
+    /// free, so reads keep up) so the device is still read promptly.
     fn pump_queues(&mut self) -> Result<()> {
         if !self.dp.flow_queueing() || self.stopping {
             return Ok(());
@@ -923,9 +926,15 @@ impl UringWorker {
             let Ok(bid) = u16::try_from(d.id) else { break };
             self.act_on_read(bid, d.bytes, Some(d))?;
         }
-        if self.tun_buffers_free() == 0 {
-            let now = self.dp.clock_ns();
-            for _ in 0..OVERLOAD_ROOM {
+        let now = self.dp.clock_ns();
+        if self.dp.ring_check_due(now) {
+            let drops = crate::platform::device_tx_drops(self.dp.device());
+            self.dp.tx_ring_drops(drops, now);
+        }
+        // Reads ran out of buffers: in overload, make room (up to half the
+        // buffers free, so reads keep up).
+        if std::mem::take(&mut self.tun_reads.ran_out) {
+            while self.tun_buffers_free() < u32::from(self.per_group) / 2 {
                 let Some(id) = self.dp.tx_make_room(now) else {
                     break;
                 };
@@ -1075,9 +1084,8 @@ impl UringWorker {
     }
 
     /// Flow queueing: writes what the receive queues hand out (until the
-    /// datapath's bytes in flight are reached or they are empty); then, if
-    /// no UDP buffer is left and the datapath calls it overload, drops
-    /// from the fattest flow so the socket is still read promptly.
+    /// datapath's bytes in flight are reached or they are empty). With no
+    /// UDP buffer left, the socket's buffer holds the rest.
     fn pump_receives(&mut self) -> Result<()> {
         if !self.dp.rx_flow_queueing() || self.stopping {
             return Ok(());
@@ -1093,22 +1101,6 @@ impl UringWorker {
                     self.rx[usize::from(slot)].taken = Some(d);
                     self.recycle(bid)?;
                 }
-            }
-        }
-        let free = if self.udp_reads.multishot() {
-            self.udp_reads.ring_avail
-        } else {
-            self.udp_reads.free.len() as u32 + self.udp_reads.armed
-        };
-        if free == 0 {
-            let now = crate::engine::wall_clock_ns();
-            for _ in 0..OVERLOAD_ROOM {
-                let Some(id) = self.dp.rx_make_room(now) else {
-                    break;
-                };
-                let Ok(slot) = u16::try_from(id) else { break };
-                self.rx[usize::from(slot)].received = None;
-                self.recycle(slot + self.per_group)?;
             }
         }
         Ok(())
