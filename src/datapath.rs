@@ -572,8 +572,7 @@ impl Datapath {
     /// A receive `rx` landed in buffer `id` (`buf`) and was taken at
     /// `now_ns` (wall clock, as [`Datapath::handle_receive`]): queue it by
     /// the flow of its first packet, as of its arrival in the socket. The
-    /// buffer is the queue's until [`Datapath::rx_next`] or
-    /// [`Datapath::rx_make_room`] hands it back.
+    /// buffer is the queue's until [`Datapath::rx_next`] hands it back.
     pub fn rx_enqueue(&mut self, id: u32, rx: &Received, buf: &[u8], now_ns: u64) {
         let Some(q) = &mut self.rxq else { return };
         let first = rx.payload.start
