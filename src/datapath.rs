@@ -635,10 +635,9 @@ impl Datapath {
         let before = self.ring_drops.replace((count, now_ns));
         // Only an increase since a recent reading is current: after a
         // quiet spell (no visits, no readings) it may be long past.
-        if let (Some((b, at)), Some(q)) = (before, self.txq.as_mut())
-            && count > b
-            && now_ns.saturating_sub(at) <= 2 * RING_CHECK_NS
-        {
+        let rose = before
+            .is_some_and(|(b, at)| count > b && now_ns.saturating_sub(at) <= 2 * RING_CHECK_NS);
+        if let (true, Some(q)) = (rose, self.txq.as_mut()) {
             q.ring_dropped_ns = Some(now_ns);
         }
     }
