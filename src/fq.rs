@@ -29,10 +29,11 @@
 //!   queue, not behind its own backlog); the signal waits for the flow's
 //!   next packet that can carry it. The caller marks it CE if it is
 //!   ECN-capable, else drops it.
-//! - **Overload**: when the engine has no free buffer for the next read,
+//! - **Overload**: when the engine has no free buffer for the next read
+//!   and the datapath finds the TUN device's ring overflowing,
 //!   [`FlowQueues::drop_fattest`] drops the head of the flow with the most
-//!   bytes queued (RFC 8290 section 4.1), right after the read and before
-//!   any work is spent on splitting or sending it.
+//!   bytes queued (RFC 8290 section 4.1), before any work is spent on
+//!   splitting or sending it.
 
 use std::collections::VecDeque;
 use std::hash::BuildHasher;
