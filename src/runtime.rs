@@ -252,7 +252,10 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
             datapath: Datapath::new(label, forwarder, stats, offload)
                 .with_device(&dev_name)
                 .with_aqm(cfg.aqm)
-                .with_flow_queues(cfg.aqm.filter(|_| cfg.flow_queues), cfg.aqm_inflight_bytes)
+                .with_flow_queues(
+                    cfg.aqm.filter(|_| cfg.flow_queueing()),
+                    cfg.aqm_inflight_bytes,
+                )
                 .with_visit_limits(VisitLimits {
                     packets: cfg.batch,
                     bytes: cfg.visit_bytes,

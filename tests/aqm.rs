@@ -155,16 +155,12 @@ fn flow_queues_at_the_sender_signal_tcp_while_pings_pass() {
                 .split(", ")
                 .find_map(|f| f.strip_suffix(" received")?.parse().ok())
                 .unwrap_or_else(|| panic!("{what}: ping said {ping_out}"));
-            let summary = out
-                .lines()
-                .find(|l| l.contains("summary total"))
-                .unwrap_or_else(|| panic!("{what}: no summary\n{out}"));
             // The sending side (tun_to_peer) and the receiving side.
-            let (tx, rx) = summary.split_once("| peer_to_tun").expect("two directions");
-            let marks = stat(&out, "summary total", "aqm_marks");
-            let tx_drops = stat(tx, "summary total", "aqm");
-            let rx_drops = stat(&format!("x{rx}"), "x", "aqm");
-            let queue_max = stat(tx, "summary total", "queue_max");
+            let total = "summary total";
+            let marks = stat(&out, total, "aqm_marks");
+            let tx_drops = direction_stat(&out, total, "tun_to_peer", "aqm");
+            let rx_drops = direction_stat(&out, total, "peer_to_tun", "aqm");
+            let queue_max = direction_stat(&out, total, "tun_to_peer", "queue_max");
             eprintln!(
                 "{what}: flow queues: aqm_marks={marks} aqm drops={tx_drops} queue_max={queue_max}; \
                  InCEPkts +{}; pings {replies}/20, receive-side CoDel drops {rx_drops}",

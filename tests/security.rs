@@ -502,12 +502,7 @@ impl Hostile {
         let kernel_drops = stat(&out, "summary kernel", "udp_rcvbuf_drops");
         // Receives the flow queues dropped under overload, before looking
         // at them (the floods' mostly; the peer-to-TUN direction's).
-        let summary = out
-            .lines()
-            .find(|l| l.contains("summary total"))
-            .unwrap_or_default();
-        let rx_part = summary.split_once("| peer_to_tun").map_or("", |p| p.1);
-        let overload = stat(&format!("x{rx_part}"), "x", "overload");
+        let overload = direction_stat(&out, "summary total", "peer_to_tun", "overload");
         let mut counted = 0;
         for (reason, n) in &expected {
             let got = stat(&out, "summary total", reason);

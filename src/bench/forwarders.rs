@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
+use super::report::QueueFigures;
 use super::topology::{TUN_A, TUN_B, Topology, UNDERLAY_A, UNDERLAY_B};
 use crate::error::{Context, Error, Result};
 
@@ -154,18 +155,9 @@ pub struct PairCounters {
     /// full) and on the way into their TUN devices (queue full).
     pub udp_rcvbuf_drops: u64,
     pub tun_queue_drops: u64,
-    /// The longest visit of a worker to one direction, and the longest a
-    /// packet waited in a forwarder's queues (flow queues, or with `--aqm
-    /// codel` the receive buffer; microseconds, 0 if unmeasured).
-    pub visit_max_us: u64,
-    pub queue_delay_max_us: u64,
-    /// The most packets one side's flow queues held.
-    pub queue_max: u64,
-    /// CoDel's congestion signals: CE marks, and drops (part of `drops`).
-    pub aqm_marks: u64,
-    pub aqm_drops: u64,
-    /// Overload drops from the fattest flow (part of `drops`).
-    pub overload_drops: u64,
+    /// The queues: longest visit and wait, deepest queue, CoDel's marks and
+    /// drops, overload drops (the drops are part of `drops`).
+    pub queue: QueueFigures,
 }
 
 /// Values of `key=` on a summary line, in order of appearance.
@@ -185,15 +177,17 @@ fn counters(line: &str) -> PairCounters {
         drops: fields(line, "drops").iter().sum(),
         udp_rcvbuf_drops: fields(line, "udp_rcvbuf_drops").iter().sum(),
         tun_queue_drops: fields(line, "tun_queue_drops").iter().sum(),
-        visit_max_us: fields(line, "visit_max_us").into_iter().max().unwrap_or(0),
-        queue_delay_max_us: fields(line, "queue_delay_max_us")
-            .into_iter()
-            .max()
-            .unwrap_or(0),
-        queue_max: fields(line, "queue_max").into_iter().max().unwrap_or(0),
-        aqm_marks: fields(line, "aqm_marks").iter().sum(),
-        aqm_drops: fields(line, "aqm_drops").iter().sum(),
-        overload_drops: fields(line, "overload").iter().sum(),
+        queue: QueueFigures {
+            visit_max_us: fields(line, "visit_max_us").into_iter().max().unwrap_or(0),
+            queue_delay_max_us: fields(line, "queue_delay_max_us")
+                .into_iter()
+                .max()
+                .unwrap_or(0),
+            queue_max: fields(line, "queue_max").into_iter().max().unwrap_or(0),
+            aqm_marks: fields(line, "aqm_marks").iter().sum(),
+            aqm_drops: fields(line, "aqm_drops").iter().sum(),
+            overload_drops: fields(line, "overload").iter().sum(),
+        },
     }
 }
 
@@ -289,12 +283,7 @@ impl ForwarderPair {
             drops: ca.drops + cb.drops,
             udp_rcvbuf_drops: ca.udp_rcvbuf_drops + cb.udp_rcvbuf_drops,
             tun_queue_drops: ca.tun_queue_drops + cb.tun_queue_drops,
-            visit_max_us: ca.visit_max_us.max(cb.visit_max_us),
-            queue_delay_max_us: ca.queue_delay_max_us.max(cb.queue_delay_max_us),
-            queue_max: ca.queue_max.max(cb.queue_max),
-            aqm_marks: ca.aqm_marks + cb.aqm_marks,
-            aqm_drops: ca.aqm_drops + cb.aqm_drops,
-            overload_drops: ca.overload_drops + cb.overload_drops,
+            queue: ca.queue.merged(&cb.queue),
         })
     }
 }

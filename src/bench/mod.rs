@@ -42,7 +42,7 @@ impl Running {
         }
     }
 }
-use self::report::{Load, Percentiles, QueueFigures, Row, Workload};
+use self::report::{Load, Percentiles, Row, Workload};
 use self::topology::{TUN_B, Topology, UNDERLAY_B, VXLAN_B};
 use crate::error::{Context, Error, Result};
 
@@ -465,14 +465,7 @@ fn measure(
         row.fwd_drops = Some(c.drops);
         row.udp_rcvbuf_drops = Some(c.udp_rcvbuf_drops);
         row.tun_queue_drops = Some(c.tun_queue_drops);
-        row.queue = Some(QueueFigures {
-            visit_max_us: c.visit_max_us,
-            queue_delay_max_us: c.queue_delay_max_us,
-            queue_max: c.queue_max,
-            aqm_marks: c.aqm_marks,
-            aqm_drops: c.aqm_drops,
-            overload_drops: c.overload_drops,
-        });
+        row.queue = Some(c.queue);
     }
     Ok(row)
 }

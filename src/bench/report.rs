@@ -70,6 +70,21 @@ pub struct QueueFigures {
     pub overload_drops: u64,
 }
 
+impl QueueFigures {
+    /// Both forwarders' figures: the larger of the maxima, the sum of the
+    /// counts.
+    pub fn merged(&self, o: &QueueFigures) -> QueueFigures {
+        QueueFigures {
+            visit_max_us: self.visit_max_us.max(o.visit_max_us),
+            queue_delay_max_us: self.queue_delay_max_us.max(o.queue_delay_max_us),
+            queue_max: self.queue_max.max(o.queue_max),
+            aqm_marks: self.aqm_marks + o.aqm_marks,
+            aqm_drops: self.aqm_drops + o.aqm_drops,
+            overload_drops: self.overload_drops + o.overload_drops,
+        }
+    }
+}
+
 impl Percentiles {
     /// Probes that got an answer: the percentiles describe these only.
     pub fn answered(&self) -> u64 {

@@ -550,6 +550,26 @@ pub fn stat(text: &str, line_tag: &str, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The first `key=value` number of one direction (`tun_to_peer` or
+/// `peer_to_tun`) on the line with `line_tag` (0 if absent): a drop reason
+/// appears in a direction's `[...]` list only when it counted something, so
+/// the line is cut at the directions' boundary first.
+pub fn direction_stat(text: &str, line_tag: &str, direction: &str, key: &str) -> u64 {
+    let line = text
+        .lines()
+        .find(|l| l.contains(line_tag))
+        .unwrap_or_else(|| panic!("no line with {line_tag:?} in:\n{text}"));
+    let part = match line.split_once("| peer_to_tun") {
+        Some((tx, _)) if direction == "tun_to_peer" => tx,
+        Some((_, rx)) => rx,
+        None => "",
+    };
+    let pat = format!("{key}=");
+    part.split(|c: char| c.is_whitespace() || c == '[' || c == ']')
+        .find_map(|tok| tok.strip_prefix(&pat)?.parse().ok())
+        .unwrap_or(0)
+}
+
 /// The sum of every `key=value` on the line (e.g. both directions' packets).
 pub fn stat_sum(text: &str, line_tag: &str, key: &str) -> u64 {
     stat_values::<u64>(text, line_tag, key).iter().sum()
