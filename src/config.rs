@@ -97,6 +97,32 @@ pub struct Prefix {
 }
 
 impl Prefix {
+    /// The prefix of `len` bits at `addr` (host bits cleared); None if
+    /// `len` exceeds the family's width.
+    pub fn new(addr: IpAddr, len: u8) -> Option<Prefix> {
+        let net = match addr {
+            IpAddr::V4(a) if len <= 32 => {
+                IpAddr::from(std::net::Ipv4Addr::from(u32::from(a) & v4_mask(len)))
+            }
+            IpAddr::V6(a) if len <= 128 => {
+                IpAddr::from(std::net::Ipv6Addr::from(u128::from(a) & v6_mask(len)))
+            }
+            _ => return None,
+        };
+        Some(Prefix { net, len })
+    }
+
+    /// The network address (host bits clear).
+    pub fn net(&self) -> IpAddr {
+        self.net
+    }
+
+    /// The prefix length in bits.
+    #[allow(clippy::len_without_is_empty)]
+    pub fn len(&self) -> u8 {
+        self.len
+    }
+
     /// True if `addr` is inside the prefix (an IPv4 prefix never contains
     /// an IPv6 address and vice versa).
     pub fn contains(&self, addr: IpAddr) -> bool {

@@ -441,3 +441,83 @@ pub fn flow_queues_datapath(data: &[u8]) {
         s.tun_to_peer
     );
 }
+
+/// The peer table's longest-prefix match ([`crate::peers::Lpm`]) against a
+/// reference that tries every prefix. The input is a mode byte, then
+/// 5-byte prefixes (length, 24 bits of network, owner), then query bytes.
+/// Networks cluster after 198.19.0.0/16 and 2001:db8::/32 (or spread over
+/// the whole space, by the mode) so that prefixes nest; every prefix's
+/// first and last address and their neighbours are queried, as well as
+/// addresses from the input. A table with a prefix given twice must be
+/// refused.
+pub fn peer_table(data: &[u8]) {
+    use crate::peers::Lpm;
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    let cut = (rest.len() * 3 / 4) / 5 * 5;
+    let (entries, queries) = rest.split_at(cut);
+    let mut v4: Vec<(u32, u8, u32)> = Vec::new();
+    let mut v6: Vec<(u128, u8, u32)> = Vec::new();
+    for e in entries.chunks_exact(5) {
+        let x = u32::from_be_bytes([0, e[1], e[2], e[3]]);
+        let owner = u32::from(e[4] % 16);
+        if e[0] & 0x80 == 0 {
+            let len = e[0] % 33;
+            let net = if mode & 1 == 0 {
+                0xc613_0000 ^ (x << 8)
+            } else {
+                x.rotate_left(u32::from(e[4]))
+            };
+            v4.push((net & crate::config::v4_mask(len), len, owner));
+        } else {
+            let len = (e[0] & 0x7f) % 129;
+            let net = if mode & 1 == 0 {
+                (0x2001_0db8u128 << 96) | (u128::from(x) << 72)
+            } else {
+                u128::from(x).rotate_right(u32::from(e[4]))
+            };
+            v6.push((net & crate::config::v6_mask(len), len, owner));
+        }
+    }
+    fn check<K: crate::peers::Key>(mut prefixes: Vec<(K, u8, u32)>, extra: &[K]) {
+        let mut keys: Vec<(K, u8)> = prefixes.iter().map(|p| (p.0, p.1)).collect();
+        keys.sort();
+        let dups = keys.windows(2).any(|w| w[0] == w[1]);
+        assert_eq!(Lpm::build(prefixes.clone()).is_err(), dups);
+        // Keep the first of each prefix.
+        let mut seen = std::collections::HashSet::new();
+        prefixes.retain(|p| seen.insert((p.0, p.1)));
+        let lpm = Lpm::build(prefixes.clone()).expect("no duplicates");
+        let mut probes: Vec<K> = extra.to_vec();
+        for &(net, len, _) in &prefixes {
+            let (lo, hi) = K::range(net, len);
+            probes.extend([lo, hi, hi.succ(), lo.pred()]);
+        }
+        for a in probes {
+            assert_eq!(
+                lpm.lookup(a),
+                crate::peers::naive_lookup(&prefixes, a),
+                "{a:?} in {prefixes:?}"
+            );
+        }
+    }
+    let q4: Vec<u32> = queries
+        .chunks(4)
+        .map(|c| {
+            let mut b = [0u8; 4];
+            b[..c.len()].copy_from_slice(c);
+            if mode & 1 == 0 {
+                0xc613_0000 ^ (u32::from_be_bytes(b) >> 8)
+            } else {
+                u32::from_be_bytes(b)
+            }
+        })
+        .collect();
+    let q6: Vec<u128> = q4
+        .iter()
+        .map(|&a| (0x2001_0db8u128 << 96) | (u128::from(a) << 64))
+        .collect();
+    check(v4, &q4);
+    check(v6, &q6);
+}

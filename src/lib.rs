@@ -79,6 +79,7 @@ pub mod netlink;
 #[cfg(target_os = "linux")]
 pub mod netns;
 pub mod packet;
+pub mod peers;
 mod platform;
 pub mod reflect;
 pub mod runtime;

@@ -121,3 +121,8 @@ fn fuzz_split_coalesce() {
 fn fuzz_flow_queues() {
     fuzz("flow_queues", tunfwd::fuzz::flow_queues);
 }
+
+#[test]
+fn fuzz_peer_table() {
+    fuzz("peer_table", tunfwd::fuzz::peer_table);
+}

@@ -105,3 +105,10 @@ records = b"".join(bytes([op, len(p)]) + p for op, p in [(0, ect_tcp)] * 6 + [(1
 write("flow_queues", "ect-tcp-standing-queue", records)
 write("flow_queues", "udp-and-acks", b"".join(bytes([3, len(p)]) + p for p in [v4udp, ipv4(6, tcp(b""))] * 30))
 write("flow_queues", "clock-jumps", b"".join(bytes([op, 40]) + ipv4(17, udp(b"p" * 12)) for op in [0, 255, 3, 128, 1, 2] * 10))
+# peer_table: a mode byte, 5-byte prefixes (length, 24 bits of network,
+# owner; the high bit of the length picks IPv6), then query bytes.
+nested = b"".join(bytes([ln, 0, i, 0, i]) for i, ln in enumerate([16, 24, 28, 32, 8, 0, 20]))
+write("peer_table", "nested-v4", b"\0" + nested + bytes(range(40)))
+write("peer_table", "nested-v6", b"\0" + b"".join(bytes([0x80 | ln, 0, i, 7, i]) for i, ln in enumerate([32, 48, 56, 64, 128, 0, 40])) + bytes(range(60)))
+write("peer_table", "spread-many", b"\1" + b"".join(bytes([(i * 7) % 33 + (0x80 if i % 3 == 0 else 0), i, i * 3 % 256, i * 5 % 256, i % 16]) for i in range(120)) + bytes(range(200)))
+write("peer_table", "duplicates", b"\0" + bytes([24, 1, 2, 3, 1]) * 3 + bytes([0x80 | 64, 1, 2, 3, 2]) * 2 + bytes(16))

@@ -1,0 +1,966 @@
+//! Many peers: which peer an inner address belongs to, which peer a
+//! datagram came from, and what each peer moved.
+//!
+//! A [`PeerTable`] is built once from [`PeerSpec`]s (`--peer ADDR:PORT=CIDR,...`,
+//! `--peers-file`) and never changes; a reload builds a new one and swaps it
+//! in whole ([`SharedPeers`]). The prefixes have WireGuard's AllowedIPs
+//! meaning: one list both routes and filters.
+//! - **Outgoing**: the inner destination picks the peer whose prefix is the
+//!   longest match ([`PeerTable::route`]); none is a `no_route` drop.
+//! - **Incoming**: the UDP source (address and port) finds the peer in a
+//!   hash map ([`PeerTable::find`]); the inner source must route back to
+//!   that same peer ([`PeerTable::accepts`]), so a peer cannot send with
+//!   another peer's inner addresses.
+//!
+//! A single peer without prefixes is the point-to-point tunnel: everything
+//! goes to it and anything from it is accepted (subject to `--allow-src`),
+//! with no lookup at all.
+//!
+//! The longest-prefix match ([`Lpm`]) turns the nested prefixes into
+//! disjoint address ranges, each owned by the longest prefix covering it,
+//! kept as a sorted array of range starts; a lookup finds the last start at
+//! or below the address. A 65,536-entry index on the 16 bits after the
+//! starts' common leading bits narrows that to the few starts in the
+//! address's bucket, so a lookup is two or three memory reads and a short
+//! binary search, without allocation, for any table size.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::config::Prefix;
+use crate::forward::DropReason;
+use crate::stats::{Counter, Max};
+
+/// Most peers one table may hold.
+pub const MAX_PEERS: usize = 1 << 20;
+
+/// One peer as configured: its UDP address and the inner prefixes it owns
+/// (empty only for the single peer of a point-to-point tunnel).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerSpec {
+    pub addr: SocketAddr,
+    pub prefixes: Vec<Prefix>,
+}
+
+impl PeerSpec {
+    /// `ADDR:PORT`, `ADDR:PORT=CIDR,CIDR...`; `endpoint` parses the address
+    /// (it knows interface names for link-local scopes).
+    pub fn parse_with(
+        s: &str,
+        endpoint: impl Fn(&str) -> Result<SocketAddr, String>,
+    ) -> Result<PeerSpec, String> {
+        let (addr, list) = match s.split_once('=') {
+            Some((a, l)) => (a.trim(), Some(l)),
+            None => (s.trim(), None),
+        };
+        let addr = endpoint(addr)?;
+        let mut prefixes = Vec::new();
+        if let Some(list) = list {
+            for p in list.split([',', ' ', '\t']).filter(|p| !p.is_empty()) {
+                prefixes.push(p.parse::<Prefix>()?);
+            }
+            if prefixes.is_empty() {
+                return Err(format!(
+                    "{s:?}: no prefixes after '=' (ADDR:PORT=CIDR,CIDR...)"
+                ));
+            }
+        }
+        Ok(PeerSpec { addr, prefixes })
+    }
+}
+
+impl FromStr for PeerSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        PeerSpec::parse_with(s, |a| {
+            a.parse::<SocketAddr>()
+                .map_err(|_| format!("{a:?} is not ADDR:PORT (e.g. 198.18.0.2:5000)"))
+        })
+    }
+}
+
+impl fmt::Display for PeerSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.addr)?;
+        for (i, p) in self.prefixes.iter().enumerate() {
+            write!(f, "{}{p}", if i == 0 { '=' } else { ',' })?;
+        }
+        Ok(())
+    }
+}
+
+/// Parses a peers file: one peer per line as `ADDR:PORT CIDR,CIDR...` (or
+/// `ADDR:PORT=CIDR,...`, the `--peer` form; prefixes separated by commas or
+/// blanks), `#` starts a comment, blank lines are skipped. Errors name the
+/// line.
+pub fn parse_peers_file(
+    text: &str,
+    endpoint: impl Fn(&str) -> Result<SocketAddr, String>,
+) -> Result<Vec<PeerSpec>, String> {
+    let mut peers = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let normal = match line.split_once([' ', '\t']) {
+            Some((a, rest)) if !a.contains('=') => {
+                format!("{a}={}", rest.trim_start_matches([' ', '\t', '=']))
+            }
+            _ => line.to_string(),
+        };
+        let spec =
+            PeerSpec::parse_with(&normal, &endpoint).map_err(|e| format!("line {}: {e}", n + 1))?;
+        if spec.prefixes.is_empty() {
+            return Err(format!(
+                "line {}: peer {} has no prefixes (a peers-file line is ADDR:PORT CIDR,CIDR...)",
+                n + 1,
+                spec.addr
+            ));
+        }
+        peers.push(spec);
+    }
+    Ok(peers)
+}
+
+/// An address as an unsigned integer of its family's width.
+pub trait Key: Copy + Ord + Default + fmt::Debug + std::hash::Hash {
+    const BITS: u32;
+    const MAX: Self;
+    /// The bits `[from, from + n)` counted from the most significant one.
+    fn window(self, from: u32, n: u32) -> usize;
+    /// Leading bits that `self` and `other` share.
+    fn common(self, other: Self) -> u32;
+    /// The first and last address of the prefix of `len` bits at `net`.
+    fn range(net: Self, len: u8) -> (Self, Self);
+    fn succ(self) -> Self;
+    fn pred(self) -> Self;
+}
+
+macro_rules! key_impl {
+    ($t:ty) => {
+        impl Key for $t {
+            const BITS: u32 = <$t>::BITS;
+            const MAX: Self = <$t>::MAX;
+            #[inline]
+            fn window(self, from: u32, n: u32) -> usize {
+                if n == 0 {
+                    return 0;
+                }
+                let v = self.checked_shl(from).unwrap_or(0);
+                (v >> (Self::BITS - n)) as usize
+            }
+            #[inline]
+            fn common(self, other: Self) -> u32 {
+                (self ^ other).leading_zeros()
+            }
+            fn range(net: Self, len: u8) -> (Self, Self) {
+                let host = <$t>::MAX.checked_shr(u32::from(len)).unwrap_or(0);
+                (net & !host, net | host)
+            }
+            fn succ(self) -> Self {
+                self.wrapping_add(1)
+            }
+            fn pred(self) -> Self {
+                self.wrapping_sub(1)
+            }
+        }
+    };
+}
+key_impl!(u32);
+key_impl!(u128);
+
+/// No owner: an address range no prefix covers.
+const NONE: u32 = u32::MAX;
+
+/// Bits of the bucket index.
+const INDEX_BITS: u32 = 16;
+/// Below this many ranges a binary search over all of them is as quick as
+/// the index.
+const INDEX_MIN: usize = 64;
+
+/// Longest-prefix match over one address family: disjoint ranges (each
+/// start and the owner of the addresses from it to the next start), plus a
+/// bucket index over the starts.
+#[derive(Clone, Debug)]
+pub struct Lpm<K: Key> {
+    starts: Vec<K>,
+    owners: Vec<u32>,
+    /// Leading bits every start but the first (0) shares; the index reads
+    /// the INDEX_BITS bits after them.
+    common: u32,
+    bits: u32,
+    /// `index[k]`: the first start (from 1) whose bucket is at least `k`;
+    /// `index.len()` is `2^bits + 1`. Empty: no index.
+    index: Vec<u32>,
+}
+
+impl<K: Key> Default for Lpm<K> {
+    fn default() -> Self {
+        Lpm {
+            starts: vec![K::default()],
+            owners: vec![NONE],
+            common: 0,
+            bits: 0,
+            index: Vec::new(),
+        }
+    }
+}
+
+impl<K: Key> Lpm<K> {
+    /// Builds the ranges from `(network, length, owner)`; networks have no
+    /// host bits. Two entries for the same prefix: Err with the prefix
+    /// and both owners.
+    #[allow(clippy::type_complexity)]
+    pub fn build(mut prefixes: Vec<(K, u8, u32)>) -> Result<Lpm<K>, (K, u8, u32, u32)> {
+        prefixes.sort_unstable_by_key(|&(net, len, _)| (net, len));
+        for w in prefixes.windows(2) {
+            if (w[0].0, w[0].1) == (w[1].0, w[1].1) {
+                return Err((w[0].0, w[0].1, w[0].2, w[1].2));
+            }
+        }
+        let mut out = Ranges::default();
+        out.emit(K::default(), NONE);
+        // Open prefixes, innermost last: (last address, owner).
+        let mut open: Vec<(K, u32)> = Vec::new();
+        let close = |open: &mut Vec<(K, u32)>, out: &mut Ranges<K>| {
+            if let Some((end, _)) = open.pop() {
+                if end != K::MAX {
+                    out.emit(end.succ(), open.last().map_or(NONE, |o| o.1));
+                }
+            }
+        };
+        for (net, len, owner) in prefixes {
+            let (first, last) = K::range(net, len);
+            while open.last().is_some_and(|&(end, _)| end < first) {
+                close(&mut open, &mut out);
+            }
+            out.emit(first, owner);
+            open.push((last, owner));
+        }
+        while !open.is_empty() {
+            close(&mut open, &mut out);
+        }
+        let mut lpm = Lpm {
+            starts: out.starts,
+            owners: out.owners,
+            common: 0,
+            bits: 0,
+            index: Vec::new(),
+        };
+        lpm.build_index();
+        Ok(lpm)
+    }
+
+    fn build_index(&mut self) {
+        let n = self.starts.len();
+        if n < INDEX_MIN {
+            return;
+        }
+        let (lo, hi) = (self.starts[1], self.starts[n - 1]);
+        self.common = lo.common(hi).min(K::BITS);
+        self.bits = INDEX_BITS.min(K::BITS - self.common);
+        let buckets = 1usize << self.bits;
+        let mut index = vec![0u32; buckets + 1];
+        // index[k] = 1 + number of starts (from 1) in buckets below k.
+        let mut i = 1;
+        for (k, slot) in index.iter_mut().enumerate() {
+            while i < n && self.starts[i].window(self.common, self.bits) < k {
+                i += 1;
+            }
+            *slot = i as u32;
+        }
+        self.index = index;
+    }
+
+    /// The owner of `addr`: the longest prefix that holds it.
+    #[inline]
+    pub fn lookup(&self, addr: K) -> Option<u32> {
+        let i = self.position(addr);
+        let owner = self.owners[i];
+        (owner != NONE).then_some(owner)
+    }
+
+    /// The last range whose start is at most `addr`.
+    #[inline]
+    fn position(&self, addr: K) -> usize {
+        let s = &self.starts;
+        if self.index.is_empty() {
+            return s.partition_point(|&x| x <= addr) - 1;
+        }
+        let last = s.len() - 1;
+        if addr < s[1] {
+            return 0;
+        }
+        if addr >= s[last] {
+            return last;
+        }
+        // Between the first and the last start, `addr` shares their common
+        // leading bits: its bucket holds the answer's successor.
+        let k = addr.window(self.common, self.bits);
+        let from = self.index[k] as usize;
+        let to = self.index[k + 1] as usize;
+        from - 1 + s[from..to].partition_point(|&x| x <= addr)
+    }
+
+    /// Ranges (for sizing and tests).
+    pub fn ranges(&self) -> usize {
+        self.starts.len()
+    }
+}
+
+#[derive(Default)]
+struct Ranges<K> {
+    starts: Vec<K>,
+    owners: Vec<u32>,
+}
+
+impl<K: Key> Ranges<K> {
+    /// Addresses from `start` on belong to `owner` (until the next emit).
+    fn emit(&mut self, start: K, owner: u32) {
+        if self.starts.last() == Some(&start) {
+            self.owners.pop();
+            self.starts.pop();
+        }
+        if self.owners.last() == Some(&owner) {
+            return;
+        }
+        self.starts.push(start);
+        self.owners.push(owner);
+    }
+}
+
+/// Which peer, in one table.
+pub type PeerId = u32;
+
+/// What one worker counted for one peer (each worker writes only its own:
+/// no locked instruction; padded so workers never share a cache line).
+#[derive(Default, Debug)]
+#[repr(align(64))]
+pub struct PeerCounters {
+    /// Datagrams handed to the socket for the peer, and their bytes.
+    pub tx_packets: Counter,
+    pub tx_bytes: Counter,
+    /// Packets accepted from the peer (to be written to the TUN device),
+    /// and their bytes.
+    pub rx_packets: Counter,
+    pub rx_bytes: Counter,
+    /// When a datagram from the peer was last taken (ns since the Unix
+    /// epoch), whatever became of it.
+    pub last_rx_ns: Max,
+    drops: [Counter; DropReason::COUNT],
+}
+
+impl PeerCounters {
+    #[inline]
+    pub fn drop(&self, reason: DropReason) {
+        self.drops[reason.index()].add(1);
+    }
+}
+
+/// A peer's counters, one set per worker; kept across reloads for a peer
+/// whose address stays.
+#[derive(Debug)]
+pub struct PeerStats {
+    workers: Box<[PeerCounters]>,
+}
+
+impl PeerStats {
+    pub fn new(workers: usize) -> PeerStats {
+        PeerStats {
+            workers: (0..workers.max(1))
+                .map(|_| PeerCounters::default())
+                .collect(),
+        }
+    }
+
+    /// Worker `w`'s counters.
+    #[inline]
+    pub fn worker(&self, w: usize) -> &PeerCounters {
+        &self.workers[w.min(self.workers.len() - 1)]
+    }
+
+    /// The sum over workers.
+    pub fn snapshot(&self) -> PeerSnapshot {
+        let mut s = PeerSnapshot::default();
+        for c in self.workers.iter() {
+            s.tx_packets += c.tx_packets.get();
+            s.tx_bytes += c.tx_bytes.get();
+            s.rx_packets += c.rx_packets.get();
+            s.rx_bytes += c.rx_bytes.get();
+            s.last_rx_ns = s.last_rx_ns.max(c.last_rx_ns.get());
+            for (d, c) in s.drops.iter_mut().zip(&c.drops) {
+                *d += c.get();
+            }
+        }
+        s
+    }
+}
+
+/// A peer's counters summed over workers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerSnapshot {
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub last_rx_ns: u64,
+    pub drops: [u64; DropReason::COUNT],
+}
+
+impl PeerSnapshot {
+    pub fn dropped(&self) -> u64 {
+        self.drops.iter().sum()
+    }
+
+    pub fn drops_for(&self, r: DropReason) -> u64 {
+        self.drops[r.index()]
+    }
+
+    /// `key=value` fields, as the stats lines print them; `now_ns` (Unix
+    /// epoch) dates the last receive.
+    pub fn fields(&self, now_ns: u64) -> String {
+        let mut s = format!(
+            "tx_packets={} tx_bytes={} rx_packets={} rx_bytes={} drops={}",
+            self.tx_packets,
+            self.tx_bytes,
+            self.rx_packets,
+            self.rx_bytes,
+            self.dropped()
+        );
+        let reasons: Vec<String> = DropReason::ALL
+            .iter()
+            .filter(|r| self.drops_for(**r) > 0)
+            .map(|r| format!("{r}={}", self.drops_for(*r)))
+            .collect();
+        if !reasons.is_empty() {
+            s.push_str(&format!("[{}]", reasons.join(" ")));
+        }
+        if self.last_rx_ns == 0 {
+            s.push_str(" last_rx=never");
+        } else {
+            let ago = now_ns.saturating_sub(self.last_rx_ns) as f64 / 1e9;
+            s.push_str(&format!(" last_rx_s_ago={ago:.1}"));
+        }
+        s
+    }
+}
+
+/// One peer of a table.
+#[derive(Debug)]
+pub struct Peer {
+    /// As configured, canonical (see [`crate::forward::canonical`]).
+    pub addr: SocketAddr,
+    pub prefixes: Vec<Prefix>,
+    pub stats: Arc<PeerStats>,
+}
+
+/// Every peer of a tunnel, with the lookups the datapath makes. Built once
+/// ([`PeerTable::build`]), shared by the workers, swapped whole.
+#[derive(Debug)]
+pub struct PeerTable {
+    peers: Vec<Peer>,
+    v4: Lpm<u32>,
+    v6: Lpm<u128>,
+    /// Peer by UDP source (canonical address and port); keyed SipHash, so
+    /// a sender cannot choose colliding source addresses.
+    by_addr: HashMap<SocketAddr, PeerId>,
+    /// One peer without prefixes: everything routes to it.
+    catch_all: bool,
+    /// Match only the address of a datagram's source, not its port (TAP
+    /// mode: VXLAN senders pick the source port from a flow hash).
+    any_port: bool,
+    prefixes: usize,
+}
+
+/// Why a set of peers cannot be a table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TableError {
+    NoPeers,
+    TooMany(usize),
+    DuplicatePeer(SocketAddr),
+    DuplicatePrefix {
+        prefix: Prefix,
+        first: SocketAddr,
+        second: SocketAddr,
+    },
+    /// Several peers, and this one has no prefixes to route by.
+    NoPrefixes(SocketAddr),
+}
+
+impl fmt::Display for TableError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TableError::NoPeers => f.write_str("no peers"),
+            TableError::TooMany(n) => write!(f, "{n} peers: at most {MAX_PEERS}"),
+            TableError::DuplicatePeer(a) => write!(f, "peer {a} is given twice"),
+            TableError::DuplicatePrefix {
+                prefix,
+                first,
+                second,
+            } => {
+                if first == second {
+                    write!(f, "prefix {prefix} is given twice for peer {first}")
+                } else {
+                    write!(
+                        f,
+                        "prefix {prefix} is given to both peer {first} and peer {second}"
+                    )
+                }
+            }
+            TableError::NoPrefixes(a) => write!(
+                f,
+                "peer {a} has no prefixes: with several peers each needs its own (ADDR:PORT=CIDR,...)"
+            ),
+        }
+    }
+}
+
+impl PeerTable {
+    /// The table for `specs`, with counters for `workers` workers; a peer
+    /// whose address is in `old` keeps its counters. `any_port`: match
+    /// datagram sources by address only (TAP mode).
+    pub fn build(
+        specs: &[PeerSpec],
+        workers: usize,
+        any_port: bool,
+        old: Option<&PeerTable>,
+    ) -> Result<PeerTable, TableError> {
+        if specs.is_empty() {
+            return Err(TableError::NoPeers);
+        }
+        if specs.len() > MAX_PEERS {
+            return Err(TableError::TooMany(specs.len()));
+        }
+        let catch_all = specs.len() == 1 && specs[0].prefixes.is_empty();
+        let mut by_addr = HashMap::with_capacity(specs.len());
+        let mut peers = Vec::with_capacity(specs.len());
+        let mut v4 = Vec::new();
+        let mut v6 = Vec::new();
+        for (id, spec) in specs.iter().enumerate() {
+            let addr = key_addr(crate::forward::canonical(spec.addr), any_port);
+            if by_addr.insert(addr, id as PeerId).is_some() {
+                return Err(TableError::DuplicatePeer(spec.addr));
+            }
+            if spec.prefixes.is_empty() && !catch_all {
+                return Err(TableError::NoPrefixes(spec.addr));
+            }
+            for p in &spec.prefixes {
+                match p.net() {
+                    IpAddr::V4(n) => v4.push((u32::from(n), p.len(), id as u32)),
+                    IpAddr::V6(n) => v6.push((u128::from(n), p.len(), id as u32)),
+                }
+            }
+            let stats = old
+                .and_then(|t| t.find_exact(addr))
+                .map(|p| p.stats.clone())
+                .unwrap_or_else(|| Arc::new(PeerStats::new(workers)));
+            peers.push(Peer {
+                addr: crate::forward::canonical(spec.addr),
+                prefixes: spec.prefixes.clone(),
+                stats,
+            });
+        }
+        let dup = |(net, len, a, b): (IpAddr, u8, u32, u32)| TableError::DuplicatePrefix {
+            prefix: Prefix::new(net, len).expect("a prefix of the table"),
+            first: specs[a.min(b) as usize].addr,
+            second: specs[a.max(b) as usize].addr,
+        };
+        let prefixes = v4.len() + v6.len();
+        let v4 = Lpm::build(v4)
+            .map_err(|(n, l, a, b)| dup((IpAddr::from(std::net::Ipv4Addr::from(n)), l, a, b)))?;
+        let v6 = Lpm::build(v6)
+            .map_err(|(n, l, a, b)| dup((IpAddr::from(std::net::Ipv6Addr::from(n)), l, a, b)))?;
+        Ok(PeerTable {
+            peers,
+            v4,
+            v6,
+            by_addr,
+            catch_all,
+            any_port,
+            prefixes,
+        })
+    }
+
+    /// A point-to-point table: one peer, no prefixes.
+    pub fn single(peer: SocketAddr, any_port: bool) -> PeerTable {
+        PeerTable::build(
+            &[PeerSpec {
+                addr: peer,
+                prefixes: Vec::new(),
+            }],
+            1,
+            any_port,
+            None,
+        )
+        .expect("one peer is a table")
+    }
+
+    fn find_exact(&self, key: SocketAddr) -> Option<&Peer> {
+        self.by_addr.get(&key).map(|&i| &self.peers[i as usize])
+    }
+
+    /// True for a point-to-point table (one peer, no prefixes).
+    pub fn is_single(&self) -> bool {
+        self.catch_all
+    }
+
+    pub fn len(&self) -> usize {
+        self.peers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.peers.is_empty()
+    }
+
+    pub fn prefixes(&self) -> usize {
+        self.prefixes
+    }
+
+    pub fn peers(&self) -> &[Peer] {
+        &self.peers
+    }
+
+    pub fn peer(&self, id: PeerId) -> &Peer {
+        &self.peers[id as usize]
+    }
+
+    /// The peer a datagram from `src` (canonical, its port already
+    /// shifted back by the worker's queue) came from.
+    #[inline]
+    pub fn find(&self, src: SocketAddr) -> Option<PeerId> {
+        if self.catch_all {
+            let p = &self.peers[0].addr;
+            let hit = if self.any_port {
+                src.ip() == p.ip()
+            } else {
+                src == *p
+            };
+            return hit.then_some(0);
+        }
+        self.by_addr.get(&key_addr(src, self.any_port)).copied()
+    }
+
+    /// The peer for inner destination `dst`: the longest prefix holding
+    /// it.
+    #[inline]
+    pub fn route(&self, dst: IpAddr) -> Option<PeerId> {
+        if self.catch_all {
+            return Some(0);
+        }
+        match dst {
+            IpAddr::V4(a) => self.v4.lookup(u32::from(a)),
+            IpAddr::V6(a) => self.v6.lookup(u128::from(a)),
+        }
+    }
+
+    /// The same for the destination of a valid IP packet `pkt`.
+    #[inline]
+    pub fn route_packet(&self, pkt: &[u8]) -> Option<PeerId> {
+        if self.catch_all {
+            return Some(0);
+        }
+        self.route(packet_addr(pkt, false)?)
+    }
+
+    /// True if `peer` may send packets from inner source `src`: the source
+    /// routes back to it (any source for a point-to-point peer).
+    #[inline]
+    pub fn accepts(&self, peer: PeerId, src: IpAddr) -> bool {
+        self.catch_all || self.route(src) == Some(peer)
+    }
+
+    /// The counters of the `n` peers that moved the most bytes (both ways),
+    /// most first, and how many peers there are.
+    pub fn top(&self, n: usize) -> Vec<(SocketAddr, PeerSnapshot)> {
+        let mut all: Vec<(SocketAddr, PeerSnapshot)> = self
+            .peers
+            .iter()
+            .map(|p| (p.addr, p.stats.snapshot()))
+            .collect();
+        all.sort_by_key(|(a, s)| (std::cmp::Reverse(s.tx_bytes + s.rx_bytes), *a));
+        all.truncate(n);
+        all
+    }
+}
+
+/// The longest prefix holding `a`, found by looking at every one: the
+/// reference the fuzz target checks [`Lpm`] against.
+pub fn naive_lookup<K: Key>(prefixes: &[(K, u8, u32)], a: K) -> Option<u32> {
+    prefixes
+        .iter()
+        .filter(|&&(net, len, _)| {
+            let (lo, hi) = K::range(net, len);
+            lo <= a && a <= hi
+        })
+        .max_by_key(|p| p.1)
+        .map(|p| p.2)
+}
+
+/// The source or destination address of an IP packet whose version and
+/// fixed header are there.
+#[inline]
+pub fn packet_addr(pkt: &[u8], source: bool) -> Option<IpAddr> {
+    match pkt.first()? >> 4 {
+        4 => {
+            let at = if source { 12 } else { 16 };
+            let b: [u8; 4] = pkt.get(at..at + 4)?.try_into().ok()?;
+            Some(IpAddr::from(b))
+        }
+        6 => {
+            let at = if source { 8 } else { 24 };
+            let b: [u8; 16] = pkt.get(at..at + 16)?.try_into().ok()?;
+            Some(IpAddr::from(b))
+        }
+        _ => None,
+    }
+}
+
+/// The map key of a datagram source: the canonical address, its port
+/// (0 when only addresses count).
+fn key_addr(a: SocketAddr, any_port: bool) -> SocketAddr {
+    if any_port {
+        SocketAddr::new(a.ip(), 0)
+    } else {
+        a
+    }
+}
+
+/// The current table, swapped whole on a reload. Workers compare the
+/// generation (one atomic load per visit) and take the table (under the
+/// lock, only when it changed); nothing on the hot path waits.
+#[derive(Debug)]
+pub struct SharedPeers {
+    generation: AtomicU64,
+    table: Mutex<Arc<PeerTable>>,
+}
+
+impl SharedPeers {
+    pub fn new(table: Arc<PeerTable>) -> SharedPeers {
+        SharedPeers {
+            generation: AtomicU64::new(1),
+            table: Mutex::new(table),
+        }
+    }
+
+    #[inline]
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// The table and its generation.
+    pub fn load(&self) -> (u64, Arc<PeerTable>) {
+        let t = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        (self.generation.load(Ordering::Acquire), t.clone())
+    }
+
+    /// Makes `table` current for every worker's next visit.
+    pub fn store(&self, table: Arc<PeerTable>) {
+        let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        *t = table;
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(s: &str) -> PeerSpec {
+        s.parse().unwrap()
+    }
+
+    fn table(specs: &[&str]) -> PeerTable {
+        let specs: Vec<PeerSpec> = specs.iter().map(|s| spec(s)).collect();
+        PeerTable::build(&specs, 1, false, None).unwrap()
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn parses_peer_flags() {
+        let p = spec("198.18.0.2:5000=198.19.0.0/24, 2001:db8:19::/48");
+        assert_eq!(p.addr, "198.18.0.2:5000".parse().unwrap());
+        assert_eq!(p.prefixes.len(), 2);
+        assert_eq!(
+            p.to_string(),
+            "198.18.0.2:5000=198.19.0.0/24,2001:db8:19::/48"
+        );
+        let p = spec("[2001:db8::2]:5000=198.19.0.9/32");
+        assert_eq!(p.addr, "[2001:db8::2]:5000".parse().unwrap());
+        assert!(spec("198.18.0.2:5000").prefixes.is_empty());
+        for bad in [
+            "198.18.0.2:5000=",
+            "198.18.0.2=198.19.0.0/24",
+            "198.18.0.2:5000=198.19.0.0",
+            "198.18.0.2:5000=198.19.0.0/33",
+        ] {
+            assert!(bad.parse::<PeerSpec>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn parses_peers_files() {
+        let text = "# hub\n\n198.18.0.11:5000 198.19.0.11/32, 2001:db8:19::11/128\n\
+                    198.18.0.12:5000=198.19.0.12/32 # spoke 2\n  198.18.0.13:5000\t198.19.1.0/24 198.19.2.0/24\n";
+        let peers = parse_peers_file(text, |a| a.parse().map_err(|_| "bad".to_string())).unwrap();
+        assert_eq!(peers.len(), 3);
+        assert_eq!(peers[0].prefixes.len(), 2);
+        assert_eq!(peers[2].prefixes.len(), 2);
+        let e = parse_peers_file("\n198.18.0.11:5000 198.19.0.11/32\nnonsense here\n", |a| {
+            a.parse().map_err(|_| format!("{a:?} is not ADDR:PORT"))
+        })
+        .unwrap_err();
+        assert_eq!(e, "line 3: \"nonsense\" is not ADDR:PORT");
+        let e = parse_peers_file("198.18.0.11:5000\n", |a| {
+            a.parse().map_err(|_| "bad".to_string())
+        })
+        .unwrap_err();
+        assert!(
+            e.starts_with("line 1: peer 198.18.0.11:5000 has no prefixes"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn longest_prefix_wins_both_families() {
+        let t = table(&[
+            "198.18.0.1:5000=198.19.0.0/16,2001:db8::/32",
+            "198.18.0.2:5000=198.19.1.0/24,2001:db8:1::/48",
+            "198.18.0.3:5000=198.19.1.7/32,2001:db8:1::7/128",
+            "198.18.0.4:5000=0.0.0.0/0",
+        ]);
+        assert_eq!(t.route(ip("198.19.2.1")), Some(0));
+        assert_eq!(t.route(ip("198.19.1.1")), Some(1));
+        assert_eq!(t.route(ip("198.19.1.7")), Some(2));
+        assert_eq!(t.route(ip("198.19.1.8")), Some(1));
+        assert_eq!(t.route(ip("198.20.0.1")), Some(3));
+        assert_eq!(t.route(ip("2001:db8:2::1")), Some(0));
+        assert_eq!(t.route(ip("2001:db8:1::1")), Some(1));
+        assert_eq!(t.route(ip("2001:db8:1::7")), Some(2));
+        assert_eq!(t.route(ip("2001:db9::1")), None);
+        // The inner source must route back to the sender.
+        assert!(t.accepts(1, ip("198.19.1.1")));
+        assert!(!t.accepts(1, ip("198.19.1.7")));
+        assert!(!t.accepts(1, ip("198.19.2.1")));
+        assert!(t.accepts(3, ip("203.0.113.1")));
+    }
+
+    #[test]
+    fn whole_space_and_edges() {
+        let t = table(&[
+            "198.18.0.1:5000=0.0.0.0/1,::/0",
+            "198.18.0.2:5000=128.0.0.0/1,ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff/128",
+            "198.18.0.3:5000=255.255.255.255/32,0.0.0.0/32,::/128",
+        ]);
+        assert_eq!(t.route(ip("0.0.0.0")), Some(2));
+        assert_eq!(t.route(ip("0.0.0.1")), Some(0));
+        assert_eq!(t.route(ip("127.255.255.255")), Some(0));
+        assert_eq!(t.route(ip("128.0.0.0")), Some(1));
+        assert_eq!(t.route(ip("255.255.255.254")), Some(1));
+        assert_eq!(t.route(ip("255.255.255.255")), Some(2));
+        assert_eq!(t.route(ip("::")), Some(2));
+        assert_eq!(t.route(ip("::1")), Some(0));
+        assert_eq!(
+            t.route(ip("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff")),
+            Some(1)
+        );
+    }
+
+    #[test]
+    fn finds_peers_by_source() {
+        let t = table(&[
+            "198.18.0.1:5000=198.19.0.1/32",
+            "[2001:db8::2]:5000=198.19.0.2/32",
+        ]);
+        assert_eq!(t.find("198.18.0.1:5000".parse().unwrap()), Some(0));
+        assert_eq!(t.find("198.18.0.1:5001".parse().unwrap()), None);
+        assert_eq!(t.find("[2001:db8::2]:5000".parse().unwrap()), Some(1));
+        assert_eq!(t.find("198.18.0.9:5000".parse().unwrap()), None);
+        let tap = PeerTable::single("198.18.0.1:4789".parse().unwrap(), true);
+        assert_eq!(tap.find("198.18.0.1:40000".parse().unwrap()), Some(0));
+        let one = PeerTable::single("198.18.0.1:5000".parse().unwrap(), false);
+        assert_eq!(one.find("198.18.0.1:5000".parse().unwrap()), Some(0));
+        assert_eq!(one.find("198.18.0.1:5001".parse().unwrap()), None);
+        assert_eq!(one.route(ip("203.0.113.9")), Some(0));
+        assert!(one.accepts(0, ip("2001:db8::9")));
+    }
+
+    #[test]
+    fn refuses_what_cannot_route() {
+        let build = |s: &[&str]| {
+            let specs: Vec<PeerSpec> = s.iter().map(|s| spec(s)).collect();
+            PeerTable::build(&specs, 1, false, None)
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            build(&[
+                "198.18.0.1:5000=198.19.0.0/24",
+                "198.18.0.2:5000=198.19.0.7/24"
+            ]),
+            "prefix 198.19.0.0/24 is given to both peer 198.18.0.1:5000 and peer 198.18.0.2:5000"
+        );
+        assert_eq!(
+            build(&[
+                "198.18.0.1:5000=198.19.0.0/24",
+                "198.18.0.1:5000=198.19.1.0/24"
+            ]),
+            "peer 198.18.0.1:5000 is given twice"
+        );
+        assert!(
+            build(&["198.18.0.1:5000=198.19.0.0/24", "198.18.0.2:5000"])
+                .starts_with("peer 198.18.0.2:5000 has no prefixes")
+        );
+        assert_eq!(build(&[]), "no peers");
+    }
+
+    #[test]
+    fn counters_survive_a_rebuild_for_the_same_address() {
+        let a = table(&[
+            "198.18.0.1:5000=198.19.0.1/32",
+            "198.18.0.2:5000=198.19.0.2/32",
+        ]);
+        a.peer(0).stats.worker(0).tx_packets.add(5);
+        let specs: Vec<PeerSpec> = [
+            "198.18.0.3:5000=198.19.0.3/32",
+            "198.18.0.1:5000=198.19.0.0/24",
+        ]
+        .iter()
+        .map(|s| spec(s))
+        .collect();
+        let b = PeerTable::build(&specs, 1, false, Some(&a)).unwrap();
+        assert_eq!(b.peer(1).stats.snapshot().tx_packets, 5);
+        assert_eq!(b.peer(0).stats.snapshot().tx_packets, 0);
+        assert_eq!(
+            b.top(1)[0].0,
+            "198.18.0.1:5000".parse::<SocketAddr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn index_matches_search_on_large_tables() {
+        // Enough ranges for the bucket index, clustered and spread.
+        let mut v4 = Vec::new();
+        for i in 0..5000u32 {
+            let net = 0xc613_0000 | (i << 2);
+            v4.push((net, 30, i % 7));
+        }
+        v4.push((0xc600_0000, 8, 99));
+        let lpm = Lpm::build(v4.clone()).unwrap();
+        assert!(!lpm.index.is_empty());
+        for a in (0xc500_0000u32..0xc700_0000)
+            .step_by(997)
+            .chain(0xc613_0000..0xc613_5000)
+        {
+            assert_eq!(lpm.lookup(a), naive_lookup(&v4, a), "{a:#x}");
+        }
+    }
+}
