@@ -140,7 +140,7 @@ fn base_config(
     device: DeviceArgs,
     run: RunArgs,
     listen: SocketAddr,
-    peer: SocketAddr,
+    peers: Vec<crate::peers::PeerSpec>,
 ) -> TunnelConfig {
     TunnelConfig {
         dev: device.dev,
@@ -149,7 +149,9 @@ fn base_config(
         mtu: device.mtu,
         txqueuelen: device.txqueuelen,
         listen,
-        peer,
+        peers,
+        peers_file: None,
+        stats_peers: config::DEFAULT_STATS_PEERS,
         engine: run.engine.kind(),
         queues: run.queues,
         cpus: run.cpus,
@@ -189,7 +191,7 @@ impl ReflectArgs {
         let unused: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 0));
         TunnelConfig {
             mode: config::Mode::Reflect,
-            ..base_config(self.device, self.run, unused, unused)
+            ..base_config(self.device, self.run, unused, Vec::new())
         }
     }
 }
@@ -313,24 +315,11 @@ enum EncapArg {
 /// `ADDR:PORT`, where an IPv6 address may carry its scope as a number or an
 /// interface name: `[fe80::2%eth0]:5000` (the name is looked up here, in the
 /// namespace tunfwd starts in; with --netns give the number).
-fn parse_endpoint(s: &str) -> Result<SocketAddr, String> {
-    if let Ok(a) = s.parse::<SocketAddr>() {
-        return Ok(a);
-    }
-    let bad = || format!("{s:?} is not ADDR:PORT (e.g. 198.18.0.1:5000, [2001:db8::1]:5000)");
-    let (host, port) = s.rsplit_once("]:").ok_or_else(bad)?;
-    let (ip, scope) = host
-        .strip_prefix('[')
-        .and_then(|h| h.split_once('%'))
-        .ok_or_else(bad)?;
-    let ip: std::net::Ipv6Addr = ip.parse().map_err(|_| bad())?;
-    let port: u16 = port.parse().map_err(|_| bad())?;
-    let index = nix::net::if_::if_nametoindex(scope).map_err(|e| {
-        format!("{s:?}: no interface {scope:?} here ({e}); with --netns, give its index instead")
-    })?;
-    Ok(SocketAddr::V6(std::net::SocketAddrV6::new(
-        ip, port, 0, index,
-    )))
+use config::parse_endpoint;
+
+/// `--peer ADDR:PORT[=CIDR,...]`.
+fn parse_peer(s: &str) -> Result<crate::peers::PeerSpec, String> {
+    crate::peers::PeerSpec::parse_with(s, parse_endpoint)
 }
 
 fn parse_mac(s: &str) -> Result<[u8; 6], String> {
@@ -411,11 +400,32 @@ struct TunnelArgs {
     #[arg(long, value_name = "ADDR:PORT", value_parser = parse_endpoint)]
     listen: SocketAddr,
 
-    /// The peer's UDP address (a link-local one with its interface,
-    /// [fe80::2%eth0]:5000). Only datagrams from it reach the device. With
-    /// --queues N, queue i talks to PORT+i.
-    #[arg(long, value_name = "ADDR:PORT", value_parser = parse_endpoint)]
-    peer: SocketAddr,
+    /// A peer's UDP address (a link-local one with its interface,
+    /// [fe80::2%eth0]:5000), optionally with the inner prefixes it owns:
+    /// ADDR:PORT=CIDR,CIDR... (IPv4 and IPv6). Repeatable. A single peer
+    /// without prefixes is a point-to-point tunnel: every packet goes to it
+    /// and anything from it is accepted (subject to --allow-src). With
+    /// prefixes (WireGuard's AllowedIPs): a packet goes to the peer whose
+    /// prefix is the longest match for its destination (none: dropped as
+    /// no_route), and a datagram from a peer is accepted only if its inner
+    /// source matches that same peer (else source_not_allowed). Only
+    /// datagrams from a peer's address and port reach the device. With
+    /// --queues N, queue i talks to each peer's PORT+i.
+    #[arg(long, value_name = "ADDR:PORT[=CIDR,...]", value_parser = parse_peer)]
+    peer: Vec<crate::peers::PeerSpec>,
+
+    /// More peers, one per line: ADDR:PORT CIDR,CIDR... ('#' starts a
+    /// comment; blank lines are skipped). Read at start; SIGHUP reads it
+    /// again and swaps the whole table (peers added start, peers removed
+    /// stop, the rest carry on); a file with an error is refused whole and
+    /// the old table stays.
+    #[arg(long, value_name = "FILE")]
+    peers_file: Option<std::path::PathBuf>,
+
+    /// Peers listed in each stats line and in the summary, most traffic
+    /// first (with prefixes only; 0: none) [default: 10].
+    #[arg(long, value_name = "N")]
+    stats_peers: Option<usize>,
 
     #[command(flatten)]
     run: RunArgs,
@@ -609,6 +619,8 @@ impl TunnelArgs {
                 sqpoll_idle_ms: self.sqpoll,
                 sqpoll_cpu: self.sqpoll_cpu,
             },
+            peers_file: self.peers_file,
+            stats_peers: self.stats_peers.unwrap_or(config::DEFAULT_STATS_PEERS),
             ..base_config(self.device, self.run, self.listen, self.peer)
         })
     }

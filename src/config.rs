@@ -174,6 +174,9 @@ impl fmt::Display for Prefix {
     }
 }
 
+/// Peers shown in the stats lines and the summary by default.
+pub const DEFAULT_STATS_PEERS: usize = 10;
+
 /// Which engine moves the packets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EngineKind {
@@ -325,7 +328,14 @@ pub struct TunnelConfig {
     /// `None`: leave the device's txqueuelen alone.
     pub txqueuelen: Option<u32>,
     pub listen: SocketAddr,
-    pub peer: SocketAddr,
+    /// `--peer`: the peers given on the command line (empty for a
+    /// reflector); one without prefixes is a point-to-point tunnel.
+    pub peers: Vec<crate::peers::PeerSpec>,
+    /// `--peers-file`: more peers, read at start and on SIGHUP.
+    pub peers_file: Option<std::path::PathBuf>,
+    /// Peers shown in the stats lines and the summary (the most traffic
+    /// first).
+    pub stats_peers: usize,
     pub engine: EngineKind,
     pub queues: usize,
     pub batch: usize,
@@ -496,15 +506,14 @@ impl TunnelConfig {
                 )));
             }
         }
-        for (what, addr) in [("--listen", self.listen), ("--peer", self.peer)] {
-            if let SocketAddr::V6(a) = addr {
-                if a.ip().is_unicast_link_local() && a.scope_id() == 0 {
-                    return Err(Error::config(format!(
-                        "{what} {addr} is link-local: name its interface, e.g. [{}%eth0]:{}",
-                        a.ip(),
-                        a.port()
-                    )));
-                }
+        if let SocketAddr::V6(a) = self.listen {
+            if a.ip().is_unicast_link_local() && a.scope_id() == 0 {
+                return Err(Error::config(format!(
+                    "--listen {} is link-local: name its interface, e.g. [{}%eth0]:{}",
+                    self.listen,
+                    a.ip(),
+                    a.port()
+                )));
             }
         }
         if self.user.is_some() && self.uring.sqpoll_idle_ms.is_some() {
@@ -513,26 +522,22 @@ impl TunnelConfig {
                  privileges of the process that set up the ring; use one or the other",
             ));
         }
-        if let (SocketAddr::V6(l), SocketAddr::V4(_)) = (self.listen, self.peer) {
-            if !l.ip().is_unspecified() && l.ip().to_ipv4_mapped().is_none() {
-                return Err(Error::config(format!(
-                    "--listen {} is a specific IPv6 address but --peer {} is IPv4: listen on an \
-                     IPv4 address or on [::]:PORT",
-                    self.listen, self.peer
-                )));
-            }
+        if !self.mode.is_reflect() && self.peers.is_empty() && self.peers_file.is_none() {
+            return Err(Error::config(
+                "no peer: give --peer ADDR:PORT (repeatable, with =CIDR,... prefixes for many \
+                 peers) or --peers-file FILE",
+            ));
         }
-        if !self.mode.is_reflect() && (self.peer.port() == 0 || self.peer.ip().is_unspecified()) {
-            return Err(Error::config(format!(
-                "--peer {} needs a concrete address and a non-zero port",
-                self.peer
-            )));
+        for p in &self.peers {
+            self.check_peer(p)
+                .map_err(|e| Error::config(format!("--peer {e}")))?;
         }
-        if self.listen.is_ipv4() && self.peer.is_ipv6() {
-            return Err(Error::config(format!(
-                "--listen {} is IPv4 but --peer {} is IPv6: listen on [::]:PORT for an IPv6 peer",
-                self.listen, self.peer
-            )));
+        if self.peers.len() > 1 || self.peers.iter().any(|p| !p.prefixes.is_empty()) {
+            self.check_hub().map_err(Error::config)?;
+        }
+        if self.peers_file.is_some() {
+            self.check_hub()
+                .map_err(|e| Error::config(format!("--peers-file: {e}")))?;
         }
         if self.queues > 1 && !self.mode.is_reflect() {
             let last = self.queues - 1;
@@ -541,15 +546,11 @@ impl TunnelConfig {
                     "--queues above 1 needs a fixed --listen port (queue i uses port + i)",
                 ));
             }
-            for (what, port) in [
-                ("--listen", self.listen.port()),
-                ("--peer", self.peer.port()),
-            ] {
-                if usize::from(port) + last > usize::from(u16::MAX) {
-                    return Err(Error::config(format!(
-                        "{what} port {port} + {last} (one port per queue) exceeds 65535"
-                    )));
-                }
+            if usize::from(self.listen.port()) + last > usize::from(u16::MAX) {
+                return Err(Error::config(format!(
+                    "--listen port {} + {last} (one port per queue) exceeds 65535",
+                    self.listen.port()
+                )));
             }
         }
         if let CpuPlan::List(list) = &self.cpus {
@@ -646,10 +647,122 @@ impl TunnelConfig {
         offset_port(self.listen, queue)
     }
 
-    /// Peer UDP address worker `queue` talks to: the peer's worker `queue`.
-    pub fn peer_for(&self, queue: usize) -> SocketAddr {
-        offset_port(self.peer, queue)
+    /// Many peers (or routing by prefixes) is for IP packets only, and
+    /// replaces `--allow-src`.
+    fn check_hub(&self) -> std::result::Result<(), String> {
+        match &self.mode {
+            Mode::Tun { allowed_src } if !allowed_src.is_empty() => Err(
+                "--allow-src is for a single peer without prefixes: a peer's prefixes already \
+                 say which inner sources it may send from"
+                    .into(),
+            ),
+            Mode::Tun { .. } => Ok(()),
+            Mode::Tap { .. } => Err(
+                "--mode tap carries Ethernet frames to one peer: peers with prefixes \
+                 (or several peers) need --mode tun"
+                    .into(),
+            ),
+            Mode::Reflect => Err("a reflector has no peers".into()),
+        }
     }
+
+    /// What makes one peer unusable with this tunnel's socket: the error
+    /// starts with the peer.
+    pub fn check_peer(&self, p: &crate::peers::PeerSpec) -> std::result::Result<(), String> {
+        let addr = p.addr;
+        if let SocketAddr::V6(a) = addr {
+            if a.ip().is_unicast_link_local() && a.scope_id() == 0 {
+                return Err(format!(
+                    "{addr} is link-local: name its interface, e.g. [{}%eth0]:{}",
+                    a.ip(),
+                    a.port()
+                ));
+            }
+        }
+        if let (SocketAddr::V6(l), SocketAddr::V4(_)) = (self.listen, addr) {
+            if !l.ip().is_unspecified() && l.ip().to_ipv4_mapped().is_none() {
+                return Err(format!(
+                    "{addr} is IPv4 but --listen {} is a specific IPv6 address: listen on an \
+                     IPv4 address or on [::]:PORT",
+                    self.listen
+                ));
+            }
+        }
+        if addr.port() == 0 || addr.ip().is_unspecified() {
+            return Err(format!(
+                "{addr} needs a concrete address and a non-zero port"
+            ));
+        }
+        if self.listen.is_ipv4() && addr.is_ipv6() {
+            return Err(format!(
+                "{addr} is IPv6 but --listen {} is IPv4: listen on [::]:PORT for an IPv6 peer",
+                self.listen
+            ));
+        }
+        let last = self.queues.saturating_sub(1);
+        if usize::from(addr.port()) + last > usize::from(u16::MAX) {
+            return Err(format!(
+                "{addr}: port {} + {last} (one port per queue) exceeds 65535",
+                addr.port()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Every peer: the `--peer` flags, then the `--peers-file` lines, each
+    /// checked ([`TunnelConfig::check_peer`]). Errors name the flag, or the
+    /// file and line.
+    pub fn load_peers(&self) -> Result<Vec<crate::peers::PeerSpec>> {
+        let mut peers = self.peers.clone();
+        let Some(path) = &self.peers_file else {
+            return Ok(peers);
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::io(format!("read peers file {}", path.display()), e))?;
+        let file = crate::peers::parse_peers_file(&text, parse_endpoint)
+            .map_err(|e| Error::config(format!("peers file {}: {e}", path.display())))?;
+        for (line, p) in file.iter().enumerate() {
+            self.check_peer(p).map_err(|e| {
+                // The line of the n-th peer (comments and blanks skipped).
+                let n = nth_peer_line(&text, line);
+                Error::config(format!("peers file {} line {n}: peer {e}", path.display()))
+            })?;
+        }
+        peers.extend(file);
+        Ok(peers)
+    }
+}
+
+/// The line number (from 1) of the `n`-th (from 0) peer line of a peers
+/// file.
+fn nth_peer_line(text: &str, n: usize) -> usize {
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.split('#').next().unwrap_or("").trim().is_empty())
+        .nth(n)
+        .map_or(0, |(i, _)| i + 1)
+}
+
+/// `ADDR:PORT`, or a link-local IPv6 address with its interface by name,
+/// `[fe80::2%eth0]:5000`.
+pub fn parse_endpoint(s: &str) -> std::result::Result<SocketAddr, String> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    let bad = || format!("{s:?} is not ADDR:PORT (e.g. 198.18.0.1:5000, [2001:db8::1]:5000)");
+    let (host, port) = s.rsplit_once("]:").ok_or_else(bad)?;
+    let (ip, scope) = host
+        .strip_prefix('[')
+        .and_then(|h| h.split_once('%'))
+        .ok_or_else(bad)?;
+    let ip: std::net::Ipv6Addr = ip.parse().map_err(|_| bad())?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    let index = nix::net::if_::if_nametoindex(scope).map_err(|e| {
+        format!("{s:?}: no interface {scope:?} here ({e}); with --netns, give its index instead")
+    })?;
+    Ok(SocketAddr::V6(std::net::SocketAddrV6::new(
+        ip, port, 0, index,
+    )))
 }
 
 fn offset_port(addr: SocketAddr, queue: usize) -> SocketAddr {
@@ -677,7 +790,9 @@ mod tests {
             mtu: DEFAULT_MTU,
             txqueuelen: None,
             listen: "198.18.0.1:5000".parse().unwrap(),
-            peer: "198.18.0.2:5000".parse().unwrap(),
+            peers: vec!["198.18.0.2:5000".parse().unwrap()],
+            peers_file: None,
+            stats_peers: DEFAULT_STATS_PEERS,
             engine: EngineKind::Poll,
             queues: 1,
             batch: DEFAULT_BATCH,
@@ -750,10 +865,12 @@ mod tests {
         assert!(err(c).contains("--user with --sqpoll"));
         let mut c = base();
         c.listen = "[2001:db8::1]:5000".parse().unwrap();
-        assert!(err(c).contains("is a specific IPv6 address but --peer"));
+        assert!(err(c).contains(
+            "--peer 198.18.0.2:5000 is IPv4 but --listen [2001:db8::1]:5000 is a specific IPv6 address"
+        ));
         let mut c = base();
         c.listen = "[fe80::1%2]:5000".parse().unwrap();
-        c.peer = "[fe80::2]:5000".parse().unwrap();
+        c.peers = vec!["[fe80::2]:5000".parse().unwrap()];
         assert!(err(c).contains("--peer [fe80::2]:5000 is link-local: name its interface"));
         // [::] (dual stack) with an IPv4 peer is fine.
         let mut c = base();
@@ -921,7 +1038,7 @@ mod tests {
     #[test]
     fn family_mismatch() {
         let mut c = base();
-        c.peer = "[2001:db8::2]:5000".parse().unwrap();
+        c.peers = vec!["[2001:db8::2]:5000".parse().unwrap()];
         assert!(c.validate().is_err());
         c.listen = "[::]:5000".parse().unwrap();
         c.validate().unwrap();
@@ -930,9 +1047,9 @@ mod tests {
     #[test]
     fn peer_must_be_concrete() {
         let mut c = base();
-        c.peer = "0.0.0.0:5000".parse().unwrap();
+        c.peers = vec!["0.0.0.0:5000".parse().unwrap()];
         assert!(c.validate().is_err());
-        c.peer = "198.18.0.2:0".parse().unwrap();
+        c.peers = vec!["198.18.0.2:0".parse().unwrap()];
         assert!(c.validate().is_err());
     }
 
@@ -942,10 +1059,9 @@ mod tests {
         c.queues = 3;
         c.validate().unwrap();
         assert_eq!(c.listen_for(2).port(), 5002);
-        assert_eq!(c.peer_for(1).port(), 5001);
-        c.peer = "198.18.0.2:65534".parse().unwrap();
+        c.peers = vec!["198.18.0.2:65534".parse().unwrap()];
         assert!(c.validate().is_err());
-        c.peer = "198.18.0.2:5000".parse().unwrap();
+        c.peers = vec!["198.18.0.2:5000".parse().unwrap()];
         c.listen = "198.18.0.1:0".parse().unwrap();
         assert!(c.validate().is_err());
     }

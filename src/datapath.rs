@@ -56,6 +56,7 @@ use crate::error::{Error, Result};
 use crate::forward::{DropReason, Forwarder, PeerVerdict, TunVerdict};
 use crate::packet::offload::{self, Coalescer};
 use crate::packet::virtio::{self, VirtioNetHdr};
+use crate::peers::{PeerId, SharedPeers};
 use crate::stats::{DirectionStats, WorkerStats};
 
 /// Most datagrams one UDP GSO send may carry (the kernel's UDP_MAX_SEGMENTS
@@ -96,11 +97,15 @@ pub const READ_PAYLOAD_OFFSET: usize = virtio::LEN;
 pub const MAX_GATHER_PIECES: usize = 2 * GSO_MAX_SEGMENTS;
 
 /// The datagrams one TUN read became: bytes `start..end` of `buf`, cut every
-/// `seg` bytes (the last datagram may be shorter). `sent` bytes have been
-/// dealt with (sent, or lost and counted).
+/// `seg` bytes (the last datagram may be shorter), all to `dest`. `sent`
+/// bytes have been dealt with (sent, or lost and counted).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TxPlan {
     pub buf: TxBuf,
+    /// Where every datagram of the plan goes (one peer: the segments of a
+    /// super-packet share a destination), as the socket takes it.
+    pub dest: SocketAddr,
+    peer: PeerId,
     start: usize,
     end: usize,
     seg: usize,
@@ -108,6 +113,12 @@ pub struct TxPlan {
 }
 
 impl TxPlan {
+    /// Datagrams not yet sent, and their bytes.
+    fn remaining(&self) -> (u64, u64) {
+        let left = self.end - (self.start + self.sent).min(self.end);
+        (left.div_ceil(self.seg) as u64, left as u64)
+    }
+
     /// True once every datagram was sent or counted as lost.
     pub fn is_done(&self) -> bool {
         self.start + self.sent >= self.end
@@ -306,6 +317,12 @@ pub struct Datapath {
     device: String,
     ring_drops: Option<(u64, u64)>,
     ring_checked_ns: u64,
+    /// The peer table as reloads publish it, and the generation the
+    /// forwarder has.
+    shared_peers: Option<Arc<SharedPeers>>,
+    peers_generation: u64,
+    /// Count per peer (a table with prefixes).
+    per_peer: bool,
 }
 
 /// Overload lasts this long after the kernel last dropped at the TUN
@@ -468,6 +485,53 @@ impl Datapath {
             device: String::new(),
             ring_drops: None,
             ring_checked_ns: 0,
+            shared_peers: None,
+            peers_generation: 0,
+            per_peer: false,
+        }
+    }
+
+    /// Takes the peer table from `shared`, and the new one at the start of
+    /// the first visit after each reload ([`SharedPeers::store`]).
+    pub fn with_shared_peers(mut self, shared: Arc<SharedPeers>) -> Self {
+        let (generation, table) = shared.load();
+        self.per_peer = !table.is_single();
+        self.fwd.set_peers(table);
+        self.peers_generation = generation;
+        self.shared_peers = Some(shared);
+        self
+    }
+
+    /// Takes a reloaded peer table, if there is one: one atomic load
+    /// when there is not. Packets in flight keep their destination.
+    #[inline]
+    fn refresh_peers(&mut self) {
+        let Some(shared) = &self.shared_peers else {
+            return;
+        };
+        if shared.generation() == self.peers_generation {
+            return;
+        }
+        let (generation, table) = shared.load();
+        self.per_peer = !table.is_single();
+        self.fwd.set_peers(table);
+        self.peers_generation = generation;
+    }
+
+    /// Worker `queue`'s counters of peer `id` (in the current table).
+    #[inline]
+    fn peer_counters(&self, id: PeerId) -> &crate::peers::PeerCounters {
+        self.fwd.peers().peer(id).stats.worker(self.fwd.queue())
+    }
+
+    /// Counts a plan's datagrams for its peer.
+    #[inline]
+    fn count_peer_tx(&self, action: &TunAction) {
+        if let (true, TunAction::Send(plan)) = (self.per_peer, action) {
+            let (packets, bytes) = plan.remaining();
+            let c = self.peer_counters(plan.peer);
+            c.tx_packets.add(packets);
+            c.tx_bytes.add(bytes);
         }
     }
 
@@ -485,8 +549,9 @@ impl Datapath {
         self.limits
     }
 
-    /// Starts a visit to `dir`.
-    pub fn begin_visit(&self, dir: Direction) -> Visit {
+    /// Starts a visit to `dir` (with the current peer table).
+    pub fn begin_visit(&mut self, dir: Direction) -> Visit {
+        self.refresh_peers();
         Visit {
             dir,
             began: std::time::Instant::now(),
@@ -729,23 +794,29 @@ impl Datapath {
         if marked {
             self.stats.aqm_marks.add(1);
         }
-        let action = self.handle_tun_read(read, d.bytes, split);
-        if !d.signal || marked {
-            return action;
-        }
-        match action {
-            TunAction::Send(mut plan) => {
-                self.stats.tun_to_peer.drop(DropReason::Aqm);
-                if plan.datagrams() > 1 {
-                    plan.sent = plan.seg;
-                    TunAction::Send(plan)
-                } else {
-                    TunAction::Dropped
+        let action = self.plan_tun_read(read, d.bytes, split);
+        let action = if !d.signal || marked {
+            action
+        } else {
+            match action {
+                TunAction::Send(mut plan) => {
+                    self.stats.tun_to_peer.drop(DropReason::Aqm);
+                    if self.per_peer {
+                        self.peer_counters(plan.peer).drop(DropReason::Aqm);
+                    }
+                    if plan.datagrams() > 1 {
+                        plan.sent = plan.seg;
+                        TunAction::Send(plan)
+                    } else {
+                        TunAction::Dropped
+                    }
                 }
+                // Dropped and counted for its own reason, or reflected.
+                other => other,
             }
-            // Dropped and counted for its own reason, or reflected.
-            other => other,
-        }
+        };
+        self.count_peer_tx(&action);
+        action
     }
 
     /// Turns the AQM off (the kernel gives no arrival timestamps).
@@ -803,6 +874,12 @@ impl Datapath {
         &self.fwd
     }
 
+    /// The engine's UDP socket is bound to `local`: destinations take its
+    /// family's form.
+    pub fn use_socket(&mut self, local: SocketAddr) {
+        self.fwd.set_socket(local);
+    }
+
     pub fn offload(&self) -> bool {
         self.offload
     }
@@ -826,6 +903,13 @@ impl Datapath {
     /// [`Datapath::read_headroom`]. Offload cuts a super-packet into
     /// `split` (at least [`SPLIT_LEN`] bytes).
     pub fn handle_tun_read(&mut self, read: &mut [u8], len: usize, split: &mut [u8]) -> TunAction {
+        let action = self.plan_tun_read(read, len, split);
+        self.count_peer_tx(&action);
+        action
+    }
+
+    /// [`Datapath::handle_tun_read`] without the per-peer count.
+    fn plan_tun_read(&mut self, read: &mut [u8], len: usize, split: &mut [u8]) -> TunAction {
         if self.offload {
             return self.handle_offload_read(&mut read[..len], split);
         }
@@ -833,9 +917,14 @@ impl Datapath {
         let (encap, pkt) = read[..head + len].split_at_mut(head);
         match self.fwd.handle_from_tun_mut(pkt) {
             TunVerdict::ToPeer => {
+                let Some(peer) = self.route(pkt) else {
+                    return TunAction::Dropped;
+                };
                 self.fwd.write_encap(encap);
                 TunAction::Send(TxPlan {
                     buf: TxBuf::Read,
+                    dest: self.fwd.peer_addr(peer),
+                    peer,
                     start: 0,
                     end: head + len,
                     seg: (head + len).max(1),
@@ -846,6 +935,19 @@ impl Datapath {
             TunVerdict::Drop(r) => {
                 self.stats.tun_to_peer.drop(r);
                 TunAction::Dropped
+            }
+        }
+    }
+
+    /// The peer for a packet read from the TUN device; None: no route,
+    /// dropped and counted.
+    #[inline]
+    fn route(&self, pkt: &[u8]) -> Option<PeerId> {
+        match self.fwd.route(pkt) {
+            Ok(p) => Some(p),
+            Err(r) => {
+                self.stats.tun_to_peer.drop(r);
+                None
             }
         }
     }
@@ -872,22 +974,33 @@ impl Datapath {
                     self.stats.tun_to_peer.drop(r);
                     TunAction::Dropped
                 }
-                _ => TunAction::Send(TxPlan {
-                    buf: TxBuf::Read,
-                    start: READ_PAYLOAD_OFFSET,
-                    end: frame_len,
-                    seg: pkt.len().max(1),
+                _ => match self.route(pkt) {
+                    None => TunAction::Dropped,
+                    Some(peer) => TunAction::Send(TxPlan {
+                        buf: TxBuf::Read,
+                        dest: self.fwd.peer_addr(peer),
+                        peer,
+                        start: READ_PAYLOAD_OFFSET,
+                        end: frame_len,
+                        seg: pkt.len().max(1),
+                        sent: 0,
+                    }),
+                },
+            },
+            // Split made every segment valid and within the MTU; they all
+            // go to the peer of the super-packet's destination.
+            offload::Gathered::Segments(g) => match self.route(pkt) {
+                None => TunAction::Dropped,
+                Some(peer) => TunAction::Send(TxPlan {
+                    buf: TxBuf::Gather(g),
+                    dest: self.fwd.peer_addr(peer),
+                    peer,
+                    start: 0,
+                    end: g.total_len(),
+                    seg: g.seg_len().max(1),
                     sent: 0,
                 }),
             },
-            // Split made every segment valid and within the MTU.
-            offload::Gathered::Segments(g) => TunAction::Send(TxPlan {
-                buf: TxBuf::Gather(g),
-                start: 0,
-                end: g.total_len(),
-                seg: g.seg_len().max(1),
-                sent: 0,
-            }),
         }
     }
 
@@ -983,19 +1096,32 @@ impl Datapath {
             self.stats.peer_to_tun.drop(DropReason::NotFromPeer);
             return RxAction::Dropped;
         };
+        let peer = self.fwd.source_peer(src);
         if rx.truncated {
             // Longer than the buffer: over the MTU, unless a stranger sent it.
-            self.stats.peer_to_tun.drop(if self.fwd.is_peer(src) {
-                DropReason::OverMtu
-            } else {
-                DropReason::NotFromPeer
-            });
+            let reason = match peer {
+                Some(p) => {
+                    self.count_peer_rx_drop(p, DropReason::OverMtu, now_ns);
+                    DropReason::OverMtu
+                }
+                None => DropReason::NotFromPeer,
+            };
+            self.stats.peer_to_tun.drop(reason);
             return RxAction::Dropped;
         }
-        if self.fwd.is_peer(src) && self.aqm_signal(rx, now_ns) {
+        if peer.is_some() && self.aqm_signal(rx, now_ns) {
             self.aqm_pending = true;
         }
-        self.receive(rx, src, buf, coalescer)
+        self.receive(rx, peer, buf, coalescer, now_ns)
+    }
+
+    /// A datagram from peer `p` dropped for `reason` at `now_ns`.
+    fn count_peer_rx_drop(&self, p: PeerId, reason: DropReason, now_ns: u64) {
+        if self.per_peer {
+            let c = self.peer_counters(p);
+            c.drop(reason);
+            c.last_rx_ns.record(now_ns);
+        }
     }
 
     /// A receive that the flow queues handed out (`d`): as
@@ -1008,36 +1134,61 @@ impl Datapath {
         coalescer: &mut Coalescer,
         d: &crate::fq::Dequeued,
     ) -> RxAction {
+        let now_ns = rx.arrived_ns.unwrap_or(0);
         let Some(src) = rx.src.filter(|_| !rx.truncated) else {
-            return self.handle_receive(rx, buf, coalescer, 0);
+            return self.handle_receive(rx, buf, coalescer, now_ns);
         };
-        if self.fwd.is_peer(src) && d.signal {
+        let peer = self.fwd.source_peer(src);
+        if peer.is_some() && d.signal {
             self.aqm_pending = true;
         }
-        self.receive(rx, src, buf, coalescer)
+        self.receive(rx, peer, buf, coalescer, now_ns)
     }
 
-    /// The checks and the coalescing of a receive from `src`.
+    /// The checks and the coalescing of a receive from `peer` (None: from
+    /// no peer), taken at `now_ns`.
     fn receive(
         &mut self,
         rx: &Received,
-        src: SocketAddr,
+        peer: Option<PeerId>,
         buf: &mut [u8],
         coalescer: &mut Coalescer,
+        now_ns: u64,
     ) -> RxAction {
         let pending = &mut self.aqm_pending;
         let stats = &self.stats;
+        let counters = match (self.per_peer, peer) {
+            (true, Some(p)) => {
+                let c = self.fwd.peers().peer(p).stats.worker(self.fwd.queue());
+                c.last_rx_ns.record(now_ns);
+                Some(c)
+            }
+            _ => None,
+        };
         let payload = &mut buf[rx.payload.clone()];
         if !self.offload {
-            return match self.fwd.handle_from_peer(src, payload) {
+            let verdict = match self.fwd.handle_from(peer, payload) {
                 PeerVerdict::ToTun if !Self::aqm_apply(pending, stats, payload) => {
-                    RxAction::Dropped
+                    PeerVerdict::Drop(DropReason::Aqm)
                 }
+                v => v,
+            };
+            return match verdict {
                 PeerVerdict::ToTun => {
+                    if let Some(c) = counters {
+                        c.rx_packets.add(1);
+                        c.rx_bytes.add(payload.len() as u64);
+                    }
                     RxAction::Write(rx.payload.start + self.fwd.encap_len()..rx.payload.end)
                 }
                 PeerVerdict::Drop(r) => {
-                    stats.peer_to_tun.drop(r);
+                    if r != DropReason::Aqm {
+                        // (aqm_apply counted its own drop.)
+                        stats.peer_to_tun.drop(r);
+                    }
+                    if let Some(c) = counters {
+                        c.drop(r);
+                    }
                     RxAction::Dropped
                 }
             };
@@ -1046,8 +1197,11 @@ impl Datapath {
         if payload.is_empty() {
             // No datagrams to walk: the empty one is still counted (empty
             // from the peer, not_from_peer from a stranger).
-            if let PeerVerdict::Drop(r) = self.fwd.handle_from_peer(src, payload) {
+            if let PeerVerdict::Drop(r) = self.fwd.handle_from(peer, payload) {
                 stats.peer_to_tun.drop(r);
+                if let Some(c) = counters {
+                    c.drop(r);
+                }
             }
             return RxAction::Dropped;
         }
@@ -1060,18 +1214,33 @@ impl Datapath {
         while at < rx.payload.end {
             let datagram = at..(at + seg).min(rx.payload.end);
             at = datagram.end;
-            match self.fwd.handle_from_peer(src, &buf[datagram.clone()]) {
+            match self.fwd.handle_from(peer, &buf[datagram.clone()]) {
                 PeerVerdict::ToTun => {
                     // The first accepted packet with data carries a signal
                     // (a mark, or its loss).
                     if !Self::aqm_apply(pending, stats, &mut buf[datagram.clone()]) {
+                        if let Some(c) = counters {
+                            c.drop(DropReason::Aqm);
+                        }
                         continue;
                     }
+                    let len = datagram.len();
                     if coalescer.push(buf, datagram).is_err() {
                         stats.peer_to_tun.drop(DropReason::BadChecksum);
+                        if let Some(c) = counters {
+                            c.drop(DropReason::BadChecksum);
+                        }
+                    } else if let Some(c) = counters {
+                        c.rx_packets.add(1);
+                        c.rx_bytes.add(len as u64);
                     }
                 }
-                PeerVerdict::Drop(r) => stats.peer_to_tun.drop(r),
+                PeerVerdict::Drop(r) => {
+                    stats.peer_to_tun.drop(r);
+                    if let Some(c) = counters {
+                        c.drop(r);
+                    }
+                }
             }
         }
         if coalescer.finish(buf).is_empty() {
@@ -1221,6 +1390,92 @@ mod tests {
             TunAction::Send(p) => p,
             other => panic!("not a send: {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_hub_routes_each_read_to_its_peer_counts_per_peer_and_takes_reloads() {
+        use crate::peers::{PeerSpec, PeerTable, SharedPeers};
+        let specs =
+            |l: &[&str]| -> Vec<PeerSpec> { l.iter().map(|s| s.parse().unwrap()).collect() };
+        let addr = |s: &str| -> SocketAddr { s.parse().unwrap() };
+        let first = PeerTable::build(
+            &specs(&[
+                "198.18.0.11:5000=198.19.0.2/32",
+                "198.18.0.12:5000=198.19.0.1/32",
+            ]),
+            1,
+            false,
+            None,
+        )
+        .unwrap();
+        let shared = Arc::new(SharedPeers::new(Arc::new(first)));
+        let mut d = dp(true).with_shared_peers(shared.clone());
+        let peer = |d: &Datapath, i| d.forwarder().peers().peer(i).stats.snapshot();
+        // A super-packet to 198.19.0.2: every datagram to spoke 11, one plan.
+        let plan = offload_plan(&mut d, 20 * 1400);
+        assert_eq!(plan.dest, addr("198.18.0.11:5000"));
+        assert_eq!(plan.datagrams(), 20);
+        assert_eq!(peer(&d, 0).tx_packets, 20);
+        assert_eq!(peer(&d, 1).tx_packets, 0);
+        // From spoke 12, which owns the packet's source 198.19.0.1:
+        // accepted; the same from spoke 11: source_not_allowed.
+        let pkt = tcp_packet(false, 0, 0x10, &[], &[7; 100]);
+        let mut c = Coalescer::new();
+        let from = |src: &str| datagram(addr(src), pkt.len(), None);
+        let a = d.handle_receive(&from("198.18.0.12:5000"), &mut pkt.clone(), &mut c, 5);
+        assert_eq!(a, RxAction::Coalesced);
+        let a = d.handle_receive(&from("198.18.0.11:5000"), &mut pkt.clone(), &mut c, 7);
+        assert_eq!(a, RxAction::Dropped);
+        let a = d.handle_receive(&from("198.18.0.13:5000"), &mut pkt.clone(), &mut c, 9);
+        assert_eq!(a, RxAction::Dropped);
+        assert_eq!((peer(&d, 1).rx_packets, peer(&d, 1).last_rx_ns), (1, 5));
+        assert_eq!(peer(&d, 1).rx_bytes, pkt.len() as u64);
+        assert_eq!(peer(&d, 0).drops_for(DropReason::SourceNotAllowed), 1);
+        assert_eq!(peer(&d, 0).last_rx_ns, 7);
+        let s = d.stats().snapshot().peer_to_tun;
+        assert_eq!(s.drops_for(DropReason::SourceNotAllowed), 1);
+        assert_eq!(s.drops_for(DropReason::NotFromPeer), 1);
+        // A reload: spoke 11 goes, spoke 13 takes 198.19.0.0/24. The
+        // worker takes it at its next visit; spoke 12 keeps its counters.
+        let old = shared.load().1;
+        let next = specs(&[
+            "198.18.0.13:5000=198.19.0.0/24",
+            "198.18.0.12:5000=198.19.0.1/32",
+        ]);
+        shared.store(Arc::new(
+            PeerTable::build(&next, 1, false, Some(&old)).unwrap(),
+        ));
+        assert_eq!(offload_plan(&mut d, 2800).dest, addr("198.18.0.11:5000"));
+        let v = d.begin_visit(Direction::TunToPeer);
+        d.end_visit(v);
+        assert_eq!(offload_plan(&mut d, 2800).dest, addr("198.18.0.13:5000"));
+        assert_eq!(peer(&d, 1).rx_packets, 1);
+        assert_eq!(peer(&d, 0).tx_packets, 2);
+        let a = d.handle_receive(&from("198.18.0.11:5000"), &mut pkt.clone(), &mut c, 11);
+        assert_eq!(a, RxAction::Dropped);
+        assert_eq!(
+            d.stats()
+                .snapshot()
+                .peer_to_tun
+                .drops_for(DropReason::NotFromPeer),
+            2
+        );
+        // A destination in no prefix: no_route, nothing sent.
+        let mut d = dp(false).with_shared_peers(shared);
+        let mut read = tcp_packet(false, 0, 0x10, &[], &[7; 100]);
+        read[16..20].copy_from_slice(&[198, 19, 1, 9]);
+        let len = read.len();
+        assert_eq!(
+            d.handle_tun_read(&mut read, len, &mut []),
+            TunAction::Dropped
+        );
+        assert_eq!(
+            d.stats()
+                .snapshot()
+                .tun_to_peer
+                .drops_for(DropReason::NoRoute),
+            1
+        );
     }
 
     #[test]
@@ -1554,7 +1809,7 @@ mod tests {
 
     #[test]
     fn visits_stop_at_their_packet_or_byte_bound_and_are_timed() {
-        let take_all = |d: &Datapath, dir, bytes| {
+        let take_all = |d: &mut Datapath, dir, bytes| {
             let mut v = d.begin_visit(dir);
             let mut n = 0;
             while v.has_room() {
@@ -1564,21 +1819,22 @@ mod tests {
             d.end_visit(v);
             n
         };
-        let d = dp(true).with_visit_limits(VisitLimits {
+        let mut d = dp(true).with_visit_limits(VisitLimits {
             packets: 64,
             bytes: 256 << 10,
         });
         // Four 64 KiB super-packets, or 64 small packets.
-        assert_eq!(take_all(&d, Direction::TunToPeer, 65536), 4);
-        assert_eq!(take_all(&d, Direction::PeerToTun, 1400), 64);
+        assert_eq!(take_all(&mut d, Direction::TunToPeer, 65536), 4);
+        assert_eq!(take_all(&mut d, Direction::PeerToTun, 1400), 64);
         // No byte bound: only packets.
-        let d2 = dp(true).with_visit_limits(VisitLimits {
+        let mut d2 = dp(true).with_visit_limits(VisitLimits {
             packets: 8,
             bytes: 0,
         });
-        assert_eq!(take_all(&d2, Direction::TunToPeer, 65536), 8);
+        assert_eq!(take_all(&mut d2, Direction::TunToPeer, 65536), 8);
         // A visit that took nothing is not counted.
-        d.end_visit(d.begin_visit(Direction::PeerToTun));
+        let v = d.begin_visit(Direction::PeerToTun);
+        d.end_visit(v);
         let s = d.stats().snapshot();
         assert_eq!(s.tun_to_peer.visits.count, 1);
         assert_eq!(s.peer_to_tun.visits.count, 1);

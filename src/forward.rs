@@ -7,8 +7,10 @@
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use crate::packet::{IpPacket, ParseError};
+use crate::peers::{PeerId, PeerTable};
 
 /// What becomes of a packet read from the TUN device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,7 +52,7 @@ pub enum DropReason {
     LengthMismatch,
     /// Larger than the tunnel MTU.
     OverMtu,
-    /// A datagram whose source is not the configured peer.
+    /// A datagram whose source is not a configured peer.
     NotFromPeer,
     /// The UDP send failed with an error other than "try again".
     SendFailed,
@@ -65,7 +67,8 @@ pub enum DropReason {
     BadVxlan,
     /// TAP mode: a VXLAN datagram for another VNI.
     WrongVni,
-    /// From the peer, but the inner source address is outside `--allow-src`.
+    /// From a peer, but the inner source address is outside `--allow-src`
+    /// or does not route back to that peer (another peer's prefix, or none).
     SourceNotAllowed,
     /// A TCP segment from the peer whose IPv4 header or TCP checksum does
     /// not verify (checked before segments are coalesced: the kernel takes
@@ -78,10 +81,13 @@ pub enum DropReason {
     /// the next TUN read, and the head of the flow with the most bytes
     /// queued was dropped (before any work was spent on it).
     Overload,
+    /// A packet from the TUN device whose destination is in no peer's
+    /// prefixes.
+    NoRoute,
 }
 
 impl DropReason {
-    pub const COUNT: usize = 17;
+    pub const COUNT: usize = 18;
     pub const ALL: [DropReason; DropReason::COUNT] = [
         DropReason::Empty,
         DropReason::Truncated,
@@ -100,6 +106,7 @@ impl DropReason {
         DropReason::BadChecksum,
         DropReason::Aqm,
         DropReason::Overload,
+        DropReason::NoRoute,
     ];
 
     /// Stable snake_case name used in stats output.
@@ -122,6 +129,7 @@ impl DropReason {
             DropReason::BadChecksum => "bad_checksum",
             DropReason::Aqm => "aqm",
             DropReason::Overload => "overload",
+            DropReason::NoRoute => "no_route",
         }
     }
 
@@ -162,38 +170,81 @@ enum Kind {
     Reflect,
 }
 
-/// The per-worker forwarding policy: who the peer is, how large a packet
-/// may be, and what the mode accepts.
+/// The per-worker forwarding policy: who the peers are (and which inner
+/// addresses each owns), how large a packet may be, and what the mode
+/// accepts.
 #[derive(Clone, Debug)]
 pub struct Forwarder {
     mtu: usize,
-    peer: SocketAddr,
+    peers: Arc<PeerTable>,
+    /// The worker's queue: it talks to each peer's port + queue.
+    queue: u16,
+    /// The worker's socket is IPv6: IPv4 peers are `::ffff:a.b.c.d` to it.
+    v6_socket: bool,
     kind: Kind,
 }
 
 impl Forwarder {
     /// `mtu` is the largest inner IP packet in bytes; `peer` the only UDP
-    /// source whose datagrams reach the TUN device.
+    /// source whose datagrams reach the TUN device, and where every packet
+    /// goes (a point-to-point tunnel).
     pub fn new(mtu: usize, peer: SocketAddr) -> Self {
         Forwarder {
             mtu,
-            peer: canonical(peer),
+            peers: Arc::new(PeerTable::single(peer, false)),
+            queue: 0,
+            v6_socket: false,
             kind: Kind::Tun {
                 allowed_src: Vec::new(),
             },
         }
     }
 
-    /// The forwarder for a configured mode.
-    pub fn for_mode(mode: &crate::config::Mode, mtu: usize, peer: SocketAddr) -> Self {
+    /// The forwarder for a configured mode, talking to `peers`.
+    pub fn for_mode(mode: &crate::config::Mode, mtu: usize, peers: Arc<PeerTable>) -> Self {
         use crate::config::Mode;
-        match mode {
+        let any = "0.0.0.0:0".parse().expect("constant address");
+        let f = match mode {
             Mode::Tun { allowed_src } => {
-                Forwarder::new(mtu, peer).with_allowed_sources(allowed_src.clone())
+                Forwarder::new(mtu, any).with_allowed_sources(allowed_src.clone())
             }
-            Mode::Tap { vni, .. } => Forwarder::vxlan(mtu, peer, *vni),
-            Mode::Reflect => Forwarder::reflector(mtu, peer),
-        }
+            Mode::Tap { vni, .. } => Forwarder::vxlan(mtu, any, *vni),
+            Mode::Reflect => Forwarder::reflector(mtu, any),
+        };
+        f.with_peers(peers)
+    }
+
+    /// Talks to the peers of `table` (TAP mode: one, matched by address).
+    pub fn with_peers(mut self, table: Arc<PeerTable>) -> Self {
+        self.peers = table;
+        self
+    }
+
+    /// Replaces the peer table (a reload); nothing else changes.
+    pub fn set_peers(&mut self, table: Arc<PeerTable>) {
+        self.peers = table;
+    }
+
+    pub fn peers(&self) -> &Arc<PeerTable> {
+        &self.peers
+    }
+
+    /// The worker of TUN queue `queue`: it talks to every peer's port +
+    /// `queue`.
+    pub fn with_queue(mut self, queue: usize) -> Self {
+        self.queue = u16::try_from(queue).unwrap_or(u16::MAX);
+        self
+    }
+
+    /// The worker's UDP socket is bound to `local` (an IPv6 socket reaches
+    /// IPv4 peers as `::ffff:a.b.c.d`).
+    pub fn set_socket(&mut self, local: SocketAddr) {
+        self.v6_socket = local.is_ipv6();
+    }
+
+    /// The queue this forwarder's worker serves.
+    pub fn queue(&self) -> usize {
+        usize::from(self.queue)
     }
 
     /// Accept from the peer only packets whose source address is inside one
@@ -214,6 +265,7 @@ impl Forwarder {
     pub fn vxlan(mtu: usize, peer: SocketAddr, vni: u32) -> Self {
         Forwarder {
             kind: Kind::Tap { vni },
+            peers: Arc::new(PeerTable::single(peer, true)),
             ..Forwarder::new(mtu, peer)
         }
     }
@@ -262,8 +314,31 @@ impl Forwarder {
         self.mtu
     }
 
-    pub fn peer(&self) -> SocketAddr {
-        self.peer
+    /// Where datagrams to peer `id` go from this worker's socket: its port
+    /// plus the queue, an IPv4 peer mapped for an IPv6 socket.
+    #[inline]
+    pub fn peer_addr(&self, id: PeerId) -> SocketAddr {
+        let mut a = self.peers.peer(id).addr;
+        if self.queue > 0 && a.port() != 0 {
+            a.set_port(a.port().saturating_add(self.queue));
+        }
+        match a {
+            SocketAddr::V4(v4) if self.v6_socket => {
+                SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
+            }
+            a => a,
+        }
+    }
+
+    /// The peer a packet read from the TUN device goes to: the longest
+    /// prefix holding its destination (TUN mode; the one peer otherwise).
+    /// The packet passed [`Forwarder::handle_from_tun`].
+    #[inline]
+    pub fn route(&self, packet: &[u8]) -> Result<PeerId, DropReason> {
+        match self.kind {
+            Kind::Tun { .. } => self.peers.route_packet(packet).ok_or(DropReason::NoRoute),
+            _ => Ok(0),
+        }
     }
 
     /// True if packets from the peer are IP packets (TUN mode), which an
@@ -303,9 +378,15 @@ impl Forwarder {
 
     /// A datagram received on the UDP socket from `src`.
     pub fn handle_from_peer(&self, src: SocketAddr, datagram: &[u8]) -> PeerVerdict {
-        if !self.is_peer(src) {
+        self.handle_from(self.source_peer(src), datagram)
+    }
+
+    /// A datagram from `peer` (as [`Forwarder::source_peer`] found it; None:
+    /// from no peer).
+    pub fn handle_from(&self, peer: Option<PeerId>, datagram: &[u8]) -> PeerVerdict {
+        let Some(peer) = peer else {
             return PeerVerdict::Drop(DropReason::NotFromPeer);
-        }
+        };
         let checked = match &self.kind {
             Kind::Reflect => Err(DropReason::NotFromPeer),
             Kind::Tap { vni } => {
@@ -318,7 +399,9 @@ impl Forwarder {
                 }
             }
             Kind::Tun { allowed_src } => match self.check(datagram) {
-                Ok(p) if source_allowed(allowed_src, &p) => Ok(()),
+                Ok(p) if source_allowed(allowed_src, &p) && self.peers.accepts(peer, p.src()) => {
+                    Ok(())
+                }
                 Ok(_) => Err(DropReason::SourceNotAllowed),
                 Err(reason) => Err(reason),
             },
@@ -329,15 +412,22 @@ impl Forwarder {
         }
     }
 
-    /// VXLAN senders pick the UDP source port from a flow hash (RFC 7348),
-    /// so in TAP mode only the peer's address must match; otherwise the
-    /// address and port.
-    pub fn is_peer(&self, src: SocketAddr) -> bool {
-        let src = canonical(src);
-        match self.kind {
-            Kind::Tap { .. } => src.ip() == self.peer.ip(),
-            _ => src == self.peer,
+    /// The peer a datagram from `src` came from: its address and port (the
+    /// peer's port + this worker's queue). VXLAN senders pick the UDP source
+    /// port from a flow hash (RFC 7348), so in TAP mode only the peer's
+    /// address must match.
+    #[inline]
+    pub fn source_peer(&self, src: SocketAddr) -> Option<PeerId> {
+        let mut src = canonical(src);
+        if self.queue > 0 && !matches!(self.kind, Kind::Tap { .. }) {
+            src.set_port(src.port().checked_sub(self.queue)?);
         }
+        self.peers.find(src)
+    }
+
+    /// True if `src` is a peer's address (see [`Forwarder::source_peer`]).
+    pub fn is_peer(&self, src: SocketAddr) -> bool {
+        self.source_peer(src).is_some()
     }
 
     /// An Ethernet frame: at least a header, at most MTU + header + one
@@ -500,6 +590,66 @@ mod tests {
         assert_eq!(
             only4.handle_from_peer(peer, &v6),
             PeerVerdict::Drop(DropReason::SourceNotAllowed)
+        );
+    }
+
+    #[test]
+    fn destinations_per_queue_and_socket_family() {
+        let peer: SocketAddr = PEER.parse().unwrap();
+        let mut f = fwd().with_queue(2);
+        assert_eq!(f.peer_addr(0), "198.18.0.2:5002".parse().unwrap());
+        f.set_socket("[::]:5000".parse().unwrap());
+        assert_eq!(f.peer_addr(0), "[::ffff:198.18.0.2]:5002".parse().unwrap());
+        // Queue 2 hears from the peer's port + 2 only.
+        assert_eq!(f.source_peer("198.18.0.2:5002".parse().unwrap()), Some(0));
+        assert_eq!(f.source_peer(peer), None);
+        assert_eq!(f.source_peer("198.18.0.2:1".parse().unwrap()), None);
+        // TAP: any port of the address.
+        let tap = Forwarder::vxlan(1450, peer, 42).with_queue(1);
+        assert_eq!(
+            tap.source_peer("198.18.0.2:40000".parse().unwrap()),
+            Some(0)
+        );
+    }
+
+    #[test]
+    fn routes_and_filters_by_peer_prefixes() {
+        use crate::peers::{PeerSpec, PeerTable};
+        let specs: Vec<PeerSpec> = [
+            "198.18.0.11:5000=198.19.0.11/32,2001:db8:19::11/128",
+            "198.18.0.12:5000=198.19.0.12/32,198.19.1.0/24",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+        let f = fwd().with_peers(Arc::new(PeerTable::build(&specs, 1, false, None).unwrap()));
+        let mut to12 = ipv4_udp(10);
+        to12[16..20].copy_from_slice(&[198, 19, 1, 7]);
+        assert_eq!(f.route(&to12), Ok(1));
+        let mut nowhere = ipv4_udp(10);
+        nowhere[16..20].copy_from_slice(&[198, 19, 2, 7]);
+        assert_eq!(f.route(&nowhere), Err(DropReason::NoRoute));
+        let mut to11 = ipv6_udp(10);
+        to11[24..40].copy_from_slice(
+            &"2001:db8:19::11"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets(),
+        );
+        assert_eq!(f.route(&to11), Ok(0));
+        // From spoke 12 with its own source, then with spoke 11's.
+        let s12: SocketAddr = "198.18.0.12:5000".parse().unwrap();
+        let mut from12 = ipv4_udp(10);
+        from12[12..16].copy_from_slice(&[198, 19, 0, 12]);
+        assert_eq!(f.handle_from_peer(s12, &from12), PeerVerdict::ToTun);
+        from12[12..16].copy_from_slice(&[198, 19, 0, 11]);
+        assert_eq!(
+            f.handle_from_peer(s12, &from12),
+            PeerVerdict::Drop(DropReason::SourceNotAllowed)
+        );
+        assert_eq!(
+            f.handle_from_peer(PEER.parse().unwrap(), &from12),
+            PeerVerdict::Drop(DropReason::NotFromPeer)
         );
     }
 

@@ -689,6 +689,49 @@ impl PeerTable {
     }
 }
 
+/// A synthetic hub for benchmarks: `peers` peers with `per_peer` prefixes
+/// each (a fifth IPv4 /32s, the rest IPv6 /64s and /128s), deterministic.
+/// Peer addresses are in 198.18.128.0/17 (port 5000), prefixes in
+/// 198.19.128.0/17 and 2001:db8:8000::/33: nothing is ever sent to them,
+/// and they stay clear of the tunnels' own 198.19.0.0/24 and
+/// 2001:db8:19::/64. At most 30,000 peers.
+pub fn synthetic_hub(peers: usize, per_peer: usize) -> Vec<PeerSpec> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut seen = std::collections::HashSet::new();
+    let v4_each = per_peer / 5;
+    (0..peers.min(30_000))
+        .map(|i| {
+            let addr =
+                SocketAddr::from(([198, 18, 128 + (i / 250) as u8, 1 + (i % 250) as u8], 5000));
+            let mut prefixes = Vec::with_capacity(per_peer);
+            while prefixes.len() < per_peer {
+                let (net, len) = if prefixes.len() < v4_each {
+                    let a = 0xc613_8000u32 | (next() as u32 & 0x7fff);
+                    (IpAddr::from(std::net::Ipv4Addr::from(a)), 32)
+                } else {
+                    let r = next();
+                    let a = (0x2001_0db8_8000u128 << 80) | (u128::from(r) & ((1 << 79) - 1)) << 1;
+                    (
+                        IpAddr::from(std::net::Ipv6Addr::from(a)),
+                        if r & 1 == 0 { 64 } else { 128 },
+                    )
+                };
+                let p = Prefix::new(net, len).expect("valid length");
+                if seen.insert(p.to_string()) {
+                    prefixes.push(p);
+                }
+            }
+            PeerSpec { addr, prefixes }
+        })
+        .collect()
+}
+
 /// The longest prefix holding `a`, found by looking at every one: the
 /// reference the fuzz target checks [`Lpm`] against.
 pub fn naive_lookup<K: Key>(prefixes: &[(K, u8, u32)], a: K) -> Option<u32> {
@@ -943,6 +986,23 @@ mod tests {
             b.top(1)[0].0,
             "198.18.0.1:5000".parse::<SocketAddr>().unwrap()
         );
+    }
+
+    #[test]
+    fn a_synthetic_hub_is_a_valid_table() {
+        let specs = synthetic_hub(2000, 10);
+        assert_eq!(specs.len(), 2000);
+        let t = PeerTable::build(&specs, 1, false, None).unwrap();
+        assert_eq!(t.prefixes(), 20_000);
+        for (i, s) in specs.iter().enumerate().step_by(97) {
+            for p in &s.prefixes {
+                assert_eq!(t.route(p.net()), Some(i as u32), "{p}");
+            }
+            assert_eq!(t.find(s.addr), Some(i as u32));
+        }
+        // The tunnels' own overlay is left alone.
+        assert_eq!(t.route(ip("198.19.0.2")), None);
+        assert_eq!(t.route(ip("2001:db8:19::2")), None);
     }
 
     #[test]

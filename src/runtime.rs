@@ -19,23 +19,97 @@ use crate::device::{TunDevice, TunOptions};
 use crate::engine::{Engine, Shutdown, WorkerEvent, WorkerParts, spawn_worker};
 use crate::error::{Error, Result};
 use crate::forward::Forwarder;
+use crate::peers::{PeerTable, SharedPeers};
 use crate::stats::{WorkerSnapshot, WorkerStats};
 
-/// The signals that stop tunfwd cleanly.
-fn stop_signals() -> SigSet {
+/// The signals tunfwd handles: SIGINT and SIGTERM stop it cleanly, SIGHUP
+/// reloads the peers file.
+fn handled_signals() -> SigSet {
     let mut set = SigSet::empty();
     set.add(Signal::SIGINT);
     set.add(Signal::SIGTERM);
+    set.add(Signal::SIGHUP);
     set
 }
 
-/// Blocks SIGINT and SIGTERM in the calling thread, so every thread spawned
-/// later inherits the mask and only the signal thread receives them. Call
-/// first thing in `main`.
+/// Blocks SIGINT, SIGTERM and SIGHUP in the calling thread, so every thread
+/// spawned later inherits the mask and only the signal thread receives
+/// them. Call first thing in `main`.
 pub fn block_stop_signals() -> Result<()> {
-    stop_signals()
+    handled_signals()
         .thread_block()
-        .map_err(|e| Error::io("block SIGINT/SIGTERM", e.into()))
+        .map_err(|e| Error::io("block SIGINT/SIGTERM/SIGHUP", e.into()))
+}
+
+/// The peer table for `cfg` (a reflector's has one unused peer), keeping
+/// the counters of peers that `old` has too.
+fn peer_table(cfg: &TunnelConfig, old: Option<&PeerTable>) -> Result<PeerTable> {
+    if cfg.mode.is_reflect() {
+        return Ok(PeerTable::single(
+            std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
+            false,
+        ));
+    }
+    let specs = cfg.load_peers()?;
+    PeerTable::build(&specs, cfg.queues, cfg.mode.is_tap(), old).map_err(|e| {
+        Error::config(match &cfg.peers_file {
+            Some(f) => format!("peers (--peer and {}): {e}", f.display()),
+            None => format!("peers: {e}"),
+        })
+    })
+}
+
+/// SIGHUP: reads the peers again and swaps the table in whole, or keeps
+/// the old one and says why in one line.
+fn reload_peers(cfg: &TunnelConfig, shared: &SharedPeers) {
+    let Some(path) = &cfg.peers_file else {
+        crate::info!("SIGHUP: no --peers-file to reload; peers unchanged");
+        return;
+    };
+    let (_, old) = shared.load();
+    match peer_table(cfg, Some(&old)) {
+        Ok(new) => {
+            let had: std::collections::HashSet<_> = old.peers().iter().map(|p| p.addr).collect();
+            let has: std::collections::HashSet<_> = new.peers().iter().map(|p| p.addr).collect();
+            let added = has.difference(&had).count();
+            let removed = had.difference(&has).count();
+            let (peers, prefixes) = (new.len(), new.prefixes());
+            shared.store(Arc::new(new));
+            crate::info!(
+                "peers reloaded from {}: {peers} peers, {prefixes} prefixes ({added} added, {removed} removed)",
+                path.display()
+            );
+        }
+        Err(e) => crate::info!(
+            "peers reload refused, keeping the {} peers in use: {e}",
+            old.len()
+        ),
+    }
+}
+
+/// Prints the `n` peers with the most traffic, each on a line after
+/// `prefix`, and how many there are (only for a table with prefixes).
+fn print_peers(prefix: &str, shared: &SharedPeers, n: usize) {
+    let (_, table) = shared.load();
+    if table.is_single() {
+        return;
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let top = table.top(n);
+    out(format_args!(
+        "tunfwd: {prefix} peers={} prefixes={} shown={}",
+        table.len(),
+        table.prefixes(),
+        top.len()
+    ));
+    for (addr, s) in top {
+        out(format_args!(
+            "tunfwd: {prefix} peer={addr} {}",
+            s.fields(now)
+        ));
+    }
 }
 
 enum Event {
@@ -127,6 +201,9 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
         crate::netns::NetNs::open(path)?.enter()?;
     }
 
+    // The peers (and the file) before anything is created: a bad one stops
+    // here.
+    let peers = Arc::new(SharedPeers::new(Arc::new(peer_table(cfg, None)?)));
     let engine = Engine::choose(cfg)?;
     let offload = engine.offload(cfg);
     let cpus = worker_cpus(&cfg.cpus, cfg.queues)?;
@@ -229,7 +306,7 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
         thread::Builder::new()
             .name("tunfwd-signals".into())
             .spawn(move || {
-                let set = stop_signals();
+                let set = handled_signals();
                 while let Ok(sig) = set.wait() {
                     if tx.send(Event::Signal(sig)).is_err() {
                         break;
@@ -245,11 +322,13 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
         let stats = Arc::new(WorkerStats::default());
         all_stats.push(stats.clone());
         let label = format!("TUN queue {q} of {dev_name}");
-        let forwarder = Forwarder::for_mode(&cfg.mode, cfg.mtu as usize, cfg.peer_for(q));
+        let forwarder =
+            Forwarder::for_mode(&cfg.mode, cfg.mtu as usize, peers.load().1).with_queue(q);
         let parts = WorkerParts {
             tun,
             udp,
             datapath: Datapath::new(label, forwarder, stats, offload)
+                .with_shared_peers(peers.clone())
                 .with_device(&dev_name)
                 .with_aqm(cfg.aqm)
                 .with_flow_queues(
@@ -278,6 +357,7 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
         match events_rx.recv() {
             Ok(Event::Worker(WorkerEvent::Ready(None))) => ready += 1,
             Ok(Event::Worker(WorkerEvent::Ready(Some(e)))) => setup_error = Some(e),
+            Ok(Event::Signal(Signal::SIGHUP)) => reload_peers(cfg, &peers),
             Ok(Event::Signal(sig)) => {
                 crate::info!("{} received during setup, stopping", sig.as_str());
                 stopped_early = true;
@@ -309,10 +389,20 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
     }
 
     let started = Instant::now();
-    let path = if cfg.mode.is_reflect() {
-        "reflecting echo requests and UDP back into the device".to_string()
-    } else {
-        format!("udp {} -> {}", cfg.listen, cfg.peer)
+    let path = {
+        let (_, t) = peers.load();
+        if cfg.mode.is_reflect() {
+            "reflecting echo requests and UDP back into the device".to_string()
+        } else if t.is_single() {
+            format!("udp {} -> {}", cfg.listen, t.peer(0).addr)
+        } else {
+            format!(
+                "udp {} -> {} peers by {} prefixes",
+                cfg.listen,
+                t.len(),
+                t.prefixes()
+            )
+        }
     };
     crate::info!(
         "tunnel up: dev {dev_name} ({}), mtu {}, {} queue(s), engine {}, {path}",
@@ -332,6 +422,7 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
     loop {
         channel::select! {
             recv(events_rx) -> ev => match ev {
+                Ok(Event::Signal(Signal::SIGHUP)) => reload_peers(cfg, &peers),
                 Ok(Event::Signal(sig)) => {
                     crate::info!("{} received, stopping", sig.as_str());
                     break;
@@ -358,6 +449,7 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
                         out(format_args!("tunfwd: stats queue={q} {s}"));
                     }
                 }
+                print_peers("stats", &peers, cfg.stats_peers);
                 last = total;
                 last_at = now;
             },
@@ -397,6 +489,7 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
             out(format_args!("tunfwd: summary queue={q} {s}"));
         }
     }
+    print_peers("summary", &peers, cfg.stats_peers);
     match first_error {
         Some(e) => Err(e),
         None => Ok(()),

@@ -12,7 +12,7 @@ pub mod poll;
 #[cfg(target_os = "linux")]
 pub mod uring;
 
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -57,7 +57,9 @@ impl Engine {
     /// Resolves `--engine` for a tunnel: auto takes io_uring when the probe
     /// passes and says so in one line when it does not.
     pub fn choose(cfg: &TunnelConfig) -> Result<Engine> {
-        let fwd = crate::forward::Forwarder::for_mode(&cfg.mode, cfg.mtu as usize, cfg.peer);
+        // Only the mode and MTU size the buffers: any peer will do.
+        let any = crate::peers::PeerTable::single(SocketAddr::from(([0, 0, 0, 0], 0)), false);
+        let fwd = crate::forward::Forwarder::for_mode(&cfg.mode, cfg.mtu as usize, Arc::new(any));
         let want = EngineWanted {
             kind: cfg.engine,
             uring: cfg.uring.clone(),
@@ -256,15 +258,6 @@ fn enable_timestamps(udp: &UdpSocket, dp: &mut Datapath) {
     }
 }
 
-/// The address to pass to `send_to` on a socket bound to `local`: an IPv4
-/// peer is reached from an IPv6 (dual-stack) socket as `::ffff:a.b.c.d`.
-pub fn send_addr(local: SocketAddr, peer: SocketAddr) -> SocketAddr {
-    match (local.ip(), peer.ip()) {
-        (IpAddr::V6(_), IpAddr::V4(v4)) => SocketAddr::new(v4.to_ipv6_mapped().into(), peer.port()),
-        _ => peer,
-    }
-}
-
 pub use crate::device::is_fatal_error as is_fatal_tun_error;
 
 /// The error that ends a worker whose TUN queue failed (`op`: "read from",
@@ -283,18 +276,6 @@ pub fn tun_failure(op: &str, label: &str, e: std::io::Error) -> crate::error::Er
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn maps_v4_peer_for_v6_socket() {
-        let local = "[::]:5000".parse().unwrap();
-        let peer = "198.18.0.2:5000".parse().unwrap();
-        assert_eq!(
-            send_addr(local, peer),
-            "[::ffff:198.18.0.2]:5000".parse().unwrap()
-        );
-        let local4 = "0.0.0.0:5000".parse().unwrap();
-        assert_eq!(send_addr(local4, peer), peer);
-    }
 
     #[test]
     fn shutdown_wakes_poll() {

@@ -10,7 +10,7 @@
 //! overtakes what is held.
 
 use std::io::{self, IoSlice};
-use std::net::{SocketAddr, UdpSocket};
+use std::net::UdpSocket;
 use std::ops::Range;
 use std::os::fd::AsFd;
 use std::sync::Arc;
@@ -22,7 +22,7 @@ use crate::datapath::{
     After, Datapath, Direction, MAX_GATHER_PIECES, RxAction, SPLIT_LEN, TunAction, TxBuf, TxPlan,
     Visit, WriteInfo,
 };
-use crate::engine::{Shutdown, WorkerParts, send_addr};
+use crate::engine::{Shutdown, WorkerParts};
 use crate::error::{Error, Result};
 use crate::fq::Dequeued;
 use crate::packet::offload::{Coalescer, MAX_WRITE_PIECES};
@@ -35,8 +35,6 @@ pub struct PollWorker {
     /// Never sleep in poll(2): spin with a zero timeout.
     busy_poll: bool,
     shutdown: Arc<Shutdown>,
-    /// The peer as `send_to` on this socket wants it.
-    peer: SocketAddr,
     out: Outbound,
     inb: Inbound,
 }
@@ -106,10 +104,10 @@ impl PollWorker {
         let local = udp
             .local_addr()
             .map_err(|e| Error::io(format!("query address of UDP socket for {}", dp.label()), e))?;
-        let peer = send_addr(local, dp.forwarder().peer());
+        let mut dp = dp;
+        dp.use_socket(local);
         // With flow queueing, as many TUN-side buffers as the io_uring
         // engine has by default (each holds one queued read).
-        let mut dp = dp;
         let buffers = if !dp.flow_queueing_requested() {
             1
         } else if dp.offload() {
@@ -146,7 +144,6 @@ impl PollWorker {
             dp,
             busy_poll,
             shutdown,
-            peer,
             out,
             inb,
         })
@@ -384,7 +381,7 @@ impl PollWorker {
                 }
             };
             self.dp.stats().syscalls.add(1);
-            let res = crate::platform::send_gather(&self.udp, &iov[..n], send.gso_size, self.peer);
+            let res = crate::platform::send_gather(&self.udp, &iov[..n], send.gso_size, plan.dest);
             if self.dp.on_send(&mut plan, &send, res) == After::Retry {
                 self.out.held = Some(OutHeld::Send(t, plan));
                 return Ok(());

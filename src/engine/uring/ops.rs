@@ -71,6 +71,8 @@ pub(super) struct MsgSlot {
     /// in.
     pub(super) cmsg: [u64; 4],
     pub(super) name: libc::sockaddr_in6,
+    /// Where a send goes (its plan's destination), pointed to by `msg`.
+    dest: nix::sys::socket::SockaddrStorage,
 }
 
 impl MsgSlot {
@@ -86,7 +88,16 @@ impl MsgSlot {
             cmsg: [0; 4],
             // SAFETY: as above: a plain C struct.
             name: unsafe { std::mem::zeroed() },
+            dest: nix::sys::socket::SockaddrStorage::from(SocketAddr::from(([0, 0, 0, 0], 0))),
         }
+    }
+
+    /// Keeps `dest` in the slot for a send; returns the address for
+    /// [`MsgSlot::prepare_send`] or [`MsgSlot::prepare_gather`].
+    pub(super) fn set_dest(&mut self, dest: SocketAddr) -> (*const libc::sockaddr, u32) {
+        use nix::sys::socket::SockaddrLike as _;
+        self.dest = nix::sys::socket::SockaddrStorage::from(dest);
+        (self.dest.as_ptr(), self.dest.len())
     }
 
     /// Points the header at `len` bytes at `data`, to `dest`, with

@@ -14,7 +14,6 @@ use std::sync::Arc;
 use io_uring::types::{CancelBuilder, Fd, Fixed, RecvMsgOut, SubmitArgs, Timespec};
 use io_uring::{IoUring, cqueue, opcode, squeue};
 use nix::errno::Errno;
-use nix::sys::socket::{SockaddrLike, SockaddrStorage};
 
 use super::ops::{
     CHAINED, MsgSlot, Op, SINGLE_WRITE, SOCKADDR_LEN, decode, parse_control, parse_sockaddr,
@@ -27,7 +26,7 @@ use crate::datapath::{
     After, Datapath, Direction, MAX_GATHER_PIECES, Received, RxAction, SPLIT_LEN, TunAction, TxBuf,
     TxPlan, TxSend,
 };
-use crate::engine::{Shutdown, WorkerParts, send_addr};
+use crate::engine::{Shutdown, WorkerParts};
 use crate::error::{Error, Result};
 use crate::packet::offload::{Coalescer, Piece};
 
@@ -137,7 +136,6 @@ pub struct UringWorker {
     rx: Vec<RxSlot>,
     tun_writes: TunWrites,
     multishot_msg: Box<libc::msghdr>,
-    peer_addr: Box<SockaddrStorage>,
     /// Offload: one split area of SPLIT_LEN bytes per TUN buffer.
     split: Option<Region>,
     pool: Region,
@@ -233,10 +231,9 @@ impl UringWorker {
         } else {
             None
         };
-        let peer = send_addr(
+        dp.use_socket(
             udp.local_addr()
                 .map_err(|e| Error::io(format!("query UDP address of {label}"), e))?,
-            dp.forwarder().peer(),
         );
         let mut multishot_msg: Box<libc::msghdr> = Box::new(
             // SAFETY: msghdr is plain data (integers and raw pointers), for
@@ -287,7 +284,6 @@ impl UringWorker {
                 .collect(),
             tun_writes: TunWrites::new(usize::from(per_group)),
             multishot_msg,
-            peer_addr: Box::new(SockaddrStorage::from(peer)),
             split,
             pool,
             owners: Owners::new(total),
@@ -565,14 +561,16 @@ impl UringWorker {
     fn submit_send(&mut self, bid: u16) -> Result<()> {
         let i = usize::from(bid);
         let next = match &self.tx[i].plan {
-            Some(plan) if !self.stopping => self.dp.next_send(plan).map(|s| (s, plan.buf)),
+            Some(plan) if !self.stopping => {
+                self.dp.next_send(plan).map(|s| (s, plan.buf, plan.dest))
+            }
             _ => None,
         };
-        let Some((send, buf)) = next else {
+        let Some((send, buf, dest)) = next else {
             self.tx[i].plan = None;
             return self.recycle(bid);
         };
-        let dest = (self.peer_addr.as_ptr(), self.peer_addr.len());
+        let dest = self.tx[i].msg.set_dest(dest);
         let base = self.buf_ptr(bid);
         let msg = match buf {
             TxBuf::Read => {
@@ -614,7 +612,8 @@ impl UringWorker {
         let e = with_file!(self, UDP_SLOT, |f| opcode::SendMsg::new(f, msg).build());
         // SAFETY: the msghdr, iovecs and cmsg live in `tx[bid]` (a Vec never
         // resized after setup), the data in buffer `bid` and its split area,
-        // the address in `peer_addr`; all untouched until this send completes.
+        // the address in the slot's message; all untouched until this send
+        // completes.
         unsafe { self.push(e.user_data(user_data(Op::Send, bid, 0))) }
     }
 

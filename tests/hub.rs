@@ -1,0 +1,373 @@
+//! Many peers against the real kernel, both engines: one hub and three
+//! spokes on one bridge. The hub's peers file gives each spoke its inner
+//! addresses; the hub's kernel routes between spokes (packets come out of
+//! its TUN device and go back in). Checked: spoke to spoke and spoke to hub
+//! over IPv4 and IPv6 (pings and verified TCP); a spoke sending with another
+//! spoke's inner source is dropped and counted; a reload (SIGHUP) that
+//! removes one spoke and adds a fourth while a verified transfer between
+//! two other spokes runs: the transfer arrives byte for byte, the removed
+//! spoke is cut off, the new one works. Needs root.
+
+#![cfg(target_os = "linux")]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const HUB_UNDERLAY: &str = "198.18.1.1";
+const PORT: u16 = 5000;
+
+/// A spoke: its namespace and number (its addresses end in 1k).
+struct Spoke {
+    ns: Netns,
+    k: u8,
+}
+
+impl Spoke {
+    fn underlay(&self) -> String {
+        format!("198.18.1.1{}", self.k)
+    }
+    fn inner4(&self) -> String {
+        format!("198.19.0.1{}", self.k)
+    }
+    fn inner6(&self) -> String {
+        format!("2001:db8:19::1{}", self.k)
+    }
+    /// Its line in the hub's peers file.
+    fn peer_line(&self) -> String {
+        format!(
+            "{}:{PORT} {}/32, {}/128  # spoke {}\n",
+            self.underlay(),
+            self.inner4(),
+            self.inner6(),
+            self.k
+        )
+    }
+    /// The hub's view of it, as the stats lines name it.
+    fn peer_tag(&self) -> String {
+        format!("peer={}:{PORT} ", self.underlay())
+    }
+}
+
+/// The hub's namespace with a bridge on 198.18.1.1/24, forwarding on.
+fn hub_namespace() -> Netns {
+    let hub = Netns::new("hub");
+    hub.ip(&["link", "add", "br0", "type", "bridge"]);
+    hub.ip(&["addr", "add", &format!("{HUB_UNDERLAY}/24"), "dev", "br0"]);
+    hub.ip(&["link", "set", "br0", "up"]);
+    for kv in [
+        "net.ipv4.ip_forward=1",
+        "net.ipv6.conf.all.forwarding=1",
+        "net.ipv4.conf.all.send_redirects=0",
+        "net.ipv4.conf.default.send_redirects=0",
+    ] {
+        assert!(
+            hub.run_ok(&["sysctl", "-qw", kv]),
+            "sysctl {kv} in the hub's namespace"
+        );
+    }
+    hub
+}
+
+/// Spoke `k` in its own namespace, plugged into the hub's bridge.
+fn spoke(hub: &Netns, k: u8) -> Spoke {
+    let s = Spoke {
+        ns: Netns::new(&format!("spoke{k}")),
+        k,
+    };
+    let port = format!("sp{k}");
+    run(&[
+        "ip", "link", "add", "veth0", "netns", &s.ns.name, "type", "veth", "peer", "name", &port,
+        "netns", &hub.name,
+    ]);
+    hub.ip(&["link", "set", &port, "master", "br0"]);
+    hub.ip(&["link", "set", &port, "up"]);
+    s.ns.ip(&[
+        "addr",
+        "add",
+        &format!("{}/24", s.underlay()),
+        "dev",
+        "veth0",
+    ]);
+    s.ns.ip(&["link", "set", "veth0", "up"]);
+    s
+}
+
+/// Starts spoke `s`'s forwarder: one peer (the hub) that owns the whole
+/// overlay.
+fn spoke_tunfwd(s: &Spoke, extra: &[&str]) -> Proc {
+    let mut args: Vec<String> = [
+        "tunnel",
+        "--dev",
+        "tun0",
+        "--address",
+        &format!("{}/24", s.inner4()),
+        "--address",
+        &format!("{}/64", s.inner6()),
+        "--listen",
+        &format!("{}:{PORT}", s.underlay()),
+        "--peer",
+        &format!("{HUB_UNDERLAY}:{PORT}=198.19.0.0/24,2001:db8:19::/64"),
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    args.extend(extra.iter().map(|a| a.to_string()));
+    Proc::tunfwd(&s.ns, &args)
+}
+
+/// Writes the hub's peers file whole (a rename, so a reload never reads
+/// half a file).
+fn write_peers(path: &std::path::Path, spokes: &[&Spoke]) {
+    let mut text = String::from("# tunfwd hub test: ADDR:PORT CIDR,...\n\n");
+    for s in spokes {
+        text.push_str(&s.peer_line());
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// The newest line of `p`'s stdout that starts with `prefix` and holds
+/// `tag`, once `ready` accepts it (20 s hang guard; start the process with
+/// `--stats-interval`).
+fn wait_for_line(p: &mut Proc, tag: &str, ready: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = p.stdout();
+        if let Some(line) = out
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("tunfwd: stats peer=") && l.contains(tag))
+        {
+            if ready(line) {
+                return line.to_string();
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no stats line for {tag} as wanted within 20 s\nstdout:\n{out}\nstderr:\n{}",
+            p.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `reason=N` inside a peer line's drop list (0 if absent).
+fn peer_drops(line: &str, reason: &str) -> u64 {
+    line.split(['[', ']', ' '])
+        .find_map(|f| f.strip_prefix(&format!("{reason}=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_hub_routes_between_spokes_filters_sources_and_reloads_without_a_hiccup() {
+    let test = "a_hub_routes_between_spokes_filters_sources_and_reloads_without_a_hiccup";
+    if !can_run_kernel_tests(test) {
+        return;
+    }
+    for engine in engines(test) {
+        // io_uring with two queues and offload (where the kernel has it);
+        // poll with one queue and no offload.
+        let extra: &[&str] = if engine == "uring" {
+            &["--engine", "uring", "--queues", "2"]
+        } else {
+            &["--engine", "poll", "--offload", "off"]
+        };
+        hub_and_spokes(engine, extra);
+    }
+}
+
+fn hub_and_spokes(engine: &str, extra: &[&str]) {
+    let hub = hub_namespace();
+    let s1 = spoke(&hub, 1);
+    let s2 = spoke(&hub, 2);
+    let s3 = spoke(&hub, 3);
+    let s4 = spoke(&hub, 4);
+    let dir = std::env::temp_dir().join(format!("tunfwd-hub-{}-{engine}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let peers_file = dir.join("peers");
+    write_peers(&peers_file, &[&s1, &s2, &s3]);
+
+    let mut hub_args: Vec<String> = [
+        "tunnel",
+        "--dev",
+        "tun0",
+        "--address",
+        "198.19.0.1/24",
+        "--address",
+        "2001:db8:19::1/64",
+        "--listen",
+        &format!("{HUB_UNDERLAY}:{PORT}"),
+        "--peers-file",
+        peers_file.to_str().unwrap(),
+        "--stats-interval",
+        "1",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    hub_args.extend(extra.iter().map(|a| a.to_string()));
+    let mut hubp = Proc::tunfwd(&hub, &hub_args);
+    assert!(
+        hubp.stderr().contains("3 peers by 6 prefixes"),
+        "{engine}: the hub names its peers:\n{}",
+        hubp.stderr()
+    );
+    let mut spokes: Vec<Proc> = [&s1, &s2, &s3, &s4]
+        .iter()
+        .map(|s| spoke_tunfwd(s, extra))
+        .collect();
+
+    // Spoke to spoke (through the hub's kernel) and spoke to hub, both
+    // families.
+    for (from, to) in [
+        (&s1.ns, s2.inner4()),
+        (&s1.ns, s2.inner6()),
+        (&s3.ns, "198.19.0.1".to_string()),
+        (&s2.ns, "2001:db8:19::1".to_string()),
+    ] {
+        assert!(from.ping(&to), "{engine}: ping {to} from {}", from.name);
+    }
+    let to2: SocketAddr = format!("{}:7001", s2.inner4()).parse().unwrap();
+    verified_tcp_transfer(&s1.ns, &s2.ns, to2, 8 << 20);
+    let hub6: SocketAddr = "[2001:db8:19::1]:7002".parse().unwrap();
+    verified_tcp_transfer(&s2.ns, &hub, hub6, 8 << 20);
+    let to1: SocketAddr = format!("[{}]:7003", s1.inner6()).parse().unwrap();
+    verified_tcp_transfer(&s3.ns, &s1.ns, to1, 4 << 20);
+
+    // Spoke 3 sends with spoke 1's inner source: the hub drops every one
+    // as source_not_allowed, counted for spoke 3.
+    s3.ns
+        .ip(&["addr", "add", &format!("{}/32", s1.inner4()), "dev", "tun0"]);
+    let before = peer_drops(
+        &wait_for_line(&mut hubp, &s3.peer_tag(), |_| true),
+        "source_not_allowed",
+    );
+    assert!(
+        !s3.ns.run_ok(&[
+            "ping",
+            "-c",
+            "3",
+            "-i",
+            "0.2",
+            "-W",
+            "1",
+            "-I",
+            &s1.inner4(),
+            "198.19.0.1"
+        ]),
+        "{engine}: a ping with spoke 1's source from spoke 3 was answered"
+    );
+    wait_for_line(&mut hubp, &s3.peer_tag(), |l| {
+        peer_drops(l, "source_not_allowed") >= before + 3
+    });
+
+    // A reload while spoke 1 sends to spoke 2: spoke 3 goes, spoke 4
+    // comes.
+    assert!(!s4.ns.run_ok(&["ping", "-c", "1", "-W", "1", "198.19.0.1"]));
+    let progress = Arc::new(AtomicU64::new(0));
+    let total: u64 = 48 << 20;
+    let transfer = {
+        let (a, b) = (Netns::existing(&s1.ns.name), Netns::existing(&s2.ns.name));
+        let progress = progress.clone();
+        let to = format!("{}:7004", s2.inner4()).parse().unwrap();
+        // 16 MiB/s: three seconds, so the reload meets it running.
+        std::thread::spawn(move || {
+            verified_tcp_transfer_observed(&a, &b, to, total, Some(progress), Some(16 << 20))
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while progress.load(Ordering::Relaxed) < 1 << 20 {
+        assert!(
+            Instant::now() < deadline,
+            "{engine}: the transfer did not start"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    write_peers(&peers_file, &[&s1, &s2, &s4]);
+    let pid = nix::unistd::Pid::from_raw(hubp.child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    hubp.wait_for_stderr("peers reloaded from");
+    let at_reload = progress.load(Ordering::Relaxed);
+    assert!(
+        hubp.stderr()
+            .contains("3 peers, 6 prefixes (1 added, 1 removed)"),
+        "{engine}: {}",
+        hubp.stderr()
+    );
+    assert!(s4.ns.ping("198.19.0.1"), "{engine}: the new spoke 4");
+    assert!(
+        s4.ns.ping("2001:db8:19::1"),
+        "{engine}: the new spoke 4 (IPv6)"
+    );
+    assert!(s4.ns.ping(&s1.inner4()), "{engine}: spoke 4 to spoke 1");
+    assert!(
+        !s3.ns
+            .run_ok(&["ping", "-c", "2", "-i", "0.2", "-W", "1", "198.19.0.1"]),
+        "{engine}: the removed spoke 3 still reaches the hub"
+    );
+    let moved = transfer.join().expect("transfer");
+    assert_eq!(moved, total);
+    assert!(
+        at_reload < total,
+        "{engine}: the transfer ended before the reload"
+    );
+
+    // A broken file is refused whole; the table in use stays.
+    std::fs::write(&peers_file, "198.18.1.15:5000 198.19.0.15/32\nnot a peer\n").unwrap();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    hubp.wait_for_stderr("peers reload refused, keeping the 3 peers in use");
+    assert!(
+        hubp.stderr().contains("line 2:"),
+        "{engine}: the refusal names the line: {}",
+        hubp.stderr()
+    );
+    assert!(
+        s4.ns.ping("198.19.0.1"),
+        "{engine}: spoke 4 after a refused reload"
+    );
+
+    // An overlay address no spoke owns: the hub's packets to it are
+    // dropped as no_route (the kernel's own multicast, such as MLD reports,
+    // may add a few).
+    let before = stat(
+        &hubp.wait_for_stats("a total", |_| true),
+        "stats t=",
+        "no_route",
+    );
+    assert!(!hub.run_ok(&["ping", "-c", "3", "-i", "0.2", "-W", "1", "198.19.0.99"]));
+    hubp.wait_for_stats("3 more no_route drops", |l| {
+        stat(l, "stats t=", "no_route") >= before + 3
+    });
+
+    hubp.terminate();
+    for p in &mut spokes {
+        p.terminate();
+    }
+    let out = hubp.stdout();
+    // Spoke 3 was removed: its datagrams after the reload met no peer.
+    assert!(
+        stat(&out, "summary total", "not_from_peer") > 0,
+        "{engine}: {out}"
+    );
+    // Spokes 1 and 2 carried the transfer: the reload cost them nothing
+    // (only CoDel may have dropped a segment to slow a sender).
+    for s in [&s1, &s2] {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with("tunfwd: summary peer=") && l.contains(&s.peer_tag()))
+            .unwrap_or_else(|| panic!("{engine}: no summary line for spoke {}:\n{out}", s.k));
+        let drops = stat(line, "peer=", "drops");
+        assert_eq!(drops, peer_drops(line, "aqm"), "{engine}: {line}");
+        assert!(stat(line, "peer=", "rx_packets") > 1000, "{engine}: {line}");
+        assert!(stat(line, "peer=", "tx_packets") > 1000, "{engine}: {line}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
