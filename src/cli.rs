@@ -203,7 +203,10 @@ struct BenchArgs {
     /// (kernel VXLAN tunnel), poll and uring (tunfwd's engines). A tunfwd
     /// target takes its own `tunnel` flags as +NAME or +NAME=VALUE, e.g.
     /// uring+multishot=off or uring+queues=2+batch=16 (values cannot contain
-    /// commas, which separate targets).
+    /// commas, which separate targets). +hub=N (2-30000) gives each
+    /// forwarder N peers from a peers file instead of one --peer: the other
+    /// side and N-1 synthetic peers with ten prefixes each, so every packet
+    /// is routed and filtered through a large table.
     #[arg(long, value_delimiter = ',', default_value = "veth,vxlan,poll,uring", value_parser = crate::bench::Target::parse)]
     compare: Vec<crate::bench::Target>,
 

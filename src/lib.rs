@@ -19,6 +19,10 @@
 //!   queues over the engine's buffer numbers, deficit round robin with
 //!   priority for sparse flows, CoDel per flow ([`aqm`]), overload drops.
 //!   Pure, with the clock passed in.
+//! - [`peers`] is the peer table: which peer an inner destination goes to
+//!   (longest-prefix match, both families), which peer a datagram came
+//!   from, and per-peer counters. Built once per (re)load and swapped
+//!   whole; a single peer without prefixes is the point-to-point tunnel.
 //! - [`forward`] decides per packet (verdicts per direction) and
 //!   [`packet`] holds the checked views, checksums, and offload (split and
 //!   coalesce): pure code over byte slices, unit-tested and fuzzed ([`fuzz`]).

@@ -229,6 +229,36 @@ fn bench_ecn_turns_on_ecn_in_both_namespaces() {
     }
 }
 
+/// `+hub=N`: both forwarders run with N peers from a peers file (the bench
+/// fails unless each says it loaded them), the tunnel carries TCP through
+/// the table, and the files are gone afterwards.
+#[test]
+fn bench_hub_target_carries_traffic_through_many_peers() {
+    if !can_run_kernel_tests("bench_hub_target_carries_traffic_through_many_peers") {
+        return;
+    }
+    let args = [
+        "--compare",
+        "poll+hub=10000",
+        "--workloads",
+        "tcp,latency",
+        "--streams",
+        "2",
+        "--duration",
+        "1",
+    ];
+    let (p, doc) = run_bench(&args, 180);
+    let rows = doc["results"].as_array().unwrap();
+    let tcp: Vec<&Value> = rows.iter().filter(|r| r["workload"] == "tcp").collect();
+    assert_eq!(tcp.len(), 2, "{doc}");
+    for r in tcp {
+        assert!(f(r, "gbps") > 0.0, "{r}");
+        assert!(f(r, "forwarder_packets") > 1000.0, "{r}");
+    }
+    let dir = std::env::temp_dir().join(format!("tunfwd-bench-hub-{}", p.child.id()));
+    assert!(!dir.exists(), "{} left behind", dir.display());
+}
+
 #[test]
 fn bench_interrupted_cleans_up() {
     if !can_run_kernel_tests("bench_interrupted_cleans_up") {

@@ -117,9 +117,112 @@ fn help_explains_units_and_defaults() {
         "[default: fq-codel]",
         "--aqm-inflight-bytes <BYTES>",
         "[default: 65536: one super-packet]",
+        "--peer <ADDR:PORT[=CIDR,...]>",
+        "--peers-file <FILE>",
+        "--stats-peers <N>",
+        "[default: 10]",
     ] {
         assert!(text.contains(want), "help lacks {want:?}:\n{text}");
     }
+}
+
+/// Every way a set of peers is refused: one line naming the flag, or the
+/// file and line, before anything is created (no root needed).
+#[test]
+fn bad_peers_are_refused_by_name() {
+    let dir = std::env::temp_dir().join(format!("tunfwd-errors-peers-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = |name: &str, text: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    };
+    let bad_line = file(
+        "bad-line",
+        "# ok\n198.18.0.2:5000 198.19.0.2/32\n\n198.18.0.3:5000 198.19.0.3\n",
+    );
+    let no_prefix = file("no-prefix", "198.18.0.2:5000\n");
+    let wrong_family = file("family", "[2001:db8::2]:5000 198.19.0.2/32\n");
+    let dup = file(
+        "dup",
+        "198.18.0.2:5000 198.19.0.0/24\n198.18.0.3:5000 198.19.0.9/24\n",
+    );
+    let missing = dir.join("missing").display().to_string();
+    let base = ["tunnel", "--listen", "127.0.0.1:0"];
+    let cases: Vec<(Vec<&str>, String)> = vec![
+        (vec![], "no peer: give --peer ADDR:PORT".into()),
+        (
+            vec!["--peers-file", &bad_line],
+            format!("peers file {bad_line}: line 4: \"198.19.0.3\" is not ADDRESS/PREFIX"),
+        ),
+        (
+            vec!["--peers-file", &no_prefix],
+            "line 1: peer 198.18.0.2:5000 has no prefixes".into(),
+        ),
+        (
+            vec!["--peers-file", &wrong_family],
+            format!(
+                "peers file {wrong_family} line 1: peer [2001:db8::2]:5000 is IPv6 but --listen"
+            ),
+        ),
+        (
+            vec!["--peers-file", &dup],
+            "prefix 198.19.0.0/24 is given to both peer 198.18.0.2:5000 and peer 198.18.0.3:5000"
+                .into(),
+        ),
+        (
+            vec!["--peers-file", &missing],
+            format!("read peers file {missing}: No such file"),
+        ),
+        (
+            vec![
+                "--peer",
+                "198.18.0.2:5000=198.19.0.0/24",
+                "--peer",
+                "198.18.0.3:5000",
+            ],
+            "peer 198.18.0.3:5000 has no prefixes: with several peers each needs its own".into(),
+        ),
+        (
+            vec![
+                "--peer",
+                "198.18.0.2:5000=198.19.0.0/24",
+                "--allow-src",
+                "198.19.0.0/24",
+            ],
+            "--allow-src is for a single peer without prefixes".into(),
+        ),
+        (
+            vec![
+                "--peer",
+                "198.18.0.2:5000=198.19.0.0/24",
+                "--mode",
+                "tap",
+                "--vni",
+                "1",
+            ],
+            "--mode tap carries Ethernet frames to one peer".into(),
+        ),
+        (
+            vec!["--peer", "198.18.0.2:5000=198.19.0.0"],
+            "is not ADDRESS/PREFIX".into(),
+        ),
+    ];
+    for (extra, want) in cases {
+        let mut args = base.to_vec();
+        args.extend(extra.iter().copied());
+        let out = tunfwd(&args);
+        assert_clean_failure(&out, &want);
+        // (clap's usage errors, exit 2, add a hint line.)
+        if out.status.code() != Some(2) {
+            assert_eq!(
+                String::from_utf8_lossy(&out.stderr).lines().count(),
+                1,
+                "one line for {extra:?}"
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -241,6 +241,8 @@ fn hub_and_spokes(engine: &str, extra: &[&str]) {
     verified_tcp_transfer(&s2.ns, &hub, hub6, 8 << 20);
     let to1: SocketAddr = format!("[{}]:7003", s1.inner6()).parse().unwrap();
     verified_tcp_transfer(&s3.ns, &s1.ns, to1, 4 << 20);
+    let hub4: SocketAddr = "198.19.0.1:7005".parse().unwrap();
+    verified_tcp_transfer(&s1.ns, &hub, hub4, 4 << 20);
 
     // Spoke 3 sends with spoke 1's inner source: the hub drops every one
     // as source_not_allowed, counted for spoke 3.

@@ -240,9 +240,25 @@ pub struct ForwarderPair {
 
 impl ForwarderPair {
     /// Starts `tunfwd tunnel --engine ENGINE EXTRA...` on both sides and
-    /// waits until both report the tunnel up.
-    pub fn start(topo: &Topology, engine: &str, extra: &[String]) -> Result<ForwarderPair> {
-        let args = |ns: String, me, peer, addr| {
+    /// waits until both report the tunnel up. With `hub`, each side's peers
+    /// come from a file of that many: the other side (owning its tunnel
+    /// address) and synthetic ones ([`crate::peers::synthetic_hub`], ten
+    /// prefixes each, never sent to).
+    pub fn start(
+        topo: &Topology,
+        engine: &str,
+        extra: &[String],
+        hub: Option<usize>,
+    ) -> Result<ForwarderPair> {
+        let files = match hub {
+            Some(n) => Some(HubFiles::write(n)?),
+            None => None,
+        };
+        let args = |ns: String, me, peer, addr, file: Option<&std::path::Path>| {
+            let peer_args = match file {
+                Some(f) => vec!["--peers-file".into(), f.display().to_string()],
+                None => vec!["--peer".into(), format!("{peer}:{PORT}")],
+            };
             let mut v: Vec<String> = vec![
                 "tunnel".into(),
                 "--netns".into(),
@@ -254,16 +270,35 @@ impl ForwarderPair {
                 format!("{addr}/24"),
                 "--listen".into(),
                 format!("{me}:{PORT}"),
-                "--peer".into(),
-                format!("{peer}:{PORT}"),
                 "--engine".into(),
                 engine.into(),
             ];
+            v.extend(peer_args);
             v.extend(extra.iter().cloned());
             v
         };
-        let a = Forwarder::start(args(topo.a.proc_path(), UNDERLAY_A, UNDERLAY_B, TUN_A))?;
-        let b = Forwarder::start(args(topo.b.proc_path(), UNDERLAY_B, UNDERLAY_A, TUN_B))?;
+        let (fa, fb) = match &files {
+            Some(f) => (Some(f.a.as_path()), Some(f.b.as_path())),
+            None => (None, None),
+        };
+        let a = Forwarder::start(args(topo.a.proc_path(), UNDERLAY_A, UNDERLAY_B, TUN_A, fa))?;
+        let b = Forwarder::start(args(topo.b.proc_path(), UNDERLAY_B, UNDERLAY_A, TUN_B, fb))?;
+        // Read at start: not needed any more.
+        drop(files);
+        if let Some(n) = hub {
+            // Each forwarder says what it loaded: the measurement is void
+            // unless both carry the whole table.
+            let want = format!("-> {n} peers by");
+            for f in [&a, &b] {
+                let said = text(&f.stderr);
+                if !said.contains(&want) {
+                    return Err(Error::config(format!(
+                        "a +hub={n} forwarder did not load {n} peers: {}",
+                        said.trim()
+                    )));
+                }
+            }
+        }
         Ok(ForwarderPair { a, b })
     }
 
@@ -285,6 +320,42 @@ impl ForwarderPair {
             tun_queue_drops: ca.tun_queue_drops + cb.tun_queue_drops,
             queue: ca.queue.merged(&cb.queue),
         })
+    }
+}
+
+/// The peers files of a `+hub=N` target, removed on drop.
+struct HubFiles {
+    dir: std::path::PathBuf,
+    a: std::path::PathBuf,
+    b: std::path::PathBuf,
+}
+
+impl HubFiles {
+    /// Side a's file names b (owning b's tunnel address) and n-1
+    /// synthetic peers; side b's the same with a.
+    fn write(n: usize) -> Result<HubFiles> {
+        let dir = std::env::temp_dir().join(format!("tunfwd-bench-hub-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).context(|| format!("create {}", dir.display()))?;
+        let files = HubFiles {
+            a: dir.join("peers-a"),
+            b: dir.join("peers-b"),
+            dir,
+        };
+        let synthetic: String = crate::peers::synthetic_hub(n - 1, 10)
+            .iter()
+            .map(|p| format!("{p}\n"))
+            .collect();
+        for (path, peer, addr) in [(&files.a, UNDERLAY_B, TUN_B), (&files.b, UNDERLAY_A, TUN_A)] {
+            let text = format!("# tunfwd bench: {n} peers\n{peer}:{PORT} {addr}/32\n{synthetic}");
+            std::fs::write(path, text).context(|| format!("write {}", path.display()))?;
+        }
+        Ok(files)
+    }
+}
+
+impl Drop for HubFiles {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

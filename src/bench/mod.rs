@@ -46,6 +46,9 @@ use self::report::{Load, Percentiles, Row, Workload};
 use self::topology::{TUN_B, Topology, UNDERLAY_B, VXLAN_B};
 use crate::error::{Context, Error, Result};
 
+/// Most peers `+hub=N` configures.
+pub const MAX_HUB_PEERS: usize = 30_000;
+
 /// Something to measure.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Target {
@@ -59,6 +62,10 @@ pub enum Target {
         spec: String,
         engine: String,
         args: Vec<String>,
+        /// `+hub=N`: each forwarder has N peers configured (its real peer
+        /// and N-1 synthetic ones with ten prefixes each), so every packet
+        /// is routed and filtered through a large table.
+        hub: Option<usize>,
     },
     /// `tunfwd reflect` in namespace a as the far end of the latency
     /// probes: the TUN path alone (latency workloads only).
@@ -80,11 +87,23 @@ impl Target {
             "vxlan" => Ok(Target::Vxlan),
             "poll" | "uring" | "reflect" => {
                 let mut args = Vec::new();
+                let mut hub = None;
                 for item in parts {
                     let (flag, value) = match item.split_once('=') {
                         Some((f, v)) => (f, Some(v)),
                         None => (item, None),
                     };
+                    if flag == "hub" && head != "reflect" {
+                        hub = Some(
+                            value
+                                .and_then(|v| v.parse::<usize>().ok())
+                                .filter(|n| (2..=MAX_HUB_PEERS).contains(n))
+                                .ok_or_else(|| {
+                                    format!("{s:?}: +hub=N needs N peers from 2 to {MAX_HUB_PEERS}")
+                                })?,
+                        );
+                        continue;
+                    }
                     if flag.is_empty() || flag.starts_with('-') {
                         return Err(format!(
                             "{s:?}: write flags as +NAME or +NAME=VALUE (e.g. uring+batch=8)"
@@ -103,6 +122,7 @@ impl Target {
                     spec: s.to_string(),
                     engine: head.to_string(),
                     args,
+                    hub,
                 })
             }
             other => Err(format!(
@@ -360,10 +380,14 @@ fn measure(
     stop: &Arc<AtomicBool>,
 ) -> Result<Row> {
     let forwarders = match target {
-        Target::Tunfwd { engine, args, .. } => {
+        Target::Tunfwd {
+            engine, args, hub, ..
+        } => {
             let mut all = cfg.forwarder_args.clone();
             all.extend(args.iter().cloned());
-            Some(Running::Pair(ForwarderPair::start(topo, engine, &all)?))
+            Some(Running::Pair(ForwarderPair::start(
+                topo, engine, &all, *hub,
+            )?))
         }
         Target::Reflect { args, .. } => Some(Running::Reflector(Reflector::start(topo, args)?)),
         _ => None,
@@ -517,10 +541,26 @@ mod tests {
                 args: ["--multishot", "off", "--busy-poll", "--batch", "8"]
                     .map(String::from)
                     .to_vec(),
+                hub: None,
             }
         );
+        match Target::parse("poll+hub=10000+batch=8").unwrap() {
+            Target::Tunfwd { hub, args, .. } => {
+                assert_eq!(hub, Some(10_000));
+                assert_eq!(args, ["--batch", "8"]);
+            }
+            other => panic!("{other:?}"),
+        }
         assert_eq!(t.name(), "uring+multishot=off+busy-poll+batch=8");
-        for bad in ["nope", "veth+batch=1", "uring+", "uring+--batch=1"] {
+        for bad in [
+            "nope",
+            "veth+batch=1",
+            "uring+",
+            "uring+--batch=1",
+            "uring+hub",
+            "uring+hub=1",
+            "uring+hub=40000",
+        ] {
             assert!(Target::parse(bad).is_err(), "{bad}");
         }
     }
