@@ -107,6 +107,20 @@ struct RunArgs {
     #[arg(long, default_value_t = 0, value_name = "SECS")]
     stats_interval: u64,
 
+    /// How stats lines and the summary are printed on stdout: text
+    /// (`tunfwd: stats ... key=value`) or json (one object per line, with
+    /// an "event" of "stats" or "summary" and the same fields).
+    #[arg(long, value_enum, default_value = "text", value_name = "text|json")]
+    stats_format: StatsFormatArg,
+
+    /// Serve every counter in the Prometheus text format at
+    /// http://ADDR:PORT/metrics. A bare PORT listens on 127.0.0.1 only; any
+    /// other address must be given explicitly (e.g. 0.0.0.0:9500 or
+    /// [::]:9500). At most 64 connections; a request must arrive within 5 s.
+    /// With --netns, inside that namespace [default: off].
+    #[arg(long, value_name = "[ADDR:]PORT", value_parser = crate::metrics::parse_listen)]
+    metrics: Option<SocketAddr>,
+
     /// Enter the network namespace at PATH (e.g. /run/netns/NAME or
     /// /proc/PID/ns/net) before creating the device and sockets.
     #[arg(long, value_name = "PATH")]
@@ -152,6 +166,8 @@ fn base_config(
         peers,
         peers_file: None,
         stats_peers: config::DEFAULT_STATS_PEERS,
+        stats_format: run.stats_format.into(),
+        metrics: run.metrics,
         engine: run.engine.kind(),
         queues: run.queues,
         cpus: run.cpus,
@@ -341,6 +357,22 @@ fn parse_mac(s: &str) -> Result<[u8; 6], String> {
         ));
     }
     Ok(mac)
+}
+
+/// `--stats-format`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum StatsFormatArg {
+    Text,
+    Json,
+}
+
+impl From<StatsFormatArg> for config::StatsFormat {
+    fn from(f: StatsFormatArg) -> Self {
+        match f {
+            StatsFormatArg::Text => config::StatsFormat::Text,
+            StatsFormatArg::Json => config::StatsFormat::Json,
+        }
+    }
 }
 
 /// `--aqm`.

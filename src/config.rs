@@ -174,6 +174,16 @@ impl fmt::Display for Prefix {
     }
 }
 
+/// How stats lines and the summary are printed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StatsFormat {
+    /// `tunfwd: stats ... key=value ...` lines.
+    #[default]
+    Text,
+    /// One JSON object per interval and one for the summary, a line each.
+    Json,
+}
+
 /// Peers shown in the stats lines and the summary by default.
 pub const DEFAULT_STATS_PEERS: usize = 10;
 
@@ -336,6 +346,10 @@ pub struct TunnelConfig {
     /// Peers shown in the stats lines and the summary (the most traffic
     /// first).
     pub stats_peers: usize,
+    /// `key=value` lines, or one JSON object per line.
+    pub stats_format: StatsFormat,
+    /// `--metrics`: serve Prometheus metrics on this TCP address.
+    pub metrics: Option<SocketAddr>,
     pub engine: EngineKind,
     pub queues: usize,
     pub batch: usize,
@@ -793,6 +807,8 @@ mod tests {
             peers: vec!["198.18.0.2:5000".parse().unwrap()],
             peers_file: None,
             stats_peers: DEFAULT_STATS_PEERS,
+            stats_format: StatsFormat::Text,
+            metrics: None,
             engine: EngineKind::Poll,
             queues: 1,
             batch: DEFAULT_BATCH,

@@ -377,6 +377,15 @@ impl FlowQueue {
         let can_signal = !crate::aqm::is_tcp_without_data(pkt);
         self.q.enqueue(id, hash, len, can_signal, at_ns);
         stats.queue_max.record(self.q.len() as u64);
+        stats.queued.set(self.q.len() as u64);
+    }
+
+    /// Publishes what is queued and in flight (gauges for the metrics).
+    #[inline]
+    fn publish(&self, stats: &DirectionStats) {
+        stats.queued.set(self.q.len() as u64);
+        stats.in_flight_buffers.set(self.in_flight_buffers as u64);
+        stats.in_flight_bytes.set(self.in_flight as u64);
     }
 
     fn next(&mut self, now_ns: u64, stats: &DirectionStats) -> Option<crate::fq::Dequeued> {
@@ -389,12 +398,14 @@ impl FlowQueue {
         self.in_flight += d.bytes;
         self.in_flight_buffers += 1;
         stats.queue_delay.record(d.sojourn_ns);
+        self.publish(stats);
         Some(d)
     }
 
-    fn done(&mut self, d: &crate::fq::Dequeued) {
+    fn done(&mut self, d: &crate::fq::Dequeued, stats: &DirectionStats) {
         self.in_flight = self.in_flight.saturating_sub(d.bytes);
         self.in_flight_buffers = self.in_flight_buffers.saturating_sub(1);
+        self.publish(stats);
     }
 
     fn make_room(&mut self, now_ns: u64, stats: &DirectionStats) -> Option<u32> {
@@ -404,6 +415,7 @@ impl FlowQueue {
         }
         let id = self.q.drop_fattest()?;
         stats.drop(DropReason::Overload);
+        self.publish(stats);
         Some(id)
     }
 }
@@ -662,7 +674,7 @@ impl Datapath {
     /// The buffer of a dequeued receive is free again.
     pub fn rx_done(&mut self, d: &crate::fq::Dequeued) {
         if let Some(q) = &mut self.rxq {
-            q.done(d);
+            q.done(d, &self.stats.peer_to_tun);
         }
     }
 
@@ -755,7 +767,7 @@ impl Datapath {
     /// The buffer of a dequeued read is free again (sent, or dropped).
     pub fn tx_done(&mut self, d: &crate::fq::Dequeued) {
         if let Some(t) = &mut self.txq {
-            t.done(d);
+            t.done(d, &self.stats.tun_to_peer);
         }
     }
 

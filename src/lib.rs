@@ -78,6 +78,7 @@ pub mod error;
 pub mod forward;
 pub mod fq;
 pub mod fuzz;
+pub mod metrics;
 #[cfg(target_os = "linux")]
 pub mod netlink;
 #[cfg(target_os = "linux")]

@@ -422,6 +422,27 @@ impl PeerSnapshot {
         self.drops[r.index()]
     }
 
+    /// The same fields as [`PeerSnapshot::fields`], as JSON (`last_rx_s_ago`
+    /// null when nothing came).
+    pub fn to_json(&self, now_ns: u64) -> serde_json::Value {
+        let reasons: serde_json::Map<String, serde_json::Value> = DropReason::ALL
+            .iter()
+            .filter(|r| self.drops_for(**r) > 0)
+            .map(|r| (r.name().to_string(), self.drops_for(*r).into()))
+            .collect();
+        let ago =
+            (self.last_rx_ns > 0).then(|| now_ns.saturating_sub(self.last_rx_ns) as f64 / 1e9);
+        serde_json::json!({
+            "tx_packets": self.tx_packets,
+            "tx_bytes": self.tx_bytes,
+            "rx_packets": self.rx_packets,
+            "rx_bytes": self.rx_bytes,
+            "drops": self.dropped(),
+            "drop_reasons": reasons,
+            "last_rx_s_ago": ago,
+        })
+    }
+
     /// `key=value` fields, as the stats lines print them; `now_ns` (Unix
     /// epoch) dates the last receive.
     pub fn fields(&self, now_ns: u64) -> String {

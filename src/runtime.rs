@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use crossbeam::channel::{self, Receiver};
 use nix::sys::signal::{SigSet, Signal};
 
-use crate::config::{CpuPlan, DEFAULT_SOCKET_BUFFER_BYTES, TunnelConfig};
+use crate::config::{CpuPlan, DEFAULT_SOCKET_BUFFER_BYTES, StatsFormat, TunnelConfig};
 use crate::datapath::{Datapath, VisitLimits};
 use crate::device::{TunDevice, TunOptions};
 use crate::engine::{Engine, Shutdown, WorkerEvent, WorkerParts, spawn_worker};
@@ -87,21 +87,87 @@ fn reload_peers(cfg: &TunnelConfig, shared: &SharedPeers) {
     }
 }
 
-/// Prints the `n` peers with the most traffic, each on a line after
-/// `prefix`, and how many there are (only for a table with prefixes).
-fn print_peers(prefix: &str, shared: &SharedPeers, n: usize) {
-    let (_, table) = shared.load();
-    if table.is_single() {
-        return;
+/// What the reports read: every worker's counters, the peer table, and
+/// the kernel's drop counters (as the increase since start). Shared with
+/// the metrics server; reading never blocks a worker.
+pub(crate) struct Sources {
+    pub workers: Vec<Arc<WorkerStats>>,
+    pub peers: Arc<SharedPeers>,
+    pub dev: String,
+    pub engine: &'static str,
+    pub started: Instant,
+    inodes: Vec<u64>,
+    base_udp: u64,
+    base_tun: u64,
+}
+
+/// The kernel's drops since start: at tunfwd's UDP sockets (receive buffer
+/// full) and into its TUN device (queue full); None where unreadable.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct KernelDrops {
+    pub udp_rcvbuf: Option<u64>,
+    pub tun_queue: Option<u64>,
+}
+
+impl KernelDrops {
+    fn text(&self) -> String {
+        let udp = self.udp_rcvbuf.map(|d| format!(" udp_rcvbuf_drops={d}"));
+        let tun = self.tun_queue.map(|d| format!(" tun_queue_drops={d}"));
+        format!("{}{}", udp.unwrap_or_default(), tun.unwrap_or_default())
     }
-    let now = std::time::SystemTime::now()
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "udp_rcvbuf_drops": self.udp_rcvbuf,
+            "tun_queue_drops": self.tun_queue,
+        })
+    }
+}
+
+impl Sources {
+    pub fn snapshots(&self) -> Vec<WorkerSnapshot> {
+        self.workers.iter().map(|s| s.snapshot()).collect()
+    }
+
+    pub fn kernel_drops(&self) -> KernelDrops {
+        KernelDrops {
+            udp_rcvbuf: crate::platform::udp_socket_drops(&self.inodes)
+                .map(|d| d.saturating_sub(self.base_udp)),
+            tun_queue: crate::platform::device_tx_drops(&self.dev)
+                .map(|d| d.saturating_sub(self.base_tun)),
+        }
+    }
+}
+
+/// Now, in ns since the Unix epoch (the clock of a peer's last receive).
+fn unix_now_ns() -> u64 {
+    std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    let top = table.top(n);
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// A table's size (peers, prefixes) and its busiest peers.
+type TopPeers = (
+    usize,
+    usize,
+    Vec<(std::net::SocketAddr, crate::peers::PeerSnapshot)>,
+);
+
+/// The `n` peers with the most traffic, with the table's size (None for a
+/// point-to-point table).
+fn top_peers(shared: &SharedPeers, n: usize) -> Option<TopPeers> {
+    let (_, table) = shared.load();
+    (!table.is_single()).then(|| (table.len(), table.prefixes(), table.top(n)))
+}
+
+/// Prints the peers part of a report after `prefix` (text form).
+fn print_peers(prefix: &str, shared: &SharedPeers, n: usize) {
+    let Some((count, prefixes, top)) = top_peers(shared, n) else {
+        return;
+    };
+    let now = unix_now_ns();
     out(format_args!(
-        "tunfwd: {prefix} peers={} prefixes={} shown={}",
-        table.len(),
-        table.prefixes(),
+        "tunfwd: {prefix} peers={count} prefixes={prefixes} shown={}",
         top.len()
     ));
     for (addr, s) in top {
@@ -110,6 +176,23 @@ fn print_peers(prefix: &str, shared: &SharedPeers, n: usize) {
             s.fields(now)
         ));
     }
+}
+
+/// The peers part of a report (JSON form), or null.
+fn peers_json(shared: &SharedPeers, n: usize) -> serde_json::Value {
+    let Some((count, prefixes, top)) = top_peers(shared, n) else {
+        return serde_json::Value::Null;
+    };
+    let now = unix_now_ns();
+    let shown: Vec<serde_json::Value> = top
+        .iter()
+        .map(|(addr, s)| {
+            let mut v = s.to_json(now);
+            v["peer"] = addr.to_string().into();
+            v
+        })
+        .collect();
+    serde_json::json!({ "count": count, "prefixes": prefixes, "top": shown })
 }
 
 enum Event {
@@ -245,6 +328,13 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
         sockets.push(sock);
     }
 
+    // The metrics port too, before anything is created (and before
+    // privileges are dropped).
+    let metrics = cfg
+        .metrics
+        .map(crate::metrics::Listener::bind)
+        .transpose()?;
+
     let device = TunDevice::open(&TunOptions {
         name: &cfg.dev,
         queues: cfg.queues,
@@ -286,15 +376,8 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
     // The kernel's drops at our sockets (receive buffer full) and on the
     // way into the device (its queue to us full): reported next to
     // tunfwd's own, as the increase since start.
-    let base_drops = crate::platform::udp_socket_drops(&inodes).unwrap_or(0);
-    let base_tun_drops = crate::platform::device_tx_drops(&dev_name).unwrap_or(0);
-    let kernel_drops = || {
-        let udp = crate::platform::udp_socket_drops(&inodes)
-            .map(|d| format!(" udp_rcvbuf_drops={}", d.saturating_sub(base_drops)));
-        let tun = crate::platform::device_tx_drops(&dev_name)
-            .map(|d| format!(" tun_queue_drops={}", d.saturating_sub(base_tun_drops)));
-        format!("{}{}", udp.unwrap_or_default(), tun.unwrap_or_default())
-    };
+    let base_udp = crate::platform::udp_socket_drops(&inodes).unwrap_or(0);
+    let base_tun = crate::platform::device_tx_drops(&dev_name).unwrap_or(0);
 
     let shutdown = Arc::new(Shutdown::new()?);
     let (events_tx, events_rx) = channel::unbounded::<Event>();
@@ -389,6 +472,37 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
     }
 
     let started = Instant::now();
+    let sources = Arc::new(Sources {
+        workers: all_stats,
+        peers: peers.clone(),
+        dev: dev_name.clone(),
+        engine: engine.name(),
+        started,
+        inodes,
+        base_udp,
+        base_tun,
+    });
+    let metrics_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let metrics_thread = match metrics {
+        Some(l) => {
+            let addr = l.addr();
+            let h = l.serve(sources.clone(), metrics_stop.clone());
+            match h {
+                Ok(h) => {
+                    crate::info!("metrics at http://{addr}/metrics");
+                    Some(h)
+                }
+                Err(e) => {
+                    shutdown.trigger();
+                    for h in handles {
+                        let _ = h.join();
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        None => None,
+    };
     let path = {
         let (_, t) = peers.load();
         if cfg.mode.is_reflect() {
@@ -432,24 +546,39 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
             },
             recv(ticker) -> _ => {
                 let now = Instant::now();
-                let snaps: Vec<_> = all_stats.iter().map(|s| s.snapshot()).collect();
+                let snaps = sources.snapshots();
                 let total = WorkerSnapshot::sum(&snaps);
                 let secs = now.duration_since(last_at).as_secs_f64().max(1e-9);
                 let pps = (total.packets() - last.packets()) as f64 / secs;
                 let bytes = (total.tun_to_peer.bytes + total.peer_to_tun.bytes)
                     - (last.tun_to_peer.bytes + last.peer_to_tun.bytes);
-                out(format_args!(
-                    "tunfwd: stats t={:.1}s rate_pps={pps:.0} rate_mbps={:.1} total {total}{}",
-                    now.duration_since(started).as_secs_f64(),
-                    bytes as f64 * 8.0 / secs / 1e6,
-                    kernel_drops(),
-                ));
-                if snaps.len() > 1 {
-                    for (q, s) in snaps.iter().enumerate() {
-                        out(format_args!("tunfwd: stats queue={q} {s}"));
+                let t = now.duration_since(started).as_secs_f64();
+                let mbps = bytes as f64 * 8.0 / secs / 1e6;
+                let kd = sources.kernel_drops();
+                match cfg.stats_format {
+                    StatsFormat::Text => {
+                        out(format_args!(
+                            "tunfwd: stats t={t:.1}s rate_pps={pps:.0} rate_mbps={mbps:.1} total {total}{}",
+                            kd.text(),
+                        ));
+                        if snaps.len() > 1 {
+                            for (q, s) in snaps.iter().enumerate() {
+                                out(format_args!("tunfwd: stats queue={q} {s}"));
+                            }
+                        }
+                        print_peers("stats", &peers, cfg.stats_peers);
                     }
+                    StatsFormat::Json => out(format_args!("{}", serde_json::json!({
+                        "event": "stats",
+                        "t": t,
+                        "rate_pps": pps,
+                        "rate_mbps": mbps,
+                        "total": total.to_json(),
+                        "kernel": kd.json(),
+                        "per_queue": snaps.iter().map(WorkerSnapshot::to_json).collect::<Vec<_>>(),
+                        "peers": peers_json(&peers, cfg.stats_peers),
+                    }))),
                 }
-                print_peers("stats", &peers, cfg.stats_peers);
                 last = total;
                 last_at = now;
             },
@@ -457,7 +586,11 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
     }
 
     // Read while the workers still own their sockets.
-    let kd = kernel_drops();
+    let kd = sources.kernel_drops();
+    metrics_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    if let Some(h) = metrics_thread {
+        let _ = h.join();
+    }
     shutdown.trigger();
     let mut first_error = None;
     for h in handles {
@@ -472,24 +605,43 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
         }
     }
 
-    let snaps: Vec<_> = all_stats.iter().map(|s| s.snapshot()).collect();
+    let snaps = sources.snapshots();
     let total = WorkerSnapshot::sum(&snaps);
-    out(format_args!(
-        "tunfwd: summary dev={dev_name} engine={} queues={} elapsed_s={:.2}",
-        engine.name(),
-        cfg.queues,
-        started.elapsed().as_secs_f64()
-    ));
-    out(format_args!("tunfwd: summary total {total}"));
-    if !kd.is_empty() {
-        out(format_args!("tunfwd: summary kernel{kd}"));
-    }
-    if snaps.len() > 1 {
-        for (q, s) in snaps.iter().enumerate() {
-            out(format_args!("tunfwd: summary queue={q} {s}"));
+    let elapsed = started.elapsed().as_secs_f64();
+    match cfg.stats_format {
+        StatsFormat::Text => {
+            out(format_args!(
+                "tunfwd: summary dev={dev_name} engine={} queues={} elapsed_s={elapsed:.2}",
+                engine.name(),
+                cfg.queues,
+            ));
+            out(format_args!("tunfwd: summary total {total}"));
+            let kd = kd.text();
+            if !kd.is_empty() {
+                out(format_args!("tunfwd: summary kernel{kd}"));
+            }
+            if snaps.len() > 1 {
+                for (q, s) in snaps.iter().enumerate() {
+                    out(format_args!("tunfwd: summary queue={q} {s}"));
+                }
+            }
+            print_peers("summary", &peers, cfg.stats_peers);
         }
+        StatsFormat::Json => out(format_args!(
+            "{}",
+            serde_json::json!({
+                "event": "summary",
+                "dev": dev_name,
+                "engine": engine.name(),
+                "queues": cfg.queues,
+                "elapsed_s": elapsed,
+                "total": total.to_json(),
+                "kernel": kd.json(),
+                "per_queue": snaps.iter().map(WorkerSnapshot::to_json).collect::<Vec<_>>(),
+                "peers": peers_json(&peers, cfg.stats_peers),
+            })
+        )),
     }
-    print_peers("summary", &peers, cfg.stats_peers);
     match first_error {
         Some(e) => Err(e),
         None => Ok(()),

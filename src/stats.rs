@@ -48,12 +48,57 @@ impl Max {
     }
 }
 
-/// A duration measured many times: how often, in total, and the longest.
+/// A value that is set, not added to, with exactly one writing thread.
+#[derive(Default, Debug)]
+pub struct Gauge(AtomicU64);
+
+impl Gauge {
+    /// Only the owning worker may call this.
+    #[inline]
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
+
+    #[inline]
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Upper bounds (inclusive, ns) of the duration histogram's buckets, 1 us
+/// to 1 s in 1-2-5 steps; a last bucket takes everything longer.
+pub const DURATION_BOUNDS_NS: [u64; 19] = [
+    1_000,
+    2_000,
+    5_000,
+    10_000,
+    20_000,
+    50_000,
+    100_000,
+    200_000,
+    500_000,
+    1_000_000,
+    2_000_000,
+    5_000_000,
+    10_000_000,
+    20_000_000,
+    50_000_000,
+    100_000_000,
+    200_000_000,
+    500_000_000,
+    1_000_000_000,
+];
+/// Buckets of the duration histogram: one per bound and one beyond.
+pub const DURATION_BUCKETS: usize = DURATION_BOUNDS_NS.len() + 1;
+
+/// A duration measured many times: how often, in total, the longest, and
+/// how many fell in each bucket of [`DURATION_BOUNDS_NS`].
 #[derive(Default, Debug)]
 pub struct Durations {
     pub count: Counter,
     pub total_ns: Counter,
     pub max_ns: Max,
+    buckets: [Counter; DURATION_BUCKETS],
 }
 
 impl Durations {
@@ -62,13 +107,20 @@ impl Durations {
         self.count.add(1);
         self.total_ns.add(ns);
         self.max_ns.record(ns);
+        let b = DURATION_BOUNDS_NS.partition_point(|&bound| bound < ns);
+        self.buckets[b].add(1);
     }
 
     pub fn snapshot(&self) -> DurationSnapshot {
+        let mut buckets = [0; DURATION_BUCKETS];
+        for (b, c) in buckets.iter_mut().zip(&self.buckets) {
+            *b = c.get();
+        }
         DurationSnapshot {
             count: self.count.get(),
             total_ns: self.total_ns.get(),
             max_ns: self.max_ns.get(),
+            buckets,
         }
     }
 }
@@ -79,6 +131,8 @@ pub struct DurationSnapshot {
     pub count: u64,
     pub total_ns: u64,
     pub max_ns: u64,
+    /// Per bucket (not cumulative).
+    pub buckets: [u64; DURATION_BUCKETS],
 }
 
 impl DurationSnapshot {
@@ -99,6 +153,9 @@ impl DurationSnapshot {
         self.count += o.count;
         self.total_ns += o.total_ns;
         self.max_ns = self.max_ns.max(o.max_ns);
+        for (a, b) in self.buckets.iter_mut().zip(&o.buckets) {
+            *a += b;
+        }
     }
 }
 
@@ -122,6 +179,11 @@ pub struct DirectionStats {
     /// TUN to peer with flow queueing: the most packets tunfwd's own
     /// queue held at once.
     pub queue_max: Max,
+    /// With flow queueing, now: packets in this side's flow queues, and
+    /// buffers and bytes handed out and not yet sent (or written).
+    pub queued: Gauge,
+    pub in_flight_buffers: Gauge,
+    pub in_flight_bytes: Gauge,
     drops: [Counter; DropReason::COUNT],
 }
 
@@ -149,6 +211,9 @@ impl DirectionStats {
             visits: self.visits.snapshot(),
             queue_delay: self.queue_delay.snapshot(),
             queue_max: self.queue_max.get(),
+            queued: self.queued.get(),
+            in_flight_buffers: self.in_flight_buffers.get(),
+            in_flight_bytes: self.in_flight_bytes.get(),
             drops,
         }
     }
@@ -216,6 +281,9 @@ pub struct DirectionSnapshot {
     pub visits: DurationSnapshot,
     pub queue_delay: DurationSnapshot,
     pub queue_max: u64,
+    pub queued: u64,
+    pub in_flight_buffers: u64,
+    pub in_flight_bytes: u64,
     pub drops: [u64; DropReason::COUNT],
 }
 
@@ -235,6 +303,9 @@ impl DirectionSnapshot {
         self.visits.add(&o.visits);
         self.queue_delay.add(&o.queue_delay);
         self.queue_max = self.queue_max.max(o.queue_max);
+        self.queued += o.queued;
+        self.in_flight_buffers += o.in_flight_buffers;
+        self.in_flight_bytes += o.in_flight_bytes;
         for (a, b) in self.drops.iter_mut().zip(&o.drops) {
             *a += b;
         }
@@ -336,6 +407,54 @@ fn write_direction(out: &mut String, name: &str, d: &DirectionSnapshot) {
     }
 }
 
+fn direction_json(d: &DirectionSnapshot) -> serde_json::Value {
+    let reasons: serde_json::Map<String, serde_json::Value> = DropReason::ALL
+        .iter()
+        .filter(|r| d.drops_for(**r) > 0)
+        .map(|r| (r.name().to_string(), d.drops_for(*r).into()))
+        .collect();
+    serde_json::json!({
+        "packets": d.packets,
+        "bytes": d.bytes,
+        "drops": d.dropped(),
+        "drop_reasons": reasons,
+        "backpressure": d.backpressure,
+        "visits": d.visits.count,
+        "visit_avg_us": d.visits.avg_us(),
+        "visit_max_us": d.visits.max_us(),
+        "queue_delay_avg_us": d.queue_delay.avg_us(),
+        "queue_delay_max_us": d.queue_delay.max_us(),
+        "queue_max": d.queue_max,
+    })
+}
+
+impl WorkerSnapshot {
+    /// The same fields as the text form, as one JSON object (every field
+    /// always present; drop reasons only where they counted).
+    pub fn to_json(&self) -> serde_json::Value {
+        let ratio = |a: u64, b: u64| if b > 0 { a as f64 / b as f64 } else { 0.0 };
+        serde_json::json!({
+            "tun_to_peer": direction_json(&self.tun_to_peer),
+            "peer_to_tun": direction_json(&self.peer_to_tun),
+            "syscalls": self.syscalls,
+            "syscalls_per_packet": ratio(self.syscalls, self.packets()),
+            "waits": self.waits,
+            "io_errors": self.io_errors,
+            "peer_unreachable": self.peer_unreachable,
+            "pool_exhausted": self.pool_exhausted,
+            "aqm_marks": self.aqm_marks,
+            "aqm_drops": self.peer_to_tun.drops_for(DropReason::Aqm)
+                + self.tun_to_peer.drops_for(DropReason::Aqm),
+            "gso_sends": self.gso_sends,
+            "segments_per_send": ratio(self.gso_segments, self.gso_sends),
+            "gro_receives": self.gro_receives,
+            "datagrams_per_receive": ratio(self.gro_datagrams, self.gro_receives),
+            "vnet_writes": self.vnet_writes,
+            "packets_per_tun_write": ratio(self.vnet_write_packets, self.vnet_writes),
+        })
+    }
+}
+
 impl fmt::Display for WorkerSnapshot {
     /// Two directions and the engine's effort, on one line.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -424,6 +543,29 @@ mod tests {
             line.contains("queue_delay_avg_us=150.0 queue_delay_max_us=150"),
             "{line}"
         );
+    }
+
+    #[test]
+    fn durations_fall_in_their_buckets() {
+        let d = Durations::default();
+        for ns in [
+            0,
+            1_000,
+            1_001,
+            7_000,
+            999_999_999,
+            1_000_000_001,
+            u64::MAX / 4,
+        ] {
+            d.record(ns);
+        }
+        let s = d.snapshot();
+        assert_eq!(s.buckets[0], 2, "0 and 1 us are <= 1 us");
+        assert_eq!(s.buckets[1], 1, "1.001 us is <= 2 us");
+        assert_eq!(s.buckets[3], 1, "7 us is <= 10 us");
+        assert_eq!(s.buckets[DURATION_BUCKETS - 2], 1, "<= 1 s");
+        assert_eq!(s.buckets[DURATION_BUCKETS - 1], 2, "beyond 1 s");
+        assert_eq!(s.buckets.iter().sum::<u64>(), s.count);
     }
 
     #[test]
