@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 
 use crate::config::{self, Cidr, EngineKind, TunnelConfig};
 
@@ -26,6 +26,32 @@ enum Command {
     /// Run the forwarder: create (or attach to) a TUN device, configure it,
     /// and forward its packets to --peer over UDP, and back.
     Tunnel(Box<TunnelArgs>),
+    /// Print a shell completion script for bash, zsh or fish to stdout
+    /// (e.g. `tunfwd completions bash > /etc/bash_completion.d/tunfwd`).
+    Completions {
+        #[arg(value_enum)]
+        shell: ShellArg,
+    },
+    /// Print a man page (roff) to stdout, generated from these same
+    /// definitions: tunfwd(1), or a subcommand's (tunfwd-tunnel(1), ...);
+    /// with --out-dir, write every page there (tunfwd.1, tunfwd-tunnel.1,
+    /// ...).
+    Man {
+        /// The subcommand whose page to print (tunnel, reflect, bench,
+        /// completions).
+        subcommand: Option<String>,
+        /// Write all pages into this directory instead.
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<std::path::PathBuf>,
+    },
+    /// Print the systemd unit template tunfwd@.service (one tunnel per
+    /// /etc/tunfwd/NAME.toml, as a dynamic user with CAP_NET_ADMIN only),
+    /// with ExecStart pointing at --exec or at this executable.
+    SystemdUnit {
+        /// The tunfwd executable the unit runs [default: this one].
+        #[arg(long, value_name = "PATH")]
+        exec: Option<std::path::PathBuf>,
+    },
     /// Measure tunfwd against the bare veth underlay and the kernel's VXLAN
     /// tunnel in one run, on a two-namespace topology the bench builds and
     /// removes itself (needs root; Linux only).
@@ -35,6 +61,14 @@ enum Command {
     /// routes into a TUN device, back into it (a self-test and a latency far
     /// end: `ping` another address of the device's subnet).
     Reflect(ReflectArgs),
+}
+
+/// `tunfwd completions SHELL`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum ShellArg {
+    Bash,
+    Zsh,
+    Fish,
 }
 
 /// The device options shared by `tunnel` and `reflect`.
@@ -402,6 +436,14 @@ impl From<ToggleArg> for config::Toggle {
 
 #[derive(clap::Args, Debug)]
 struct TunnelArgs {
+    /// Read settings from this TOML file: keys are the long flag names
+    /// (listen = "198.18.0.1:5000", mtu = 1400, peer = ["ADDR:PORT=CIDR"],
+    /// busy-poll = true). A flag on the command line wins over the file (a
+    /// repeatable flag's list replaces the file's). Unknown keys and bad
+    /// values are errors naming the file, line and key.
+    #[arg(long, value_name = "FILE")]
+    config: Option<std::path::PathBuf>,
+
     #[command(flatten)]
     device: DeviceArgs,
 
@@ -661,6 +703,74 @@ impl TunnelArgs {
     }
 }
 
+/// The configuration `tunfwd tunnel ARGS...` (a whole command line, with
+/// any --config file applied) would run with, validated: for tests of the
+/// config file against the flags.
+pub fn tunnel_config(argv: Vec<std::ffi::OsString>) -> crate::error::Result<TunnelConfig> {
+    let (argv, origin) = crate::configfile::expand(argv, &Cli::command())?;
+    let cli = Cli::try_parse_from(argv)
+        .map_err(|e| crate::error::Error::config(e.to_string().trim().to_string()))?;
+    let Command::Tunnel(args) = cli.command else {
+        return Err(crate::error::Error::config("not a tunnel command line"));
+    };
+    let locate = |e| match &origin {
+        Some(o) => o.locate(e),
+        None => e,
+    };
+    let cfg = args.into_config().map_err(locate)?;
+    cfg.validate().map_err(locate)?;
+    Ok(cfg)
+}
+
+/// The unit template, as in the repository (`src/dist/tunfwd@.service`).
+pub const SYSTEMD_UNIT: &str = include_str!("dist/tunfwd@.service");
+
+/// `tunfwd systemd-unit`: the template with ExecStart's executable set.
+fn systemd_unit(exec: Option<std::path::PathBuf>) -> crate::error::Result<()> {
+    let exe = match exec {
+        Some(p) => p,
+        None => std::env::current_exe()
+            .map_err(|e| crate::error::Error::io("find this executable", e))?,
+    };
+    let exe = exe.display().to_string();
+    if exe.contains(char::is_whitespace) {
+        return Err(crate::error::Error::config(format!(
+            "{exe:?}: a path with blanks cannot go into ExecStart unquoted; give --exec"
+        )));
+    }
+    let unit = SYSTEMD_UNIT.replace("/usr/local/bin/tunfwd", &exe);
+    use std::io::Write as _;
+    let _ = std::io::stdout().lock().write_all(unit.as_bytes());
+    Ok(())
+}
+
+/// `tunfwd man`: one page to stdout, or all into a directory.
+fn man(sub: Option<&str>, out_dir: Option<&std::path::Path>) -> crate::error::Result<()> {
+    use crate::error::Error;
+    let mut cmd = Cli::command().disable_help_subcommand(true);
+    cmd.build();
+    if let Some(dir) = out_dir {
+        return clap_mangen::generate_to(cmd, dir)
+            .map_err(|e| Error::io(format!("write man pages to {}", dir.display()), e));
+    }
+    let page = match sub {
+        None => cmd,
+        Some(name) => cmd.find_subcommand(name).cloned().ok_or_else(|| {
+            Error::config(format!(
+                "no subcommand {name:?}: tunnel, reflect, bench, completions or man"
+            ))
+        })?,
+    };
+    // (Built: a subcommand's page is titled tunfwd-NAME.)
+    let mut out = Vec::new();
+    clap_mangen::Man::new(page)
+        .render(&mut out)
+        .map_err(|e| Error::io("render the man page", e))?;
+    use std::io::Write as _;
+    let _ = std::io::stdout().lock().write_all(&out);
+    Ok(())
+}
+
 /// Parses the command line, runs it, and maps errors to one line on stderr
 /// and a non-zero exit code.
 pub fn main() -> ExitCode {
@@ -668,12 +778,41 @@ pub fn main() -> ExitCode {
         crate::info!("error: {e}");
         return ExitCode::FAILURE;
     }
-    let cli = Cli::parse();
+    let (argv, origin) =
+        match crate::configfile::expand(std::env::args_os().collect(), &Cli::command()) {
+            Ok(x) => x,
+            Err(e) => {
+                crate::info!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+    let cli = Cli::parse_from(argv);
+    let locate = |e| match &origin {
+        Some(o) => o.locate(e),
+        None => e,
+    };
     let result = match cli.command {
         Command::Tunnel(args) => args
             .into_config()
+            .and_then(|c| c.validate().map(|()| c))
+            .map_err(locate)
             .and_then(|c| crate::runtime::run_tunnel(&c))
             .map(|()| true),
+        Command::Completions { shell } => {
+            let mut cmd = Cli::command();
+            let shell = match shell {
+                ShellArg::Bash => clap_complete::Shell::Bash,
+                ShellArg::Zsh => clap_complete::Shell::Zsh,
+                ShellArg::Fish => clap_complete::Shell::Fish,
+            };
+            clap_complete::generate(shell, &mut cmd, "tunfwd", &mut std::io::stdout());
+            Ok(true)
+        }
+        Command::Man {
+            subcommand,
+            out_dir,
+        } => man(subcommand.as_deref(), out_dir.as_deref()).map(|()| true),
+        Command::SystemdUnit { exec } => systemd_unit(exec).map(|()| true),
         #[cfg(target_os = "linux")]
         Command::Bench(args) => crate::bench::run(&args.into_config()),
         Command::Reflect(args) => crate::runtime::run_tunnel(&args.into_config()).map(|()| true),

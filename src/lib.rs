@@ -71,6 +71,7 @@ pub mod aqm;
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod configfile;
 pub mod datapath;
 pub mod device;
 pub mod engine;
