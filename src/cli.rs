@@ -750,6 +750,8 @@ fn man(sub: Option<&str>, out_dir: Option<&std::path::Path>) -> crate::error::Re
     let mut cmd = Cli::command().disable_help_subcommand(true);
     cmd.build();
     if let Some(dir) = out_dir {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
         return clap_mangen::generate_to(cmd, dir)
             .map_err(|e| Error::io(format!("write man pages to {}", dir.display()), e));
     }

@@ -4,9 +4,14 @@
 //! - [`cli`] parses arguments into a [`config::TunnelConfig`]; its
 //!   [`config::Mode`] says what moves (IP packets, Ethernet frames in VXLAN,
 //!   or reflected packets).
+//! - [`configfile`] turns `--config FILE` (TOML, keys are the long flag
+//!   names) into arguments in front of the command line's, so clap checks
+//!   everything once.
 //! - [`runtime`] opens the [`device`] and sockets, starts one worker per TUN
 //!   queue ([`engine::spawn_worker`]), turns SIGINT/SIGTERM into a clean
-//!   stop, and prints [`stats`].
+//!   stop and SIGHUP into a peers reload, and prints [`stats`] (text or
+//!   JSON); [`metrics`] serves the same counters to Prometheus from a
+//!   thread of its own.
 //! - [`engine`] waits, submits and owns buffers: [`engine::poll`] with
 //!   `poll(2)` (everywhere), `engine::uring` with io_uring (Linux). Engines
 //!   make no forwarding decision and count nothing themselves.

@@ -8,8 +8,9 @@
 //! once), at most [`MAX_REQUEST`] bytes of request head each (more: 431), a
 //! whole request within [`REQUEST_TIMEOUT`] (else 408: a client sending one
 //! byte a second is cut off), a response written within
-//! [`RESPONSE_TIMEOUT`]. The body is rendered at most every
-//! [`RENDER_EVERY`] and shared by the responses that send it.
+//! [`RESPONSE_TIMEOUT`]. The body is rendered once per turn of the loop,
+//! shared by the requests completed in that turn, so every scrape sees the
+//! counters as of its arrival.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -34,8 +35,6 @@ pub const MAX_REQUEST: usize = 8192;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time a client has to take the response.
 pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Scrapes within this long of the last share its body.
-pub const RENDER_EVERY: Duration = Duration::from_millis(100);
 
 /// `--metrics` as given: `PORT` (loopback) or `ADDR:PORT`.
 pub fn parse_listen(s: &str) -> std::result::Result<SocketAddr, String> {
@@ -107,7 +106,8 @@ struct Server {
     listener: TcpListener,
     clients: Vec<Client>,
     sources: Arc<Sources>,
-    body: Option<(Instant, Arc<Vec<u8>>)>,
+    /// The body rendered in this turn of the loop, if one was asked for.
+    body: Option<Arc<Vec<u8>>>,
 }
 
 /// What a request head asks for.
@@ -187,6 +187,7 @@ impl Server {
 
     fn run(mut self, stop: &AtomicBool) {
         while !stop.load(Ordering::Relaxed) {
+            self.body = None;
             let now = Instant::now();
             let mut fds = Vec::with_capacity(self.clients.len() + 1);
             fds.push(PollFd::new(self.listener.as_fd(), PollFlags::POLLIN));
@@ -361,16 +362,11 @@ impl Server {
         }
     }
 
-    /// The metrics, rendered at most every [`RENDER_EVERY`].
+    /// The metrics, rendered once per turn of the loop.
     fn body(&mut self) -> Arc<Vec<u8>> {
-        if let Some((at, body)) = &self.body {
-            if at.elapsed() < RENDER_EVERY {
-                return body.clone();
-            }
-        }
-        let body = Arc::new(render(&self.sources).into_bytes());
-        self.body = Some((Instant::now(), body.clone()));
-        body
+        self.body
+            .get_or_insert_with(|| Arc::new(render(&self.sources).into_bytes()))
+            .clone()
     }
 }
 

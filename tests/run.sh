@@ -16,7 +16,8 @@ cd "$(dirname "$0")/.." || exit 2
 
 missing=()
 for pair in ip:iproute2 ss:iproute2 ping:iputils-ping socat:socat iperf3:iperf3 \
-    ethtool:ethtool setcap:libcap2-bin setpriv:util-linux prlimit:util-linux; do
+    ethtool:ethtool setcap:libcap2-bin setpriv:util-linux prlimit:util-linux \
+    promtool:prometheus prometheus:prometheus systemd-analyze:systemd; do
     command -v "${pair%%:*}" >/dev/null || missing+=("${pair#*:}")
 done
 if [ ${#missing[@]} -gt 0 ] && [ "${TUNFWD_SKIP_KERNEL_TESTS:-}" != 1 ]; then
@@ -25,7 +26,8 @@ if [ ${#missing[@]} -gt 0 ] && [ "${TUNFWD_SKIP_KERNEL_TESTS:-}" != 1 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         echo "tests/run.sh: installing ${missing[*]}"
         if ! { apt-get update -qq &&
-            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null; }; then
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+                "${missing[@]}" >/dev/null; }; then
             echo "tests/run.sh: could not install ${missing[*]}" >&2
             exit 2
         fi

@@ -88,6 +88,41 @@ pub fn can_run_kernel_tests(test: &str) -> bool {
     false
 }
 
+/// True if the `(tool, package)` pairs a test drives beyond the usual
+/// ones are installed (each tool must answer `--version`). Missing ones
+/// fail the test with the packages to install, unless the user asked to
+/// skip real-kernel tests (never under `CI=true`): then a SKIP line.
+pub fn have_tools(test: &str, tools: &[(&str, &str)]) -> bool {
+    let missing: Vec<&(&str, &str)> = tools
+        .iter()
+        .filter(|(tool, _)| {
+            Command::new(tool)
+                .arg("--version")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_err()
+        })
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    let names: Vec<&str> = missing.iter().map(|t| t.0).collect();
+    let packages: Vec<&str> = missing.iter().map(|t| t.1).collect();
+    let msg = format!(
+        "{test}: needs {} (apt-get install -y {})",
+        names.join(", "),
+        packages.join(" ")
+    );
+    let ci = std::env::var("CI").as_deref() == Ok("true");
+    let skip = std::env::var("TUNFWD_SKIP_KERNEL_TESTS").as_deref() == Ok("1");
+    if ci || !skip {
+        panic!("{msg}");
+    }
+    report_skip(&msg);
+    false
+}
+
 /// Says that a test (or some of its cases) was skipped, where the user sees
 /// it: straight to the process's stderr (the test harness captures only the
 /// print macros) and, when `TUNFWD_SKIP_LOG` names a file (as
