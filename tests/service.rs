@@ -231,6 +231,7 @@ fn a_prometheus_server_scrapes_tunfwd() {
                     .as_str()
                     .and_then(|s| s.parse::<f64>().ok());
                 if let Some(n) = got {
+                    eprintln!("prometheus answered: {json}");
                     break n;
                 }
             }

@@ -1,0 +1,241 @@
+#!/usr/bin/env bash
+# The kernel matrix: boots Linux kernels from the package registry under
+# QEMU (software emulation, -accel tcg: nested KVM does not work here) and
+# runs tunnel checks inside each, under each engine: two namespaces, a
+# tunnel, ping over IPv4 and IPv6, a verified TCP transfer (SHA-256 of 8 MiB),
+# the startup lines that say what the io_uring probe found and which
+# fallbacks were taken, and `tunfwd bench --quick --compare poll,uring` (as a
+# ratio: the guest is emulated). One line per check:
+#
+#   KERNEL  CHECK  ENGINE  pass|fail|n/a  DETAIL
+#
+# usage (root):  bash bench-scripts/kernels.sh [KERNEL...]
+#   KERNEL: 6.1 (Debian 12's newest linux-image-6.1.0-*-amd64-unsigned) or a
+#   package name (linux-image-...-unsigned). Default: 6.1.
+# Installs qemu-system-x86, busybox-static, iproute2, iputils-ping and socat
+# with apt-get when missing; kernels come from the package registry
+# (apt-get download) and are cached, with the guest's tools, in
+# target/kernels/. Exits non-zero if any check fails. The markdown table and
+# the raw lines go to target/kernels/matrix.md and matrix.txt.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+[ "$(id -u)" = 0 ] || { echo "kernels.sh: needs root (apt-get, the kernel packages)" >&2; exit 2; }
+need=()
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+[ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -qx poweroff || need+=(busybox-static)
+command -v ip >/dev/null || need+=(iproute2)
+command -v ping >/dev/null || need+=(iputils-ping)
+command -v socat >/dev/null || need+=(socat)
+command -v cpio >/dev/null || need+=(cpio)
+if [ ${#need[@]} -gt 0 ]; then
+    echo "kernels.sh: installing ${need[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+cache=target/kernels
+mkdir -p "$cache"
+cargo build --release --quiet
+tunfwd=target/release/tunfwd
+
+# The newest package for a kernel name.
+package_for() {
+    case "$1" in
+        linux-image-*) echo "$1" ;;
+        6.1) apt-cache search --names-only '^linux-image-6\.1\.0-[0-9]+-amd64-unsigned$' |
+            awk '{print $1}' | sort -V | tail -n 1 ;;
+        *) apt-cache search --names-only "^linux-image-${1//./\\.}[.0-9]*-[0-9]+-amd64-unsigned\$" |
+            awk '{print $1}' | sort -V | tail -n 1 ;;
+    esac
+}
+
+# Copies an executable and the shared libraries it loads into the tree.
+copy_bin() {
+    local root=$1 bin=$2 lib
+    install -D -m 0755 "$(readlink -f "$bin")" "$root/usr/bin/$(basename "$bin")"
+    for lib in $(ldd "$bin" 2>/dev/null | awk '/=>/ {print $3} /^[[:space:]]*\// {print $1}'); do
+        if [ -e "$lib" ]; then cp -L --parents "$lib" "$root"; fi
+    done
+}
+
+# The guest's /init: the checks. MATRIX lines go to the serial console.
+guest_init() {
+    cat <<'INIT'
+#!/bin/sh
+export PATH=/usr/bin:/bin:/sbin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mkdir -p /run /tmp /dev/net /var/run
+mount -t tmpfs tmpfs /run
+mount -t tmpfs tmpfs /tmp
+insmod /lib/modules/tun.ko
+insmod /lib/modules/veth.ko
+kver=$(uname -r)
+say() { echo "MATRIX $kver $*"; }
+one_line() { tr '\n' ' ' | cut -c 1-300; }
+ip link set lo up
+ip netns add a
+ip netns add b
+ip link add veth0 netns a type veth peer name veth0 netns b
+ip -n a addr add 198.18.0.1/30 dev veth0
+ip -n b addr add 198.18.0.2/30 dev veth0
+for n in a b; do ip -n $n link set veth0 up; ip -n $n link set lo up; done
+head -c 8388608 /dev/urandom > /tmp/data
+sum=$(sha256sum < /tmp/data | cut -d ' ' -f 1)
+
+# Waits (up to 120 s: the guest is emulated) for a line in a file.
+wait_for() {
+    i=0
+    while ! grep -q "$2" "$1" 2>/dev/null; do
+        i=$((i + 1)); [ $i -gt 1200 ] && return 1
+        sleep 0.1
+    done
+}
+
+# A TCP listener on port 7000 in namespace b (state 0A in /proc/net/tcp).
+listening() { ip netns exec b cat /proc/net/tcp | grep -q ':1B58 00000000:0000 0A'; }
+
+run_engine() {
+    engine=$1
+    shift
+    for side in a b; do
+        if [ $side = a ]; then me=1; peer=2; else me=2; peer=1; fi
+        ip netns exec $side tunfwd tunnel --engine "$engine" --dev tun0 \
+            --address 198.19.0.$me/24 --address 2001:db8:19::$me/64 \
+            --listen 198.18.0.$me:5000 --peer 198.18.0.$peer:5000 "$@" \
+            > /tmp/$side.out 2> /tmp/$side.err &
+        eval "pid_$side=\$!"
+    done
+    if ! wait_for /tmp/a.err "tunnel up" || ! wait_for /tmp/b.err "tunnel up"; then
+        say "startup $engine fail $(cat /tmp/a.err /tmp/b.err | one_line)"
+        kill $pid_a $pid_b 2>/dev/null; wait
+        return
+    fi
+    say "startup $engine pass $(grep 'tunnel up' /tmp/a.err | sed 's/.*engine/engine/' | one_line)"
+    # What the probe found and which fallbacks were taken, as tunfwd said it.
+    grep -E 'io_uring|offload|poll engine' /tmp/a.err | while read -r line; do
+        say "log $engine info $line"
+    done
+    if ip netns exec a ping -c 3 -W 10 198.19.0.2 > /tmp/p 2>&1; then
+        say "ping4 $engine pass $(grep 'packet loss' /tmp/p)"
+    else say "ping4 $engine fail $(one_line < /tmp/p)"; fi
+    if ip netns exec a ping -6 -c 3 -W 10 2001:db8:19::2 > /tmp/p 2>&1; then
+        say "ping6 $engine pass $(grep 'packet loss' /tmp/p)"
+    else say "ping6 $engine fail $(one_line < /tmp/p)"; fi
+    rm -f /tmp/recv
+    ip netns exec b socat -u TCP-LISTEN:7000,reuseaddr OPEN:/tmp/recv,creat,trunc &
+    r=$!
+    i=0; while ! listening && [ $i -lt 600 ]; do i=$((i + 1)); sleep 0.1; done
+    start=$(date +%s)
+    if ip netns exec a socat -u OPEN:/tmp/data TCP:198.19.0.2:7000 2> /tmp/s && wait $r; then
+        got=$(sha256sum < /tmp/recv | cut -d ' ' -f 1)
+        secs=$(( $(date +%s) - start ))
+        if [ "$got" = "$sum" ]; then say "tcp_verified $engine pass 8 MiB, sha256 equal, ${secs} s"
+        else say "tcp_verified $engine fail sha256 $got != $sum"; fi
+    else
+        say "tcp_verified $engine fail $(one_line < /tmp/s)"
+        kill $r 2>/dev/null
+    fi
+    kill -TERM $pid_a $pid_b
+    wait $pid_a $pid_b
+    say "summary $engine info $(grep 'summary total' /tmp/a.out | cut -c 1-240)"
+}
+
+for engine in uring poll auto; do
+    run_engine $engine
+done
+
+# What the probe must have said on a kernel without READ_MULTISHOT
+# (before 6.7): the uring engine runs with single-shot reads and says so,
+# and offload is off for it; poll keeps offload.
+major=${kver%%.*}; rest=${kver#*.}; minor=${rest%%.*}
+if [ "$major" -lt 6 ] || { [ "$major" -eq 6 ] && [ "$minor" -lt 7 ]; }; then
+    run_engine uring > /dev/null 2>&1 || true
+    if grep -q 'no READ_MULTISHOT (Linux 6.7+): single-shot reads' /tmp/a.err &&
+        grep -q 'engine uring' /tmp/a.err; then
+        say "probe_single_shot uring pass $(grep 'single-shot' /tmp/a.err | one_line)"
+    else say "probe_single_shot uring fail $(one_line < /tmp/a.err)"; fi
+fi
+# io_uring disabled by sysctl (Linux 6.6+): auto must take poll and say so.
+if [ -e /proc/sys/kernel/io_uring_disabled ]; then
+    echo 2 > /proc/sys/kernel/io_uring_disabled
+    run_engine auto > /dev/null 2>&1 || true
+    if grep -q 'using the poll engine' /tmp/a.err && grep -q 'engine poll' /tmp/a.err; then
+        say "uring_disabled auto pass $(grep 'using the poll engine' /tmp/a.err | one_line)"
+    else say "uring_disabled auto fail $(one_line < /tmp/a.err)"; fi
+    echo 0 > /proc/sys/kernel/io_uring_disabled
+else
+    say "uring_disabled auto n/a kernel.io_uring_disabled needs Linux 6.6+"
+fi
+
+# The engines compared inside the guest: a ratio, not a speed.
+if tunfwd bench --quick --compare poll,uring > /tmp/bench.out 2> /tmp/bench.err; then
+    grep -E '^(udp|tcp|latency)' /tmp/bench.out | while read -r line; do
+        say "bench uring/poll info $(echo "$line" | one_line)"
+    done
+else
+    say "bench - fail $(tail -c 300 /tmp/bench.err | one_line)"
+fi
+say "done - info"
+poweroff -f
+INIT
+}
+
+run_kernel() {
+    local name=$1 pkg dir root ver log started
+    pkg=$(package_for "$name")
+    [ -n "$pkg" ] || { echo "kernels.sh: no package for kernel $name in the registry" >&2; return 1; }
+    dir=$cache/$pkg
+    if [ ! -d "$dir/x/boot" ]; then
+        mkdir -p "$dir"
+        (cd "$dir" && rm -f ./*.deb && apt-get download "$pkg" >/dev/null 2>&1 && dpkg-deb -x ./*.deb x && rm -f ./*.deb)
+    fi
+    ver=$(ls "$dir/x/lib/modules")
+    root=$dir/root
+    rm -rf "$root"
+    mkdir -p "$root"/{bin,sbin,usr/bin,lib/modules,etc,proc,sys,dev,run,tmp}
+    cp /bin/busybox "$root/bin/busybox"
+    for a in $(/bin/busybox --list); do
+        [ -e "$root/bin/$a" ] || ln -s busybox "$root/bin/$a"
+    done
+    for b in "$tunfwd" "$(command -v ip)" "$(command -v ping)" "$(command -v socat)"; do
+        copy_bin "$root" "$b"
+    done
+    cp "$dir/x/lib/modules/$ver/kernel/drivers/net/tun.ko" "$dir/x/lib/modules/$ver/kernel/drivers/net/veth.ko" "$root/lib/modules/"
+    guest_init > "$root/init"
+    chmod +x "$root/init"
+    (cd "$root" && find . | cpio -o -H newc --quiet) | gzip -1 > "$dir/initrd.gz"
+    log=$dir/console.log
+    started=$(date +%s)
+    echo "kernels.sh: booting $pkg ($ver) under QEMU (tcg, 2 vCPUs, 1 GiB)" >&2
+    timeout 1200 qemu-system-x86_64 -accel tcg -smp 2 -m 1024 -nographic -no-reboot \
+        -kernel "$dir/x/boot/vmlinuz-$ver" -initrd "$dir/initrd.gz" \
+        -append "console=ttyS0 panic=-1 quiet" < /dev/null > "$log" 2>&1 || true
+    grep -a '^MATRIX ' "$log" | tr -d '\r' | sed 's/^MATRIX //' >> "$cache/matrix.txt"
+    echo "$ver time $(( $(date +%s) - started )) s" >> "$cache/times.txt"
+    grep -aq '^MATRIX .* done - info' "$log" || {
+        echo "kernels.sh: $pkg did not finish its checks; console: $log" >&2
+        return 1
+    }
+}
+
+: > "$cache/matrix.txt"
+: > "$cache/times.txt"
+rc=0
+for k in "${@:-6.1}"; do
+    run_kernel "$k" || rc=1
+done
+{
+    echo "| kernel | check | engine | result | detail |"
+    echo "|---|---|---|---|---|"
+    awk '{ k=$1; c=$2; e=$3; r=$4; $1=$2=$3=$4=""; sub(/^ +/, ""); gsub(/\|/, "\\|"); printf "| %s | %s | %s | %s | %s |\n", k, c, e, r, $0 }' "$cache/matrix.txt"
+} > "$cache/matrix.md"
+cat "$cache/matrix.txt"
+cat "$cache/times.txt"
+if grep -q ' fail ' "$cache/matrix.txt"; then
+    echo "kernels.sh: failed checks above" >&2
+    rc=1
+fi
+exit $rc
