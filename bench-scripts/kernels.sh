@@ -9,7 +9,7 @@
 #
 #   KERNEL  CHECK  ENGINE  pass|fail|n/a  DETAIL
 #
-# usage (root):  bash bench-scripts/kernels.sh [KERNEL...]
+# usage (root):  [BENCH_COMPARE=poll,uring] bash bench-scripts/kernels.sh [KERNEL...]
 #   KERNEL: 6.1 (Debian 12's newest linux-image-6.1.0-*-amd64-unsigned) or a
 #   package name (linux-image-...-unsigned). Default: 6.1.
 # Installs qemu-system-x86, busybox-static, iproute2, iputils-ping and socat
@@ -73,6 +73,10 @@ mount -t tmpfs tmpfs /tmp
 insmod /lib/modules/tun.ko
 insmod /lib/modules/veth.ko
 kver=$(uname -r)
+# busybox's shell runs its own applets before anything on PATH: the real
+# iproute2 and iputils, by path.
+ip() { /usr/bin/ip "$@"; }
+ping() { /usr/bin/ping "$@"; }
 say() { echo "MATRIX $kver $*"; }
 one_line() { tr '\n' ' ' | cut -c 1-300; }
 ip link set lo up
@@ -102,10 +106,12 @@ run_engine() {
     shift
     for side in a b; do
         if [ $side = a ]; then me=1; peer=2; else me=2; peer=1; fi
-        ip netns exec $side tunfwd tunnel --engine "$engine" --dev tun0 \
+        # exec: $! is tunfwd itself (busybox would keep a forked shell
+        # between), so SIGTERM reaches it.
+        (exec /usr/bin/ip netns exec $side tunfwd tunnel --engine "$engine" --dev tun0 \
             --address 198.19.0.$me/24 --address 2001:db8:19::$me/64 \
             --listen 198.18.0.$me:5000 --peer 198.18.0.$peer:5000 "$@" \
-            > /tmp/$side.out 2> /tmp/$side.err &
+            > /tmp/$side.out 2> /tmp/$side.err) &
         eval "pid_$side=\$!"
     done
     if ! wait_for /tmp/a.err "tunnel up" || ! wait_for /tmp/b.err "tunnel up"; then
@@ -125,7 +131,7 @@ run_engine() {
         say "ping6 $engine pass $(grep 'packet loss' /tmp/p)"
     else say "ping6 $engine fail $(one_line < /tmp/p)"; fi
     rm -f /tmp/recv
-    ip netns exec b socat -u TCP-LISTEN:7000,reuseaddr OPEN:/tmp/recv,creat,trunc &
+    (exec /usr/bin/ip netns exec b socat -u TCP-LISTEN:7000,reuseaddr OPEN:/tmp/recv,creat,trunc) &
     r=$!
     i=0; while ! listening && [ $i -lt 600 ]; do i=$((i + 1)); sleep 0.1; done
     start=$(date +%s)
@@ -139,19 +145,46 @@ run_engine() {
         kill $r 2>/dev/null
     fi
     kill -TERM $pid_a $pid_b
-    wait $pid_a $pid_b
-    say "summary $engine info $(grep 'summary total' /tmp/a.out | cut -c 1-240)"
+    wait $pid_a; rc_a=$?
+    wait $pid_b; rc_b=$?
+    if [ $rc_a = 0 ] && [ $rc_b = 0 ] && grep -q 'summary total' /tmp/a.out; then
+        say "stop $engine pass SIGTERM: exit 0 with a summary: $(grep 'summary total' /tmp/a.out | cut -c 1-200)"
+    else
+        say "stop $engine fail exit $rc_a/$rc_b: $(tail -c 300 /tmp/a.err | one_line) | $(one_line < /tmp/a.out)"
+    fi
+    # The ports are free again once the kernel has let go of the sockets.
+    i=0
+    while grep -q ':1388 ' /proc/net/udp /proc/net/udp6 2>/dev/null ||
+        ip netns exec a grep -q ':1388 ' /proc/net/udp /proc/net/udp6 2>/dev/null ||
+        ip netns exec b grep -q ':1388 ' /proc/net/udp /proc/net/udp6 2>/dev/null; do
+        i=$((i + 1))
+        if [ $i -gt 600 ]; then say "port_released $engine fail UDP port 5000 still bound 60 s after exit"; break; fi
+        sleep 0.1
+    done
+    [ $i -gt 0 ] && [ $i -le 600 ] && say "port_released $engine info UDP port 5000 free $((i / 10)) s after exit"
+    return 0
 }
 
-for engine in uring poll auto; do
+major=${kver%%.*}; rest=${kver#*.}; minor=${rest%%.*}
+old_kernel=no
+if [ "$major" -lt 6 ] || { [ "$major" -eq 6 ] && [ "$minor" -lt 7 ]; }; then old_kernel=yes; fi
+for engine in poll uring auto; do
     run_engine $engine
 done
+# What auto chose: before 6.7 (no READ_MULTISHOT, so no offload for the
+# uring engine) poll, saying why; from 6.7 on, uring.
+if [ $old_kernel = yes ]; then
+    if grep -q 'engine poll' /tmp/a.err && grep -q 'using the poll engine' /tmp/a.err; then
+        say "auto_choice auto pass $(grep 'using the poll engine' /tmp/a.err | one_line)"
+    else say "auto_choice auto fail $(one_line < /tmp/a.err)"; fi
+elif grep -q 'engine uring' /tmp/a.err; then
+    say "auto_choice auto pass engine uring"
+else say "auto_choice auto fail $(one_line < /tmp/a.err)"; fi
 
 # What the probe must have said on a kernel without READ_MULTISHOT
 # (before 6.7): the uring engine runs with single-shot reads and says so,
 # and offload is off for it; poll keeps offload.
-major=${kver%%.*}; rest=${kver#*.}; minor=${rest%%.*}
-if [ "$major" -lt 6 ] || { [ "$major" -eq 6 ] && [ "$minor" -lt 7 ]; }; then
+if [ $old_kernel = yes ]; then
     run_engine uring > /dev/null 2>&1 || true
     if grep -q 'no READ_MULTISHOT (Linux 6.7+): single-shot reads' /tmp/a.err &&
         grep -q 'engine uring' /tmp/a.err; then
@@ -171,7 +204,7 @@ else
 fi
 
 # The engines compared inside the guest: a ratio, not a speed.
-if tunfwd bench --quick --compare poll,uring > /tmp/bench.out 2> /tmp/bench.err; then
+if tunfwd bench --quick --compare "$(cat /etc/bench-compare)" > /tmp/bench.out 2> /tmp/bench.err; then
     grep -E '^(udp|tcp|latency)' /tmp/bench.out | while read -r line; do
         say "bench uring/poll info $(echo "$line" | one_line)"
     done
@@ -205,6 +238,7 @@ run_kernel() {
     done
     cp "$dir/x/lib/modules/$ver/kernel/drivers/net/tun.ko" "$dir/x/lib/modules/$ver/kernel/drivers/net/veth.ko" "$root/lib/modules/"
     guest_init > "$root/init"
+    echo "${BENCH_COMPARE:-poll,uring}" > "$root/etc/bench-compare"
     chmod +x "$root/init"
     (cd "$root" && find . | cpio -o -H newc --quiet) | gzip -1 > "$dir/initrd.gz"
     log=$dir/console.log
@@ -213,9 +247,10 @@ run_kernel() {
     timeout 1200 qemu-system-x86_64 -accel tcg -smp 2 -m 1024 -nographic -no-reboot \
         -kernel "$dir/x/boot/vmlinuz-$ver" -initrd "$dir/initrd.gz" \
         -append "console=ttyS0 panic=-1 quiet" < /dev/null > "$log" 2>&1 || true
-    grep -a '^MATRIX ' "$log" | tr -d '\r' | sed 's/^MATRIX //' >> "$cache/matrix.txt"
+    # (The first line may follow the firmware's escape codes.)
+    grep -ao 'MATRIX .*' "$log" | tr -d '\r' | sed 's/^MATRIX //' >> "$cache/matrix.txt"
     echo "$ver time $(( $(date +%s) - started )) s" >> "$cache/times.txt"
-    grep -aq '^MATRIX .* done - info' "$log" || {
+    grep -aq 'MATRIX .* done - info' "$log" || {
         echo "kernels.sh: $pkg did not finish its checks; console: $log" >&2
         return 1
     }

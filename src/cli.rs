@@ -339,7 +339,8 @@ impl BenchArgs {
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
 enum EngineArg {
-    /// io_uring where the kernel allows it, else poll (said in one log line).
+    /// io_uring where the kernel allows it and (with offload) has multishot
+    /// reads (Linux 6.7+), else poll (said in one log line).
     Auto,
     /// io_uring (Linux 6.0+): batched, one kernel entry per loop iteration.
     Uring,

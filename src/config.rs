@@ -272,7 +272,7 @@ pub const DEFAULT_INFLIGHT: u32 = 2;
 
 impl UringFlags {
     /// Names of the flags that were given, for "only with --engine uring".
-    fn given(&self) -> Vec<&'static str> {
+    pub(crate) fn given(&self) -> Vec<&'static str> {
         let mut v = Vec::new();
         if self.ring_entries.is_some() {
             v.push("--ring-entries");
