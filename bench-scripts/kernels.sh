@@ -10,8 +10,9 @@
 #   KERNEL  CHECK  ENGINE  pass|fail|n/a  DETAIL
 #
 # usage (root):  [BENCH_COMPARE=poll,uring] bash bench-scripts/kernels.sh [KERNEL...]
-#   KERNEL: 6.1 (Debian 12's newest linux-image-6.1.0-*-amd64-unsigned) or a
-#   package name (linux-image-...-unsigned). Default: 6.1.
+#   KERNEL: 6.1 (Debian 12's newest linux-image-6.1.0-*-amd64-unsigned), 6.12
+#   (linux-image-6.12.*+deb12-amd64-unsigned), another version, or a package
+#   name (linux-image-...-unsigned). Default: 6.1.
 # Installs qemu-system-x86, busybox-static, iproute2, iputils-ping and socat
 # with apt-get when missing; kernels come from the package registry
 # (apt-get download) and are cached, with the guest's tools, in
@@ -28,6 +29,7 @@ command -v ip >/dev/null || need+=(iproute2)
 command -v ping >/dev/null || need+=(iputils-ping)
 command -v socat >/dev/null || need+=(socat)
 command -v cpio >/dev/null || need+=(cpio)
+command -v xz >/dev/null || need+=(xz-utils)
 if [ ${#need[@]} -gt 0 ]; then
     echo "kernels.sh: installing ${need[*]}"
     apt-get update -qq
@@ -45,7 +47,9 @@ package_for() {
         linux-image-*) echo "$1" ;;
         6.1) apt-cache search --names-only '^linux-image-6\.1\.0-[0-9]+-amd64-unsigned$' |
             awk '{print $1}' | sort -V | tail -n 1 ;;
-        *) apt-cache search --names-only "^linux-image-${1//./\\.}[.0-9]*-[0-9]+-amd64-unsigned\$" |
+        # 6.1.0-57-amd64 (Debian 12's ABI numbering) or 6.12.107+deb12-amd64.
+        *) apt-cache search --names-only \
+            "^linux-image-${1//./\\.}[.0-9]*(-[0-9]+|\\+deb[0-9]+)-amd64-unsigned\$" |
             awk '{print $1}' | sort -V | tail -n 1 ;;
     esac
 }
@@ -236,7 +240,16 @@ run_kernel() {
     for b in "$tunfwd" "$(command -v ip)" "$(command -v ping)" "$(command -v socat)"; do
         copy_bin "$root" "$b"
     done
-    cp "$dir/x/lib/modules/$ver/kernel/drivers/net/tun.ko" "$dir/x/lib/modules/$ver/kernel/drivers/net/veth.ko" "$root/lib/modules/"
+    # The modules, uncompressed where the image has them as .ko.xz (busybox's
+    # insmod takes a plain module).
+    local m src
+    for m in tun veth; do
+        src=$dir/x/lib/modules/$ver/kernel/drivers/net/$m.ko
+        if [ -e "$src" ]; then cp "$src" "$root/lib/modules/"
+        elif [ -e "$src.xz" ]; then xz -dc "$src.xz" > "$root/lib/modules/$m.ko"
+        else echo "kernels.sh: no $m module in $pkg" >&2; return 1
+        fi
+    done
     guest_init > "$root/init"
     echo "${BENCH_COMPARE:-poll,uring}" > "$root/etc/bench-compare"
     chmod +x "$root/init"

@@ -35,6 +35,10 @@ pub const MAX_REQUEST: usize = 8192;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time a client has to take the response.
 pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes of rendered bodies that responses still being written may hold
+/// (slow readers of a large peer table's metrics): beyond it `/metrics`
+/// answers 503 until they drain or time out.
+pub const MAX_HELD_BYTES: usize = 32 << 20;
 
 /// `--metrics` as given: `PORT` (loopback) or `ADDR:PORT`.
 pub fn parse_listen(s: &str) -> std::result::Result<SocketAddr, String> {
@@ -108,6 +112,24 @@ struct Server {
     sources: Arc<Sources>,
     /// The body rendered in this turn of the loop, if one was asked for.
     body: Option<Arc<Vec<u8>>>,
+    /// Bytes of earlier bodies still held by responses being written.
+    held: usize,
+}
+
+/// Bytes of the distinct bodies `clients` are still writing.
+fn held_bytes(clients: &[Client]) -> usize {
+    let mut seen: Vec<*const Vec<u8>> = Vec::new();
+    let mut total = 0;
+    for c in clients {
+        if let State::Writing { body, .. } = &c.state {
+            let p = Arc::as_ptr(body);
+            if !seen.contains(&p) {
+                seen.push(p);
+                total += body.len();
+            }
+        }
+    }
+    total
 }
 
 /// What a request head asks for.
@@ -182,12 +204,14 @@ impl Server {
             clients: Vec::new(),
             sources,
             body: None,
+            held: 0,
         }
     }
 
     fn run(mut self, stop: &AtomicBool) {
         while !stop.load(Ordering::Relaxed) {
             self.body = None;
+            self.held = held_bytes(&self.clients);
             let now = Instant::now();
             let mut fds = Vec::with_capacity(self.clients.len() + 1);
             fds.push(PollFd::new(self.listener.as_fd(), PollFlags::POLLIN));
@@ -336,6 +360,9 @@ impl Server {
 
     fn reply(&mut self, r: Reply) -> (Vec<u8>, Arc<Vec<u8>>) {
         match r {
+            Reply::Metrics { .. } if self.body.is_none() && self.held >= MAX_HELD_BYTES => {
+                status_reply(503, "Service Unavailable")
+            }
             Reply::Metrics { head_only } => {
                 let body = self.body();
                 let head = response_head(
@@ -773,6 +800,31 @@ mod tests {
         }
         assert!(head_complete(b"GET / HTTP/1.1\r\n\r\n"));
         assert!(!head_complete(b"GET / HTTP/1.1\r\nHost: x\r\n"));
+    }
+
+    #[test]
+    fn held_bodies_are_counted_once_each() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let client = |state| Client {
+            sock: TcpStream::connect(addr).unwrap(),
+            state,
+            deadline: Instant::now(),
+        };
+        let big = Arc::new(vec![0u8; 1000]);
+        let small = Arc::new(vec![0u8; 10]);
+        let writing = |body: &Arc<Vec<u8>>| State::Writing {
+            head: Vec::new(),
+            body: body.clone(),
+            sent: 0,
+        };
+        let clients = vec![
+            client(writing(&big)),
+            client(writing(&big)),
+            client(writing(&small)),
+            client(State::Reading(vec![0; 500])),
+        ];
+        assert_eq!(held_bytes(&clients), 1010);
     }
 
     #[test]
