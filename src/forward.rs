@@ -189,29 +189,36 @@ impl Forwarder {
     /// source whose datagrams reach the TUN device, and where every packet
     /// goes (a point-to-point tunnel).
     pub fn new(mtu: usize, peer: SocketAddr) -> Self {
-        Forwarder {
+        Forwarder::with_kind(
             mtu,
-            peers: Arc::new(PeerTable::single(peer, false)),
-            queue: 0,
-            v6_socket: false,
-            kind: Kind::Tun {
+            Arc::new(PeerTable::single(peer, false)),
+            Kind::Tun {
                 allowed_src: Vec::new(),
             },
+        )
+    }
+
+    fn with_kind(mtu: usize, peers: Arc<PeerTable>, kind: Kind) -> Self {
+        Forwarder {
+            mtu,
+            peers,
+            queue: 0,
+            v6_socket: false,
+            kind,
         }
     }
 
     /// The forwarder for a configured mode, talking to `peers`.
     pub fn for_mode(mode: &crate::config::Mode, mtu: usize, peers: Arc<PeerTable>) -> Self {
         use crate::config::Mode;
-        let any = "0.0.0.0:0".parse().expect("constant address");
-        let f = match mode {
-            Mode::Tun { allowed_src } => {
-                Forwarder::new(mtu, any).with_allowed_sources(allowed_src.clone())
-            }
-            Mode::Tap { vni, .. } => Forwarder::vxlan(mtu, any, *vni),
-            Mode::Reflect => Forwarder::reflector(mtu, any),
+        let kind = match mode {
+            Mode::Tun { allowed_src } => Kind::Tun {
+                allowed_src: allowed_src.clone(),
+            },
+            Mode::Tap { vni, .. } => Kind::Tap { vni: *vni },
+            Mode::Reflect => Kind::Reflect,
         };
-        f.with_peers(peers)
+        Forwarder::with_kind(mtu, peers, kind)
     }
 
     /// Talks to the peers of `table` (TAP mode: one, matched by address).
@@ -263,11 +270,11 @@ impl Forwarder {
     /// it sends ([`Forwarder::write_encap`]) and strips as many from every
     /// datagram it writes to the device.
     pub fn vxlan(mtu: usize, peer: SocketAddr, vni: u32) -> Self {
-        Forwarder {
-            kind: Kind::Tap { vni },
-            peers: Arc::new(PeerTable::single(peer, true)),
-            ..Forwarder::new(mtu, peer)
-        }
+        Forwarder::with_kind(
+            mtu,
+            Arc::new(PeerTable::single(peer, true)),
+            Kind::Tap { vni },
+        )
     }
 
     /// Bytes of encapsulation before each packet on the wire (0 or 8).
@@ -304,10 +311,7 @@ impl Forwarder {
     /// answered back into it (see [`crate::reflect`]); nothing is accepted
     /// from the network (`peer` only names the unused socket's partner).
     pub fn reflector(mtu: usize, peer: SocketAddr) -> Self {
-        Forwarder {
-            kind: Kind::Reflect,
-            ..Forwarder::new(mtu, peer)
-        }
+        Forwarder::with_kind(mtu, Arc::new(PeerTable::single(peer, false)), Kind::Reflect)
     }
 
     pub fn mtu(&self) -> usize {

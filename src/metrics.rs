@@ -694,39 +694,27 @@ fn render_peers(src: &Sources, o: &mut Out) {
         .iter()
         .map(|p| (p.addr.to_string(), p.stats.snapshot()))
         .collect();
-    o.family(
-        "tunfwd_peer_packets_total",
-        "counter",
-        "Packets per peer: handed to the socket for it (tx), accepted from it (rx).",
-    );
-    for (peer, s) in &snaps {
-        o.sample(
+    type PeerField = fn(&crate::peers::PeerSnapshot) -> u64;
+    let per_peer: [(&str, &str, PeerField, PeerField); 2] = [
+        (
             "tunfwd_peer_packets_total",
-            &[("peer", peer), ("direction", "tx")],
-            s.tx_packets,
-        );
-        o.sample(
-            "tunfwd_peer_packets_total",
-            &[("peer", peer), ("direction", "rx")],
-            s.rx_packets,
-        );
-    }
-    o.family(
-        "tunfwd_peer_bytes_total",
-        "counter",
-        "Bytes per peer, as tunfwd_peer_packets_total.",
-    );
-    for (peer, s) in &snaps {
-        o.sample(
+            "Packets per peer: handed to the socket for it (tx), accepted from it (rx).",
+            |s| s.tx_packets,
+            |s| s.rx_packets,
+        ),
+        (
             "tunfwd_peer_bytes_total",
-            &[("peer", peer), ("direction", "tx")],
-            s.tx_bytes,
-        );
-        o.sample(
-            "tunfwd_peer_bytes_total",
-            &[("peer", peer), ("direction", "rx")],
-            s.rx_bytes,
-        );
+            "Bytes per peer, as tunfwd_peer_packets_total.",
+            |s| s.tx_bytes,
+            |s| s.rx_bytes,
+        ),
+    ];
+    for (name, help, tx, rx) in per_peer {
+        o.family(name, "counter", help);
+        for (peer, s) in &snaps {
+            o.sample(name, &[("peer", peer), ("direction", "tx")], tx(s));
+            o.sample(name, &[("peer", peer), ("direction", "rx")], rx(s));
+        }
     }
     o.family(
         "tunfwd_peer_drops_total",
@@ -734,15 +722,12 @@ fn render_peers(src: &Sources, o: &mut Out) {
         "Packets from or for a peer that tunfwd dropped, by reason (reasons that counted).",
     );
     for (peer, s) in &snaps {
-        for r in DropReason::ALL {
-            let n = s.drops_for(r);
-            if n > 0 {
-                o.sample(
-                    "tunfwd_peer_drops_total",
-                    &[("peer", peer), ("reason", r.name())],
-                    n,
-                );
-            }
+        for (r, n) in crate::stats::nonzero_drops(&s.drops) {
+            o.sample(
+                "tunfwd_peer_drops_total",
+                &[("peer", peer), ("reason", r.name())],
+                n,
+            );
         }
     }
     o.family(

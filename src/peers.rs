@@ -425,11 +425,6 @@ impl PeerSnapshot {
     /// The same fields as [`PeerSnapshot::fields`], as JSON (`last_rx_s_ago`
     /// null when nothing came).
     pub fn to_json(&self, now_ns: u64) -> serde_json::Value {
-        let reasons: serde_json::Map<String, serde_json::Value> = DropReason::ALL
-            .iter()
-            .filter(|r| self.drops_for(**r) > 0)
-            .map(|r| (r.name().to_string(), self.drops_for(*r).into()))
-            .collect();
         let ago =
             (self.last_rx_ns > 0).then(|| now_ns.saturating_sub(self.last_rx_ns) as f64 / 1e9);
         serde_json::json!({
@@ -438,7 +433,7 @@ impl PeerSnapshot {
             "rx_packets": self.rx_packets,
             "rx_bytes": self.rx_bytes,
             "drops": self.dropped(),
-            "drop_reasons": reasons,
+            "drop_reasons": crate::stats::nonzero_drops_json(&self.drops),
             "last_rx_s_ago": ago,
         })
     }
@@ -454,10 +449,8 @@ impl PeerSnapshot {
             self.rx_bytes,
             self.dropped()
         );
-        let reasons: Vec<String> = DropReason::ALL
-            .iter()
-            .filter(|r| self.drops_for(**r) > 0)
-            .map(|r| format!("{r}={}", self.drops_for(*r)))
+        let reasons: Vec<String> = crate::stats::nonzero_drops(&self.drops)
+            .map(|(r, n)| format!("{r}={n}"))
             .collect();
         if !reasons.is_empty() {
             s.push_str(&format!("[{}]", reasons.join(" ")));

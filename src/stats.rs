@@ -359,6 +359,26 @@ impl WorkerSnapshot {
     }
 }
 
+/// The drop reasons that counted, with their counts, in the order of
+/// [`DropReason::ALL`].
+pub fn nonzero_drops(
+    drops: &[u64; DropReason::COUNT],
+) -> impl Iterator<Item = (DropReason, u64)> + '_ {
+    DropReason::ALL
+        .into_iter()
+        .map(|r| (r, drops[r.index()]))
+        .filter(|&(_, n)| n > 0)
+}
+
+/// The same as a JSON object (`{"aqm": 3, ...}`).
+pub fn nonzero_drops_json(
+    drops: &[u64; DropReason::COUNT],
+) -> serde_json::Map<String, serde_json::Value> {
+    nonzero_drops(drops)
+        .map(|(r, n)| (r.name().to_string(), n.into()))
+        .collect()
+}
+
 /// Writes one direction as `key=value` pairs, e.g.
 /// `tun_to_peer packets=10 bytes=840 drops=1 backpressure=0 [over_mtu=1]`.
 fn write_direction(out: &mut String, name: &str, d: &DirectionSnapshot) {
@@ -372,16 +392,11 @@ fn write_direction(out: &mut String, name: &str, d: &DirectionSnapshot) {
     );
     if d.dropped() > 0 {
         out.push_str(" [");
-        let mut first = true;
-        for r in DropReason::ALL {
-            let n = d.drops_for(r);
-            if n > 0 {
-                if !first {
-                    out.push(' ');
-                }
-                first = false;
-                let _ = write!(out, "{}={n}", r.name());
+        for (i, (r, n)) in nonzero_drops(&d.drops).enumerate() {
+            if i > 0 {
+                out.push(' ');
             }
+            let _ = write!(out, "{}={n}", r.name());
         }
         out.push(']');
     }
@@ -408,16 +423,11 @@ fn write_direction(out: &mut String, name: &str, d: &DirectionSnapshot) {
 }
 
 fn direction_json(d: &DirectionSnapshot) -> serde_json::Value {
-    let reasons: serde_json::Map<String, serde_json::Value> = DropReason::ALL
-        .iter()
-        .filter(|r| d.drops_for(**r) > 0)
-        .map(|r| (r.name().to_string(), d.drops_for(*r).into()))
-        .collect();
     serde_json::json!({
         "packets": d.packets,
         "bytes": d.bytes,
         "drops": d.dropped(),
-        "drop_reasons": reasons,
+        "drop_reasons": nonzero_drops_json(&d.drops),
         "backpressure": d.backpressure,
         "visits": d.visits.count,
         "visit_avg_us": d.visits.avg_us(),

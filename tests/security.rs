@@ -210,16 +210,6 @@ fn paced(count: usize, pps: usize, mut send: impl FnMut(usize)) {
     }
 }
 
-/// VmRSS of `pid` in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status_field(&status, "VmRSS:")
-        .split_whitespace()
-        .next()
-        .and_then(|v| v.parse().ok())
-        .unwrap()
-}
-
 fn status_field<'a>(status: &'a str, key: &str) -> &'a str {
     status
         .lines()

@@ -107,17 +107,6 @@ fn promtool_check(body: &str) {
     assert!(said.trim().is_empty(), "promtool found problems: {said}");
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 #[test]
 fn metrics_pass_promtool_and_move_with_traffic() {
     let test = "metrics_pass_promtool_and_move_with_traffic";

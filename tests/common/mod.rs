@@ -71,7 +71,14 @@ pub fn can_run_kernel_tests(test: &str) -> bool {
     } else {
         format!(" (apt-get install -y {})", packages.join(" "))
     };
-    let msg = format!("{test}: needs {}{install}", missing.join(", "));
+    fail_or_skip(&format!("{test}: needs {}{install}", missing.join(", ")));
+    false
+}
+
+/// A real-kernel test cannot run (`msg` says why): it fails, unless the
+/// user asked to skip those tests (never under `CI=true`); then a SKIP
+/// line.
+fn fail_or_skip(msg: &str) {
     let ci = std::env::var("CI").as_deref() == Ok("true");
     let skip = std::env::var("TUNFWD_SKIP_KERNEL_TESTS").as_deref() == Ok("1");
     if ci || !skip {
@@ -84,8 +91,7 @@ pub fn can_run_kernel_tests(test: &str) -> bool {
             }
         );
     }
-    report_skip(&msg);
-    false
+    report_skip(msg);
 }
 
 /// True if the `(tool, package)` pairs a test drives beyond the usual
@@ -109,18 +115,22 @@ pub fn have_tools(test: &str, tools: &[(&str, &str)]) -> bool {
     }
     let names: Vec<&str> = missing.iter().map(|t| t.0).collect();
     let packages: Vec<&str> = missing.iter().map(|t| t.1).collect();
-    let msg = format!(
+    fail_or_skip(&format!(
         "{test}: needs {} (apt-get install -y {})",
         names.join(", "),
         packages.join(" ")
-    );
-    let ci = std::env::var("CI").as_deref() == Ok("true");
-    let skip = std::env::var("TUNFWD_SKIP_KERNEL_TESTS").as_deref() == Ok("1");
-    if ci || !skip {
-        panic!("{msg}");
-    }
-    report_skip(&msg);
+    ));
     false
+}
+
+/// VmRSS of the running process `pid` in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("VmRSS in {status}"))
 }
 
 /// Says that a test (or some of its cases) was skipped, where the user sees
@@ -496,7 +506,7 @@ impl Proc {
     /// Polls `check` until it gives a value (up to 20 s, a hang guard, not
     /// a performance bound); panics with the output if the process exits
     /// first or the time runs out.
-    fn wait_until<T>(&mut self, what: &str, check: impl Fn(&Proc) -> Option<T>) -> T {
+    pub fn wait_until<T>(&mut self, what: &str, check: impl Fn(&Proc) -> Option<T>) -> T {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(v) = check(self) {
