@@ -44,9 +44,15 @@ impl Origin {
     }
 }
 
-/// The line (from 1) of byte `at` in `text`.
+/// The line (from 1) of byte `at` in `text` (counted over bytes: `at`
+/// need not fall on a character boundary).
 fn line_of(text: &str, at: usize) -> usize {
-    text[..at.min(text.len())].matches('\n').count() + 1
+    let bytes = text.as_bytes();
+    bytes[..at.min(bytes.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
 }
 
 /// The value of `--config` on a `tunnel` command line, if any.
@@ -149,10 +155,12 @@ fn file_args(
         if value.is_array() && !repeatable {
             return Err(bad(format!("--{key} takes one value, not a list")));
         }
-        keys.push((key.to_string(), line));
-        if given.iter().any(|g| g == key) {
-            // The command line wins.
-            continue;
+        // Every value is checked, even one the command line overrides: a
+        // bad file is refused the same way with or without the override.
+        // Only keys that take effect are recorded to be blamed later.
+        let overridden = given.iter().any(|g| g == key);
+        if !overridden {
+            keys.push((key.to_string(), line));
         }
         let takes_value = arg.get_action().takes_values();
         let optional_value = arg
@@ -162,11 +170,16 @@ fn file_args(
             let scalar = match v {
                 toml_edit::Value::String(s) => s.value().clone(),
                 toml_edit::Value::Integer(i) => i.value().to_string(),
-                toml_edit::Value::Float(f) => f.value().to_string(),
+                toml_edit::Value::Float(_) => {
+                    return Err(bad(format!(
+                        "--{key} takes an integer or a string, not a number with a fraction \
+                         or exponent"
+                    )));
+                }
                 toml_edit::Value::Boolean(b) if !takes_value || optional_value => {
                     // A switch (or a flag whose value may be left out):
                     // true sets it, false leaves it off.
-                    if *b.value() {
+                    if *b.value() && !overridden {
                         args.push(OsString::from(format!("--{key}")));
                     }
                     continue;
@@ -187,7 +200,9 @@ fn file_args(
             }
             let flag = OsString::from(format!("--{key}={scalar}"));
             check_value(cmd, &flag).map_err(bad)?;
-            args.push(flag);
+            if !overridden {
+                args.push(flag);
+            }
         }
     }
     Ok((args, keys))
@@ -317,6 +332,14 @@ mod tests {
                 "dev = true\n",
                 "key \"dev\": --dev takes a value, not true/false",
             ),
+            (
+                "mtu = 1.4e3\n",
+                "config F line 1: key \"mtu\": --mtu takes an integer or a string",
+            ),
+            (
+                "\nmtu = 1400.0\n",
+                "config F line 2: key \"mtu\": --mtu takes an integer or a string",
+            ),
         ];
         for (text, want) in cases {
             let e = expand_text(text, &[]).unwrap_err().to_string();
@@ -338,6 +361,52 @@ mod tests {
         // --peers-file is not --peer.
         let e = o.locate(Error::config("--peers-file: bad"));
         assert_eq!(e.to_string(), "--peers-file: bad");
+    }
+
+    /// A value the command line overrides is still checked, and a key the
+    /// command line overrides is not blamed for the command line's error.
+    #[test]
+    fn overridden_keys_are_checked_but_not_blamed() {
+        let e = expand_text("mtu = \"big\"\n", &["--mtu", "1400"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("config F line 1: key \"mtu\": invalid value 'big'"),
+            "{e}"
+        );
+        let e = expand_text("mtu = 1400.0\n", &["--mtu=1400"]).unwrap_err();
+        assert!(e.to_string().contains("takes an integer"), "{e}");
+
+        let dir =
+            std::env::temp_dir().join(format!("tunfwd-configfile-blame-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("a.toml");
+        std::fs::write(&path, "listen = \"198.18.0.1:5000\"\n\nqueues = 2\n").unwrap();
+        let raw: Vec<OsString> = ["tunfwd", "tunnel", "--queues", "0", "--config"]
+            .iter()
+            .map(OsString::from)
+            .chain([path.clone().into_os_string()])
+            .collect();
+        let (_, origin) = expand(raw, &cli()).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        let origin = origin.unwrap();
+        assert_eq!(origin.keys, [("listen".to_string(), 1)]);
+        let e = origin.locate(Error::config("--queues 0 is out of range 1..=256"));
+        assert_eq!(e.to_string(), "--queues 0 is out of range 1..=256");
+    }
+
+    /// Lines are counted over bytes: an offset inside a multi-byte
+    /// character does not panic.
+    #[test]
+    fn line_of_counts_bytes() {
+        let text = "# é\nmtu = 1\n";
+        assert_eq!(line_of(text, 3), 1); // inside 'é'
+        assert_eq!(line_of(text, 5), 2);
+        assert_eq!(line_of(text, 1000), 3);
+        let e = expand_text("# café\nmtu = = 1\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("config F line 2"), "{e}");
     }
 
     /// The same settings from a file and from flags make the same
