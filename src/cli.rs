@@ -5,7 +5,8 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 
-use crate::config::{self, Cidr, EngineKind, TunnelConfig};
+use crate::config::{self, EngineKind, TunnelConfig};
+use crate::types::Cidr;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -165,7 +166,7 @@ struct RunArgs {
     /// Forwarding needs no privilege after that; the process keeps no
     /// capabilities. Linux only.
     #[arg(long, value_name = "USER[:GROUP]")]
-    user: Option<config::UserSpec>,
+    user: Option<crate::types::UserSpec>,
 
     /// Stop cleanly when the parent process exits (used by `tunfwd bench`).
     #[arg(long, hide = true)]
@@ -369,7 +370,7 @@ enum EncapArg {
 /// `ADDR:PORT`, where an IPv6 address may carry its scope as a number or an
 /// interface name: `[fe80::2%eth0]:5000` (the name is looked up here, in the
 /// namespace tunfwd starts in; with --netns give the number).
-use config::parse_endpoint;
+use crate::platform::parse_endpoint;
 
 /// `--peer ADDR:PORT[=CIDR,...]`.
 fn parse_peer(s: &str) -> Result<crate::peers::PeerSpec, String> {
@@ -453,7 +454,7 @@ struct TunnelArgs {
     /// AllowedIPs; host bits are ignored). Others are dropped and counted as
     /// source_not_allowed. Default: any source. TUN mode only.
     #[arg(long = "allow-src", value_name = "CIDR")]
-    allow_src: Vec<config::Prefix>,
+    allow_src: Vec<crate::types::Prefix>,
 
     /// tun: IP packets; tap: Ethernet frames in VXLAN (needs --vni; for a
     /// kernel vxlan peer use --mtu 1450 and port 4789).

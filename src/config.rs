@@ -1,11 +1,11 @@
 //! Validated configuration: what the CLI parsed, checked for consistency
 //! before anything touches the OS.
 
-use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 
 use crate::error::{Error, Result};
+use crate::types::{Cidr, Prefix, UserSpec};
 
 /// Smallest MTU: the IPv4 minimum (RFC 791).
 pub const MIN_MTU: u32 = 68;
@@ -51,128 +51,6 @@ pub const MAX_VISIT_BYTES: usize = 64 << 20;
 pub const MAX_TXQUEUELEN: u32 = 1_000_000;
 /// Upper bound on `--queues`.
 pub const MAX_QUEUES: usize = 256;
-
-/// An interface address with prefix length, `198.19.0.1/24` or `2001:db8::1/64`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Cidr {
-    pub addr: IpAddr,
-    pub prefix_len: u8,
-}
-
-impl FromStr for Cidr {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (addr, prefix) = s
-            .split_once('/')
-            .ok_or_else(|| format!("{s:?} is not ADDRESS/PREFIX (e.g. 198.19.0.1/24)"))?;
-        let addr: IpAddr = addr
-            .parse()
-            .map_err(|_| format!("{addr:?} is not an IPv4 or IPv6 address"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix_len: u8 =
-            prefix.parse().ok().filter(|&p| p <= max).ok_or_else(|| {
-                format!("prefix length {prefix:?} is not a number from 0 to {max}")
-            })?;
-        if addr.is_unspecified() || addr.is_multicast() {
-            return Err(format!("{addr} cannot be an interface address"));
-        }
-        Ok(Cidr { addr, prefix_len })
-    }
-}
-
-impl fmt::Display for Cidr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix_len)
-    }
-}
-
-/// An address prefix that inner source addresses are checked against
-/// (`--allow-src`), e.g. `198.19.0.0/24`, `2001:db8::/32`, `0.0.0.0/0`. Host
-/// bits are cleared: `198.19.0.7/24` means `198.19.0.0/24`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Prefix {
-    net: IpAddr,
-    len: u8,
-}
-
-impl Prefix {
-    /// The prefix of `len` bits at `addr` (host bits cleared); None if
-    /// `len` exceeds the family's width.
-    pub fn new(addr: IpAddr, len: u8) -> Option<Prefix> {
-        let net = match addr {
-            IpAddr::V4(a) if len <= 32 => {
-                IpAddr::from(std::net::Ipv4Addr::from(u32::from(a) & v4_mask(len)))
-            }
-            IpAddr::V6(a) if len <= 128 => {
-                IpAddr::from(std::net::Ipv6Addr::from(u128::from(a) & v6_mask(len)))
-            }
-            _ => return None,
-        };
-        Some(Prefix { net, len })
-    }
-
-    /// The network address (host bits clear).
-    pub fn net(&self) -> IpAddr {
-        self.net
-    }
-
-    /// The prefix length in bits.
-    #[allow(clippy::len_without_is_empty)]
-    pub fn len(&self) -> u8 {
-        self.len
-    }
-
-    /// True if `addr` is inside the prefix (an IPv4 prefix never contains
-    /// an IPv6 address and vice versa).
-    pub fn contains(&self, addr: IpAddr) -> bool {
-        match (self.net, addr) {
-            (IpAddr::V4(n), IpAddr::V4(a)) => u32::from(a) & v4_mask(self.len) == u32::from(n),
-            (IpAddr::V6(n), IpAddr::V6(a)) => u128::from(a) & v6_mask(self.len) == u128::from(n),
-            _ => false,
-        }
-    }
-}
-
-/// The IPv4 netmask of a prefix length (0 for /0).
-pub(crate) fn v4_mask(len: u8) -> u32 {
-    u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0)
-}
-
-/// The IPv6 netmask of a prefix length (0 for /0).
-pub(crate) fn v6_mask(len: u8) -> u128 {
-    u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0)
-}
-
-impl FromStr for Prefix {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (addr, len) = s
-            .split_once('/')
-            .ok_or_else(|| format!("{s:?} is not ADDRESS/PREFIX (e.g. 198.19.0.0/24)"))?;
-        let addr: IpAddr = addr
-            .parse()
-            .map_err(|_| format!("{addr:?} is not an IPv4 or IPv6 address"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let len: u8 = len
-            .parse()
-            .ok()
-            .filter(|&p| p <= max)
-            .ok_or_else(|| format!("prefix length {len:?} is not a number from 0 to {max}"))?;
-        let net = match addr {
-            IpAddr::V4(a) => IpAddr::from(std::net::Ipv4Addr::from(u32::from(a) & v4_mask(len))),
-            IpAddr::V6(a) => IpAddr::from(std::net::Ipv6Addr::from(u128::from(a) & v6_mask(len))),
-        };
-        Ok(Prefix { net, len })
-    }
-}
-
-impl fmt::Display for Prefix {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.net, self.len)
-    }
-}
 
 /// How stats lines and the summary are printed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -414,41 +292,6 @@ impl Mode {
 
     pub fn is_reflect(&self) -> bool {
         matches!(self, Mode::Reflect)
-    }
-}
-
-/// `--user USER[:GROUP]`: names or numeric ids.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct UserSpec {
-    pub user: String,
-    /// None: the user's primary group.
-    pub group: Option<String>,
-}
-
-impl FromStr for UserSpec {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (user, group) = match s.split_once(':') {
-            Some((u, g)) => (u, Some(g)),
-            None => (s, None),
-        };
-        if user.is_empty() || group.is_some_and(str::is_empty) {
-            return Err(format!("{s:?} is not USER or USER:GROUP"));
-        }
-        Ok(UserSpec {
-            user: user.to_string(),
-            group: group.map(str::to_string),
-        })
-    }
-}
-
-impl fmt::Display for UserSpec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.group {
-            Some(g) => write!(f, "{}:{g}", self.user),
-            None => f.write_str(&self.user),
-        }
     }
 }
 
@@ -702,6 +545,13 @@ impl TunnelConfig {
                 ));
             }
         }
+        let broadcast = addr.ip() == IpAddr::from(std::net::Ipv4Addr::BROADCAST);
+        if addr.ip().is_multicast() || broadcast {
+            return Err(format!(
+                "{addr} is a {} address: a peer is one host (a unicast address)",
+                if broadcast { "broadcast" } else { "multicast" }
+            ));
+        }
         if addr.port() == 0 || addr.ip().is_unspecified() {
             return Err(format!(
                 "{addr} needs a concrete address and a non-zero port"
@@ -723,27 +573,49 @@ impl TunnelConfig {
         Ok(())
     }
 
-    /// Every peer: the `--peer` flags, then the `--peers-file` lines, each
-    /// checked ([`TunnelConfig::check_peer`]). Errors name the flag, or the
-    /// file and line.
-    pub fn load_peers(&self) -> Result<Vec<crate::peers::PeerSpec>> {
+    /// Every peer: the `--peer` flags, then the lines of the `--peers-file`
+    /// whose text is `text` (read by the caller: this module does no I/O),
+    /// each checked ([`TunnelConfig::check_peer`]); `endpoint` parses an
+    /// `ADDR:PORT`. Errors name the flag, or the file and line.
+    pub fn peers_with_file(
+        &self,
+        text: Option<&str>,
+        endpoint: impl Fn(&str) -> std::result::Result<SocketAddr, String>,
+    ) -> Result<Vec<crate::peers::PeerSpec>> {
         let mut peers = self.peers.clone();
-        let Some(path) = &self.peers_file else {
+        let (Some(path), Some(text)) = (&self.peers_file, text) else {
             return Ok(peers);
         };
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::io(format!("read peers file {}", path.display()), e))?;
-        let file = crate::peers::parse_peers_file(&text, parse_endpoint)
+        let file = crate::peers::parse_peers_file(text, endpoint)
             .map_err(|e| Error::config(format!("peers file {}: {e}", path.display())))?;
         for (line, p) in file.iter().enumerate() {
             self.check_peer(p).map_err(|e| {
                 // The line of the n-th peer (comments and blanks skipped).
-                let n = nth_peer_line(&text, line);
+                let n = nth_peer_line(text, line);
                 Error::config(format!("peers file {} line {n}: peer {e}", path.display()))
             })?;
         }
         peers.extend(file);
         Ok(peers)
+    }
+}
+
+impl TunnelConfig {
+    /// Where the peer at `index` of [`TunnelConfig::peers_with_file`]'s list
+    /// came from: `--peer ADDR` or `peers file F line L` (`text`: the
+    /// file's).
+    pub fn peer_origin(&self, index: usize, text: Option<&str>) -> String {
+        if let Some(p) = self.peers.get(index) {
+            return format!("--peer {p}");
+        }
+        match (&self.peers_file, text) {
+            (Some(path), Some(text)) => format!(
+                "peers file {} line {}",
+                path.display(),
+                nth_peer_line(text, index - self.peers.len())
+            ),
+            _ => format!("peer {}", index + 1),
+        }
     }
 }
 
@@ -755,28 +627,6 @@ fn nth_peer_line(text: &str, n: usize) -> usize {
         .filter(|(_, l)| !l.split('#').next().unwrap_or("").trim().is_empty())
         .nth(n)
         .map_or(0, |(i, _)| i + 1)
-}
-
-/// `ADDR:PORT`, or a link-local IPv6 address with its interface by name,
-/// `[fe80::2%eth0]:5000`.
-pub fn parse_endpoint(s: &str) -> std::result::Result<SocketAddr, String> {
-    if let Ok(a) = s.parse::<SocketAddr>() {
-        return Ok(a);
-    }
-    let bad = || format!("{s:?} is not ADDR:PORT (e.g. 198.18.0.1:5000, [2001:db8::1]:5000)");
-    let (host, port) = s.rsplit_once("]:").ok_or_else(bad)?;
-    let (ip, scope) = host
-        .strip_prefix('[')
-        .and_then(|h| h.split_once('%'))
-        .ok_or_else(bad)?;
-    let ip: std::net::Ipv6Addr = ip.parse().map_err(|_| bad())?;
-    let port: u16 = port.parse().map_err(|_| bad())?;
-    let index = nix::net::if_::if_nametoindex(scope).map_err(|e| {
-        format!("{s:?}: no interface {scope:?} here ({e}); with --netns, give its index instead")
-    })?;
-    Ok(SocketAddr::V6(std::net::SocketAddrV6::new(
-        ip, port, 0, index,
-    )))
 }
 
 fn offset_port(addr: SocketAddr, queue: usize) -> SocketAddr {

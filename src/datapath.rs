@@ -51,23 +51,16 @@ use std::sync::Arc;
 
 use nix::errno::Errno;
 
-use crate::engine::tun_failure;
+use crate::device::tun_failure;
 use crate::error::{Error, Result};
-use crate::forward::{DropReason, Forwarder, PeerVerdict, TunVerdict};
+use crate::forward::{Forwarder, PeerVerdict, TunVerdict};
 use crate::packet::offload::{self, Coalescer};
 use crate::packet::virtio::{self, VirtioNetHdr};
 use crate::peers::{PeerId, SharedPeers};
 use crate::stats::{DirectionStats, WorkerStats};
+use crate::types::DropReason;
 
-/// Most datagrams one UDP GSO send may carry (the kernel's UDP_MAX_SEGMENTS
-/// on older kernels).
-pub const GSO_MAX_SEGMENTS: usize = 64;
-/// Most bytes one UDP GSO send may carry: one UDP payload over IPv4.
-pub const GSO_MAX_BYTES: usize = 65507;
-/// Datagrams of at most `seg_len` bytes that one UDP GSO send may carry.
-pub fn gso_segments_per_send(seg_len: usize) -> usize {
-    GSO_MAX_SEGMENTS.min(GSO_MAX_BYTES / seg_len.max(1)).max(1)
-}
+pub use crate::packet::offload::{GSO_MAX_BYTES, GSO_MAX_SEGMENTS, gso_segments_per_send};
 
 /// Bytes of the largest TUN read with offload: a virtio-net header and a
 /// 64 KiB super-packet.
@@ -1312,7 +1305,7 @@ impl Datapath {
             Err(Errno::ECANCELED) => {}
             Err(e) => {
                 let e = std::io::Error::from(e);
-                if crate::engine::is_fatal_tun_error(&e) {
+                if crate::device::is_fatal_error(&e) {
                     return Err(tun_failure("write to", &self.label, e));
                 }
                 for _ in 0..w.packets {

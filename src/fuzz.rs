@@ -9,11 +9,12 @@
 
 use std::net::SocketAddr;
 
-use crate::config::Prefix;
-use crate::forward::{DropReason, Forwarder, PeerVerdict, TunVerdict};
+use crate::forward::{Forwarder, PeerVerdict, TunVerdict};
 use crate::packet::offload::{self, Coalescer};
 use crate::packet::virtio::{self, VirtioNetHdr};
 use crate::packet::{IpPacket, checksum, vxlan};
+use crate::types::DropReason;
+use crate::types::Prefix;
 
 const PEER: &str = "198.18.0.2:5000";
 const STRANGER: &str = "198.18.0.9:5000";
@@ -469,7 +470,7 @@ pub fn peer_table(data: &[u8]) {
             } else {
                 x.rotate_left(u32::from(e[4]))
             };
-            v4.push((net & crate::config::v4_mask(len), len, owner));
+            v4.push((net & crate::types::v4_mask(len), len, owner));
         } else {
             let len = (e[0] & 0x7f) % 129;
             let net = if mode & 1 == 0 {
@@ -477,7 +478,7 @@ pub fn peer_table(data: &[u8]) {
             } else {
                 u128::from(x).rotate_right(u32::from(e[4]))
             };
-            v6.push((net & crate::config::v6_mask(len), len, owner));
+            v6.push((net & crate::types::v6_mask(len), len, owner));
         }
     }
     fn check<K: crate::peers::Key>(mut prefixes: Vec<(K, u8, u32)>, extra: &[K]) {

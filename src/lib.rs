@@ -93,6 +93,8 @@ pub mod packet;
 pub mod peers;
 mod platform;
 pub mod reflect;
+pub mod report;
 pub mod runtime;
 pub mod stats;
 mod sys;
+pub mod types;

@@ -23,9 +23,9 @@ use std::time::{Duration, Instant};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use crate::error::{Error, Result};
-use crate::forward::DropReason;
-use crate::runtime::Sources;
+use crate::report::Sources;
 use crate::stats::{DURATION_BOUNDS_NS, DirectionSnapshot, DurationSnapshot, WorkerSnapshot};
+use crate::types::DropReason;
 
 /// Connections served at once; more are refused (503).
 pub const MAX_CONNECTIONS: usize = 64;
@@ -45,7 +45,7 @@ pub fn parse_listen(s: &str) -> std::result::Result<SocketAddr, String> {
     if let Ok(port) = s.parse::<u16>() {
         return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
     }
-    crate::config::parse_endpoint(s).map_err(|_| {
+    crate::platform::parse_endpoint(s).map_err(|_| {
         format!("{s:?} is not PORT (on 127.0.0.1) or ADDR:PORT (e.g. 127.0.0.1:9500, [::1]:9500)")
     })
 }

@@ -31,9 +31,9 @@ use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::config::Prefix;
-use crate::forward::DropReason;
 use crate::stats::{Counter, Max};
+use crate::types::DropReason;
+use crate::types::Prefix;
 
 /// Most peers one table may hold.
 pub const MAX_PEERS: usize = 1 << 20;
@@ -61,7 +61,7 @@ impl PeerSpec {
         let mut prefixes = Vec::new();
         if let Some(list) = list {
             for p in list.split([',', ' ', '\t']).filter(|p| !p.is_empty()) {
-                prefixes.push(p.parse::<Prefix>()?);
+                prefixes.push(Prefix::parse_exact(p)?);
             }
             if prefixes.is_empty() {
                 return Err(format!(
@@ -108,9 +108,14 @@ pub fn parse_peers_file(
         if line.is_empty() {
             continue;
         }
+        // `ADDR:PORT CIDR,...` or `ADDR:PORT = CIDR,...`: one '=' at most
+        // (a second one is left in place, where the prefix parser refuses
+        // it).
         let normal = match line.split_once([' ', '\t']) {
             Some((a, rest)) if !a.contains('=') => {
-                format!("{a}={}", rest.trim_start_matches([' ', '\t', '=']))
+                let rest = rest.trim_start();
+                let rest = rest.strip_prefix('=').unwrap_or(rest);
+                format!("{a}={}", rest.trim_start())
             }
             _ => line.to_string(),
         };
@@ -468,7 +473,7 @@ impl PeerSnapshot {
 /// One peer of a table.
 #[derive(Debug)]
 pub struct Peer {
-    /// As configured, canonical (see [`crate::forward::canonical`]).
+    /// As configured, canonical (see [`crate::types::canonical`]).
     pub addr: SocketAddr,
     pub prefixes: Vec<Prefix>,
     pub stats: Arc<PeerStats>,
@@ -497,14 +502,36 @@ pub struct PeerTable {
 pub enum TableError {
     NoPeers,
     TooMany(usize),
-    DuplicatePeer(SocketAddr),
+    /// The peer at `index` has the address of an earlier one.
+    DuplicatePeer {
+        addr: SocketAddr,
+        index: usize,
+    },
+    /// The peer at `index` has a prefix an earlier peer (or itself) has.
     DuplicatePrefix {
         prefix: Prefix,
         first: SocketAddr,
         second: SocketAddr,
+        index: usize,
     },
-    /// Several peers, and this one has no prefixes to route by.
-    NoPrefixes(SocketAddr),
+    /// Several peers, and the one at `index` has no prefixes to route by.
+    NoPrefixes {
+        addr: SocketAddr,
+        index: usize,
+    },
+}
+
+impl TableError {
+    /// Which peer (its index in the list given to [`PeerTable::build`]) the
+    /// error is about: the later of two that conflict.
+    pub fn peer_index(&self) -> Option<usize> {
+        match self {
+            TableError::NoPeers | TableError::TooMany(_) => None,
+            TableError::DuplicatePeer { index, .. }
+            | TableError::DuplicatePrefix { index, .. }
+            | TableError::NoPrefixes { index, .. } => Some(*index),
+        }
+    }
 }
 
 impl fmt::Display for TableError {
@@ -512,11 +539,12 @@ impl fmt::Display for TableError {
         match self {
             TableError::NoPeers => f.write_str("no peers"),
             TableError::TooMany(n) => write!(f, "{n} peers: at most {MAX_PEERS}"),
-            TableError::DuplicatePeer(a) => write!(f, "peer {a} is given twice"),
+            TableError::DuplicatePeer { addr, .. } => write!(f, "peer {addr} is given twice"),
             TableError::DuplicatePrefix {
                 prefix,
                 first,
                 second,
+                ..
             } => {
                 if first == second {
                     write!(f, "prefix {prefix} is given twice for peer {first}")
@@ -527,7 +555,7 @@ impl fmt::Display for TableError {
                     )
                 }
             }
-            TableError::NoPrefixes(a) => write!(
+            TableError::NoPrefixes { addr: a, .. } => write!(
                 f,
                 "peer {a} has no prefixes: with several peers each needs its own (ADDR:PORT=CIDR,...)"
             ),
@@ -557,12 +585,18 @@ impl PeerTable {
         let mut v4 = Vec::new();
         let mut v6 = Vec::new();
         for (id, spec) in specs.iter().enumerate() {
-            let addr = key_addr(crate::forward::canonical(spec.addr), any_port);
+            let addr = key_addr(crate::types::canonical(spec.addr), any_port);
             if by_addr.insert(addr, id as PeerId).is_some() {
-                return Err(TableError::DuplicatePeer(spec.addr));
+                return Err(TableError::DuplicatePeer {
+                    addr: spec.addr,
+                    index: id,
+                });
             }
             if spec.prefixes.is_empty() && !catch_all {
-                return Err(TableError::NoPrefixes(spec.addr));
+                return Err(TableError::NoPrefixes {
+                    addr: spec.addr,
+                    index: id,
+                });
             }
             for p in &spec.prefixes {
                 match p.net() {
@@ -575,7 +609,7 @@ impl PeerTable {
                 .map(|p| p.stats.clone())
                 .unwrap_or_else(|| Arc::new(PeerStats::new(workers)));
             peers.push(Peer {
-                addr: crate::forward::canonical(spec.addr),
+                addr: crate::types::canonical(spec.addr),
                 prefixes: spec.prefixes.clone(),
                 stats,
             });
@@ -584,6 +618,7 @@ impl PeerTable {
             prefix: Prefix::new(net, len).expect("a prefix of the table"),
             first: specs[a.min(b) as usize].addr,
             second: specs[a.max(b) as usize].addr,
+            index: a.max(b) as usize,
         };
         let prefixes = v4.len() + v6.len();
         let v4 = Lpm::build(v4)
@@ -961,7 +996,7 @@ mod tests {
         assert_eq!(
             build(&[
                 "198.18.0.1:5000=198.19.0.0/24",
-                "198.18.0.2:5000=198.19.0.7/24"
+                "198.18.0.2:5000=198.19.0.0/24"
             ]),
             "prefix 198.19.0.0/24 is given to both peer 198.18.0.1:5000 and peer 198.18.0.2:5000"
         );
@@ -977,6 +1012,40 @@ mod tests {
                 .starts_with("peer 198.18.0.2:5000 has no prefixes")
         );
         assert_eq!(build(&[]), "no peers");
+        // The error says which peer: the later of the two.
+        let specs: Vec<PeerSpec> = [
+            "198.18.0.1:5000=198.19.0.0/24",
+            "198.18.0.2:5000=198.19.1.0/24",
+            "198.18.0.3:5000=198.19.2.0/24,198.19.0.0/24",
+        ]
+        .iter()
+        .map(|s| spec(s))
+        .collect();
+        let e = PeerTable::build(&specs, 1, false, None).unwrap_err();
+        assert_eq!(e.peer_index(), Some(2));
+        let e = PeerTable::build(&[specs[1].clone(), specs[1].clone()], 1, false, None);
+        assert_eq!(e.unwrap_err().peer_index(), Some(1));
+    }
+
+    /// What a peers file must not slip through: a second '=', a prefix
+    /// with host bits set (a typo for /32 would route a whole /24).
+    #[test]
+    fn peers_files_refuse_typos() {
+        let parse =
+            |text: &str| parse_peers_file(text, |a| a.parse().map_err(|_| format!("{a:?} bad")));
+        let e = parse("198.18.1.11:5000 ==== 198.19.0.11/32\n").unwrap_err();
+        assert!(e.starts_with("line 1: "), "{e}");
+        let e = parse("# x\n198.18.1.11:5000 198.19.0.11/24\n").unwrap_err();
+        assert!(
+            e.starts_with("line 2: 198.19.0.11/24: host bits set"),
+            "{e}"
+        );
+        let e = parse("198.18.1.11:5000=2001:db8::1/64\n").unwrap_err();
+        assert!(e.contains("host bits set after /64"), "{e}");
+        assert!("198.18.0.1:5000=198.19.0.7/24".parse::<PeerSpec>().is_err());
+        // One '=' with blanks around it is fine.
+        let p = parse("198.18.1.11:5000 = 198.19.0.11/32\n").unwrap();
+        assert_eq!(p[0].prefixes[0].to_string(), "198.19.0.11/32");
     }
 
     #[test]

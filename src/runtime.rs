@@ -4,23 +4,24 @@
 //! Control flow uses crossbeam channels (signals, worker exits, the stats
 //! tick); packets never cross threads.
 
-use std::io::{self, Write};
 use std::net::UdpSocket;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use crossbeam::channel::{self, Receiver};
 use nix::sys::signal::{SigSet, Signal};
 
-use crate::config::{CpuPlan, DEFAULT_SOCKET_BUFFER_BYTES, StatsFormat, TunnelConfig};
+use crate::config::{CpuPlan, DEFAULT_SOCKET_BUFFER_BYTES, TunnelConfig};
 use crate::datapath::{Datapath, VisitLimits};
 use crate::device::{TunDevice, TunOptions};
 use crate::engine::{Engine, Shutdown, WorkerEvent, WorkerParts, spawn_worker};
 use crate::error::{Error, Result};
 use crate::forward::Forwarder;
 use crate::peers::{PeerTable, SharedPeers};
-use crate::stats::{WorkerSnapshot, WorkerStats};
+use crate::report::{KernelBase, Reporter, Sources};
+use crate::stats::WorkerStats;
 
 /// The signals tunfwd handles: SIGINT and SIGTERM stop it cleanly, SIGHUP
 /// reloads the peers file.
@@ -50,12 +51,23 @@ fn peer_table(cfg: &TunnelConfig, old: Option<&PeerTable>) -> Result<PeerTable> 
             false,
         ));
     }
-    let specs = cfg.load_peers()?;
+    let text = match &cfg.peers_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| Error::io(format!("read peers file {}", path.display()), e))?,
+        ),
+        None => None,
+    };
+    let specs = cfg.peers_with_file(text.as_deref(), crate::platform::parse_endpoint)?;
     PeerTable::build(&specs, cfg.queues, cfg.mode.is_tap(), old).map_err(|e| {
-        Error::config(match &cfg.peers_file {
-            Some(f) => format!("peers (--peer and {}): {e}", f.display()),
-            None => format!("peers: {e}"),
-        })
+        let place = match e.peer_index() {
+            Some(i) => cfg.peer_origin(i, text.as_deref()),
+            None => match &cfg.peers_file {
+                Some(f) => format!("peers (--peer and {})", f.display()),
+                None => "peers".to_string(),
+            },
+        };
+        Error::config(format!("{place}: {e}"))
     })
 }
 
@@ -85,114 +97,6 @@ fn reload_peers(cfg: &TunnelConfig, shared: &SharedPeers) {
             old.len()
         ),
     }
-}
-
-/// What the reports read: every worker's counters, the peer table, and
-/// the kernel's drop counters (as the increase since start). Shared with
-/// the metrics server; reading never blocks a worker.
-pub(crate) struct Sources {
-    pub workers: Vec<Arc<WorkerStats>>,
-    pub peers: Arc<SharedPeers>,
-    pub dev: String,
-    pub engine: &'static str,
-    pub started: Instant,
-    inodes: Vec<u64>,
-    base_udp: u64,
-    base_tun: u64,
-}
-
-/// The kernel's drops since start: at tunfwd's UDP sockets (receive buffer
-/// full) and into its TUN device (queue full); None where unreadable.
-#[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct KernelDrops {
-    pub udp_rcvbuf: Option<u64>,
-    pub tun_queue: Option<u64>,
-}
-
-impl KernelDrops {
-    fn text(&self) -> String {
-        let udp = self.udp_rcvbuf.map(|d| format!(" udp_rcvbuf_drops={d}"));
-        let tun = self.tun_queue.map(|d| format!(" tun_queue_drops={d}"));
-        format!("{}{}", udp.unwrap_or_default(), tun.unwrap_or_default())
-    }
-
-    fn json(&self) -> serde_json::Value {
-        serde_json::json!({
-            "udp_rcvbuf_drops": self.udp_rcvbuf,
-            "tun_queue_drops": self.tun_queue,
-        })
-    }
-}
-
-impl Sources {
-    pub fn snapshots(&self) -> Vec<WorkerSnapshot> {
-        self.workers.iter().map(|s| s.snapshot()).collect()
-    }
-
-    pub fn kernel_drops(&self) -> KernelDrops {
-        KernelDrops {
-            udp_rcvbuf: crate::platform::udp_socket_drops(&self.inodes)
-                .map(|d| d.saturating_sub(self.base_udp)),
-            tun_queue: crate::platform::device_tx_drops(&self.dev)
-                .map(|d| d.saturating_sub(self.base_tun)),
-        }
-    }
-}
-
-/// Now, in ns since the Unix epoch (the clock of a peer's last receive).
-fn unix_now_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
-}
-
-/// A table's size (peers, prefixes) and its busiest peers.
-type TopPeers = (
-    usize,
-    usize,
-    Vec<(std::net::SocketAddr, crate::peers::PeerSnapshot)>,
-);
-
-/// The `n` peers with the most traffic, with the table's size (None for a
-/// point-to-point table).
-fn top_peers(shared: &SharedPeers, n: usize) -> Option<TopPeers> {
-    let (_, table) = shared.load();
-    (!table.is_single()).then(|| (table.len(), table.prefixes(), table.top(n)))
-}
-
-/// Prints the peers part of a report after `prefix` (text form).
-fn print_peers(prefix: &str, shared: &SharedPeers, n: usize) {
-    let Some((count, prefixes, top)) = top_peers(shared, n) else {
-        return;
-    };
-    let now = unix_now_ns();
-    out(format_args!(
-        "tunfwd: {prefix} peers={count} prefixes={prefixes} shown={}",
-        top.len()
-    ));
-    for (addr, s) in top {
-        out(format_args!(
-            "tunfwd: {prefix} peer={addr} {}",
-            s.fields(now)
-        ));
-    }
-}
-
-/// The peers part of a report (JSON form), or null.
-fn peers_json(shared: &SharedPeers, n: usize) -> serde_json::Value {
-    let Some((count, prefixes, top)) = top_peers(shared, n) else {
-        return serde_json::Value::Null;
-    };
-    let now = unix_now_ns();
-    let shown: Vec<serde_json::Value> = top
-        .iter()
-        .map(|(addr, s)| {
-            let mut v = s.to_json(now);
-            v["peer"] = addr.to_string().into();
-            v
-        })
-        .collect();
-    serde_json::json!({ "count": count, "prefixes": prefixes, "top": shown })
 }
 
 enum Event {
@@ -264,15 +168,81 @@ fn set_socket_buffers(
     }))
 }
 
-/// Writes one line to stdout, ignoring a closed stdout (never panics).
-fn out(line: std::fmt::Arguments<'_>) {
-    let _ = writeln!(io::stdout().lock(), "{line}");
-}
-
 /// Runs `tunfwd tunnel` until SIGINT/SIGTERM (Ok) or a worker fails (Err).
 /// The summary is printed in both cases.
 pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
     cfg.validate()?;
+    enter_process_context(cfg)?;
+    // The peers (and the file) before anything is created: a bad one stops
+    // here.
+    let peers = Arc::new(SharedPeers::new(Arc::new(peer_table(cfg, None)?)));
+    let engine = Engine::choose(cfg)?;
+    let offload = engine.offload(cfg);
+    let cpus = worker_cpus(&cfg.cpus, cfg.queues)?;
+    // Sockets first: a port in use fails before a device is created; the
+    // metrics port too (and before privileges are dropped).
+    let sockets = open_sockets(cfg, offload)?;
+    let metrics = cfg
+        .metrics
+        .map(crate::metrics::Listener::bind)
+        .transpose()?;
+    let device = open_device(cfg, offload)?;
+    let (dev_name, created) = (device.name().to_string(), device.created());
+    let kernel = KernelBase::read(&sockets, &dev_name);
+
+    let (events_tx, events) = channel::unbounded::<Event>();
+    spawn_signal_thread(events_tx.clone())?;
+    let workers = Workers::start(
+        cfg, &engine, &peers, device, sockets, cpus, offload, &events_tx,
+    )?;
+    if !workers.wait_ready(cfg, &events, &peers)? {
+        return workers.stop(None);
+    }
+    // Everything privileged is done: devices, sockets, rings, pinning.
+    if let Some(spec) = &cfg.user {
+        if let Err(e) = crate::platform::drop_privileges(spec) {
+            return workers.stop(Some(e));
+        }
+    }
+    let sources = Arc::new(Sources::new(
+        workers.stats.clone(),
+        peers.clone(),
+        &dev_name,
+        engine.name(),
+        kernel,
+    ));
+    let metrics_stop = Arc::new(AtomicBool::new(false));
+    let metrics_thread = match metrics.map(|l| serve_metrics(l, &sources, &metrics_stop)) {
+        Some(Err(e)) => return workers.stop(Some(e)),
+        Some(Ok(h)) => Some(h),
+        None => None,
+    };
+    crate::info!(
+        "tunnel up: dev {dev_name} ({}), mtu {}, {} queue(s), engine {}, {}",
+        if created { "created" } else { "attached" },
+        cfg.mtu,
+        cfg.queues,
+        engine.name(),
+        describe_path(cfg, &peers),
+    );
+
+    let mut reporter = Reporter::new(sources.clone(), cfg.stats_format, cfg.stats_peers);
+    run_until_stopped(cfg, &events, &peers, &mut reporter);
+
+    // Read while the workers still own their sockets.
+    let kd = sources.kernel_drops();
+    metrics_stop.store(true, Ordering::Relaxed);
+    if let Some(h) = metrics_thread {
+        let _ = h.join();
+    }
+    let result = workers.stop(None);
+    reporter.summary(cfg.queues, kd);
+    result
+}
+
+/// Before any socket or device: the parent-death signal and the network
+/// namespace everything below lives in.
+fn enter_process_context(cfg: &TunnelConfig) -> Result<()> {
     if cfg.exit_with_parent {
         // SIGTERM is blocked and taken by the signal thread: a clean stop.
         crate::platform::set_parent_death_signal()
@@ -280,18 +250,13 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
     }
     #[cfg(target_os = "linux")]
     if let Some(path) = &cfg.netns {
-        // Before any socket or device: everything below lives in it.
         crate::netns::NetNs::open(path)?.enter()?;
     }
+    Ok(())
+}
 
-    // The peers (and the file) before anything is created: a bad one stops
-    // here.
-    let peers = Arc::new(SharedPeers::new(Arc::new(peer_table(cfg, None)?)));
-    let engine = Engine::choose(cfg)?;
-    let offload = engine.offload(cfg);
-    let cpus = worker_cpus(&cfg.cpus, cfg.queues)?;
-
-    // Sockets first: a port in use fails before a device is created.
+/// One UDP socket per queue, bound, with its buffers, error queue and GRO.
+fn open_sockets(cfg: &TunnelConfig, offload: bool) -> Result<Vec<UdpSocket>> {
     let mut sockets = Vec::with_capacity(cfg.queues);
     for q in 0..cfg.queues {
         let addr = cfg.listen_for(q);
@@ -327,14 +292,12 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
         }
         sockets.push(sock);
     }
+    Ok(sockets)
+}
 
-    // The metrics port too, before anything is created (and before
-    // privileges are dropped).
-    let metrics = cfg
-        .metrics
-        .map(crate::metrics::Listener::bind)
-        .transpose()?;
-
+/// Opens (or attaches to) the device and configures it: MAC, MTU,
+/// addresses, transmit queue, offloads.
+fn open_device(cfg: &TunnelConfig, offload: bool) -> Result<TunDevice> {
     let device = TunDevice::open(&TunOptions {
         name: &cfg.dev,
         queues: cfg.queues,
@@ -346,9 +309,7 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
     if let crate::config::Mode::Tap { mac: Some(mac), .. } = cfg.mode {
         device.set_mac(mac)?;
     }
-    let dev_name = device.name().to_string();
-    let created = device.created();
-    let txqueuelen = if created {
+    let txqueuelen = if device.created() {
         Some(cfg.created_txqueuelen())
     } else {
         cfg.txqueuelen
@@ -368,282 +329,190 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
             );
         }
     }
-    let queues = device.into_queues();
-    let inodes: Vec<u64> = sockets
-        .iter()
-        .filter_map(crate::platform::socket_inode)
-        .collect();
-    // The kernel's drops at our sockets (receive buffer full) and on the
-    // way into the device (its queue to us full): reported next to
-    // tunfwd's own, as the increase since start.
-    let base_udp = crate::platform::udp_socket_drops(&inodes).unwrap_or(0);
-    let base_tun = crate::platform::device_tx_drops(&dev_name).unwrap_or(0);
+    Ok(device)
+}
 
-    let shutdown = Arc::new(Shutdown::new()?);
-    let (events_tx, events_rx) = channel::unbounded::<Event>();
-
-    // The signal thread: the only one with SIGINT/SIGTERM deliverable (via
-    // sigwait; the mask is blocked everywhere).
-    {
-        let tx = events_tx.clone();
-        thread::Builder::new()
-            .name("tunfwd-signals".into())
-            .spawn(move || {
-                let set = handled_signals();
-                while let Ok(sig) = set.wait() {
-                    if tx.send(Event::Signal(sig)).is_err() {
-                        break;
-                    }
+/// The signal thread: the only one with SIGINT/SIGTERM/SIGHUP deliverable
+/// (via sigwait; the mask is blocked everywhere).
+fn spawn_signal_thread(tx: channel::Sender<Event>) -> Result<()> {
+    thread::Builder::new()
+        .name("tunfwd-signals".into())
+        .spawn(move || {
+            let set = handled_signals();
+            while let Ok(sig) = set.wait() {
+                if tx.send(Event::Signal(sig)).is_err() {
+                    break;
                 }
-            })
-            .map_err(|e| Error::io("spawn signal thread", e))?;
-    }
-
-    let mut all_stats = Vec::with_capacity(cfg.queues);
-    let mut handles = Vec::with_capacity(cfg.queues);
-    for (q, (tun, udp)) in queues.into_iter().zip(sockets).enumerate() {
-        let stats = Arc::new(WorkerStats::default());
-        all_stats.push(stats.clone());
-        let label = format!("TUN queue {q} of {dev_name}");
-        let forwarder =
-            Forwarder::for_mode(&cfg.mode, cfg.mtu as usize, peers.load().1).with_queue(q);
-        let parts = WorkerParts {
-            tun,
-            udp,
-            datapath: Datapath::new(label, forwarder, stats, offload)
-                .with_shared_peers(peers.clone())
-                .with_device(&dev_name)
-                .with_aqm(cfg.aqm)
-                .with_flow_queues(
-                    cfg.aqm.filter(|_| cfg.flow_queueing()),
-                    cfg.aqm_inflight_bytes,
-                )
-                .with_visit_limits(VisitLimits {
-                    packets: cfg.batch,
-                    bytes: cfg.visit_bytes,
-                }),
-            shutdown: shutdown.clone(),
-            busy_poll: cfg.busy_poll,
-        };
-        let tx = events_tx.clone();
-        let report = move |ev| {
-            let _ = tx.send(Event::Worker(ev));
-        };
-        handles.push(spawn_worker(q, engine.clone(), parts, cpus[q], report)?);
-    }
-
-    // Wait until every worker is set up (or one failed, or a signal came).
-    let mut ready = 0;
-    let mut setup_error = None;
-    let mut stopped_early = false;
-    while ready < cfg.queues && setup_error.is_none() && !stopped_early {
-        match events_rx.recv() {
-            Ok(Event::Worker(WorkerEvent::Ready(None))) => ready += 1,
-            Ok(Event::Worker(WorkerEvent::Ready(Some(e)))) => setup_error = Some(e),
-            Ok(Event::Signal(Signal::SIGHUP)) => reload_peers(cfg, &peers),
-            Ok(Event::Signal(sig)) => {
-                crate::info!("{} received during setup, stopping", sig.as_str());
-                stopped_early = true;
             }
-            Ok(Event::Worker(WorkerEvent::Exited)) => {}
-            Err(_) => stopped_early = true,
-        }
-    }
-    if setup_error.is_some() || stopped_early {
-        shutdown.trigger();
-        for h in handles {
-            let _ = h.join();
-        }
-        return match setup_error {
-            Some(e) => Err(e),
-            None => Ok(()),
+        })
+        .map(drop)
+        .map_err(|e| Error::io("spawn signal thread", e))
+}
+
+/// The workers, one per queue: started, waited for until ready, stopped.
+struct Workers {
+    handles: Vec<thread::JoinHandle<Result<()>>>,
+    stats: Vec<Arc<WorkerStats>>,
+    shutdown: Arc<Shutdown>,
+}
+
+impl Workers {
+    /// Starts one worker per queue of `device`, each with its socket, its
+    /// datapath and its CPU.
+    #[allow(clippy::too_many_arguments)]
+    fn start(
+        cfg: &TunnelConfig,
+        engine: &Engine,
+        peers: &Arc<SharedPeers>,
+        device: TunDevice,
+        sockets: Vec<UdpSocket>,
+        cpus: Vec<Option<usize>>,
+        offload: bool,
+        events: &channel::Sender<Event>,
+    ) -> Result<Workers> {
+        let dev_name = device.name().to_string();
+        let mut workers = Workers {
+            handles: Vec::with_capacity(cfg.queues),
+            stats: Vec::with_capacity(cfg.queues),
+            shutdown: Arc::new(Shutdown::new()?),
         };
-    }
-
-    // Everything privileged is done: devices, sockets, rings, pinning.
-    if let Some(spec) = &cfg.user {
-        if let Err(e) = crate::platform::drop_privileges(spec) {
-            shutdown.trigger();
-            for h in handles {
-                let _ = h.join();
-            }
-            return Err(e);
-        }
-    }
-
-    let started = Instant::now();
-    let sources = Arc::new(Sources {
-        workers: all_stats,
-        peers: peers.clone(),
-        dev: dev_name.clone(),
-        engine: engine.name(),
-        started,
-        inodes,
-        base_udp,
-        base_tun,
-    });
-    let metrics_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let metrics_thread = match metrics {
-        Some(l) => {
-            let addr = l.addr();
-            let h = l.serve(sources.clone(), metrics_stop.clone());
-            match h {
-                Ok(h) => {
-                    crate::info!("metrics at http://{addr}/metrics");
-                    Some(h)
-                }
+        for (q, (tun, udp)) in device.into_queues().into_iter().zip(sockets).enumerate() {
+            let stats = Arc::new(WorkerStats::default());
+            workers.stats.push(stats.clone());
+            let label = format!("TUN queue {q} of {dev_name}");
+            let forwarder =
+                Forwarder::for_mode(&cfg.mode, cfg.mtu as usize, peers.load().1).with_queue(q);
+            let parts = WorkerParts {
+                tun,
+                udp,
+                datapath: Datapath::new(label, forwarder, stats, offload)
+                    .with_shared_peers(peers.clone())
+                    .with_device(&dev_name)
+                    .with_aqm(cfg.aqm)
+                    .with_flow_queues(
+                        cfg.aqm.filter(|_| cfg.flow_queueing()),
+                        cfg.aqm_inflight_bytes,
+                    )
+                    .with_visit_limits(VisitLimits {
+                        packets: cfg.batch,
+                        bytes: cfg.visit_bytes,
+                    }),
+                shutdown: workers.shutdown.clone(),
+                busy_poll: cfg.busy_poll,
+            };
+            let tx = events.clone();
+            let report = move |ev| {
+                let _ = tx.send(Event::Worker(ev));
+            };
+            match spawn_worker(q, engine.clone(), parts, cpus[q], report) {
+                Ok(h) => workers.handles.push(h),
                 Err(e) => {
-                    shutdown.trigger();
-                    for h in handles {
-                        let _ = h.join();
-                    }
+                    // Stop the workers already started; the spawn error is
+                    // the one to report.
+                    let _ = workers.stop(None);
                     return Err(e);
                 }
             }
         }
-        None => None,
-    };
-    let path = {
-        let (_, t) = peers.load();
-        if cfg.mode.is_reflect() {
-            "reflecting echo requests and UDP back into the device".to_string()
-        } else if t.is_single() {
-            format!("udp {} -> {}", cfg.listen, t.peer(0).addr)
-        } else {
-            format!(
-                "udp {} -> {} peers by {} prefixes",
-                cfg.listen,
-                t.len(),
-                t.prefixes()
-            )
-        }
-    };
-    crate::info!(
-        "tunnel up: dev {dev_name} ({}), mtu {}, {} queue(s), engine {}, {path}",
-        if created { "created" } else { "attached" },
-        cfg.mtu,
-        cfg.queues,
-        engine.name(),
-    );
+        Ok(workers)
+    }
 
+    /// Waits until every worker is set up: Ok(true); a stop signal during
+    /// set-up: Ok(false); a worker that failed: its error.
+    fn wait_ready(
+        &self,
+        cfg: &TunnelConfig,
+        events: &Receiver<Event>,
+        peers: &SharedPeers,
+    ) -> Result<bool> {
+        let mut ready = 0;
+        while ready < self.handles.len() {
+            match events.recv() {
+                Ok(Event::Worker(WorkerEvent::Ready(None))) => ready += 1,
+                Ok(Event::Worker(WorkerEvent::Ready(Some(e)))) => return Err(e),
+                Ok(Event::Signal(Signal::SIGHUP)) => reload_peers(cfg, peers),
+                Ok(Event::Signal(sig)) => {
+                    crate::info!("{} received during setup, stopping", sig.as_str());
+                    return Ok(false);
+                }
+                Ok(Event::Worker(WorkerEvent::Exited)) => {}
+                Err(_) => return Ok(false),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Stops every worker and waits for it: `error` if given, else the
+    /// first worker's error (or a panic), else Ok.
+    fn stop(self, error: Option<Error>) -> Result<()> {
+        self.shutdown.trigger();
+        let mut first_error = error;
+        for h in self.handles {
+            let e = match h.join() {
+                Ok(Ok(())) => continue,
+                Ok(Err(e)) => e,
+                Err(_) => Error::config("a worker thread panicked"),
+            };
+            first_error.get_or_insert(e);
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+/// Serves the metrics from a thread of its own.
+fn serve_metrics(
+    listener: crate::metrics::Listener,
+    sources: &Arc<Sources>,
+    stop: &Arc<AtomicBool>,
+) -> Result<thread::JoinHandle<()>> {
+    let addr = listener.addr();
+    let h = listener.serve(sources.clone(), stop.clone())?;
+    crate::info!("metrics at http://{addr}/metrics");
+    Ok(h)
+}
+
+/// Where packets go, for the "tunnel up" line.
+fn describe_path(cfg: &TunnelConfig, peers: &SharedPeers) -> String {
+    let (_, t) = peers.load();
+    if cfg.mode.is_reflect() {
+        "reflecting echo requests and UDP back into the device".to_string()
+    } else if t.is_single() {
+        format!("udp {} -> {}", cfg.listen, t.peer(0).addr)
+    } else {
+        format!(
+            "udp {} -> {} peers by {} prefixes",
+            cfg.listen,
+            t.len(),
+            t.prefixes()
+        )
+    }
+}
+
+/// Forwards until a stop signal or a worker's exit, reloading peers on
+/// SIGHUP and reporting every `--stats-interval`.
+fn run_until_stopped(
+    cfg: &TunnelConfig,
+    events: &Receiver<Event>,
+    peers: &SharedPeers,
+    reporter: &mut Reporter,
+) {
     let ticker: Receiver<Instant> = if cfg.stats_interval_secs > 0 {
         channel::tick(Duration::from_secs(cfg.stats_interval_secs))
     } else {
         channel::never()
     };
-    let mut last = WorkerSnapshot::default();
-    let mut last_at = started;
     loop {
         channel::select! {
-            recv(events_rx) -> ev => match ev {
-                Ok(Event::Signal(Signal::SIGHUP)) => reload_peers(cfg, &peers),
+            recv(events) -> ev => match ev {
+                Ok(Event::Signal(Signal::SIGHUP)) => reload_peers(cfg, peers),
                 Ok(Event::Signal(sig)) => {
                     crate::info!("{} received, stopping", sig.as_str());
-                    break;
+                    return;
                 }
-                Ok(Event::Worker(WorkerEvent::Exited)) | Err(_) => break,
+                Ok(Event::Worker(WorkerEvent::Exited)) | Err(_) => return,
                 Ok(Event::Worker(WorkerEvent::Ready(_))) => {}
             },
-            recv(ticker) -> _ => {
-                let now = Instant::now();
-                let snaps = sources.snapshots();
-                let total = WorkerSnapshot::sum(&snaps);
-                let secs = now.duration_since(last_at).as_secs_f64().max(1e-9);
-                let pps = (total.packets() - last.packets()) as f64 / secs;
-                let bytes = (total.tun_to_peer.bytes + total.peer_to_tun.bytes)
-                    - (last.tun_to_peer.bytes + last.peer_to_tun.bytes);
-                let t = now.duration_since(started).as_secs_f64();
-                let mbps = bytes as f64 * 8.0 / secs / 1e6;
-                let kd = sources.kernel_drops();
-                match cfg.stats_format {
-                    StatsFormat::Text => {
-                        out(format_args!(
-                            "tunfwd: stats t={t:.1}s rate_pps={pps:.0} rate_mbps={mbps:.1} total {total}{}",
-                            kd.text(),
-                        ));
-                        if snaps.len() > 1 {
-                            for (q, s) in snaps.iter().enumerate() {
-                                out(format_args!("tunfwd: stats queue={q} {s}"));
-                            }
-                        }
-                        print_peers("stats", &peers, cfg.stats_peers);
-                    }
-                    StatsFormat::Json => out(format_args!("{}", serde_json::json!({
-                        "event": "stats",
-                        "t": t,
-                        "rate_pps": pps,
-                        "rate_mbps": mbps,
-                        "total": total.to_json(),
-                        "kernel": kd.json(),
-                        "per_queue": snaps.iter().map(WorkerSnapshot::to_json).collect::<Vec<_>>(),
-                        "peers": peers_json(&peers, cfg.stats_peers),
-                    }))),
-                }
-                last = total;
-                last_at = now;
-            },
+            recv(ticker) -> _ => reporter.tick(),
         }
-    }
-
-    // Read while the workers still own their sockets.
-    let kd = sources.kernel_drops();
-    metrics_stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    if let Some(h) = metrics_thread {
-        let _ = h.join();
-    }
-    shutdown.trigger();
-    let mut first_error = None;
-    for h in handles {
-        match h.join() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                first_error.get_or_insert(e);
-            }
-            Err(_) => {
-                first_error.get_or_insert(Error::config("a worker thread panicked"));
-            }
-        }
-    }
-
-    let snaps = sources.snapshots();
-    let total = WorkerSnapshot::sum(&snaps);
-    let elapsed = started.elapsed().as_secs_f64();
-    match cfg.stats_format {
-        StatsFormat::Text => {
-            out(format_args!(
-                "tunfwd: summary dev={dev_name} engine={} queues={} elapsed_s={elapsed:.2}",
-                engine.name(),
-                cfg.queues,
-            ));
-            out(format_args!("tunfwd: summary total {total}"));
-            let kd = kd.text();
-            if !kd.is_empty() {
-                out(format_args!("tunfwd: summary kernel{kd}"));
-            }
-            if snaps.len() > 1 {
-                for (q, s) in snaps.iter().enumerate() {
-                    out(format_args!("tunfwd: summary queue={q} {s}"));
-                }
-            }
-            print_peers("summary", &peers, cfg.stats_peers);
-        }
-        StatsFormat::Json => out(format_args!(
-            "{}",
-            serde_json::json!({
-                "event": "summary",
-                "dev": dev_name,
-                "engine": engine.name(),
-                "queues": cfg.queues,
-                "elapsed_s": elapsed,
-                "total": total.to_json(),
-                "kernel": kd.json(),
-                "per_queue": snaps.iter().map(WorkerSnapshot::to_json).collect::<Vec<_>>(),
-                "peers": peers_json(&peers, cfg.stats_peers),
-            })
-        )),
-    }
-    match first_error {
-        Some(e) => Err(e),
-        None => Ok(()),
     }
 }

@@ -8,7 +8,7 @@
 use std::fmt::{self, Write as _};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::forward::DropReason;
+use crate::types::DropReason;
 
 /// A counter with exactly one writing thread.
 #[derive(Default, Debug)]

@@ -26,9 +26,10 @@ use tunfwd::config::{EngineKind, Toggle, UringFlags};
 use tunfwd::datapath::{Datapath, VisitLimits};
 use tunfwd::engine::fake::FakeTun;
 use tunfwd::engine::{Engine, EngineWanted, Shutdown, WorkerEvent, WorkerParts, spawn_worker};
-use tunfwd::forward::{DropReason, Forwarder};
+use tunfwd::forward::Forwarder;
 use tunfwd::packet::virtio::{self, VirtioNetHdr};
 use tunfwd::stats::{WorkerSnapshot, WorkerStats};
+use tunfwd::types::DropReason;
 
 const ENGINES: [EngineKind; 2] = [EngineKind::Poll, EngineKind::Uring];
 

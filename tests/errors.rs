@@ -145,8 +145,19 @@ fn bad_peers_are_refused_by_name() {
     let wrong_family = file("family", "[2001:db8::2]:5000 198.19.0.2/32\n");
     let dup = file(
         "dup",
-        "198.18.0.2:5000 198.19.0.0/24\n198.18.0.3:5000 198.19.0.9/24\n",
+        "198.18.0.2:5000 198.19.0.0/24\n# x\n198.18.0.3:5000 198.19.0.0/24\n",
     );
+    let dup_peer = file(
+        "dup-peer",
+        "198.18.0.2:5000 198.19.0.0/24\n198.18.0.2:5000 198.19.1.0/24\n",
+    );
+    let host_bits = file("host-bits", "\n198.18.1.11:5000 198.19.0.11/24\n");
+    let equals = file("equals", "198.18.1.11:5000 ==== 198.19.0.11/32\n");
+    let multicast = file(
+        "multicast",
+        "198.18.0.2:5000 198.19.0.0/24\n224.0.0.9:5000 198.19.1.0/24\n",
+    );
+    let broadcast = file("broadcast", "255.255.255.255:5000 198.19.1.0/24\n");
     let missing = dir.join("missing").display().to_string();
     let base = ["tunnel", "--listen", "127.0.0.1:0"];
     let cases: Vec<(Vec<&str>, String)> = vec![
@@ -167,8 +178,45 @@ fn bad_peers_are_refused_by_name() {
         ),
         (
             vec!["--peers-file", &dup],
-            "prefix 198.19.0.0/24 is given to both peer 198.18.0.2:5000 and peer 198.18.0.3:5000"
-                .into(),
+            format!(
+                "peers file {dup} line 3: prefix 198.19.0.0/24 is given to both peer \
+                 198.18.0.2:5000 and peer 198.18.0.3:5000"
+            ),
+        ),
+        (
+            vec!["--peers-file", &dup_peer],
+            format!("peers file {dup_peer} line 2: peer 198.18.0.2:5000 is given twice"),
+        ),
+        (
+            vec![
+                "--peer",
+                "198.18.0.2:5000=198.19.0.0/24",
+                "--peers-file",
+                &dup_peer,
+            ],
+            format!("peers file {dup_peer} line 1: peer 198.18.0.2:5000 is given twice"),
+        ),
+        (
+            vec!["--peers-file", &host_bits],
+            format!("peers file {host_bits}: line 2: 198.19.0.11/24: host bits set after /24"),
+        ),
+        (
+            vec!["--peers-file", &equals],
+            format!("peers file {equals}: line 1: "),
+        ),
+        (
+            vec!["--peers-file", &multicast],
+            format!("peers file {multicast} line 2: peer 224.0.0.9:5000 is a multicast address"),
+        ),
+        (
+            vec!["--peers-file", &broadcast],
+            format!(
+                "peers file {broadcast} line 1: peer 255.255.255.255:5000 is a broadcast address"
+            ),
+        ),
+        (
+            vec!["--peer", "198.18.0.2:5000=198.19.0.1/24"],
+            "198.19.0.1/24: host bits set".into(),
         ),
         (
             vec!["--peers-file", &missing],

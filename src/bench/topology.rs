@@ -5,11 +5,11 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use crate::config::Cidr;
 use crate::device::{configure_link, interface_index};
 use crate::error::Result;
 use crate::netlink;
 use crate::netns::NetNs;
+use crate::types::Cidr;
 
 pub const UNDERLAY_A: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 pub const UNDERLAY_B: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);

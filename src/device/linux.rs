@@ -10,9 +10,9 @@ use std::os::unix::fs::OpenOptionsExt;
 use nix::net::if_::if_nametoindex;
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
 
-use crate::config::Cidr;
 use crate::error::{Context, Error, Result};
 use crate::sys;
+use crate::types::Cidr;
 
 const TUN_PATH: &str = "/dev/net/tun";
 
@@ -180,7 +180,7 @@ impl TunDevice {
     /// then never needs a second send whose tail could be overtaken.
     /// Returns the cap.
     pub fn limit_gso_segments(&self, mtu: usize) -> Result<u32> {
-        let segs = crate::datapath::gso_segments_per_send(mtu) as u32;
+        let segs = crate::packet::offload::gso_segments_per_send(mtu) as u32;
         let index = interface_index(&self.name)?;
         crate::netlink::request(
             &format!("limit GSO segments of {} to {segs}", self.name),
@@ -216,15 +216,9 @@ impl TunDevice {
         self.queues.into_iter().map(super::TunQueue::from).collect()
     }
 
-    /// Sets MTU, transmit queue length, addresses, and link up. A device
-    /// this process created gets [`crate::config::DEFAULT_TXQUEUELEN`] unless
-    /// `txqueuelen` says otherwise; an attached one keeps its own.
+    /// Sets MTU, transmit queue length (None: the device keeps its own),
+    /// addresses, and link up.
     pub fn configure(&self, mtu: u32, addresses: &[Cidr], txqueuelen: Option<u32>) -> Result<()> {
-        let txqueuelen = txqueuelen.or(if self.created {
-            Some(crate::config::DEFAULT_TXQUEUELEN)
-        } else {
-            None
-        });
         configure_link(&self.name, Some(mtu), addresses, txqueuelen)
     }
 }

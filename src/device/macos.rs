@@ -21,9 +21,9 @@ use nix::sys::socket::{
 };
 use nix::sys::uio::{readv, writev};
 
-use crate::config::Cidr;
 use crate::error::{Context, Error, Result};
 use crate::sys;
+use crate::types::Cidr;
 
 /// The default `--dev`: the next free utun unit.
 pub const DEFAULT_NAME: &str = "utun%d";

@@ -70,3 +70,16 @@ impl AsFd for TunQueue {
         self.file.as_fd()
     }
 }
+
+/// The error that ends a worker whose TUN queue failed (`op`: "read from",
+/// "write to"; `label`: which queue of which device): for the errors that
+/// mean the device is gone, says so.
+pub fn tun_failure(op: &str, label: &str, e: std::io::Error) -> crate::error::Error {
+    let gone = is_fatal_error(&e);
+    let err = crate::error::Error::io(format!("{op} {label}"), e);
+    if gone {
+        err.with_hint("the device was deleted or its queue detached")
+    } else {
+        err
+    }
+}

@@ -277,21 +277,6 @@ fn enable_timestamps(udp: &UdpSocket, dp: &mut Datapath) {
     }
 }
 
-pub use crate::device::is_fatal_error as is_fatal_tun_error;
-
-/// The error that ends a worker whose TUN queue failed (`op`: "read from",
-/// "write to"): names the queue and, for the errors that mean the device
-/// is gone, says so.
-pub fn tun_failure(op: &str, label: &str, e: std::io::Error) -> crate::error::Error {
-    let gone = is_fatal_tun_error(&e);
-    let err = crate::error::Error::io(format!("{op} {label}"), e);
-    if gone {
-        err.with_hint("the device was deleted or its queue detached")
-    } else {
-        err
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -322,6 +322,16 @@ impl Cut {
     }
 }
 
+/// Most datagrams one UDP GSO send may carry (the kernel's UDP_MAX_SEGMENTS
+/// on older kernels).
+pub const GSO_MAX_SEGMENTS: usize = 64;
+/// Most bytes one UDP GSO send may carry: one UDP payload over IPv4.
+pub const GSO_MAX_BYTES: usize = 65507;
+/// Datagrams of at most `seg_len` bytes that one UDP GSO send may carry.
+pub fn gso_segments_per_send(seg_len: usize) -> usize {
+    GSO_MAX_SEGMENTS.min(GSO_MAX_BYTES / seg_len.max(1)).max(1)
+}
+
 /// Splits the packet `pkt` (read from a TUN device with header `hdr`) into
 /// IP packets of at most `mtu` bytes, written back to back into `out`.
 /// A non-GSO packet is copied as one segment, its checksum completed if the

@@ -123,7 +123,7 @@ pub fn nonblocking_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 /// Switches the whole process (every thread: glibc broadcasts set*id) to
 /// `spec`'s user and group, with no supplementary groups, and checks that
 /// root cannot be regained.
-pub fn drop_privileges(spec: &crate::config::UserSpec) -> crate::error::Result<()> {
+pub fn drop_privileges(spec: &crate::types::UserSpec) -> crate::error::Result<()> {
     use nix::unistd::{Gid, Group, Uid, User, getegid, geteuid, setgid, setgroups, setuid};
 
     use crate::error::{Context, Error};

@@ -56,3 +56,13 @@ pub fn is_transient_socket_errno(e: Errno) -> bool {
             | Errno::EPROTO
     )
 }
+
+/// `ADDR:PORT`, or a link-local IPv6 address with its interface by name,
+/// `[fe80::2%eth0]:5000` (the name is looked up here, hence in this layer).
+pub fn parse_endpoint(s: &str) -> Result<SocketAddr, String> {
+    crate::types::addr::parse_endpoint_with(s, |scope| {
+        nix::net::if_::if_nametoindex(scope).map_err(|e| {
+            format!("no interface {scope:?} here ({e}); with --netns, give its index instead")
+        })
+    })
+}

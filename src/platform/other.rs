@@ -105,7 +105,7 @@ pub fn nonblocking_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 }
 
 /// `--user` is Linux-only here (config validation rejects it first).
-pub fn drop_privileges(_spec: &crate::config::UserSpec) -> crate::error::Result<()> {
+pub fn drop_privileges(_spec: &crate::types::UserSpec) -> crate::error::Result<()> {
     Err(crate::error::Error::config("--user needs Linux"))
 }
 

@@ -195,7 +195,7 @@ pub fn set_ipv4_addr(
     let mut ifr = IfReq::new(name)?;
     ifr.0.ifr_ifru.ifru_addr = sockaddr_v4(addr);
     ifreq_ioctl(sock, libc::SIOCSIFADDR, &mut ifr)?;
-    let mask = crate::config::v4_mask(prefix_len);
+    let mask = crate::types::v4_mask(prefix_len);
     let mut ifr = IfReq::new(name)?;
     ifr.0.ifr_ifru.ifru_netmask = sockaddr_v4(Ipv4Addr::from(mask));
     ifreq_ioctl(sock, libc::SIOCSIFNETMASK, &mut ifr)

@@ -184,7 +184,7 @@ pub fn add_ipv4_addr(
     if prefix_len > 32 {
         return Err(invalid("IPv4 prefix length above 32"));
     }
-    let mask = crate::config::v4_mask(prefix_len);
+    let mask = crate::types::v4_mask(prefix_len);
     // SAFETY: `ifaliasreq` is a char array and three sockaddrs; all-zero is
     // valid for each.
     let mut req: libc::ifaliasreq = unsafe { std::mem::zeroed() };
@@ -214,7 +214,7 @@ pub fn add_ipv6_addr(
     if prefix_len > 128 {
         return Err(invalid("IPv6 prefix length above 128"));
     }
-    let mask = crate::config::v6_mask(prefix_len);
+    let mask = crate::types::v6_mask(prefix_len);
     // SAFETY: `In6AliasReq` is a char array, sockaddr_in6s, an int and
     // `in6_addrlifetime` (integers); all-zero is valid for each.
     let mut req: In6AliasReq = unsafe { std::mem::zeroed() };
