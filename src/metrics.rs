@@ -35,10 +35,19 @@ pub const MAX_REQUEST: usize = 8192;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time a client has to take the response.
 pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Bytes of rendered bodies that responses still being written may hold
-/// (slow readers of a large peer table's metrics): beyond it `/metrics`
-/// answers 503 until they drain or time out.
+/// Bytes of rendered bodies the server may hold at once (the latest one
+/// and older ones slow readers are still taking), counted as allocated: a
+/// new body is rendered only if it fits beside them (its size taken as the
+/// last one's); otherwise `/metrics` answers 503 until they drain or time
+/// out. One body is bounded by the queues and [`METRICS_PEERS`].
 pub const MAX_HELD_BYTES: usize = 32 << 20;
+/// Requests within this time of a render share its body: the counters
+/// cannot usefully move faster than a scrape, and a client looping on
+/// `/metrics` costs one render per interval, not one per request.
+pub const RENDER_INTERVAL: Duration = Duration::from_secs(1);
+/// Peers with series of their own (the busiest by bytes; every peer still
+/// counts in `tunfwd_peers`).
+pub const METRICS_PEERS: usize = 1000;
 
 /// `--metrics` as given: `PORT` (loopback) or `ADDR:PORT`.
 pub fn parse_listen(s: &str) -> std::result::Result<SocketAddr, String> {
@@ -110,23 +119,26 @@ struct Server {
     listener: TcpListener,
     clients: Vec<Client>,
     sources: Arc<Sources>,
-    /// The body rendered in this turn of the loop, if one was asked for.
-    body: Option<Arc<Vec<u8>>>,
-    /// Bytes of earlier bodies still held by responses being written.
-    held: usize,
+    /// The latest body and when it was rendered.
+    body: Option<(Instant, Arc<Vec<u8>>)>,
+    /// Bodies rendered so far (reported as `tunfwd_metrics_renders_total`).
+    renders: u64,
 }
 
-/// Bytes of the distinct bodies `clients` are still writing.
-fn held_bytes(clients: &[Client]) -> usize {
+/// Bytes allocated for the distinct bodies `clients` are still writing,
+/// and `extra` (the server's latest body) if no client holds it.
+fn held_bytes(clients: &[Client], extra: Option<&Arc<Vec<u8>>>) -> usize {
     let mut seen: Vec<*const Vec<u8>> = Vec::new();
     let mut total = 0;
-    for c in clients {
-        if let State::Writing { body, .. } = &c.state {
-            let p = Arc::as_ptr(body);
-            if !seen.contains(&p) {
-                seen.push(p);
-                total += body.len();
-            }
+    let bodies = clients.iter().filter_map(|c| match &c.state {
+        State::Writing { body, .. } => Some(body),
+        State::Reading(_) => None,
+    });
+    for body in bodies.chain(extra) {
+        let p = Arc::as_ptr(body);
+        if !seen.contains(&p) {
+            seen.push(p);
+            total += body.capacity();
         }
     }
     total
@@ -204,14 +216,12 @@ impl Server {
             clients: Vec::new(),
             sources,
             body: None,
-            held: 0,
+            renders: 0,
         }
     }
 
     fn run(mut self, stop: &AtomicBool) {
         while !stop.load(Ordering::Relaxed) {
-            self.body = None;
-            self.held = held_bytes(&self.clients);
             let now = Instant::now();
             let mut fds = Vec::with_capacity(self.clients.len() + 1);
             fds.push(PollFd::new(self.listener.as_fd(), PollFlags::POLLIN));
@@ -305,7 +315,8 @@ impl Server {
                     }
                 }
                 let (head, body) = if head_complete(buf) {
-                    self.reply(route(buf))
+                    let r = route(buf);
+                    self.reply(r, now)
                 } else if buf.len() >= MAX_REQUEST {
                     status_reply(431, "Request Header Fields Too Large")
                 } else if now >= c.deadline {
@@ -358,13 +369,12 @@ impl Server {
         }
     }
 
-    fn reply(&mut self, r: Reply) -> (Vec<u8>, Arc<Vec<u8>>) {
+    fn reply(&mut self, r: Reply, now: Instant) -> (Vec<u8>, Arc<Vec<u8>>) {
         match r {
-            Reply::Metrics { .. } if self.body.is_none() && self.held >= MAX_HELD_BYTES => {
-                status_reply(503, "Service Unavailable")
-            }
             Reply::Metrics { head_only } => {
-                let body = self.body();
+                let Some(body) = self.body(now) else {
+                    return status_reply(503, "Service Unavailable");
+                };
                 let head = response_head(
                     200,
                     "OK",
@@ -389,11 +399,29 @@ impl Server {
         }
     }
 
-    /// The metrics, rendered once per turn of the loop.
-    fn body(&mut self) -> Arc<Vec<u8>> {
-        self.body
-            .get_or_insert_with(|| Arc::new(render(&self.sources).into_bytes()))
-            .clone()
+    /// The metrics: the latest body if rendered within
+    /// [`RENDER_INTERVAL`], else a new one if it fits in
+    /// [`MAX_HELD_BYTES`] beside the bodies still held, else None.
+    fn body(&mut self, now: Instant) -> Option<Arc<Vec<u8>>> {
+        if let Some((at, body)) = &self.body {
+            if now.saturating_duration_since(*at) < RENDER_INTERVAL {
+                return Some(body.clone());
+            }
+        }
+        let latest = self.body.as_ref().map(|(_, b)| b);
+        // The next body is about as large as the last one.
+        let expected = latest.map_or(0, |b| b.capacity());
+        // The latest body stays held only if a client still writes it.
+        if held_bytes(&self.clients, None) + expected > MAX_HELD_BYTES {
+            return None;
+        }
+        self.body = None;
+        self.renders += 1;
+        let mut bytes = render(&self.sources, self.renders).into_bytes();
+        bytes.shrink_to_fit();
+        let body = Arc::new(bytes);
+        self.body = Some((now, body.clone()));
+        Some(body)
     }
 }
 
@@ -459,7 +487,9 @@ fn directions(s: &WorkerSnapshot) -> [&DirectionSnapshot; 2] {
 
 /// Everything tunfwd counts, per worker (queue), per direction, per drop
 /// reason, and per peer where the tunnel has peers with prefixes.
-pub(crate) fn render(src: &Sources) -> String {
+/// `renders`: this render's number (from 1), reported so that a client can
+/// see how often the server rendered.
+pub(crate) fn render(src: &Sources, renders: u64) -> String {
     let snaps = src.snapshots();
     let mut o = Out {
         s: String::with_capacity(64 << 10),
@@ -490,59 +520,22 @@ pub(crate) fn render(src: &Sources) -> String {
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map_or(0.0, |d| d.as_secs_f64());
     o.sample("tunfwd_start_time_seconds", &[], format!("{up:.3}"));
+    o.family(
+        "tunfwd_metrics_renders_total",
+        "counter",
+        "Times this server rendered the metrics (at most once per second; requests in between share a body).",
+    );
+    o.sample("tunfwd_metrics_renders_total", &[], renders);
 
-    type DirField = fn(&DirectionSnapshot) -> u64;
-    let per_direction: [(&str, &str, &str, DirField); 2] = [
-        (
-            "tunfwd_packets_total",
-            "counter",
-            "Packets delivered: sent to a peer (tun_to_peer) or written to the TUN device (peer_to_tun).",
-            |d| d.packets,
-        ),
-        (
-            "tunfwd_bytes_total",
-            "counter",
-            "Bytes of the packets delivered.",
-            |d| d.bytes,
-        ),
-    ];
-    let more: [(&str, &str, &str, DirField); 5] = [
-        (
-            "tunfwd_backpressure_total",
-            "counter",
-            "Times the destination was full and the worker waited for room.",
-            |d| d.backpressure,
-        ),
-        (
-            "tunfwd_queue_max_packets",
-            "gauge",
-            "The most packets a side's flow queues held at once.",
-            |d| d.queue_max,
-        ),
-        (
-            "tunfwd_queued_packets",
-            "gauge",
-            "Packets in a side's flow queues now.",
-            |d| d.queued,
-        ),
-        (
-            "tunfwd_in_flight_buffers",
-            "gauge",
-            "Buffers a side's flow queues handed out that are not yet sent (or written).",
-            |d| d.in_flight_buffers,
-        ),
-        (
-            "tunfwd_in_flight_bytes",
-            "gauge",
-            "Bytes a side's flow queues handed out that are not yet sent (or written).",
-            |d| d.in_flight_bytes,
-        ),
-    ];
-    for (name, kind, help, f) in per_direction.iter().chain(more.iter()) {
-        o.family(name, kind, help);
+    for f in DirectionSnapshot::FIELDS {
+        o.family(f.metric, f.kind, f.help);
         for (q, s) in snaps.iter().enumerate() {
             for (dir, d) in DIRECTIONS.iter().zip(directions(s)) {
-                o.sample(name, &[("queue", &queues[q]), ("direction", dir)], f(d));
+                o.sample(
+                    f.metric,
+                    &[("queue", &queues[q]), ("direction", dir)],
+                    (f.get)(d),
+                );
             }
         }
     }
@@ -566,69 +559,10 @@ pub(crate) fn render(src: &Sources) -> String {
             }
         }
     }
-    type WorkerField = fn(&WorkerSnapshot) -> u64;
-    let per_worker: [(&str, &str, WorkerField); 12] = [
-        (
-            "tunfwd_syscalls_total",
-            "System calls the worker made.",
-            |s| s.syscalls,
-        ),
-        (
-            "tunfwd_waits_total",
-            "Times the worker slept waiting for events.",
-            |s| s.waits,
-        ),
-        (
-            "tunfwd_io_errors_total",
-            "Socket errors the worker went on from.",
-            |s| s.io_errors,
-        ),
-        (
-            "tunfwd_peer_unreachable_total",
-            "ICMP errors the kernel reported for datagrams sent to peers.",
-            |s| s.peer_unreachable,
-        ),
-        (
-            "tunfwd_pool_exhausted_total",
-            "Times a read found no free buffer.",
-            |s| s.pool_exhausted,
-        ),
-        ("tunfwd_gso_sends_total", "UDP GSO sends.", |s| s.gso_sends),
-        (
-            "tunfwd_gso_segments_total",
-            "Datagrams carried by UDP GSO sends.",
-            |s| s.gso_segments,
-        ),
-        (
-            "tunfwd_gro_receives_total",
-            "Receives that returned several datagrams (UDP GRO).",
-            |s| s.gro_receives,
-        ),
-        (
-            "tunfwd_gro_datagrams_total",
-            "Datagrams in those receives.",
-            |s| s.gro_datagrams,
-        ),
-        (
-            "tunfwd_vnet_writes_total",
-            "TUN writes with a virtio-net header (coalesced super-packets).",
-            |s| s.vnet_writes,
-        ),
-        (
-            "tunfwd_vnet_write_packets_total",
-            "Packets carried by those writes.",
-            |s| s.vnet_write_packets,
-        ),
-        (
-            "tunfwd_aqm_marks_total",
-            "Packets CoDel marked CE (its drops are tunfwd_drops_total{reason=\"aqm\"}).",
-            |s| s.aqm_marks,
-        ),
-    ];
-    for (name, help, f) in per_worker {
-        o.family(name, "counter", help);
+    for f in WorkerSnapshot::FIELDS {
+        o.family(f.metric, f.kind, f.help);
         for (q, s) in snaps.iter().enumerate() {
-            o.sample(name, &[("queue", &queues[q])], f(s));
+            o.sample(f.metric, &[("queue", &queues[q])], (f.get)(s));
         }
     }
     for (name, help, pick) in [
@@ -690,9 +624,9 @@ fn render_peers(src: &Sources, o: &mut Out) {
         return;
     }
     let snaps: Vec<(String, crate::peers::PeerSnapshot)> = table
-        .peers()
-        .iter()
-        .map(|p| (p.addr.to_string(), p.stats.snapshot()))
+        .top(METRICS_PEERS)
+        .into_iter()
+        .map(|(addr, s)| (addr.to_string(), s))
         .collect();
     type PeerField = fn(&crate::peers::PeerSnapshot) -> u64;
     let per_peer: [(&str, &str, PeerField, PeerField); 2] = [
@@ -809,7 +743,71 @@ mod tests {
             client(writing(&small)),
             client(State::Reading(vec![0; 500])),
         ];
-        assert_eq!(held_bytes(&clients), 1010);
+        assert_eq!(held_bytes(&clients, None), 1010);
+        assert_eq!(held_bytes(&clients, Some(&big)), 1010);
+        let other = Arc::new(Vec::with_capacity(4000));
+        assert_eq!(held_bytes(&clients, Some(&other)), 5010);
+    }
+
+    fn test_server() -> Server {
+        let peers = Arc::new(crate::peers::SharedPeers::new(Arc::new(
+            crate::peers::PeerTable::single("198.18.0.2:5000".parse().unwrap(), false),
+        )));
+        let workers = vec![Arc::new(crate::stats::WorkerStats::default())];
+        let kernel = crate::report::KernelBase::read(&[], "tfw-no-such-dev");
+        let sources = Arc::new(Sources::new(workers, peers, "tfw0", "poll", kernel));
+        Server::new(TcpListener::bind("127.0.0.1:0").unwrap(), sources)
+    }
+
+    /// Requests within RENDER_INTERVAL share one body; a later one gets a
+    /// new render.
+    #[test]
+    fn requests_share_a_render_per_interval() {
+        let mut s = test_server();
+        let t0 = Instant::now();
+        let a = s.body(t0).unwrap();
+        let b = s.body(t0 + RENDER_INTERVAL / 2).unwrap();
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!(s.renders, 1);
+        let c = s.body(t0 + RENDER_INTERVAL).unwrap();
+        assert!(!Arc::ptr_eq(&a, &c));
+        assert_eq!(s.renders, 2);
+        let text = String::from_utf8_lossy(&c);
+        assert!(
+            text.contains("\ntunfwd_metrics_renders_total 2\n"),
+            "{text}"
+        );
+        assert_eq!(c.capacity(), c.len(), "a held body is counted as allocated");
+    }
+
+    /// Bodies held by slow readers: a new render that would not fit beside
+    /// them is refused (503) until they go; the latest one is still served
+    /// within its interval.
+    #[test]
+    fn a_render_that_would_not_fit_is_refused() {
+        let mut s = test_server();
+        let addr = s.listener.local_addr().unwrap();
+        let t0 = Instant::now();
+        let first = s.body(t0).unwrap();
+        let hog = Arc::new(vec![0u8; MAX_HELD_BYTES - first.capacity() + 1]);
+        s.clients.push(Client {
+            sock: TcpStream::connect(addr).unwrap(),
+            state: State::Writing {
+                head: Vec::new(),
+                body: hog,
+                sent: 0,
+            },
+            deadline: t0 + RESPONSE_TIMEOUT,
+        });
+        assert!(s.body(t0).is_some(), "the latest body is still shared");
+        let later = t0 + RENDER_INTERVAL;
+        assert!(s.body(later).is_none());
+        let (head, _) = s.reply(Reply::Metrics { head_only: false }, later);
+        assert!(head.starts_with(b"HTTP/1.1 503 "));
+        assert_eq!(s.renders, 1);
+        s.clients.clear();
+        assert!(s.body(later).is_some());
+        assert_eq!(s.renders, 2);
     }
 
     #[test]
@@ -828,6 +826,112 @@ mod tests {
         );
         assert!(parse_listen("localhost:9500").is_err());
         assert!(parse_listen("70000").is_err());
+    }
+
+    /// Every declared counter (per direction and per worker) appears in
+    /// the text stats, the JSON stats and the Prometheus output, with the
+    /// value it has.
+    #[test]
+    fn every_declared_counter_is_reported_everywhere() {
+        use crate::peers::{PeerTable, SharedPeers};
+        use crate::stats::{Cell, WorkerStats};
+        let w = Arc::new(WorkerStats::default());
+        // Distinct values: a report that printed the wrong counter fails.
+        let mut n = 100;
+        let mut next = || {
+            n += 1;
+            n
+        };
+        w.syscalls.add(next());
+        w.waits.add(next());
+        w.io_errors.add(next());
+        w.peer_unreachable.add(next());
+        w.pool_exhausted.add(next());
+        w.gso_sends.add(next());
+        w.gso_segments.add(next());
+        w.gro_receives.add(next());
+        w.gro_datagrams.add(next());
+        w.vnet_writes.add(next());
+        w.vnet_write_packets.add(next());
+        w.aqm_marks.add(next());
+        for d in [&w.tun_to_peer, &w.peer_to_tun] {
+            d.packets.add(next());
+            d.bytes.add(next());
+            d.backpressure.add(next());
+            d.queue_max.record(next());
+            d.queued.set(next());
+            d.in_flight_buffers.set(next());
+            d.in_flight_bytes.set(next());
+        }
+        let snap = w.snapshot();
+        // Every declared counter was given a value above: none reads 0.
+        for f in WorkerSnapshot::FIELDS {
+            assert!((f.get)(&snap) > 100, "{} not set by this test", f.key);
+        }
+        for f in DirectionSnapshot::FIELDS {
+            assert!(
+                (f.get)(&snap.tun_to_peer) > 100,
+                "{} not set by this test",
+                f.key
+            );
+        }
+        assert_eq!(<crate::stats::Max as Cell>::KIND, "gauge");
+
+        let text = snap.to_string();
+        let json = snap.to_json();
+        let peers = Arc::new(SharedPeers::new(Arc::new(PeerTable::single(
+            "198.18.0.2:5000".parse().unwrap(),
+            false,
+        ))));
+        let kernel = crate::report::KernelBase::read(&[], "tfw-no-such-dev");
+        let sources = Sources::new(vec![w.clone()], peers, "tfw0", "poll", kernel);
+        let prom = render(&sources, 1);
+        for f in WorkerSnapshot::FIELDS {
+            let v = (f.get)(&snap);
+            assert!(
+                text.contains(&format!(" {}={v} ", f.key)),
+                "{}: {text}",
+                f.key
+            );
+            assert_eq!(json[f.key], v, "{}: {json}", f.key);
+            assert!(
+                prom.contains(&format!("# TYPE {} {}\n", f.metric, f.kind)),
+                "{}",
+                f.metric
+            );
+            assert!(
+                prom.contains(&format!("{}{{queue=\"0\"}} {v}\n", f.metric)),
+                "{}: {prom}",
+                f.metric
+            );
+        }
+        for (dir, d) in [
+            ("tun_to_peer", &snap.tun_to_peer),
+            ("peer_to_tun", &snap.peer_to_tun),
+        ] {
+            let part = match text.split_once("| peer_to_tun") {
+                Some((tx, _)) if dir == "tun_to_peer" => tx.to_string(),
+                Some((_, rx)) => rx.to_string(),
+                None => panic!("{text}"),
+            };
+            for f in DirectionSnapshot::FIELDS {
+                let v = (f.get)(d);
+                assert!(
+                    part.contains(&format!(" {}={v} ", f.key)),
+                    "{dir} {}: {text}",
+                    f.key
+                );
+                assert_eq!(json[dir][f.key], v, "{dir} {}: {json}", f.key);
+                assert!(
+                    prom.contains(&format!(
+                        "{}{{queue=\"0\",direction=\"{dir}\"}} {v}\n",
+                        f.metric
+                    )),
+                    "{dir} {}: {prom}",
+                    f.metric
+                );
+            }
+        }
     }
 
     #[test]

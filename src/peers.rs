@@ -37,6 +37,11 @@ use crate::types::Prefix;
 
 /// Most peers one table may hold.
 pub const MAX_PEERS: usize = 1 << 20;
+/// Most per-peer counter sets (peers x queues: every worker counts for
+/// every peer in a set of its own, [`PeerCounters`], 192 bytes): 192 MiB.
+/// A reload builds the new table while the old one lives, so a running
+/// forwarder may briefly hold twice that.
+pub const MAX_PEER_COUNTER_SETS: usize = 1 << 20;
 
 /// One peer as configured: its UDP address and the inner prefixes it owns
 /// (empty only for the single peer of a point-to-point tunnel).
@@ -390,6 +395,14 @@ impl PeerStats {
         &self.workers[w.min(self.workers.len() - 1)]
     }
 
+    /// Bytes both ways, summed over workers.
+    pub fn bytes(&self) -> u64 {
+        self.workers
+            .iter()
+            .map(|c| c.tx_bytes.get() + c.rx_bytes.get())
+            .sum()
+    }
+
     /// The sum over workers.
     pub fn snapshot(&self) -> PeerSnapshot {
         let mut s = PeerSnapshot::default();
@@ -502,6 +515,11 @@ pub struct PeerTable {
 pub enum TableError {
     NoPeers,
     TooMany(usize),
+    /// peers x workers beyond [`MAX_PEER_COUNTER_SETS`].
+    TooManyCounters {
+        peers: usize,
+        workers: usize,
+    },
     /// The peer at `index` has the address of an earlier one.
     DuplicatePeer {
         addr: SocketAddr,
@@ -526,7 +544,9 @@ impl TableError {
     /// error is about: the later of two that conflict.
     pub fn peer_index(&self) -> Option<usize> {
         match self {
-            TableError::NoPeers | TableError::TooMany(_) => None,
+            TableError::NoPeers | TableError::TooMany(_) | TableError::TooManyCounters { .. } => {
+                None
+            }
             TableError::DuplicatePeer { index, .. }
             | TableError::DuplicatePrefix { index, .. }
             | TableError::NoPrefixes { index, .. } => Some(*index),
@@ -539,6 +559,18 @@ impl fmt::Display for TableError {
         match self {
             TableError::NoPeers => f.write_str("no peers"),
             TableError::TooMany(n) => write!(f, "{n} peers: at most {MAX_PEERS}"),
+            TableError::TooManyCounters { peers, workers } => {
+                let set = std::mem::size_of::<PeerCounters>();
+                let mib = |sets: usize| sets.saturating_mul(set) >> 20;
+                write!(
+                    f,
+                    "{peers} peers x {workers} queues need {} per-peer counter sets ({} MiB): at \
+                     most {MAX_PEER_COUNTER_SETS} ({} MiB); use fewer queues or fewer peers",
+                    peers.saturating_mul(*workers),
+                    mib(peers.saturating_mul(*workers)),
+                    mib(MAX_PEER_COUNTER_SETS)
+                )
+            }
             TableError::DuplicatePeer { addr, .. } => write!(f, "peer {addr} is given twice"),
             TableError::DuplicatePrefix {
                 prefix,
@@ -578,6 +610,13 @@ impl PeerTable {
         }
         if specs.len() > MAX_PEERS {
             return Err(TableError::TooMany(specs.len()));
+        }
+        let workers = workers.max(1);
+        if specs.len().saturating_mul(workers) > MAX_PEER_COUNTER_SETS {
+            return Err(TableError::TooManyCounters {
+                peers: specs.len(),
+                workers,
+            });
         }
         let catch_all = specs.len() == 1 && specs[0].prefixes.is_empty();
         let mut by_addr = HashMap::with_capacity(specs.len());
@@ -726,15 +765,33 @@ impl PeerTable {
 
     /// The counters of the `n` peers that moved the most bytes (both ways),
     /// most first, and how many peers there are.
+    ///
+    /// Memory is O(n), not O(peers): a bounded heap keeps the best `n` by
+    /// bytes (ties by address), and only those are snapshotted.
     pub fn top(&self, n: usize) -> Vec<(SocketAddr, PeerSnapshot)> {
-        let mut all: Vec<(SocketAddr, PeerSnapshot)> = self
-            .peers
-            .iter()
-            .map(|p| (p.addr, p.stats.snapshot()))
-            .collect();
-        all.sort_by_key(|(a, s)| (std::cmp::Reverse(s.tx_bytes + s.rx_bytes), *a));
-        all.truncate(n);
-        all
+        use std::cmp::Reverse;
+        use std::collections::BinaryHeap;
+        if n == 0 {
+            return Vec::new();
+        }
+        // The heap's top is the worst kept: fewest bytes, then the highest
+        // address.
+        let mut heap: BinaryHeap<Reverse<(u64, Reverse<SocketAddr>, usize)>> =
+            BinaryHeap::with_capacity(n.min(self.peers.len()) + 1);
+        for (i, p) in self.peers.iter().enumerate() {
+            let key = Reverse((p.stats.bytes(), Reverse(p.addr), i));
+            if heap.len() < n {
+                heap.push(key);
+            } else if heap.peek().is_some_and(|worst| key < *worst) {
+                heap.pop();
+                heap.push(key);
+            }
+        }
+        let mut best: Vec<_> = heap.into_iter().map(|Reverse(k)| k).collect();
+        best.sort_by(|a, b| b.cmp(a));
+        best.into_iter()
+            .map(|(_, Reverse(addr), i)| (addr, self.peers[i].stats.snapshot()))
+            .collect()
     }
 }
 
@@ -1069,6 +1126,64 @@ mod tests {
             b.top(1)[0].0,
             "198.18.0.1:5000".parse::<SocketAddr>().unwrap()
         );
+    }
+
+    /// The busiest peers, most bytes first, ties by address; as a full
+    /// sort would give them.
+    #[test]
+    fn top_keeps_the_busiest_in_order() {
+        let t = table(&[
+            "198.18.0.1:5000=198.19.0.1/32",
+            "198.18.0.2:5000=198.19.0.2/32",
+            "198.18.0.3:5000=198.19.0.3/32",
+            "198.18.0.4:5000=198.19.0.4/32",
+            "198.18.0.5:5000=198.19.0.5/32",
+        ]);
+        for (i, bytes) in [(0, 10), (1, 30), (2, 30), (3, 0), (4, 20)] {
+            t.peer(i).stats.worker(0).rx_bytes.add(bytes);
+        }
+        let order = |n| -> Vec<String> { t.top(n).iter().map(|(a, _)| a.to_string()).collect() };
+        assert_eq!(
+            order(3),
+            ["198.18.0.2:5000", "198.18.0.3:5000", "198.18.0.5:5000"]
+        );
+        assert_eq!(order(9).len(), 5);
+        assert_eq!(order(9)[4], "198.18.0.4:5000");
+        assert!(order(0).is_empty());
+        assert_eq!(t.top(1)[0].1.rx_bytes, 30);
+    }
+
+    /// peers x queues is bounded: the refusal says what it would take. The
+    /// bound itself is reached: a table of MAX_PEERS peers at one queue
+    /// builds and routes (the README's "up to 1,048,576 peers").
+    #[test]
+    fn counter_sets_are_bounded_and_the_largest_table_builds() {
+        let specs: Vec<PeerSpec> = (0..MAX_PEERS as u32)
+            .map(|i| {
+                // Peers 198.18.0.0-198.18.0.63, ports 1024 up; inner
+                // prefixes a /112 each in 2001:db8::/32. Nothing is sent.
+                let ip = std::net::Ipv4Addr::from(0xc612_0000 + (i >> 14));
+                let net = std::net::Ipv6Addr::from(0x2001_0db8_u128 << 96 | u128::from(i) << 16);
+                PeerSpec {
+                    addr: SocketAddr::from((ip, 1024 + (i & 0x3fff) as u16)),
+                    prefixes: vec![Prefix::new(IpAddr::from(net), 112).unwrap()],
+                }
+            })
+            .collect();
+        let e = PeerTable::build(&specs[..MAX_PEERS / 2 + 1], 2, false, None).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "524289 peers x 2 queues need 1048578 per-peer counter sets (192 MiB): at most \
+             1048576 (192 MiB); use fewer queues or fewer peers"
+        );
+        assert!(PeerTable::build(&specs[..MAX_PEERS / 256], 256, false, None).is_ok());
+        let t = PeerTable::build(&specs, 1, false, None).unwrap();
+        assert_eq!(t.len(), MAX_PEERS);
+        let last = MAX_PEERS as u32 - 1;
+        let inner = IpAddr::from(std::net::Ipv6Addr::from(
+            0x2001_0db8_u128 << 96 | u128::from(last) << 16 | 7,
+        ));
+        assert_eq!(t.route(inner), Some(last as PeerId));
     }
 
     #[test]

@@ -159,32 +159,138 @@ impl DurationSnapshot {
     }
 }
 
-/// Counters of one direction of one worker.
-#[derive(Default, Debug)]
-pub struct DirectionStats {
+/// How a declared counter is kept and reported.
+pub trait Cell: Default {
+    /// The Prometheus type: `counter` or `gauge`.
+    const KIND: &'static str;
+    fn value(&self) -> u64;
+    /// Two workers' values as one (the sum; the larger for a [`Max`]).
+    fn merge(a: u64, b: u64) -> u64 {
+        a + b
+    }
+}
+
+impl Cell for Counter {
+    const KIND: &'static str = "counter";
+    fn value(&self) -> u64 {
+        self.get()
+    }
+}
+
+impl Cell for Gauge {
+    const KIND: &'static str = "gauge";
+    fn value(&self) -> u64 {
+        self.get()
+    }
+}
+
+impl Cell for Max {
+    const KIND: &'static str = "gauge";
+    fn value(&self) -> u64 {
+        self.get()
+    }
+    fn merge(a: u64, b: u64) -> u64 {
+        a.max(b)
+    }
+}
+
+/// One declared counter of a snapshot `S`: its key in the text and JSON
+/// stats, its Prometheus family and type, its help text, and how to read
+/// it.
+pub struct Field<S> {
+    pub key: &'static str,
+    pub metric: &'static str,
+    pub kind: &'static str,
+    pub help: &'static str,
+    pub get: fn(&S) -> u64,
+}
+
+/// Declares a set of counters once: the live struct (one cell per
+/// counter, plus `$extra` fields), its plain snapshot, `snapshot()`, the
+/// merge of two snapshots, and the table [`Field`]s that the text and
+/// JSON stats and the Prometheus output are made from. Adding a counter
+/// is one line here plus its increment.
+macro_rules! counters {
+    (
+        $(#[$smeta:meta])* struct $live:ident / $(#[$snmeta:meta])* $snap:ident {
+            $( $(#[doc = $xdoc:literal])* $extra:ident : $xlive:ty => $xsnap:ty, )*
+        }
+        $( $(#[doc = $doc:literal])* $name:ident : $cell:ty => $metric:literal, $help:literal; )*
+    ) => {
+        $(#[$smeta])*
+        #[derive(Default, Debug)]
+        pub struct $live {
+            $( $(#[doc = $xdoc])* pub $extra: $xlive, )*
+            $( $(#[doc = $doc])* pub $name: $cell, )*
+        }
+
+        $(#[$snmeta])*
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+        pub struct $snap {
+            $( pub $extra: $xsnap, )*
+            $( pub $name: u64, )*
+        }
+
+        impl $snap {
+            /// The declared counters, in the order they are reported.
+            pub const FIELDS: &'static [Field<$snap>] = &[
+                $( Field {
+                    key: stringify!($name),
+                    metric: $metric,
+                    kind: <$cell as Cell>::KIND,
+                    help: $help,
+                    get: |s| s.$name,
+                }, )*
+            ];
+
+            /// Adds the declared counters of `o` (the largest for a maximum).
+            fn merge_fields(&mut self, o: &$snap) {
+                $( self.$name = <$cell as Cell>::merge(self.$name, o.$name); )*
+            }
+        }
+
+        impl $live {
+            fn snapshot_fields(&self, s: &mut $snap) {
+                $( s.$name = self.$name.value(); )*
+            }
+        }
+    };
+}
+
+counters! {
+    /// Counters of one direction of one worker.
+    struct DirectionStats /
+    /// Plain copy of [`DirectionStats`].
+    DirectionSnapshot {
+        /// The worker's visits to this direction: how long each took (the
+        /// reads, the decisions and the sends or writes they led to), while
+        /// the other direction waited.
+        visits: Durations => DurationSnapshot,
+        /// How long packets waited in the queue before this direction's
+        /// reader took them: the UDP receive buffer, from the kernel's
+        /// arrival timestamp (peer to TUN, when timestamps are on).
+        queue_delay: Durations => DurationSnapshot,
+        drops: [Counter; DropReason::COUNT] => [u64; DropReason::COUNT],
+    }
     /// Packets delivered to the destination endpoint.
-    pub packets: Counter,
+    packets: Counter => "tunfwd_packets_total",
+        "Packets delivered: sent to a peer (tun_to_peer) or written to the TUN device (peer_to_tun).";
     /// Bytes of those packets (inner IP packet length).
-    pub bytes: Counter,
+    bytes: Counter => "tunfwd_bytes_total", "Bytes of the packets delivered.";
     /// Times the destination was full and the engine had to wait.
-    pub backpressure: Counter,
-    /// The worker's visits to this direction: how long each took (the
-    /// reads, the decisions and the sends or writes they led to), while
-    /// the other direction waited.
-    pub visits: Durations,
-    /// How long packets waited in the queue before this direction's
-    /// reader took them: the UDP receive buffer, from the kernel's arrival
-    /// timestamp (peer to TUN, when timestamps are on).
-    pub queue_delay: Durations,
-    /// TUN to peer with flow queueing: the most packets tunfwd's own
-    /// queue held at once.
-    pub queue_max: Max,
-    /// With flow queueing, now: packets in this side's flow queues, and
-    /// buffers and bytes handed out and not yet sent (or written).
-    pub queued: Gauge,
-    pub in_flight_buffers: Gauge,
-    pub in_flight_bytes: Gauge,
-    drops: [Counter; DropReason::COUNT],
+    backpressure: Counter => "tunfwd_backpressure_total",
+        "Times the destination was full and the worker waited for room.";
+    /// With flow queueing: the most packets this side's queues held at once.
+    queue_max: Max => "tunfwd_queue_max_packets",
+        "The most packets a side's flow queues held at once.";
+    /// With flow queueing, now: packets in this side's flow queues.
+    queued: Gauge => "tunfwd_queued_packets", "Packets in a side's flow queues now.";
+    /// Buffers handed out by the flow queues and not yet sent (or written).
+    in_flight_buffers: Gauge => "tunfwd_in_flight_buffers",
+        "Buffers a side's flow queues handed out that are not yet sent (or written).";
+    /// Bytes handed out by the flow queues and not yet sent (or written).
+    in_flight_bytes: Gauge => "tunfwd_in_flight_bytes",
+        "Bytes a side's flow queues handed out that are not yet sent (or written).";
 }
 
 impl DirectionStats {
@@ -200,91 +306,69 @@ impl DirectionStats {
     }
 
     pub fn snapshot(&self) -> DirectionSnapshot {
-        let mut drops = [0; DropReason::COUNT];
-        for (d, c) in drops.iter_mut().zip(&self.drops) {
-            *d = c.get();
-        }
-        DirectionSnapshot {
-            packets: self.packets.get(),
-            bytes: self.bytes.get(),
-            backpressure: self.backpressure.get(),
+        let mut s = DirectionSnapshot {
             visits: self.visits.snapshot(),
             queue_delay: self.queue_delay.snapshot(),
-            queue_max: self.queue_max.get(),
-            queued: self.queued.get(),
-            in_flight_buffers: self.in_flight_buffers.get(),
-            in_flight_bytes: self.in_flight_bytes.get(),
-            drops,
+            ..DirectionSnapshot::default()
+        };
+        for (d, c) in s.drops.iter_mut().zip(&self.drops) {
+            *d = c.get();
         }
+        self.snapshot_fields(&mut s);
+        s
     }
 }
 
-/// Everything one worker counts.
-#[derive(Default, Debug)]
-pub struct WorkerStats {
-    /// Packets read from the TUN device and sent to the peer.
-    pub tun_to_peer: DirectionStats,
-    /// Datagrams received from the peer and written to the TUN device.
-    pub peer_to_tun: DirectionStats,
+counters! {
+    /// Everything one worker counts.
+    struct WorkerStats /
+    /// Plain copy of [`WorkerStats`]; also used for the sum over all workers.
+    WorkerSnapshot {
+        /// Packets read from the TUN device and sent to the peer.
+        tun_to_peer: DirectionStats => DirectionSnapshot,
+        /// Datagrams received from the peer and written to the TUN device.
+        peer_to_tun: DirectionStats => DirectionSnapshot,
+    }
     /// System calls the engine made (poll, read, write, recv, send, ...).
-    pub syscalls: Counter,
+    syscalls: Counter => "tunfwd_syscalls_total", "System calls the worker made.";
     /// Times the engine went to sleep waiting for events.
-    pub waits: Counter,
+    waits: Counter => "tunfwd_waits_total", "Times the worker slept waiting for events.";
     /// Socket errors that did not stop the worker (queued ICMP errors).
-    pub io_errors: Counter,
+    io_errors: Counter => "tunfwd_io_errors_total", "Socket errors the worker went on from.";
     /// ICMP errors (port or host unreachable, ...) the kernel reported for
     /// datagrams sent to the peer: the peer is down or unreachable.
-    pub peer_unreachable: Counter,
+    peer_unreachable: Counter => "tunfwd_peer_unreachable_total",
+        "ICMP errors the kernel reported for datagrams sent to peers.";
     /// Times a read found no free buffer in the worker's pool.
-    pub pool_exhausted: Counter,
+    pool_exhausted: Counter => "tunfwd_pool_exhausted_total", "Times a read found no free buffer.";
     /// UDP GSO sends and the datagrams they carried.
-    pub gso_sends: Counter,
-    pub gso_segments: Counter,
+    gso_sends: Counter => "tunfwd_gso_sends_total", "UDP GSO sends.";
+    gso_segments: Counter => "tunfwd_gso_segments_total", "Datagrams carried by UDP GSO sends.";
     /// Receives that returned GRO-coalesced datagrams, and how many.
-    pub gro_receives: Counter,
-    pub gro_datagrams: Counter,
+    gro_receives: Counter => "tunfwd_gro_receives_total",
+        "Receives that returned several datagrams (UDP GRO).";
+    gro_datagrams: Counter => "tunfwd_gro_datagrams_total", "Datagrams in those receives.";
     /// TUN writes with a virtio-net header, and the packets they carried.
-    pub vnet_writes: Counter,
-    pub vnet_write_packets: Counter,
+    vnet_writes: Counter => "tunfwd_vnet_writes_total",
+        "TUN writes with a virtio-net header (coalesced super-packets).";
+    vnet_write_packets: Counter => "tunfwd_vnet_write_packets_total",
+        "Packets carried by those writes.";
     /// Packets from the peer that CoDel found in a standing queue and
     /// marked CE (ECN-capable); those it dropped count as drops (`aqm`).
-    pub aqm_marks: Counter,
+    aqm_marks: Counter => "tunfwd_aqm_marks_total",
+        "Packets CoDel marked CE (its drops are tunfwd_drops_total{reason=\"aqm\"}).";
 }
 
 impl WorkerStats {
     pub fn snapshot(&self) -> WorkerSnapshot {
-        WorkerSnapshot {
+        let mut s = WorkerSnapshot {
             tun_to_peer: self.tun_to_peer.snapshot(),
             peer_to_tun: self.peer_to_tun.snapshot(),
-            syscalls: self.syscalls.get(),
-            waits: self.waits.get(),
-            io_errors: self.io_errors.get(),
-            peer_unreachable: self.peer_unreachable.get(),
-            pool_exhausted: self.pool_exhausted.get(),
-            gso_sends: self.gso_sends.get(),
-            gso_segments: self.gso_segments.get(),
-            gro_receives: self.gro_receives.get(),
-            gro_datagrams: self.gro_datagrams.get(),
-            vnet_writes: self.vnet_writes.get(),
-            vnet_write_packets: self.vnet_write_packets.get(),
-            aqm_marks: self.aqm_marks.get(),
-        }
+            ..WorkerSnapshot::default()
+        };
+        self.snapshot_fields(&mut s);
+        s
     }
-}
-
-/// Plain copy of [`DirectionStats`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct DirectionSnapshot {
-    pub packets: u64,
-    pub bytes: u64,
-    pub backpressure: u64,
-    pub visits: DurationSnapshot,
-    pub queue_delay: DurationSnapshot,
-    pub queue_max: u64,
-    pub queued: u64,
-    pub in_flight_buffers: u64,
-    pub in_flight_bytes: u64,
-    pub drops: [u64; DropReason::COUNT],
 }
 
 impl DirectionSnapshot {
@@ -297,38 +381,13 @@ impl DirectionSnapshot {
     }
 
     fn add(&mut self, o: &DirectionSnapshot) {
-        self.packets += o.packets;
-        self.bytes += o.bytes;
-        self.backpressure += o.backpressure;
+        self.merge_fields(o);
         self.visits.add(&o.visits);
         self.queue_delay.add(&o.queue_delay);
-        self.queue_max = self.queue_max.max(o.queue_max);
-        self.queued += o.queued;
-        self.in_flight_buffers += o.in_flight_buffers;
-        self.in_flight_bytes += o.in_flight_bytes;
         for (a, b) in self.drops.iter_mut().zip(&o.drops) {
             *a += b;
         }
     }
-}
-
-/// Plain copy of [`WorkerStats`]; also used for the sum over all workers.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct WorkerSnapshot {
-    pub tun_to_peer: DirectionSnapshot,
-    pub peer_to_tun: DirectionSnapshot,
-    pub syscalls: u64,
-    pub waits: u64,
-    pub io_errors: u64,
-    pub peer_unreachable: u64,
-    pub pool_exhausted: u64,
-    pub gso_sends: u64,
-    pub gso_segments: u64,
-    pub gro_receives: u64,
-    pub gro_datagrams: u64,
-    pub vnet_writes: u64,
-    pub vnet_write_packets: u64,
-    pub aqm_marks: u64,
 }
 
 impl WorkerSnapshot {
@@ -337,18 +396,7 @@ impl WorkerSnapshot {
         for s in all {
             total.tun_to_peer.add(&s.tun_to_peer);
             total.peer_to_tun.add(&s.peer_to_tun);
-            total.syscalls += s.syscalls;
-            total.waits += s.waits;
-            total.io_errors += s.io_errors;
-            total.peer_unreachable += s.peer_unreachable;
-            total.pool_exhausted += s.pool_exhausted;
-            total.gso_sends += s.gso_sends;
-            total.gso_segments += s.gso_segments;
-            total.gro_receives += s.gro_receives;
-            total.gro_datagrams += s.gro_datagrams;
-            total.vnet_writes += s.vnet_writes;
-            total.vnet_write_packets += s.vnet_write_packets;
-            total.aqm_marks += s.aqm_marks;
+            total.merge_fields(s);
         }
         total
     }
@@ -356,6 +404,31 @@ impl WorkerSnapshot {
     /// Packets delivered in both directions.
     pub fn packets(&self) -> u64 {
         self.tun_to_peer.packets + self.peer_to_tun.packets
+    }
+
+    /// The ratios derived from the declared counters, as (key, value).
+    fn ratios(&self) -> [(&'static str, f64); 4] {
+        let ratio = |a: u64, b: u64| if b > 0 { a as f64 / b as f64 } else { 0.0 };
+        [
+            ("syscalls_per_packet", ratio(self.syscalls, self.packets())),
+            (
+                "segments_per_send",
+                ratio(self.gso_segments, self.gso_sends),
+            ),
+            (
+                "datagrams_per_receive",
+                ratio(self.gro_datagrams, self.gro_receives),
+            ),
+            (
+                "packets_per_tun_write",
+                ratio(self.vnet_write_packets, self.vnet_writes),
+            ),
+        ]
+    }
+
+    /// CoDel's drops in both directions.
+    pub fn aqm_drops(&self) -> u64 {
+        self.peer_to_tun.drops_for(DropReason::Aqm) + self.tun_to_peer.drops_for(DropReason::Aqm)
     }
 }
 
@@ -380,16 +453,17 @@ pub fn nonzero_drops_json(
 }
 
 /// Writes one direction as `key=value` pairs, e.g.
-/// `tun_to_peer packets=10 bytes=840 drops=1 backpressure=0 [over_mtu=1]`.
+/// `tun_to_peer packets=10 bytes=840 drops=1 backpressure=0 ... [over_mtu=1]`:
+/// every declared counter, the drops by reason that counted, then the
+/// visit and queue-delay figures where there were any.
 fn write_direction(out: &mut String, name: &str, d: &DirectionSnapshot) {
-    let _ = write!(
-        out,
-        "{name} packets={} bytes={} drops={} backpressure={}",
-        d.packets,
-        d.bytes,
-        d.dropped(),
-        d.backpressure
-    );
+    let _ = write!(out, "{name}");
+    for (i, f) in DirectionSnapshot::FIELDS.iter().enumerate() {
+        let _ = write!(out, " {}={}", f.key, (f.get)(d));
+        if i == 1 {
+            let _ = write!(out, " drops={}", d.dropped());
+        }
+    }
     if d.dropped() > 0 {
         out.push_str(" [");
         for (i, (r, n)) in nonzero_drops(&d.drops).enumerate() {
@@ -417,89 +491,58 @@ fn write_direction(out: &mut String, name: &str, d: &DirectionSnapshot) {
             d.queue_delay.max_us()
         );
     }
-    if d.queue_max > 0 {
-        let _ = write!(out, " queue_max={}", d.queue_max);
-    }
 }
 
 fn direction_json(d: &DirectionSnapshot) -> serde_json::Value {
-    serde_json::json!({
-        "packets": d.packets,
-        "bytes": d.bytes,
+    let mut v = serde_json::json!({
         "drops": d.dropped(),
         "drop_reasons": nonzero_drops_json(&d.drops),
-        "backpressure": d.backpressure,
         "visits": d.visits.count,
         "visit_avg_us": d.visits.avg_us(),
         "visit_max_us": d.visits.max_us(),
         "queue_delay_avg_us": d.queue_delay.avg_us(),
         "queue_delay_max_us": d.queue_delay.max_us(),
-        "queue_max": d.queue_max,
-    })
+    });
+    for f in DirectionSnapshot::FIELDS {
+        v[f.key] = (f.get)(d).into();
+    }
+    v
 }
 
 impl WorkerSnapshot {
     /// The same fields as the text form, as one JSON object (every field
     /// always present; drop reasons only where they counted).
     pub fn to_json(&self) -> serde_json::Value {
-        let ratio = |a: u64, b: u64| if b > 0 { a as f64 / b as f64 } else { 0.0 };
-        serde_json::json!({
+        let mut v = serde_json::json!({
             "tun_to_peer": direction_json(&self.tun_to_peer),
             "peer_to_tun": direction_json(&self.peer_to_tun),
-            "syscalls": self.syscalls,
-            "syscalls_per_packet": ratio(self.syscalls, self.packets()),
-            "waits": self.waits,
-            "io_errors": self.io_errors,
-            "peer_unreachable": self.peer_unreachable,
-            "pool_exhausted": self.pool_exhausted,
-            "aqm_marks": self.aqm_marks,
-            "aqm_drops": self.peer_to_tun.drops_for(DropReason::Aqm)
-                + self.tun_to_peer.drops_for(DropReason::Aqm),
-            "gso_sends": self.gso_sends,
-            "segments_per_send": ratio(self.gso_segments, self.gso_sends),
-            "gro_receives": self.gro_receives,
-            "datagrams_per_receive": ratio(self.gro_datagrams, self.gro_receives),
-            "vnet_writes": self.vnet_writes,
-            "packets_per_tun_write": ratio(self.vnet_write_packets, self.vnet_writes),
-        })
+        });
+        for f in WorkerSnapshot::FIELDS {
+            v[f.key] = (f.get)(self).into();
+        }
+        v["aqm_drops"] = self.aqm_drops().into();
+        for (key, x) in self.ratios() {
+            v[key] = x.into();
+        }
+        v
     }
 }
 
 impl fmt::Display for WorkerSnapshot {
-    /// Two directions and the engine's effort, on one line.
+    /// Two directions, then the worker's declared counters and what is
+    /// derived from them, on one line.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut s = String::with_capacity(256);
+        let mut s = String::with_capacity(512);
         write_direction(&mut s, "tun_to_peer", &self.tun_to_peer);
         s.push_str(" | ");
         write_direction(&mut s, "peer_to_tun", &self.peer_to_tun);
-        let per_packet = if self.packets() > 0 {
-            self.syscalls as f64 / self.packets() as f64
-        } else {
-            0.0
-        };
-        let _ = write!(
-            s,
-            " | syscalls={} syscalls_per_packet={per_packet:.2} waits={} io_errors={} peer_unreachable={} pool_exhausted={}",
-            self.syscalls, self.waits, self.io_errors, self.peer_unreachable, self.pool_exhausted
-        );
-        let aqm_drops = self.peer_to_tun.drops_for(DropReason::Aqm)
-            + self.tun_to_peer.drops_for(DropReason::Aqm);
-        if self.aqm_marks + aqm_drops > 0 {
-            let _ = write!(s, " | aqm_marks={} aqm_drops={aqm_drops}", self.aqm_marks);
+        s.push_str(" |");
+        for field in WorkerSnapshot::FIELDS {
+            let _ = write!(s, " {}={}", field.key, (field.get)(self));
         }
-        let ratio = |a: u64, b: u64| if b > 0 { a as f64 / b as f64 } else { 0.0 };
-        if self.gso_sends + self.gro_receives + self.vnet_writes > 0 {
-            let _ = write!(
-                s,
-                " | gso_sends={} segments_per_send={:.2} gro_receives={} datagrams_per_receive={:.2} \
-                 vnet_writes={} packets_per_tun_write={:.2}",
-                self.gso_sends,
-                ratio(self.gso_segments, self.gso_sends),
-                self.gro_receives,
-                ratio(self.gro_datagrams, self.gro_receives),
-                self.vnet_writes,
-                ratio(self.vnet_write_packets, self.vnet_writes),
-            );
+        let _ = write!(s, " aqm_drops={}", self.aqm_drops());
+        for (key, x) in self.ratios() {
+            let _ = write!(s, " {key}={x:.2}");
         }
         f.write_str(&s)
     }

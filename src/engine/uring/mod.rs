@@ -25,7 +25,6 @@
 //! Datagrams to the peer go out with `SENDMSG` (with `UDP_SEGMENT` for GSO).
 //! Shutdown cancels every operation and reaps every completion before any
 //! buffer memory is freed.
-#![allow(unsafe_code)]
 
 mod ops;
 mod pool;

@@ -48,6 +48,84 @@ impl Owners {
     }
 }
 
+/// The worker's packet buffers: `count` buffers of `buf_len` bytes in one
+/// region shared with the kernel, each with its [`Owner`]. Every pointer
+/// handed out is bounds-checked (a compare per call, in every build); the
+/// ownership rule is checked in debug builds.
+pub(super) struct BufferPool {
+    mem: Region,
+    buf_len: usize,
+    count: usize,
+    owners: Owners,
+}
+
+impl BufferPool {
+    pub(super) fn new(count: usize, buf_len: usize) -> io::Result<BufferPool> {
+        let len = count
+            .checked_mul(buf_len)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        Ok(BufferPool {
+            mem: Region::new(len)?,
+            buf_len,
+            count,
+            owners: Owners::new(count),
+        })
+    }
+
+    /// The whole pool, for registering it with the ring.
+    pub(super) fn iovec(&self) -> libc::iovec {
+        self.mem.iovec()
+    }
+
+    /// Moves buffer `bid` from `from` to `to` ([`Owners::set`]).
+    #[inline]
+    pub(super) fn set(&mut self, bid: u16, from: Owner, to: Owner) {
+        self.owners.set(bid, from, to);
+    }
+
+    /// The bytes `range` of buffer `bid`, as a pointer and a length for an
+    /// operation or an iovec. Panics if the range is not inside the buffer.
+    #[inline]
+    pub(super) fn area(&self, bid: u16, range: std::ops::Range<usize>) -> (*mut u8, usize) {
+        assert!(
+            usize::from(bid) < self.count && range.start <= range.end && range.end <= self.buf_len,
+            "buffer {bid} bytes {range:?}: outside a pool of {} buffers of {} bytes",
+            self.count,
+            self.buf_len
+        );
+        let at = usize::from(bid) * self.buf_len + range.start;
+        // SAFETY: checked above: `at + range.len()` is within the region of
+        // `count * buf_len` bytes.
+        (unsafe { self.mem.ptr.add(at) }, range.len())
+    }
+
+    /// Buffer `bid`, whole.
+    #[inline]
+    pub(super) fn whole(&self, bid: u16) -> (*mut u8, usize) {
+        self.area(bid, 0..self.buf_len)
+    }
+
+    /// Buffer `bid` as a slice of its first `len` bytes (at most the
+    /// buffer).
+    ///
+    /// # Safety
+    /// The engine must own the buffer ([`Owner::Engine`]: no operation in
+    /// flight uses it), no other slice of it may be alive while this one
+    /// is, and the pool must outlive it.
+    #[inline]
+    pub(super) unsafe fn slice_mut<'a>(&self, bid: u16, len: usize) -> &'a mut [u8] {
+        debug_assert_eq!(
+            self.owners.0[usize::from(bid)],
+            Owner::Engine,
+            "buffer {bid} looked at while not the engine's"
+        );
+        let (ptr, len) = self.area(bid, 0..len.min(self.buf_len));
+        // SAFETY: the area is inside the pool; exclusivity and lifetime
+        // are the caller's promise.
+        unsafe { std::slice::from_raw_parts_mut(ptr, len) }
+    }
+}
+
 /// Page-aligned, zeroed memory shared with the kernel. Freed on drop, which
 /// the worker only allows once no operation can touch it any more.
 pub(super) struct Region {

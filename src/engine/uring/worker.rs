@@ -19,7 +19,7 @@ use super::ops::{
     CHAINED, MsgSlot, Op, SINGLE_WRITE, SOCKADDR_LEN, decode, parse_control, parse_sockaddr,
     user_data,
 };
-use super::pool::{BufRing, Owner, Owners, Region};
+use super::pool::{BufRing, BufferPool, Owner, Region};
 use super::{TUN_GROUP, UDP_GROUP, UringPlan, build_ring};
 use crate::config::Toggle;
 use crate::datapath::{
@@ -138,8 +138,7 @@ pub struct UringWorker {
     multishot_msg: Box<libc::msghdr>,
     /// Offload: one split area of SPLIT_LEN bytes per TUN buffer.
     split: Option<Region>,
-    pool: Region,
-    owners: Owners,
+    pool: BufferPool,
 
     tun: File,
     udp: UdpSocket,
@@ -155,18 +154,6 @@ pub struct UringWorker {
     files_registered: bool,
     stopping: bool,
     fatal: Option<Error>,
-}
-
-/// Buffer `bid` of the pool at `base` (`buf_len` bytes each) as a slice.
-///
-/// # Safety
-/// `bid` must be a buffer of the pool, owned by the engine
-/// ([`Owner::Engine`]): no operation in flight uses it, no other slice of it
-/// is alive while this one is, and the pool outlives it.
-unsafe fn buffer<'a>(base: *mut u8, buf_len: usize, bid: u16) -> &'a mut [u8] {
-    // SAFETY: forwarded from the caller: the range lies inside the pool and
-    // nobody else uses it.
-    unsafe { std::slice::from_raw_parts_mut(base.add(usize::from(bid) * buf_len), buf_len) }
 }
 
 impl UringWorker {
@@ -205,7 +192,7 @@ impl UringWorker {
 
         let per_group = (plan.opts.buffers / 2) as u16;
         let total = usize::from(per_group) * 2;
-        let pool = Region::new(total * plan.buf_len)
+        let pool = BufferPool::new(total, plan.buf_len)
             .map_err(|e| Error::io(format!("allocate buffer pool for {label}"), e))?;
         let mut plan = plan;
         if plan.fixed_buffers {
@@ -286,7 +273,6 @@ impl UringWorker {
             multishot_msg,
             split,
             pool,
-            owners: Owners::new(total),
             tun,
             udp,
             dp,
@@ -312,11 +298,6 @@ impl UringWorker {
         }
     }
 
-    fn buf_ptr(&self, bid: u16) -> *mut u8 {
-        // SAFETY: bid < 2 * per_group, so the offset stays inside `pool`.
-        unsafe { self.pool.ptr.add(usize::from(bid) * self.plan.buf_len) }
-    }
-
     fn is_tun_buf(&self, bid: u16) -> bool {
         bid < self.per_group
     }
@@ -329,11 +310,7 @@ impl UringWorker {
         } else {
             0
         };
-        // SAFETY: head (0 or 8) < buf_len, inside buffer `bid`.
-        (
-            unsafe { self.buf_ptr(bid).add(head) },
-            self.plan.buf_len - head,
-        )
+        self.pool.area(bid, head..self.plan.buf_len)
     }
 
     /// A provided-buffer ring holding buffers `first..first + per_group`,
@@ -444,7 +421,7 @@ impl UringWorker {
                 self.dp.stats().pool_exhausted.add(1);
                 break;
             };
-            self.owners.set(bid, Owner::Free, Owner::Kernel);
+            self.pool.set(bid, Owner::Free, Owner::Kernel);
             let (ptr, len) = self.read_area(bid);
             let len = len as u32;
             let e = if self.plan.fixed_buffers {
@@ -485,9 +462,8 @@ impl UringWorker {
                 self.dp.stats().pool_exhausted.add(1);
                 break;
             };
-            self.owners.set(bid, Owner::Free, Owner::Kernel);
-            let ptr = self.buf_ptr(bid);
-            let len = self.plan.buf_len;
+            self.pool.set(bid, Owner::Free, Owner::Kernel);
+            let (ptr, len) = self.pool.whole(bid);
             let slot = usize::from(bid - self.per_group);
             let timestamps = self.dp.wants_timestamps();
             let msg = self.rx[slot].msg.prepare_recv(ptr, len, timestamps);
@@ -522,7 +498,7 @@ impl UringWorker {
     /// Returns a buffer the engine owns to its group, re-arming a starved
     /// reader.
     fn recycle(&mut self, bid: u16) -> Result<()> {
-        self.owners.set(bid, Owner::Engine, Owner::Free);
+        self.pool.set(bid, Owner::Engine, Owner::Free);
         if self.is_tun_buf(bid) {
             if let Some(d) = self.tx[usize::from(bid)].taken.take() {
                 self.dp.tx_done(&d);
@@ -571,14 +547,10 @@ impl UringWorker {
             return self.recycle(bid);
         };
         let dest = self.tx[i].msg.set_dest(dest);
-        let base = self.buf_ptr(bid);
         let msg = match buf {
             TxBuf::Read => {
-                // SAFETY: the range lies inside buffer `bid`.
-                let data = unsafe { base.add(send.range.start) };
-                self.tx[i]
-                    .msg
-                    .prepare_send(data, send.range.len(), dest, send.gso_size)
+                let (data, len) = self.pool.area(bid, send.range.clone());
+                self.tx[i].msg.prepare_send(data, len, dest, send.gso_size)
             }
             TxBuf::Gather(_) => {
                 let Some(split) = self.split.as_ref().map(|s| s.ptr) else {
@@ -590,16 +562,17 @@ impl UringWorker {
                 let slot = &mut self.tx[i];
                 let mut n = 0;
                 for (h, p) in pieces.into_iter().flatten() {
-                    // SAFETY: the ranges lie inside the split area and the
-                    // buffer; at most MAX_GATHER_PIECES pieces per send.
-                    let (hp, pp) = unsafe { (headers.add(h.start), base.add(p.start)) };
+                    // SAFETY: a header range lies inside the split area; at
+                    // most MAX_GATHER_PIECES pieces per send.
+                    let hp = unsafe { headers.add(h.start) };
+                    let (pp, plen) = self.pool.area(bid, p);
                     slot.iov[n] = libc::iovec {
                         iov_base: hp.cast(),
                         iov_len: h.len(),
                     };
                     slot.iov[n + 1] = libc::iovec {
                         iov_base: pp.cast(),
-                        iov_len: p.len(),
+                        iov_len: plen,
                     };
                     n += 2;
                 }
@@ -608,7 +581,7 @@ impl UringWorker {
             }
         };
         self.tx[i].send = Some(send);
-        self.owners.set(bid, Owner::Engine, Owner::Kernel);
+        self.pool.set(bid, Owner::Engine, Owner::Kernel);
         let e = with_file!(self, UDP_SLOT, |f| opcode::SendMsg::new(f, msg).build());
         // SAFETY: the msghdr, iovecs and cmsg live in `tx[bid]` (a Vec never
         // resized after setup), the data in buffer `bid` and its split area,
@@ -838,12 +811,12 @@ impl UringWorker {
             let b = cqueue::buffer_select(flags);
             if let Some(b) = b {
                 reads.ring_avail = reads.ring_avail.saturating_sub(1);
-                self.owners.set(b, Owner::Free, Owner::Engine);
+                self.pool.set(b, Owner::Free, Owner::Engine);
             }
             b
         } else {
             reads.armed -= 1;
-            self.owners.set(bid, Owner::Kernel, Owner::Engine);
+            self.pool.set(bid, Owner::Kernel, Owner::Engine);
             Some(bid)
         };
         if res >= 0 {
@@ -902,7 +875,7 @@ impl UringWorker {
         if self.dp.flow_queueing() {
             // SAFETY: the read completed and the engine owns the buffer;
             // this shared view ends with the call.
-            let read = unsafe { buffer(self.pool.ptr, self.plan.buf_len, bid) };
+            let read = unsafe { self.pool.slice_mut(bid, self.plan.buf_len) };
             let now = self.dp.clock_ns();
             self.dp.tx_enqueue(u32::from(bid), read, len, now);
             return Ok(());
@@ -967,7 +940,7 @@ impl UringWorker {
         // split area of `bid` belongs to this buffer alone.
         let (read, split) = unsafe {
             (
-                buffer(self.pool.ptr, self.plan.buf_len, bid),
+                self.pool.slice_mut(bid, self.plan.buf_len),
                 match &self.split {
                     Some(s) => std::slice::from_raw_parts_mut(s.ptr.add(i * SPLIT_LEN), SPLIT_LEN),
                     None => &mut [][..],
@@ -985,7 +958,7 @@ impl UringWorker {
             }
             TunAction::Reflect(range) => {
                 self.tx[i].reflect = Some(range);
-                self.owners.set(bid, Owner::Engine, Owner::Kernel);
+                self.pool.set(bid, Owner::Engine, Owner::Kernel);
                 self.start_writes(bid, SINGLE_WRITE)
             }
             TunAction::Dropped => self.recycle(bid),
@@ -994,7 +967,7 @@ impl UringWorker {
 
     /// A send of TUN buffer `bid` completed.
     fn on_send(&mut self, bid: u16, res: i32) -> Result<()> {
-        self.owners.set(bid, Owner::Kernel, Owner::Engine);
+        self.pool.set(bid, Owner::Kernel, Owner::Engine);
         let i = usize::from(bid);
         let r = if res >= 0 {
             Ok(res as usize)
@@ -1051,7 +1024,7 @@ impl UringWorker {
         let len = res.min(self.plan.buf_len);
         // SAFETY: the receive completed and the engine owns the buffer; this
         // shared view ends before anything writes to it.
-        let buf = unsafe { std::slice::from_raw_parts(self.buf_ptr(bid), len) };
+        let buf: &[u8] = unsafe { self.pool.slice_mut(bid, len) };
         let out = RecvMsgOut::parse(buf, &self.multishot_msg).ok()?;
         let payload = out.payload_data();
         let offset = payload.as_ptr() as usize - buf.as_ptr() as usize;
@@ -1073,7 +1046,7 @@ impl UringWorker {
             let slot = usize::from(bid - self.per_group);
             // SAFETY: the receive completed and the engine owns the buffer;
             // this view ends with the call.
-            let buf = unsafe { buffer(self.pool.ptr, self.plan.buf_len, bid) };
+            let buf = unsafe { self.pool.slice_mut(bid, self.plan.buf_len) };
             let now = crate::engine::wall_clock_ns();
             self.dp.rx_enqueue(slot as u32, rx, buf, now);
             self.rx[slot].received = Some(rx.clone());
@@ -1116,7 +1089,7 @@ impl UringWorker {
         let slot = usize::from(bid - self.per_group);
         self.rx[slot].taken = taken;
         // SAFETY: the receive completed and the engine owns the buffer.
-        let buf = unsafe { buffer(self.pool.ptr, self.plan.buf_len, bid) };
+        let buf = unsafe { self.pool.slice_mut(bid, self.plan.buf_len) };
         let action = match &taken {
             Some(d) => self
                 .dp
@@ -1131,33 +1104,32 @@ impl UringWorker {
             RxAction::Write(range) => {
                 self.rx[slot].single = Some(range);
                 self.rx[slot].writes_in_flight = 1;
-                self.owners.set(bid, Owner::Engine, Owner::Kernel);
+                self.pool.set(bid, Owner::Engine, Owner::Kernel);
                 self.start_writes(bid, SINGLE_WRITE)
             }
             RxAction::Coalesced => {
-                let base = self.buf_ptr(bid);
                 let s = &mut self.rx[slot];
                 let c = &s.coalescer;
                 s.iov.clear();
                 for w in c.writes() {
                     for piece in c.pieces(w) {
-                        let (area, r) = match piece {
-                            Piece::Header(r) => (c.header_area().as_ptr(), r),
-                            Piece::Buffer(r) => (base.cast_const(), r),
+                        let (at, len) = match piece {
+                            Piece::Header(r) => {
+                                let h = &c.header_area()[r.clone()];
+                                (h.as_ptr().cast_mut(), h.len())
+                            }
+                            Piece::Buffer(r) => self.pool.area(bid, r.clone()),
                         };
-                        // SAFETY: a header range lies inside the header
-                        // area, a buffer range inside buffer `bid`.
-                        let at = unsafe { area.add(r.start) };
                         s.iov.push(libc::iovec {
-                            iov_base: at.cast_mut().cast(),
-                            iov_len: r.len(),
+                            iov_base: at.cast(),
+                            iov_len: len,
                         });
                     }
                 }
                 // A coalescer emits far fewer writes than a u16 counts.
                 let n = c.writes().len().min(usize::from(SINGLE_WRITE - 1));
                 self.rx[slot].writes_in_flight = n as u32;
-                self.owners.set(bid, Owner::Engine, Owner::Kernel);
+                self.pool.set(bid, Owner::Engine, Owner::Kernel);
                 self.start_writes(bid, n as u16)
             }
             RxAction::Dropped => self.recycle(bid),

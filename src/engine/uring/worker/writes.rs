@@ -89,24 +89,14 @@ impl UringWorker {
         if self.is_tun_buf(bid) {
             let slot = &self.tx[usize::from(bid)];
             let r = slot.reflect.clone()?;
-            // SAFETY: the range lies inside buffer `bid`.
-            let p = unsafe { self.buf_ptr(bid).add(r.start) };
-            return Some((
-                Source::Flat(p, r.len()),
-                WriteInfo::plain(r.len()),
-                slot.seq,
-            ));
+            let (p, len) = self.pool.area(bid, r);
+            return Some((Source::Flat(p, len), WriteInfo::plain(len), slot.seq));
         }
         let slot = &self.rx[usize::from(bid - self.per_group)];
         if index == SINGLE_WRITE {
             let r = slot.single.clone()?;
-            // SAFETY: the range lies inside buffer `bid`.
-            let p = unsafe { self.buf_ptr(bid).add(r.start) };
-            return Some((
-                Source::Flat(p, r.len()),
-                WriteInfo::plain(r.len()),
-                slot.seq,
-            ));
+            let (p, len) = self.pool.area(bid, r);
+            return Some((Source::Flat(p, len), WriteInfo::plain(len), slot.seq));
         }
         let w = slot.coalescer.writes().get(usize::from(index))?;
         let iov = slot.iov.get(w.pieces.clone())?;
@@ -304,7 +294,7 @@ impl UringWorker {
             }
             slot.single = None;
         }
-        self.owners.set(bid, Owner::Kernel, Owner::Engine);
+        self.pool.set(bid, Owner::Kernel, Owner::Engine);
         self.recycle(bid)
     }
 }
