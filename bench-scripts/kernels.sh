@@ -105,9 +105,11 @@ wait_for() {
 # A TCP listener on port 7000 in namespace b (state 0A in /proc/net/tcp).
 listening() { ip netns exec b cat /proc/net/tcp | grep -q ':1B58 00000000:0000 0A'; }
 
+# run_engine LABEL ENGINE [FLAGS...]: one tunnel's checks, reported under
+# LABEL (the engine's name, or a name for a rerun under other conditions).
 run_engine() {
-    engine=$1
-    shift
+    label=$1 engine=$2
+    shift 2
     for side in a b; do
         if [ $side = a ]; then me=1; peer=2; else me=2; peer=1; fi
         # exec: $! is tunfwd itself (busybox would keep a forked shell
@@ -119,21 +121,24 @@ run_engine() {
         eval "pid_$side=\$!"
     done
     if ! wait_for /tmp/a.err "tunnel up" || ! wait_for /tmp/b.err "tunnel up"; then
-        say "startup $engine fail $(cat /tmp/a.err /tmp/b.err | one_line)"
+        say "startup $label fail $(cat /tmp/a.err /tmp/b.err | one_line)"
         kill $pid_a $pid_b 2>/dev/null; wait
         return
     fi
-    say "startup $engine pass $(grep 'tunnel up' /tmp/a.err | sed 's/.*engine/engine/' | one_line)"
+    say "startup $label pass $(grep 'tunnel up' /tmp/a.err | sed 's/.*engine/engine/' | one_line)"
     # What the probe found and which fallbacks were taken, as tunfwd said it.
     grep -E 'io_uring|offload|poll engine' /tmp/a.err | while read -r line; do
-        say "log $engine info $line"
+        say "log $label info $line"
     done
-    if ip netns exec a ping -c 3 -W 10 198.19.0.2 > /tmp/p 2>&1; then
-        say "ping4 $engine pass $(grep 'packet loss' /tmp/p)"
-    else say "ping4 $engine fail $(one_line < /tmp/p)"; fi
-    if ip netns exec a ping -6 -c 3 -W 10 2001:db8:19::2 > /tmp/p 2>&1; then
-        say "ping6 $engine pass $(grep 'packet loss' /tmp/p)"
-    else say "ping6 $engine fail $(one_line < /tmp/p)"; fi
+    # Every echo answered: ping exits 0 on one reply of three.
+    if ip netns exec a ping -c 3 -W 10 198.19.0.2 > /tmp/p 2>&1 &&
+        grep -q ' 3 received, 0% packet loss' /tmp/p; then
+        say "ping4 $label pass $(grep 'packet loss' /tmp/p)"
+    else say "ping4 $label fail $(one_line < /tmp/p)"; fi
+    if ip netns exec a ping -6 -c 3 -W 10 2001:db8:19::2 > /tmp/p 2>&1 &&
+        grep -q ' 3 received, 0% packet loss' /tmp/p; then
+        say "ping6 $label pass $(grep 'packet loss' /tmp/p)"
+    else say "ping6 $label fail $(one_line < /tmp/p)"; fi
     rm -f /tmp/recv
     (exec /usr/bin/ip netns exec b socat -u TCP-LISTEN:7000,reuseaddr OPEN:/tmp/recv,creat,trunc) &
     r=$!
@@ -142,19 +147,19 @@ run_engine() {
     if ip netns exec a socat -u OPEN:/tmp/data TCP:198.19.0.2:7000 2> /tmp/s && wait $r; then
         got=$(sha256sum < /tmp/recv | cut -d ' ' -f 1)
         secs=$(( $(date +%s) - start ))
-        if [ "$got" = "$sum" ]; then say "tcp_verified $engine pass 8 MiB, sha256 equal, ${secs} s"
-        else say "tcp_verified $engine fail sha256 $got != $sum"; fi
+        if [ "$got" = "$sum" ]; then say "tcp_verified $label pass 8 MiB, sha256 equal, ${secs} s"
+        else say "tcp_verified $label fail sha256 $got != $sum"; fi
     else
-        say "tcp_verified $engine fail $(one_line < /tmp/s)"
+        say "tcp_verified $label fail $(one_line < /tmp/s)"
         kill $r 2>/dev/null
     fi
     kill -TERM $pid_a $pid_b
     wait $pid_a; rc_a=$?
     wait $pid_b; rc_b=$?
     if [ $rc_a = 0 ] && [ $rc_b = 0 ] && grep -q 'summary total' /tmp/a.out; then
-        say "stop $engine pass SIGTERM: exit 0 with a summary: $(grep 'summary total' /tmp/a.out | cut -c 1-200)"
+        say "stop $label pass SIGTERM: exit 0 with a summary: $(grep 'summary total' /tmp/a.out | cut -c 1-200)"
     else
-        say "stop $engine fail exit $rc_a/$rc_b: $(tail -c 300 /tmp/a.err | one_line) | $(one_line < /tmp/a.out)"
+        say "stop $label fail exit $rc_a/$rc_b: $(tail -c 300 /tmp/a.err | one_line) | $(one_line < /tmp/a.out)"
     fi
     # The ports are free again once the kernel has let go of the sockets.
     i=0
@@ -162,10 +167,10 @@ run_engine() {
         ip netns exec a grep -q ':1388 ' /proc/net/udp /proc/net/udp6 2>/dev/null ||
         ip netns exec b grep -q ':1388 ' /proc/net/udp /proc/net/udp6 2>/dev/null; do
         i=$((i + 1))
-        if [ $i -gt 600 ]; then say "port_released $engine fail UDP port 5000 still bound 60 s after exit"; break; fi
+        if [ $i -gt 600 ]; then say "port_released $label fail UDP port 5000 still bound 60 s after exit"; break; fi
         sleep 0.1
     done
-    [ $i -gt 0 ] && [ $i -le 600 ] && say "port_released $engine info UDP port 5000 free $((i / 10)) s after exit"
+    [ $i -gt 0 ] && [ $i -le 600 ] && say "port_released $label info UDP port 5000 free $((i / 10)) s after exit"
     return 0
 }
 
@@ -173,8 +178,22 @@ major=${kver%%.*}; rest=${kver#*.}; minor=${rest%%.*}
 old_kernel=no
 if [ "$major" -lt 6 ] || { [ "$major" -eq 6 ] && [ "$minor" -lt 7 ]; }; then old_kernel=yes; fi
 for engine in poll uring auto; do
-    run_engine $engine
+    run_engine $engine $engine
+    cp /tmp/a.err /tmp/$engine.err
 done
+# Offload as the README says: poll keeps it on every kernel (TSO; USO from
+# 6.2); the uring engine has it, with multishot reads, from 6.7 and not
+# before.
+if grep -q 'offload: TSO on' /tmp/poll.err; then
+    say "offload poll pass $(grep 'offload: TSO' /tmp/poll.err | one_line)"
+else say "offload poll fail $(one_line < /tmp/poll.err)"; fi
+if [ $old_kernel = no ]; then
+    if grep -q 'offload: TSO on' /tmp/uring.err && ! grep -q 'single-shot' /tmp/uring.err; then
+        say "offload uring pass multishot reads, $(grep 'offload: TSO' /tmp/uring.err | one_line)"
+    else say "offload uring fail $(one_line < /tmp/uring.err)"; fi
+elif grep -q 'offload: the uring engine needs multishot receives for it: off' /tmp/uring.err; then
+    say "offload uring pass off before 6.7, and said so"
+else say "offload uring fail $(one_line < /tmp/uring.err)"; fi
 # What auto chose: before 6.7 (no READ_MULTISHOT, so no offload for the
 # uring engine) poll, saying why; from 6.7 on, uring.
 if [ $old_kernel = yes ]; then
@@ -189,16 +208,15 @@ else say "auto_choice auto fail $(one_line < /tmp/a.err)"; fi
 # (before 6.7): the uring engine runs with single-shot reads and says so,
 # and offload is off for it; poll keeps offload.
 if [ $old_kernel = yes ]; then
-    run_engine uring > /dev/null 2>&1 || true
-    if grep -q 'no READ_MULTISHOT (Linux 6.7+): single-shot reads' /tmp/a.err &&
-        grep -q 'engine uring' /tmp/a.err; then
-        say "probe_single_shot uring pass $(grep 'single-shot' /tmp/a.err | one_line)"
-    else say "probe_single_shot uring fail $(one_line < /tmp/a.err)"; fi
+    if grep -q 'no READ_MULTISHOT (Linux 6.7+): single-shot reads' /tmp/uring.err &&
+        grep -q 'engine uring' /tmp/uring.err; then
+        say "probe_single_shot uring pass $(grep 'single-shot' /tmp/uring.err | one_line)"
+    else say "probe_single_shot uring fail $(one_line < /tmp/uring.err)"; fi
 fi
 # io_uring disabled by sysctl (Linux 6.6+): auto must take poll and say so.
 if [ -e /proc/sys/kernel/io_uring_disabled ]; then
     echo 2 > /proc/sys/kernel/io_uring_disabled
-    run_engine auto > /dev/null 2>&1 || true
+    run_engine auto-uring-disabled auto
     if grep -q 'using the poll engine' /tmp/a.err && grep -q 'engine poll' /tmp/a.err; then
         say "uring_disabled auto pass $(grep 'using the poll engine' /tmp/a.err | one_line)"
     else say "uring_disabled auto fail $(one_line < /tmp/a.err)"; fi

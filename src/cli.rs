@@ -497,7 +497,10 @@ struct TunnelArgs {
     /// comment; blank lines are skipped). Read at start; SIGHUP reads it
     /// again and swaps the whole table (peers added start, peers removed
     /// stop, the rest carry on); a file with an error is refused whole and
-    /// the old table stays.
+    /// the old table stays. Prefixes must have no host bits set. Limits:
+    /// 1,048,576 peers, and peers x --queues at most 1,048,576 (each worker
+    /// keeps 192 bytes of counters per peer: 192 MiB; a reload briefly
+    /// holds the old table too).
     #[arg(long, value_name = "FILE")]
     peers_file: Option<std::path::PathBuf>,
 

@@ -124,7 +124,8 @@ fn bench_quick_reports_every_figure_and_cleans_up() {
         let target = r["target"].as_str().unwrap();
         let tunfwd = target == "poll" || target == "uring";
         assert!(f(r, "seconds") > 0.0, "{r}");
-        assert!(f(r, "system_cpu_s") >= 0.0, "{r}");
+        // The load generators alone keep the machine busy during a row.
+        assert!(f(r, "system_cpu_s") > 0.0, "{r}");
         // Under a flood every probe may be lost: then there is no latency
         // and no ratio, and the row must say all were lost.
         let all_lost =
@@ -179,7 +180,12 @@ fn bench_quick_reports_every_figure_and_cleans_up() {
             other => panic!("unknown workload {other}"),
         }
         if tunfwd {
-            assert!(f(r, "forwarder_cpu_s") >= 0.0, "{r}");
+            // Throughput rows move hundreds of thousands of packets: that
+            // is CPU time the kernel's tick-based accounting cannot miss.
+            // (A latency row's few probes may cost less than one tick.)
+            if r["workload"] != "latency" {
+                assert!(f(r, "forwarder_cpu_s") > 0.0, "{r}");
+            }
             assert!(r["forwarder_packets"].as_u64().unwrap() > 0, "{r}");
             assert!(f(r, "forwarder_syscalls_per_packet") > 0.0, "{r}");
             // The workers measured their visits.

@@ -423,8 +423,21 @@ mod tests {
 
     #[test]
     fn own_cpu_time_is_readable() {
+        // Spend 50 ms of CPU (as getrusage counts it, in microseconds),
+        // then /proc's tick-based count must show at least 40 ms of it.
+        use nix::sys::resource::{UsageWho, getrusage};
+        let used = || {
+            let u = getrusage(UsageWho::RUSAGE_SELF).unwrap();
+            let us = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+            us(u.user_time()) + us(u.system_time())
+        };
+        let start = used();
+        let mut x = 0u64;
+        while used() - start < 0.05 {
+            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+        }
         let t = process_cpu_seconds(std::process::id() as i32);
-        assert!(t >= 0.0);
+        assert!(t >= 0.04, "{t} s of CPU after spending 50 ms");
         assert!(system_cpu_seconds() > 0.0);
         assert_eq!(process_cpu_seconds(-1), 0.0);
     }
