@@ -293,6 +293,15 @@ impl Mode {
     pub fn is_reflect(&self) -> bool {
         matches!(self, Mode::Reflect)
     }
+
+    /// How the mode carries packets (a reflector sends none; its packets
+    /// are IP).
+    pub fn encap(&self) -> crate::encap::Encap {
+        match self {
+            Mode::Tun { .. } | Mode::Reflect => crate::encap::Encap::Ip,
+            Mode::Tap { vni, .. } => crate::encap::Encap::Vxlan { vni: *vni },
+        }
+    }
 }
 
 impl TunnelConfig {

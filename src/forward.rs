@@ -8,9 +8,10 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use crate::encap::{Encap, Inner};
 use crate::packet::{IpPacket, ParseError};
 use crate::peers::{PeerId, PeerTable};
-use crate::types::{DropReason, canonical};
+use crate::types::{DropReason, Prefix, canonical};
 
 /// What becomes of a packet read from the TUN device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,22 +49,9 @@ impl From<ParseError> for DropReason {
     }
 }
 
-/// What the forwarder carries: the policy part of [`crate::config::Mode`].
-#[derive(Clone, Debug)]
-enum Kind {
-    /// IP packets; inner source prefixes accepted from the peer (empty: any).
-    Tun {
-        allowed_src: Vec<crate::types::Prefix>,
-    },
-    /// Ethernet frames in VXLAN with this VNI.
-    Tap { vni: u32 },
-    /// Answer packets from the TUN device; accept nothing from the network.
-    Reflect,
-}
-
-/// The per-worker forwarding policy: who the peers are (and which inner
-/// addresses each owns), how large a packet may be, and what the mode
-/// accepts.
+/// The per-worker forwarding policy: how packets are carried
+/// ([`Encap`]), who the peers are (and which inner addresses each owns),
+/// how large a packet may be, and which inner sources are accepted.
 #[derive(Clone, Debug)]
 pub struct Forwarder {
     mtu: usize,
@@ -72,7 +60,13 @@ pub struct Forwarder {
     queue: u16,
     /// The worker's socket is IPv6: IPv4 peers are `::ffff:a.b.c.d` to it.
     v6_socket: bool,
-    kind: Kind,
+    encap: Encap,
+    /// `--allow-src`: inner source prefixes accepted from the peer (empty:
+    /// any).
+    allowed_src: Vec<Prefix>,
+    /// A reflector: answers packets from the device, accepts nothing from
+    /// the network.
+    reflect: bool,
 }
 
 impl Forwarder {
@@ -80,36 +74,31 @@ impl Forwarder {
     /// source whose datagrams reach the TUN device, and where every packet
     /// goes (a point-to-point tunnel).
     pub fn new(mtu: usize, peer: SocketAddr) -> Self {
-        Forwarder::with_kind(
-            mtu,
-            Arc::new(PeerTable::single(peer, false)),
-            Kind::Tun {
-                allowed_src: Vec::new(),
-            },
-        )
+        Forwarder::with_encap(mtu, Arc::new(PeerTable::single(peer, false)), Encap::Ip)
     }
 
-    fn with_kind(mtu: usize, peers: Arc<PeerTable>, kind: Kind) -> Self {
+    fn with_encap(mtu: usize, peers: Arc<PeerTable>, encap: Encap) -> Self {
         Forwarder {
             mtu,
             peers,
             queue: 0,
             v6_socket: false,
-            kind,
+            encap,
+            allowed_src: Vec::new(),
+            reflect: false,
         }
     }
 
     /// The forwarder for a configured mode, talking to `peers`.
     pub fn for_mode(mode: &crate::config::Mode, mtu: usize, peers: Arc<PeerTable>) -> Self {
         use crate::config::Mode;
-        let kind = match mode {
-            Mode::Tun { allowed_src } => Kind::Tun {
-                allowed_src: allowed_src.clone(),
-            },
-            Mode::Tap { vni, .. } => Kind::Tap { vni: *vni },
-            Mode::Reflect => Kind::Reflect,
-        };
-        Forwarder::with_kind(mtu, peers, kind)
+        let mut f = Forwarder::with_encap(mtu, peers, mode.encap());
+        match mode {
+            Mode::Tun { allowed_src } => f.allowed_src = allowed_src.clone(),
+            Mode::Reflect => f.reflect = true,
+            Mode::Tap { .. } => {}
+        }
+        f
     }
 
     /// Talks to the peers of `table` (TAP mode: one, matched by address).
@@ -147,10 +136,11 @@ impl Forwarder {
 
     /// Accept from the peer only packets whose source address is inside one
     /// of `prefixes` (`--allow-src`, like WireGuard's AllowedIPs); the rest
-    /// are dropped as `source_not_allowed`. Empty: any source. TUN mode only.
-    pub fn with_allowed_sources(mut self, prefixes: Vec<crate::types::Prefix>) -> Self {
-        if let Kind::Tun { allowed_src } = &mut self.kind {
-            *allowed_src = prefixes;
+    /// are dropped as `source_not_allowed`. Empty: any source. Only where
+    /// IP packets are carried.
+    pub fn with_allowed_sources(mut self, prefixes: Vec<Prefix>) -> Self {
+        if self.encap.carries_ip() {
+            self.allowed_src = prefixes;
         }
         self
     }
@@ -161,48 +151,47 @@ impl Forwarder {
     /// it sends ([`Forwarder::write_encap`]) and strips as many from every
     /// datagram it writes to the device.
     pub fn vxlan(mtu: usize, peer: SocketAddr, vni: u32) -> Self {
-        Forwarder::with_kind(
+        Forwarder::with_encap(
             mtu,
             Arc::new(PeerTable::single(peer, true)),
-            Kind::Tap { vni },
+            Encap::Vxlan { vni },
         )
     }
 
-    /// Bytes of encapsulation before each packet on the wire (0 or 8).
-    pub fn encap_len(&self) -> usize {
-        match self.kind {
-            Kind::Tap { .. } => crate::packet::vxlan::HEADER_LEN,
-            _ => 0,
-        }
+    /// How packets are carried.
+    pub fn encap(&self) -> Encap {
+        self.encap
     }
 
-    /// The largest packet or frame the device hands over or accepts: the
-    /// MTU, plus an Ethernet header and one VLAN tag in TAP mode.
+    /// Bytes of encapsulation before each packet on the wire.
+    pub fn encap_len(&self) -> usize {
+        self.encap.header_len()
+    }
+
+    /// The largest packet or frame the device hands over or accepts
+    /// ([`Encap::max_inner_len`]).
     pub fn max_frame_len(&self) -> usize {
-        match self.kind {
-            Kind::Tap { .. } => self.mtu + crate::packet::vxlan::ETH_HEADER_LEN + 4,
-            _ => self.mtu,
-        }
+        self.encap.max_inner_len(self.mtu)
     }
 
     /// The largest datagram accepted from the peer: a largest frame behind
     /// the encapsulation header. Receive buffers are sized from this.
     pub fn max_datagram_len(&self) -> usize {
-        self.encap_len() + self.max_frame_len()
+        self.encap.max_datagram_len(self.mtu)
     }
 
     /// Writes the encapsulation header into `out[..encap_len()]`.
     pub fn write_encap(&self, out: &mut [u8]) {
-        if let Kind::Tap { vni } = self.kind {
-            crate::packet::vxlan::write_header(out, vni);
-        }
+        self.encap.write_header(out);
     }
 
     /// A reflector (`tunfwd reflect`): packets from the TUN device are
     /// answered back into it (see [`crate::reflect`]); nothing is accepted
     /// from the network (`peer` only names the unused socket's partner).
     pub fn reflector(mtu: usize, peer: SocketAddr) -> Self {
-        Forwarder::with_kind(mtu, Arc::new(PeerTable::single(peer, false)), Kind::Reflect)
+        let mut f = Forwarder::new(mtu, peer);
+        f.reflect = true;
+        f
     }
 
     pub fn mtu(&self) -> usize {
@@ -226,32 +215,29 @@ impl Forwarder {
     }
 
     /// The peer a packet read from the TUN device goes to: the longest
-    /// prefix holding its destination (TUN mode; the one peer otherwise).
-    /// The packet passed [`Forwarder::handle_from_tun`].
+    /// prefix holding its destination (IP packets; the one peer
+    /// otherwise). The packet passed [`Forwarder::handle_from_tun`].
     #[inline]
     pub fn route(&self, packet: &[u8]) -> Result<PeerId, DropReason> {
-        match self.kind {
-            Kind::Tun { .. } => self.peers.route_packet(packet).ok_or(DropReason::NoRoute),
-            _ => Ok(0),
+        if self.encap.carries_ip() && !self.reflect {
+            self.peers.route_packet(packet).ok_or(DropReason::NoRoute)
+        } else {
+            Ok(0)
         }
     }
 
-    /// True if packets from the peer are IP packets (TUN mode), which an
-    /// AQM can mark.
+    /// True if packets from the peer are IP packets, which an AQM can
+    /// mark.
     pub fn carries_ip(&self) -> bool {
-        matches!(self.kind, Kind::Tun { .. })
+        self.encap.carries_ip() && !self.reflect
     }
 
     /// A packet the kernel routed into the TUN device (a frame, in TAP
     /// mode), checked for forwarding. A reflector answers packets, which
     /// needs [`Forwarder::handle_from_tun_mut`].
     pub fn handle_from_tun(&self, packet: &[u8]) -> TunVerdict {
-        let checked = match self.kind {
-            Kind::Tap { .. } => self.check_frame(packet),
-            _ => self.check(packet).map(|_| ()),
-        };
-        match checked {
-            Ok(()) => TunVerdict::ToPeer,
+        match self.encap.check_inner(packet, self.mtu) {
+            Ok(_) => TunVerdict::ToPeer,
             Err(reason) => TunVerdict::Drop(reason),
         }
     }
@@ -259,10 +245,10 @@ impl Forwarder {
     /// A packet from the TUN device that the verdict may rewrite in place
     /// (the reflector answers it); otherwise as [`Forwarder::handle_from_tun`].
     pub fn handle_from_tun_mut(&self, packet: &mut [u8]) -> TunVerdict {
-        if !matches!(self.kind, Kind::Reflect) {
+        if !self.reflect {
             return self.handle_from_tun(packet);
         }
-        if let Err(reason) = self.check(packet) {
+        if let Err(reason) = self.encap.check_inner(packet, self.mtu) {
             return TunVerdict::Drop(reason);
         }
         match crate::reflect::reflect(packet) {
@@ -279,42 +265,33 @@ impl Forwarder {
     /// A datagram from `peer` (as [`Forwarder::source_peer`] found it; None:
     /// from no peer).
     pub fn handle_from(&self, peer: Option<PeerId>, datagram: &[u8]) -> PeerVerdict {
-        let Some(peer) = peer else {
-            return PeerVerdict::Drop(DropReason::NotFromPeer);
-        };
-        let checked = match &self.kind {
-            Kind::Reflect => Err(DropReason::NotFromPeer),
-            Kind::Tap { vni } => {
-                use crate::packet::vxlan::{self, VxlanError};
-                match vxlan::check(datagram, *vni) {
-                    Ok(()) => self.check_frame(&datagram[vxlan::HEADER_LEN..]),
-                    Err(VxlanError::Truncated) => Err(DropReason::Truncated),
-                    Err(VxlanError::BadFlags) => Err(DropReason::BadVxlan),
-                    Err(VxlanError::WrongVni) => Err(DropReason::WrongVni),
-                }
-            }
-            Kind::Tun { allowed_src } => match self.check(datagram) {
-                Ok(p) if source_allowed(allowed_src, &p) && self.peers.accepts(peer, p.src()) => {
-                    Ok(())
-                }
-                Ok(_) => Err(DropReason::SourceNotAllowed),
-                Err(reason) => Err(reason),
-            },
-        };
-        match checked {
+        match self.accept(peer, datagram) {
             Ok(()) => PeerVerdict::ToTun,
             Err(reason) => PeerVerdict::Drop(reason),
         }
     }
 
-    /// The peer a datagram from `src` came from: its address and port (the
-    /// peer's port + this worker's queue). VXLAN senders pick the UDP source
-    /// port from a flow hash (RFC 7348), so in TAP mode only the peer's
-    /// address must match.
+    fn accept(&self, peer: Option<PeerId>, datagram: &[u8]) -> Result<(), DropReason> {
+        let peer = peer
+            .filter(|_| !self.reflect)
+            .ok_or(DropReason::NotFromPeer)?;
+        let inner = self.encap.open(datagram)?;
+        match self.encap.check_inner(inner, self.mtu)? {
+            Inner::Ip(p) if !source_allowed(&self.allowed_src, &p) => {
+                Err(DropReason::SourceNotAllowed)
+            }
+            Inner::Ip(p) if !self.peers.accepts(peer, p.src()) => Err(DropReason::SourceNotAllowed),
+            Inner::Ip(_) | Inner::Frame => Ok(()),
+        }
+    }
+
+    /// The peer a datagram from `src` came from: its address and, where the
+    /// way of carrying fixes it ([`Encap::fixed_source_port`]), its port
+    /// (the peer's port + this worker's queue).
     #[inline]
     pub fn source_peer(&self, src: SocketAddr) -> Option<PeerId> {
         let mut src = canonical(src);
-        if self.queue > 0 && !matches!(self.kind, Kind::Tap { .. }) {
+        if self.queue > 0 && self.encap.fixed_source_port() {
             src.set_port(src.port().checked_sub(self.queue)?);
         }
         self.peers.find(src)
@@ -324,34 +301,10 @@ impl Forwarder {
     pub fn is_peer(&self, src: SocketAddr) -> bool {
         self.source_peer(src).is_some()
     }
-
-    /// An Ethernet frame: at least a header, at most MTU + header + one
-    /// VLAN tag.
-    fn check_frame(&self, frame: &[u8]) -> Result<(), DropReason> {
-        use crate::packet::vxlan::ETH_HEADER_LEN;
-        if frame.is_empty() {
-            return Err(DropReason::Empty);
-        }
-        if frame.len() < ETH_HEADER_LEN {
-            return Err(DropReason::Truncated);
-        }
-        if frame.len() > self.max_frame_len() {
-            return Err(DropReason::OverMtu);
-        }
-        Ok(())
-    }
-
-    fn check<'a>(&self, bytes: &'a [u8]) -> Result<IpPacket<'a>, DropReason> {
-        let packet = IpPacket::new_checked(bytes)?;
-        if packet.len() > self.mtu {
-            return Err(DropReason::OverMtu);
-        }
-        Ok(packet)
-    }
 }
 
 /// `--allow-src`: true if no prefixes are set or one holds the source.
-fn source_allowed(allowed: &[crate::types::Prefix], packet: &IpPacket<'_>) -> bool {
+fn source_allowed(allowed: &[Prefix], packet: &IpPacket<'_>) -> bool {
     allowed.is_empty() || {
         let src = packet.src();
         allowed.iter().any(|prefix| prefix.contains(src))

@@ -1,39 +1,63 @@
 //! tunfwd: a userspace packet forwarder between a TUN device and a UDP peer.
 //!
 //! # Layers, top to bottom
+//! Each layer imports only layers below it; `tests/layers.rs` fails the
+//! build's test run on any import cycle between top-level modules.
+//!
+//! ```text
+//! cli, configfile        flags and the TOML file -> a config::TunnelConfig
+//! runtime                stages: sockets, device, workers, reporting
+//!   metrics, report      Prometheus; stats lines and summary (both read report::Sources)
+//! engine::{poll,uring}   wait, submit, own buffers; no forwarding decision
+//! datapath/              what every read, receive and I/O result means
+//!   tx, rx, queues, visit    TUN side, UDP side, flow queues + overload, visits
+//! fq, aqm                flow queues (DRR, sparse flows first) and CoDel
+//! forward, encap, peers  policy per packet, ways of carrying it, the peer table
+//! config                 checked configuration (no I/O)
+//! device, platform, sys  the OS: TUN devices, sockets, the few libc calls
+//! packet, stats, types   bytes (views, checksums, offload), counters, plain types
+//! ```
+//!
 //! - [`cli`] parses arguments into a [`config::TunnelConfig`]; its
 //!   [`config::Mode`] says what moves (IP packets, Ethernet frames in VXLAN,
-//!   or reflected packets).
-//! - [`configfile`] turns `--config FILE` (TOML, keys are the long flag
-//!   names) into arguments in front of the command line's, so clap checks
-//!   everything once.
-//! - [`runtime`] opens the [`device`] and sockets, starts one worker per TUN
-//!   queue ([`engine::spawn_worker`]), turns SIGINT/SIGTERM into a clean
-//!   stop and SIGHUP into a peers reload, and prints [`stats`] (text or
-//!   JSON); [`metrics`] serves the same counters to Prometheus from a
-//!   thread of its own.
+//!   or reflected packets). [`configfile`] turns `--config FILE` into
+//!   arguments in front of the command line's, so clap checks everything
+//!   once.
+//! - [`runtime`] opens the sockets and the [`device`], starts one worker per
+//!   TUN queue ([`engine::spawn_worker`]), turns SIGINT/SIGTERM into a clean
+//!   stop and SIGHUP into a peers reload, and reports through [`report`]
+//!   (text or JSON); [`metrics`] serves the same sources to Prometheus.
 //! - [`engine`] waits, submits and owns buffers: [`engine::poll`] with
-//!   `poll(2)` (everywhere), `engine::uring` with io_uring (Linux). Engines
-//!   make no forwarding decision and count nothing themselves.
+//!   `poll(2)` (everywhere), `engine::uring` with io_uring (Linux).
 //! - [`datapath`] is what both engines call, once per read or receive and
-//!   once per I/O result: what a TUN read becomes (datagrams to send, cut by
-//!   GSO size), what a UDP receive becomes (TUN writes, coalesced), what an
-//!   error means, and every counter. No I/O; tested without root.
-//! - [`fq`] is the queue management the datapath applies between a read (or
-//!   receive) and its send (or TUN write) with `--aqm fq-codel`: per-flow
-//!   queues over the engine's buffer numbers, deficit round robin with
-//!   priority for sparse flows, CoDel per flow ([`aqm`]), overload drops.
-//!   Pure, with the clock passed in.
-//! - [`peers`] is the peer table: which peer an inner destination goes to
-//!   (longest-prefix match, both families), which peer a datagram came
-//!   from, and per-peer counters. Built once per (re)load and swapped
-//!   whole; a single peer without prefixes is the point-to-point tunnel.
-//! - [`forward`] decides per packet (verdicts per direction) and
-//!   [`packet`] holds the checked views, checksums, and offload (split and
-//!   coalesce): pure code over byte slices, unit-tested and fuzzed ([`fuzz`]).
-//! - [`device`] opens and configures TUN/TAP devices with ioctls (never `ip`).
+//!   once per I/O result, with the time passed in: no I/O; tested without
+//!   root.
+//! - [`fq`] and [`aqm`]: the queue management the datapath applies between
+//!   a read (or receive) and its send (or TUN write). Pure, clock passed in.
+//! - [`forward`] decides per packet; [`encap`] is how a packet is carried
+//!   (plain IP, VXLAN): header length, largest datagram, what is written in
+//!   front and what is checked and stripped; [`peers`] routes by inner
+//!   address and finds the sender. [`packet`] holds the checked views,
+//!   checksums and offload (split and coalesce). All pure, unit-tested and
+//!   fuzzed ([`fuzz`]).
+//! - [`stats`] declares every counter once; [`types`] holds addresses,
+//!   prefixes, drop reasons. Neither imports anything above it.
 //! - `sys` and `platform` are the only modules that call the OS directly;
-//!   `unsafe` lives there and in the io_uring engine.
+//!   `unsafe` lives there and in the io_uring engine's files that say so.
+//!
+//! # How to add
+//! - **A counter**: one line in a `counters!` table of [`stats`] (a key, its
+//!   Prometheus family, help) and its increment where it happens; the text
+//!   and JSON stats and `/metrics` follow.
+//! - **A drop reason**: a variant of [`types::DropReason`] (its name and
+//!   `ALL`), and the place that returns it.
+//! - **An encapsulation**: a variant of [`encap::Encap`] with its cases in
+//!   that file (header length, largest datagram, write, open, checks), and a
+//!   [`config::Mode`] that selects it; the forwarder and the datapath ask
+//!   the `Encap` and match on nothing.
+//! - **An engine**: a module under [`engine`] that owns buffers and waits its
+//!   own way, calling the [`datapath::Datapath`] entries in the order its
+//!   module doc states, and a case of [`engine::Engine`].
 //!
 //! # Data path
 //! With `--aqm fq-codel` (the default in TUN mode) every read and receive
@@ -79,6 +103,7 @@ pub mod config;
 pub mod configfile;
 pub mod datapath;
 pub mod device;
+pub mod encap;
 pub mod engine;
 pub mod error;
 pub mod forward;

@@ -1,6 +1,6 @@
-//! What a running tunnel reports, and where it reads it: [`Sources`] (every
+//! What a running tunnel reports, and where it reads it: `Sources` (every
 //! worker's counters, the peer table, the kernel's drop counters) is shared
-//! by the periodic stats lines, the summary ([`Reporter`], text or JSON)
+//! by the periodic stats lines, the summary (`Reporter`, text or JSON)
 //! and the Prometheus server ([`crate::metrics`]). Reading never blocks a
 //! worker.
 

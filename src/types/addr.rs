@@ -7,6 +7,24 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 
+/// `ADDRESS/LENGTH` split and checked: an IPv4 or IPv6 address and a
+/// length that fits its family (`example` shows the form in the error).
+fn address_and_length(s: &str, example: &str) -> Result<(IpAddr, u8), String> {
+    let (addr, len) = s
+        .split_once('/')
+        .ok_or_else(|| format!("{s:?} is not ADDRESS/PREFIX (e.g. {example})"))?;
+    let addr: IpAddr = addr
+        .parse()
+        .map_err(|_| format!("{addr:?} is not an IPv4 or IPv6 address"))?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let len: u8 = len
+        .parse()
+        .ok()
+        .filter(|&p| p <= max)
+        .ok_or_else(|| format!("prefix length {len:?} is not a number from 0 to {max}"))?;
+    Ok((addr, len))
+}
+
 /// An interface address with prefix length, `198.19.0.1/24` or `2001:db8::1/64`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Cidr {
@@ -18,17 +36,7 @@ impl FromStr for Cidr {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        let (addr, prefix) = s
-            .split_once('/')
-            .ok_or_else(|| format!("{s:?} is not ADDRESS/PREFIX (e.g. 198.19.0.1/24)"))?;
-        let addr: IpAddr = addr
-            .parse()
-            .map_err(|_| format!("{addr:?} is not an IPv4 or IPv6 address"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix_len: u8 =
-            prefix.parse().ok().filter(|&p| p <= max).ok_or_else(|| {
-                format!("prefix length {prefix:?} is not a number from 0 to {max}")
-            })?;
+        let (addr, prefix_len) = address_and_length(s, "198.19.0.1/24")?;
         if addr.is_unspecified() || addr.is_multicast() {
             return Err(format!("{addr} cannot be an interface address"));
         }
@@ -120,23 +128,8 @@ impl FromStr for Prefix {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        let (addr, len) = s
-            .split_once('/')
-            .ok_or_else(|| format!("{s:?} is not ADDRESS/PREFIX (e.g. 198.19.0.0/24)"))?;
-        let addr: IpAddr = addr
-            .parse()
-            .map_err(|_| format!("{addr:?} is not an IPv4 or IPv6 address"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let len: u8 = len
-            .parse()
-            .ok()
-            .filter(|&p| p <= max)
-            .ok_or_else(|| format!("prefix length {len:?} is not a number from 0 to {max}"))?;
-        let net = match addr {
-            IpAddr::V4(a) => IpAddr::from(std::net::Ipv4Addr::from(u32::from(a) & v4_mask(len))),
-            IpAddr::V6(a) => IpAddr::from(std::net::Ipv6Addr::from(u128::from(a) & v6_mask(len))),
-        };
-        Ok(Prefix { net, len })
+        let (addr, len) = address_and_length(s, "198.19.0.0/24")?;
+        Prefix::new(addr, len).ok_or_else(|| format!("{s:?}: prefix length out of range"))
     }
 }
 

@@ -1,0 +1,223 @@
+//! The flow queues of both sides over the engine's buffers, and overload:
+//! the device's ring dropping, read from its counter.
+
+use super::*;
+
+/// Overload lasts this long after the kernel last dropped at the TUN
+/// device's full ring: while it does, a read that finds no free buffer
+/// drops the fattest flow's head to make room.
+pub const OVERLOAD_HOLD_NS: u64 = 100_000_000;
+
+/// How often the engine reads the device's drop counter
+/// ([`Datapath::ring_check_due`]).
+pub const RING_CHECK_NS: u64 = 10_000_000;
+
+/// One side's flow queues (see [`crate::fq`]) over the engine's buffers
+/// of that side, with what is in flight and the overload state.
+#[derive(Debug)]
+pub(super) struct FlowQueue {
+    pub(super) q: crate::fq::FlowQueues,
+    pub(super) keys: std::collections::hash_map::RandomState,
+    /// Buffers dequeued that the engine has not handed back, and the most
+    /// that may be: half the pool, so that the other half can hold queued
+    /// packets (and a backlog can be dropped from) while sends are slow.
+    pub(super) in_flight_buffers: usize,
+    pub(super) max_in_flight_buffers: usize,
+    /// Bytes dequeued that the engine has not handed back, and
+    /// the most bytes that may be (a fixed BQL: enough to keep the
+    /// destination busy; the rest waits here, where a sparse flow can pass
+    /// it).
+    pub(super) in_flight: usize,
+    pub(super) in_flight_limit: usize,
+    /// Overload: when the kernel last dropped at the queue in front of
+    /// this side (the TUN device's ring overflowed), as the engine found
+    /// by reading the device's drop counter.
+    pub(super) ring_dropped_ns: Option<u64>,
+}
+
+impl FlowQueue {
+    pub(super) fn new(
+        buffers: usize,
+        p: crate::aqm::CodelParams,
+        in_flight_limit: usize,
+    ) -> FlowQueue {
+        FlowQueue {
+            q: crate::fq::FlowQueues::new(buffers, p),
+            keys: Default::default(),
+            in_flight: 0,
+            in_flight_limit,
+            in_flight_buffers: 0,
+            max_in_flight_buffers: (buffers / 2).max(1),
+            ring_dropped_ns: None,
+        }
+    }
+
+    /// Queues buffer `id`, `len` bytes whose (first) IP packet is `pkt`,
+    /// arrived at `at_ns`.
+    pub(super) fn enqueue(
+        &mut self,
+        id: u32,
+        pkt: &[u8],
+        len: usize,
+        at_ns: u64,
+        stats: &DirectionStats,
+    ) {
+        let hash = crate::fq::flow_hash(&self.keys, pkt);
+        let can_signal = !crate::aqm::is_tcp_without_data(pkt);
+        self.q.enqueue(id, hash, len, can_signal, at_ns);
+        stats.queue_max.record(self.q.len() as u64);
+        stats.queued.set(self.q.len() as u64);
+    }
+
+    /// Publishes what is queued and in flight (gauges for the metrics).
+    #[inline]
+    pub(super) fn publish(&self, stats: &DirectionStats) {
+        stats.queued.set(self.q.len() as u64);
+        stats.in_flight_buffers.set(self.in_flight_buffers as u64);
+        stats.in_flight_bytes.set(self.in_flight as u64);
+    }
+
+    pub(super) fn next(
+        &mut self,
+        now_ns: u64,
+        stats: &DirectionStats,
+    ) -> Option<crate::fq::Dequeued> {
+        if self.in_flight >= self.in_flight_limit
+            || self.in_flight_buffers >= self.max_in_flight_buffers
+        {
+            return None;
+        }
+        let d = self.q.dequeue(now_ns)?;
+        self.in_flight += d.bytes;
+        self.in_flight_buffers += 1;
+        stats.queue_delay.record(d.sojourn_ns);
+        self.publish(stats);
+        Some(d)
+    }
+
+    pub(super) fn done(&mut self, d: &crate::fq::Dequeued, stats: &DirectionStats) {
+        self.in_flight = self.in_flight.saturating_sub(d.bytes);
+        self.in_flight_buffers = self.in_flight_buffers.saturating_sub(1);
+        self.publish(stats);
+    }
+
+    pub(super) fn make_room(&mut self, now_ns: u64, stats: &DirectionStats) -> Option<u32> {
+        let t = self.ring_dropped_ns?;
+        if now_ns.saturating_sub(t) >= OVERLOAD_HOLD_NS {
+            return None;
+        }
+        let id = self.q.drop_fattest()?;
+        stats.drop(DropReason::Overload);
+        self.publish(stats);
+        Some(id)
+    }
+}
+
+impl Datapath {
+    /// Queues TUN reads and receives per flow with CoDel `params` (TUN
+    /// mode only: the packets must be IP to be told apart and marked),
+    /// handing out at most `in_flight` bytes per side not yet sent or
+    /// written, once the engine attaches its buffers.
+    pub fn with_flow_queues(
+        mut self,
+        params: Option<crate::aqm::CodelParams>,
+        in_flight: usize,
+    ) -> Self {
+        self.fq_params = params.filter(|_| self.fwd.carries_ip());
+        self.fq_in_flight = in_flight.max(1);
+        self
+    }
+
+    /// True if flow queueing was asked for (the engine then sizes its TUN
+    /// side's buffers for the queues and attaches them).
+    pub fn flow_queueing_requested(&self) -> bool {
+        self.fq_params.is_some()
+    }
+
+    /// The engine reads the TUN device into `buffers` buffers, numbered
+    /// from 0: with flow queueing on, they are what the queues hold.
+    pub fn attach_tx_buffers(&mut self, buffers: usize) {
+        let limit = self.fq_in_flight;
+        self.txq = self.fq_params.map(|p| FlowQueue::new(buffers, p, limit));
+    }
+
+    /// The engine receives from the socket into `buffers` buffers,
+    /// numbered from 0: with flow queueing on (and the kernel's arrival
+    /// timestamps, which the queues' clock is), they are what the receive
+    /// side's flow queues hold.
+    pub fn attach_rx_buffers(&mut self, buffers: usize) {
+        let limit = self.fq_in_flight;
+        self.rxq = self
+            .fq_params
+            .filter(|_| self.aqm.is_some())
+            .map(|p| FlowQueue::new(buffers, p, limit));
+    }
+
+    /// True if receives go through flow queues: the engine queues each
+    /// ([`Datapath::rx_enqueue`]) and handles what [`Datapath::rx_next`]
+    /// hands out ([`Datapath::handle_dequeued_receive`]).
+    pub fn rx_flow_queueing(&self) -> bool {
+        self.rxq.is_some()
+    }
+
+    /// Receives in the flow queues.
+    pub fn rx_queued(&self) -> usize {
+        self.rxq.as_ref().map_or(0, |q| q.q.len())
+    }
+
+    /// True every [`RING_CHECK_NS`] with flow queueing on: the engine then
+    /// reads the device's drop counter (`crate::platform::device_tx_drops`)
+    /// and reports it with [`Datapath::tx_ring_drops`].
+    pub fn ring_check_due(&mut self, now_ns: u64) -> bool {
+        if self.txq.is_none() || self.device.is_empty() {
+            return false;
+        }
+        if now_ns.saturating_sub(self.ring_checked_ns) < RING_CHECK_NS {
+            return false;
+        }
+        self.ring_checked_ns = now_ns;
+        true
+    }
+
+    /// The device's transmit drop counter was `count` at `now_ns` (None:
+    /// unreadable): an increase is the ring overflowing, which starts (or
+    /// continues) overload.
+    pub fn tx_ring_drops(&mut self, count: Option<u64>, now_ns: u64) {
+        let Some(count) = count else { return };
+        let before = self.ring_drops.replace((count, now_ns));
+        // Only an increase since a recent reading is current: after a
+        // quiet spell (no visits, no readings) it may be long past.
+        let rose = before
+            .is_some_and(|(b, at)| count > b && now_ns.saturating_sub(at) <= 2 * RING_CHECK_NS);
+        if let (true, Some(q)) = (rose, self.txq.as_mut()) {
+            q.ring_dropped_ns = Some(now_ns);
+        }
+    }
+
+    /// True if TUN reads go through the flow queues: the engine queues
+    /// each read ([`Datapath::tx_enqueue`]) and sends what
+    /// [`Datapath::tx_next`] hands out ([`Datapath::handle_dequeued`]).
+    pub fn flow_queueing(&self) -> bool {
+        self.txq.is_some()
+    }
+
+    /// Packets in the flow queues.
+    pub fn tx_queued(&self) -> usize {
+        self.txq.as_ref().map_or(0, |t| t.q.len())
+    }
+
+    /// No buffer is free for the next TUN read at `now_ns`. Normally None:
+    /// the device's ring holds the rest until buffers come back (a burst).
+    /// In overload (the ring overflowed within [`OVERLOAD_HOLD_NS`]: the
+    /// sender does not answer CoDel, and a ping waits behind a full FIFO
+    /// ring or is dropped there): drops the head of the flow with the most
+    /// bytes queued, counted as `overload`, and returns its buffer for the
+    /// next read, so the device is read promptly, the flood loses what it
+    /// must in tunfwd's queue instead of everyone in the ring, and no work
+    /// is spent on what is dropped.
+    pub fn tx_make_room(&mut self, now_ns: u64) -> Option<u32> {
+        self.txq
+            .as_mut()?
+            .make_room(now_ns, &self.stats.tun_to_peer)
+    }
+}
