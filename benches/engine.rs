@@ -18,7 +18,7 @@ mod linux {
     use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
     use nix::sys::socket::{setsockopt, sockopt};
     use tunfwd::config::{EngineKind, Toggle, UringFlags};
-    use tunfwd::datapath::{Datapath, VisitLimits};
+    use tunfwd::datapath::{Datapath, Framing, VisitLimits};
     use tunfwd::engine::fake::FakeTun;
     use tunfwd::engine::{Engine, EngineWanted, Shutdown, WorkerEvent, WorkerParts, spawn_worker};
     use tunfwd::forward::Forwarder;
@@ -53,7 +53,7 @@ mod linux {
                     busy_poll: false,
                     offload: Toggle::Off,
                 };
-                let engine = match Engine::select(&want, &fwd, 1) {
+                let engine = match Engine::select(&want, Framing::of(&fwd), 1) {
                     Ok(e) => e,
                     Err(e) => {
                         eprintln!("skipping {kind:?}: {e}");

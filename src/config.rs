@@ -320,8 +320,19 @@ impl TunnelConfig {
         })
     }
 
-    /// Checks the combination of options. Called once before setup.
+    /// Checks the combination of options, one part at a time (the device,
+    /// the engine, queue management, the peers, the platform). Called once
+    /// before setup.
     pub fn validate(&self) -> Result<()> {
+        self.validate_device()?;
+        self.validate_engine()?;
+        self.validate_queueing()?;
+        self.validate_peers()?;
+        self.validate_platform()
+    }
+
+    /// MTU, addresses, transmit queue, TAP's VNI, the device's name.
+    fn validate_device(&self) -> Result<()> {
         if !(MIN_MTU..=MAX_MTU).contains(&self.mtu) {
             return Err(Error::config(format!(
                 "MTU {} is out of range {MIN_MTU}..={MAX_MTU} bytes",
@@ -339,6 +350,30 @@ impl TunnelConfig {
                 "at most one IPv4 --address may be given (any number of IPv6)",
             ));
         }
+        if let Some(n) = self.txqueuelen {
+            if !(1..=MAX_TXQUEUELEN).contains(&n) {
+                return Err(Error::config(format!(
+                    "--txqueuelen {n} is out of range 1..={MAX_TXQUEUELEN} packets"
+                )));
+            }
+        }
+        if let Mode::Tap { vni, .. } = self.mode {
+            if vni > crate::packet::vxlan::MAX_VNI {
+                return Err(Error::config(format!(
+                    "--vni {vni} is out of range 0..={}",
+                    crate::packet::vxlan::MAX_VNI
+                )));
+            }
+            if self.offload == Toggle::On {
+                return Err(Error::config("--offload on: not available in TAP mode"));
+            }
+        }
+        crate::device::check_name(&self.dev)?;
+        Ok(())
+    }
+
+    /// Queues, batches, visits, CPUs, socket buffers, the engine's flags.
+    fn validate_engine(&self) -> Result<()> {
         if self.queues == 0 || self.queues > MAX_QUEUES {
             return Err(Error::config(format!(
                 "--queues {} is out of range 1..={MAX_QUEUES}",
@@ -351,6 +386,45 @@ impl TunnelConfig {
                 self.batch
             )));
         }
+        if self.visit_bytes > MAX_VISIT_BYTES {
+            return Err(Error::config(format!(
+                "--visit-bytes {} is out of range 0..={MAX_VISIT_BYTES}",
+                self.visit_bytes
+            )));
+        }
+        if self.user.is_some() && self.uring.sqpoll_idle_ms.is_some() {
+            return Err(Error::config(
+                "--user with --sqpoll: the kernel's submission-polling thread keeps the \
+                 privileges of the process that set up the ring; use one or the other",
+            ));
+        }
+        if let CpuPlan::List(list) = &self.cpus {
+            if list.is_empty() {
+                return Err(Error::config("--cpus needs at least one CPU"));
+            }
+        }
+        if self.engine == EngineKind::Poll {
+            if let Some(flag) = self.uring.given().first() {
+                return Err(Error::config(format!(
+                    "{flag} applies to the io_uring engine only, not --engine poll"
+                )));
+            }
+        }
+        self.uring.validate()?;
+        for (what, v) in [("--sndbuf", self.sndbuf), ("--rcvbuf", self.rcvbuf)] {
+            if let Some(v) = v {
+                if !(1024..=(1 << 30)).contains(&v) {
+                    return Err(Error::config(format!(
+                        "{what} {v} is out of range 1024..=1073741824 bytes"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The flow queues' bytes in flight and CoDel's parameters.
+    fn validate_queueing(&self) -> Result<()> {
         if !AQM_INFLIGHT_BYTES.contains(&self.aqm_inflight_bytes) {
             return Err(Error::config(format!(
                 "--aqm-inflight-bytes {} is out of range {}..={} bytes",
@@ -359,19 +433,21 @@ impl TunnelConfig {
                 AQM_INFLIGHT_BYTES.end()
             )));
         }
-        if self.visit_bytes > MAX_VISIT_BYTES {
-            return Err(Error::config(format!(
-                "--visit-bytes {} is out of range 0..={MAX_VISIT_BYTES}",
-                self.visit_bytes
-            )));
-        }
-        if let Some(n) = self.txqueuelen {
-            if !(1..=MAX_TXQUEUELEN).contains(&n) {
+        if let Some(p) = &self.aqm {
+            if p.target.is_zero() || p.interval <= p.target || p.interval.as_secs() > 10 {
                 return Err(Error::config(format!(
-                    "--txqueuelen {n} is out of range 1..={MAX_TXQUEUELEN} packets"
+                    "--aqm-target-us {} and --aqm-interval-us {}: need 0 < target < interval <= 10 s",
+                    p.target.as_micros(),
+                    p.interval.as_micros()
                 )));
             }
         }
+        Ok(())
+    }
+
+    /// The listening address, the peers given by flag, and the ports of
+    /// several queues.
+    fn validate_peers(&self) -> Result<()> {
         if let SocketAddr::V6(a) = self.listen {
             if a.ip().is_unicast_link_local() && a.scope_id() == 0 {
                 return Err(Error::config(format!(
@@ -381,12 +457,6 @@ impl TunnelConfig {
                     a.port()
                 )));
             }
-        }
-        if self.user.is_some() && self.uring.sqpoll_idle_ms.is_some() {
-            return Err(Error::config(
-                "--user with --sqpoll: the kernel's submission-polling thread keeps the \
-                 privileges of the process that set up the ring; use one or the other",
-            ));
         }
         if !self.mode.is_reflect() && self.peers.is_empty() && self.peers_file.is_none() {
             return Err(Error::config(
@@ -419,49 +489,11 @@ impl TunnelConfig {
                 )));
             }
         }
-        if let CpuPlan::List(list) = &self.cpus {
-            if list.is_empty() {
-                return Err(Error::config("--cpus needs at least one CPU"));
-            }
-        }
-        if self.engine == EngineKind::Poll {
-            if let Some(flag) = self.uring.given().first() {
-                return Err(Error::config(format!(
-                    "{flag} applies to the io_uring engine only, not --engine poll"
-                )));
-            }
-        }
-        self.uring.validate()?;
-        for (what, v) in [("--sndbuf", self.sndbuf), ("--rcvbuf", self.rcvbuf)] {
-            if let Some(v) = v {
-                if !(1024..=(1 << 30)).contains(&v) {
-                    return Err(Error::config(format!(
-                        "{what} {v} is out of range 1024..=1073741824 bytes"
-                    )));
-                }
-            }
-        }
-        if let Some(p) = &self.aqm {
-            if p.target.is_zero() || p.interval <= p.target || p.interval.as_secs() > 10 {
-                return Err(Error::config(format!(
-                    "--aqm-target-us {} and --aqm-interval-us {}: need 0 < target < interval <= 10 s",
-                    p.target.as_micros(),
-                    p.interval.as_micros()
-                )));
-            }
-        }
-        if let Mode::Tap { vni, .. } = self.mode {
-            if vni > crate::packet::vxlan::MAX_VNI {
-                return Err(Error::config(format!(
-                    "--vni {vni} is out of range 0..={}",
-                    crate::packet::vxlan::MAX_VNI
-                )));
-            }
-            if self.offload == Toggle::On {
-                return Err(Error::config("--offload on: not available in TAP mode"));
-            }
-        }
-        crate::device::check_name(&self.dev)?;
+        Ok(())
+    }
+
+    /// Flags this platform does not implement.
+    fn validate_platform(&self) -> Result<()> {
         if !cfg!(target_os = "linux") {
             if let Some(flag) = self.linux_only_flags().first() {
                 return Err(Error::config(format!(

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use common::{inet_checksum, uring_usable};
 use tunfwd::config::{EngineKind, Toggle, UringFlags};
-use tunfwd::datapath::{Datapath, VisitLimits};
+use tunfwd::datapath::{Datapath, Framing, VisitLimits};
 use tunfwd::engine::fake::FakeTun;
 use tunfwd::engine::{Engine, EngineWanted, Shutdown, WorkerEvent, WorkerParts, spawn_worker};
 use tunfwd::forward::Forwarder;
@@ -93,7 +93,7 @@ impl Harness {
         // The test harness names each test's thread after the test.
         let test = std::thread::current().name().unwrap_or("?").to_string();
         let what = format!("{test}: {:?} engine, offload {}", s.kind, s.offload);
-        let engine = match Engine::select(&want, &fwd, 1) {
+        let engine = match Engine::select(&want, Framing::of(&fwd), 1) {
             Ok(e) => e,
             Err(_) if !uring_usable(&what) => return None,
             Err(e) => panic!("{what}: {e}"),

@@ -98,31 +98,48 @@ pub enum After {
     Retry,
 }
 
-/// Headroom an engine leaves in front of every TUN read: room for the
-/// encapsulation header, written in place (none with offload, whose
-/// datagrams get their headers in the split buffer).
-pub fn read_headroom(fwd: &Forwarder, offload: bool) -> usize {
-    if offload { 0 } else { fwd.encap_len() }
+/// What sizes a worker's buffers: how packets are carried and the inner
+/// MTU (with offload, the 64 KiB super-packets and GRO batches instead).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Framing {
+    pub encap: crate::encap::Encap,
+    pub mtu: usize,
 }
 
-/// Bytes a TUN read may return: the largest frame, or with offload a
-/// virtio-net header and a 64 KiB super-packet.
-pub fn max_read_len(fwd: &Forwarder, offload: bool) -> usize {
-    if offload {
-        OFFLOAD_READ_LEN
-    } else {
-        fwd.max_frame_len()
+impl Framing {
+    /// The framing of `fwd`'s packets.
+    pub fn of(fwd: &Forwarder) -> Framing {
+        Framing {
+            encap: fwd.encap(),
+            mtu: fwd.mtu(),
+        }
     }
-}
 
-/// Bytes a receive buffer needs: the largest datagram the peer may send,
-/// plus one so that an oversize datagram is told by its length; with GRO, a
-/// 64 KiB batch.
-pub fn max_receive_len(fwd: &Forwarder, offload: bool) -> usize {
-    if offload {
-        65536
-    } else {
-        fwd.max_datagram_len() + 1
+    /// Bytes kept free in front of a TUN read for the encapsulation
+    /// header (none with offload: headers are gathered from elsewhere).
+    pub fn read_headroom(&self, offload: bool) -> usize {
+        if offload { 0 } else { self.encap.header_len() }
+    }
+
+    /// Bytes a TUN read may return: the largest frame, or with offload a
+    /// virtio-net header and a 64 KiB super-packet.
+    pub fn max_read_len(&self, offload: bool) -> usize {
+        if offload {
+            OFFLOAD_READ_LEN
+        } else {
+            self.encap.max_inner_len(self.mtu)
+        }
+    }
+
+    /// Bytes a receive buffer needs: the largest datagram the peer may
+    /// send, plus one so that an oversize datagram is told by its length;
+    /// with GRO, a 64 KiB batch.
+    pub fn max_receive_len(&self, offload: bool) -> usize {
+        if offload {
+            65536
+        } else {
+            self.encap.max_datagram_len(self.mtu) + 1
+        }
     }
 }
 
@@ -278,17 +295,17 @@ impl Datapath {
 
     /// Headroom the engine leaves in front of every TUN read.
     pub fn read_headroom(&self) -> usize {
-        read_headroom(&self.fwd, self.offload)
+        Framing::of(&self.fwd).read_headroom(self.offload)
     }
 
     /// Bytes a TUN read may return.
     pub fn max_read_len(&self) -> usize {
-        max_read_len(&self.fwd, self.offload)
+        Framing::of(&self.fwd).max_read_len(self.offload)
     }
 
     /// Bytes a receive buffer needs.
     pub fn max_receive_len(&self) -> usize {
-        max_receive_len(&self.fwd, self.offload)
+        Framing::of(&self.fwd).max_receive_len(self.offload)
     }
 }
 

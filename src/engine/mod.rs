@@ -12,14 +12,14 @@ pub mod poll;
 #[cfg(target_os = "linux")]
 pub mod uring;
 
-use std::net::{SocketAddr, UdpSocket};
+use std::net::UdpSocket;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 
 use crate::config::{EngineKind, Toggle, TunnelConfig};
-use crate::datapath::Datapath;
+use crate::datapath::{Datapath, Framing};
 use crate::device::TunQueue;
 use crate::error::{Context, Error, Result};
 
@@ -57,9 +57,11 @@ impl Engine {
     /// Resolves `--engine` for a tunnel: auto takes io_uring when the probe
     /// passes and says so in one line when it does not.
     pub fn choose(cfg: &TunnelConfig) -> Result<Engine> {
-        // Only the mode and MTU size the buffers: any peer will do.
-        let any = crate::peers::PeerTable::single(SocketAddr::from(([0, 0, 0, 0], 0)), false);
-        let fwd = crate::forward::Forwarder::for_mode(&cfg.mode, cfg.mtu as usize, Arc::new(any));
+        // The way of carrying and the MTU size the buffers.
+        let framing = Framing {
+            encap: cfg.mode.encap(),
+            mtu: cfg.mtu as usize,
+        };
         let want = EngineWanted {
             kind: cfg.engine,
             uring: cfg.uring.clone(),
@@ -67,20 +69,16 @@ impl Engine {
             busy_poll: cfg.busy_poll,
             offload: cfg.effective_offload(),
         };
-        Engine::select(&want, &fwd, cfg.queues)
+        Engine::select(&want, framing, cfg.queues)
     }
 
-    /// Resolves an engine request for `queues` workers whose forwarders are
-    /// like `fwd` (the probe sizes buffers from it).
-    pub fn select(
-        want: &EngineWanted,
-        fwd: &crate::forward::Forwarder,
-        queues: usize,
-    ) -> Result<Engine> {
+    /// Resolves an engine request for `queues` workers whose packets are
+    /// framed as `framing` (the probe sizes buffers from it).
+    pub fn select(want: &EngineWanted, framing: Framing, queues: usize) -> Result<Engine> {
         #[cfg(target_os = "linux")]
         {
             let opts = uring::UringOptions::from_flags(&want.uring, want.batch, want.busy_poll);
-            let probe = || uring::probe(&opts, fwd, queues, want.offload);
+            let probe = || uring::probe(&opts, framing, queues, want.offload);
             match want.kind {
                 EngineKind::Poll => Ok(Engine::Poll),
                 EngineKind::Uring => Ok(Engine::Uring(Box::new(probe()?))),
@@ -114,7 +112,7 @@ impl Engine {
         }
         #[cfg(not(target_os = "linux"))]
         {
-            let _ = (fwd, queues);
+            let _ = (framing, queues);
             match want.kind {
                 EngineKind::Uring => Err(Error::config("--engine uring needs Linux")),
                 _ => Ok(Engine::Poll),

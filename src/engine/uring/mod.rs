@@ -38,8 +38,8 @@ use std::io;
 use io_uring::{IoUring, opcode};
 
 use crate::config::{Toggle, UringFlags};
+use crate::datapath::Framing;
 use crate::error::{Error, Result};
-use crate::forward::Forwarder;
 use ops::{CMSG_SPACE_INT, CMSG_SPACE_TIMESPEC, RECVMSG_PREFIX};
 
 /// The io_uring tuning flags.
@@ -144,12 +144,11 @@ pub struct UringPlan {
 /// and for the largest datagram the peer may send (plus one byte, so an
 /// oversize one is told by its length) behind the multishot recvmsg header,
 /// the sender's address and the control data.
-pub fn buffer_len(fwd: &Forwarder, offload: bool) -> usize {
-    let read =
-        crate::datapath::read_headroom(fwd, offload) + crate::datapath::max_read_len(fwd, offload);
+pub fn buffer_len(framing: Framing, offload: bool) -> usize {
+    let read = framing.read_headroom(offload) + framing.max_read_len(offload);
     // Room for every control message a receive may carry.
     let control = control_len(true, true);
-    let receive = RECVMSG_PREFIX + control + crate::datapath::max_receive_len(fwd, offload);
+    let receive = RECVMSG_PREFIX + control + framing.max_receive_len(offload);
     read.max(receive).next_multiple_of(64)
 }
 
@@ -191,7 +190,7 @@ fn build_ring(opts: &UringOptions, taskrun: TaskRun) -> io::Result<IoUring> {
 /// unusable or a feature forced `on` is missing.
 pub fn probe(
     opts: &UringOptions,
-    fwd: &Forwarder,
+    framing: Framing,
     queues: usize,
     offload: Toggle,
 ) -> Result<UringPlan> {
@@ -321,7 +320,7 @@ pub fn probe(
         );
     }
     plan.opts = opts.clone();
-    plan.buf_len = buffer_len(fwd, plan.offload);
+    plan.buf_len = buffer_len(framing, plan.offload);
     let buf_len = plan.buf_len;
 
     // Ring memory and provided-buffer rings are pinned too: if even those do
@@ -405,6 +404,7 @@ fn memlock_allows(bytes: u64) -> std::result::Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::forward::Forwarder;
 
     fn opts(buffers: Option<u32>, inflight: Option<u32>) -> UringOptions {
         let flags = UringFlags {
@@ -438,7 +438,7 @@ mod tests {
         let peer = "198.18.0.2:4789".parse().unwrap();
         for mtu in [68usize, 1280, 1420, 1450, 1472, 1500, 9000, 65507] {
             for fwd in [Forwarder::new(mtu, peer), Forwarder::vxlan(mtu, peer, 42)] {
-                let len = buffer_len(&fwd, false);
+                let len = buffer_len(Framing::of(&fwd), false);
                 assert_eq!(len % 64, 0);
                 // A multishot receive: header, address, then the payload,
                 // which must hold the largest datagram and one byte more.
@@ -448,6 +448,6 @@ mod tests {
             }
         }
         let fwd = Forwarder::new(1500, peer);
-        assert!(buffer_len(&fwd, true) >= RECVMSG_PREFIX + CMSG_SPACE_INT + 65536);
+        assert!(buffer_len(Framing::of(&fwd), true) >= RECVMSG_PREFIX + CMSG_SPACE_INT + 65536);
     }
 }
