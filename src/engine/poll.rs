@@ -27,6 +27,14 @@ use crate::error::{Error, Result};
 use crate::fq::Dequeued;
 use crate::packet::offload::{Coalescer, MAX_WRITE_PIECES};
 
+/// Reads (and receives) the flow queues may hold per side: 256 packets
+/// (the same depth as the io_uring engine's default pool, so both engines
+/// queue alike; measured with it, README, Performance).
+pub const QUEUED_PACKETS: usize = 256;
+/// The same with offload, where each buffer holds a 64 KiB super-packet
+/// (2 MiB per side).
+pub const QUEUED_SUPER_PACKETS: usize = 32;
+
 /// One worker: a TUN queue, a UDP socket, and the datapath between them.
 pub struct PollWorker {
     tun: crate::device::TunQueue,
@@ -106,15 +114,13 @@ impl PollWorker {
             .map_err(|e| Error::io(format!("query address of UDP socket for {}", dp.label()), e))?;
         let mut dp = dp;
         dp.use_socket(local);
-        // With flow queueing, as many TUN-side buffers as the io_uring
-        // engine has by default (each holds one queued read).
-        let buffers = if !dp.flow_queueing_requested() {
-            1
-        } else if dp.offload() {
-            crate::config::DEFAULT_BUFFERS_OFFLOAD / 2
-        } else {
-            crate::config::DEFAULT_BUFFERS / 2
-        } as usize;
+        // With flow queueing, each buffer holds one queued read (or
+        // receive); without it, one of each is all a synchronous engine uses.
+        let buffers = match (dp.flow_queueing_requested(), dp.offload()) {
+            (false, _) => 1,
+            (true, true) => QUEUED_SUPER_PACKETS,
+            (true, false) => QUEUED_PACKETS,
+        };
         dp.attach_tx_buffers(buffers);
         let out = Outbound {
             bufs: (0..buffers)

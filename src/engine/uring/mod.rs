@@ -203,50 +203,80 @@ pub fn probe(
             opts.buffers
         )));
     }
+    let (taskrun, ring) = first_ring(&opts)?;
+    let probe = required_opcodes(&ring)?;
+    let mut plan = UringPlan {
+        opts: opts.clone(),
+        taskrun,
+        multishot_tun: false,
+        multishot_udp: false,
+        fixed_buffers: false,
+        buf_len: 0,
+        offload: false,
+    };
+    choose_receives(&opts, &probe, offload, &mut plan)?;
+
+    // Defaults that depend on offload are settled now, once.
+    opts.resolve(plan.offload)?;
+    if opts.multishot != Toggle::Off && !plan.multishot_tun {
+        crate::info!(
+            "io_uring: no READ_MULTISHOT (Linux 6.7+): single-shot reads, {} in flight per descriptor",
+            opts.inflight
+        );
+    }
+    plan.opts = opts;
+    plan.buf_len = buffer_len(framing, plan.offload);
+    plan.fixed_buffers = fixed_buffers_fit(&plan.opts, plan.buf_len, queues)?;
+    Ok(plan)
+}
+
+/// A small ring with the best task-work mode the kernel takes (it answers
+/// the feature questions; its memory is released asynchronously after
+/// drop, so it must not crowd out the workers' rings).
+fn first_ring(opts: &UringOptions) -> Result<(TaskRun, IoUring)> {
     // Busy polling and SQPOLL need completions posted without our waiting.
     let mut candidates = vec![TaskRun::Defer, TaskRun::Coop, TaskRun::Plain];
     if opts.busy_poll || opts.sqpoll_idle_ms.is_some() {
         candidates.retain(|t| *t != TaskRun::Defer);
     }
-    let mut last_err = None;
-    let mut found = None;
-    // A small ring answers the feature questions; its memory is released
-    // asynchronously after drop, so it must not crowd out the workers' rings.
     let small = UringOptions {
         ring_entries: 8,
         ..opts.clone()
     };
+    let mut last_err = None;
     for t in candidates {
         match build_ring(&small, t) {
             Ok(ring) => {
-                found = Some((t, ring));
-                break;
+                if t != TaskRun::Defer && !opts.busy_poll && opts.sqpoll_idle_ms.is_none() {
+                    crate::info!(
+                        "io_uring: no DEFER_TASKRUN on this kernel, using {t:?} task work"
+                    );
+                }
+                return Ok((t, ring));
             }
             Err(e) => last_err = Some(e),
         }
     }
-    let Some((taskrun, ring)) = found else {
-        let e = last_err.unwrap_or_else(|| io::Error::from_raw_os_error(libc::ENOSYS));
-        let refused = matches!(e.raw_os_error(), Some(libc::EPERM | libc::ENOSYS));
-        let err = Error::io(
-            format!("set up io_uring with {} entries", opts.ring_entries),
-            e,
-        );
-        // Not a missing capability: the kernel (or a sandbox) refuses
-        // io_uring itself.
-        return Err(if refused {
-            err.with_hint(
-                "io_uring is disabled here: sysctl kernel.io_uring_disabled, or a seccomp or \
-                 container policy; --engine poll works without it",
-            )
-        } else {
-            err
-        });
-    };
-    if taskrun != TaskRun::Defer && !opts.busy_poll && opts.sqpoll_idle_ms.is_none() {
-        crate::info!("io_uring: no DEFER_TASKRUN on this kernel, using {taskrun:?} task work");
-    }
+    let e = last_err.unwrap_or_else(|| io::Error::from_raw_os_error(libc::ENOSYS));
+    let refused = matches!(e.raw_os_error(), Some(libc::EPERM | libc::ENOSYS));
+    let err = Error::io(
+        format!("set up io_uring with {} entries", opts.ring_entries),
+        e,
+    );
+    // Not a missing capability: the kernel (or a sandbox) refuses io_uring
+    // itself.
+    Err(if refused {
+        err.with_hint(
+            "io_uring is disabled here: sysctl kernel.io_uring_disabled, or a seccomp or \
+             container policy; --engine poll works without it",
+        )
+    } else {
+        err
+    })
+}
 
+/// The kernel's opcodes, after checking those the engine cannot do without.
+fn required_opcodes(ring: &IoUring) -> Result<io_uring::Probe> {
     let mut probe = io_uring::Probe::new();
     ring.submitter()
         .register_probe(&mut probe)
@@ -272,17 +302,16 @@ pub fn probe(
             "io_uring on this kernel predates Linux 6.0 (no SEND with a destination address)",
         ));
     }
+    Ok(probe)
+}
 
-    let mut plan = UringPlan {
-        opts: opts.clone(),
-        taskrun,
-        multishot_tun: false,
-        multishot_udp: false,
-        fixed_buffers: false,
-        buf_len: 0,
-        offload: false,
-    };
-
+/// Multishot receives and offload, as the kernel and the flags allow.
+fn choose_receives(
+    opts: &UringOptions,
+    probe: &io_uring::Probe,
+    offload: Toggle,
+    plan: &mut UringPlan,
+) -> Result<()> {
     // Multishot needs READ_MULTISHOT (6.7) for the TUN; multishot RECVMSG
     // and provided buffer rings (6.0) come with it. Workers still fall back
     // per group if registering a buffer ring fails.
@@ -296,7 +325,6 @@ pub fn probe(
             ));
         }
     }
-
     // Offload builds on multishot receives (the GRO size arrives as control
     // data in the provided buffer).
     if offload != Toggle::Off {
@@ -310,22 +338,15 @@ pub fn probe(
             crate::info!("offload: the uring engine needs multishot receives for it: off");
         }
     }
+    Ok(())
+}
 
-    // Defaults that depend on offload are settled now, once.
-    opts.resolve(plan.offload)?;
-    if opts.multishot != Toggle::Off && !plan.multishot_tun {
-        crate::info!(
-            "io_uring: no READ_MULTISHOT (Linux 6.7+): single-shot reads, {} in flight per descriptor",
-            opts.inflight
-        );
-    }
-    plan.opts = opts.clone();
-    plan.buf_len = buffer_len(framing, plan.offload);
-    let buf_len = plan.buf_len;
-
+/// Whether registered buffers fit the locked-memory limit (after the rings
+/// themselves, which must).
+fn fixed_buffers_fit(opts: &UringOptions, buf_len: usize, queues: usize) -> Result<bool> {
     // Ring memory and provided-buffer rings are pinned too: if even those do
     // not fit, io_uring is not usable here.
-    let base = ring_bytes(&opts).saturating_mul(queues as u64);
+    let base = ring_bytes(opts).saturating_mul(queues as u64);
     if let Err(why) = memlock_allows(base) {
         return Err(Error::config(format!(
             "io_uring rings need {} KiB of locked memory: {why}",
@@ -333,31 +354,31 @@ pub fn probe(
         ))
         .with_hint("raise RLIMIT_MEMLOCK (ulimit -l) or lower --ring-entries"));
     }
-
     // Registered buffers are pinned and count against RLIMIT_MEMLOCK unless
     // the process has CAP_IPC_LOCK. Decided from the limit, not by a trial
     // registration: ring teardown is asynchronous and a trial's accounting
     // would linger into the workers' setup.
-    if opts.fixed_buffers != Toggle::Off {
-        let need = base + buffer_bytes(&opts, buf_len).saturating_mul(queues as u64);
-        match memlock_allows(need) {
-            Ok(()) => plan.fixed_buffers = true,
-            Err(why) if opts.fixed_buffers == Toggle::On => {
-                return Err(Error::config(format!(
-                    "--fixed-buffers on: {} KiB of registered buffers do not fit: {why}",
-                    need / 1024
-                ))
-                .with_hint(
-                    "raise RLIMIT_MEMLOCK (ulimit -l), lower --buffers, or use --fixed-buffers off",
-                ));
-            }
-            Err(why) => crate::info!(
+    if opts.fixed_buffers == Toggle::Off {
+        return Ok(false);
+    }
+    let need = base + buffer_bytes(opts, buf_len).saturating_mul(queues as u64);
+    match memlock_allows(need) {
+        Ok(()) => Ok(true),
+        Err(why) if opts.fixed_buffers == Toggle::On => Err(Error::config(format!(
+            "--fixed-buffers on: {} KiB of registered buffers do not fit: {why}",
+            need / 1024
+        ))
+        .with_hint(
+            "raise RLIMIT_MEMLOCK (ulimit -l), lower --buffers, or use --fixed-buffers off",
+        )),
+        Err(why) => {
+            crate::info!(
                 "io_uring: {} KiB of registered buffers do not fit ({why}): using unregistered buffers",
                 need / 1024
-            ),
+            );
+            Ok(false)
         }
     }
-    Ok(plan)
 }
 
 fn pages(bytes: u64) -> u64 {

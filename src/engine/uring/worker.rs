@@ -156,6 +156,59 @@ pub struct UringWorker {
     fatal: Option<Error>,
 }
 
+/// The worker's ring, with io-wq capped and (where the kernel takes it)
+/// the TUN queue and the socket registered as files TUN_SLOT and UDP_SLOT.
+fn open_ring(
+    plan: &UringPlan,
+    tun: &std::fs::File,
+    udp: &std::net::UdpSocket,
+    label: &str,
+) -> Result<(IoUring, bool)> {
+    let ring = build_ring(&plan.opts, plan.taskrun)
+        .map_err(|e| Error::io(format!("set up io_uring for {label}"), e))?;
+    // Cap io-wq: nothing we submit should need it; if something does, it
+    // must not grow a thread pool.
+    let _ = ring.submitter().register_iowq_max_workers(&mut [1, 1]);
+    let files_registered = ring
+        .submitter()
+        .register_files(&[tun.as_raw_fd(), udp.as_raw_fd()])
+        .is_ok();
+    Ok((ring, files_registered))
+}
+
+/// Registers the pool's memory with the ring: Ok(true) if registered,
+/// Ok(false) if the kernel refused and `--fixed-buffers` is auto (said in
+/// one line).
+fn register_pool(ring: &IoUring, pool: &BufferPool, plan: &UringPlan, label: &str) -> Result<bool> {
+    // SAFETY: the iovec covers the pool, which the worker drops only after
+    // the ring (field order) and after `run` reaped every operation.
+    let r = unsafe { ring.submitter().register_buffers(&[pool.iovec()]) };
+    match r {
+        Ok(()) => Ok(true),
+        Err(e) if plan.opts.fixed_buffers == Toggle::Auto => {
+            crate::info!(
+                "io_uring: {label}: cannot register buffers ({e}): using unregistered buffers"
+            );
+            Ok(false)
+        }
+        Err(e) => Err(Error::io(format!("register buffers for {label}"), e)),
+    }
+}
+
+/// The msghdr a multishot receive lays out in each provided buffer: the
+/// sender's address, then the control data (UDP_GRO with `offload`, the
+/// arrival time with `timestamps`).
+fn multishot_header(offload: bool, timestamps: bool) -> Box<libc::msghdr> {
+    let mut msg: Box<libc::msghdr> = Box::new(
+        // SAFETY: msghdr is plain data (integers and raw pointers), for
+        // which all-zero bytes are valid.
+        unsafe { std::mem::zeroed() },
+    );
+    msg.msg_namelen = SOCKADDR_LEN as u32;
+    msg.msg_controllen = super::control_len(offload, timestamps) as _;
+    msg
+}
+
 impl UringWorker {
     /// Builds the ring, registers files and buffers, and fills the buffer
     /// rings. Must run on the thread that calls [`UringWorker::run`].
@@ -179,37 +232,14 @@ impl UringWorker {
         // block; a nonblocking socket would hand EAGAIN back instead.
         udp.set_nonblocking(false)
             .map_err(|e| Error::io(format!("make UDP socket of {label} blocking"), e))?;
-        let ring = build_ring(&plan.opts, plan.taskrun)
-            .map_err(|e| Error::io(format!("set up io_uring for {label}"), e))?;
-        // Cap io-wq: nothing we submit should need it; if something does, it
-        // must not grow a thread pool.
-        let _ = ring.submitter().register_iowq_max_workers(&mut [1, 1]);
-        let files_registered = ring
-            .submitter()
-            // Slots TUN_SLOT and UDP_SLOT.
-            .register_files(&[tun.as_raw_fd(), udp.as_raw_fd()])
-            .is_ok();
+        let (ring, files_registered) = open_ring(&plan, &tun, &udp, &label)?;
 
         let per_group = (plan.opts.buffers / 2) as u16;
         let total = usize::from(per_group) * 2;
         let pool = BufferPool::new(total, plan.buf_len)
             .map_err(|e| Error::io(format!("allocate buffer pool for {label}"), e))?;
         let mut plan = plan;
-        if plan.fixed_buffers {
-            // SAFETY: the iovec covers `pool`, which is dropped only after the
-            // ring (field order) and after `run` reaped every operation.
-            let r = unsafe { ring.submitter().register_buffers(&[pool.iovec()]) };
-            match r {
-                Ok(()) => {}
-                Err(e) if plan.opts.fixed_buffers == Toggle::Auto => {
-                    crate::info!(
-                        "io_uring: {label}: cannot register buffers ({e}): using unregistered buffers"
-                    );
-                    plan.fixed_buffers = false;
-                }
-                Err(e) => return Err(Error::io(format!("register buffers for {label}"), e)),
-            }
-        }
+        plan.fixed_buffers = plan.fixed_buffers && register_pool(&ring, &pool, &plan, &label)?;
         let split = if plan.offload {
             Some(
                 Region::new(usize::from(per_group) * SPLIT_LEN)
@@ -222,15 +252,7 @@ impl UringWorker {
             udp.local_addr()
                 .map_err(|e| Error::io(format!("query UDP address of {label}"), e))?,
         );
-        let mut multishot_msg: Box<libc::msghdr> = Box::new(
-            // SAFETY: msghdr is plain data (integers and raw pointers), for
-            // which all-zero bytes are valid.
-            unsafe { std::mem::zeroed() },
-        );
-        multishot_msg.msg_namelen = SOCKADDR_LEN as u32;
-        // The kernel lays the control data (UDP_GRO, the arrival time) out
-        // in the provided buffer, behind the address.
-        multishot_msg.msg_controllen = super::control_len(plan.offload, dp.wants_timestamps()) as _;
+        let multishot_msg = multishot_header(plan.offload, dp.wants_timestamps());
         let reads = || Reads {
             ring: None,
             free: Vec::new(),
