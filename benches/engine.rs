@@ -18,7 +18,7 @@ mod linux {
     use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
     use nix::sys::socket::{setsockopt, sockopt};
     use tunfwd::config::{EngineKind, Toggle, UringFlags};
-    use tunfwd::datapath::{Datapath, Framing, VisitLimits};
+    use tunfwd::datapath::{Framing, Setup, VisitLimits};
     use tunfwd::engine::fake::FakeTun;
     use tunfwd::engine::{Engine, EngineWanted, Shutdown, WorkerEvent, WorkerParts, spawn_worker};
     use tunfwd::forward::Forwarder;
@@ -64,7 +64,7 @@ mod linux {
                 let parts = WorkerParts {
                     tun: fake.queue,
                     udp,
-                    datapath: Datapath::new(
+                    datapath: Setup::new(
                         "bench".into(),
                         fwd,
                         Arc::new(WorkerStats::default()),

@@ -173,7 +173,7 @@ pub fn virtio_header(data: &[u8]) {
 /// reason); every TUN write is a virtio-net header and a valid IP packet,
 /// and a coalesced write splits back into as many packets as went in.
 pub fn split_coalesce(data: &[u8]) {
-    use crate::datapath::{After, Datapath, Received, RxAction, SPLIT_LEN, TunAction, TxBuf};
+    use crate::datapath::{After, Attach, Received, RxAction, SPLIT_LEN, Setup, TunAction, TxBuf};
     use crate::stats::WorkerStats;
     if data.len() < virtio::LEN + 2 {
         return;
@@ -187,12 +187,13 @@ pub fn split_coalesce(data: &[u8]) {
     read.extend_from_slice(&data[virtio::LEN + 2..]);
     let len = read.len();
     let stats = std::sync::Arc::new(WorkerStats::default());
-    let mut dp = Datapath::new(
+    let mut dp = Setup::new(
         "fuzz".into(),
         Forwarder::new(mtu, addr(PEER)),
         stats.clone(),
         true,
-    );
+    )
+    .build(Attach::harness(1));
     let mut split = vec![0u8; SPLIT_LEN];
     let mut plan = match dp.handle_tun_read(&mut read, len, &mut split) {
         TunAction::Send(plan) => plan,
@@ -377,12 +378,12 @@ pub fn flow_queues(data: &[u8]) {
 /// the input so that CoDel marks and drops and overload drops happen.
 /// Every read is accounted for exactly once.
 pub fn flow_queues_datapath(data: &[u8]) {
-    use crate::datapath::{Datapath, TunAction};
+    use crate::datapath::{Attach, Setup, TunAction};
     use crate::stats::WorkerStats;
 
     const BUFFERS: usize = 4;
     let stats = std::sync::Arc::new(WorkerStats::default());
-    let mut dp = Datapath::new(
+    let mut dp = Setup::new(
         "fuzz".into(),
         Forwarder::new(1500, addr(PEER)),
         stats.clone(),
@@ -394,8 +395,8 @@ pub fn flow_queues_datapath(data: &[u8]) {
             interval: std::time::Duration::from_millis(10),
         }),
         4096,
-    );
-    dp.attach_tx_buffers(BUFFERS);
+    )
+    .build(Attach::harness(BUFFERS));
     let mut bufs = vec![vec![0u8; 1600]; BUFFERS];
     let mut free: Vec<u32> = (0..BUFFERS as u32).collect();
     let mut split = Vec::new();
@@ -406,10 +407,13 @@ pub fn flow_queues_datapath(data: &[u8]) {
         now += u64::from(*op) * 200_000;
         if op % 3 != 2 {
             let n = usize::from(*len).min(tail.len());
-            let id = match free.pop() {
-                Some(id) => Some(id),
-                None => dp.tx_make_room(now).inspect(|_| dropped_here += 1),
-            };
+            if free.is_empty() {
+                while let Some(id) = dp.tx_make_room(now, free.len()) {
+                    dropped_here += 1;
+                    free.push(id);
+                }
+            }
+            let id = free.pop();
             if let Some(id) = id {
                 let b = &mut bufs[id as usize];
                 b[..n].copy_from_slice(&tail[..n]);

@@ -14,7 +14,7 @@ use crossbeam::channel::{self, Receiver};
 use nix::sys::signal::{SigSet, Signal};
 
 use crate::config::{CpuPlan, DEFAULT_SOCKET_BUFFER_BYTES, TunnelConfig};
-use crate::datapath::{Datapath, VisitLimits};
+use crate::datapath::{Setup, VisitLimits};
 use crate::device::{TunDevice, TunOptions};
 use crate::engine::{Engine, Shutdown, WorkerEvent, WorkerParts, spawn_worker};
 use crate::error::{Error, Result};
@@ -385,7 +385,7 @@ impl Workers {
             let parts = WorkerParts {
                 tun,
                 udp,
-                datapath: Datapath::new(label, forwarder, stats, offload)
+                datapath: Setup::new(label, forwarder, stats, offload)
                     .with_shared_peers(peers.clone())
                     .with_device(&dev_name)
                     .with_aqm(cfg.aqm)

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use common::{inet_checksum, uring_usable};
 use tunfwd::config::{EngineKind, Toggle, UringFlags};
-use tunfwd::datapath::{Datapath, Framing, VisitLimits};
+use tunfwd::datapath::{self, Framing, VisitLimits};
 use tunfwd::engine::fake::FakeTun;
 use tunfwd::engine::{Engine, EngineWanted, Shutdown, WorkerEvent, WorkerParts, spawn_worker};
 use tunfwd::forward::Forwarder;
@@ -104,11 +104,16 @@ impl Harness {
         let parts = WorkerParts {
             tun: fake.queue,
             udp,
-            datapath: Datapath::new("fake TUN queue 0".into(), fwd, stats.clone(), s.offload)
-                .with_visit_limits(VisitLimits {
-                    packets: s.batch,
-                    bytes: 0,
-                }),
+            datapath: datapath::Setup::new(
+                "fake TUN queue 0".into(),
+                fwd,
+                stats.clone(),
+                s.offload,
+            )
+            .with_visit_limits(VisitLimits {
+                packets: s.batch,
+                bytes: 0,
+            }),
             shutdown: shutdown.clone(),
             busy_poll: false,
         };

@@ -45,6 +45,7 @@
 //!   dropped as `bad_checksum`, never merged into a super-packet that the
 //!   kernel would take as verified.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::sync::Arc;
@@ -143,7 +144,222 @@ impl Framing {
     }
 }
 
+/// A worker's datapath before its engine has buffers and a socket: what
+/// the runtime decides (policy, queueing, limits), and what the engine
+/// reads to size its buffers. The engine turns it into the [`Datapath`]
+/// with [`Setup::build`], so no set-up step can be left out or taken in
+/// the wrong order.
+#[derive(Debug)]
+pub struct Setup {
+    fwd: Forwarder,
+    stats: Arc<WorkerStats>,
+    offload: bool,
+    label: String,
+    aqm: Option<crate::aqm::CodelParams>,
+    fq_params: Option<crate::aqm::CodelParams>,
+    fq_in_flight: usize,
+    limits: VisitLimits,
+    device: String,
+    shared_peers: Option<Arc<SharedPeers>>,
+}
+
+/// What the engine gives the datapath at [`Setup::build`]: where its UDP
+/// socket is bound (destinations take its family's form), and how many
+/// buffers it reads the TUN device and receives into, numbered from 0
+/// (with flow queueing, they are what each side's queues hold).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Attach {
+    pub socket: SocketAddr,
+    pub tun_buffers: usize,
+    pub udp_buffers: usize,
+}
+
+impl Attach {
+    /// `buffers` on each side and an unbound IPv4 socket: for harnesses
+    /// (tests, fuzzers, benches) that call the datapath without a socket.
+    pub fn harness(buffers: usize) -> Attach {
+        Attach {
+            socket: SocketAddr::from(([0, 0, 0, 0], 0)),
+            tun_buffers: buffers,
+            udp_buffers: buffers,
+        }
+    }
+}
+
+impl Setup {
+    /// The datapath of worker `label`, forwarding with `fwd`, counting into
+    /// `stats`; `offload`: the TUN device carries virtio-net headers and
+    /// the socket does GSO/GRO.
+    pub fn new(label: String, fwd: Forwarder, stats: Arc<WorkerStats>, offload: bool) -> Setup {
+        Setup {
+            fwd,
+            stats,
+            offload,
+            label,
+            aqm: None,
+            fq_params: None,
+            fq_in_flight: crate::config::DEFAULT_AQM_INFLIGHT_BYTES,
+            limits: VisitLimits::default(),
+            device: String::new(),
+            shared_peers: None,
+        }
+    }
+
+    /// Takes the peer table from `shared`, and the new one at the start of
+    /// the first visit after each reload ([`SharedPeers::store`]).
+    pub fn with_shared_peers(mut self, shared: Arc<SharedPeers>) -> Self {
+        self.shared_peers = Some(shared);
+        self
+    }
+
+    /// Applies CoDel with `params` to datagrams from the peer, using the
+    /// kernel's arrival timestamps (TUN mode: the packets must be IP to
+    /// carry a mark).
+    pub fn with_aqm(mut self, params: Option<crate::aqm::CodelParams>) -> Self {
+        self.aqm = params.filter(|_| self.fwd.carries_ip());
+        self
+    }
+
+    /// Queues TUN reads and receives per flow with CoDel `params` (TUN
+    /// mode only: the packets must be IP to be told apart and marked),
+    /// handing out at most `in_flight` bytes per side not yet sent or
+    /// written.
+    pub fn with_flow_queues(
+        mut self,
+        params: Option<crate::aqm::CodelParams>,
+        in_flight: usize,
+    ) -> Self {
+        self.fq_params = params.filter(|_| self.fwd.carries_ip());
+        self.fq_in_flight = in_flight.max(1);
+        self
+    }
+
+    /// Names the TUN device whose drop counter the engine reads for
+    /// overload ([`Datapath::ring_check_due`]).
+    pub fn with_device(mut self, name: &str) -> Self {
+        self.device = name.to_string();
+        self
+    }
+
+    /// Bounds each visit to a direction (see [`VisitLimits`]).
+    pub fn with_visit_limits(mut self, limits: VisitLimits) -> Self {
+        self.limits = VisitLimits {
+            packets: limits.packets.max(1),
+            ..limits
+        };
+        self
+    }
+
+    /// The kernel gives no arrival timestamps: the AQM (and the receive
+    /// side's flow queues, whose clock they are) stay off.
+    pub fn without_timestamps(mut self) -> Self {
+        self.aqm = None;
+        self
+    }
+
+    /// True if the engine should ask the kernel for arrival timestamps.
+    pub fn wants_timestamps(&self) -> bool {
+        self.aqm.is_some()
+    }
+
+    /// True if flow queueing was asked for: the engine then gives the TUN
+    /// side (and, with timestamps, the receive side) as many buffers as
+    /// the queues are to hold.
+    pub fn flow_queueing_requested(&self) -> bool {
+        self.fq_params.is_some()
+    }
+
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    pub fn offload(&self) -> bool {
+        self.offload
+    }
+
+    pub fn visit_limits(&self) -> VisitLimits {
+        self.limits
+    }
+
+    /// What sizes the engine's buffers.
+    pub fn framing(&self) -> Framing {
+        Framing::of(&self.fwd)
+    }
+
+    /// The datapath over the engine's buffers and socket.
+    pub fn build(self, at: Attach) -> Datapath {
+        let Setup {
+            mut fwd,
+            stats,
+            offload,
+            label,
+            aqm,
+            fq_params,
+            fq_in_flight,
+            limits,
+            device,
+            shared_peers,
+        } = self;
+        fwd.set_socket(at.socket);
+        let mut peers_generation = 0;
+        let mut per_peer = false;
+        if let Some(shared) = &shared_peers {
+            let (generation, table) = shared.load();
+            per_peer = !table.is_single();
+            fwd.set_peers(table);
+            peers_generation = generation;
+        }
+        Datapath {
+            txq: fq_params.map(|p| FlowQueue::new(at.tun_buffers, p, fq_in_flight)),
+            rxq: fq_params
+                .filter(|_| aqm.is_some())
+                .map(|p| FlowQueue::new(at.udp_buffers, p, fq_in_flight)),
+            aqm: aqm.map(crate::aqm::Codel::new),
+            fwd,
+            stats,
+            offload,
+            gso: offload,
+            label,
+            aqm_pending: false,
+            limits,
+            device,
+            ring_drops: None,
+            ring_checked_ns: 0,
+            shared_peers,
+            peers_generation,
+            per_peer,
+            events: VecDeque::new(),
+        }
+    }
+}
+
+/// Something the datapath decided that the worker's owner should hear of
+/// (the engine logs it); taken with [`Datapath::poll_event`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// The kernel refused a UDP GSO send with this error: datagrams now go
+    /// one by one on this worker (nothing was lost).
+    GsoRefused(Errno),
+}
+
+impl std::fmt::Display for Event {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Event::GsoRefused(e) => {
+                write!(f, "UDP GSO refused ({e}): sending datagrams one by one")
+            }
+        }
+    }
+}
+
 /// The shared datapath of one worker: policy, offload state and counters.
+/// Made by [`Setup::build`]. Every entry that depends on time takes it
+/// (`now_ns`): one clock for both sides, the wall clock in ns since the
+/// Unix epoch, because it is the clock of the kernel's arrival timestamps
+/// (`SO_TIMESTAMPNS`) that the receive side measures against. The datapath
+/// reads no clock itself, so tests drive it through time exactly; a clock
+/// step only shifts sojourn times for one CoDel interval (all differences
+/// saturate at 0).
 #[derive(Debug)]
 pub struct Datapath {
     fwd: Forwarder,
@@ -152,7 +368,7 @@ pub struct Datapath {
     offload: bool,
     /// Segmented sends with UDP GSO (off once the kernel refused it).
     gso: bool,
-    /// "TUN queue 0 of tun0", for the few log lines and errors.
+    /// "TUN queue 0 of tun0", for errors.
     label: String,
     /// CoDel over the time datagrams waited in the socket's receive queue.
     aqm: Option<crate::aqm::Codel>,
@@ -162,17 +378,11 @@ pub struct Datapath {
     aqm_pending: bool,
     /// What one visit to a direction may take.
     limits: VisitLimits,
-    /// Flow queueing with CoDel of TUN reads (`--aqm fq-codel`): its
-    /// parameters, and the queues once the engine said how many buffers
-    /// it has ([`Datapath::attach_tx_buffers`]).
-    fq_params: Option<crate::aqm::CodelParams>,
-    fq_in_flight: usize,
+    /// Flow queueing with CoDel of TUN reads (`--aqm fq-codel`) over the
+    /// engine's TUN buffers.
     txq: Option<FlowQueue>,
-    /// The same for receives from the peer (their clock is the wall
-    /// clock of the kernel's arrival timestamps).
+    /// The same for receives from the peer.
     rxq: Option<FlowQueue>,
-    /// The flow queues' clock: ns since this instant.
-    epoch: std::time::Instant,
     /// The TUN device's name, its drop counter as last read (and when),
     /// and when the engine was last told to read it.
     device: String,
@@ -184,44 +394,11 @@ pub struct Datapath {
     peers_generation: u64,
     /// Count per peer (a table with prefixes).
     per_peer: bool,
+    /// Events not yet taken by the engine.
+    events: VecDeque<Event>,
 }
 
 impl Datapath {
-    pub fn new(label: String, fwd: Forwarder, stats: Arc<WorkerStats>, offload: bool) -> Self {
-        Datapath {
-            fwd,
-            stats,
-            offload,
-            gso: offload,
-            label,
-            aqm: None,
-            aqm_pending: false,
-            limits: VisitLimits::default(),
-            fq_params: None,
-            fq_in_flight: crate::config::DEFAULT_AQM_INFLIGHT_BYTES,
-            txq: None,
-            rxq: None,
-            epoch: std::time::Instant::now(),
-            device: String::new(),
-            ring_drops: None,
-            ring_checked_ns: 0,
-            shared_peers: None,
-            peers_generation: 0,
-            per_peer: false,
-        }
-    }
-
-    /// Takes the peer table from `shared`, and the new one at the start of
-    /// the first visit after each reload ([`SharedPeers::store`]).
-    pub fn with_shared_peers(mut self, shared: Arc<SharedPeers>) -> Self {
-        let (generation, table) = shared.load();
-        self.per_peer = !table.is_single();
-        self.fwd.set_peers(table);
-        self.peers_generation = generation;
-        self.shared_peers = Some(shared);
-        self
-    }
-
     /// Takes a reloaded peer table, if there is one: one atomic load
     /// when there is not. Packets in flight keep their destination.
     #[inline]
@@ -244,31 +421,14 @@ impl Datapath {
         self.fwd.peers().peer(id).stats.worker(self.fwd.queue())
     }
 
-    /// Applies CoDel with `params` to datagrams from the peer, using the
-    /// kernel's arrival timestamps (TUN mode: the packets must be IP to
-    /// carry a mark).
-    pub fn with_aqm(mut self, params: Option<crate::aqm::CodelParams>) -> Self {
-        self.aqm = params
-            .filter(|_| self.fwd.carries_ip())
-            .map(crate::aqm::Codel::new);
-        self
-    }
-
-    /// Names the TUN device whose drop counter the engine reads for
-    /// overload ([`Datapath::ring_check_due`]).
-    pub fn with_device(mut self, name: &str) -> Self {
-        self.device = name.to_string();
-        self
+    /// The next event, oldest first; None when there is none.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
     }
 
     /// The device to watch.
     pub fn device(&self) -> &str {
         &self.device
-    }
-
-    /// The flow queues' clock (monotonic ns).
-    pub fn clock_ns(&self) -> u64 {
-        self.epoch.elapsed().as_nanos() as u64
     }
 
     pub fn label(&self) -> &str {
@@ -281,12 +441,6 @@ impl Datapath {
 
     pub fn forwarder(&self) -> &Forwarder {
         &self.fwd
-    }
-
-    /// The engine's UDP socket is bound to `local`: destinations take its
-    /// family's form.
-    pub fn use_socket(&mut self, local: SocketAddr) {
-        self.fwd.set_socket(local);
     }
 
     pub fn offload(&self) -> bool {
@@ -306,6 +460,19 @@ impl Datapath {
     /// Bytes a receive buffer needs.
     pub fn max_receive_len(&self) -> usize {
         Framing::of(&self.fwd).max_receive_len(self.offload)
+    }
+
+    /// True if receives go through flow queues: the engine queues each
+    /// ([`Datapath::rx_enqueue`]) and handles what [`Datapath::rx_next`]
+    /// hands out ([`Datapath::handle_dequeued_receive`]).
+    pub fn rx_flow_queueing(&self) -> bool {
+        self.rxq.is_some()
+    }
+
+    /// True if the kernel's arrival timestamps are used (the engine asks
+    /// for them with each receive).
+    pub fn wants_timestamps(&self) -> bool {
+        self.aqm.is_some()
     }
 }
 

@@ -33,6 +33,8 @@ pub(super) struct FlowQueue {
     /// this side (the TUN device's ring overflowed), as the engine found
     /// by reading the device's drop counter.
     pub(super) ring_dropped_ns: Option<u64>,
+    /// The buffers the queues are over.
+    pub(super) buffers: usize,
 }
 
 impl FlowQueue {
@@ -49,6 +51,7 @@ impl FlowQueue {
             in_flight_buffers: 0,
             max_in_flight_buffers: (buffers / 2).max(1),
             ring_dropped_ns: None,
+            buffers,
         }
     }
 
@@ -114,52 +117,6 @@ impl FlowQueue {
 }
 
 impl Datapath {
-    /// Queues TUN reads and receives per flow with CoDel `params` (TUN
-    /// mode only: the packets must be IP to be told apart and marked),
-    /// handing out at most `in_flight` bytes per side not yet sent or
-    /// written, once the engine attaches its buffers.
-    pub fn with_flow_queues(
-        mut self,
-        params: Option<crate::aqm::CodelParams>,
-        in_flight: usize,
-    ) -> Self {
-        self.fq_params = params.filter(|_| self.fwd.carries_ip());
-        self.fq_in_flight = in_flight.max(1);
-        self
-    }
-
-    /// True if flow queueing was asked for (the engine then sizes its TUN
-    /// side's buffers for the queues and attaches them).
-    pub fn flow_queueing_requested(&self) -> bool {
-        self.fq_params.is_some()
-    }
-
-    /// The engine reads the TUN device into `buffers` buffers, numbered
-    /// from 0: with flow queueing on, they are what the queues hold.
-    pub fn attach_tx_buffers(&mut self, buffers: usize) {
-        let limit = self.fq_in_flight;
-        self.txq = self.fq_params.map(|p| FlowQueue::new(buffers, p, limit));
-    }
-
-    /// The engine receives from the socket into `buffers` buffers,
-    /// numbered from 0: with flow queueing on (and the kernel's arrival
-    /// timestamps, which the queues' clock is), they are what the receive
-    /// side's flow queues hold.
-    pub fn attach_rx_buffers(&mut self, buffers: usize) {
-        let limit = self.fq_in_flight;
-        self.rxq = self
-            .fq_params
-            .filter(|_| self.aqm.is_some())
-            .map(|p| FlowQueue::new(buffers, p, limit));
-    }
-
-    /// True if receives go through flow queues: the engine queues each
-    /// ([`Datapath::rx_enqueue`]) and handles what [`Datapath::rx_next`]
-    /// hands out ([`Datapath::handle_dequeued_receive`]).
-    pub fn rx_flow_queueing(&self) -> bool {
-        self.rxq.is_some()
-    }
-
     /// Receives in the flow queues.
     pub fn rx_queued(&self) -> usize {
         self.rxq.as_ref().map_or(0, |q| q.q.len())
@@ -206,18 +163,23 @@ impl Datapath {
         self.txq.as_ref().map_or(0, |t| t.q.len())
     }
 
-    /// No buffer is free for the next TUN read at `now_ns`. Normally None:
-    /// the device's ring holds the rest until buffers come back (a burst).
-    /// In overload (the ring overflowed within [`OVERLOAD_HOLD_NS`]: the
-    /// sender does not answer CoDel, and a ping waits behind a full FIFO
-    /// ring or is dropped there): drops the head of the flow with the most
-    /// bytes queued, counted as `overload`, and returns its buffer for the
-    /// next read, so the device is read promptly, the flood loses what it
-    /// must in tunfwd's queue instead of everyone in the ring, and no work
-    /// is spent on what is dropped.
-    pub fn tx_make_room(&mut self, now_ns: u64) -> Option<u32> {
-        self.txq
-            .as_mut()?
-            .make_room(now_ns, &self.stats.tun_to_peer)
+    /// The TUN side's reads ran out of buffers at `now_ns`, with `free`
+    /// buffers ready for reads: which queued read to drop to make room, if
+    /// any. Normally none: the device's ring holds the rest until buffers
+    /// come back (a burst). In overload (the ring overflowed within
+    /// [`OVERLOAD_HOLD_NS`]: the sender does not answer CoDel, and a ping
+    /// waits behind a full FIFO ring or is dropped there), the head of the
+    /// flow with the most bytes queued, counted as `overload`, until half
+    /// the buffers are free: the engine calls again after each (its buffer
+    /// is free for reads), so both engines drop the same amount. The
+    /// device is read promptly, the flood loses what it must in tunfwd's
+    /// queue instead of everyone in the ring, and no work is spent on what
+    /// is dropped.
+    pub fn tx_make_room(&mut self, now_ns: u64, free: usize) -> Option<u32> {
+        let q = self.txq.as_mut()?;
+        if free >= q.buffers.div_ceil(2) {
+            return None;
+        }
+        q.make_room(now_ns, &self.stats.tun_to_peer)
     }
 }

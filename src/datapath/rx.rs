@@ -14,7 +14,9 @@ pub struct Received {
     /// UDP GRO: the payload holds datagrams of this size (the last may be
     /// shorter). None: one datagram.
     pub gro_size: Option<usize>,
-    /// The payload did not fit the buffer (MSG_TRUNC).
+    /// The kernel cut the payload to the buffer (`MSG_TRUNC`). Whether the
+    /// receive counts as truncated is the datapath's rule
+    /// ([`Datapath::is_truncated`]), the same for every engine.
     pub truncated: bool,
     /// When the kernel queued it (`SO_TIMESTAMPNS`, ns since the Unix
     /// epoch), if it said.
@@ -97,16 +99,6 @@ impl Datapath {
         }
     }
 
-    /// Turns the AQM off (the kernel gives no arrival timestamps).
-    pub fn disable_aqm(&mut self) {
-        self.aqm = None;
-    }
-
-    /// True if the engine should ask the kernel for arrival timestamps.
-    pub fn wants_timestamps(&self) -> bool {
-        self.aqm.is_some()
-    }
-
     /// CoDel's verdict on a receive leaving the socket's queue at `now_ns`:
     /// true if one of its packets is to be marked or dropped.
     pub(super) fn aqm_signal(&mut self, rx: &Received, now_ns: u64) -> bool {
@@ -157,7 +149,7 @@ impl Datapath {
             return RxAction::Dropped;
         };
         let peer = self.fwd.source_peer(src);
-        if rx.truncated {
+        if self.is_truncated(rx) {
             // Longer than the buffer: over the MTU, unless a stranger sent it.
             let reason = match peer {
                 Some(p) => {
@@ -175,6 +167,16 @@ impl Datapath {
         self.receive(rx, peer, buf, coalescer, now_ns)
     }
 
+    /// The one truncation rule: a receive is truncated if the kernel cut it
+    /// (`MSG_TRUNC`) or, for one datagram (no GRO), if it is as long as a
+    /// receive buffer needs to be ([`Datapath::max_receive_len`]): those
+    /// are one byte longer than the largest datagram a peer may send, so a
+    /// datagram that long is over the MTU, whatever room the engine's
+    /// buffer had beyond it.
+    pub fn is_truncated(&self, rx: &Received) -> bool {
+        rx.truncated || (rx.gro_size.is_none() && rx.payload.len() >= self.max_receive_len())
+    }
+
     /// A datagram from peer `p` dropped for `reason` at `now_ns`.
     pub(super) fn count_peer_rx_drop(&self, p: PeerId, reason: DropReason, now_ns: u64) {
         if self.per_peer {
@@ -184,7 +186,7 @@ impl Datapath {
         }
     }
 
-    /// A receive that the flow queues handed out (`d`): as
+    /// A receive that the flow queues handed out (`d`) at `now_ns`: as
     /// [`Datapath::handle_receive`], with the queues' CoDel verdict (on the
     /// time since it arrived in the socket) instead of the single queue's.
     pub fn handle_dequeued_receive(
@@ -193,9 +195,9 @@ impl Datapath {
         buf: &mut [u8],
         coalescer: &mut Coalescer,
         d: &crate::fq::Dequeued,
+        now_ns: u64,
     ) -> RxAction {
-        let now_ns = rx.arrived_ns.unwrap_or(0);
-        let Some(src) = rx.src.filter(|_| !rx.truncated) else {
+        let Some(src) = rx.src.filter(|_| !self.is_truncated(rx)) else {
             return self.handle_receive(rx, buf, coalescer, now_ns);
         };
         let peer = self.fwd.source_peer(src);

@@ -14,14 +14,18 @@ fn datagram(src: SocketAddr, len: usize, arrived_ns: Option<u64>) -> Received {
     }
 }
 
-fn dp(offload: bool) -> Datapath {
+fn setup(offload: bool) -> Setup {
     let fwd = Forwarder::new(1500, PEER.parse().unwrap());
-    Datapath::new(
+    Setup::new(
         "test".into(),
         fwd,
         Arc::new(WorkerStats::default()),
         offload,
     )
+}
+
+fn dp(offload: bool) -> Datapath {
+    setup(offload).build(Attach::harness(1))
 }
 
 /// A TSO super-packet as the TUN device hands it over.
@@ -82,7 +86,9 @@ fn a_hub_routes_each_read_to_its_peer_counts_per_peer_and_takes_reloads() {
     )
     .unwrap();
     let shared = Arc::new(SharedPeers::new(Arc::new(first)));
-    let mut d = dp(true).with_shared_peers(shared.clone());
+    let mut d = setup(true)
+        .with_shared_peers(shared.clone())
+        .build(Attach::harness(1));
     let peer = |d: &Datapath, i| d.forwarder().peers().peer(i).stats.snapshot();
     // A super-packet to 198.19.0.2: every datagram to spoke 11, one plan.
     let plan = offload_plan(&mut d, 20 * 1400);
@@ -119,8 +125,8 @@ fn a_hub_routes_each_read_to_its_peer_counts_per_peer_and_takes_reloads() {
         PeerTable::build(&next, 1, false, Some(&old)).unwrap(),
     ));
     assert_eq!(offload_plan(&mut d, 2800).dest, addr("198.18.0.11:5000"));
-    let v = d.begin_visit(Direction::TunToPeer);
-    d.end_visit(v);
+    let v = d.begin_visit(Direction::TunToPeer, 0);
+    d.end_visit(v, 0);
     assert_eq!(offload_plan(&mut d, 2800).dest, addr("198.18.0.13:5000"));
     assert_eq!(peer(&d, 1).rx_packets, 1);
     assert_eq!(peer(&d, 0).tx_packets, 2);
@@ -134,7 +140,9 @@ fn a_hub_routes_each_read_to_its_peer_counts_per_peer_and_takes_reloads() {
         2
     );
     // A destination in no prefix: no_route, nothing sent.
-    let mut d = dp(false).with_shared_peers(shared);
+    let mut d = setup(false)
+        .with_shared_peers(shared)
+        .build(Attach::harness(1));
     let mut read = tcp_packet(false, 0, 0x10, &[], &[7; 100]);
     read[16..20].copy_from_slice(&[198, 19, 1, 9]);
     let len = read.len();
@@ -209,7 +217,11 @@ fn gso_refused_resends_the_same_datagrams_one_by_one() {
     let mut plan = offload_plan(&mut d, 10 * 1400);
     let first = d.next_send(&plan).unwrap();
     assert!(first.gso_size.is_some());
+    assert_eq!(d.poll_event(), None);
     assert_eq!(d.on_send(&mut plan, &first, Err(Errno::EIO)), After::Next);
+    // Said once, as an event for the engine to log.
+    assert_eq!(d.poll_event(), Some(Event::GsoRefused(Errno::EIO)));
+    assert_eq!(d.poll_event(), None);
     let mut n = 0;
     let mut at = 0;
     while let Some(s) = d.next_send(&plan) {
@@ -326,7 +338,8 @@ fn receive_checks_source_truncation_and_strips_encapsulation() {
     }
     // TAP mode: the VXLAN header stays out of the TUN write.
     let fwd = Forwarder::vxlan(1450, peer, 42);
-    let mut d = Datapath::new("t".into(), fwd, Arc::new(WorkerStats::default()), false);
+    let mut d = Setup::new("t".into(), fwd, Arc::new(WorkerStats::default()), false)
+        .build(Attach::harness(1));
     let mut dgram = vec![0u8; 8];
     crate::packet::vxlan::write_header(&mut dgram, 42);
     dgram.extend_from_slice(&[0xaa; 60]);
@@ -338,10 +351,39 @@ fn receive_checks_source_truncation_and_strips_encapsulation() {
 }
 
 #[test]
+fn one_truncation_rule_for_every_engine() {
+    for offload in [false, true] {
+        let d = dp(offload);
+        let room = d.max_receive_len();
+        // Where the payload lies does not matter (a multishot receive has
+        // the kernel's header in front of it).
+        let rx = |len, gro_size, truncated| Received {
+            src: Some(PEER.parse().unwrap()),
+            payload: 100..100 + len,
+            gro_size,
+            truncated,
+            arrived_ns: None,
+        };
+        assert!(!d.is_truncated(&rx(room - 1, None, false)));
+        assert!(
+            d.is_truncated(&rx(room, None, false)),
+            "as long as a receive buffer: over the MTU"
+        );
+        assert!(d.is_truncated(&rx(10, None, true)), "the kernel cut it");
+        assert!(
+            !d.is_truncated(&rx(room, Some(1400), false)),
+            "a GRO batch may fill its buffer"
+        );
+    }
+}
+
+#[test]
 fn codel_marks_ect_packets_and_drops_others_in_a_standing_queue() {
     let peer: SocketAddr = PEER.parse().unwrap();
     for offload in [false, true] {
-        let mut d = dp(offload).with_aqm(Some(crate::aqm::CodelParams::default()));
+        let mut d = setup(offload)
+            .with_aqm(Some(crate::aqm::CodelParams::default()))
+            .build(Attach::harness(1));
         assert!(d.wants_timestamps());
         let mut c = Coalescer::new();
         // ECT(0) TCP segments, each having waited 2 ms in the socket
@@ -400,8 +442,9 @@ fn flow_queued_super_packet_marked_whole_or_loses_one_datagram() {
         interval: std::time::Duration::from_micros(10),
     };
     for ect in [false, true] {
-        let mut d = dp(true).with_flow_queues(Some(params), 1 << 20);
-        d.attach_tx_buffers(1);
+        let mut d = setup(true)
+            .with_flow_queues(Some(params), 1 << 20)
+            .build(Attach::harness(1));
         let mut read = tso_read(14_000, 1400);
         if ect {
             // ECT(0), header checksum left to the split (it rewrites it).
@@ -449,10 +492,10 @@ fn flow_queued_super_packet_marked_whole_or_loses_one_datagram() {
 
 #[test]
 fn overload_is_the_rings_drop_counter_rising_recently() {
-    let mut d = dp(false)
+    let mut d = setup(false)
         .with_device("tun9")
-        .with_flow_queues(Some(crate::aqm::CodelParams::default()), 1 << 20);
-    d.attach_tx_buffers(4);
+        .with_flow_queues(Some(crate::aqm::CodelParams::default()), 1 << 20)
+        .build(Attach::harness(4));
     let pkt = crate::packet::offload::tests::tcp_packet(false, 1, 0x10, &[], &[7; 100]);
     for id in 0..4 {
         d.tx_enqueue(id, &pkt, pkt.len(), 0);
@@ -461,24 +504,28 @@ fn overload_is_the_rings_drop_counter_rising_recently() {
     assert!(d.ring_check_due(0) || d.ring_check_due(RING_CHECK_NS));
     d.tx_ring_drops(Some(100), RING_CHECK_NS);
     // No increase: a full pool is a burst, the ring holds the rest.
-    assert_eq!(d.tx_make_room(RING_CHECK_NS), None);
+    assert_eq!(d.tx_make_room(RING_CHECK_NS, 0), None);
     // An increase since a reading 10 ms ago: overload, the fattest
-    // flow's head makes room, counted.
+    // flow's head makes room, counted, until half the buffers are free.
     d.tx_ring_drops(Some(150), 2 * RING_CHECK_NS);
-    assert_eq!(d.tx_make_room(2 * RING_CHECK_NS + ms), Some(0));
+    let t = 2 * RING_CHECK_NS + ms;
+    assert_eq!(d.tx_make_room(t, 0), Some(0));
+    assert_eq!(d.tx_make_room(t, 1), Some(1));
+    assert_eq!(d.tx_make_room(t, 2), None, "half of the 4 buffers are free");
+    assert_eq!(d.tx_queued(), 2);
     assert_eq!(
         d.stats()
             .snapshot()
             .tun_to_peer
             .drops_for(DropReason::Overload),
-        1
+        2
     );
     // It holds for OVERLOAD_HOLD_NS, then ends.
     let later = 2 * RING_CHECK_NS + OVERLOAD_HOLD_NS;
-    assert_eq!(d.tx_make_room(later), None);
+    assert_eq!(d.tx_make_room(later, 0), None);
     // An increase found after a long quiet spell is not current.
     d.tx_ring_drops(Some(900), later + 50 * ms);
-    assert_eq!(d.tx_make_room(later + 51 * ms), None);
+    assert_eq!(d.tx_make_room(later + 51 * ms, 0), None);
     // Not due more often than every RING_CHECK_NS.
     assert!(d.ring_check_due(later + 60 * ms));
     assert!(!d.ring_check_due(later + 61 * ms));
@@ -486,43 +533,56 @@ fn overload_is_the_rings_drop_counter_rising_recently() {
 
 #[test]
 fn visits_stop_at_their_packet_or_byte_bound_and_are_timed() {
-    let take_all = |d: &mut Datapath, dir, bytes| {
-        let mut v = d.begin_visit(dir);
+    // A visit from `at` ns, taking `bytes` at a time until full, ending
+    // 1 us per take later.
+    let take_all = |d: &mut Datapath, dir, bytes, at: u64| {
+        let mut v = d.begin_visit(dir, at);
         let mut n = 0;
         while v.has_room() {
             v.took(bytes);
             n += 1;
         }
-        d.end_visit(v);
+        d.end_visit(v, at + n * 1_000);
         n
     };
-    let mut d = dp(true).with_visit_limits(VisitLimits {
-        packets: 64,
-        bytes: 256 << 10,
-    });
+    let mut d = setup(true)
+        .with_visit_limits(VisitLimits {
+            packets: 64,
+            bytes: 256 << 10,
+        })
+        .build(Attach::harness(1));
     // Four 64 KiB super-packets, or 64 small packets.
-    assert_eq!(take_all(&mut d, Direction::TunToPeer, 65536), 4);
-    assert_eq!(take_all(&mut d, Direction::PeerToTun, 1400), 64);
+    assert_eq!(take_all(&mut d, Direction::TunToPeer, 65536, 10_000), 4);
+    assert_eq!(take_all(&mut d, Direction::PeerToTun, 1400, 20_000), 64);
+    assert_eq!(take_all(&mut d, Direction::TunToPeer, 65536, 90_000), 4);
     // No byte bound: only packets.
-    let mut d2 = dp(true).with_visit_limits(VisitLimits {
-        packets: 8,
-        bytes: 0,
-    });
-    assert_eq!(take_all(&mut d2, Direction::TunToPeer, 65536), 8);
+    let mut d2 = setup(true)
+        .with_visit_limits(VisitLimits {
+            packets: 8,
+            bytes: 0,
+        })
+        .build(Attach::harness(1));
+    assert_eq!(take_all(&mut d2, Direction::TunToPeer, 65536, 0), 8);
     // A visit that took nothing is not counted.
-    let v = d.begin_visit(Direction::PeerToTun);
-    d.end_visit(v);
+    let v = d.begin_visit(Direction::PeerToTun, 100_000);
+    d.end_visit(v, 200_000);
     let s = d.stats().snapshot();
-    assert_eq!(s.tun_to_peer.visits.count, 1);
+    assert_eq!(s.tun_to_peer.visits.count, 2);
     assert_eq!(s.peer_to_tun.visits.count, 1);
-    // One visit: its time is the total and the longest.
-    assert_eq!(s.tun_to_peer.visits.max_ns, s.tun_to_peer.visits.total_ns);
+    // Timed with the clock passed in: exactly.
+    assert_eq!(
+        (s.tun_to_peer.visits.total_ns, s.tun_to_peer.visits.max_ns),
+        (8_000, 4_000)
+    );
+    assert_eq!(s.peer_to_tun.visits.total_ns, 64_000);
 }
 
 #[test]
 fn queue_delay_is_measured_from_arrival_timestamps() {
     let peer: SocketAddr = PEER.parse().unwrap();
-    let mut d = dp(false).with_aqm(Some(crate::aqm::CodelParams::default()));
+    let mut d = setup(false)
+        .with_aqm(Some(crate::aqm::CodelParams::default()))
+        .build(Attach::harness(1));
     for (i, waited_us) in [100u64, 300, 200].into_iter().enumerate() {
         let mut p = tcp_packet(false, i as u32, 0x10, &[], &[1; 10]);
         refresh_tcp_checksums(&mut p);
@@ -563,7 +623,8 @@ fn write_and_receive_error_policy() {
 #[test]
 fn reflect_answers_in_place() {
     let fwd = Forwarder::reflector(1500, PEER.parse().unwrap());
-    let mut d = Datapath::new("t".into(), fwd, Arc::new(WorkerStats::default()), false);
+    let mut d = Setup::new("t".into(), fwd, Arc::new(WorkerStats::default()), false)
+        .build(Attach::harness(1));
     // An ICMP echo request.
     let mut p = vec![0u8; 28];
     p[0] = 0x45;

@@ -365,10 +365,7 @@ impl Datapath {
             {
                 // Send the same datagrams again, one by one.
                 self.gso = false;
-                crate::info!(
-                    "{}: UDP GSO refused ({e}): sending datagrams one by one",
-                    self.label
-                );
+                self.events.push_back(Event::GsoRefused(e));
                 return After::Next;
             }
             // A short send (never seen for UDP) or an error: lost.

@@ -33,7 +33,7 @@ impl Default for VisitLimits {
 #[derive(Debug)]
 pub struct Visit {
     pub(super) dir: Direction,
-    pub(super) began: std::time::Instant,
+    pub(super) began_ns: u64,
     pub(super) packets: usize,
     pub(super) bytes: usize,
     pub(super) limits: VisitLimits,
@@ -61,38 +61,30 @@ impl Visit {
 }
 
 impl Datapath {
-    /// Bounds each visit to a direction (see [`VisitLimits`]).
-    pub fn with_visit_limits(mut self, limits: VisitLimits) -> Self {
-        self.limits = VisitLimits {
-            packets: limits.packets.max(1),
-            ..limits
-        };
-        self
-    }
-
     /// What each visit to a direction may take.
     pub fn visit_limits(&self) -> VisitLimits {
         self.limits
     }
 
-    /// Starts a visit to `dir` (with the current peer table).
-    pub fn begin_visit(&mut self, dir: Direction) -> Visit {
+    /// Starts a visit to `dir` at `now_ns` (with the current peer table).
+    pub fn begin_visit(&mut self, dir: Direction, now_ns: u64) -> Visit {
         self.refresh_peers();
         Visit {
             dir,
-            began: std::time::Instant::now(),
+            began_ns: now_ns,
             packets: 0,
             bytes: 0,
             limits: self.limits,
         }
     }
 
-    /// Ends a visit: one that took anything is counted with its duration.
-    pub fn end_visit(&self, v: Visit) {
+    /// Ends a visit at `now_ns`: one that took anything is counted with its
+    /// duration.
+    pub fn end_visit(&self, v: Visit, now_ns: u64) {
         if !v.took_any() {
             return;
         }
-        let ns = v.began.elapsed().as_nanos() as u64;
+        let ns = now_ns.saturating_sub(v.began_ns);
         match v.dir {
             Direction::TunToPeer => self.stats.tun_to_peer.visits.record(ns),
             Direction::PeerToTun => self.stats.peer_to_tun.visits.record(ns),

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 
 use crate::config::{EngineKind, Toggle, TunnelConfig};
-use crate::datapath::{Datapath, Framing};
+use crate::datapath::{Datapath, Framing, Setup};
 use crate::device::TunQueue;
 use crate::error::{Context, Error, Result};
 
@@ -29,7 +29,8 @@ pub struct WorkerParts {
     pub tun: TunQueue,
     /// The UDP socket (nonblocking for poll; io_uring waits itself).
     pub udp: UdpSocket,
-    pub datapath: Datapath,
+    /// The datapath, built by the engine once its buffers exist.
+    pub datapath: Setup,
     pub shutdown: Arc<Shutdown>,
     /// Spin instead of sleeping (`--busy-poll`).
     pub busy_poll: bool,
@@ -147,7 +148,7 @@ impl Engine {
     /// Builds a worker on the calling thread (io_uring rings are
     /// single-issuer) and returns what runs it.
     pub fn build(self, mut parts: WorkerParts) -> Result<Box<dyn FnOnce() -> Result<()>>> {
-        enable_timestamps(&parts.udp, &mut parts.datapath);
+        parts.datapath = enable_timestamps(&parts.udp, parts.datapath);
         Ok(match self {
             Engine::Poll => {
                 let w = poll::PollWorker::new(parts)?;
@@ -249,10 +250,10 @@ impl Shutdown {
     }
 }
 
-/// Now, in ns since the Unix epoch: the clock the kernel's receive
-/// timestamps (`SO_TIMESTAMPNS`) use, passed to the datapath with each
-/// receive.
-pub fn wall_clock_ns() -> u64 {
+/// Now, in ns since the Unix epoch: the datapath's one clock (that of the
+/// kernel's receive timestamps, `SO_TIMESTAMPNS`), which engines read and
+/// pass to every datapath entry that depends on time.
+pub fn now_ns() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
@@ -262,16 +263,27 @@ pub fn wall_clock_ns() -> u64 {
 /// Turns on the kernel's arrival timestamps on `udp` if the datapath's
 /// AQM needs them; if the kernel refuses, the AQM stays off for this worker
 /// (one log line).
-fn enable_timestamps(udp: &UdpSocket, dp: &mut Datapath) {
+fn enable_timestamps(udp: &UdpSocket, dp: Setup) -> Setup {
     if !dp.wants_timestamps() {
-        return;
+        return dp;
     }
-    if let Err(e) = crate::platform::enable_rx_timestamps(udp) {
-        crate::info!(
-            "{}: no receive timestamps ({e}): queue management off",
-            dp.label()
-        );
-        dp.disable_aqm();
+    match crate::platform::enable_rx_timestamps(udp) {
+        Ok(()) => dp,
+        Err(e) => {
+            crate::info!(
+                "{}: no receive timestamps ({e}): queue management off",
+                dp.label()
+            );
+            dp.without_timestamps()
+        }
+    }
+}
+
+/// Logs what the datapath of a worker has to say (see
+/// [`crate::datapath::Event`]); engines call it after each batch.
+pub fn log_events(dp: &mut Datapath) {
+    while let Some(e) = dp.poll_event() {
+        crate::info!("{}: {e}", dp.label());
     }
 }
 

@@ -19,10 +19,10 @@ use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use crate::datapath::{
-    After, Datapath, Direction, MAX_GATHER_PIECES, RxAction, SPLIT_LEN, TunAction, TxBuf, TxPlan,
-    Visit, WriteInfo,
+    After, Attach, Datapath, Direction, MAX_GATHER_PIECES, RxAction, SPLIT_LEN, TunAction, TxBuf,
+    TxPlan, Visit, WriteInfo,
 };
-use crate::engine::{Shutdown, WorkerParts};
+use crate::engine::{Shutdown, WorkerParts, log_events, now_ns};
 use crate::error::{Error, Result};
 use crate::fq::Dequeued;
 use crate::packet::offload::{Coalescer, MAX_WRITE_PIECES};
@@ -103,25 +103,28 @@ impl PollWorker {
         let WorkerParts {
             tun,
             udp,
-            datapath: dp,
+            datapath: setup,
             shutdown,
             busy_poll,
         } = parts;
+        let label = setup.label().to_string();
         udp.set_nonblocking(true)
-            .map_err(|e| Error::io(format!("make UDP socket of {} nonblocking", dp.label()), e))?;
-        let local = udp
+            .map_err(|e| Error::io(format!("make UDP socket of {label} nonblocking"), e))?;
+        let socket = udp
             .local_addr()
-            .map_err(|e| Error::io(format!("query address of UDP socket for {}", dp.label()), e))?;
-        let mut dp = dp;
-        dp.use_socket(local);
+            .map_err(|e| Error::io(format!("query address of UDP socket for {label}"), e))?;
         // With flow queueing, each buffer holds one queued read (or
         // receive); without it, one of each is all a synchronous engine uses.
-        let buffers = match (dp.flow_queueing_requested(), dp.offload()) {
+        let buffers = match (setup.flow_queueing_requested(), setup.offload()) {
             (false, _) => 1,
             (true, true) => QUEUED_SUPER_PACKETS,
             (true, false) => QUEUED_PACKETS,
         };
-        dp.attach_tx_buffers(buffers);
+        let dp = setup.build(Attach {
+            socket,
+            tun_buffers: buffers,
+            udp_buffers: buffers,
+        });
         let out = Outbound {
             bufs: (0..buffers)
                 .map(|_| vec![0u8; dp.read_headroom() + dp.max_read_len()])
@@ -132,7 +135,6 @@ impl PollWorker {
         };
         // One byte more than the largest acceptable datagram (or a whole GRO
         // batch): a longer one is recognised by its length.
-        dp.attach_rx_buffers(buffers);
         let rx_buffers = if dp.rx_flow_queueing() { buffers } else { 1 };
         let inb = Inbound {
             bufs: (0..rx_buffers)
@@ -231,6 +233,7 @@ impl PollWorker {
             if (udp_in || self.dp.rx_queued() > 0) && self.inb.held.is_none() {
                 self.drain_udp(udp_in)?;
             }
+            log_events(&mut self.dp);
         }
         Ok(())
     }
@@ -258,14 +261,14 @@ impl PollWorker {
     /// socket is full.
     fn drain_tun(&mut self, readable: bool) -> Result<()> {
         let head = self.dp.read_headroom();
-        let mut visit = self.dp.begin_visit(Direction::TunToPeer);
+        let mut visit = self.dp.begin_visit(Direction::TunToPeer, now_ns());
         let r = if self.dp.flow_queueing() {
             self.fill_queues(head, readable)
                 .and_then(|()| self.send_queued(&mut visit))
         } else {
             self.drain_tun_visit(head, &mut visit)
         };
-        self.dp.end_visit(visit);
+        self.dp.end_visit(visit, now_ns());
         r
     }
 
@@ -304,7 +307,7 @@ impl PollWorker {
     /// device's drop counter, read every 10 ms): then the fattest flow's
     /// head is dropped to make room.
     fn fill_queues(&mut self, head: usize, readable: bool) -> Result<()> {
-        let now = self.dp.clock_ns();
+        let now = now_ns();
         if self.dp.ring_check_due(now) {
             let drops = crate::platform::device_tx_drops(self.dp.device());
             self.dp.tx_ring_drops(drops, now);
@@ -313,15 +316,21 @@ impl PollWorker {
             return Ok(());
         }
         for _ in 0..self.dp.visit_limits().packets {
-            let free = self.out.free.pop();
-            let Some(id) = free.or_else(|| self.dp.tx_make_room(self.dp.clock_ns())) else {
+            if self.out.free.is_empty() {
+                // Out of buffers: in overload, the datapath says what to drop.
+                let now = now_ns();
+                while let Some(id) = self.dp.tx_make_room(now, self.out.free.len()) {
+                    self.out.free.push(id);
+                }
+            }
+            let Some(id) = self.out.free.pop() else {
                 return Ok(());
             };
             self.dp.stats().syscalls.add(1);
             let buf = &mut self.out.bufs[id as usize];
             match errno_of(self.tun.read(&mut buf[head..])) {
                 Ok(len) => {
-                    let now = self.dp.clock_ns();
+                    let now = now_ns();
                     self.dp.tx_enqueue(id, buf, len, now);
                 }
                 Err(e) => {
@@ -340,7 +349,7 @@ impl PollWorker {
     /// limits; stops early when the socket is full.
     fn send_queued(&mut self, visit: &mut Visit) -> Result<()> {
         while visit.has_room() && self.out.held.is_none() {
-            let now = self.dp.clock_ns();
+            let now = now_ns();
             let Some(d) = self.dp.tx_next(now) else {
                 return Ok(());
             };
@@ -416,14 +425,14 @@ impl PollWorker {
     /// what the socket holds into the queues and writes what they hand
     /// out; stops early when the TUN queue is full.
     fn drain_udp(&mut self, readable: bool) -> Result<()> {
-        let mut visit = self.dp.begin_visit(Direction::PeerToTun);
+        let mut visit = self.dp.begin_visit(Direction::PeerToTun, now_ns());
         let r = if self.dp.rx_flow_queueing() {
             self.fill_rx_queues(readable)
                 .and_then(|()| self.write_queued(&mut visit))
         } else {
             self.drain_udp_visit(&mut visit)
         };
-        self.dp.end_visit(visit);
+        self.dp.end_visit(visit, now_ns());
         r
     }
 
@@ -446,7 +455,7 @@ impl PollWorker {
             src: got.src,
             payload: 0..got.len,
             gro_size: got.gro_size,
-            truncated: got.len >= buf.len() && got.gro_size.is_none(),
+            truncated: got.truncated,
             arrived_ns: got.arrived_ns,
         }))
     }
@@ -457,7 +466,7 @@ impl PollWorker {
                 return Ok(());
             };
             visit.took(rx.payload.len());
-            let now = crate::engine::wall_clock_ns();
+            let now = now_ns();
             let buf = &mut self.inb.bufs[0];
             match self
                 .dp
@@ -490,7 +499,7 @@ impl PollWorker {
                 self.inb.free.push(id);
                 return Ok(());
             };
-            let now = crate::engine::wall_clock_ns();
+            let now = now_ns();
             self.dp
                 .rx_enqueue(id, &rx, &self.inb.bufs[id as usize], now);
             self.inb.received[id as usize] = Some(rx);
@@ -502,7 +511,7 @@ impl PollWorker {
     /// visit limits; stops early when the TUN queue is full.
     fn write_queued(&mut self, visit: &mut Visit) -> Result<()> {
         while visit.has_room() && self.inb.held.is_none() {
-            let now = crate::engine::wall_clock_ns();
+            let now = now_ns();
             let Some(d) = self.dp.rx_next(now) else {
                 return Ok(());
             };
@@ -515,7 +524,7 @@ impl PollWorker {
             let buf = &mut self.inb.bufs[id];
             match self
                 .dp
-                .handle_dequeued_receive(&rx, buf, &mut self.inb.coalescer, &d)
+                .handle_dequeued_receive(&rx, buf, &mut self.inb.coalescer, &d, now)
             {
                 RxAction::Write(range) => self.write_packet(Some(d), range)?,
                 RxAction::Coalesced => self.write_coalesced(Some(d), 0)?,

@@ -3,14 +3,13 @@
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use nix::fcntl::OFlag;
 use nix::sys::signal::Signal;
-use nix::sys::socket::{
-    ControlMessage, ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg, sendmsg, setsockopt,
-    sockopt,
-};
+use nix::sys::socket::{MsgFlags, SockaddrStorage, recvmsg, setsockopt, sockopt};
+
+use super::control;
 
 /// The CPUs this process may run on.
 pub fn allowed_cpus() -> io::Result<Vec<usize>> {
@@ -56,51 +55,43 @@ pub fn send_gather(
     to: SocketAddr,
 ) -> nix::Result<usize> {
     let addr = SockaddrStorage::from(to);
-    match gso_size {
-        Some(seg) => sendmsg(
-            sock.as_raw_fd(),
-            iov,
-            &[ControlMessage::UdpGsoSegments(&seg)],
-            MsgFlags::empty(),
-            Some(&addr),
-        ),
-        None => sendmsg(sock.as_raw_fd(), iov, &[], MsgFlags::empty(), Some(&addr)),
-    }
+    let words = gso_size.map(control::udp_segment_cmsg);
+    let mut bytes = [0u8; control::CMSG_SPACE_INT];
+    let control = match words {
+        Some(w) => {
+            for (chunk, word) in bytes.chunks_mut(8).zip(w) {
+                chunk.copy_from_slice(&word.to_ne_bytes());
+            }
+            &bytes[..]
+        }
+        None => &[][..],
+    };
+    crate::sys::sendmsg_gather(sock.as_fd(), iov, control, &addr)
 }
 
-/// Room for the control messages `recv_segments` reads.
+/// Room for the control messages `recv_segments` reads (UDP GRO size and
+/// arrival time).
 pub fn segments_cmsg_space() -> Vec<u8> {
-    nix::cmsg_space!(i32, nix::sys::time::TimeSpec)
+    vec![0; control::control_len(true, true)]
 }
 
-/// Receives one datagram or, with UDP GRO on, several of the same size.
+/// Receives one datagram or, with UDP GRO on, several of the same size;
+/// the address and control data are read by [`control`], the codec the
+/// io_uring engine uses too.
 pub fn recv_segments(
     sock: &UdpSocket,
     buf: &mut [u8],
     cmsg: &mut [u8],
 ) -> nix::Result<super::RecvInfo> {
-    let mut iov = [io::IoSliceMut::new(buf)];
-    let m = recvmsg::<SockaddrStorage>(sock.as_raw_fd(), &mut iov, Some(cmsg), MsgFlags::empty())?;
-    let mut gro_size = None;
-    let mut arrived_ns = None;
-    if let Ok(cmsgs) = m.cmsgs() {
-        for c in cmsgs {
-            match c {
-                ControlMessageOwned::UdpGroSegments(s) => gro_size = Some(s as usize),
-                ControlMessageOwned::ScmTimestampns(t) => {
-                    arrived_ns = u64::try_from(t.tv_sec())
-                        .ok()
-                        .map(|s| s * 1_000_000_000 + t.tv_nsec() as u64)
-                }
-                _ => {}
-            }
-        }
-    }
+    let mut name = [0u8; control::SOCKADDR_LEN];
+    let r = crate::sys::recvmsg_into(sock.as_fd(), buf, &mut name, cmsg)?;
+    let c = control::parse_control(&cmsg[..r.control_len]);
     Ok(super::RecvInfo {
-        len: m.bytes,
-        src: m.address.as_ref().and_then(super::socket_addr),
-        gro_size,
-        arrived_ns,
+        len: r.len.min(buf.len()),
+        src: control::parse_sockaddr(&name[..r.name_len]),
+        gro_size: c.gro_size,
+        arrived_ns: c.arrived_ns,
+        truncated: r.truncated,
     })
 }
 
@@ -270,5 +261,42 @@ pub fn drain_error_queue(sock: &UdpSocket) -> u64 {
     match nix::sys::socket::getsockopt(sock, sockopt::SocketError) {
         Ok(0) | Err(_) => n,
         Ok(_) => n.max(1),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The poll engine's receive and send, through the shared codec, on
+    /// loopback: the sender's address, a GSO send arriving as datagrams of
+    /// its segment size, the arrival time, and the kernel's MSG_TRUNC.
+    #[test]
+    fn receive_and_send_through_the_codec_on_loopback() {
+        for any in ["127.0.0.1:0", "[::1]:0"] {
+            let bind = || UdpSocket::bind(any).unwrap_or_else(|e| panic!("bind {any}: {e}"));
+            let (rx, tx) = (bind(), bind());
+            rx.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+                .unwrap();
+            enable_rx_timestamps(&rx).unwrap();
+            let to = rx.local_addr().unwrap();
+            let before = crate::engine::now_ns();
+            // One GSO send of three 100-byte datagrams, then one of 300.
+            let data = [7u8; 300];
+            let iov = [io::IoSlice::new(&data)];
+            assert_eq!(send_gather(&tx, &iov, Some(100), to), Ok(300));
+            assert_eq!(send_gather(&tx, &iov, None, to), Ok(300));
+            let mut cmsg = segments_cmsg_space();
+            let mut buf = [0u8; 200];
+            for _ in 0..3 {
+                let r = recv_segments(&rx, &mut buf, &mut cmsg).unwrap();
+                assert_eq!((r.len, r.truncated), (100, false), "{any}");
+                assert_eq!(r.src, Some(tx.local_addr().unwrap()), "{any}");
+                let at = r.arrived_ns.expect("an arrival time");
+                assert!(at >= before && at <= crate::engine::now_ns(), "{any}");
+            }
+            let r = recv_segments(&rx, &mut buf, &mut cmsg).unwrap();
+            assert_eq!((r.len, r.truncated), (200, true), "{any}: cut to the buffer");
+        }
     }
 }

@@ -7,6 +7,8 @@
 //! available" so the caller takes the portable path.
 
 #[cfg(target_os = "linux")]
+pub mod control;
+#[cfg(target_os = "linux")]
 mod linux;
 #[cfg(target_os = "linux")]
 pub use linux::*;
@@ -19,7 +21,6 @@ pub use other::*;
 use std::net::SocketAddr;
 
 use nix::errno::Errno;
-use nix::sys::socket::SockaddrStorage;
 
 /// What one receive returned ([`recv_segments`]).
 #[derive(Clone, Copy, Debug)]
@@ -31,16 +32,8 @@ pub struct RecvInfo {
     /// When the kernel queued it (ns since the Unix epoch), with
     /// `SO_TIMESTAMPNS` on (Linux).
     pub arrived_ns: Option<u64>,
-}
-
-/// A received datagram's source as a `SocketAddr` (None for other families).
-pub fn socket_addr(a: &SockaddrStorage) -> Option<SocketAddr> {
-    a.as_sockaddr_in()
-        .map(|v4| SocketAddr::from(std::net::SocketAddrV4::from(*v4)))
-        .or_else(|| {
-            a.as_sockaddr_in6()
-                .map(|v6| SocketAddr::from(std::net::SocketAddrV6::from(*v6)))
-        })
+    /// The kernel cut the payload to the buffer (`MSG_TRUNC`; Linux).
+    pub truncated: bool,
 }
 
 /// Socket errors that report a past ICMP error (peer port unreachable, ...)

@@ -78,9 +78,10 @@ pub fn recv_segments(
     let (n, src) = recvfrom::<SockaddrStorage>(sock.as_raw_fd(), buf)?;
     Ok(super::RecvInfo {
         len: n,
-        src: src.as_ref().and_then(super::socket_addr),
+        src: src.as_ref().and_then(socket_addr),
         gro_size: None,
         arrived_ns: None,
+        truncated: false,
     })
 }
 
@@ -133,4 +134,14 @@ pub fn enable_recverr(_sock: &UdpSocket) -> io::Result<()> {
 /// Nothing is queued without `enable_recverr`.
 pub fn drain_error_queue(_sock: &UdpSocket) -> u64 {
     0
+}
+
+/// A received datagram's source as a `SocketAddr` (None for other families).
+fn socket_addr(a: &SockaddrStorage) -> Option<SocketAddr> {
+    a.as_sockaddr_in()
+        .map(|v4| SocketAddr::from(std::net::SocketAddrV4::from(*v4)))
+        .or_else(|| {
+            a.as_sockaddr_in6()
+                .map(|v6| SocketAddr::from(std::net::SocketAddrV6::from(*v6)))
+        })
 }

@@ -1,4 +1,5 @@
-//! Linux interface ioctls: TUNSETIFF and the SIOCSIF* family.
+//! Linux interface ioctls (TUNSETIFF and the SIOCSIF* family), and
+//! `recvmsg`/`sendmsg` with raw address and control buffers.
 //!
 //! Request numbers come from `libc`. Each public function takes the control
 //! socket or TUN fd as a `BorrowedFd`, so the descriptor is live for the call.
@@ -259,6 +260,86 @@ pub fn tcp_info(sock: BorrowedFd<'_>) -> io::Result<libc::tcp_info> {
         return Err(io::Error::last_os_error());
     }
     Ok(info)
+}
+
+/// What one [`recvmsg_into`] returned: payload bytes, the length of the
+/// sender address and of the control data the kernel wrote, and whether
+/// the payload was cut to the buffer (`MSG_TRUNC`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Received {
+    pub len: usize,
+    pub name_len: usize,
+    pub control_len: usize,
+    pub truncated: bool,
+}
+
+/// `recvmsg(2)` on `sock`: the payload into `buf`, the sender's address
+/// into `name` and control data into `control`, in the kernel's layout
+/// (read them with `crate::platform::control`).
+pub fn recvmsg_into(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    name: &mut [u8],
+    control: &mut [u8],
+) -> Result<Received, nix::errno::Errno> {
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: msghdr is plain data (integers and raw pointers), for which
+    // all-zero bytes are valid.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = name.as_mut_ptr().cast();
+    msg.msg_namelen = name.len() as libc::socklen_t;
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = control.len() as _;
+    // SAFETY: the descriptor is live for the call (borrowed); every pointer
+    // in `msg` is to a live, exclusively borrowed slice of the length given
+    // beside it, which the kernel writes at most.
+    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, 0) };
+    if n < 0 {
+        return Err(nix::errno::Errno::last());
+    }
+    Ok(Received {
+        len: n as usize,
+        name_len: (msg.msg_namelen as usize).min(name.len()),
+        control_len: (msg.msg_controllen as usize).min(control.len()),
+        truncated: msg.msg_flags & libc::MSG_TRUNC != 0,
+    })
+}
+
+/// `sendmsg(2)` on `sock`: the bytes of `iov`, gathered, to `dest`, with
+/// `control` (`cmsghdr`s in the kernel's layout; empty for none).
+pub fn sendmsg_gather(
+    sock: BorrowedFd<'_>,
+    iov: &[io::IoSlice<'_>],
+    control: &[u8],
+    dest: &nix::sys::socket::SockaddrStorage,
+) -> Result<usize, nix::errno::Errno> {
+    use nix::sys::socket::SockaddrLike as _;
+    // SAFETY: msghdr is plain data (integers and raw pointers), for which
+    // all-zero bytes are valid.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = dest.as_ptr().cast_mut().cast();
+    msg.msg_namelen = dest.len();
+    // IoSlice is ABI-compatible with iovec on Unix (std's guarantee); the
+    // kernel only reads through these pointers.
+    msg.msg_iov = iov.as_ptr().cast_mut().cast();
+    msg.msg_iovlen = iov.len() as _;
+    if !control.is_empty() {
+        msg.msg_control = control.as_ptr().cast_mut().cast();
+        msg.msg_controllen = control.len() as _;
+    }
+    // SAFETY: the descriptor is live for the call (borrowed); `msg` points
+    // at the address, the iovecs and the control data, all borrowed for
+    // the call with the lengths given beside them, and sendmsg only reads.
+    let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, 0) };
+    if n < 0 {
+        return Err(nix::errno::Errno::last());
+    }
+    Ok(n as usize)
 }
 
 #[cfg(test)]

@@ -30,7 +30,6 @@ mod ops;
 mod pool;
 mod worker;
 
-pub use ops::{Control, gro_segment, parse_control, parse_sockaddr};
 pub use worker::UringWorker;
 
 use std::io;
@@ -40,7 +39,7 @@ use io_uring::{IoUring, opcode};
 use crate::config::{Toggle, UringFlags};
 use crate::datapath::Framing;
 use crate::error::{Error, Result};
-use ops::{CMSG_SPACE_INT, CMSG_SPACE_TIMESPEC, RECVMSG_PREFIX};
+use ops::RECVMSG_PREFIX;
 
 /// The io_uring tuning flags.
 #[derive(Clone, Debug)]
@@ -147,17 +146,9 @@ pub struct UringPlan {
 pub fn buffer_len(framing: Framing, offload: bool) -> usize {
     let read = framing.read_headroom(offload) + framing.max_read_len(offload);
     // Room for every control message a receive may carry.
-    let control = control_len(true, true);
+    let control = crate::platform::control::control_len(true, true);
     let receive = RECVMSG_PREFIX + control + framing.max_receive_len(offload);
     read.max(receive).next_multiple_of(64)
-}
-
-/// Control data a multishot receive asks for: the UDP_GRO size (offload)
-/// and the arrival time (AQM).
-fn control_len(gro: bool, timestamps: bool) -> usize {
-    let gro = if gro { CMSG_SPACE_INT } else { 0 };
-    let ts = if timestamps { CMSG_SPACE_TIMESPEC } else { 0 };
-    gro + ts
 }
 
 const TUN_GROUP: u16 = 0;
@@ -426,6 +417,7 @@ fn memlock_allows(bytes: u64) -> std::result::Result<(), String> {
 mod tests {
     use super::*;
     use crate::forward::Forwarder;
+    use crate::platform::control::CMSG_SPACE_INT;
 
     fn opts(buffers: Option<u32>, inflight: Option<u32>) -> UringOptions {
         let flags = UringFlags {

@@ -1,9 +1,14 @@
 //! What the worker submits: operation tags in `user_data`, the stable
-//! message headers sendmsg/recvmsg point to, and the control data they carry.
-//! Plain data and parsing: nothing here touches the ring.
+//! message headers sendmsg/recvmsg point to (their control data and
+//! addresses read and written by `crate::platform::control`, the codec the
+//! poll engine uses too). Plain data: nothing here touches the ring.
 #![allow(unsafe_code)]
 
 use std::net::SocketAddr;
+
+use crate::platform::control::{
+    CMSG_SPACE_INT, CMSG_SPACE_TIMESPEC, SOCKADDR_LEN, parse_sockaddr, udp_segment_cmsg,
+};
 
 /// What an operation is: bits 32.. of user_data; bits 16..32 hold an index
 /// (which coalesced TUN write), bits 0..16 the buffer id.
@@ -51,15 +56,8 @@ pub(super) fn decode(ud: u64) -> (Option<Op>, u16, u16) {
     (op, ud as u16, (ud >> 16) as u16)
 }
 
-/// Room for a sockaddr_in6.
-pub(super) const SOCKADDR_LEN: usize = std::mem::size_of::<libc::sockaddr_in6>();
 /// `struct io_uring_recvmsg_out` (16 bytes) + the sender address we ask for.
 pub(super) const RECVMSG_PREFIX: usize = 16 + SOCKADDR_LEN;
-/// Control data we ask for or send: one cmsghdr with one int (UDP_GRO,
-/// UDP_SEGMENT)...
-pub(super) const CMSG_SPACE_INT: usize = 24;
-/// ...and one with a struct timespec (SCM_TIMESTAMPNS).
-pub(super) const CMSG_SPACE_TIMESPEC: usize = 32;
 
 /// The message header of one buffer's sendmsg or single-shot recvmsg. Kept
 /// in a Vec that is never resized, so the kernel's pointers into it stay
@@ -202,108 +200,9 @@ impl MsgSlot {
     }
 }
 
-/// Parses the sender address a recvmsg wrote (sockaddr_in or sockaddr_in6).
-pub fn parse_sockaddr(name: &[u8]) -> Option<SocketAddr> {
-    if name.len() < 2 {
-        return None;
-    }
-    let family = i32::from(u16::from_ne_bytes([name[0], name[1]]));
-    if family == libc::AF_INET && name.len() >= 8 {
-        let port = u16::from_be_bytes([name[2], name[3]]);
-        let ip = std::net::Ipv4Addr::new(name[4], name[5], name[6], name[7]);
-        Some(SocketAddr::from((ip, port)))
-    } else if family == libc::AF_INET6 && name.len() >= 28 {
-        let port = u16::from_be_bytes([name[2], name[3]]);
-        let octets: [u8; 16] = name[8..24].try_into().ok()?;
-        let scope = u32::from_ne_bytes(name[24..28].try_into().ok()?);
-        let flow = u32::from_be_bytes(name[4..8].try_into().ok()?);
-        Some(SocketAddr::V6(std::net::SocketAddrV6::new(
-            octets.into(),
-            port,
-            flow,
-            scope,
-        )))
-    } else {
-        None
-    }
-}
-
-/// A cmsghdr carrying `UDP_SEGMENT = seg`, laid out in native byte order.
-fn udp_segment_cmsg(seg: u16) -> [u64; 3] {
-    let mut b = [0u8; 24];
-    let hdr_len = std::mem::size_of::<libc::cmsghdr>();
-    b[..8].copy_from_slice(&((hdr_len + 2) as u64).to_ne_bytes());
-    b[8..12].copy_from_slice(&libc::SOL_UDP.to_ne_bytes());
-    b[12..16].copy_from_slice(&libc::UDP_SEGMENT.to_ne_bytes());
-    b[16..18].copy_from_slice(&seg.to_ne_bytes());
-    let w = |i: usize| u64::from_ne_bytes(b[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
-    [w(0), w(1), w(2)]
-}
-
-/// What recvmsg control data says: the UDP_GRO segment size and the
-/// arrival time (SCM_TIMESTAMPNS, ns since the Unix epoch), where present.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Control {
-    pub gro_size: Option<usize>,
-    pub arrived_ns: Option<u64>,
-}
-
-/// Parses recvmsg control data (native-endian cmsghdrs, 8-byte aligned).
-pub fn parse_control(control: &[u8]) -> Control {
-    let mut out = Control::default();
-    let mut at = 0;
-    let field = |b: &[u8], i: usize, n: usize| b.get(i..i + n).map(|s| s.to_vec());
-    while at + 16 <= control.len() {
-        let Some(len) = field(control, at, 8)
-            .and_then(|b| b.try_into().ok())
-            .map(u64::from_ne_bytes)
-            .and_then(|l| usize::try_from(l).ok())
-        else {
-            break;
-        };
-        if len < 16 {
-            break;
-        }
-        let int = |i: usize| {
-            field(control, at + i, 4)
-                .and_then(|b| b.try_into().ok())
-                .map(i32::from_ne_bytes)
-        };
-        let i64_at = |i: usize| {
-            field(control, at + i, 8)
-                .and_then(|b| b.try_into().ok())
-                .map(i64::from_ne_bytes)
-        };
-        match (int(8), int(12)) {
-            (Some(libc::SOL_UDP), Some(libc::UDP_GRO)) => {
-                out.gro_size = int(16)
-                    .and_then(|v| usize::try_from(v).ok())
-                    .filter(|&v| v > 0);
-            }
-            (Some(libc::SOL_SOCKET), Some(libc::SCM_TIMESTAMPNS)) => {
-                if let (Some(sec), Some(nsec)) = (i64_at(16), i64_at(24)) {
-                    out.arrived_ns = u64::try_from(sec)
-                        .ok()
-                        .zip(u64::try_from(nsec).ok())
-                        .map(|(s, n)| s * 1_000_000_000 + n);
-                }
-            }
-            _ => {}
-        }
-        at += len.next_multiple_of(8);
-    }
-    out
-}
-
-/// The UDP_GRO segment size in recvmsg control data, if present.
-pub fn gro_segment(control: &[u8]) -> Option<usize> {
-    parse_control(control).gro_size
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nix::sys::socket::{SockaddrLike, SockaddrStorage};
 
     #[test]
     fn user_data_roundtrip() {
@@ -326,45 +225,5 @@ mod tests {
             }
         }
         assert_eq!(decode(99 << OP_SHIFT).0, None);
-    }
-
-    #[test]
-    fn sockaddr_parsing() {
-        for a in ["198.18.0.2:5000", "[2001:db8::2]:6000"] {
-            let addr: SocketAddr = a.parse().unwrap();
-            let s = SockaddrStorage::from(addr);
-            // SAFETY: test-only view of a live sockaddr of `len()` bytes.
-            let bytes =
-                unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<u8>(), s.len() as usize) };
-            assert_eq!(parse_sockaddr(bytes), Some(addr));
-        }
-        assert_eq!(parse_sockaddr(&[]), None);
-        assert_eq!(parse_sockaddr(&[0, 0, 1, 2]), None);
-    }
-
-    #[test]
-    fn segment_cmsg_roundtrips_through_the_gro_parser() {
-        // The same layout carries UDP_SEGMENT out and UDP_GRO in.
-        let c = udp_segment_cmsg(1400);
-        let mut bytes: Vec<u8> = c.iter().flat_map(|w| w.to_ne_bytes()).collect();
-        bytes[12..16].copy_from_slice(&libc::UDP_GRO.to_ne_bytes());
-        bytes[16..20].copy_from_slice(&1400i32.to_ne_bytes());
-        assert_eq!(gro_segment(&bytes), Some(1400));
-        assert_eq!(gro_segment(&bytes[..10]), None);
-        // A timestamp after it.
-        let mut ts = vec![0u8; 32];
-        ts[..8].copy_from_slice(&32u64.to_ne_bytes());
-        ts[8..12].copy_from_slice(&libc::SOL_SOCKET.to_ne_bytes());
-        ts[12..16].copy_from_slice(&libc::SCM_TIMESTAMPNS.to_ne_bytes());
-        ts[16..24].copy_from_slice(&1_700_000_000i64.to_ne_bytes());
-        ts[24..32].copy_from_slice(&123i64.to_ne_bytes());
-        bytes.extend_from_slice(&ts);
-        assert_eq!(
-            parse_control(&bytes),
-            Control {
-                gro_size: Some(1400),
-                arrived_ns: Some(1_700_000_000 * 1_000_000_000 + 123)
-            }
-        );
     }
 }

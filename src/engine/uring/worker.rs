@@ -15,20 +15,18 @@ use io_uring::types::{CancelBuilder, Fd, Fixed, RecvMsgOut, SubmitArgs, Timespec
 use io_uring::{IoUring, cqueue, opcode, squeue};
 use nix::errno::Errno;
 
-use super::ops::{
-    CHAINED, MsgSlot, Op, SINGLE_WRITE, SOCKADDR_LEN, decode, parse_control, parse_sockaddr,
-    user_data,
-};
+use super::ops::{CHAINED, MsgSlot, Op, SINGLE_WRITE, decode, user_data};
 use super::pool::{BufRing, BufferPool, Owner, Region};
 use super::{TUN_GROUP, UDP_GROUP, UringPlan, build_ring};
 use crate::config::Toggle;
 use crate::datapath::{
-    After, Datapath, Direction, MAX_GATHER_PIECES, Received, RxAction, SPLIT_LEN, TunAction, TxBuf,
-    TxPlan, TxSend,
+    After, Attach, Datapath, Direction, MAX_GATHER_PIECES, Received, RxAction, SPLIT_LEN,
+    TunAction, TxBuf, TxPlan, TxSend,
 };
-use crate::engine::{Shutdown, WorkerParts};
+use crate::engine::{Shutdown, WorkerParts, log_events, now_ns};
 use crate::error::{Error, Result};
 use crate::packet::offload::{Coalescer, Piece};
+use crate::platform::control;
 
 /// Completions reaped in one iteration that count as "under load".
 const COALESCE_AFTER: usize = 8;
@@ -204,8 +202,8 @@ fn multishot_header(offload: bool, timestamps: bool) -> Box<libc::msghdr> {
         // which all-zero bytes are valid.
         unsafe { std::mem::zeroed() },
     );
-    msg.msg_namelen = SOCKADDR_LEN as u32;
-    msg.msg_controllen = super::control_len(offload, timestamps) as _;
+    msg.msg_namelen = control::SOCKADDR_LEN as u32;
+    msg.msg_controllen = control::control_len(offload, timestamps) as _;
     msg
 }
 
@@ -216,18 +214,13 @@ impl UringWorker {
         let WorkerParts {
             tun,
             udp,
-            datapath: mut dp,
+            datapath: setup,
             shutdown,
             busy_poll,
         } = parts;
-        let batch = dp.visit_limits().packets;
-        // The TUN buffers (0..per_group) are what the flow queues hold, and
-        // the UDP ones (per_group.., numbered from 0 for the datapath) the
-        // receive side's.
-        dp.attach_tx_buffers((plan.opts.buffers / 2) as usize);
-        dp.attach_rx_buffers((plan.opts.buffers / 2) as usize);
+        let batch = setup.visit_limits().packets;
         let tun = tun.into_file();
-        let label = dp.label().to_string();
+        let label = setup.label().to_string();
         // io_uring waits for room itself (internal poll) when a send would
         // block; a nonblocking socket would hand EAGAIN back instead.
         udp.set_nonblocking(false)
@@ -248,10 +241,16 @@ impl UringWorker {
         } else {
             None
         };
-        dp.use_socket(
-            udp.local_addr()
+        // The TUN buffers (0..per_group) are what the flow queues hold, and
+        // the UDP ones (per_group.., numbered from 0 for the datapath) the
+        // receive side's.
+        let dp = setup.build(Attach {
+            socket: udp
+                .local_addr()
                 .map_err(|e| Error::io(format!("query UDP address of {label}"), e))?,
-        );
+            tun_buffers: usize::from(per_group),
+            udp_buffers: usize::from(per_group),
+        });
         let multishot_msg = multishot_header(plan.offload, dp.wants_timestamps());
         let reads = || Reads {
             ring: None,
@@ -663,6 +662,7 @@ impl UringWorker {
             }
             self.submit_direct_writes()?;
             self.retry_stalled_writes()?;
+            log_events(&mut self.dp);
             // One kernel entry: submit what is still queued, and wait for
             // at least one completion unless some are already waiting.
             let cq_pending = more_waiting || !self.ring.completion().is_empty();
@@ -744,7 +744,7 @@ impl UringWorker {
                 if *at >= side.len() {
                     continue;
                 }
-                let mut visit = self.dp.begin_visit(dir);
+                let mut visit = self.dp.begin_visit(dir, now_ns());
                 while *at < side.len() && visit.has_room() && !self.stopping {
                     let (ud, res, flags) = side[*at];
                     *at += 1;
@@ -762,7 +762,7 @@ impl UringWorker {
                 // be reaped before any later write is submitted, or the
                 // later one could pass it.
                 self.submit_now()?;
-                self.dp.end_visit(visit);
+                self.dp.end_visit(visit, now_ns());
             }
         }
         Ok(())
@@ -898,7 +898,7 @@ impl UringWorker {
             // SAFETY: the read completed and the engine owns the buffer;
             // this shared view ends with the call.
             let read = unsafe { self.pool.slice_mut(bid, self.plan.buf_len) };
-            let now = self.dp.clock_ns();
+            let now = now_ns();
             self.dp.tx_enqueue(u32::from(bid), read, len, now);
             return Ok(());
         }
@@ -915,23 +915,20 @@ impl UringWorker {
             return Ok(());
         }
         loop {
-            let now = self.dp.clock_ns();
+            let now = now_ns();
             let Some(d) = self.dp.tx_next(now) else { break };
             let Ok(bid) = u16::try_from(d.id) else { break };
             self.act_on_read(bid, d.bytes, Some(d))?;
         }
-        let now = self.dp.clock_ns();
+        let now = now_ns();
         if self.dp.ring_check_due(now) {
             let drops = crate::platform::device_tx_drops(self.dp.device());
             self.dp.tx_ring_drops(drops, now);
         }
-        // Reads ran out of buffers: in overload, make room (up to half the
-        // buffers free, so reads keep up).
+        // Reads ran out of buffers: in overload, the datapath says what to
+        // drop.
         if std::mem::take(&mut self.tun_reads.ran_out) {
-            while self.tun_buffers_free() < u32::from(self.per_group) / 2 {
-                let Some(id) = self.dp.tx_make_room(now) else {
-                    break;
-                };
+            while let Some(id) = self.dp.tx_make_room(now, self.tun_buffers_free() as usize) {
                 let Ok(bid) = u16::try_from(id) else { break };
                 self.recycle(bid)?;
             }
@@ -1017,8 +1014,8 @@ impl UringWorker {
                         src: slot.sender(),
                         payload: 0..(res as usize).min(self.plan.buf_len),
                         gro_size: None,
-                        truncated: slot.truncated() || res as usize >= self.plan.buf_len,
-                        arrived_ns: parse_control(slot.control()).arrived_ns,
+                        truncated: slot.truncated(),
+                        arrived_ns: control::parse_control(slot.control()).arrived_ns,
                     })
                 };
                 match rx {
@@ -1050,13 +1047,13 @@ impl UringWorker {
         let out = RecvMsgOut::parse(buf, &self.multishot_msg).ok()?;
         let payload = out.payload_data();
         let offset = payload.as_ptr() as usize - buf.as_ptr() as usize;
-        let control = parse_control(out.control_data());
+        let c = control::parse_control(out.control_data());
         Some(Received {
-            src: parse_sockaddr(out.name_data()),
+            src: control::parse_sockaddr(out.name_data()),
             payload: offset..offset + payload.len(),
-            gro_size: control.gro_size,
-            truncated: out.is_payload_truncated() || offset + payload.len() >= self.plan.buf_len,
-            arrived_ns: control.arrived_ns,
+            gro_size: c.gro_size,
+            truncated: out.is_payload_truncated(),
+            arrived_ns: c.arrived_ns,
         })
     }
 
@@ -1069,7 +1066,7 @@ impl UringWorker {
             // SAFETY: the receive completed and the engine owns the buffer;
             // this view ends with the call.
             let buf = unsafe { self.pool.slice_mut(bid, self.plan.buf_len) };
-            let now = crate::engine::wall_clock_ns();
+            let now = now_ns();
             self.dp.rx_enqueue(slot as u32, rx, buf, now);
             self.rx[slot].received = Some(rx.clone());
             return Ok(());
@@ -1085,7 +1082,7 @@ impl UringWorker {
             return Ok(());
         }
         loop {
-            let now = crate::engine::wall_clock_ns();
+            let now = now_ns();
             let Some(d) = self.dp.rx_next(now) else { break };
             let Ok(slot) = u16::try_from(d.id) else { break };
             let bid = slot + self.per_group;
@@ -1113,14 +1110,13 @@ impl UringWorker {
         // SAFETY: the receive completed and the engine owns the buffer.
         let buf = unsafe { self.pool.slice_mut(bid, self.plan.buf_len) };
         let action = match &taken {
-            Some(d) => self
-                .dp
-                .handle_dequeued_receive(rx, buf, &mut self.rx[slot].coalescer, d),
-            None => {
-                let now = crate::engine::wall_clock_ns();
+            Some(d) => {
                 self.dp
-                    .handle_receive(rx, buf, &mut self.rx[slot].coalescer, now)
+                    .handle_dequeued_receive(rx, buf, &mut self.rx[slot].coalescer, d, now_ns())
             }
+            None => self
+                .dp
+                .handle_receive(rx, buf, &mut self.rx[slot].coalescer, now_ns()),
         };
         match action {
             RxAction::Write(range) => {
