@@ -192,37 +192,47 @@ fn base_config(
     peers: Vec<crate::peers::PeerSpec>,
 ) -> TunnelConfig {
     TunnelConfig {
-        dev: device.dev,
-        attach: device.attach,
-        addresses: device.addresses,
-        mtu: device.mtu,
-        txqueuelen: device.txqueuelen,
-        listen,
-        peers,
-        peers_file: None,
-        stats_peers: config::DEFAULT_STATS_PEERS,
-        stats_format: run.stats_format.into(),
-        metrics: run.metrics,
-        engine: run.engine.kind(),
-        queues: run.queues,
-        cpus: run.cpus,
-        batch: run.batch,
-        visit_bytes: run.visit_bytes,
-        busy_poll: run.busy_poll,
-        stats_interval_secs: run.stats_interval,
-        netns: run.netns,
-        exit_with_parent: run.exit_with_parent,
-        user: run.user,
-        offload: config::Toggle::Off,
-        aqm: None,
-        flow_queues: false,
-        aqm_inflight_bytes: config::DEFAULT_AQM_INFLIGHT_BYTES,
         mode: config::Mode::Tun {
             allowed_src: Vec::new(),
         },
-        sndbuf: None,
-        rcvbuf: None,
-        uring: config::UringFlags::default(),
+        device: config::DeviceConfig {
+            dev: device.dev,
+            attach: device.attach,
+            addresses: device.addresses,
+            mtu: device.mtu,
+            txqueuelen: device.txqueuelen,
+        },
+        peers: config::PeersConfig {
+            listen,
+            list: peers,
+            file: None,
+        },
+        engine: config::EngineConfig {
+            kind: run.engine.kind(),
+            queues: run.queues,
+            cpus: run.cpus,
+            batch: run.batch,
+            visit_bytes: run.visit_bytes,
+            busy_poll: run.busy_poll,
+            offload: config::Toggle::Off,
+            sndbuf: None,
+            rcvbuf: None,
+            uring: config::UringFlags::default(),
+        },
+        queueing: config::QueueingConfig {
+            aqm: None,
+            flow_queues: false,
+            inflight_bytes: config::DEFAULT_AQM_INFLIGHT_BYTES,
+        },
+        service: config::ServiceConfig {
+            stats_peers: config::DEFAULT_STATS_PEERS,
+            stats_format: run.stats_format.into(),
+            metrics: run.metrics,
+            stats_interval_secs: run.stats_interval,
+            netns: run.netns,
+            exit_with_parent: run.exit_with_parent,
+            user: run.user,
+        },
     }
 }
 
@@ -524,9 +534,10 @@ struct TunnelArgs {
     /// promptly into per-flow queues (a keyed hash of the inner 5-tuple),
     /// served by deficit round robin in bytes with priority for sparse
     /// flows (pings, DNS, ACKs leave ahead of a bulk backlog), CoDel per
-    /// flow on the time spent queued, and when no buffer is free the head
-    /// of the fattest flow is dropped before any work is spent on it
-    /// (RFC 8290); packets from the peer get CoDel on the time they waited
+    /// flow on the time spent queued (RFC 8290), and in overload (the
+    /// device's ring overflowing) reads that find no free buffer drop the
+    /// heads of the fattest flows, until half the buffers are free, before
+    /// any work is spent on them; packets from the peer get CoDel on the time they waited
     /// in the UDP receive buffer (kernel arrival timestamps). A CoDel
     /// signal is a CE mark on an ECN-capable packet, else a drop. codel:
     /// only the receive side's CoDel. off: FIFO, whatever queue builds.
@@ -654,57 +665,60 @@ impl TunnelArgs {
                 ));
             }
         };
-        Ok(TunnelConfig {
-            mode,
-            offload: self.offload.into(),
-            aqm: match self.aqm {
-                AqmArg::Off => {
-                    if self.aqm_target_us.is_some() || self.aqm_interval_us.is_some() {
-                        return Err(Error::config(
-                            "--aqm-target-us and --aqm-interval-us apply to --aqm fq-codel or codel only",
-                        ));
-                    }
-                    None
-                }
-                AqmArg::FqCodel | AqmArg::Codel => {
-                    let d = crate::aqm::CodelParams::default();
-                    Some(crate::aqm::CodelParams {
-                        target: self
-                            .aqm_target_us
-                            .map(std::time::Duration::from_micros)
-                            .unwrap_or(d.target),
-                        interval: self
-                            .aqm_interval_us
-                            .map(std::time::Duration::from_micros)
-                            .unwrap_or(d.interval),
-                    })
-                }
-            },
-            flow_queues: self.aqm == AqmArg::FqCodel,
-            aqm_inflight_bytes: match (self.aqm, self.aqm_inflight_bytes) {
-                (AqmArg::FqCodel, n) => n.unwrap_or(config::DEFAULT_AQM_INFLIGHT_BYTES),
-                (_, None) => config::DEFAULT_AQM_INFLIGHT_BYTES,
-                (_, Some(_)) => {
+        let aqm = match self.aqm {
+            AqmArg::Off => {
+                if self.aqm_target_us.is_some() || self.aqm_interval_us.is_some() {
                     return Err(Error::config(
-                        "--aqm-inflight-bytes applies to --aqm fq-codel only",
+                        "--aqm-target-us and --aqm-interval-us apply to --aqm fq-codel or codel only",
                     ));
                 }
-            },
-            sndbuf: self.sndbuf,
-            rcvbuf: self.rcvbuf,
-            uring: config::UringFlags {
-                ring_entries: self.ring_entries,
-                buffers: self.buffers,
-                inflight: self.inflight,
-                multishot: self.multishot.map(Into::into),
-                fixed_buffers: self.fixed_buffers.map(Into::into),
-                sqpoll_idle_ms: self.sqpoll,
-                sqpoll_cpu: self.sqpoll_cpu,
-            },
-            peers_file: self.peers_file,
-            stats_peers: self.stats_peers.unwrap_or(config::DEFAULT_STATS_PEERS),
-            ..base_config(self.device, self.run, self.listen, self.peer)
-        })
+                None
+            }
+            AqmArg::FqCodel | AqmArg::Codel => {
+                let d = crate::aqm::CodelParams::default();
+                Some(crate::aqm::CodelParams {
+                    target: self
+                        .aqm_target_us
+                        .map(std::time::Duration::from_micros)
+                        .unwrap_or(d.target),
+                    interval: self
+                        .aqm_interval_us
+                        .map(std::time::Duration::from_micros)
+                        .unwrap_or(d.interval),
+                })
+            }
+        };
+        let inflight_bytes = match (self.aqm, self.aqm_inflight_bytes) {
+            (AqmArg::FqCodel, n) => n.unwrap_or(config::DEFAULT_AQM_INFLIGHT_BYTES),
+            (_, None) => config::DEFAULT_AQM_INFLIGHT_BYTES,
+            (_, Some(_)) => {
+                return Err(Error::config(
+                    "--aqm-inflight-bytes applies to --aqm fq-codel only",
+                ));
+            }
+        };
+        let mut cfg = base_config(self.device, self.run, self.listen, self.peer);
+        cfg.mode = mode;
+        cfg.engine.offload = self.offload.into();
+        cfg.engine.sndbuf = self.sndbuf;
+        cfg.engine.rcvbuf = self.rcvbuf;
+        cfg.engine.uring = config::UringFlags {
+            ring_entries: self.ring_entries,
+            buffers: self.buffers,
+            inflight: self.inflight,
+            multishot: self.multishot.map(Into::into),
+            fixed_buffers: self.fixed_buffers.map(Into::into),
+            sqpoll_idle_ms: self.sqpoll,
+            sqpoll_cpu: self.sqpoll_cpu,
+        };
+        cfg.queueing = config::QueueingConfig {
+            aqm,
+            flow_queues: self.aqm == AqmArg::FqCodel,
+            inflight_bytes,
+        };
+        cfg.peers.file = self.peers_file;
+        cfg.service.stats_peers = self.stats_peers.unwrap_or(config::DEFAULT_STATS_PEERS);
+        Ok(cfg)
     }
 }
 

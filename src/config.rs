@@ -176,14 +176,24 @@ impl UringFlags {
         v
     }
 
-    fn validate(&self) -> Result<()> {
-        let entries = self.ring_entries.unwrap_or(DEFAULT_RING_ENTRIES);
-        if !(8..=32768).contains(&entries) {
+    /// The one place io_uring's defaults are filled in and its flags
+    /// checked, for workers with or without `offload` (whose buffers each
+    /// hold a 64 KiB super-packet, so the default pool is smaller).
+    /// Validation calls it without offload (the flags' own ranges); the
+    /// probe again once it knows whether offload is on.
+    pub fn resolve(&self, offload: bool) -> Result<UringSettings> {
+        let ring_entries = self.ring_entries.unwrap_or(DEFAULT_RING_ENTRIES);
+        if !(8..=32768).contains(&ring_entries) {
             return Err(Error::config(format!(
-                "--ring-entries {entries} is out of range 8..=32768"
+                "--ring-entries {ring_entries} is out of range 8..=32768"
             )));
         }
-        let buffers = self.buffers.unwrap_or(DEFAULT_BUFFERS);
+        let default_buffers = if offload {
+            DEFAULT_BUFFERS_OFFLOAD
+        } else {
+            DEFAULT_BUFFERS
+        };
+        let buffers = self.buffers.unwrap_or(default_buffers);
         if !buffers.is_power_of_two() || !(2..=32768).contains(&buffers) {
             return Err(Error::config(format!(
                 "--buffers {buffers} must be a power of two from 2 to 32768"
@@ -192,21 +202,65 @@ impl UringFlags {
         // Unless given, the default shrinks to fit a small pool.
         let inflight = self.inflight.unwrap_or(DEFAULT_INFLIGHT.min(buffers / 2));
         if inflight == 0 || inflight > buffers / 2 {
+            let default = if self.buffers.is_none() && offload {
+                ", the default with offload"
+            } else {
+                ""
+            };
             return Err(Error::config(format!(
-                "--inflight {inflight} is out of range 1..={} (half of --buffers)",
+                "--inflight {inflight} is out of range 1..={} (half of --buffers {buffers}{default})",
                 buffers / 2
             )));
         }
         if self.sqpoll_cpu.is_some() && self.sqpoll_idle_ms.is_none() {
             return Err(Error::config("--sqpoll-cpu needs --sqpoll"));
         }
-        Ok(())
+        Ok(UringSettings {
+            ring_entries,
+            buffers,
+            inflight,
+            multishot: self.multishot.unwrap_or(Toggle::Auto),
+            fixed_buffers: self.fixed_buffers.unwrap_or(Toggle::Auto),
+            sqpoll_idle_ms: self.sqpoll_idle_ms,
+            sqpoll_cpu: self.sqpoll_cpu,
+        })
     }
 }
 
-/// Everything `tunfwd tunnel` needs, validated.
+/// io_uring's settings with every default filled in
+/// ([`UringFlags::resolve`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UringSettings {
+    /// Submission queue entries (the completion queue gets 4x).
+    pub ring_entries: u32,
+    /// Buffers per worker (half for each direction; a power of two).
+    pub buffers: u32,
+    /// Single-shot reads kept outstanding per descriptor (without multishot).
+    pub inflight: u32,
+    pub multishot: Toggle,
+    pub fixed_buffers: Toggle,
+    /// Kernel submission-polling thread with this idle time in ms.
+    pub sqpoll_idle_ms: Option<u32>,
+    pub sqpoll_cpu: Option<u32>,
+}
+
+/// Everything `tunfwd tunnel` (or `reflect`) needs, in parts that each
+/// check themselves ([`TunnelConfig::validate`]).
 #[derive(Clone, Debug)]
 pub struct TunnelConfig {
+    /// What moves: IP packets, Ethernet frames in VXLAN, or reflected
+    /// packets; with the options that only make sense for that mode.
+    pub mode: Mode,
+    pub device: DeviceConfig,
+    pub peers: PeersConfig,
+    pub engine: EngineConfig,
+    pub queueing: QueueingConfig,
+    pub service: ServiceConfig,
+}
+
+/// The TUN or TAP device.
+#[derive(Clone, Debug)]
+pub struct DeviceConfig {
     /// Interface name or a `%d` template.
     pub dev: String,
     /// Fail unless the device already exists.
@@ -215,30 +269,27 @@ pub struct TunnelConfig {
     pub mtu: u32,
     /// `None`: leave the device's txqueuelen alone.
     pub txqueuelen: Option<u32>,
+}
+
+/// The UDP side: where tunfwd listens and whom it talks to.
+#[derive(Clone, Debug)]
+pub struct PeersConfig {
     pub listen: SocketAddr,
     /// `--peer`: the peers given on the command line (empty for a
     /// reflector); one without prefixes is a point-to-point tunnel.
-    pub peers: Vec<crate::peers::PeerSpec>,
+    pub list: Vec<crate::peers::PeerSpec>,
     /// `--peers-file`: more peers, read at start and on SIGHUP.
-    pub peers_file: Option<std::path::PathBuf>,
-    /// Peers shown in the stats lines and the summary (the most traffic
-    /// first).
-    pub stats_peers: usize,
-    /// `key=value` lines, or one JSON object per line.
-    pub stats_format: StatsFormat,
-    /// `--metrics`: serve Prometheus metrics on this TCP address.
-    pub metrics: Option<SocketAddr>,
-    pub engine: EngineKind,
+    pub file: Option<std::path::PathBuf>,
+}
+
+/// How packets are moved: the engine, its workers and their sockets.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    pub kind: EngineKind,
     pub queues: usize,
     pub batch: usize,
     /// Bytes one visit to a direction may take (0: no byte bound).
     pub visit_bytes: usize,
-    /// 0: no periodic stats line.
-    pub stats_interval_secs: u64,
-    /// Enter this network namespace before any setup.
-    pub netns: Option<std::path::PathBuf>,
-    /// Stop (as on SIGTERM) when the parent process dies.
-    pub exit_with_parent: bool,
     pub cpus: CpuPlan,
     /// Spin instead of sleeping while waiting for packets.
     pub busy_poll: bool,
@@ -248,9 +299,11 @@ pub struct TunnelConfig {
     pub uring: UringFlags,
     /// TSO/USO on the TUN device, UDP GSO/GRO on the socket.
     pub offload: Toggle,
-    /// What moves: IP packets, Ethernet frames in VXLAN, or reflected
-    /// packets; with the options that only make sense for that mode.
-    pub mode: Mode,
+}
+
+/// Queue management.
+#[derive(Clone, Debug)]
+pub struct QueueingConfig {
     /// CoDel's parameters (`--aqm fq-codel` or `codel`); None: off.
     pub aqm: Option<crate::aqm::CodelParams>,
     /// `--aqm fq-codel`: TUN reads also go through flow queues with CoDel
@@ -258,7 +311,25 @@ pub struct TunnelConfig {
     pub flow_queues: bool,
     /// Bytes each side's flow queues hand out that may be unfinished at
     /// once (`--aqm-inflight-bytes`).
-    pub aqm_inflight_bytes: usize,
+    pub inflight_bytes: usize,
+}
+
+/// What runs around the datapath: reporting, the namespace, privileges.
+#[derive(Clone, Debug)]
+pub struct ServiceConfig {
+    /// Peers shown in the stats lines and the summary (the most traffic
+    /// first).
+    pub stats_peers: usize,
+    /// `key=value` lines, or one JSON object per line.
+    pub stats_format: StatsFormat,
+    /// `--metrics`: serve Prometheus metrics on this TCP address.
+    pub metrics: Option<SocketAddr>,
+    /// 0: no periodic stats line.
+    pub stats_interval_secs: u64,
+    /// Enter this network namespace before any setup.
+    pub netns: Option<std::path::PathBuf>,
+    /// Stop (as on SIGTERM) when the parent process dies.
+    pub exit_with_parent: bool,
     /// Drop to this user (and group) once devices and sockets are set up.
     pub user: Option<UserSpec>,
 }
@@ -307,32 +378,151 @@ impl Mode {
 impl TunnelConfig {
     /// True if TUN reads (and receives) go through flow queues.
     pub fn flow_queueing(&self) -> bool {
-        self.flow_queues && self.aqm.is_some() && matches!(self.mode, Mode::Tun { .. })
+        self.queueing.flow_queues
+            && self.queueing.aqm.is_some()
+            && matches!(self.mode, Mode::Tun { .. })
     }
 
     /// The transmit queue length for a device tunfwd created: the flag,
     /// else the default for the queue management in use.
     pub fn created_txqueuelen(&self) -> u32 {
-        self.txqueuelen.unwrap_or(if self.flow_queueing() {
+        self.device.txqueuelen.unwrap_or(if self.flow_queueing() {
             DEFAULT_TXQUEUELEN_FQ
         } else {
             DEFAULT_TXQUEUELEN
         })
     }
 
-    /// Checks the combination of options, one part at a time (the device,
-    /// the engine, queue management, the peers, the platform). Called once
-    /// before setup.
+    /// Checks the configuration: each part checks itself (the mode, the
+    /// device, the engine, queue management, the peers given the mode and
+    /// queues, the service given the engine), then what this platform
+    /// lacks. Called once before setup.
     pub fn validate(&self) -> Result<()> {
-        self.validate_device()?;
-        self.validate_engine()?;
-        self.validate_queueing()?;
-        self.validate_peers()?;
-        self.validate_platform()
+        self.mode.validate(self.engine.offload)?;
+        self.device.validate()?;
+        self.engine.validate()?;
+        self.queueing.validate()?;
+        self.peers.validate(&self.mode, self.engine.queues)?;
+        self.service.validate(&self.engine)?;
+        if !cfg!(target_os = "linux") {
+            if let Some(flag) = self.linux_only_flags().first() {
+                return Err(Error::config(format!(
+                    "{flag} needs Linux; on this system tunfwd runs the poll engine on one \
+                     utun device"
+                )));
+            }
+        }
+        Ok(())
     }
 
-    /// MTU, addresses, transmit queue, TAP's VNI, the device's name.
-    fn validate_device(&self) -> Result<()> {
+    /// The options given that only Linux implements (io_uring, multi-queue,
+    /// offload, TAP, namespaces, pinning).
+    pub fn linux_only_flags(&self) -> Vec<&'static str> {
+        let mut flags = Vec::new();
+        let mut check = |given: bool, flag: &'static str| {
+            if given {
+                flags.push(flag);
+            }
+        };
+        let (d, e, s) = (&self.device, &self.engine, &self.service);
+        check(e.kind == EngineKind::Uring, "--engine uring");
+        check(e.queues > 1, "--queues above 1");
+        check(d.attach, "--attach");
+        check(d.txqueuelen.is_some(), "--txqueuelen");
+        check(s.netns.is_some(), "--netns");
+        check(s.exit_with_parent, "--exit-with-parent");
+        check(matches!(e.cpus, CpuPlan::List(_)), "--cpus LIST");
+        check(e.offload == Toggle::On, "--offload on");
+        check(self.mode.is_tap(), "--mode tap");
+        check(matches!(self.mode, Mode::Tap { mac: Some(_), .. }), "--mac");
+        check(s.user.is_some(), "--user");
+        flags.extend(e.uring.given());
+        flags
+    }
+
+    /// The offload setting in effect: reflected packets go back as they came
+    /// and TAP frames travel in VXLAN, so neither carries virtio-net headers.
+    pub fn effective_offload(&self) -> Toggle {
+        // Virtio-net headers on the device are Linux-only.
+        if !cfg!(target_os = "linux") || !matches!(self.mode, Mode::Tun { .. }) {
+            Toggle::Off
+        } else {
+            self.engine.offload
+        }
+    }
+
+    /// Local UDP address of worker `queue`: one port per queue.
+    pub fn listen_for(&self, queue: usize) -> SocketAddr {
+        offset_port(self.peers.listen, queue)
+    }
+
+    /// Every peer: the `--peer` flags, then the lines of the `--peers-file`
+    /// whose text is `text` (read by the caller: this module does no I/O),
+    /// each checked ([`PeersConfig::check_peer`]); `endpoint` parses an
+    /// `ADDR:PORT`. Errors name the flag, or the file and line.
+    pub fn peers_with_file(
+        &self,
+        text: Option<&str>,
+        endpoint: impl Fn(&str) -> std::result::Result<SocketAddr, String>,
+    ) -> Result<Vec<crate::peers::PeerSpec>> {
+        let peers = &self.peers;
+        let mut all = peers.list.clone();
+        let (Some(path), Some(text)) = (&peers.file, text) else {
+            return Ok(all);
+        };
+        let file = crate::peers::parse_peers_file(text, endpoint)
+            .map_err(|e| Error::config(format!("peers file {}: {e}", path.display())))?;
+        for (line, p) in file.iter().enumerate() {
+            peers.check_peer(p, self.engine.queues).map_err(|e| {
+                // The line of the n-th peer (comments and blanks skipped).
+                let n = nth_peer_line(text, line);
+                Error::config(format!("peers file {} line {n}: peer {e}", path.display()))
+            })?;
+        }
+        all.extend(file);
+        Ok(all)
+    }
+
+    /// Where the peer at `index` of [`TunnelConfig::peers_with_file`]'s list
+    /// came from: `--peer ADDR` or `peers file F line L` (`text`: the
+    /// file's).
+    pub fn peer_origin(&self, index: usize, text: Option<&str>) -> String {
+        let peers = &self.peers;
+        if let Some(p) = peers.list.get(index) {
+            return format!("--peer {p}");
+        }
+        match (&peers.file, text) {
+            (Some(path), Some(text)) => format!(
+                "peers file {} line {}",
+                path.display(),
+                nth_peer_line(text, index - peers.list.len())
+            ),
+            _ => format!("peer {}", index + 1),
+        }
+    }
+}
+
+impl Mode {
+    /// TAP's VNI, and what TAP cannot do.
+    fn validate(&self, offload: Toggle) -> Result<()> {
+        if let Mode::Tap { vni, .. } = *self {
+            if vni > crate::packet::vxlan::MAX_VNI {
+                return Err(Error::config(format!(
+                    "--vni {vni} is out of range 0..={}",
+                    crate::packet::vxlan::MAX_VNI
+                )));
+            }
+            if offload == Toggle::On {
+                return Err(Error::config("--offload on: not available in TAP mode"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl DeviceConfig {
+    /// MTU, addresses, transmit queue, the device's name.
+    fn validate(&self) -> Result<()> {
         if !(MIN_MTU..=MAX_MTU).contains(&self.mtu) {
             return Err(Error::config(format!(
                 "MTU {} is out of range {MIN_MTU}..={MAX_MTU} bytes",
@@ -357,23 +547,14 @@ impl TunnelConfig {
                 )));
             }
         }
-        if let Mode::Tap { vni, .. } = self.mode {
-            if vni > crate::packet::vxlan::MAX_VNI {
-                return Err(Error::config(format!(
-                    "--vni {vni} is out of range 0..={}",
-                    crate::packet::vxlan::MAX_VNI
-                )));
-            }
-            if self.offload == Toggle::On {
-                return Err(Error::config("--offload on: not available in TAP mode"));
-            }
-        }
         crate::device::check_name(&self.dev)?;
         Ok(())
     }
+}
 
+impl EngineConfig {
     /// Queues, batches, visits, CPUs, socket buffers, the engine's flags.
-    fn validate_engine(&self) -> Result<()> {
+    fn validate(&self) -> Result<()> {
         if self.queues == 0 || self.queues > MAX_QUEUES {
             return Err(Error::config(format!(
                 "--queues {} is out of range 1..={MAX_QUEUES}",
@@ -392,25 +573,19 @@ impl TunnelConfig {
                 self.visit_bytes
             )));
         }
-        if self.user.is_some() && self.uring.sqpoll_idle_ms.is_some() {
-            return Err(Error::config(
-                "--user with --sqpoll: the kernel's submission-polling thread keeps the \
-                 privileges of the process that set up the ring; use one or the other",
-            ));
-        }
         if let CpuPlan::List(list) = &self.cpus {
             if list.is_empty() {
                 return Err(Error::config("--cpus needs at least one CPU"));
             }
         }
-        if self.engine == EngineKind::Poll {
+        if self.kind == EngineKind::Poll {
             if let Some(flag) = self.uring.given().first() {
                 return Err(Error::config(format!(
                     "{flag} applies to the io_uring engine only, not --engine poll"
                 )));
             }
         }
-        self.uring.validate()?;
+        self.uring.resolve(false)?;
         for (what, v) in [("--sndbuf", self.sndbuf), ("--rcvbuf", self.rcvbuf)] {
             if let Some(v) = v {
                 if !(1024..=(1 << 30)).contains(&v) {
@@ -422,13 +597,29 @@ impl TunnelConfig {
         }
         Ok(())
     }
+}
 
+impl ServiceConfig {
+    /// What the service asks of the engine it runs: `--user` and SQPOLL
+    /// exclude each other.
+    fn validate(&self, engine: &EngineConfig) -> Result<()> {
+        if self.user.is_some() && engine.uring.sqpoll_idle_ms.is_some() {
+            return Err(Error::config(
+                "--user with --sqpoll: the kernel's submission-polling thread keeps the \
+                 privileges of the process that set up the ring; use one or the other",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl QueueingConfig {
     /// The flow queues' bytes in flight and CoDel's parameters.
-    fn validate_queueing(&self) -> Result<()> {
-        if !AQM_INFLIGHT_BYTES.contains(&self.aqm_inflight_bytes) {
+    fn validate(&self) -> Result<()> {
+        if !AQM_INFLIGHT_BYTES.contains(&self.inflight_bytes) {
             return Err(Error::config(format!(
                 "--aqm-inflight-bytes {} is out of range {}..={} bytes",
-                self.aqm_inflight_bytes,
+                self.inflight_bytes,
                 AQM_INFLIGHT_BYTES.start(),
                 AQM_INFLIGHT_BYTES.end()
             )));
@@ -444,10 +635,12 @@ impl TunnelConfig {
         }
         Ok(())
     }
+}
 
-    /// The listening address, the peers given by flag, and the ports of
-    /// several queues.
-    fn validate_peers(&self) -> Result<()> {
+impl PeersConfig {
+    /// The listening address, the peers given by flag (for `mode`), and
+    /// the ports of `queues` workers.
+    fn validate(&self, mode: &Mode, queues: usize) -> Result<()> {
         if let SocketAddr::V6(a) = self.listen {
             if a.ip().is_unicast_link_local() && a.scope_id() == 0 {
                 return Err(Error::config(format!(
@@ -458,25 +651,24 @@ impl TunnelConfig {
                 )));
             }
         }
-        if !self.mode.is_reflect() && self.peers.is_empty() && self.peers_file.is_none() {
+        if !mode.is_reflect() && self.list.is_empty() && self.file.is_none() {
             return Err(Error::config(
                 "no peer: give --peer ADDR:PORT (repeatable, with =CIDR,... prefixes for many \
                  peers) or --peers-file FILE",
             ));
         }
-        for p in &self.peers {
-            self.check_peer(p)
+        for p in &self.list {
+            self.check_peer(p, queues)
                 .map_err(|e| Error::config(format!("--peer {e}")))?;
         }
-        if self.peers.len() > 1 || self.peers.iter().any(|p| !p.prefixes.is_empty()) {
-            self.check_hub().map_err(Error::config)?;
+        if self.list.len() > 1 || self.list.iter().any(|p| !p.prefixes.is_empty()) {
+            check_hub(mode).map_err(Error::config)?;
         }
-        if self.peers_file.is_some() {
-            self.check_hub()
-                .map_err(|e| Error::config(format!("--peers-file: {e}")))?;
+        if self.file.is_some() {
+            check_hub(mode).map_err(|e| Error::config(format!("--peers-file: {e}")))?;
         }
-        if self.queues > 1 && !self.mode.is_reflect() {
-            let last = self.queues - 1;
+        if queues > 1 && !mode.is_reflect() {
+            let last = queues - 1;
             if self.listen.port() == 0 {
                 return Err(Error::config(
                     "--queues above 1 needs a fixed --listen port (queue i uses port + i)",
@@ -492,81 +684,13 @@ impl TunnelConfig {
         Ok(())
     }
 
-    /// Flags this platform does not implement.
-    fn validate_platform(&self) -> Result<()> {
-        if !cfg!(target_os = "linux") {
-            if let Some(flag) = self.linux_only_flags().first() {
-                return Err(Error::config(format!(
-                    "{flag} needs Linux; on this system tunfwd runs the poll engine on one \
-                     utun device"
-                )));
-            }
-        }
-        Ok(())
-    }
-
-    /// The options given that only Linux implements (io_uring, multi-queue,
-    /// offload, TAP, namespaces, pinning).
-    pub fn linux_only_flags(&self) -> Vec<&'static str> {
-        let mut flags = Vec::new();
-        let mut check = |given: bool, flag: &'static str| {
-            if given {
-                flags.push(flag);
-            }
-        };
-        check(self.engine == EngineKind::Uring, "--engine uring");
-        check(self.queues > 1, "--queues above 1");
-        check(self.attach, "--attach");
-        check(self.txqueuelen.is_some(), "--txqueuelen");
-        check(self.netns.is_some(), "--netns");
-        check(self.exit_with_parent, "--exit-with-parent");
-        check(matches!(self.cpus, CpuPlan::List(_)), "--cpus LIST");
-        check(self.offload == Toggle::On, "--offload on");
-        check(self.mode.is_tap(), "--mode tap");
-        check(matches!(self.mode, Mode::Tap { mac: Some(_), .. }), "--mac");
-        check(self.user.is_some(), "--user");
-        flags.extend(self.uring.given());
-        flags
-    }
-
-    /// The offload setting in effect: reflected packets go back as they came
-    /// and TAP frames travel in VXLAN, so neither carries virtio-net headers.
-    pub fn effective_offload(&self) -> Toggle {
-        // Virtio-net headers on the device are Linux-only.
-        if !cfg!(target_os = "linux") || !matches!(self.mode, Mode::Tun { .. }) {
-            Toggle::Off
-        } else {
-            self.offload
-        }
-    }
-
-    /// Local UDP address of worker `queue`: one port per queue.
-    pub fn listen_for(&self, queue: usize) -> SocketAddr {
-        offset_port(self.listen, queue)
-    }
-
-    /// Many peers (or routing by prefixes) is for IP packets only, and
-    /// replaces `--allow-src`.
-    fn check_hub(&self) -> std::result::Result<(), String> {
-        match &self.mode {
-            Mode::Tun { allowed_src } if !allowed_src.is_empty() => Err(
-                "--allow-src is for a single peer without prefixes: a peer's prefixes already \
-                 say which inner sources it may send from"
-                    .into(),
-            ),
-            Mode::Tun { .. } => Ok(()),
-            Mode::Tap { .. } => Err(
-                "--mode tap carries Ethernet frames to one peer: peers with prefixes \
-                 (or several peers) need --mode tun"
-                    .into(),
-            ),
-            Mode::Reflect => Err("a reflector has no peers".into()),
-        }
-    }
-
-    /// What makes one peer unusable with this tunnel's socket: the error
-    /// starts with the peer.
-    pub fn check_peer(&self, p: &crate::peers::PeerSpec) -> std::result::Result<(), String> {
+    /// What makes one peer unusable with this tunnel's socket and `queues`
+    /// workers (one port each): the error starts with the peer.
+    pub fn check_peer(
+        &self,
+        p: &crate::peers::PeerSpec,
+        queues: usize,
+    ) -> std::result::Result<(), String> {
         let addr = p.addr;
         if let SocketAddr::V6(a) = addr {
             if a.ip().is_unicast_link_local() && a.scope_id() == 0 {
@@ -604,7 +728,7 @@ impl TunnelConfig {
                 self.listen
             ));
         }
-        let last = self.queues.saturating_sub(1);
+        let last = queues.saturating_sub(1);
         if usize::from(addr.port()) + last > usize::from(u16::MAX) {
             return Err(format!(
                 "{addr}: port {} + {last} (one port per queue) exceeds 65535",
@@ -613,50 +737,24 @@ impl TunnelConfig {
         }
         Ok(())
     }
-
-    /// Every peer: the `--peer` flags, then the lines of the `--peers-file`
-    /// whose text is `text` (read by the caller: this module does no I/O),
-    /// each checked ([`TunnelConfig::check_peer`]); `endpoint` parses an
-    /// `ADDR:PORT`. Errors name the flag, or the file and line.
-    pub fn peers_with_file(
-        &self,
-        text: Option<&str>,
-        endpoint: impl Fn(&str) -> std::result::Result<SocketAddr, String>,
-    ) -> Result<Vec<crate::peers::PeerSpec>> {
-        let mut peers = self.peers.clone();
-        let (Some(path), Some(text)) = (&self.peers_file, text) else {
-            return Ok(peers);
-        };
-        let file = crate::peers::parse_peers_file(text, endpoint)
-            .map_err(|e| Error::config(format!("peers file {}: {e}", path.display())))?;
-        for (line, p) in file.iter().enumerate() {
-            self.check_peer(p).map_err(|e| {
-                // The line of the n-th peer (comments and blanks skipped).
-                let n = nth_peer_line(text, line);
-                Error::config(format!("peers file {} line {n}: peer {e}", path.display()))
-            })?;
-        }
-        peers.extend(file);
-        Ok(peers)
-    }
 }
 
-impl TunnelConfig {
-    /// Where the peer at `index` of [`TunnelConfig::peers_with_file`]'s list
-    /// came from: `--peer ADDR` or `peers file F line L` (`text`: the
-    /// file's).
-    pub fn peer_origin(&self, index: usize, text: Option<&str>) -> String {
-        if let Some(p) = self.peers.get(index) {
-            return format!("--peer {p}");
-        }
-        match (&self.peers_file, text) {
-            (Some(path), Some(text)) => format!(
-                "peers file {} line {}",
-                path.display(),
-                nth_peer_line(text, index - self.peers.len())
-            ),
-            _ => format!("peer {}", index + 1),
-        }
+/// Many peers (or routing by prefixes) is for IP packets only, and
+/// replaces `--allow-src`.
+fn check_hub(mode: &Mode) -> std::result::Result<(), String> {
+    match mode {
+        Mode::Tun { allowed_src } if !allowed_src.is_empty() => Err(
+            "--allow-src is for a single peer without prefixes: a peer's prefixes already \
+             say which inner sources it may send from"
+                .into(),
+        ),
+        Mode::Tun { .. } => Ok(()),
+        Mode::Tap { .. } => Err(
+            "--mode tap carries Ethernet frames to one peer: peers with prefixes \
+             (or several peers) need --mode tun"
+                .into(),
+        ),
+        Mode::Reflect => Err("a reflector has no peers".into()),
     }
 }
 
@@ -689,37 +787,47 @@ mod tests {
 
     fn base() -> TunnelConfig {
         TunnelConfig {
-            dev: "tun0".into(),
-            attach: false,
-            addresses: vec!["198.19.0.1/24".parse().unwrap()],
-            mtu: DEFAULT_MTU,
-            txqueuelen: None,
-            listen: "198.18.0.1:5000".parse().unwrap(),
-            peers: vec!["198.18.0.2:5000".parse().unwrap()],
-            peers_file: None,
-            stats_peers: DEFAULT_STATS_PEERS,
-            stats_format: StatsFormat::Text,
-            metrics: None,
-            engine: EngineKind::Poll,
-            queues: 1,
-            batch: DEFAULT_BATCH,
-            visit_bytes: DEFAULT_VISIT_BYTES,
-            stats_interval_secs: 0,
-            netns: None,
-            exit_with_parent: false,
-            cpus: CpuPlan::Spread,
-            busy_poll: false,
-            sndbuf: None,
-            rcvbuf: None,
-            uring: UringFlags::default(),
-            offload: Toggle::Auto,
             mode: Mode::Tun {
                 allowed_src: Vec::new(),
             },
-            aqm: None,
-            flow_queues: false,
-            aqm_inflight_bytes: DEFAULT_AQM_INFLIGHT_BYTES,
-            user: None,
+            device: DeviceConfig {
+                dev: "tun0".into(),
+                attach: false,
+                addresses: vec!["198.19.0.1/24".parse().unwrap()],
+                mtu: DEFAULT_MTU,
+                txqueuelen: None,
+            },
+            peers: PeersConfig {
+                listen: "198.18.0.1:5000".parse().unwrap(),
+                list: vec!["198.18.0.2:5000".parse().unwrap()],
+                file: None,
+            },
+            engine: EngineConfig {
+                kind: EngineKind::Poll,
+                queues: 1,
+                batch: DEFAULT_BATCH,
+                visit_bytes: DEFAULT_VISIT_BYTES,
+                cpus: CpuPlan::Spread,
+                busy_poll: false,
+                sndbuf: None,
+                rcvbuf: None,
+                uring: UringFlags::default(),
+                offload: Toggle::Auto,
+            },
+            queueing: QueueingConfig {
+                aqm: None,
+                flow_queues: false,
+                inflight_bytes: DEFAULT_AQM_INFLIGHT_BYTES,
+            },
+            service: ServiceConfig {
+                stats_peers: DEFAULT_STATS_PEERS,
+                stats_format: StatsFormat::Text,
+                metrics: None,
+                stats_interval_secs: 0,
+                netns: None,
+                exit_with_parent: false,
+                user: None,
+            },
         }
     }
 
@@ -727,13 +835,13 @@ mod tests {
     fn a_created_device_gets_a_short_ring_with_flow_queueing() {
         let mut c = base();
         assert_eq!(c.created_txqueuelen(), DEFAULT_TXQUEUELEN);
-        c.aqm = Some(crate::aqm::CodelParams::default());
-        c.flow_queues = true;
+        c.queueing.aqm = Some(crate::aqm::CodelParams::default());
+        c.queueing.flow_queues = true;
         assert!(c.flow_queueing());
         assert_eq!(c.created_txqueuelen(), DEFAULT_TXQUEUELEN_FQ);
-        c.txqueuelen = Some(4000);
+        c.device.txqueuelen = Some(4000);
         assert_eq!(c.created_txqueuelen(), 4000);
-        c.txqueuelen = None;
+        c.device.txqueuelen = None;
         c.mode = Mode::Tap { vni: 1, mac: None };
         assert!(!c.flow_queueing(), "TAP frames are not flow-queued");
         assert_eq!(c.created_txqueuelen(), DEFAULT_TXQUEUELEN);
@@ -743,13 +851,13 @@ mod tests {
     fn inflight_bytes_out_of_range_are_refused() {
         let err = |c: TunnelConfig| c.validate().unwrap_err().to_string();
         let mut c = base();
-        c.aqm_inflight_bytes = 1499;
+        c.queueing.inflight_bytes = 1499;
         assert!(err(c).contains("--aqm-inflight-bytes 1499 is out of range 1500..="));
         let mut c = base();
-        c.aqm_inflight_bytes = (64 << 20) + 1;
+        c.queueing.inflight_bytes = (64 << 20) + 1;
         assert!(err(c).contains("--aqm-inflight-bytes"));
         let mut c = base();
-        c.aqm_inflight_bytes = 1500;
+        c.queueing.inflight_bytes = 1500;
         assert!(c.validate().is_ok());
     }
 
@@ -757,34 +865,34 @@ mod tests {
     fn sizes_and_combinations_are_refused_with_one_line() {
         let err = |c: TunnelConfig| c.validate().unwrap_err().to_string();
         let mut c = base();
-        c.batch = MAX_BATCH + 1;
+        c.engine.batch = MAX_BATCH + 1;
         assert!(err(c).contains("--batch 4097 is out of range 1..=4096"));
         let mut c = base();
-        c.batch = 0;
+        c.engine.batch = 0;
         assert!(err(c).contains("--batch 0 is out of range"));
         let mut c = base();
-        c.txqueuelen = Some(0);
+        c.device.txqueuelen = Some(0);
         assert!(err(c).contains("--txqueuelen 0 is out of range"));
         let mut c = base();
-        c.user = Some("nobody".parse().unwrap());
-        c.uring.sqpoll_idle_ms = Some(1000);
-        c.engine = EngineKind::Uring;
+        c.service.user = Some("nobody".parse().unwrap());
+        c.engine.uring.sqpoll_idle_ms = Some(1000);
+        c.engine.kind = EngineKind::Uring;
         assert!(err(c).contains("--user with --sqpoll"));
         let mut c = base();
-        c.listen = "[2001:db8::1]:5000".parse().unwrap();
+        c.peers.listen = "[2001:db8::1]:5000".parse().unwrap();
         assert!(err(c).contains(
             "--peer 198.18.0.2:5000 is IPv4 but --listen [2001:db8::1]:5000 is a specific IPv6 address"
         ));
         let mut c = base();
-        c.listen = "[fe80::1%2]:5000".parse().unwrap();
-        c.peers = vec!["[fe80::2]:5000".parse().unwrap()];
+        c.peers.listen = "[fe80::1%2]:5000".parse().unwrap();
+        c.peers.list = vec!["[fe80::2]:5000".parse().unwrap()];
         assert!(err(c).contains("--peer [fe80::2]:5000 is link-local: name its interface"));
         // [::] (dual stack) with an IPv4 peer is fine.
         let mut c = base();
-        c.listen = "[::]:5000".parse().unwrap();
+        c.peers.listen = "[::]:5000".parse().unwrap();
         assert!(c.validate().is_ok());
         let mut c = base();
-        c.aqm = Some(crate::aqm::CodelParams {
+        c.queueing.aqm = Some(crate::aqm::CodelParams {
             target: std::time::Duration::from_millis(20),
             interval: std::time::Duration::from_millis(10),
         });
@@ -795,14 +903,14 @@ mod tests {
     fn linux_only_flags_are_listed() {
         assert!(base().linux_only_flags().is_empty());
         let mut c = base();
-        c.engine = EngineKind::Uring;
-        c.queues = 2;
-        c.attach = true;
-        c.txqueuelen = Some(10);
-        c.cpus = CpuPlan::List(vec![0]);
-        c.offload = Toggle::On;
+        c.engine.kind = EngineKind::Uring;
+        c.engine.queues = 2;
+        c.device.attach = true;
+        c.device.txqueuelen = Some(10);
+        c.engine.cpus = CpuPlan::List(vec![0]);
+        c.engine.offload = Toggle::On;
         c.mode = Mode::Tap { vni: 1, mac: None };
-        c.uring.buffers = Some(8);
+        c.engine.uring.buffers = Some(8);
         assert_eq!(
             c.linux_only_flags(),
             [
@@ -818,8 +926,8 @@ mod tests {
         );
         // Auto settings are not flags given: they resolve per platform.
         let mut auto = base();
-        auto.engine = EngineKind::Auto;
-        auto.offload = Toggle::Auto;
+        auto.engine.kind = EngineKind::Auto;
+        auto.engine.offload = Toggle::Auto;
         assert!(auto.linux_only_flags().is_empty());
     }
 
@@ -839,49 +947,49 @@ mod tests {
     #[test]
     fn uring_flags_only_with_uring() {
         let mut c = base();
-        c.engine = EngineKind::Poll;
-        c.uring.buffers = Some(64);
+        c.engine.kind = EngineKind::Poll;
+        c.engine.uring.buffers = Some(64);
         assert!(
             c.validate()
                 .unwrap_err()
                 .to_string()
                 .contains("--buffers applies")
         );
-        c.engine = EngineKind::Auto;
+        c.engine.kind = EngineKind::Auto;
         c.validate().unwrap();
-        c.uring.buffers = Some(100);
+        c.engine.uring.buffers = Some(100);
         assert!(
             c.validate()
                 .unwrap_err()
                 .to_string()
                 .contains("power of two")
         );
-        c.uring.buffers = Some(64);
-        c.uring.inflight = Some(33);
+        c.engine.uring.buffers = Some(64);
+        c.engine.uring.inflight = Some(33);
         assert!(c.validate().is_err());
-        c.uring.inflight = None;
+        c.engine.uring.inflight = None;
         // The smallest pool works with the default in-flight count.
-        c.uring.buffers = Some(2);
+        c.engine.uring.buffers = Some(2);
         c.validate().unwrap();
-        c.uring.buffers = None;
-        c.uring.sqpoll_cpu = Some(1);
+        c.engine.uring.buffers = None;
+        c.engine.uring.sqpoll_cpu = Some(1);
         assert!(
             c.validate()
                 .unwrap_err()
                 .to_string()
                 .contains("needs --sqpoll")
         );
-        c.uring.sqpoll_cpu = None;
-        c.uring.ring_entries = Some(4);
+        c.engine.uring.sqpoll_cpu = None;
+        c.engine.uring.ring_entries = Some(4);
         assert!(c.validate().is_err());
     }
 
     #[test]
     fn socket_buffer_bounds() {
         let mut c = base();
-        c.sndbuf = Some(10);
+        c.engine.sndbuf = Some(10);
         assert!(c.validate().is_err());
-        c.sndbuf = Some(4 << 20);
+        c.engine.sndbuf = Some(4 << 20);
         c.validate().unwrap();
     }
 
@@ -915,18 +1023,20 @@ mod tests {
     #[test]
     fn mtu_range() {
         let mut c = base();
-        c.mtu = 67;
+        c.device.mtu = 67;
         assert!(
             c.validate()
                 .unwrap_err()
                 .to_string()
                 .contains("out of range")
         );
-        c.mtu = 65508;
+        c.device.mtu = 65508;
         assert!(c.validate().is_err());
-        c.mtu = 68;
+        c.device.mtu = 68;
         c.validate().unwrap();
-        c.addresses.push("2001:db8:19::1/64".parse().unwrap());
+        c.device
+            .addresses
+            .push("2001:db8:19::1/64".parse().unwrap());
         assert!(
             c.validate()
                 .unwrap_err()
@@ -938,55 +1048,55 @@ mod tests {
     #[test]
     fn one_ipv4_address() {
         let mut c = base();
-        c.addresses.push("198.19.1.1/24".parse().unwrap());
+        c.device.addresses.push("198.19.1.1/24".parse().unwrap());
         assert!(c.validate().is_err());
     }
 
     #[test]
     fn family_mismatch() {
         let mut c = base();
-        c.peers = vec!["[2001:db8::2]:5000".parse().unwrap()];
+        c.peers.list = vec!["[2001:db8::2]:5000".parse().unwrap()];
         assert!(c.validate().is_err());
-        c.listen = "[::]:5000".parse().unwrap();
+        c.peers.listen = "[::]:5000".parse().unwrap();
         c.validate().unwrap();
     }
 
     #[test]
     fn peer_must_be_concrete() {
         let mut c = base();
-        c.peers = vec!["0.0.0.0:5000".parse().unwrap()];
+        c.peers.list = vec!["0.0.0.0:5000".parse().unwrap()];
         assert!(c.validate().is_err());
-        c.peers = vec!["198.18.0.2:0".parse().unwrap()];
+        c.peers.list = vec!["198.18.0.2:0".parse().unwrap()];
         assert!(c.validate().is_err());
     }
 
     #[test]
     fn per_queue_ports() {
         let mut c = base();
-        c.queues = 3;
+        c.engine.queues = 3;
         c.validate().unwrap();
         assert_eq!(c.listen_for(2).port(), 5002);
-        c.peers = vec!["198.18.0.2:65534".parse().unwrap()];
+        c.peers.list = vec!["198.18.0.2:65534".parse().unwrap()];
         assert!(c.validate().is_err());
-        c.peers = vec!["198.18.0.2:5000".parse().unwrap()];
-        c.listen = "198.18.0.1:0".parse().unwrap();
+        c.peers.list = vec!["198.18.0.2:5000".parse().unwrap()];
+        c.peers.listen = "198.18.0.1:0".parse().unwrap();
         assert!(c.validate().is_err());
     }
 
     #[test]
     fn queues_and_batch_bounds() {
         let mut c = base();
-        c.queues = 0;
+        c.engine.queues = 0;
         assert!(c.validate().is_err());
-        c.queues = 1;
-        c.batch = 0;
+        c.engine.queues = 1;
+        c.engine.batch = 0;
         assert!(c.validate().is_err());
     }
 
     #[test]
     fn bad_device_name() {
         let mut c = base();
-        c.dev = "a/b".into();
+        c.device.dev = "a/b".into();
         assert!(c.validate().is_err());
     }
 }

@@ -485,9 +485,9 @@ mod tests {
             "198.18.0.9:5000",
         ]))
         .unwrap();
-        assert_eq!(over.mtu, 1300);
-        assert_eq!(over.peers.len(), 1);
-        assert_eq!(over.batch, 32);
+        assert_eq!(over.device.mtu, 1300);
+        assert_eq!(over.peers.list.len(), 1);
+        assert_eq!(over.engine.batch, 32);
         // A range error found after parsing names the file's line.
         std::fs::write(
             &path,

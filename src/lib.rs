@@ -56,8 +56,9 @@
 //!   [`config::Mode`] that selects it; the forwarder and the datapath ask
 //!   the `Encap` and match on nothing.
 //! - **An engine**: a module under [`engine`] that owns buffers and waits its
-//!   own way, calling the [`datapath::Datapath`] entries in the order its
-//!   module doc states, and a case of [`engine::Engine`].
+//!   own way, builds its [`datapath::Datapath`] from the
+//!   [`datapath::Setup`] it is given and calls it as the datapath's module
+//!   doc states ("The engine protocol"), and a case of [`engine::Engine`].
 //!
 //! # Data path
 //! With `--aqm fq-codel` (the default in TUN mode) every read and receive

@@ -51,7 +51,7 @@ fn peer_table(cfg: &TunnelConfig, old: Option<&PeerTable>) -> Result<PeerTable> 
             false,
         ));
     }
-    let text = match &cfg.peers_file {
+    let text = match &cfg.peers.file {
         Some(path) => Some(
             std::fs::read_to_string(path)
                 .map_err(|e| Error::io(format!("read peers file {}", path.display()), e))?,
@@ -59,10 +59,10 @@ fn peer_table(cfg: &TunnelConfig, old: Option<&PeerTable>) -> Result<PeerTable> 
         None => None,
     };
     let specs = cfg.peers_with_file(text.as_deref(), crate::platform::parse_endpoint)?;
-    PeerTable::build(&specs, cfg.queues, cfg.mode.is_tap(), old).map_err(|e| {
+    PeerTable::build(&specs, cfg.engine.queues, cfg.mode.is_tap(), old).map_err(|e| {
         let place = match e.peer_index() {
             Some(i) => cfg.peer_origin(i, text.as_deref()),
-            None => match &cfg.peers_file {
+            None => match &cfg.peers.file {
                 Some(f) => format!("peers (--peer and {})", f.display()),
                 None => "peers".to_string(),
             },
@@ -74,7 +74,7 @@ fn peer_table(cfg: &TunnelConfig, old: Option<&PeerTable>) -> Result<PeerTable> 
 /// SIGHUP: reads the peers again and swaps the table in whole, or keeps
 /// the old one and says why in one line.
 fn reload_peers(cfg: &TunnelConfig, shared: &SharedPeers) {
-    let Some(path) = &cfg.peers_file else {
+    let Some(path) = &cfg.peers.file else {
         crate::info!("SIGHUP: no --peers-file to reload; peers unchanged");
         return;
     };
@@ -178,11 +178,12 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
     let peers = Arc::new(SharedPeers::new(Arc::new(peer_table(cfg, None)?)));
     let engine = Engine::choose(cfg)?;
     let offload = engine.offload(cfg);
-    let cpus = worker_cpus(&cfg.cpus, cfg.queues)?;
+    let cpus = worker_cpus(&cfg.engine.cpus, cfg.engine.queues)?;
     // Sockets first: a port in use fails before a device is created; the
     // metrics port too (and before privileges are dropped).
     let sockets = open_sockets(cfg, offload)?;
     let metrics = cfg
+        .service
         .metrics
         .map(crate::metrics::Listener::bind)
         .transpose()?;
@@ -199,7 +200,7 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
         return workers.stop(None);
     }
     // Everything privileged is done: devices, sockets, rings, pinning.
-    if let Some(spec) = &cfg.user {
+    if let Some(spec) = &cfg.service.user {
         if let Err(e) = crate::platform::drop_privileges(spec) {
             return workers.stop(Some(e));
         }
@@ -220,13 +221,17 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
     crate::info!(
         "tunnel up: dev {dev_name} ({}), mtu {}, {} queue(s), engine {}, {}",
         if created { "created" } else { "attached" },
-        cfg.mtu,
-        cfg.queues,
+        cfg.device.mtu,
+        cfg.engine.queues,
         engine.name(),
         describe_path(cfg, &peers),
     );
 
-    let mut reporter = Reporter::new(sources.clone(), cfg.stats_format, cfg.stats_peers);
+    let mut reporter = Reporter::new(
+        sources.clone(),
+        cfg.service.stats_format,
+        cfg.service.stats_peers,
+    );
     run_until_stopped(cfg, &events, &peers, &mut reporter);
 
     // Read while the workers still own their sockets.
@@ -236,20 +241,20 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
         let _ = h.join();
     }
     let result = workers.stop(None);
-    reporter.summary(cfg.queues, kd);
+    reporter.summary(cfg.engine.queues, kd);
     result
 }
 
 /// Before any socket or device: the parent-death signal and the network
 /// namespace everything below lives in.
 fn enter_process_context(cfg: &TunnelConfig) -> Result<()> {
-    if cfg.exit_with_parent {
+    if cfg.service.exit_with_parent {
         // SIGTERM is blocked and taken by the signal thread: a clean stop.
         crate::platform::set_parent_death_signal()
             .map_err(|e| Error::io("set parent-death signal", e))?;
     }
     #[cfg(target_os = "linux")]
-    if let Some(path) = &cfg.netns {
+    if let Some(path) = &cfg.service.netns {
         crate::netns::NetNs::open(path)?.enter()?;
     }
     Ok(())
@@ -257,8 +262,8 @@ fn enter_process_context(cfg: &TunnelConfig) -> Result<()> {
 
 /// One UDP socket per queue, bound, with its buffers, error queue and GRO.
 fn open_sockets(cfg: &TunnelConfig, offload: bool) -> Result<Vec<UdpSocket>> {
-    let mut sockets = Vec::with_capacity(cfg.queues);
-    for q in 0..cfg.queues {
+    let mut sockets = Vec::with_capacity(cfg.engine.queues);
+    for q in 0..cfg.engine.queues {
         let addr = cfg.listen_for(q);
         let sock = UdpSocket::bind(addr).map_err(|e| {
             let hint = match e.raw_os_error() {
@@ -275,8 +280,12 @@ fn open_sockets(cfg: &TunnelConfig, offload: bool) -> Result<Vec<UdpSocket>> {
         // Tunnels get buffers that hold GSO bursts by default; a reflector
         // sends nothing to the network.
         let default = (!cfg.mode.is_reflect()).then_some(DEFAULT_SOCKET_BUFFER_BYTES);
-        let clamped =
-            set_socket_buffers(&sock, addr, cfg.sndbuf.or(default), cfg.rcvbuf.or(default))?;
+        let clamped = set_socket_buffers(
+            &sock,
+            addr,
+            cfg.engine.sndbuf.or(default),
+            cfg.engine.rcvbuf.or(default),
+        )?;
         if let (Some(line), 0) = (clamped, q) {
             crate::info!("{line}");
         }
@@ -299,9 +308,9 @@ fn open_sockets(cfg: &TunnelConfig, offload: bool) -> Result<Vec<UdpSocket>> {
 /// addresses, transmit queue, offloads.
 fn open_device(cfg: &TunnelConfig, offload: bool) -> Result<TunDevice> {
     let device = TunDevice::open(&TunOptions {
-        name: &cfg.dev,
-        queues: cfg.queues,
-        attach: cfg.attach,
+        name: &cfg.device.dev,
+        queues: cfg.engine.queues,
+        attach: cfg.device.attach,
         vnet_hdr: offload,
         tap: cfg.mode.is_tap(),
     })?;
@@ -312,9 +321,9 @@ fn open_device(cfg: &TunnelConfig, offload: bool) -> Result<TunDevice> {
     let txqueuelen = if device.created() {
         Some(cfg.created_txqueuelen())
     } else {
-        cfg.txqueuelen
+        cfg.device.txqueuelen
     };
-    device.configure(cfg.mtu, &cfg.addresses, txqueuelen)?;
+    device.configure(cfg.device.mtu, &cfg.device.addresses, txqueuelen)?;
     #[cfg(target_os = "linux")]
     if offload {
         let got = device.enable_offloads()?;
@@ -323,7 +332,7 @@ fn open_device(cfg: &TunnelConfig, offload: bool) -> Result<TunDevice> {
             if got.tso { "on" } else { "off" },
             if got.uso { "on" } else { "off (Linux 6.2+)" }
         );
-        if let Err(e) = device.limit_gso_segments(cfg.mtu as usize) {
+        if let Err(e) = device.limit_gso_segments(cfg.device.mtu as usize) {
             crate::info!(
                 "offload: {e}: a super-packet of more segments than one UDP GSO send carries goes out in two sends"
             );
@@ -372,33 +381,33 @@ impl Workers {
     ) -> Result<Workers> {
         let dev_name = device.name().to_string();
         let mut workers = Workers {
-            handles: Vec::with_capacity(cfg.queues),
-            stats: Vec::with_capacity(cfg.queues),
+            handles: Vec::with_capacity(cfg.engine.queues),
+            stats: Vec::with_capacity(cfg.engine.queues),
             shutdown: Arc::new(Shutdown::new()?),
         };
         for (q, (tun, udp)) in device.into_queues().into_iter().zip(sockets).enumerate() {
             let stats = Arc::new(WorkerStats::default());
             workers.stats.push(stats.clone());
             let label = format!("TUN queue {q} of {dev_name}");
-            let forwarder =
-                Forwarder::for_mode(&cfg.mode, cfg.mtu as usize, peers.load().1).with_queue(q);
+            let forwarder = Forwarder::for_mode(&cfg.mode, cfg.device.mtu as usize, peers.load().1)
+                .with_queue(q);
             let parts = WorkerParts {
                 tun,
                 udp,
                 datapath: Setup::new(label, forwarder, stats, offload)
                     .with_shared_peers(peers.clone())
                     .with_device(&dev_name)
-                    .with_aqm(cfg.aqm)
+                    .with_aqm(cfg.queueing.aqm)
                     .with_flow_queues(
-                        cfg.aqm.filter(|_| cfg.flow_queueing()),
-                        cfg.aqm_inflight_bytes,
+                        cfg.queueing.aqm.filter(|_| cfg.flow_queueing()),
+                        cfg.queueing.inflight_bytes,
                     )
                     .with_visit_limits(VisitLimits {
-                        packets: cfg.batch,
-                        bytes: cfg.visit_bytes,
+                        packets: cfg.engine.batch,
+                        bytes: cfg.engine.visit_bytes,
                     }),
                 shutdown: workers.shutdown.clone(),
-                busy_poll: cfg.busy_poll,
+                busy_poll: cfg.engine.busy_poll,
             };
             let tx = events.clone();
             let report = move |ev| {
@@ -477,11 +486,11 @@ fn describe_path(cfg: &TunnelConfig, peers: &SharedPeers) -> String {
     if cfg.mode.is_reflect() {
         "reflecting echo requests and UDP back into the device".to_string()
     } else if t.is_single() {
-        format!("udp {} -> {}", cfg.listen, t.peer(0).addr)
+        format!("udp {} -> {}", cfg.peers.listen, t.peer(0).addr)
     } else {
         format!(
             "udp {} -> {} peers by {} prefixes",
-            cfg.listen,
+            cfg.peers.listen,
             t.len(),
             t.prefixes()
         )
@@ -496,8 +505,8 @@ fn run_until_stopped(
     peers: &SharedPeers,
     reporter: &mut Reporter,
 ) {
-    let ticker: Receiver<Instant> = if cfg.stats_interval_secs > 0 {
-        channel::tick(Duration::from_secs(cfg.stats_interval_secs))
+    let ticker: Receiver<Instant> = if cfg.service.stats_interval_secs > 0 {
+        channel::tick(Duration::from_secs(cfg.service.stats_interval_secs))
     } else {
         channel::never()
     };

@@ -395,27 +395,7 @@ fn measure(
     let dst = target.dst();
     let sys_before = system_cpu_seconds();
     let fwd_before = forwarders.as_ref().map(Running::cpu_seconds);
-    let mut row = Row {
-        target: target.name(),
-        workload: workload.clone(),
-        seconds: 0.0,
-        offered_pps: None,
-        delivered_pps: None,
-        loss_pct: None,
-        gbps: None,
-        latency: None,
-        packets: None,
-        fwd_cpu_s: None,
-        sys_cpu_s: 0.0,
-        fwd_syscalls: None,
-        fwd_packets: None,
-        fwd_drops: None,
-        udp_rcvbuf_drops: None,
-        tun_queue_drops: None,
-        queue: None,
-        tcp: None,
-        ratio: None,
-    };
+    let mut row = Row::empty(target.name(), workload.clone());
     match *workload {
         Workload::Udp { packet_len } => {
             let r = traffic::udp_flood(topo, dst, packet_len, cfg.duration, cfg.rate_pps, stop)?;
@@ -430,55 +410,7 @@ fn measure(
             row.gbps = Some(r.bytes as f64 * 8.0 / r.seconds / 1e9);
             row.tcp = Some(r.info);
         }
-        Workload::Latency { load } => {
-            let background = if load == Load::Idle {
-                None
-            } else {
-                let topo_a = topo.a.try_clone()?;
-                let topo_b = topo.b.try_clone()?;
-                let stop = stop.clone();
-                let duration = cfg.duration + Duration::from_millis(500);
-                Some(std::thread::spawn(move || {
-                    let t = Topology {
-                        a: topo_a,
-                        b: topo_b,
-                    };
-                    match load {
-                        Load::Tcp(streams) => {
-                            traffic::tcp_bulk(&t, dst, streams, duration, 1, &stop).map(|_| None)
-                        }
-                        _ => traffic::udp_flood(&t, dst, 1400, duration, 0, &stop).map(Some),
-                    }
-                }))
-            };
-            if background.is_some() {
-                // Let the load ramp up first.
-                std::thread::sleep(Duration::from_millis(300));
-            }
-            let echo_server = !matches!(target, Target::Reflect { .. });
-            let r = traffic::latency(topo, dst, cfg.duration, 1_000_000, echo_server, stop)?;
-            if let Some(bg) = background {
-                let flood = bg
-                    .join()
-                    .map_err(|_| Error::config("background load thread panicked"))??;
-                if let Some(f) = flood {
-                    // What the flood offered and what got through.
-                    row.set_flood(&f);
-                }
-            }
-            let h = &r.rtt_ns;
-            let us = |q: f64| h.value_at_quantile(q) as f64 / 1e3;
-            row.seconds = cfg.duration.as_secs_f64();
-            row.latency = Some(Percentiles {
-                p50: us(0.5),
-                p90: us(0.9),
-                p99: us(0.99),
-                p999: us(0.999),
-                max: h.max() as f64 / 1e3,
-                probes: h.len() + r.lost,
-                lost: r.lost,
-            });
-        }
+        Workload::Latency { load } => measure_latency(topo, cfg, target, load, stop, &mut row)?,
     }
     row.sys_cpu_s = system_cpu_seconds() - sys_before;
     if let (Some(pair), Some(before)) = (forwarders, fwd_before) {
@@ -494,7 +426,93 @@ fn measure(
     Ok(row)
 }
 
+/// A latency workload: UDP ping-pong through `target`, alone or under a
+/// background load (TCP streams or a UDP flood), into `row`.
+fn measure_latency(
+    topo: &Topology,
+    cfg: &BenchConfig,
+    target: &Target,
+    load: Load,
+    stop: &Arc<AtomicBool>,
+    row: &mut Row,
+) -> Result<()> {
+    let dst = target.dst();
+    let background = if load == Load::Idle {
+        None
+    } else {
+        let topo_a = topo.a.try_clone()?;
+        let topo_b = topo.b.try_clone()?;
+        let stop = stop.clone();
+        let duration = cfg.duration + Duration::from_millis(500);
+        Some(std::thread::spawn(move || {
+            let t = Topology {
+                a: topo_a,
+                b: topo_b,
+            };
+            match load {
+                Load::Tcp(streams) => {
+                    traffic::tcp_bulk(&t, dst, streams, duration, 1, &stop).map(|_| None)
+                }
+                _ => traffic::udp_flood(&t, dst, 1400, duration, 0, &stop).map(Some),
+            }
+        }))
+    };
+    if background.is_some() {
+        // Let the load ramp up first.
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let echo_server = !matches!(target, Target::Reflect { .. });
+    let r = traffic::latency(topo, dst, cfg.duration, 1_000_000, echo_server, stop)?;
+    if let Some(bg) = background {
+        let flood = bg
+            .join()
+            .map_err(|_| Error::config("background load thread panicked"))??;
+        if let Some(f) = flood {
+            // What the flood offered and what got through.
+            row.set_flood(&f);
+        }
+    }
+    let h = &r.rtt_ns;
+    let us = |q: f64| h.value_at_quantile(q) as f64 / 1e3;
+    row.seconds = cfg.duration.as_secs_f64();
+    row.latency = Some(Percentiles {
+        p50: us(0.5),
+        p90: us(0.9),
+        p99: us(0.99),
+        p999: us(0.999),
+        max: h.max() as f64 / 1e3,
+        probes: h.len() + r.lost,
+        lost: r.lost,
+    });
+    Ok(())
+}
+
 impl Row {
+    /// A row with nothing measured yet.
+    fn empty(target: String, workload: Workload) -> Row {
+        Row {
+            target,
+            workload,
+            seconds: 0.0,
+            offered_pps: None,
+            delivered_pps: None,
+            loss_pct: None,
+            gbps: None,
+            latency: None,
+            packets: None,
+            fwd_cpu_s: None,
+            sys_cpu_s: 0.0,
+            fwd_syscalls: None,
+            fwd_packets: None,
+            fwd_drops: None,
+            udp_rcvbuf_drops: None,
+            tun_queue_drops: None,
+            queue: None,
+            tcp: None,
+            ratio: None,
+        }
+    }
+
     /// A UDP flood's offered and delivered rates and its loss.
     fn set_flood(&mut self, f: &traffic::FloodResult) {
         self.offered_pps = Some(f.offered as f64 / f.seconds);

@@ -22,13 +22,64 @@
 //! buffer (which must stay untouched until the writes are done).
 //! [`Datapath::on_tun_write`] takes each write's result.
 //!
+//! # The engine protocol
+//! Every engine calls the datapath in this order; the types hold it to
+//! the parts they can.
+//! 1. **Set-up.** The runtime hands the engine a [`Setup`] (policy, queue
+//!    management, limits). The engine sizes its buffers from it
+//!    ([`Setup::framing`], [`Setup::offload`],
+//!    [`Setup::flow_queueing_requested`]), allocates them, and calls
+//!    [`Setup::build`] with how many it has per side and its socket's
+//!    address. There is no [`Datapath`] before that call, so no step can be
+//!    forgotten or taken out of order. (Timestamps the kernel refuses are
+//!    said before: [`Setup::without_timestamps`].)
+//! 2. **Time.** The engine reads one clock (`engine::now_ns`, the wall
+//!    clock) and passes it to every entry that depends on time; the
+//!    datapath reads none.
+//! 3. **Visits.** Work on one direction is a [`Visit`]:
+//!    [`Datapath::begin_visit`], then reads or receives while
+//!    [`Visit::has_room`] (each counted with [`Visit::took`]), then
+//!    [`Datapath::end_visit`]. A reloaded peer table is taken at the start
+//!    of a visit.
+//! 4. **TUN side.** A read lands behind [`Datapath::read_headroom`] bytes.
+//!    Without flow queues: [`Datapath::handle_tun_read`] says what it
+//!    becomes. With them ([`Datapath::flow_queueing`]):
+//!    [`Datapath::tx_enqueue`] gives the buffer to the queues;
+//!    [`Datapath::tx_next`] hands one back with a [`crate::fq::Dequeued`]
+//!    ([`Datapath::handle_dequeued`] says what it becomes), and
+//!    [`Datapath::tx_done`] when the buffer is free again. When reads find
+//!    no free buffer, the engine asks [`Datapath::tx_make_room`] until it
+//!    says no (overload drops, the same amount in every engine); every
+//!    [`RING_CHECK_NS`] ([`Datapath::ring_check_due`]) it reads the device's
+//!    drop counter into [`Datapath::tx_ring_drops`]. A plan's sends come
+//!    from [`Datapath::next_send`] in order, each result into
+//!    [`Datapath::on_send`]; the read buffer (and the split area) stay
+//!    untouched until the plan is done.
+//! 5. **UDP side.** A receive is described as the kernel gave it
+//!    ([`Received`]: the sender, the payload's place, GRO size, arrival
+//!    time, `MSG_TRUNC`, all read with the one codec both engines share);
+//!    whether it is truncated is the datapath's rule
+//!    ([`Datapath::is_truncated`]). [`Datapath::handle_receive`] (or, with
+//!    the receive side's flow queues, [`Datapath::rx_enqueue`],
+//!    [`Datapath::rx_next`], [`Datapath::handle_dequeued_receive`],
+//!    [`Datapath::rx_done`]) says what to write; each TUN write's result
+//!    goes to [`Datapath::on_tun_write`]. The receive buffer stays
+//!    untouched until its writes are done.
+//! 6. **Errors** of reads and receives go to
+//!    [`Datapath::on_tun_read_error`] and [`Datapath::on_receive_error`],
+//!    which say whether the worker goes on.
+//! 7. **Events.** After each batch the engine takes what the datapath has
+//!    to say ([`Datapath::poll_event`]) and logs it: the datapath never
+//!    logs.
+//!
 //! # The rules, the same for both engines
 //! - **Nothing is dropped for lack of room.** A send or TUN write that meets
 //!   `EAGAIN` is retried once its destination has room ([`After::Retry`]);
 //!   later sends of the same direction wait behind it, so order is kept.
 //! - **GSO refused** (`EIO`, `EINVAL`, `EOPNOTSUPP`, `ENOPROTOOPT` on a
-//!   segmented send): GSO is turned off for the worker, said in one line,
-//!   and the same datagrams are sent one by one. Nothing is lost.
+//!   segmented send): GSO is turned off for the worker, said in one line
+//!   (an [`Event`]), and the same datagrams are sent one by one. Nothing is
+//!   lost.
 //! - **Send errors** other than those (peer unreachable, no route, a full
 //!   device queue): the datagrams of that send are lost and counted as
 //!   `send_failed`; the worker goes on.

@@ -61,16 +61,16 @@ impl Engine {
         // The way of carrying and the MTU size the buffers.
         let framing = Framing {
             encap: cfg.mode.encap(),
-            mtu: cfg.mtu as usize,
+            mtu: cfg.device.mtu as usize,
         };
         let want = EngineWanted {
-            kind: cfg.engine,
-            uring: cfg.uring.clone(),
-            batch: cfg.batch,
-            busy_poll: cfg.busy_poll,
+            kind: cfg.engine.kind,
+            uring: cfg.engine.uring.clone(),
+            batch: cfg.engine.batch,
+            busy_poll: cfg.engine.busy_poll,
             offload: cfg.effective_offload(),
         };
-        Engine::select(&want, framing, cfg.queues)
+        Engine::select(&want, framing, cfg.engine.queues)
     }
 
     /// Resolves an engine request for `queues` workers whose packets are
@@ -78,8 +78,7 @@ impl Engine {
     pub fn select(want: &EngineWanted, framing: Framing, queues: usize) -> Result<Engine> {
         #[cfg(target_os = "linux")]
         {
-            let opts = uring::UringOptions::from_flags(&want.uring, want.batch, want.busy_poll);
-            let probe = || uring::probe(&opts, framing, queues, want.offload);
+            let probe = || uring::probe(want, framing, queues);
             match want.kind {
                 EngineKind::Poll => Ok(Engine::Poll),
                 EngineKind::Uring => Ok(Engine::Uring(Box::new(probe()?))),

@@ -100,13 +100,7 @@ fn errno_of(r: io::Result<usize>) -> std::result::Result<usize, Errno> {
 
 impl PollWorker {
     pub fn new(parts: WorkerParts) -> Result<PollWorker> {
-        let WorkerParts {
-            tun,
-            udp,
-            datapath: setup,
-            shutdown,
-            busy_poll,
-        } = parts;
+        let (udp, setup) = (parts.udp, parts.datapath);
         let label = setup.label().to_string();
         udp.set_nonblocking(true)
             .map_err(|e| Error::io(format!("make UDP socket of {label} nonblocking"), e))?;
@@ -147,11 +141,11 @@ impl PollWorker {
             held: None,
         };
         Ok(PollWorker {
-            tun,
+            tun: parts.tun,
             udp,
             dp,
-            busy_poll,
-            shutdown,
+            busy_poll: parts.busy_poll,
+            shutdown: parts.shutdown,
             out,
             inb,
         })

@@ -296,7 +296,11 @@ mod tests {
                 assert!(at >= before && at <= crate::engine::now_ns(), "{any}");
             }
             let r = recv_segments(&rx, &mut buf, &mut cmsg).unwrap();
-            assert_eq!((r.len, r.truncated), (200, true), "{any}: cut to the buffer");
+            assert_eq!(
+                (r.len, r.truncated),
+                (200, true),
+                "{any}: cut to the buffer"
+            );
         }
     }
 }

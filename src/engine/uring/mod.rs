@@ -36,28 +36,18 @@ use std::io;
 
 use io_uring::{IoUring, opcode};
 
-use crate::config::{Toggle, UringFlags};
+use super::EngineWanted;
+use crate::config::{Toggle, UringSettings};
 use crate::datapath::Framing;
 use crate::error::{Error, Result};
 use ops::RECVMSG_PREFIX;
 
-/// The io_uring tuning flags.
+/// The io_uring settings a worker runs with: the flags with their
+/// defaults resolved ([`UringFlags::resolve`](crate::config::UringFlags::resolve),
+/// the one place for them), and the engine flags the ring needs.
 #[derive(Clone, Debug)]
 pub struct UringOptions {
-    /// Submission queue entries (the completion queue gets 4x).
-    pub ring_entries: u32,
-    /// Buffers per worker (half for each direction; a power of two).
-    /// Resolved by [`probe`]: 512, or 64 when offload is on (each buffer
-    /// then holds a 64 KiB super-packet).
-    pub buffers: u32,
-    /// Single-shot reads kept outstanding per descriptor (without multishot).
-    /// Resolved by [`probe`]: 2, or fewer for a pool of 2 buffers.
-    pub inflight: u32,
-    pub multishot: Toggle,
-    pub fixed_buffers: Toggle,
-    /// Kernel submission-polling thread with this idle time in ms.
-    pub sqpoll_idle_ms: Option<u32>,
-    pub sqpoll_cpu: Option<u32>,
+    pub ring: UringSettings,
     /// Never sleep in the kernel: poll the completion queue instead.
     pub busy_poll: bool,
     /// Max packets handled per direction per loop iteration.
@@ -76,51 +66,14 @@ pub enum TaskRun {
 }
 
 impl UringOptions {
-    /// The options as given; `--buffers` and `--inflight` stay unresolved
-    /// (0) until [`probe`] knows whether offload is on.
-    pub fn from_flags(f: &UringFlags, batch: usize, busy_poll: bool) -> UringOptions {
-        use crate::config::DEFAULT_RING_ENTRIES;
-        UringOptions {
-            ring_entries: f.ring_entries.unwrap_or(DEFAULT_RING_ENTRIES),
-            buffers: f.buffers.unwrap_or(0),
-            inflight: f.inflight.unwrap_or(0),
-            multishot: f.multishot.unwrap_or(Toggle::Auto),
-            fixed_buffers: f.fixed_buffers.unwrap_or(Toggle::Auto),
-            sqpoll_idle_ms: f.sqpoll_idle_ms,
-            sqpoll_cpu: f.sqpoll_cpu,
-            busy_poll,
-            batch,
-        }
-    }
-
-    /// Fills in `buffers` and `inflight` where they were not given, and
-    /// checks that they fit together.
-    fn resolve(&mut self, offload: bool) -> Result<()> {
-        use crate::config::{DEFAULT_BUFFERS, DEFAULT_BUFFERS_OFFLOAD, DEFAULT_INFLIGHT};
-        if self.buffers == 0 {
-            self.buffers = if offload {
-                DEFAULT_BUFFERS_OFFLOAD
-            } else {
-                DEFAULT_BUFFERS
-            };
-        }
-        if self.inflight == 0 {
-            self.inflight = DEFAULT_INFLIGHT.min(self.buffers / 2);
-        }
-        if self.inflight > self.buffers / 2 {
-            return Err(Error::config(format!(
-                "--inflight {} is out of range 1..={} (half of --buffers {}{})",
-                self.inflight,
-                self.buffers / 2,
-                self.buffers,
-                if offload {
-                    ", the default with offload"
-                } else {
-                    ""
-                }
-            )));
-        }
-        Ok(())
+    /// The options of `want`'s flags for workers with (or without)
+    /// `offload`.
+    pub fn resolve(want: &EngineWanted, offload: bool) -> Result<UringOptions> {
+        Ok(UringOptions {
+            ring: want.uring.resolve(offload)?,
+            busy_poll: want.busy_poll,
+            batch: want.batch,
+        })
     }
 }
 
@@ -156,11 +109,11 @@ const UDP_GROUP: u16 = 1;
 
 fn build_ring(opts: &UringOptions, taskrun: TaskRun) -> io::Result<IoUring> {
     let mut b = IoUring::builder();
-    b.setup_cqsize(opts.ring_entries.saturating_mul(4))
+    b.setup_cqsize(opts.ring.ring_entries.saturating_mul(4))
         .setup_clamp();
-    if let Some(idle) = opts.sqpoll_idle_ms {
+    if let Some(idle) = opts.ring.sqpoll_idle_ms {
         b.setup_sqpoll(idle);
-        if let Some(cpu) = opts.sqpoll_cpu {
+        if let Some(cpu) = opts.ring.sqpoll_cpu {
             b.setup_sqpoll_cpu(cpu);
         }
     }
@@ -173,27 +126,17 @@ fn build_ring(opts: &UringOptions, taskrun: TaskRun) -> io::Result<IoUring> {
         }
         TaskRun::Plain => {}
     }
-    b.build(opts.ring_entries)
+    b.build(opts.ring.ring_entries)
 }
 
 /// Probes the running kernel once, before the workers start, and says in one
 /// line per missing feature what is used instead. Fails if io_uring itself is
 /// unusable or a feature forced `on` is missing.
-pub fn probe(
-    opts: &UringOptions,
-    framing: Framing,
-    queues: usize,
-    offload: Toggle,
-) -> Result<UringPlan> {
-    let mut opts = opts.clone();
-    if opts.buffers != 0
-        && (!opts.buffers.is_power_of_two() || !(2..=32768).contains(&opts.buffers))
-    {
-        return Err(Error::config(format!(
-            "--buffers {} must be a power of two from 2 to 32768",
-            opts.buffers
-        )));
-    }
+pub fn probe(want: &EngineWanted, framing: Framing, queues: usize) -> Result<UringPlan> {
+    let offload = want.offload;
+    // Settled without offload first (the ring's flags do not depend on
+    // it), and again once the kernel says whether offload is on.
+    let opts = UringOptions::resolve(want, false)?;
     let (taskrun, ring) = first_ring(&opts)?;
     let probe = required_opcodes(&ring)?;
     let mut plan = UringPlan {
@@ -207,12 +150,12 @@ pub fn probe(
     };
     choose_receives(&opts, &probe, offload, &mut plan)?;
 
-    // Defaults that depend on offload are settled now, once.
-    opts.resolve(plan.offload)?;
-    if opts.multishot != Toggle::Off && !plan.multishot_tun {
+    // Defaults that depend on offload are settled now.
+    let opts = UringOptions::resolve(want, plan.offload)?;
+    if opts.ring.multishot != Toggle::Off && !plan.multishot_tun {
         crate::info!(
             "io_uring: no READ_MULTISHOT (Linux 6.7+): single-shot reads, {} in flight per descriptor",
-            opts.inflight
+            opts.ring.inflight
         );
     }
     plan.opts = opts;
@@ -227,18 +170,21 @@ pub fn probe(
 fn first_ring(opts: &UringOptions) -> Result<(TaskRun, IoUring)> {
     // Busy polling and SQPOLL need completions posted without our waiting.
     let mut candidates = vec![TaskRun::Defer, TaskRun::Coop, TaskRun::Plain];
-    if opts.busy_poll || opts.sqpoll_idle_ms.is_some() {
+    if opts.busy_poll || opts.ring.sqpoll_idle_ms.is_some() {
         candidates.retain(|t| *t != TaskRun::Defer);
     }
     let small = UringOptions {
-        ring_entries: 8,
+        ring: UringSettings {
+            ring_entries: 8,
+            ..opts.ring.clone()
+        },
         ..opts.clone()
     };
     let mut last_err = None;
     for t in candidates {
         match build_ring(&small, t) {
             Ok(ring) => {
-                if t != TaskRun::Defer && !opts.busy_poll && opts.sqpoll_idle_ms.is_none() {
+                if t != TaskRun::Defer && !opts.busy_poll && opts.ring.sqpoll_idle_ms.is_none() {
                     crate::info!(
                         "io_uring: no DEFER_TASKRUN on this kernel, using {t:?} task work"
                     );
@@ -251,7 +197,7 @@ fn first_ring(opts: &UringOptions) -> Result<(TaskRun, IoUring)> {
     let e = last_err.unwrap_or_else(|| io::Error::from_raw_os_error(libc::ENOSYS));
     let refused = matches!(e.raw_os_error(), Some(libc::EPERM | libc::ENOSYS));
     let err = Error::io(
-        format!("set up io_uring with {} entries", opts.ring_entries),
+        format!("set up io_uring with {} entries", opts.ring.ring_entries),
         e,
     );
     // Not a missing capability: the kernel (or a sandbox) refuses io_uring
@@ -306,11 +252,11 @@ fn choose_receives(
     // Multishot needs READ_MULTISHOT (6.7) for the TUN; multishot RECVMSG
     // and provided buffer rings (6.0) come with it. Workers still fall back
     // per group if registering a buffer ring fails.
-    if opts.multishot != Toggle::Off {
+    if opts.ring.multishot != Toggle::Off {
         if probe.is_supported(opcode::ReadMulti::CODE) {
             plan.multishot_tun = true;
             plan.multishot_udp = true;
-        } else if opts.multishot == Toggle::On {
+        } else if opts.ring.multishot == Toggle::On {
             return Err(Error::config(
                 "--multishot on: this kernel lacks READ_MULTISHOT (Linux 6.7+)",
             ));
@@ -349,13 +295,13 @@ fn fixed_buffers_fit(opts: &UringOptions, buf_len: usize, queues: usize) -> Resu
     // the process has CAP_IPC_LOCK. Decided from the limit, not by a trial
     // registration: ring teardown is asynchronous and a trial's accounting
     // would linger into the workers' setup.
-    if opts.fixed_buffers == Toggle::Off {
+    if opts.ring.fixed_buffers == Toggle::Off {
         return Ok(false);
     }
     let need = base + buffer_bytes(opts, buf_len).saturating_mul(queues as u64);
     match memlock_allows(need) {
         Ok(()) => Ok(true),
-        Err(why) if opts.fixed_buffers == Toggle::On => Err(Error::config(format!(
+        Err(why) if opts.ring.fixed_buffers == Toggle::On => Err(Error::config(format!(
             "--fixed-buffers on: {} KiB of registered buffers do not fit: {why}",
             need / 1024
         ))
@@ -379,15 +325,15 @@ fn pages(bytes: u64) -> u64 {
 /// Locked memory one worker's ring needs: submission entries, the
 /// completion and submission rings, and two provided-buffer rings.
 fn ring_bytes(opts: &UringOptions) -> u64 {
-    let sq = u64::from(opts.ring_entries.next_power_of_two());
+    let sq = u64::from(opts.ring.ring_entries.next_power_of_two());
     let cq = sq * 4;
-    let provided = 2 * pages(u64::from(opts.buffers / 2) * 16);
+    let provided = 2 * pages(u64::from(opts.ring.buffers / 2) * 16);
     pages(sq * 64) + pages(64 * 4 + cq * 16 + sq * 4) + provided
 }
 
 /// Locked memory one worker's registered buffer pool needs.
 fn buffer_bytes(opts: &UringOptions, buf_len: usize) -> u64 {
-    pages(u64::from(opts.buffers) * buf_len as u64)
+    pages(u64::from(opts.ring.buffers) * buf_len as u64)
 }
 
 /// Ok if `bytes` more may be pinned: CAP_IPC_LOCK, or room under
@@ -416,34 +362,48 @@ fn memlock_allows(bytes: u64) -> std::result::Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::UringFlags;
     use crate::forward::Forwarder;
     use crate::platform::control::CMSG_SPACE_INT;
 
-    fn opts(buffers: Option<u32>, inflight: Option<u32>) -> UringOptions {
-        let flags = UringFlags {
-            buffers,
-            inflight,
-            ..UringFlags::default()
+    fn resolved(
+        buffers: Option<u32>,
+        inflight: Option<u32>,
+        offload: bool,
+    ) -> Result<UringOptions> {
+        let want = EngineWanted {
+            kind: crate::config::EngineKind::Uring,
+            uring: UringFlags {
+                buffers,
+                inflight,
+                ..UringFlags::default()
+            },
+            batch: 64,
+            busy_poll: false,
+            offload: Toggle::Auto,
         };
-        UringOptions::from_flags(&flags, 64, false)
+        UringOptions::resolve(&want, offload)
     }
 
     #[test]
     fn defaults_are_resolved_from_what_the_probe_decided() {
-        let mut o = opts(None, None);
-        o.resolve(true).unwrap();
-        assert_eq!((o.buffers, o.inflight), (64, 2));
-        let mut o = opts(None, None);
-        o.resolve(false).unwrap();
-        assert_eq!((o.buffers, o.inflight), (512, 2));
+        let o = resolved(None, None, true).unwrap();
+        assert_eq!(
+            (o.ring.buffers, o.ring.inflight, o.ring.ring_entries),
+            (64, 2, 256)
+        );
+        let o = resolved(None, None, false).unwrap();
+        assert_eq!((o.ring.buffers, o.ring.inflight), (512, 2));
         // Given values stand; a pool of 2 gets 1 read in flight.
-        let mut o = opts(Some(2), None);
-        o.resolve(true).unwrap();
-        assert_eq!((o.buffers, o.inflight), (2, 1));
+        let o = resolved(Some(2), None, true).unwrap();
+        assert_eq!((o.ring.buffers, o.ring.inflight), (2, 1));
         // --inflight beyond half of the (default) pool is refused.
-        let mut o = opts(None, Some(100));
-        let e = o.resolve(true).unwrap_err().to_string();
+        let e = resolved(None, Some(100), true).unwrap_err().to_string();
         assert!(e.contains("--inflight 100"), "{e}");
+        assert!(e.contains("the default with offload"), "{e}");
+        assert!(resolved(None, Some(100), false).is_ok());
+        let e = resolved(Some(3), None, false).unwrap_err().to_string();
+        assert!(e.contains("--buffers 3 must be a power of two"), "{e}");
     }
 
     #[test]

@@ -183,7 +183,7 @@ fn register_pool(ring: &IoUring, pool: &BufferPool, plan: &UringPlan, label: &st
     let r = unsafe { ring.submitter().register_buffers(&[pool.iovec()]) };
     match r {
         Ok(()) => Ok(true),
-        Err(e) if plan.opts.fixed_buffers == Toggle::Auto => {
+        Err(e) if plan.opts.ring.fixed_buffers == Toggle::Auto => {
             crate::info!(
                 "io_uring: {label}: cannot register buffers ({e}): using unregistered buffers"
             );
@@ -227,7 +227,7 @@ impl UringWorker {
             .map_err(|e| Error::io(format!("make UDP socket of {label} blocking"), e))?;
         let (ring, files_registered) = open_ring(&plan, &tun, &udp, &label)?;
 
-        let per_group = (plan.opts.buffers / 2) as u16;
+        let per_group = (plan.opts.ring.buffers / 2) as u16;
         let total = usize::from(per_group) * 2;
         let pool = BufferPool::new(total, plan.buf_len)
             .map_err(|e| Error::io(format!("allocate buffer pool for {label}"), e))?;
@@ -352,7 +352,7 @@ impl UringWorker {
         // after the ring (field order).
         match unsafe { r.register(&self.ring, group) } {
             Ok(()) => Ok(Some(r)),
-            Err(e) if self.plan.opts.multishot == Toggle::Auto => {
+            Err(e) if self.plan.opts.ring.multishot == Toggle::Auto => {
                 crate::info!(
                     "io_uring: {label}: cannot register {what} buffer ring ({e}): single-shot reads"
                 );
@@ -435,7 +435,7 @@ impl UringWorker {
             }
             return Ok(());
         }
-        while self.tun_reads.armed < self.plan.opts.inflight {
+        while self.tun_reads.armed < self.plan.opts.ring.inflight {
             let Some(bid) = self.tun_reads.free.pop() else {
                 self.tun_reads.starved = true;
                 self.tun_reads.ran_out = true;
@@ -477,7 +477,7 @@ impl UringWorker {
             }
             return Ok(());
         }
-        while self.udp_reads.armed < self.plan.opts.inflight {
+        while self.udp_reads.armed < self.plan.opts.ring.inflight {
             let Some(bid) = self.udp_reads.free.pop() else {
                 self.udp_reads.starved = true;
                 self.dp.stats().pool_exhausted.add(1);
