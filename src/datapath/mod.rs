@@ -361,24 +361,30 @@ impl Setup {
             peers_generation = generation;
         }
         Datapath {
-            txq: fq_params.map(|p| FlowQueue::new(at.tun_buffers, p, fq_in_flight)),
-            rxq: fq_params
-                .filter(|_| aqm.is_some())
-                .map(|p| FlowQueue::new(at.udp_buffers, p, fq_in_flight)),
-            aqm: aqm.map(crate::aqm::Codel::new),
+            queues: queues::Queues {
+                txq: fq_params.map(|p| FlowQueue::new(at.tun_buffers, p, fq_in_flight)),
+                rxq: fq_params
+                    .filter(|_| aqm.is_some())
+                    .map(|p| FlowQueue::new(at.udp_buffers, p, fq_in_flight)),
+                device,
+                ring_drops: None,
+                ring_checked_ns: 0,
+            },
+            rx: rx::RxState {
+                aqm: aqm.map(crate::aqm::Codel::new),
+                aqm_pending: false,
+            },
+            tx: tx::TxState { gso: offload },
+            peers: PeerView {
+                shared: shared_peers,
+                generation: peers_generation,
+                per_peer,
+            },
             fwd,
             stats,
             offload,
-            gso: offload,
             label,
-            aqm_pending: false,
             limits,
-            device,
-            ring_drops: None,
-            ring_checked_ns: 0,
-            shared_peers,
-            peers_generation,
-            per_peer,
             events: VecDeque::new(),
         }
     }
@@ -417,36 +423,27 @@ pub struct Datapath {
     stats: Arc<WorkerStats>,
     /// The TUN device carries virtio-net headers; the socket does GSO/GRO.
     offload: bool,
-    /// Segmented sends with UDP GSO (off once the kernel refused it).
-    gso: bool,
     /// "TUN queue 0 of tun0", for errors.
     label: String,
-    /// CoDel over the time datagrams waited in the socket's receive queue.
-    aqm: Option<crate::aqm::Codel>,
-    /// A CoDel signal not yet carried out: the next packet that carries
-    /// data gets it (TCP control packets, which free no room and cannot
-    /// carry a mark, pass).
-    aqm_pending: bool,
+    /// Each part's own state: the peer table in use, the TUN side's
+    /// sends, the receive side's CoDel, the flow queues and overload.
+    peers: PeerView,
+    tx: tx::TxState,
+    rx: rx::RxState,
+    queues: queues::Queues,
     /// What one visit to a direction may take.
     limits: VisitLimits,
-    /// Flow queueing with CoDel of TUN reads (`--aqm fq-codel`) over the
-    /// engine's TUN buffers.
-    txq: Option<FlowQueue>,
-    /// The same for receives from the peer.
-    rxq: Option<FlowQueue>,
-    /// The TUN device's name, its drop counter as last read (and when),
-    /// and when the engine was last told to read it.
-    device: String,
-    ring_drops: Option<(u64, u64)>,
-    ring_checked_ns: u64,
-    /// The peer table as reloads publish it, and the generation the
-    /// forwarder has.
-    shared_peers: Option<Arc<SharedPeers>>,
-    peers_generation: u64,
-    /// Count per peer (a table with prefixes).
-    per_peer: bool,
     /// Events not yet taken by the engine.
     events: VecDeque<Event>,
+}
+
+/// The peer table as reloads publish it, the generation the forwarder
+/// has, and whether to count per peer (a table with prefixes).
+#[derive(Debug)]
+struct PeerView {
+    shared: Option<Arc<SharedPeers>>,
+    generation: u64,
+    per_peer: bool,
 }
 
 impl Datapath {
@@ -454,16 +451,16 @@ impl Datapath {
     /// when there is not. Packets in flight keep their destination.
     #[inline]
     fn refresh_peers(&mut self) {
-        let Some(shared) = &self.shared_peers else {
+        let Some(shared) = &self.peers.shared else {
             return;
         };
-        if shared.generation() == self.peers_generation {
+        if shared.generation() == self.peers.generation {
             return;
         }
         let (generation, table) = shared.load();
-        self.per_peer = !table.is_single();
+        self.peers.per_peer = !table.is_single();
         self.fwd.set_peers(table);
-        self.peers_generation = generation;
+        self.peers.generation = generation;
     }
 
     /// Worker `queue`'s counters of peer `id` (in the current table).
@@ -479,7 +476,7 @@ impl Datapath {
 
     /// The device to watch.
     pub fn device(&self) -> &str {
-        &self.device
+        &self.queues.device
     }
 
     pub fn label(&self) -> &str {
@@ -517,13 +514,13 @@ impl Datapath {
     /// ([`Datapath::rx_enqueue`]) and handles what [`Datapath::rx_next`]
     /// hands out ([`Datapath::handle_dequeued_receive`]).
     pub fn rx_flow_queueing(&self) -> bool {
-        self.rxq.is_some()
+        self.queues.rxq.is_some()
     }
 
     /// True if the kernel's arrival timestamps are used (the engine asks
     /// for them with each receive).
     pub fn wants_timestamps(&self) -> bool {
-        self.aqm.is_some()
+        self.rx.aqm.is_some()
     }
 }
 

@@ -12,6 +12,18 @@ pub const OVERLOAD_HOLD_NS: u64 = 100_000_000;
 /// ([`Datapath::ring_check_due`]).
 pub const RING_CHECK_NS: u64 = 10_000_000;
 
+/// The flow queues of both sides, and the overload watch: the TUN
+/// device's name, its drop counter as last read (and when), and when the
+/// engine was last told to read it.
+#[derive(Debug)]
+pub(super) struct Queues {
+    pub(super) txq: Option<FlowQueue>,
+    pub(super) rxq: Option<FlowQueue>,
+    pub(super) device: String,
+    pub(super) ring_drops: Option<(u64, u64)>,
+    pub(super) ring_checked_ns: u64,
+}
+
 /// One side's flow queues (see [`crate::fq`]) over the engine's buffers
 /// of that side, with what is in flight and the overload state.
 #[derive(Debug)]
@@ -119,20 +131,20 @@ impl FlowQueue {
 impl Datapath {
     /// Receives in the flow queues.
     pub fn rx_queued(&self) -> usize {
-        self.rxq.as_ref().map_or(0, |q| q.q.len())
+        self.queues.rxq.as_ref().map_or(0, |q| q.q.len())
     }
 
     /// True every [`RING_CHECK_NS`] with flow queueing on: the engine then
     /// reads the device's drop counter (`crate::platform::device_tx_drops`)
     /// and reports it with [`Datapath::tx_ring_drops`].
     pub fn ring_check_due(&mut self, now_ns: u64) -> bool {
-        if self.txq.is_none() || self.device.is_empty() {
+        if self.queues.txq.is_none() || self.queues.device.is_empty() {
             return false;
         }
-        if now_ns.saturating_sub(self.ring_checked_ns) < RING_CHECK_NS {
+        if now_ns.saturating_sub(self.queues.ring_checked_ns) < RING_CHECK_NS {
             return false;
         }
-        self.ring_checked_ns = now_ns;
+        self.queues.ring_checked_ns = now_ns;
         true
     }
 
@@ -141,12 +153,12 @@ impl Datapath {
     /// continues) overload.
     pub fn tx_ring_drops(&mut self, count: Option<u64>, now_ns: u64) {
         let Some(count) = count else { return };
-        let before = self.ring_drops.replace((count, now_ns));
+        let before = self.queues.ring_drops.replace((count, now_ns));
         // Only an increase since a recent reading is current: after a
         // quiet spell (no visits, no readings) it may be long past.
         let rose = before
             .is_some_and(|(b, at)| count > b && now_ns.saturating_sub(at) <= 2 * RING_CHECK_NS);
-        if let (true, Some(q)) = (rose, self.txq.as_mut()) {
+        if let (true, Some(q)) = (rose, self.queues.txq.as_mut()) {
             q.ring_dropped_ns = Some(now_ns);
         }
     }
@@ -155,12 +167,12 @@ impl Datapath {
     /// each read ([`Datapath::tx_enqueue`]) and sends what
     /// [`Datapath::tx_next`] hands out ([`Datapath::handle_dequeued`]).
     pub fn flow_queueing(&self) -> bool {
-        self.txq.is_some()
+        self.queues.txq.is_some()
     }
 
     /// Packets in the flow queues.
     pub fn tx_queued(&self) -> usize {
-        self.txq.as_ref().map_or(0, |t| t.q.len())
+        self.queues.txq.as_ref().map_or(0, |t| t.q.len())
     }
 
     /// The TUN side's reads ran out of buffers at `now_ns`, with `free`
@@ -176,7 +188,7 @@ impl Datapath {
     /// queue instead of everyone in the ring, and no work is spent on what
     /// is dropped.
     pub fn tx_make_room(&mut self, now_ns: u64, free: usize) -> Option<u32> {
-        let q = self.txq.as_mut()?;
+        let q = self.queues.txq.as_mut()?;
         if free >= q.buffers.div_ceil(2) {
             return None;
         }

@@ -4,6 +4,17 @@
 
 use super::*;
 
+/// The receive side's own state.
+#[derive(Debug)]
+pub(super) struct RxState {
+    /// CoDel over the time datagrams waited in the socket's receive queue.
+    pub(super) aqm: Option<crate::aqm::Codel>,
+    /// A CoDel signal not yet carried out: the next packet that carries
+    /// data gets it (TCP control packets, which free no room and cannot
+    /// carry a mark, pass).
+    pub(super) aqm_pending: bool,
+}
+
 /// One receive from the UDP socket, as the engine got it.
 #[derive(Clone, Debug)]
 pub struct Received {
@@ -66,13 +77,35 @@ impl WriteInfo {
     }
 }
 
+/// The counters of a receive's peer, where the table counts per peer.
+struct PeerCount<'a>(Option<&'a crate::peers::PeerCounters>);
+
+impl PeerCount<'_> {
+    /// A packet of `len` bytes from the peer was accepted.
+    fn accepted(&self, len: usize) {
+        if let Some(c) = self.0 {
+            c.rx_packets.add(1);
+            c.rx_bytes.add(len as u64);
+        }
+    }
+
+    /// A packet from the peer was dropped for `reason`.
+    fn dropped(&self, reason: DropReason) {
+        if let Some(c) = self.0 {
+            c.drop(reason);
+        }
+    }
+}
+
 impl Datapath {
     /// A receive `rx` landed in buffer `id` (`buf`) and was taken at
     /// `now_ns` (wall clock, as [`Datapath::handle_receive`]): queue it by
     /// the flow of its first packet, as of its arrival in the socket. The
     /// buffer is the queue's until [`Datapath::rx_next`] hands it back.
     pub fn rx_enqueue(&mut self, id: u32, rx: &Received, buf: &[u8], now_ns: u64) {
-        let Some(q) = &mut self.rxq else { return };
+        let Some(q) = &mut self.queues.rxq else {
+            return;
+        };
         let first = rx.payload.start
             + rx.gro_size
                 .unwrap_or(rx.payload.len())
@@ -89,12 +122,15 @@ impl Datapath {
     /// the in-flight limit of TUN writes is reached. Its
     /// buffer is handed back with [`Datapath::rx_done`].
     pub fn rx_next(&mut self, now_ns: u64) -> Option<crate::fq::Dequeued> {
-        self.rxq.as_mut()?.next(now_ns, &self.stats.peer_to_tun)
+        self.queues
+            .rxq
+            .as_mut()?
+            .next(now_ns, &self.stats.peer_to_tun)
     }
 
     /// The buffer of a dequeued receive is free again.
     pub fn rx_done(&mut self, d: &crate::fq::Dequeued) {
-        if let Some(q) = &mut self.rxq {
+        if let Some(q) = &mut self.queues.rxq {
             q.done(d, &self.stats.peer_to_tun);
         }
     }
@@ -107,7 +143,7 @@ impl Datapath {
         };
         let sojourn = now_ns.saturating_sub(at);
         self.stats.peer_to_tun.queue_delay.record(sojourn);
-        match &mut self.aqm {
+        match &mut self.rx.aqm {
             Some(codel) => codel.on_dequeue(now_ns, sojourn),
             None => false,
         }
@@ -162,7 +198,7 @@ impl Datapath {
             return RxAction::Dropped;
         }
         if peer.is_some() && self.aqm_signal(rx, now_ns) {
-            self.aqm_pending = true;
+            self.rx.aqm_pending = true;
         }
         self.receive(rx, peer, buf, coalescer, now_ns)
     }
@@ -179,7 +215,7 @@ impl Datapath {
 
     /// A datagram from peer `p` dropped for `reason` at `now_ns`.
     pub(super) fn count_peer_rx_drop(&self, p: PeerId, reason: DropReason, now_ns: u64) {
-        if self.per_peer {
+        if self.peers.per_peer {
             let c = self.peer_counters(p);
             c.drop(reason);
             c.last_rx_ns.record(now_ns);
@@ -202,7 +238,7 @@ impl Datapath {
         };
         let peer = self.fwd.source_peer(src);
         if peer.is_some() && d.signal {
-            self.aqm_pending = true;
+            self.rx.aqm_pending = true;
         }
         self.receive(rx, peer, buf, coalescer, now_ns)
     }
@@ -217,16 +253,16 @@ impl Datapath {
         coalescer: &mut Coalescer,
         now_ns: u64,
     ) -> RxAction {
-        let pending = &mut self.aqm_pending;
+        let pending = &mut self.rx.aqm_pending;
         let stats = &self.stats;
-        let counters = match (self.per_peer, peer) {
+        let count = PeerCount(match (self.peers.per_peer, peer) {
             (true, Some(p)) => {
                 let c = self.fwd.peers().peer(p).stats.worker(self.fwd.queue());
                 c.last_rx_ns.record(now_ns);
                 Some(c)
             }
             _ => None,
-        };
+        });
         let payload = &mut buf[rx.payload.clone()];
         if !self.offload {
             let verdict = match self.fwd.handle_from(peer, payload) {
@@ -237,10 +273,7 @@ impl Datapath {
             };
             return match verdict {
                 PeerVerdict::ToTun => {
-                    if let Some(c) = counters {
-                        c.rx_packets.add(1);
-                        c.rx_bytes.add(payload.len() as u64);
-                    }
+                    count.accepted(payload.len());
                     RxAction::Write(rx.payload.start + self.fwd.encap_len()..rx.payload.end)
                 }
                 PeerVerdict::Drop(r) => {
@@ -248,9 +281,7 @@ impl Datapath {
                         // (aqm_apply counted its own drop.)
                         stats.peer_to_tun.drop(r);
                     }
-                    if let Some(c) = counters {
-                        c.drop(r);
-                    }
+                    count.dropped(r);
                     RxAction::Dropped
                 }
             };
@@ -261,9 +292,7 @@ impl Datapath {
             // from the peer, not_from_peer from a stranger).
             if let PeerVerdict::Drop(r) = self.fwd.handle_from(peer, payload) {
                 stats.peer_to_tun.drop(r);
-                if let Some(c) = counters {
-                    c.drop(r);
-                }
+                count.dropped(r);
             }
             return RxAction::Dropped;
         }
@@ -281,27 +310,20 @@ impl Datapath {
                     // The first accepted packet with data carries a signal
                     // (a mark, or its loss).
                     if !Self::aqm_apply(pending, stats, &mut buf[datagram.clone()]) {
-                        if let Some(c) = counters {
-                            c.drop(DropReason::Aqm);
-                        }
+                        count.dropped(DropReason::Aqm);
                         continue;
                     }
                     let len = datagram.len();
                     if coalescer.push(buf, datagram).is_err() {
                         stats.peer_to_tun.drop(DropReason::BadChecksum);
-                        if let Some(c) = counters {
-                            c.drop(DropReason::BadChecksum);
-                        }
-                    } else if let Some(c) = counters {
-                        c.rx_packets.add(1);
-                        c.rx_bytes.add(len as u64);
+                        count.dropped(DropReason::BadChecksum);
+                    } else {
+                        count.accepted(len);
                     }
                 }
                 PeerVerdict::Drop(r) => {
                     stats.peer_to_tun.drop(r);
-                    if let Some(c) = counters {
-                        c.drop(r);
-                    }
+                    count.dropped(r);
                 }
             }
         }

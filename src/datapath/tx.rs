@@ -4,6 +4,13 @@
 
 use super::*;
 
+/// The TUN side's own state.
+#[derive(Debug)]
+pub(super) struct TxState {
+    /// Segmented sends with UDP GSO (off once the kernel refused it).
+    pub(super) gso: bool,
+}
+
 /// Which buffer a [`TxPlan`]'s datagrams are in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TxBuf {
@@ -108,7 +115,7 @@ impl Datapath {
     /// Counts a plan's datagrams for its peer.
     #[inline]
     pub(super) fn count_peer_tx(&self, action: &TunAction) {
-        if let (true, TunAction::Send(plan)) = (self.per_peer, action) {
+        if let (true, TunAction::Send(plan)) = (self.peers.per_peer, action) {
             let (packets, bytes) = plan.remaining();
             let c = self.peer_counters(plan.peer);
             c.tx_packets.add(packets);
@@ -131,7 +138,9 @@ impl Datapath {
     pub fn tx_enqueue(&mut self, id: u32, read: &[u8], len: usize, now_ns: u64) {
         let len = len.min(read.len().saturating_sub(self.read_headroom()));
         let pkt = &read[self.read_packet_range(len)];
-        let Some(t) = &mut self.txq else { return };
+        let Some(t) = &mut self.queues.txq else {
+            return;
+        };
         t.enqueue(id, pkt, len, now_ns, &self.stats.tun_to_peer);
     }
 
@@ -141,12 +150,15 @@ impl Datapath {
     /// [`Datapath::handle_dequeued`], and call [`Datapath::tx_done`] once
     /// the buffer is free again.
     pub fn tx_next(&mut self, now_ns: u64) -> Option<crate::fq::Dequeued> {
-        self.txq.as_mut()?.next(now_ns, &self.stats.tun_to_peer)
+        self.queues
+            .txq
+            .as_mut()?
+            .next(now_ns, &self.stats.tun_to_peer)
     }
 
     /// The buffer of a dequeued read is free again (sent, or dropped).
     pub fn tx_done(&mut self, d: &crate::fq::Dequeued) {
-        if let Some(t) = &mut self.txq {
+        if let Some(t) = &mut self.queues.txq {
             t.done(d, &self.stats.tun_to_peer);
         }
     }
@@ -178,7 +190,7 @@ impl Datapath {
             match action {
                 TunAction::Send(mut plan) => {
                     self.stats.tun_to_peer.drop(DropReason::Aqm);
-                    if self.per_peer {
+                    if self.peers.per_peer {
                         self.peer_counters(plan.peer).drop(DropReason::Aqm);
                     }
                     if plan.datagrams() > 1 {
@@ -314,7 +326,7 @@ impl Datapath {
         let at = plan.start + plan.sent;
         let left = plan.end - at;
         let seg = plan.seg;
-        if self.gso && left > seg {
+        if self.tx.gso && left > seg {
             let per_send = gso_segments_per_send(seg) * seg;
             let len = left.min(per_send);
             if len > seg {
@@ -364,7 +376,7 @@ impl Datapath {
                 if send.gso_size.is_some() =>
             {
                 // Send the same datagrams again, one by one.
-                self.gso = false;
+                self.tx.gso = false;
                 self.events.push_back(Event::GsoRefused(e));
                 return After::Next;
             }
