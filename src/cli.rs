@@ -62,6 +62,12 @@ enum Command {
     /// routes into a TUN device, back into it (a self-test and a latency far
     /// end: `ping` another address of the device's subnet).
     Reflect(ReflectArgs),
+    /// Print a new WireGuard private key in base64, as `wg genkey` (the
+    /// keys are interchangeable): `umask 077; tunfwd genkey > private.key`.
+    Genkey,
+    /// Read a WireGuard private key in base64 on standard input and print
+    /// its public key, as `wg pubkey`: `tunfwd pubkey < private.key`.
+    Pubkey,
 }
 
 /// `tunfwd completions SHELL`.
@@ -92,10 +98,11 @@ struct DeviceArgs {
     addresses: Vec<Cidr>,
 
     /// Device MTU in bytes: the largest inner IP packet. Range 68-65507
-    /// (1280 or more with an IPv6 address). Default fits a 1500-byte underlay
-    /// with an IPv6 outer header.
-    #[arg(long, default_value_t = config::DEFAULT_MTU, value_name = "BYTES")]
-    mtu: u32,
+    /// (1280 or more with an IPv6 address). The default fits a 1500-byte
+    /// underlay with an IPv6 outer header: 1452, or 1420 with --wg-config
+    /// (WireGuard adds 32 bytes) [default: 1452].
+    #[arg(long, value_name = "BYTES")]
+    mtu: Option<u32>,
 
     /// Device transmit queue length in packets, 1-1000000. Default on a
     /// device tunfwd creates: 256 with --aqm fq-codel (tunfwd reads the
@@ -199,7 +206,7 @@ fn base_config(
             dev: device.dev,
             attach: device.attach,
             addresses: device.addresses,
-            mtu: device.mtu,
+            mtu: device.mtu.unwrap_or(config::DEFAULT_MTU),
             txqueuelen: device.txqueuelen,
         },
         peers: config::PeersConfig {
@@ -485,9 +492,21 @@ struct TunnelArgs {
 
     /// Local UDP address to bind, e.g. 198.18.0.1:5000, [::]:5000, or a
     /// link-local one with its interface, [fe80::1%eth0]:5000. With
-    /// --queues N, queue i binds PORT+i.
+    /// --queues N, queue i binds PORT+i. Required, except with --wg-config,
+    /// whose ListenPort is bound on the wildcard address of both families
+    /// ([::]:PORT) unless --listen is given.
     #[arg(long, value_name = "ADDR:PORT", value_parser = parse_endpoint)]
-    listen: SocketAddr,
+    listen: Option<SocketAddr>,
+
+    /// WireGuard: seal packets for the peers of this file, in the format
+    /// `wg setconf` reads ([Interface] PrivateKey, ListenPort, FwMark;
+    /// [Peer] PublicKey, PresharedKey, Endpoint, AllowedIPs,
+    /// PersistentKeepalive), interoperating with wireguard-go and the
+    /// kernel's WireGuard. The file must not be readable by group or others
+    /// (it holds the private key). Replaces --peer, --peers-file and
+    /// --allow-src; TUN mode, one queue, no offload (yet).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["peer", "peers_file", "allow_src", "encap", "vni", "mac"])]
+    wg_config: Option<std::path::PathBuf>,
 
     /// A peer's UDP address (a link-local one with its interface,
     /// [fe80::2%eth0]:5000), optionally with the inner prefixes it owns:
@@ -509,7 +528,7 @@ struct TunnelArgs {
     /// stop, the rest carry on); a file with an error is refused whole and
     /// the old table stays. Prefixes must have no host bits set. Limits:
     /// 1,048,576 peers, and peers x --queues at most 1,048,576 (each worker
-    /// keeps 192 bytes of counters per peer: 192 MiB; a reload briefly
+    /// keeps 256 bytes of counters per peer: 256 MiB; a reload briefly
     /// holds the old table too).
     #[arg(long, value_name = "FILE")]
     peers_file: Option<std::path::PathBuf>,
@@ -629,7 +648,17 @@ struct TunnelArgs {
 impl TunnelArgs {
     fn into_config(self) -> crate::error::Result<TunnelConfig> {
         use crate::error::Error;
+        let wg = self.wg_config.clone();
         let mode = match (self.mode, self.encap) {
+            (ModeArg::Tap, _) if wg.is_some() => {
+                return Err(Error::config(
+                    "--wg-config carries IP packets: use it with --mode tun",
+                ));
+            }
+            (_, _) if wg.is_some() => config::Mode::WireGuard {
+                config: wg.clone().unwrap_or_default(),
+                listen_from_file: self.listen.is_none(),
+            },
             (ModeArg::Tun, None | Some(EncapArg::None)) => {
                 if self.vni.is_some() {
                     return Err(Error::config("--vni applies to --mode tap only"));
@@ -697,7 +726,24 @@ impl TunnelArgs {
                 ));
             }
         };
-        let mut cfg = base_config(self.device, self.run, self.listen, self.peer);
+        let listen = match (self.listen, &mode) {
+            (Some(l), _) => l,
+            // The file's ListenPort, set by the runtime once it is read.
+            (None, config::Mode::WireGuard { .. }) => {
+                SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
+            }
+            (None, _) => {
+                return Err(Error::config(
+                    "--listen ADDR:PORT is required (the local UDP address), except with \
+                     --wg-config",
+                ));
+            }
+        };
+        let wg_mtu = mode.is_wireguard() && self.device.mtu.is_none();
+        let mut cfg = base_config(self.device, self.run, listen, self.peer);
+        if wg_mtu {
+            cfg.device.mtu = config::DEFAULT_MTU_WIREGUARD;
+        }
         cfg.mode = mode;
         cfg.engine.offload = self.offload.into();
         cfg.engine.sndbuf = self.sndbuf;
@@ -745,6 +791,41 @@ pub fn tunnel_config(argv: Vec<std::ffi::OsString>) -> crate::error::Result<Tunn
 pub const SYSTEMD_UNIT: &str = include_str!("dist/tunfwd@.service");
 
 /// `tunfwd systemd-unit`: the template with ExecStart's executable set.
+/// `tunfwd genkey`: a private key on standard output; a warning (as `wg
+/// genkey` gives) if that is a file others may read.
+fn genkey() -> crate::error::Result<()> {
+    use std::io::Write as _;
+    let key = crate::wg::Secret::generate()
+        .map_err(|e| crate::error::Error::io("read random bytes from /dev/urandom", e))?;
+    let stdout = std::io::stdout();
+    if let Ok(st) = nix::sys::stat::fstat(&stdout) {
+        if st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_mode & 0o007 != 0 {
+            crate::info!(
+                "warning: writing a private key to a file others may read; set umask 077 first"
+            );
+        }
+    }
+    let mut out = stdout.lock();
+    writeln!(out, "{}", key.to_base64())
+        .and_then(|()| out.flush())
+        .map_err(|e| crate::error::Error::io("write the key to standard output", e))
+}
+
+/// `tunfwd pubkey`: the public key of the private key on standard input.
+fn pubkey() -> crate::error::Result<()> {
+    use std::io::Read as _;
+    let mut text = String::new();
+    std::io::stdin()
+        .take(1024)
+        .read_to_string(&mut text)
+        .map_err(|e| crate::error::Error::io("read a private key from standard input", e))?;
+    let key =
+        crate::wg::Secret::parse(&text, "standard input").map_err(crate::error::Error::config)?;
+    zeroize::Zeroize::zeroize(&mut text);
+    println!("{}", key.public_key());
+    Ok(())
+}
+
 fn systemd_unit(exec: Option<std::path::PathBuf>) -> crate::error::Result<()> {
     let exe = match exec {
         Some(p) => p,
@@ -837,6 +918,8 @@ pub fn main() -> ExitCode {
         #[cfg(target_os = "linux")]
         Command::Bench(args) => crate::bench::run(&args.into_config()),
         Command::Reflect(args) => crate::runtime::run_tunnel(&args.into_config()).map(|()| true),
+        Command::Genkey => genkey().map(|()| true),
+        Command::Pubkey => pubkey().map(|()| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

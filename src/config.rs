@@ -15,6 +15,9 @@ pub const MIN_MTU_IPV6: u32 = 1280;
 pub const MAX_MTU: u32 = 65507;
 /// Default MTU: a 1500-byte underlay minus an IPv6 + UDP header (48 bytes).
 pub const DEFAULT_MTU: u32 = 1452;
+/// Default MTU with WireGuard: also its 32 bytes (header and tag), as
+/// wg-quick's default for a 1500-byte underlay.
+pub const DEFAULT_MTU_WIREGUARD: u32 = 1420;
 /// Default transmit queue length set on devices tunfwd creates: larger than
 /// the kernel's 500, which drops bursts.
 pub const DEFAULT_TXQUEUELEN: u32 = 1000;
@@ -334,7 +337,7 @@ pub struct ServiceConfig {
     pub user: Option<UserSpec>,
 }
 
-/// The three ways tunfwd runs. Options that belong to one mode live in its
+/// The ways tunfwd runs. Options that belong to one mode live in its
 /// variant, so a combination that makes no sense cannot be written.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -354,6 +357,15 @@ pub enum Mode {
     /// `tunfwd reflect`: answer echo requests and UDP on the device; nothing
     /// goes to the network.
     Reflect,
+    /// `tunfwd tunnel --wg-config FILE`: IP packets on a TUN device, sealed
+    /// in WireGuard messages for the peers of the file (the format `wg
+    /// setconf` reads), which the runtime reads at start.
+    WireGuard {
+        config: std::path::PathBuf,
+        /// No `--listen` was given: bind the wildcard address (both
+        /// families) on the file's ListenPort.
+        listen_from_file: bool,
+    },
 }
 
 impl Mode {
@@ -365,12 +377,23 @@ impl Mode {
         matches!(self, Mode::Reflect)
     }
 
+    pub fn is_wireguard(&self) -> bool {
+        matches!(self, Mode::WireGuard { .. })
+    }
+
+    /// True if the mode moves IP packets between the device and peers (so
+    /// flow queueing, CoDel and ECN apply).
+    pub fn tunnels_ip(&self) -> bool {
+        matches!(self, Mode::Tun { .. } | Mode::WireGuard { .. })
+    }
+
     /// How the mode carries packets (a reflector sends none; its packets
     /// are IP).
     pub fn encap(&self) -> crate::encap::Encap {
         match self {
             Mode::Tun { .. } | Mode::Reflect => crate::encap::Encap::Ip,
             Mode::Tap { vni, .. } => crate::encap::Encap::Vxlan { vni: *vni },
+            Mode::WireGuard { .. } => crate::encap::Encap::WireGuard,
         }
     }
 }
@@ -378,9 +401,7 @@ impl Mode {
 impl TunnelConfig {
     /// True if TUN reads (and receives) go through flow queues.
     pub fn flow_queueing(&self) -> bool {
-        self.queueing.flow_queues
-            && self.queueing.aqm.is_some()
-            && matches!(self.mode, Mode::Tun { .. })
+        self.queueing.flow_queues && self.queueing.aqm.is_some() && self.mode.tunnels_ip()
     }
 
     /// The transmit queue length for a device tunfwd created: the flag,
@@ -441,7 +462,8 @@ impl TunnelConfig {
     }
 
     /// The offload setting in effect: reflected packets go back as they came
-    /// and TAP frames travel in VXLAN, so neither carries virtio-net headers.
+    /// and TAP frames travel in VXLAN, so neither carries virtio-net headers;
+    /// WireGuard mode seals packet by packet (offload there is still to do).
     pub fn effective_offload(&self) -> Toggle {
         // Virtio-net headers on the device are Linux-only.
         if !cfg!(target_os = "linux") || !matches!(self.mode, Mode::Tun { .. }) {
@@ -503,8 +525,13 @@ impl TunnelConfig {
 }
 
 impl Mode {
-    /// TAP's VNI, and what TAP cannot do.
+    /// TAP's VNI, and what TAP and WireGuard cannot do (yet).
     fn validate(&self, offload: Toggle) -> Result<()> {
+        if self.is_wireguard() && offload == Toggle::On {
+            return Err(Error::config(
+                "--offload on: not available with --wg-config yet (WireGuard runs without offload)",
+            ));
+        }
         if let Mode::Tap { vni, .. } = *self {
             if vni > crate::packet::vxlan::MAX_VNI {
                 return Err(Error::config(format!(
@@ -651,6 +678,21 @@ impl PeersConfig {
                 )));
             }
         }
+        if mode.is_wireguard() {
+            if !self.list.is_empty() || self.file.is_some() {
+                return Err(Error::config(
+                    "--wg-config names the peers ([Peer] sections): --peer and --peers-file do \
+                     not apply",
+                ));
+            }
+            if queues > 1 {
+                return Err(Error::config(
+                    "--queues above 1 is not available with --wg-config yet (one worker \
+                     serves every peer)",
+                ));
+            }
+            return Ok(());
+        }
         if !mode.is_reflect() && self.list.is_empty() && self.file.is_none() {
             return Err(Error::config(
                 "no peer: give --peer ADDR:PORT (repeatable, with =CIDR,... prefixes for many \
@@ -755,6 +797,7 @@ fn check_hub(mode: &Mode) -> std::result::Result<(), String> {
                 .into(),
         ),
         Mode::Reflect => Err("a reflector has no peers".into()),
+        Mode::WireGuard { .. } => Err("--wg-config names the peers".into()),
     }
 }
 

@@ -505,6 +505,78 @@ mod tests {
     }
 
     #[test]
+    fn wireguard_keys_work_in_a_file_and_on_the_command_line() {
+        let dir = std::env::temp_dir().join(format!("tunfwd-configfile-wg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.toml");
+        std::fs::write(
+            &path,
+            "wg-config = \"/etc/tunfwd/a.conf\"\naddress = [\"198.19.0.1/24\"]\n",
+        )
+        .unwrap();
+        let argv = |a: &[&str]| -> Vec<OsString> {
+            ["tunfwd", "tunnel"]
+                .iter()
+                .chain(a)
+                .map(OsString::from)
+                .collect()
+        };
+        let p = path.display().to_string();
+        let c = crate::cli::tunnel_config(argv(&["--config", &p])).unwrap();
+        assert_eq!(
+            c.mode,
+            crate::config::Mode::WireGuard {
+                config: "/etc/tunfwd/a.conf".into(),
+                listen_from_file: true
+            }
+        );
+        assert_eq!(c.device.mtu, crate::config::DEFAULT_MTU_WIREGUARD);
+        assert_eq!(c.peers.listen, "[::]:0".parse().unwrap());
+        // --listen and --mtu given: they stand.
+        let c = crate::cli::tunnel_config(argv(&[
+            "--config",
+            &p,
+            "--listen",
+            "198.18.0.1:51820",
+            "--mtu",
+            "1380",
+        ]))
+        .unwrap();
+        assert!(matches!(
+            c.mode,
+            crate::config::Mode::WireGuard {
+                listen_from_file: false,
+                ..
+            }
+        ));
+        assert_eq!((c.device.mtu, c.peers.listen.port()), (1380, 51820));
+        // What WireGuard mode replaces, or cannot do yet, is refused.
+        for (extra, want) in [
+            (&["--peer", "198.18.0.2:5000"][..], "cannot be used with"),
+            (&["--mode", "tap"][..], "use it with --mode tun"),
+            (
+                &["--queues", "2"][..],
+                "--queues above 1 is not available with --wg-config",
+            ),
+            (
+                &["--offload", "on"][..],
+                "--offload on: not available with --wg-config",
+            ),
+        ] {
+            let mut a = vec!["--config", p.as_str()];
+            a.extend_from_slice(extra);
+            let e = crate::cli::tunnel_config(argv(&a)).unwrap_err().to_string();
+            assert!(e.contains(want), "{extra:?}: {e}");
+        }
+        // Without WireGuard, --listen is required.
+        let e = crate::cli::tunnel_config(argv(&["--peer", "198.18.0.2:5000"]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--listen ADDR:PORT is required"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn other_commands_are_untouched() {
         let raw: Vec<OsString> = ["tunfwd", "bench", "--config", "x"]
             .map(OsString::from)

@@ -8,6 +8,11 @@
 //!   of `socat TUN:... UDP:...` and of Linux FOU direct encapsulation).
 //! - [`Encap::Vxlan`]: one Ethernet frame behind the 8-byte VXLAN header
 //!   (RFC 7348), so a Linux `vxlan` device is a peer.
+//! - [`Encap::WireGuard`]: one IP packet, padded and sealed, in a
+//!   WireGuard data message (a 16-byte header in front, a 16-byte tag
+//!   behind). The keys and sessions are per peer ([`Encap::per_peer_state`]):
+//!   the datapath seals and opens through `crate::wg::Device`, so
+//!   [`Encap::write_header`] and [`Encap::open`] do not apply to it.
 //!
 //! Adding a way: a variant here, its cases in these few functions, and
 //! (for a way with keys and sessions) the per-peer state the datapath keeps
@@ -24,6 +29,8 @@ pub enum Encap {
     Ip,
     /// Ethernet frames behind a VXLAN header with this network identifier.
     Vxlan { vni: u32 },
+    /// IP packets sealed in WireGuard data messages.
+    WireGuard,
 }
 
 /// A packet or frame that passed [`Encap::check_inner`]: an IP packet
@@ -40,6 +47,21 @@ impl Encap {
         match self {
             Encap::Ip => 0,
             Encap::Vxlan { .. } => vxlan::HEADER_LEN,
+            Encap::WireGuard => crate::wg::device::HEADER_LEN,
+        }
+    }
+
+    /// Bytes a sealed packet may grow behind its end, and room a read
+    /// buffer needs there: WireGuard's tag (padding stays within the MTU),
+    /// and enough for a handshake initiation to be written in its place.
+    pub fn trailer_room(&self, mtu: usize) -> usize {
+        match self {
+            Encap::Ip | Encap::Vxlan { .. } => 0,
+            Encap::WireGuard => {
+                let tag = crate::wg::device::OVERHEAD - crate::wg::device::HEADER_LEN;
+                let initiation = crate::wg::device::MAX_HANDSHAKE_LEN;
+                tag.max(initiation.saturating_sub(self.header_len() + mtu))
+            }
         }
     }
 
@@ -48,21 +70,27 @@ impl Encap {
     /// frames.
     pub fn max_inner_len(&self, mtu: usize) -> usize {
         match self {
-            Encap::Ip => mtu,
+            Encap::Ip | Encap::WireGuard => mtu,
             Encap::Vxlan { .. } => mtu + vxlan::ETH_HEADER_LEN + 4,
         }
     }
 
     /// The largest datagram for an inner `mtu`: a largest packet behind
-    /// the header. Receive buffers are sized from this.
+    /// the header (and WireGuard's tag; at least a handshake initiation).
+    /// Receive buffers are sized from this.
     pub fn max_datagram_len(&self, mtu: usize) -> usize {
-        self.header_len() + self.max_inner_len(mtu)
+        match self {
+            Encap::Ip | Encap::Vxlan { .. } => self.header_len() + self.max_inner_len(mtu),
+            Encap::WireGuard => {
+                (crate::wg::device::OVERHEAD + mtu).max(crate::wg::device::MAX_HANDSHAKE_LEN)
+            }
+        }
     }
 
     /// True if what it carries are IP packets (which routing by inner
     /// address, source filters, queue management and offload look into).
     pub fn carries_ip(&self) -> bool {
-        matches!(self, Encap::Ip)
+        matches!(self, Encap::Ip | Encap::WireGuard)
     }
 
     /// True if a peer sends from one fixed UDP port (the one it listens
@@ -73,15 +101,16 @@ impl Encap {
     }
 
     /// True if the way keeps state per peer (keys, sessions, counters of
-    /// its own) that the datapath must hold. Neither of today's does.
+    /// its own) that the datapath must hold: WireGuard.
     pub fn per_peer_state(&self) -> bool {
-        false
+        matches!(self, Encap::WireGuard)
     }
 
-    /// Writes the header into `out[..header_len()]`.
+    /// Writes the header into `out[..header_len()]` (WireGuard's is
+    /// written when the packet is sealed).
     pub fn write_header(&self, out: &mut [u8]) {
         match self {
-            Encap::Ip => {}
+            Encap::Ip | Encap::WireGuard => {}
             Encap::Vxlan { vni } => vxlan::write_header(out, *vni),
         }
     }
@@ -91,6 +120,8 @@ impl Encap {
     pub fn open<'a>(&self, datagram: &'a [u8]) -> Result<&'a [u8], DropReason> {
         match self {
             Encap::Ip => Ok(datagram),
+            // Opened with the peer's keys (crate::wg::Device), never here.
+            Encap::WireGuard => Err(DropReason::WgBadMessage),
             Encap::Vxlan { vni } => match vxlan::check(datagram, *vni) {
                 Ok(()) => Ok(&datagram[vxlan::HEADER_LEN..]),
                 Err(VxlanError::Truncated) => Err(DropReason::Truncated),
@@ -104,7 +135,7 @@ impl Encap {
     /// well-formed, and at most [`Encap::max_inner_len`] for `mtu`.
     pub fn check_inner<'a>(&self, bytes: &'a [u8], mtu: usize) -> Result<Inner<'a>, DropReason> {
         match self {
-            Encap::Ip => {
+            Encap::Ip | Encap::WireGuard => {
                 let packet = IpPacket::new_checked(bytes)?;
                 if packet.len() > mtu {
                     return Err(DropReason::OverMtu);
@@ -141,6 +172,13 @@ mod tests {
         assert_eq!(v.max_datagram_len(1450), 8 + 1450 + 18);
         assert!(Encap::Ip.carries_ip() && !v.carries_ip());
         assert!(Encap::Ip.fixed_source_port() && !v.fixed_source_port());
+        let w = Encap::WireGuard;
+        assert_eq!((w.header_len(), w.max_inner_len(1420)), (16, 1420));
+        assert_eq!(w.max_datagram_len(1420), 1452);
+        assert_eq!(w.max_datagram_len(68), 148, "a handshake initiation fits");
+        assert_eq!(w.trailer_room(1420), 16);
+        assert_eq!(w.trailer_room(68), 148 - 16 - 68);
+        assert!(w.carries_ip() && w.per_peer_state() && !v.per_peer_state());
     }
 
     #[test]

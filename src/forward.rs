@@ -96,7 +96,7 @@ impl Forwarder {
         match mode {
             Mode::Tun { allowed_src } => f.allowed_src = allowed_src.clone(),
             Mode::Reflect => f.reflect = true,
-            Mode::Tap { .. } => {}
+            Mode::Tap { .. } | Mode::WireGuard { .. } => {}
         }
         f
     }
@@ -282,6 +282,15 @@ impl Forwarder {
             }
             Inner::Ip(p) if !self.peers.accepts(peer, p.src()) => Err(DropReason::SourceNotAllowed),
             Inner::Ip(_) | Inner::Frame => Ok(()),
+        }
+    }
+
+    /// A packet opened from `peer`'s WireGuard message: well-formed, within
+    /// the MTU, and from an inner source in the peer's AllowedIPs.
+    pub fn check_opened(&self, peer: PeerId, packet: &[u8]) -> Result<(), DropReason> {
+        match self.encap.check_inner(packet, self.mtu)? {
+            Inner::Ip(p) if self.peers.accepts(peer, p.src()) => Ok(()),
+            _ => Err(DropReason::SourceNotAllowed),
         }
     }
 

@@ -13,6 +13,7 @@
 //!   tx, rx, queues, visit    TUN side, UDP side, flow queues + overload, visits
 //! fq, aqm                flow queues (DRR, sparse flows first) and CoDel
 //! forward, encap, peers  policy per packet, ways of carrying it, the peer table
+//! wg                     WireGuard: keys, wg setconf files, sessions (boringtun)
 //! config                 checked configuration (no I/O)
 //! device, platform, sys  the OS: TUN devices, sockets, the few libc calls
 //! packet, stats, types   bytes (views, checksums, offload), counters, plain types
@@ -40,6 +41,10 @@
 //!   address and finds the sender. [`packet`] holds the checked views,
 //!   checksums and offload (split and coalesce). All pure, unit-tested and
 //!   fuzzed ([`fuzz`]).
+//! - [`wg`] is WireGuard's state: keys as `wg` writes them, the `wg
+//!   setconf` file format, and per peer boringtun's handshake and sessions
+//!   (ring's ChaCha20-Poly1305); pure, the runtime's control thread sends
+//!   its handshake answers and timer messages.
 //! - [`stats`] declares every counter once; [`types`] holds addresses,
 //!   prefixes, drop reasons. Neither imports anything above it.
 //! - `sys` and `platform` are the only modules that call the OS directly;
@@ -124,3 +129,4 @@ pub mod runtime;
 pub mod stats;
 mod sys;
 pub mod types;
+pub mod wg;

@@ -854,6 +854,11 @@ mod tests {
         w.vnet_writes.add(next());
         w.vnet_write_packets.add(next());
         w.aqm_marks.add(next());
+        w.wg_handshake_messages.add(next());
+        w.wg_keepalives.add(next());
+        w.wg_waiting.add(next());
+        w.wg_cookie_replies.add(next());
+        w.wg_control_sent.add(next());
         for d in [&w.tun_to_peer, &w.peer_to_tun] {
             d.packets.add(next());
             d.bytes.add(next());

@@ -38,7 +38,7 @@ use crate::types::Prefix;
 /// Most peers one table may hold.
 pub const MAX_PEERS: usize = 1 << 20;
 /// Most per-peer counter sets (peers x queues: every worker counts for
-/// every peer in a set of its own, [`PeerCounters`], 192 bytes): 192 MiB.
+/// every peer in a set of its own, [`PeerCounters`], 256 bytes): 256 MiB.
 /// A reload builds the new table while the old one lives, so a running
 /// forwarder may briefly hold twice that.
 pub const MAX_PEER_COUNTER_SETS: usize = 1 << 20;
@@ -605,6 +605,24 @@ impl PeerTable {
         any_port: bool,
         old: Option<&PeerTable>,
     ) -> Result<PeerTable, TableError> {
+        PeerTable::assemble(specs, workers, any_port, false, old)
+    }
+
+    /// The table of WireGuard peers, told apart by key, not address: each
+    /// `addr` is only the configured endpoint (or unspecified), may repeat,
+    /// and is never matched against a datagram's source; a peer without
+    /// prefixes (AllowedIPs) routes nothing and is sent nothing from.
+    pub fn build_keyed(specs: &[PeerSpec], workers: usize) -> Result<PeerTable, TableError> {
+        PeerTable::assemble(specs, workers, false, true, None)
+    }
+
+    fn assemble(
+        specs: &[PeerSpec],
+        workers: usize,
+        any_port: bool,
+        keyed: bool,
+        old: Option<&PeerTable>,
+    ) -> Result<PeerTable, TableError> {
         if specs.is_empty() {
             return Err(TableError::NoPeers);
         }
@@ -618,20 +636,20 @@ impl PeerTable {
                 workers,
             });
         }
-        let catch_all = specs.len() == 1 && specs[0].prefixes.is_empty();
+        let catch_all = !keyed && specs.len() == 1 && specs[0].prefixes.is_empty();
         let mut by_addr = HashMap::with_capacity(specs.len());
         let mut peers = Vec::with_capacity(specs.len());
         let mut v4 = Vec::new();
         let mut v6 = Vec::new();
         for (id, spec) in specs.iter().enumerate() {
             let addr = key_addr(crate::types::canonical(spec.addr), any_port);
-            if by_addr.insert(addr, id as PeerId).is_some() {
+            if !keyed && by_addr.insert(addr, id as PeerId).is_some() {
                 return Err(TableError::DuplicatePeer {
                     addr: spec.addr,
                     index: id,
                 });
             }
-            if spec.prefixes.is_empty() && !catch_all {
+            if spec.prefixes.is_empty() && !catch_all && !keyed {
                 return Err(TableError::NoPrefixes {
                     addr: spec.addr,
                     index: id,
@@ -1173,8 +1191,8 @@ mod tests {
         let e = PeerTable::build(&specs[..MAX_PEERS / 2 + 1], 2, false, None).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "524289 peers x 2 queues need 1048578 per-peer counter sets (192 MiB): at most \
-             1048576 (192 MiB); use fewer queues or fewer peers"
+            "524289 peers x 2 queues need 1048578 per-peer counter sets (256 MiB): at most \
+             1048576 (256 MiB); use fewer queues or fewer peers"
         );
         assert!(PeerTable::build(&specs[..MAX_PEERS / 256], 256, false, None).is_ok());
         let t = PeerTable::build(&specs, 1, false, None).unwrap();

@@ -357,6 +357,23 @@ counters! {
     /// marked CE (ECN-capable); those it dropped count as drops (`aqm`).
     aqm_marks: Counter => "tunfwd_aqm_marks_total",
         "Packets CoDel marked CE (its drops are tunfwd_drops_total{reason=\"aqm\"}).";
+    /// WireGuard: handshake messages received and handed to the control
+    /// thread.
+    wg_handshake_messages: Counter => "tunfwd_wg_handshake_messages_total",
+        "WireGuard handshake messages received and handed to the control thread.";
+    /// WireGuard: authenticated keepalives received.
+    wg_keepalives: Counter => "tunfwd_wg_keepalives_received_total",
+        "Authenticated WireGuard keepalives received.";
+    /// WireGuard: packets from the device held until a handshake completes.
+    wg_waiting: Counter => "tunfwd_wg_packets_awaiting_handshake_total",
+        "Packets held until a WireGuard handshake completed.";
+    /// WireGuard: cookie replies sent (handshakes under load).
+    wg_cookie_replies: Counter => "tunfwd_wg_cookie_replies_total",
+        "WireGuard cookie replies sent (handshake initiations under load).";
+    /// WireGuard: datagrams the control thread sent (handshake messages,
+    /// keepalives, packets that waited for a handshake).
+    wg_control_sent: Counter => "tunfwd_wg_control_datagrams_total",
+        "Datagrams the WireGuard control thread sent: handshake messages, keepalives, packets that waited for a handshake.";
 }
 
 impl WorkerStats {

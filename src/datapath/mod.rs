@@ -116,6 +116,7 @@ mod queues;
 mod rx;
 mod tx;
 mod visit;
+mod wg;
 
 use queues::FlowQueue;
 pub use queues::{OVERLOAD_HOLD_NS, RING_CHECK_NS};
@@ -173,6 +174,17 @@ impl Framing {
         if offload { 0 } else { self.encap.header_len() }
     }
 
+    /// Bytes a read buffer keeps free behind the largest read: room for
+    /// what sealing adds there (WireGuard's tag), none without offload's
+    /// gather sends or a way that grows a packet.
+    pub fn read_tailroom(&self, offload: bool) -> usize {
+        if offload {
+            0
+        } else {
+            self.encap.trailer_room(self.mtu)
+        }
+    }
+
     /// Bytes a TUN read may return: the largest frame, or with offload a
     /// virtio-net header and a 64 KiB super-packet.
     pub fn max_read_len(&self, offload: bool) -> usize {
@@ -212,6 +224,7 @@ pub struct Setup {
     limits: VisitLimits,
     device: String,
     shared_peers: Option<Arc<SharedPeers>>,
+    wg: Option<Arc<crate::wg::Device>>,
 }
 
 /// What the engine gives the datapath at [`Setup::build`]: where its UDP
@@ -253,7 +266,15 @@ impl Setup {
             limits: VisitLimits::default(),
             device: String::new(),
             shared_peers: None,
+            wg: None,
         }
+    }
+
+    /// WireGuard mode: packets are sealed for and opened from the peers of
+    /// `dev` (whose order is the peer table's).
+    pub fn with_wireguard(mut self, dev: Arc<crate::wg::Device>) -> Self {
+        self.wg = Some(dev);
+        self
     }
 
     /// Takes the peer table from `shared`, and the new one at the start of
@@ -350,8 +371,10 @@ impl Setup {
             limits,
             device,
             shared_peers,
+            wg,
         } = self;
         fwd.set_socket(at.socket);
+        let framing = Framing::of(&fwd);
         let mut peers_generation = 0;
         let mut per_peer = false;
         if let Some(shared) = &shared_peers {
@@ -363,8 +386,10 @@ impl Setup {
         Datapath {
             queues: queues::Queues {
                 txq: fq_params.map(|p| FlowQueue::new(at.tun_buffers, p, fq_in_flight)),
+                // Receives are queued by the flow of their inner packet,
+                // which a WireGuard datagram hides until it is opened.
                 rxq: fq_params
-                    .filter(|_| aqm.is_some())
+                    .filter(|_| aqm.is_some() && wg.is_none())
                     .map(|p| FlowQueue::new(at.udp_buffers, p, fq_in_flight)),
                 device,
                 ring_drops: None,
@@ -386,6 +411,10 @@ impl Setup {
             label,
             limits,
             events: VecDeque::new(),
+            wg: wg.map(|dev| wg::WgPath {
+                scratch: vec![0; framing.max_receive_len(offload)],
+                dev,
+            }),
         }
     }
 }
@@ -435,6 +464,8 @@ pub struct Datapath {
     limits: VisitLimits,
     /// Events not yet taken by the engine.
     events: VecDeque<Event>,
+    /// WireGuard mode: the tunnel's keys and sessions.
+    wg: Option<wg::WgPath>,
 }
 
 /// The peer table as reloads publish it, the generation the forwarder
@@ -498,6 +529,11 @@ impl Datapath {
     /// Headroom the engine leaves in front of every TUN read.
     pub fn read_headroom(&self) -> usize {
         Framing::of(&self.fwd).read_headroom(self.offload)
+    }
+
+    /// Room the engine leaves behind the largest TUN read.
+    pub fn read_tailroom(&self) -> usize {
+        Framing::of(&self.fwd).read_tailroom(self.offload)
     }
 
     /// Bytes a TUN read may return.

@@ -42,7 +42,8 @@ pub enum RxAction {
     Write(Range<usize>),
     /// Offload: write the coalescer's writes, in order.
     Coalesced,
-    /// Everything was dropped and counted.
+    /// Nothing to write: dropped and counted, or (WireGuard) a handshake
+    /// message handed on or a keepalive, counted as such.
     Dropped,
 }
 
@@ -78,11 +79,11 @@ impl WriteInfo {
 }
 
 /// The counters of a receive's peer, where the table counts per peer.
-struct PeerCount<'a>(Option<&'a crate::peers::PeerCounters>);
+pub(super) struct PeerCount<'a>(pub(super) Option<&'a crate::peers::PeerCounters>);
 
 impl PeerCount<'_> {
     /// A packet of `len` bytes from the peer was accepted.
-    fn accepted(&self, len: usize) {
+    pub(super) fn accepted(&self, len: usize) {
         if let Some(c) = self.0 {
             c.rx_packets.add(1);
             c.rx_bytes.add(len as u64);
@@ -90,7 +91,7 @@ impl PeerCount<'_> {
     }
 
     /// A packet from the peer was dropped for `reason`.
-    fn dropped(&self, reason: DropReason) {
+    pub(super) fn dropped(&self, reason: DropReason) {
         if let Some(c) = self.0 {
             c.drop(reason);
         }
@@ -184,6 +185,14 @@ impl Datapath {
             self.stats.peer_to_tun.drop(DropReason::NotFromPeer);
             return RxAction::Dropped;
         };
+        if self.wg.is_some() {
+            // Its peer is known once it is opened.
+            if self.is_truncated(rx) {
+                self.stats.peer_to_tun.drop(DropReason::OverMtu);
+                return RxAction::Dropped;
+            }
+            return self.receive_wg(rx, src, buf, now_ns);
+        }
         let peer = self.fwd.source_peer(src);
         if self.is_truncated(rx) {
             // Longer than the buffer: over the MTU, unless a stranger sent it.

@@ -107,7 +107,8 @@ pub enum TunAction {
     /// Reflect mode: write these bytes of the read buffer back into the TUN
     /// device (the answer, rewritten in place).
     Reflect(Range<usize>),
-    /// Dropped and counted.
+    /// Nothing to send: dropped and counted, or (WireGuard) held until a
+    /// handshake completes, counted as such.
     Dropped,
 }
 
@@ -234,6 +235,9 @@ impl Datapath {
                 let Some(peer) = self.route(pkt) else {
                     return TunAction::Dropped;
                 };
+                if self.wg.is_some() {
+                    return self.seal(peer, read, len);
+                }
                 self.fwd.write_encap(encap);
                 TunAction::Send(TxPlan {
                     buf: TxBuf::Read,

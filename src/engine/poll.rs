@@ -121,7 +121,7 @@ impl PollWorker {
         });
         let out = Outbound {
             bufs: (0..buffers)
-                .map(|_| vec![0u8; dp.read_headroom() + dp.max_read_len()])
+                .map(|_| vec![0u8; dp.read_headroom() + dp.max_read_len() + dp.read_tailroom()])
                 .collect(),
             free: (0..buffers as u32).rev().collect(),
             split: vec![0u8; if dp.offload() { SPLIT_LEN } else { 0 }],

@@ -53,7 +53,7 @@ impl fmt::Display for Cidr {
 /// An address prefix that inner source addresses are checked against
 /// (`--allow-src`), e.g. `198.19.0.0/24`, `2001:db8::/32`, `0.0.0.0/0`. Host
 /// bits are cleared: `198.19.0.7/24` means `198.19.0.0/24`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Prefix {
     net: IpAddr,
     len: u8,

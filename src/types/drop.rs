@@ -51,10 +51,29 @@ pub enum DropReason {
     /// A packet from the TUN device whose destination is in no peer's
     /// prefixes.
     NoRoute,
+    /// WireGuard: a message that failed authentication (its AEAD tag, or
+    /// a handshake's mac1).
+    WgBadAuth,
+    /// WireGuard: a data message whose counter was already received or is
+    /// too old for the replay window, or a replayed handshake initiation.
+    WgReplay,
+    /// WireGuard: a message for a receiver index with no session.
+    WgUnknownIndex,
+    /// WireGuard: not a WireGuard message (type or length), or one whose
+    /// plaintext is not an IP packet.
+    WgBadMessage,
+    /// WireGuard: a message for a session past its lifetime.
+    WgExpired,
+    /// WireGuard: a packet for a peer that has no endpoint yet (no
+    /// Endpoint configured and not yet heard from).
+    WgNoEndpoint,
+    /// WireGuard: handshake messages arriving faster than they are
+    /// handled (the control thread's queue was full).
+    WgHandshakeBacklog,
 }
 
 impl DropReason {
-    pub const COUNT: usize = 18;
+    pub const COUNT: usize = 25;
     pub const ALL: [DropReason; DropReason::COUNT] = [
         DropReason::Empty,
         DropReason::Truncated,
@@ -74,6 +93,13 @@ impl DropReason {
         DropReason::Aqm,
         DropReason::Overload,
         DropReason::NoRoute,
+        DropReason::WgBadAuth,
+        DropReason::WgReplay,
+        DropReason::WgUnknownIndex,
+        DropReason::WgBadMessage,
+        DropReason::WgExpired,
+        DropReason::WgNoEndpoint,
+        DropReason::WgHandshakeBacklog,
     ];
 
     /// Stable snake_case name used in stats output.
@@ -97,6 +123,13 @@ impl DropReason {
             DropReason::Aqm => "aqm",
             DropReason::Overload => "overload",
             DropReason::NoRoute => "no_route",
+            DropReason::WgBadAuth => "wg_bad_auth",
+            DropReason::WgReplay => "wg_replay",
+            DropReason::WgUnknownIndex => "wg_unknown_index",
+            DropReason::WgBadMessage => "wg_bad_message",
+            DropReason::WgExpired => "wg_expired",
+            DropReason::WgNoEndpoint => "wg_no_endpoint",
+            DropReason::WgHandshakeBacklog => "wg_handshake_backlog",
         }
     }
 

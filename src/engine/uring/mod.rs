@@ -92,12 +92,15 @@ pub struct UringPlan {
     pub offload: bool,
 }
 
-/// Bytes per buffer: room for the largest TUN read behind its headroom,
+/// Bytes per buffer: room for the largest TUN read between its headroom
+/// and tail room,
 /// and for the largest datagram the peer may send (plus one byte, so an
 /// oversize one is told by its length) behind the multishot recvmsg header,
 /// the sender's address and the control data.
 pub fn buffer_len(framing: Framing, offload: bool) -> usize {
-    let read = framing.read_headroom(offload) + framing.max_read_len(offload);
+    let read = framing.read_headroom(offload)
+        + framing.max_read_len(offload)
+        + framing.read_tailroom(offload);
     // Room for every control message a receive may carry.
     let control = crate::platform::control::control_len(true, true);
     let receive = RECVMSG_PREFIX + control + framing.max_receive_len(offload);

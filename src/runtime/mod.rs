@@ -23,6 +23,8 @@ use crate::peers::{PeerTable, SharedPeers};
 use crate::report::{KernelBase, Reporter, Sources};
 use crate::stats::WorkerStats;
 
+mod wg;
+
 /// The signals tunfwd handles: SIGINT and SIGTERM stop it cleanly, SIGHUP
 /// reloads the peers file.
 fn handled_signals() -> SigSet {
@@ -74,6 +76,10 @@ fn peer_table(cfg: &TunnelConfig, old: Option<&PeerTable>) -> Result<PeerTable> 
 /// SIGHUP: reads the peers again and swaps the table in whole, or keeps
 /// the old one and says why in one line.
 fn reload_peers(cfg: &TunnelConfig, shared: &SharedPeers) {
+    if cfg.mode.is_wireguard() {
+        crate::info!("SIGHUP: the WireGuard config is read at start only (yet); peers unchanged");
+        return;
+    }
     let Some(path) = &cfg.peers.file else {
         crate::info!("SIGHUP: no --peers-file to reload; peers unchanged");
         return;
@@ -173,9 +179,14 @@ fn set_socket_buffers(
 pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
     cfg.validate()?;
     enter_process_context(cfg)?;
-    // The peers (and the file) before anything is created: a bad one stops
-    // here.
-    let peers = Arc::new(SharedPeers::new(Arc::new(peer_table(cfg, None)?)));
+    // The peers (and the files) before anything is created: a bad one
+    // stops here. WireGuard's file gives the peers and the port.
+    let (wg_conf, resolved, table) = match wg::load(cfg)? {
+        Some(l) => (Some(l.conf.clone()), l.resolve(cfg), l.table),
+        None => (None, cfg.clone(), peer_table(cfg, None)?),
+    };
+    let cfg = &resolved;
+    let peers = Arc::new(SharedPeers::new(Arc::new(table)));
     let engine = Engine::choose(cfg)?;
     let offload = engine.offload(cfg);
     let cpus = worker_cpus(&cfg.engine.cpus, cfg.engine.queues)?;
@@ -193,12 +204,47 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
 
     let (events_tx, events) = channel::unbounded::<Event>();
     spawn_signal_thread(events_tx.clone())?;
+    // WireGuard: the keys and sessions every worker shares, and a socket
+    // for the control thread's sends.
+    let wg = match wg_conf {
+        Some(conf) => {
+            let local = sockets[0]
+                .local_addr()
+                .map_err(|e| Error::io("query the UDP socket's address", e))?;
+            let sock = sockets[0]
+                .try_clone()
+                .map_err(|e| Error::io("duplicate the UDP socket for WireGuard", e))?;
+            let mut dev = crate::wg::Device::new(&conf).map_err(Error::config)?;
+            dev.set_socket(local);
+            Some((Arc::new(dev), sock))
+        }
+        None => None,
+    };
     let workers = Workers::start(
-        cfg, &engine, &peers, device, sockets, cpus, offload, &events_tx,
+        cfg,
+        &engine,
+        &peers,
+        device,
+        sockets,
+        cpus,
+        offload,
+        wg.as_ref().map(|w| &w.0),
+        &events_tx,
     )?;
     if !workers.wait_ready(cfg, &events, &peers)? {
         return workers.stop(None);
     }
+    let control_stop = Arc::new(AtomicBool::new(false));
+    let control = match wg {
+        Some((dev, sock)) => {
+            let stats = workers.stats[0].clone();
+            match wg::spawn_control(dev, sock, stats, control_stop.clone()) {
+                Ok(h) => Some(h),
+                Err(e) => return workers.stop(Some(e)),
+            }
+        }
+        None => None,
+    };
     // Everything privileged is done: devices, sockets, rings, pinning.
     if let Some(spec) = &cfg.service.user {
         if let Err(e) = crate::platform::drop_privileges(spec) {
@@ -236,8 +282,10 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
 
     // Read while the workers still own their sockets.
     let kd = sources.kernel_drops();
-    metrics_stop.store(true, Ordering::Relaxed);
-    if let Some(h) = metrics_thread {
+    for stop in [&metrics_stop, &control_stop] {
+        stop.store(true, Ordering::Relaxed);
+    }
+    for h in [metrics_thread, control].into_iter().flatten() {
         let _ = h.join();
     }
     let result = workers.stop(None);
@@ -377,6 +425,7 @@ impl Workers {
         sockets: Vec<UdpSocket>,
         cpus: Vec<Option<usize>>,
         offload: bool,
+        wg: Option<&Arc<crate::wg::Device>>,
         events: &channel::Sender<Event>,
     ) -> Result<Workers> {
         let dev_name = device.name().to_string();
@@ -394,7 +443,11 @@ impl Workers {
             let parts = WorkerParts {
                 tun,
                 udp,
-                datapath: Setup::new(label, forwarder, stats, offload)
+                datapath: wg
+                    .iter()
+                    .fold(Setup::new(label, forwarder, stats, offload), |s, d| {
+                        s.with_wireguard((*d).clone())
+                    })
                     .with_shared_peers(peers.clone())
                     .with_device(&dev_name)
                     .with_aqm(cfg.queueing.aqm)
@@ -485,6 +538,13 @@ fn describe_path(cfg: &TunnelConfig, peers: &SharedPeers) -> String {
     let (_, t) = peers.load();
     if cfg.mode.is_reflect() {
         "reflecting echo requests and UDP back into the device".to_string()
+    } else if cfg.mode.is_wireguard() {
+        format!(
+            "wireguard udp {} -> {} peers by {} AllowedIPs",
+            cfg.peers.listen,
+            t.len(),
+            t.prefixes()
+        )
     } else if t.is_single() {
         format!("udp {} -> {}", cfg.peers.listen, t.peer(0).addr)
     } else {

@@ -1,0 +1,150 @@
+//! WireGuard mode's part of the runtime: the configuration file (refused
+//! if group or others may read it: it holds the private key), the peer
+//! table of its peers, and the control thread that handles handshake
+//! messages and the timers, sending what [`crate::wg::Device`] returns.
+
+use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::config::{Mode, TunnelConfig};
+use crate::error::{Error, Result};
+use crate::peers::{PeerSpec, PeerTable};
+use crate::stats::WorkerStats;
+use crate::wg::{Device, WgConf};
+
+/// How often the control thread runs the peers' timers (handshake
+/// retries, rekeys, keepalives, expiry; boringtun's resolution is finer
+/// than WireGuard's, whose timers are seconds).
+const TICK: Duration = Duration::from_millis(100);
+
+/// A WireGuard tunnel's configuration as read at start.
+pub(super) struct Loaded {
+    pub(super) conf: WgConf,
+    pub(super) table: PeerTable,
+}
+
+/// An `Endpoint`: an address (with an interface for a link-local one), or
+/// a host name resolved now (its first address).
+fn resolve(s: &str) -> std::result::Result<SocketAddr, String> {
+    crate::platform::parse_endpoint(s)
+        .or_else(|e| s.to_socket_addrs().ok().and_then(|mut a| a.next()).ok_or(e))
+}
+
+/// Reads the file of `cfg`'s WireGuard mode (None in other modes).
+pub(super) fn load(cfg: &TunnelConfig) -> Result<Option<Loaded>> {
+    let Mode::WireGuard { config, .. } = &cfg.mode else {
+        return Ok(None);
+    };
+    let at = |e: String| Error::config(format!("WireGuard config {}: {e}", config.display()));
+    let text = read_private(config)?;
+    let conf = crate::wg::conf::parse(&text, resolve).map_err(at)?;
+    if conf.peers.is_empty() {
+        return Err(at("no [Peer]: nobody could connect".into()));
+    }
+    // Each prefix belongs to one peer (wg would move it to the later one;
+    // tunfwd says so instead).
+    let mut owner = std::collections::HashMap::new();
+    for p in &conf.peers {
+        for prefix in &p.allowed_ips {
+            if let Some(line) = owner.insert(*prefix, p.line) {
+                return Err(at(format!(
+                    "AllowedIPs {prefix} of the [Peer] at line {} is already the [Peer]'s at line {line}",
+                    p.line
+                )));
+            }
+        }
+    }
+    let unspecified = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0));
+    let specs: Vec<PeerSpec> = conf
+        .peers
+        .iter()
+        .map(|p| PeerSpec {
+            addr: p.endpoint.unwrap_or(unspecified),
+            prefixes: p.allowed_ips.clone(),
+        })
+        .collect();
+    let table = PeerTable::build_keyed(&specs, cfg.engine.queues).map_err(|e| at(e.to_string()))?;
+    Ok(Some(Loaded { conf, table }))
+}
+
+/// The file's text, if only its owner may read it.
+fn read_private(path: &Path) -> Result<String> {
+    let what = || format!("read WireGuard config {}", path.display());
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(what(), e))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(Error::config(format!(
+            "WireGuard config {}: group or others may access it (mode {mode:03o}), and it holds \
+             the private key: chmod 600 {}",
+            path.display(),
+            path.display()
+        )));
+    }
+    std::fs::read_to_string(path).map_err(|e| Error::io(what(), e))
+}
+
+impl Loaded {
+    /// `cfg` with the listening address the file gives: the wildcard
+    /// address of both families on ListenPort, unless `--listen` was given.
+    pub(super) fn resolve(&self, cfg: &TunnelConfig) -> TunnelConfig {
+        let mut c = cfg.clone();
+        if let Mode::WireGuard {
+            listen_from_file: true,
+            ..
+        } = c.mode
+        {
+            c.peers.listen.set_port(self.conf.listen_port.unwrap_or(0));
+        }
+        c
+    }
+}
+
+/// Runs the control thread until `stop`: handshake messages the workers
+/// queued, and the timers every [`TICK`]; what they return is sent on
+/// `socket` (a clone of the first worker's), counted in `stats`.
+pub(super) fn spawn_control(
+    dev: Arc<Device>,
+    socket: UdpSocket,
+    stats: Arc<WorkerStats>,
+    stop: Arc<AtomicBool>,
+) -> Result<thread::JoinHandle<()>> {
+    thread::Builder::new()
+        .name("tunfwd-wg".into())
+        .spawn(move || {
+            // Room for any message: packets that waited for a handshake
+            // are sealed here too.
+            let mut out = vec![0u8; 65536 + 64];
+            let send = |d: &[u8], to: SocketAddr| match socket.send_to(d, to) {
+                Ok(_) => {
+                    stats.wg_control_sent.add(1);
+                    if d.len() == crate::wg::device::COOKIE_REPLY_LEN {
+                        stats.wg_cookie_replies.add(1);
+                    }
+                }
+                Err(_) => stats.tun_to_peer.drop(crate::types::DropReason::SendFailed),
+            };
+            let mut next = Instant::now() + TICK;
+            while !stop.load(Ordering::Relaxed) {
+                let wait = next.saturating_duration_since(Instant::now());
+                match dev.handshakes().recv_timeout(wait) {
+                    Ok(msg) => {
+                        if let Some(r) = dev.handle_handshake(&msg, &mut out, send) {
+                            stats.peer_to_tun.drop(r);
+                        }
+                    }
+                    Err(crossbeam::channel::RecvTimeoutError::Timeout) => {}
+                    Err(crossbeam::channel::RecvTimeoutError::Disconnected) => return,
+                }
+                if Instant::now() >= next {
+                    dev.tick(&mut out, send);
+                    next = Instant::now() + TICK;
+                }
+            }
+        })
+        .map_err(|e| Error::io("spawn the WireGuard control thread", e))
+}

@@ -1,0 +1,484 @@
+//! The WireGuard state of one tunnel: the interface's key pair, the rate
+//! limiter every peer shares (cookie replies under load), and per peer
+//! boringtun's `Tunn` (handshake, sessions, replay window, timers) with the
+//! peer's current endpoint. It does no I/O: the datapath seals and opens
+//! data messages through it ([`Device::seal`], [`Device::open`]); handshake
+//! messages the datapath hands over ([`Device::open`] queues them) and the
+//! timers are the runtime's control thread's ([`Device::handle_handshake`],
+//! [`Device::tick`]), which sends what they return.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+
+use super::conf::WgConf;
+use super::key::PublicKey;
+use crate::peers::PeerId;
+use crate::types::{DropReason, canonical};
+
+pub use super::wire::*;
+
+/// One peer: its key, and (behind one lock) its sessions and endpoint.
+struct Peer {
+    key: PublicKey,
+    state: Mutex<PeerState>,
+}
+
+struct PeerState {
+    tunn: Tunn,
+    /// Where its messages go: as configured, then its latest authenticated
+    /// datagram's source (roaming).
+    endpoint: Option<SocketAddr>,
+}
+
+/// A tunnel's WireGuard state; see the module docs.
+pub struct Device {
+    private: boringtun::x25519::StaticSecret,
+    public: boringtun::x25519::PublicKey,
+    /// Counts handshake messages (once each, before any Diffie-Hellman)
+    /// and answers with a cookie beyond [`HANDSHAKES_PER_SECOND`].
+    limiter: Arc<RateLimiter>,
+    peers: Vec<Peer>,
+    by_key: HashMap<PublicKey, PeerId>,
+    handshakes: (
+        crossbeam::channel::Sender<HandshakeMsg>,
+        crossbeam::channel::Receiver<HandshakeMsg>,
+    ),
+    /// The worker sockets are IPv6: IPv4 endpoints are mapped.
+    v6_socket: bool,
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "wg::Device({} peers)", self.peers.len())
+    }
+}
+
+/// A drop reason for boringtun's error.
+fn reason(e: &WireGuardError) -> DropReason {
+    match e {
+        WireGuardError::InvalidAeadTag | WireGuardError::InvalidMac | WireGuardError::WrongKey => {
+            DropReason::WgBadAuth
+        }
+        WireGuardError::DuplicateCounter
+        | WireGuardError::InvalidCounter
+        | WireGuardError::WrongTai64nTimestamp => DropReason::WgReplay,
+        WireGuardError::WrongIndex | WireGuardError::NoCurrentSession => DropReason::WgUnknownIndex,
+        WireGuardError::ConnectionExpired => DropReason::WgExpired,
+        _ => DropReason::WgBadMessage,
+    }
+}
+
+/// The message type of a datagram (little-endian u32 in the first four
+/// bytes), if it has one.
+fn message_type(datagram: &[u8]) -> Option<u32> {
+    Some(u32::from_le_bytes(datagram.get(..4)?.try_into().ok()?))
+}
+
+/// The receiver index of a data message (or a cookie reply).
+fn receiver_index(datagram: &[u8]) -> Option<u32> {
+    Some(u32::from_le_bytes(datagram.get(4..8)?.try_into().ok()?))
+}
+
+impl Device {
+    /// The state for `conf`'s interface and peers; peer `i` of the file is
+    /// `PeerId` i (the peer table is built in the same order). Never fails
+    /// here (it does where the `wireguard` feature is not built in).
+    pub fn new(conf: &WgConf) -> Result<Device, String> {
+        let private = conf.private_key.to_x25519();
+        let public = boringtun::x25519::PublicKey::from(&private);
+        let limiter = Arc::new(RateLimiter::new(&public, HANDSHAKES_PER_SECOND));
+        // boringtun checks mac1 again inside each peer's Tunn: with no
+        // limit there, so a message is counted against the limit once.
+        let unlimited = Arc::new(RateLimiter::new(&public, u64::MAX));
+        let mut by_key = HashMap::with_capacity(conf.peers.len());
+        let peers = conf
+            .peers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                by_key.insert(p.public_key, i as PeerId);
+                Peer {
+                    key: p.public_key,
+                    state: Mutex::new(PeerState {
+                        tunn: Tunn::new(
+                            private.clone(),
+                            p.public_key.to_x25519(),
+                            p.preshared_key.as_ref().map(|k| *k.bytes()),
+                            p.persistent_keepalive,
+                            i as u32,
+                            Some(unlimited.clone()),
+                        ),
+                        endpoint: p.endpoint.map(canonical),
+                    }),
+                }
+            })
+            .collect();
+        Ok(Device {
+            private,
+            public,
+            limiter,
+            peers,
+            by_key,
+            handshakes: crossbeam::channel::bounded(HANDSHAKE_BACKLOG),
+            v6_socket: false,
+        })
+    }
+
+    /// The workers' sockets are bound to `local`: an IPv6 socket reaches
+    /// IPv4 endpoints as `::ffff:a.b.c.d`.
+    pub fn set_socket(&mut self, local: SocketAddr) {
+        self.v6_socket = local.is_ipv6();
+    }
+
+    pub fn peer_count(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// The peer with public key `key`.
+    pub fn find(&self, key: &PublicKey) -> Option<PeerId> {
+        self.by_key.get(key).copied()
+    }
+
+    /// Peer `id`'s public key.
+    pub fn key(&self, id: PeerId) -> Option<PublicKey> {
+        self.peers.get(id as usize).map(|p| p.key)
+    }
+
+    /// Peer `id`'s current endpoint.
+    pub fn endpoint(&self, id: PeerId) -> Option<SocketAddr> {
+        let p = self.peers.get(id as usize)?;
+        p.state.lock().ok()?.endpoint
+    }
+
+    /// Where to send to `endpoint` from the workers' sockets.
+    fn socket_addr(&self, endpoint: SocketAddr) -> SocketAddr {
+        match endpoint {
+            SocketAddr::V4(v4) if self.v6_socket => {
+                SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
+            }
+            a => a,
+        }
+    }
+
+    /// Seals `plain` (an IP packet, already padded) for peer `id` into
+    /// `out` (at least `plain.len() + OVERHEAD` and
+    /// [`MAX_HANDSHAKE_LEN`] bytes).
+    pub fn seal(&self, id: PeerId, plain: &[u8], out: &mut [u8]) -> Sealed {
+        let Some(peer) = self.peers.get(id as usize) else {
+            return Sealed::Dropped(DropReason::NoRoute);
+        };
+        let Ok(mut st) = peer.state.lock() else {
+            return Sealed::Dropped(DropReason::SendFailed);
+        };
+        let Some(to) = st.endpoint else {
+            return Sealed::Dropped(DropReason::WgNoEndpoint);
+        };
+        match st.tunn.encapsulate(plain, out) {
+            TunnResult::WriteToNetwork(d) => Sealed::Datagram {
+                len: d.len(),
+                to: self.socket_addr(to),
+            },
+            TunnResult::Done => Sealed::Queued,
+            TunnResult::Err(e) => Sealed::Dropped(reason(&e)),
+            TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {
+                Sealed::Dropped(DropReason::WgBadMessage)
+            }
+        }
+    }
+
+    /// Opens a datagram from `src` into `out` (at least as long as the
+    /// datagram). Data messages are opened here; handshake messages are
+    /// queued for the control thread.
+    pub fn open(&self, src: SocketAddr, datagram: &[u8], out: &mut [u8]) -> Opened {
+        let src = canonical(src);
+        match message_type(datagram) {
+            Some(4) => {}
+            Some(1..=3) => {
+                let Some(msg) = HandshakeMsg::new(src, datagram) else {
+                    return Opened::Dropped(DropReason::WgBadMessage);
+                };
+                return match self.handshakes.0.try_send(msg) {
+                    Ok(()) => Opened::Handshake,
+                    Err(_) => Opened::Dropped(DropReason::WgHandshakeBacklog),
+                };
+            }
+            _ => return Opened::Dropped(DropReason::WgBadMessage),
+        }
+        // boringtun's index: the peer's number in the top 24 bits.
+        let Some(id) = receiver_index(datagram).map(|i| i >> 8) else {
+            return Opened::Dropped(DropReason::WgBadMessage);
+        };
+        let Some(peer) = self.peers.get(id as usize) else {
+            return Opened::Dropped(DropReason::WgUnknownIndex);
+        };
+        let Ok(mut st) = peer.state.lock() else {
+            return Opened::Dropped(DropReason::WgBadMessage);
+        };
+        let opened = match st.tunn.decapsulate(Some(src.ip()), datagram, out) {
+            TunnResult::WriteToTunnelV4(p, _) | TunnResult::WriteToTunnelV6(p, _) => {
+                Opened::Packet {
+                    peer: id,
+                    len: p.len(),
+                }
+            }
+            TunnResult::Done => Opened::Keepalive { peer: id },
+            TunnResult::Err(e) => return Opened::Dropped(reason(&e)),
+            // A data message never asks for an answer.
+            TunnResult::WriteToNetwork(_) => return Opened::Dropped(DropReason::WgBadMessage),
+        };
+        // Authenticated: the peer is where it sent from (roaming).
+        st.endpoint = Some(src);
+        opened
+    }
+
+    /// The handshake messages the datapath queued.
+    pub fn handshakes(&self) -> &crossbeam::channel::Receiver<HandshakeMsg> {
+        &self.handshakes.1
+    }
+
+    /// Handles one queued handshake message (the control thread): mac1,
+    /// the rate limit (a cookie reply under load), the handshake itself;
+    /// `send` gets each datagram to send and where (the answer, and the
+    /// packets that waited for the session). Returns the reason it was
+    /// dropped, if it was.
+    pub fn handle_handshake(
+        &self,
+        msg: &HandshakeMsg,
+        out: &mut [u8],
+        mut send: impl FnMut(&[u8], SocketAddr),
+    ) -> Option<DropReason> {
+        let bytes = msg.bytes();
+        let id = match self.limiter.verify_packet(Some(msg.src.ip()), bytes, out) {
+            Err(TunnResult::WriteToNetwork(cookie)) => {
+                send(cookie, self.socket_addr(msg.src));
+                return None;
+            }
+            Err(TunnResult::Err(e)) => return Some(reason(&e)),
+            Err(_) => return Some(DropReason::WgBadMessage),
+            Ok(Packet::HandshakeInit(init)) => {
+                match parse_handshake_anon(&self.private, &self.public, &init) {
+                    Ok(half) => match self.find(&PublicKey(half.peer_static_public)) {
+                        Some(id) => id,
+                        None => return Some(DropReason::NotFromPeer),
+                    },
+                    Err(e) => return Some(reason(&e)),
+                }
+            }
+            // Our index for the peer, in the top 24 bits (a response
+            // carries the sender's index first).
+            Ok(Packet::HandshakeResponse(r)) => r.receiver_idx >> 8,
+            Ok(Packet::PacketCookieReply(c)) => c.receiver_idx >> 8,
+            Ok(Packet::PacketData(_)) => return Some(DropReason::WgBadMessage),
+        };
+        let Some(peer) = self.peers.get(id as usize) else {
+            return Some(DropReason::WgUnknownIndex);
+        };
+        let Ok(mut st) = peer.state.lock() else {
+            return Some(DropReason::WgBadMessage);
+        };
+        match st.tunn.decapsulate(Some(msg.src.ip()), bytes, out) {
+            TunnResult::Err(e) => return Some(reason(&e)),
+            TunnResult::WriteToNetwork(answer) => {
+                send(answer, self.socket_addr(msg.src));
+            }
+            _ => {}
+        }
+        // Authenticated (a cookie reply is too): the peer is there.
+        if !matches!(message_type(bytes), Some(3)) {
+            st.endpoint = Some(msg.src);
+        }
+        // The packets that waited for this session.
+        let to = self.socket_addr(msg.src);
+        while let TunnResult::WriteToNetwork(d) = st.tunn.decapsulate(None, &[], out) {
+            send(d, to);
+        }
+        None
+    }
+
+    /// The timers of every peer (the control thread, a few times a
+    /// second): handshake retries and rekeys, keepalives, expiry. `send`
+    /// gets each datagram and where.
+    pub fn tick(&self, out: &mut [u8], mut send: impl FnMut(&[u8], SocketAddr)) {
+        self.limiter.reset_count();
+        for peer in &self.peers {
+            let Ok(mut st) = peer.state.lock() else {
+                continue;
+            };
+            let endpoint = st.endpoint;
+            if let TunnResult::WriteToNetwork(d) = st.tunn.update_timers(out) {
+                if let Some(to) = endpoint {
+                    send(d, self.socket_addr(to));
+                }
+            }
+        }
+    }
+
+    /// The inner source of an opened packet, for the AllowedIPs check.
+    pub fn inner_source(packet: &[u8]) -> Option<IpAddr> {
+        crate::peers::packet_addr(packet, true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wg::key::Secret;
+
+    /// Two devices that know each other, as two wg setconf files. A is
+    /// B's second peer (B's first is a stranger), so the two sides' peer
+    /// numbers, which WireGuard's indexes carry, differ.
+    fn pair() -> (Device, Device) {
+        let (a, b) = (Secret::generate().unwrap(), Secret::generate().unwrap());
+        let stranger = Secret::generate().unwrap().public_key();
+        let conf = |own: &Secret, peers: &[(PublicKey, &str)]| {
+            let mut text = format!("[Interface]\nPrivateKey = {}\n", own.to_base64());
+            for (i, (key, at)) in peers.iter().enumerate() {
+                text.push_str(&format!(
+                    "[Peer]\nPublicKey = {key}\nEndpoint = {at}\nAllowedIPs = 198.19.{i}.0/24\n"
+                ));
+            }
+            crate::wg::conf::parse(&text, |s| s.parse().map_err(|_| s.to_string())).unwrap()
+        };
+        (
+            Device::new(&conf(&a, &[(b.public_key(), B)])).unwrap(),
+            Device::new(&conf(
+                &b,
+                &[(stranger, "198.18.0.7:1"), (a.public_key(), A)],
+            ))
+            .unwrap(),
+        )
+    }
+
+    const A: &str = "198.18.0.1:51820";
+    const B: &str = "198.18.0.2:51820";
+
+    /// Runs the control thread's part by hand: every queued handshake
+    /// message of `dev`, its answers delivered to `other` with `open`.
+    fn pump(dev: &Device, other: &Device, from: &str) -> usize {
+        let mut n = 0;
+        let mut out = vec![0u8; 2048];
+        let mut answers = Vec::new();
+        while let Ok(msg) = dev.handshakes().try_recv() {
+            assert_eq!(
+                dev.handle_handshake(&msg, &mut out, |d, _| answers.push(d.to_vec())),
+                None
+            );
+            n += 1;
+        }
+        for a in answers {
+            let mut o = vec![0u8; 2048];
+            other.open(from.parse().unwrap(), &a, &mut o);
+        }
+        n
+    }
+
+    #[test]
+    fn a_handshake_then_data_both_ways_and_attacks_are_counted() {
+        let (a, b) = pair();
+        let pkt = crate::packet::ip::tests::ipv4_udp(100);
+        let mut out = vec![0u8; 2048];
+        // No session: the packet waits, a handshake initiation goes out.
+        let Sealed::Datagram { len, to } = a.seal(0, &pkt, &mut out) else {
+            panic!("an initiation")
+        };
+        assert_eq!((len, to), (148, B.parse().unwrap()));
+        let init = out[..len].to_vec();
+        let mut o = vec![0u8; 2048];
+        assert_eq!(b.open(A.parse().unwrap(), &init, &mut o), Opened::Handshake);
+        // B answers; A takes the response and sends the waiting packet.
+        assert_eq!(pump(&b, &a, B), 1);
+        assert_eq!(pump(&a, &b, A), 1);
+        // Data A -> B through the session.
+        let Sealed::Datagram { len, .. } = a.seal(0, &pkt, &mut out) else {
+            panic!("sealed")
+        };
+        assert_eq!(len, pkt.len() + OVERHEAD);
+        let data = out[..len].to_vec();
+        assert_eq!(
+            b.open(A.parse().unwrap(), &data, &mut o),
+            Opened::Packet {
+                peer: 1,
+                len: pkt.len()
+            }
+        );
+        assert_eq!(&o[..pkt.len()], &pkt[..]);
+        // Replayed: refused.
+        assert_eq!(
+            b.open(A.parse().unwrap(), &data, &mut o),
+            Opened::Dropped(DropReason::WgReplay)
+        );
+        // One bit flipped in the ciphertext: refused.
+        let Sealed::Datagram { len, .. } = a.seal(0, &pkt, &mut out) else {
+            panic!("sealed")
+        };
+        let mut flipped = out[..len].to_vec();
+        flipped[40] ^= 1;
+        assert_eq!(
+            b.open(A.parse().unwrap(), &flipped, &mut o),
+            Opened::Dropped(DropReason::WgBadAuth)
+        );
+        // An unknown receiver index.
+        let mut unknown = data.clone();
+        unknown[4..8].copy_from_slice(&(77u32 << 8).to_le_bytes());
+        assert_eq!(
+            b.open(A.parse().unwrap(), &unknown, &mut o),
+            Opened::Dropped(DropReason::WgUnknownIndex)
+        );
+        // Not a WireGuard message.
+        assert_eq!(
+            b.open(A.parse().unwrap(), &[9, 0, 0, 0, 1], &mut o),
+            Opened::Dropped(DropReason::WgBadMessage)
+        );
+        // B -> A, from a new address: A's endpoint for B follows (roaming).
+        let Sealed::Datagram { len, .. } = b.seal(1, &pkt, &mut out) else {
+            panic!("sealed")
+        };
+        let moved: SocketAddr = "198.18.0.9:4000".parse().unwrap();
+        assert!(matches!(
+            a.open(moved, &out[..len], &mut o),
+            Opened::Packet { peer: 0, .. }
+        ));
+        assert_eq!(a.endpoint(0), Some(moved));
+    }
+
+    #[test]
+    fn a_forged_initiation_is_dropped_and_a_flood_gets_cookies() {
+        let (a, b) = pair();
+        let mut out = vec![0u8; 2048];
+        let Sealed::Datagram { len, .. } = a.seal(0, &[0x45; 20], &mut out) else {
+            panic!("an initiation")
+        };
+        let mut init = out[..len].to_vec();
+        // A bad mac1: dropped as unauthenticated before any DH.
+        init[120] ^= 1;
+        let mut o = vec![0u8; 2048];
+        b.open(A.parse().unwrap(), &init, &mut o);
+        let msg = b.handshakes().try_recv().unwrap();
+        assert_eq!(
+            b.handle_handshake(&msg, &mut o, |_, _| panic!("no answer")),
+            Some(DropReason::WgBadAuth)
+        );
+        init[120] ^= 1;
+        // More valid initiations than the limit: cookie replies after it.
+        let mut cookies = 0;
+        for _ in 0..HANDSHAKES_PER_SECOND + 20 {
+            b.open(A.parse().unwrap(), &init, &mut o);
+            let msg = b.handshakes().try_recv().unwrap();
+            b.handle_handshake(&msg, &mut o, |d, _| {
+                if d.len() == COOKIE_REPLY_LEN {
+                    cookies += 1;
+                }
+            });
+        }
+        assert_eq!(
+            cookies, 20,
+            "a cookie reply for each initiation beyond the limit"
+        );
+    }
+}
