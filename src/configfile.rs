@@ -411,6 +411,15 @@ mod tests {
 
     /// The same settings from a file and from flags make the same
     /// configuration; a flag on the command line beats the file.
+    /// `tunfwd tunnel ARGS`.
+    fn argv(a: &[&str]) -> Vec<OsString> {
+        ["tunfwd", "tunnel"]
+            .iter()
+            .chain(a)
+            .map(OsString::from)
+            .collect()
+    }
+
     #[test]
     fn a_file_equals_its_flags_and_loses_to_the_command_line() {
         let dir = std::env::temp_dir().join(format!("tunfwd-configfile-eq-{}", std::process::id()));
@@ -425,13 +434,6 @@ mod tests {
              offload = \"off\"\nsndbuf = 2097152\ncpus = \"none\"\n",
         )
         .unwrap();
-        let argv = |a: &[&str]| -> Vec<OsString> {
-            ["tunfwd", "tunnel"]
-                .iter()
-                .chain(a)
-                .map(OsString::from)
-                .collect()
-        };
         let flags = argv(&[
             "--dev",
             "tfw%d",
@@ -514,13 +516,6 @@ mod tests {
             "wg-config = \"/etc/tunfwd/a.conf\"\naddress = [\"198.19.0.1/24\"]\n",
         )
         .unwrap();
-        let argv = |a: &[&str]| -> Vec<OsString> {
-            ["tunfwd", "tunnel"]
-                .iter()
-                .chain(a)
-                .map(OsString::from)
-                .collect()
-        };
         let p = path.display().to_string();
         let c = crate::cli::tunnel_config(argv(&["--config", &p])).unwrap();
         assert_eq!(

@@ -194,6 +194,67 @@ impl Drop for WireguardGo {
     }
 }
 
+/// The two sides' files: a reaches b at its address; b reaches a only if
+/// `b_knows_a` (else once a has made contact).
+struct Confs {
+    a: std::path::PathBuf,
+    b: std::path::PathBuf,
+    a_private: String,
+    a_public: String,
+}
+
+impl Confs {
+    fn write(dir: &Dir, b_knows_a: bool) -> Confs {
+        let (a_private, a_public) = keypair();
+        let (b_private, b_public) = keypair();
+        let a_at = format!("{UNDERLAY_A}:{WG_PORT}");
+        let b_at = format!("{UNDERLAY_B}:{WG_PORT}");
+        let a = wg_conf(
+            &a_private,
+            &b_public,
+            Some(&b_at),
+            &format!("{OVERLAY_B}/32, {OVERLAY6_B}/128"),
+        );
+        let b = wg_conf(
+            &b_private,
+            &a_public,
+            b_knows_a.then_some(a_at.as_str()),
+            &format!("{OVERLAY_A}/32, {OVERLAY6_A}/128"),
+        );
+        Confs {
+            a: private_file(&dir.0, "a.conf", &a),
+            b: private_file(&dir.0, "b.conf", &b),
+            a_private,
+            a_public,
+        }
+    }
+}
+
+/// `tunfwd tunnel` in WireGuard mode with `conf`, as side a or b of the
+/// topology (its overlay addresses on tun0).
+fn wg_args(engine: &str, side_a: bool, conf: &std::path::Path) -> Vec<String> {
+    let (o4, o6) = if side_a {
+        (OVERLAY_A, OVERLAY6_A)
+    } else {
+        (OVERLAY_B, OVERLAY6_B)
+    };
+    [
+        "tunnel",
+        "--engine",
+        engine,
+        "--dev",
+        "tun0",
+        "--address",
+        &format!("{o4}/24"),
+        "--address",
+        &format!("{o6}/64"),
+        "--wg-config",
+        conf.to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 /// tunfwd in namespace a, wireguard-go in b; `tunfwd_first`: tunfwd sends
 /// first (it initiates the handshake), else wireguard-go does.
 fn interop(engine: &str, tunfwd_first: bool) {
@@ -207,54 +268,16 @@ fn interop(engine: &str, tunfwd_first: bool) {
     );
     let topo = Topology::new();
     let dir = Dir::new("interop");
-    let (a_priv, a_pub) = keypair();
-    let (b_priv, b_pub) = keypair();
-    let a_conf = private_file(
-        &dir.0,
-        "a.conf",
-        &wg_conf(
-            &a_priv,
-            &b_pub,
-            Some(&format!("{UNDERLAY_B}:{WG_PORT}")),
-            &format!("{OVERLAY_B}/32, {OVERLAY6_B}/128"),
-        ),
-    );
     // wireguard-go learns tunfwd's endpoint from its handshake, unless it
     // is the one to initiate.
-    let b_endpoint = format!("{UNDERLAY_A}:{WG_PORT}");
-    let b_conf = private_file(
-        &dir.0,
-        "b.conf",
-        &wg_conf(
-            &b_priv,
-            &a_pub,
-            (!tunfwd_first).then_some(b_endpoint.as_str()),
-            &format!("{OVERLAY_A}/32, {OVERLAY6_A}/128"),
-        ),
-    );
+    let c = Confs::write(&dir, !tunfwd_first);
+    let (a_priv, a_pub, a_conf, b_conf) = (c.a_private, c.a_public, c.a, c.b);
     let wg = WireguardGo::start(
         &topo.b,
         &b_conf,
         &[&format!("{OVERLAY_B}/24"), &format!("{OVERLAY6_B}/64")],
     );
-    let a_conf = a_conf.to_str().unwrap().to_string();
-    let mut a = Proc::tunfwd(
-        &topo.a,
-        &[
-            "tunnel",
-            "--engine",
-            engine,
-            "--dev",
-            "tun0",
-            "--address",
-            &format!("{OVERLAY_A}/24"),
-            "--address",
-            &format!("{OVERLAY6_A}/64"),
-            "--wg-config",
-            &a_conf,
-        ]
-        .map(String::from),
-    );
+    let mut a = Proc::tunfwd(&topo.a, &wg_args(engine, true, &a_conf));
     a.wait_for_stderr("wireguard udp [::]:51820");
     let (first, second, to_second) = if tunfwd_first {
         (&topo.a, &topo.b, OVERLAY_B)
@@ -329,48 +352,15 @@ fn tunfwd_to_tunfwd_and_a_readable_key_file_is_refused() {
         return;
     }
     let dir = Dir::new("pair");
-    let (a_priv, a_pub) = keypair();
-    let (b_priv, b_pub) = keypair();
-    let a_conf = private_file(
-        &dir.0,
-        "a.conf",
-        &wg_conf(
-            &a_priv,
-            &b_pub,
-            Some(&format!("{UNDERLAY_B}:{WG_PORT}")),
-            &format!("{OVERLAY_B}/32, {OVERLAY6_B}/128"),
-        ),
-    );
-    let b_conf = private_file(
-        &dir.0,
-        "b.conf",
-        &wg_conf(
-            &b_priv,
-            &a_pub,
-            None,
-            &format!("{OVERLAY_A}/32, {OVERLAY6_A}/128"),
-        ),
-    );
-    let args = |conf: &std::path::Path, o4: &str, o6: &str, engine: &str| {
-        [
-            "tunnel",
-            "--engine",
-            engine,
-            "--dev",
-            "tun0",
-            "--address",
-            &format!("{o4}/24"),
-            "--address",
-            &format!("{o6}/64"),
-            "--wg-config",
-            conf.to_str().unwrap(),
-        ]
-        .map(String::from)
-    };
+    let Confs {
+        a: a_conf,
+        b: b_conf,
+        ..
+    } = Confs::write(&dir, false);
     for engine in engines("tunfwd_to_tunfwd") {
         let topo = Topology::new();
-        let mut b = Proc::tunfwd(&topo.b, &args(&b_conf, OVERLAY_B, OVERLAY6_B, engine));
-        let mut a = Proc::tunfwd(&topo.a, &args(&a_conf, OVERLAY_A, OVERLAY6_A, engine));
+        let mut b = Proc::tunfwd(&topo.b, &wg_args(engine, false, &b_conf));
+        let mut a = Proc::tunfwd(&topo.a, &wg_args(engine, true, &a_conf));
         assert!(topo.a.ping(OVERLAY_B), "{engine}: ping a->b");
         assert!(topo.b.ping(OVERLAY6_A), "{engine}: ping b->a v6");
         let dst: SocketAddr = format!("{OVERLAY_B}:7000").parse().unwrap();
@@ -389,7 +379,7 @@ fn tunfwd_to_tunfwd_and_a_readable_key_file_is_refused() {
     let out = topo
         .a
         .command(&[tunfwd_bin()])
-        .args(args(&a_conf, OVERLAY_A, OVERLAY6_A, "poll"))
+        .args(wg_args("poll", true, &a_conf))
         .output()
         .unwrap();
     assert!(!out.status.success());
