@@ -268,13 +268,16 @@ impl ReflectArgs {
 #[derive(clap::Args, Debug)]
 struct BenchArgs {
     /// Targets to measure, in order: veth (bare underlay, no tunnel), vxlan
-    /// (kernel VXLAN tunnel), poll and uring (tunfwd's engines). A tunfwd
-    /// target takes its own `tunnel` flags as +NAME or +NAME=VALUE, e.g.
-    /// uring+multishot=off or uring+queues=2+batch=16 (values cannot contain
-    /// commas, which separate targets). +hub=N (2-30000) gives each
-    /// forwarder N peers from a peers file instead of one --peer: the other
-    /// side and N-1 synthetic peers with ten prefixes each, so every packet
-    /// is routed and filtered through a large table.
+    /// (kernel VXLAN tunnel), wireguard-go (Debian's userspace WireGuard,
+    /// configured with wg: needs wireguard-go and wireguard-tools), poll and
+    /// uring (tunfwd's engines). A tunfwd target takes its own `tunnel`
+    /// flags as +NAME or +NAME=VALUE, e.g. uring+multishot=off or
+    /// uring+queues=2+batch=16 (values cannot contain commas, which separate
+    /// targets). +wg runs both forwarders in WireGuard mode (fresh keys,
+    /// --wg-config). +hub=N (2-30000) gives each forwarder N peers from a
+    /// peers file instead of one --peer: the other side and N-1 synthetic
+    /// peers with ten prefixes each, so every packet is routed and filtered
+    /// through a large table.
     #[arg(long, value_delimiter = ',', default_value = "veth,vxlan,poll,uring", value_parser = crate::bench::Target::parse)]
     compare: Vec<crate::bench::Target>,
 

@@ -126,3 +126,9 @@ fn fuzz_flow_queues() {
 fn fuzz_peer_table() {
     fuzz("peer_table", tunfwd::fuzz::peer_table);
 }
+
+#[cfg(feature = "wireguard")]
+#[test]
+fn fuzz_wg_receive() {
+    fuzz("wg_receive", tunfwd::fuzz::wg_receive);
+}

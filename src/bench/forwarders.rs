@@ -249,13 +249,16 @@ impl ForwarderPair {
         engine: &str,
         extra: &[String],
         hub: Option<usize>,
+        wg: bool,
     ) -> Result<ForwarderPair> {
-        let files = match hub {
-            Some(n) => Some(HubFiles::write(n)?),
-            None => None,
+        let files = match (hub, wg) {
+            (Some(n), _) => Some(PeerFiles::hub(n)?),
+            (None, true) => Some(PeerFiles::wireguard()?),
+            (None, false) => None,
         };
         let args = |ns: String, me, peer, addr, file: Option<&std::path::Path>| {
             let peer_args = match file {
+                Some(f) if wg => vec!["--wg-config".into(), f.display().to_string()],
                 Some(f) => vec!["--peers-file".into(), f.display().to_string()],
                 None => vec!["--peer".into(), format!("{peer}:{PORT}")],
             };
@@ -323,24 +326,45 @@ impl ForwarderPair {
     }
 }
 
-/// The peers files of a `+hub=N` target, removed on drop.
-struct HubFiles {
+/// The peers files of a `+hub=N` target, or the WireGuard files of a
+/// `+wg` one, removed on drop.
+struct PeerFiles {
     dir: std::path::PathBuf,
     a: std::path::PathBuf,
     b: std::path::PathBuf,
 }
 
-impl HubFiles {
-    /// Side a's file names b (owning b's tunnel address) and n-1
-    /// synthetic peers; side b's the same with a.
-    fn write(n: usize) -> Result<HubFiles> {
-        let dir = std::env::temp_dir().join(format!("tunfwd-bench-hub-{}", std::process::id()));
+impl PeerFiles {
+    fn new(kind: &str) -> Result<PeerFiles> {
+        let dir = std::env::temp_dir().join(format!("tunfwd-bench-{kind}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).context(|| format!("create {}", dir.display()))?;
-        let files = HubFiles {
+        Ok(PeerFiles {
             a: dir.join("peers-a"),
             b: dir.join("peers-b"),
             dir,
-        };
+        })
+    }
+
+    /// Each side's `wg setconf` file, with fresh keys, naming the other
+    /// side (at its address, owning its tunnel address); only the owner
+    /// may read them, as tunfwd demands.
+    fn wireguard() -> Result<PeerFiles> {
+        let files = PeerFiles::new("wg")?;
+        let keys = super::wggo::Keys::new()?;
+        for (path, own, peer, at, addr) in [
+            (&files.a, &keys.a, &keys.b, UNDERLAY_B, TUN_B),
+            (&files.b, &keys.b, &keys.a, UNDERLAY_A, TUN_A),
+        ] {
+            let text = super::wggo::conf(own, peer, PORT, at, addr);
+            super::wggo::write_private(path, &text)?;
+        }
+        Ok(files)
+    }
+
+    /// Side a's file names b (owning b's tunnel address) and n-1
+    /// synthetic peers; side b's the same with a.
+    fn hub(n: usize) -> Result<PeerFiles> {
+        let files = PeerFiles::new("hub")?;
         let synthetic: String = crate::peers::synthetic_hub(n - 1, 10)
             .iter()
             .map(|p| format!("{p}\n"))
@@ -353,7 +377,7 @@ impl HubFiles {
     }
 }
 
-impl Drop for HubFiles {
+impl Drop for PeerFiles {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
     }

@@ -8,6 +8,7 @@ pub mod forwarders;
 pub mod report;
 pub mod topology;
 pub mod traffic;
+pub mod wggo;
 
 use std::io::Write as _;
 use std::net::Ipv4Addr;
@@ -25,6 +26,7 @@ use self::forwarders::{ForwarderPair, PairCounters, Reflector, system_cpu_second
 enum Running {
     Pair(ForwarderPair),
     Reflector(Reflector),
+    WireguardGo(wggo::WireguardGo),
 }
 
 impl Running {
@@ -32,13 +34,19 @@ impl Running {
         match self {
             Running::Pair(p) => p.cpu_seconds(),
             Running::Reflector(r) => r.cpu_seconds(),
+            Running::WireguardGo(w) => w.cpu_seconds(),
         }
     }
 
-    fn stop(self) -> Result<PairCounters> {
+    /// Stops it; tunfwd's own counters (wireguard-go has none to give).
+    fn stop(self) -> Result<Option<PairCounters>> {
         match self {
-            Running::Pair(p) => p.stop(),
-            Running::Reflector(r) => r.stop(),
+            Running::Pair(p) => p.stop().map(Some),
+            Running::Reflector(r) => r.stop().map(Some),
+            Running::WireguardGo(w) => {
+                w.stop();
+                Ok(None)
+            }
         }
     }
 }
@@ -66,7 +74,13 @@ pub enum Target {
         /// and N-1 synthetic ones with ten prefixes each), so every packet
         /// is routed and filtered through a large table.
         hub: Option<usize>,
+        /// `+wg`: both forwarders in WireGuard mode (`--wg-config`, fresh
+        /// keys), sealing every packet.
+        wg: bool,
     },
+    /// Debian's wireguard-go on both sides (configured with `wg`), the
+    /// userspace WireGuard baseline.
+    WireguardGo,
     /// `tunfwd reflect` in namespace a as the far end of the latency
     /// probes: the TUN path alone (latency workloads only).
     Reflect { spec: String, args: Vec<String> },
@@ -80,14 +94,16 @@ impl Target {
         let mut parts = s.split('+');
         let head = parts.next().unwrap_or_default();
         match head {
-            "veth" | "vxlan" if s.contains('+') => {
+            "veth" | "vxlan" | "wireguard-go" if s.contains('+') => {
                 Err(format!("{s:?}: flags (+...) apply to tunfwd targets only"))
             }
             "veth" => Ok(Target::Veth),
             "vxlan" => Ok(Target::Vxlan),
+            "wireguard-go" => Ok(Target::WireguardGo),
             "poll" | "uring" | "reflect" => {
                 let mut args = Vec::new();
                 let mut hub = None;
+                let mut wg = false;
                 for item in parts {
                     let (flag, value) = match item.split_once('=') {
                         Some((f, v)) => (f, Some(v)),
@@ -104,6 +120,10 @@ impl Target {
                         );
                         continue;
                     }
+                    if flag == "wg" && value.is_none() && head != "reflect" {
+                        wg = true;
+                        continue;
+                    }
                     if flag.is_empty() || flag.starts_with('-') {
                         return Err(format!(
                             "{s:?}: write flags as +NAME or +NAME=VALUE (e.g. uring+batch=8)"
@@ -118,15 +138,20 @@ impl Target {
                         args,
                     });
                 }
+                if wg && hub.is_some() {
+                    return Err(format!("{s:?}: +wg and +hub=N do not go together (yet)"));
+                }
                 Ok(Target::Tunfwd {
                     spec: s.to_string(),
                     engine: head.to_string(),
                     args,
                     hub,
+                    wg,
                 })
             }
             other => Err(format!(
-                "unknown bench target {other:?}: use veth, vxlan, poll, uring or reflect (optionally +FLAG=VALUE...)"
+                "unknown bench target {other:?}: use veth, vxlan, wireguard-go, poll, uring or \
+                 reflect (poll and uring optionally +wg, +hub=N, +FLAG=VALUE...)"
             )),
         }
     }
@@ -135,6 +160,7 @@ impl Target {
         match self {
             Target::Veth => "veth".into(),
             Target::Vxlan => "vxlan".into(),
+            Target::WireguardGo => "wireguard-go".into(),
             Target::Tunfwd { spec, .. } | Target::Reflect { spec, .. } => spec.clone(),
         }
     }
@@ -148,6 +174,7 @@ impl Target {
         match self {
             Target::Veth => UNDERLAY_B,
             Target::Vxlan => VXLAN_B,
+            Target::WireguardGo => wggo::OVERLAY_B,
             Target::Tunfwd { .. } => TUN_B,
             Target::Reflect { .. } => std::net::Ipv4Addr::new(198, 19, 3, 2),
         }
@@ -381,15 +408,20 @@ fn measure(
 ) -> Result<Row> {
     let forwarders = match target {
         Target::Tunfwd {
-            engine, args, hub, ..
+            engine,
+            args,
+            hub,
+            wg,
+            ..
         } => {
             let mut all = cfg.forwarder_args.clone();
             all.extend(args.iter().cloned());
             Some(Running::Pair(ForwarderPair::start(
-                topo, engine, &all, *hub,
+                topo, engine, &all, *hub, *wg,
             )?))
         }
         Target::Reflect { args, .. } => Some(Running::Reflector(Reflector::start(topo, args)?)),
+        Target::WireguardGo => Some(Running::WireguardGo(wggo::WireguardGo::start(topo)?)),
         _ => None,
     };
     let dst = target.dst();
@@ -415,13 +447,14 @@ fn measure(
     row.sys_cpu_s = system_cpu_seconds() - sys_before;
     if let (Some(pair), Some(before)) = (forwarders, fwd_before) {
         row.fwd_cpu_s = Some(pair.cpu_seconds() - before);
-        let c = pair.stop()?;
-        row.fwd_packets = Some(c.tunnel_packets);
-        row.fwd_syscalls = Some(c.syscalls);
-        row.fwd_drops = Some(c.drops);
-        row.udp_rcvbuf_drops = Some(c.udp_rcvbuf_drops);
-        row.tun_queue_drops = Some(c.tun_queue_drops);
-        row.queue = Some(c.queue);
+        if let Some(c) = pair.stop()? {
+            row.fwd_packets = Some(c.tunnel_packets);
+            row.fwd_syscalls = Some(c.syscalls);
+            row.fwd_drops = Some(c.drops);
+            row.udp_rcvbuf_drops = Some(c.udp_rcvbuf_drops);
+            row.tun_queue_drops = Some(c.tun_queue_drops);
+            row.queue = Some(c.queue);
+        }
     }
     Ok(row)
 }
@@ -560,8 +593,14 @@ mod tests {
                     .map(String::from)
                     .to_vec(),
                 hub: None,
+                wg: false,
             }
         );
+        assert!(matches!(
+            Target::parse("uring+wg+batch=8").unwrap(),
+            Target::Tunfwd { wg: true, .. }
+        ));
+        assert_eq!(Target::parse("wireguard-go").unwrap(), Target::WireguardGo);
         match Target::parse("poll+hub=10000+batch=8").unwrap() {
             Target::Tunfwd { hub, args, .. } => {
                 assert_eq!(hub, Some(10_000));
@@ -578,6 +617,9 @@ mod tests {
             "uring+hub",
             "uring+hub=1",
             "uring+hub=40000",
+            "uring+wg+hub=10",
+            "uring+wg=1",
+            "wireguard-go+batch=1",
         ] {
             assert!(Target::parse(bad).is_err(), "{bad}");
         }

@@ -6,6 +6,7 @@ script documents how they were made. Addresses are from 198.18.0.0/15 and
 2001:db8::/32.
 """
 import os
+import random
 import struct
 
 
@@ -112,3 +113,15 @@ write("peer_table", "nested-v4", b"\0" + nested + bytes(range(40)))
 write("peer_table", "nested-v6", b"\0" + b"".join(bytes([0x80 | ln, 0, i, 7, i]) for i, ln in enumerate([32, 48, 56, 64, 128, 0, 40])) + bytes(range(60)))
 write("peer_table", "spread-many", b"\1" + b"".join(bytes([(i * 7) % 33 + (0x80 if i % 3 == 0 else 0), i, i * 3 % 256, i * 5 % 256, i % 16]) for i in range(120)) + bytes(range(200)))
 write("peer_table", "duplicates", b"\0" + bytes([24, 1, 2, 3, 1]) * 3 + bytes([0x80 | 64, 1, 2, 3, 2]) * 2 + bytes(16))
+# wg_receive: WireGuard messages by shape (type, sizes, a receiver index
+# the fuzz device's session may hold), none of them authentic: random
+# ephemeral keys, MACs and ciphertext.
+rnd = random.Random(24)
+def rbytes(n):
+    return bytes(rnd.randrange(256) for _ in range(n))
+write("wg_receive", "initiation", struct.pack("<I", 1) + rbytes(144))
+write("wg_receive", "response", struct.pack("<III", 2, 7, 1) + rbytes(80))
+write("wg_receive", "cookie-reply", struct.pack("<II", 3, 1) + rbytes(56))
+write("wg_receive", "data-1400", struct.pack("<IIQ", 4, 1, 5) + rbytes(1400 + 16))
+write("wg_receive", "keepalive", struct.pack("<IIQ", 4, 1, 6) + rbytes(16))
+write("wg_receive", "data-unknown-index", struct.pack("<IIQ", 4, 77 << 8, 1) + rbytes(100))
