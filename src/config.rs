@@ -462,11 +462,10 @@ impl TunnelConfig {
     }
 
     /// The offload setting in effect: reflected packets go back as they came
-    /// and TAP frames travel in VXLAN, so neither carries virtio-net headers;
-    /// WireGuard mode seals packet by packet (offload there is still to do).
+    /// and TAP frames travel in VXLAN, so neither carries virtio-net headers.
     pub fn effective_offload(&self) -> Toggle {
         // Virtio-net headers on the device are Linux-only.
-        if !cfg!(target_os = "linux") || !matches!(self.mode, Mode::Tun { .. }) {
+        if !cfg!(target_os = "linux") || !self.mode.tunnels_ip() {
             Toggle::Off
         } else {
             self.engine.offload
@@ -525,13 +524,8 @@ impl TunnelConfig {
 }
 
 impl Mode {
-    /// TAP's VNI, and what TAP and WireGuard cannot do (yet).
+    /// TAP's VNI, and what TAP cannot do.
     fn validate(&self, offload: Toggle) -> Result<()> {
-        if self.is_wireguard() && offload == Toggle::On {
-            return Err(Error::config(
-                "--offload on: not available with --wg-config yet (WireGuard runs without offload)",
-            ));
-        }
         if let Mode::Tap { vni, .. } = *self {
             if vni > crate::packet::vxlan::MAX_VNI {
                 return Err(Error::config(format!(

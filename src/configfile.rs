@@ -553,10 +553,6 @@ mod tests {
                 &["--queues", "2"][..],
                 "--queues above 1 is not available with --wg-config",
             ),
-            (
-                &["--offload", "on"][..],
-                "--offload on: not available with --wg-config",
-            ),
         ] {
             let mut a = vec!["--config", p.as_str()];
             a.extend_from_slice(extra);

@@ -222,6 +222,7 @@ pub fn split_coalesce(data: &[u8]) {
         // The datagrams as the engines gather them.
         let bytes: Vec<u8> = match plan.buf {
             TxBuf::Read => read[send.range.clone()].to_vec(),
+            TxBuf::Split => split[send.range.clone()].to_vec(),
             TxBuf::Gather(_) => plan
                 .pieces(&send)
                 .flat_map(|(h, p)| {

@@ -363,20 +363,42 @@ fn tunfwd_to_tunfwd_and_a_readable_key_file_is_refused() {
         ..
     } = Confs::write(&dir, false);
     for engine in engines("tunfwd_to_tunfwd") {
-        let topo = Topology::new();
-        let mut b = Proc::tunfwd(&topo.b, &wg_args(engine, false, &b_conf));
-        let mut a = Proc::tunfwd(&topo.a, &wg_args(engine, true, &a_conf));
-        assert!(topo.a.ping(OVERLAY_B), "{engine}: ping a->b");
-        assert!(topo.b.ping(OVERLAY6_A), "{engine}: ping b->a v6");
-        let dst: SocketAddr = format!("{OVERLAY_B}:7000").parse().unwrap();
-        verified_tcp_transfer(&topo.a, &topo.b, dst, 16 << 20);
-        assert!(a.terminate().success());
-        assert!(b.terminate().success());
-        let out = b.stdout();
-        assert!(
-            stat(&out, "summary total", "wg_handshake_messages") >= 1,
-            "{out}"
-        );
+        for offload in ["on", "off"] {
+            let what = format!("{engine}, offload {offload}");
+            let topo = Topology::new();
+            let with = |side_a: bool, conf: &std::path::Path| {
+                let mut v = wg_args(engine, side_a, conf);
+                v.extend(["--offload".to_string(), offload.to_string()]);
+                v
+            };
+            let mut b = Proc::tunfwd(&topo.b, &with(false, &b_conf));
+            let mut a = Proc::tunfwd(&topo.a, &with(true, &a_conf));
+            assert!(topo.a.ping(OVERLAY_B), "{what}: ping a->b");
+            assert!(topo.b.ping(OVERLAY6_A), "{what}: ping b->a v6");
+            let dst: SocketAddr = format!("{OVERLAY_B}:7000").parse().unwrap();
+            verified_tcp_transfer(&topo.a, &topo.b, dst, 16 << 20);
+            assert!(a.terminate().success());
+            assert!(b.terminate().success());
+            let (out_a, out_b) = (a.stdout(), b.stdout());
+            assert!(
+                stat(&out_b, "summary total", "wg_handshake_messages") >= 1,
+                "{what}: {out_b}"
+            );
+            // With offload, a's super-packets left as sealed GSO sends and
+            // b wrote coalesced segments; without it, neither.
+            let (gso, vnet) = (
+                stat(&out_a, "summary total", "gso_sends"),
+                stat(&out_b, "summary total", "vnet_writes"),
+            );
+            if offload == "on" {
+                assert!(
+                    gso > 0 && vnet > 0,
+                    "{what}: gso {gso}, vnet {vnet}\n{out_a}"
+                );
+            } else {
+                assert_eq!((gso, vnet), (0, 0), "{what}");
+            }
+        }
     }
     // Group-readable: refused, naming the file and the fix.
     std::fs::set_permissions(&a_conf, std::os::unix::fs::PermissionsExt::from_mode(0o640)).unwrap();

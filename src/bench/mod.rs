@@ -618,7 +618,6 @@ mod tests {
             "uring+hub=1",
             "uring+hub=40000",
             "uring+wg+hub=10",
-            "uring+wg=1",
             "wireguard-go+batch=1",
         ] {
             assert!(Target::parse(bad).is_err(), "{bad}");

@@ -411,8 +411,17 @@ impl Setup {
             label,
             limits,
             events: VecDeque::new(),
+            // A datagram, or with offload a whole super-packet's segments
+            // (headers repeated, padding) before they are sealed.
             wg: wg.map(|dev| wg::WgPath {
-                scratch: vec![0; framing.max_receive_len(offload)],
+                scratch: vec![
+                    0;
+                    if offload {
+                        2 * OFFLOAD_READ_LEN
+                    } else {
+                        framing.max_receive_len(false)
+                    }
+                ],
                 dev,
             }),
         }

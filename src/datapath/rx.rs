@@ -191,7 +191,7 @@ impl Datapath {
                 self.stats.peer_to_tun.drop(DropReason::OverMtu);
                 return RxAction::Dropped;
             }
-            return self.receive_wg(rx, src, buf, now_ns);
+            return self.receive_wg(rx, src, buf, coalescer, now_ns);
         }
         let peer = self.fwd.source_peer(src);
         if self.is_truncated(rx) {

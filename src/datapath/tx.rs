@@ -21,6 +21,9 @@ pub enum TxBuf {
     /// (`READ_PAYLOAD_OFFSET + g.payload(i)`): sent as a gather list, the
     /// payload never copied. See [`TxPlan::pieces`].
     Gather(offload::GatherSegments),
+    /// The split buffer holds the datagrams (WireGuard: a super-packet's
+    /// segments, each sealed there).
+    Split,
 }
 
 /// The datagrams one TUN read became: bytes `start..end` of `buf`, cut every
@@ -69,7 +72,7 @@ impl TxPlan {
                 send.range.start / self.seg,
                 send.range.end.div_ceil(self.seg),
             ),
-            TxBuf::Read => (None, 0, 0),
+            TxBuf::Read | TxBuf::Split => (None, 0, 0),
         };
         (first..last).filter_map(move |i| {
             let g = g?;
@@ -226,7 +229,7 @@ impl Datapath {
         split: &mut [u8],
     ) -> TunAction {
         if self.offload {
-            return self.handle_offload_read(&mut read[..len], split);
+            return self.handle_offload_read(read, len, split);
         }
         let head = self.read_headroom();
         let (encap, pkt) = read[..head + len].split_at_mut(head);
@@ -236,7 +239,7 @@ impl Datapath {
                     return TunAction::Dropped;
                 };
                 if self.wg.is_some() {
-                    return self.seal(peer, read, len);
+                    return self.seal(peer, read, head, len);
                 }
                 self.fwd.write_encap(encap);
                 TunAction::Send(TxPlan {
@@ -270,7 +273,13 @@ impl Datapath {
         }
     }
 
-    pub(super) fn handle_offload_read(&mut self, frame: &mut [u8], split: &mut [u8]) -> TunAction {
+    pub(super) fn handle_offload_read(
+        &mut self,
+        read: &mut [u8],
+        len: usize,
+        split: &mut [u8],
+    ) -> TunAction {
+        let frame = &mut read[..len];
         let Some(hdr) = VirtioNetHdr::parse(frame) else {
             self.stats.tun_to_peer.drop(DropReason::Truncated);
             return TunAction::Dropped;
@@ -286,7 +295,7 @@ impl Datapath {
         };
         match gathered {
             // One packet gets the same checks as without offload, and goes
-            // out from where it was read.
+            // out from where it was read (WireGuard: sealed there).
             offload::Gathered::Single => match self.fwd.handle_from_tun(pkt) {
                 TunVerdict::Drop(r) => {
                     self.stats.tun_to_peer.drop(r);
@@ -294,6 +303,10 @@ impl Datapath {
                 }
                 _ => match self.route(pkt) {
                     None => TunAction::Dropped,
+                    Some(peer) if self.wg.is_some() => {
+                        let n = pkt.len();
+                        self.seal(peer, read, READ_PAYLOAD_OFFSET, n)
+                    }
                     Some(peer) => TunAction::Send(TxPlan {
                         buf: TxBuf::Read,
                         dest: self.fwd.peer_addr(peer),
@@ -306,9 +319,11 @@ impl Datapath {
                 },
             },
             // Split made every segment valid and within the MTU; they all
-            // go to the peer of the super-packet's destination.
+            // go to the peer of the super-packet's destination (WireGuard:
+            // sealed one by one into the split buffer).
             offload::Gathered::Segments(g) => match self.route(pkt) {
                 None => TunAction::Dropped,
+                Some(peer) if self.wg.is_some() => self.seal_segments(peer, g, read, split),
                 Some(peer) => TunAction::Send(TxPlan {
                     buf: TxBuf::Gather(g),
                     dest: self.fwd.peer_addr(peer),

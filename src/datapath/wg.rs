@@ -19,33 +19,91 @@ pub(super) struct WgPath {
 }
 
 impl Datapath {
-    /// Seals the packet of `len` bytes read behind the headroom of `read`
-    /// for `peer`; the message is written from the start of `read` (whose
-    /// tail room holds the tag, or a handshake initiation).
-    pub(super) fn seal(&mut self, peer: PeerId, read: &mut [u8], len: usize) -> TunAction {
-        let head = self.read_headroom();
+    /// Seals the packet of `len` bytes at `at` of `read` for `peer`; the
+    /// message is written from the start of `read` (whose tail room holds
+    /// the tag, or a handshake initiation).
+    pub(super) fn seal(
+        &mut self,
+        peer: PeerId,
+        read: &mut [u8],
+        at: usize,
+        len: usize,
+    ) -> TunAction {
         let padded = padded_len(len, self.fwd.mtu());
         let Some(wg) = &mut self.wg else {
             return TunAction::Dropped;
         };
-        wg.scratch[..len].copy_from_slice(&read[head..head + len]);
+        wg.scratch[..len].copy_from_slice(&read[at..at + len]);
         wg.scratch[len..padded].fill(0);
-        match wg.dev.seal(peer, &wg.scratch[..padded], read) {
-            Sealed::Datagram { len: n, to } => TunAction::Send(TxPlan {
-                buf: TxBuf::Read,
-                dest: to,
+        let sealed = wg.dev.seal(peer, &wg.scratch[..padded], read);
+        self.sealed(peer, sealed, TxBuf::Read, 1)
+    }
+
+    /// Seals the segments `g` of a super-packet (headers in `split`,
+    /// payloads in `read`) for `peer`, each padded, into `split`: one UDP
+    /// GSO send of equal-size messages.
+    pub(super) fn seal_segments(
+        &mut self,
+        peer: PeerId,
+        g: offload::GatherSegments,
+        read: &[u8],
+        split: &mut [u8],
+    ) -> TunAction {
+        let mtu = self.fwd.mtu();
+        let Some(wg) = &mut self.wg else {
+            return TunAction::Dropped;
+        };
+        // Full segments are all seg_len long, so all pad to one size.
+        let stride = padded_len(g.seg_len(), mtu);
+        let mut end = 0;
+        for i in 0..g.count {
+            let (h, p) = (g.headers(i), g.payload(i));
+            let plain = &mut wg.scratch[i * stride..];
+            plain[..h.len()].copy_from_slice(&split[h.clone()]);
+            plain[h.len()..h.len() + p.len()]
+                .copy_from_slice(&read[READ_PAYLOAD_OFFSET + p.start..READ_PAYLOAD_OFFSET + p.end]);
+            let len = h.len() + p.len();
+            let padded = padded_len(len, mtu);
+            plain[len..padded].fill(0);
+            end = i * stride + padded;
+        }
+        let sealed = wg
+            .dev
+            .seal_segments(peer, &wg.scratch[..end], stride, split);
+        self.sealed(peer, sealed, TxBuf::Split, g.count)
+    }
+
+    /// What sealing gave, as a plan for the datagrams in `buf`; `packets`
+    /// were sealed (or wait for a handshake).
+    fn sealed(&self, peer: PeerId, sealed: Sealed, buf: TxBuf, packets: usize) -> TunAction {
+        let plan = |end: usize, seg: usize, dest| {
+            TunAction::Send(TxPlan {
+                buf,
+                dest,
                 peer,
                 start: 0,
-                end: n,
-                seg: n.max(1),
+                end,
+                seg: seg.max(1),
                 sent: 0,
-            }),
+            })
+        };
+        match sealed {
+            Sealed::Datagrams { len, seg, to } => plan(len, seg, to),
+            // A data message, or an initiation the packets wait behind.
+            Sealed::Datagram { len, to } => {
+                if packets > 1 {
+                    self.stats.wg_waiting.add(packets as u64);
+                }
+                plan(len, len, to)
+            }
             Sealed::Queued => {
-                self.stats.wg_waiting.add(1);
+                self.stats.wg_waiting.add(packets as u64);
                 TunAction::Dropped
             }
             Sealed::Dropped(r) => {
-                self.stats.tun_to_peer.drop(r);
+                for _ in 0..packets {
+                    self.stats.tun_to_peer.drop(r);
+                }
                 if self.peers.per_peer {
                     self.peer_counters(peer).drop(r);
                 }
@@ -54,23 +112,85 @@ impl Datapath {
         }
     }
 
-    /// Opens a datagram from `src` (`rx`, in `buf`) at `now_ns`: a data
-    /// message's packet is checked like any other (valid, within the MTU,
-    /// its source in the peer's AllowedIPs) and written from where the
-    /// datagram was; a handshake message goes to the control thread.
+    /// A receive from `src` (`rx`, in `buf`) at `now_ns`: each datagram
+    /// (one, or with UDP GRO several) is opened where it lies and its
+    /// packet checked like any other (valid, within the MTU, its source in
+    /// the AllowedIPs of the peer whose key opened it, CoDel); without
+    /// offload the packet is written as it is, with offload the coalescer
+    /// joins consecutive TCP segments. A handshake message goes to the
+    /// control thread.
     pub(super) fn receive_wg(
         &mut self,
         rx: &Received,
         src: SocketAddr,
         buf: &mut [u8],
+        coalescer: &mut Coalescer,
         now_ns: u64,
     ) -> RxAction {
-        let Some(wg) = &mut self.wg else {
-            return RxAction::Dropped;
-        };
-        let at = rx.payload.start;
-        let n = rx.payload.len();
-        wg.scratch[..n].copy_from_slice(&buf[rx.payload.clone()]);
+        if !self.offload {
+            return match self.open_one(rx, src, buf, rx.payload.clone(), now_ns) {
+                Some((peer, pkt)) => {
+                    self.count_accepted(peer, pkt.len(), now_ns);
+                    RxAction::Write(pkt)
+                }
+                None => RxAction::Dropped,
+            };
+        }
+        coalescer.clear();
+        let seg = rx.gro_size.unwrap_or(rx.payload.len()).max(1);
+        if seg < rx.payload.len() {
+            self.stats.gro_receives.add(1);
+            self.stats
+                .gro_datagrams
+                .add(rx.payload.len().div_ceil(seg) as u64);
+        }
+        let mut at = rx.payload.start;
+        while at < rx.payload.end {
+            let datagram = at..(at + seg).min(rx.payload.end);
+            at = datagram.end;
+            let Some((peer, pkt)) = self.open_one(rx, src, buf, datagram, now_ns) else {
+                continue;
+            };
+            if coalescer.push(buf, pkt.clone()).is_err() {
+                self.stats.peer_to_tun.drop(DropReason::BadChecksum);
+                if self.peers.per_peer {
+                    self.peer_counters(peer).drop(DropReason::BadChecksum);
+                }
+            } else {
+                self.count_accepted(peer, pkt.len(), now_ns);
+            }
+        }
+        if coalescer.finish(buf).is_empty() {
+            RxAction::Dropped
+        } else {
+            RxAction::Coalesced
+        }
+    }
+
+    /// A packet of `len` bytes from `peer` was accepted.
+    fn count_accepted(&self, peer: PeerId, len: usize, now_ns: u64) {
+        if self.peers.per_peer {
+            let c = self.peer_counters(peer);
+            c.last_rx_ns.record(now_ns);
+            PeerCount(Some(c)).accepted(len);
+        }
+    }
+
+    /// Opens one datagram (bytes `datagram` of `buf`) where it lies: the
+    /// peer and its packet's bytes if the packet is accepted; otherwise
+    /// None, counted (a drop, a keepalive, a handshake message).
+    fn open_one(
+        &mut self,
+        rx: &Received,
+        src: SocketAddr,
+        buf: &mut [u8],
+        datagram: Range<usize>,
+        now_ns: u64,
+    ) -> Option<(PeerId, Range<usize>)> {
+        let wg = self.wg.as_mut()?;
+        let at = datagram.start;
+        let n = datagram.len();
+        wg.scratch[..n].copy_from_slice(&buf[datagram]);
         let opened = wg.dev.open(src, &wg.scratch[..n], &mut buf[at..]);
         let stats = &self.stats;
         let (peer, len) = match opened {
@@ -80,15 +200,15 @@ impl Datapath {
                 if self.peers.per_peer {
                     self.peer_counters(peer).last_rx_ns.record(now_ns);
                 }
-                return RxAction::Dropped;
+                return None;
             }
             Opened::Handshake => {
                 stats.wg_handshake_messages.add(1);
-                return RxAction::Dropped;
+                return None;
             }
             Opened::Dropped(r) => {
                 stats.peer_to_tun.drop(r);
-                return RxAction::Dropped;
+                return None;
             }
         };
         let pkt = at..at + len;
@@ -102,23 +222,19 @@ impl Datapath {
                 verdict = Err(DropReason::Aqm);
             }
         }
-        let count = PeerCount(self.peers.per_peer.then(|| {
-            let c = self.fwd.peers().peer(peer).stats.worker(self.fwd.queue());
-            c.last_rx_ns.record(now_ns);
-            c
-        }));
         match verdict {
-            Ok(()) => {
-                count.accepted(len);
-                RxAction::Write(pkt)
-            }
+            Ok(()) => Some((peer, pkt)),
             Err(r) => {
                 // (aqm_apply counted its own drop.)
                 if r != DropReason::Aqm {
                     self.stats.peer_to_tun.drop(r);
                 }
-                count.dropped(r);
-                RxAction::Dropped
+                if self.peers.per_peer {
+                    let c = self.peer_counters(peer);
+                    c.last_rx_ns.record(now_ns);
+                    c.drop(r);
+                }
+                None
             }
         }
     }

@@ -379,6 +379,10 @@ impl PollWorker {
                     iov[0] = IoSlice::new(&read[send.range.clone()]);
                     1
                 }
+                TxBuf::Split => {
+                    iov[0] = IoSlice::new(&self.out.split[send.range.clone()]);
+                    1
+                }
                 TxBuf::Gather(_) => {
                     let mut n = 0;
                     for (h, p) in plan.pieces(&send) {

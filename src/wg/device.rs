@@ -192,6 +192,55 @@ impl Device {
         }
     }
 
+    /// Seals the segments of a super-packet for peer `id` under one lock:
+    /// `plain` holds them back to back, each `seg` bytes (already padded;
+    /// the last may be shorter), and message `i` is written at
+    /// `i * (seg + OVERHEAD)` of `out`, so all but the last have one size
+    /// (one UDP GSO send). Without a session, the first segment's place
+    /// holds a handshake initiation and every segment waits for it.
+    pub fn seal_segments(&self, id: PeerId, plain: &[u8], seg: usize, out: &mut [u8]) -> Sealed {
+        let Some(peer) = self.peers.get(id as usize) else {
+            return Sealed::Dropped(DropReason::NoRoute);
+        };
+        let Ok(mut st) = peer.state.lock() else {
+            return Sealed::Dropped(DropReason::SendFailed);
+        };
+        let Some(to) = st.endpoint.map(|e| self.socket_addr(e)) else {
+            return Sealed::Dropped(DropReason::WgNoEndpoint);
+        };
+        let stride = seg + OVERHEAD;
+        let mut len = 0;
+        for (i, p) in plain.chunks(seg.max(1)).enumerate() {
+            let at = i * stride;
+            match st.tunn.encapsulate(p, &mut out[at..]) {
+                TunnResult::WriteToNetwork(d) if d.len() == p.len() + OVERHEAD => {
+                    len = at + d.len()
+                }
+                TunnResult::WriteToNetwork(d) if i == 0 => {
+                    // An initiation; the rest wait with the first.
+                    let n = d.len();
+                    for rest in plain.chunks(seg.max(1)).skip(1) {
+                        let _ = st.tunn.encapsulate(rest, &mut out[n..]);
+                    }
+                    return Sealed::Datagram { len: n, to };
+                }
+                TunnResult::Done if i == 0 => {
+                    for rest in plain.chunks(seg.max(1)).skip(1) {
+                        let _ = st.tunn.encapsulate(rest, &mut out[stride..]);
+                    }
+                    return Sealed::Queued;
+                }
+                TunnResult::Err(e) => return Sealed::Dropped(reason(&e)),
+                _ => return Sealed::Dropped(DropReason::WgBadMessage),
+            }
+        }
+        Sealed::Datagrams {
+            len,
+            seg: stride,
+            to,
+        }
+    }
+
     /// Opens a datagram from `src` into `out` (at least as long as the
     /// datagram). Data messages are opened here; handshake messages are
     /// queued for the control thread.
@@ -445,6 +494,45 @@ mod tests {
             Opened::Packet { peer: 0, .. }
         ));
         assert_eq!(a.endpoint(0), Some(moved));
+    }
+
+    #[test]
+    fn segments_seal_into_equal_strides_and_each_opens() {
+        let (a, b) = pair();
+        let mut out = vec![0u8; 8192];
+        let mut o = vec![0u8; 2048];
+        let pkt = crate::packet::ip::tests::ipv4_udp(100);
+        // Before a session: an initiation, and every segment waits.
+        let last = crate::packet::ip::tests::ipv4_udp(36);
+        assert_eq!(last.len(), 64);
+        let plain: Vec<u8> = [pkt.clone(), pkt.clone(), last].concat();
+        let seg = pkt.len();
+        let Sealed::Datagram { len, .. } = a.seal_segments(0, &plain, seg, &mut out) else {
+            panic!("an initiation")
+        };
+        assert_eq!(len, MAX_HANDSHAKE_LEN);
+        b.open(A.parse().unwrap(), &out[..len], &mut o);
+        assert_eq!(pump(&b, &a, B), 1);
+        assert_eq!(pump(&a, &b, A), 1, "the three waited and went after it");
+        // With a session: three messages at strides of seg + 32.
+        let Sealed::Datagrams {
+            len, seg: stride, ..
+        } = a.seal_segments(0, &plain, seg, &mut out)
+        else {
+            panic!("sealed")
+        };
+        assert_eq!((stride, len), (seg + OVERHEAD, 2 * stride + 64 + OVERHEAD));
+        for (i, want) in [seg, seg, 64].into_iter().enumerate() {
+            let m = &out[i * stride..(i * stride + want + OVERHEAD)];
+            assert_eq!(
+                b.open(A.parse().unwrap(), m, &mut o),
+                Opened::Packet {
+                    peer: 1,
+                    len: want.min(pkt.len())
+                },
+                "segment {i}"
+            );
+        }
     }
 
     #[test]

@@ -59,9 +59,16 @@ impl HandshakeMsg {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Sealed {
     /// Send `len` bytes of the output to `to`: the data message, or (no
-    /// session yet) a handshake initiation, the packet waiting inside
-    /// until the handshake completes.
+    /// session yet) a handshake initiation, the packet (or packets) waiting
+    /// inside until the handshake completes.
     Datagram { len: usize, to: SocketAddr },
+    /// Send `len` bytes of the output to `to` as datagrams of `seg` bytes
+    /// (the last may be shorter): one data message per segment.
+    Datagrams {
+        len: usize,
+        seg: usize,
+        to: SocketAddr,
+    },
     /// A handshake is under way: the packet waits for it.
     Queued,
     /// Not sent; counted under this reason.

@@ -573,6 +573,18 @@ impl UringWorker {
                 let (data, len) = self.pool.area(bid, send.range.clone());
                 self.tx[i].msg.prepare_send(data, len, dest, send.gso_size)
             }
+            TxBuf::Split => {
+                let Some(split) = self.split.as_ref().map(|s| s.ptr) else {
+                    return self.recycle(bid);
+                };
+                let range = send.range.start.min(SPLIT_LEN)..send.range.end.min(SPLIT_LEN);
+                // SAFETY: bid < per_group: its split area is the SPLIT_LEN
+                // bytes at i * SPLIT_LEN of `split`, and `range` lies in it.
+                let data = unsafe { split.add(i * SPLIT_LEN + range.start) };
+                self.tx[i]
+                    .msg
+                    .prepare_send(data, range.len(), dest, send.gso_size)
+            }
             TxBuf::Gather(_) => {
                 let Some(split) = self.split.as_ref().map(|s| s.ptr) else {
                     return self.recycle(bid);
