@@ -507,7 +507,8 @@ struct TunnelArgs {
     /// PersistentKeepalive), interoperating with wireguard-go and the
     /// kernel's WireGuard. The file must not be readable by group or others
     /// (it holds the private key). Replaces --peer, --peers-file and
-    /// --allow-src; TUN mode, one queue (for now).
+    /// --allow-src; TUN mode. With --queues N every worker binds the one
+    /// port (SO_REUSEPORT).
     #[arg(long, value_name = "FILE", conflicts_with_all = ["peer", "peers_file", "allow_src", "encap", "vni", "mac"])]
     wg_config: Option<std::path::PathBuf>,
 

@@ -472,9 +472,22 @@ impl TunnelConfig {
         }
     }
 
-    /// Local UDP address of worker `queue`: one port per queue.
+    /// Local UDP address of worker `queue`: one port per queue, or with
+    /// WireGuard (whose peers know one port) the same port for every queue
+    /// ([`TunnelConfig::shares_port`]).
     pub fn listen_for(&self, queue: usize) -> SocketAddr {
-        offset_port(self.peers.listen, queue)
+        if self.shares_port() {
+            self.peers.listen
+        } else {
+            offset_port(self.peers.listen, queue)
+        }
+    }
+
+    /// True if every worker binds the one listening port (`SO_REUSEPORT`,
+    /// the kernel spreading datagrams by flow): WireGuard with several
+    /// queues.
+    pub fn shares_port(&self) -> bool {
+        self.mode.is_wireguard() && self.engine.queues > 1
     }
 
     /// Every peer: the `--peer` flags, then the lines of the `--peers-file`
@@ -677,12 +690,6 @@ impl PeersConfig {
                 return Err(Error::config(
                     "--wg-config names the peers ([Peer] sections): --peer and --peers-file do \
                      not apply",
-                ));
-            }
-            if queues > 1 {
-                return Err(Error::config(
-                    "--queues above 1 is not available with --wg-config yet (one worker \
-                     serves every peer)",
                 ));
             }
             return Ok(());

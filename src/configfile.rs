@@ -549,10 +549,6 @@ mod tests {
         for (extra, want) in [
             (&["--peer", "198.18.0.2:5000"][..], "cannot be used with"),
             (&["--mode", "tap"][..], "use it with --mode tun"),
-            (
-                &["--queues", "2"][..],
-                "--queues above 1 is not available with --wg-config",
-            ),
         ] {
             let mut a = vec!["--config", p.as_str()];
             a.extend_from_slice(extra);

@@ -363,20 +363,36 @@ fn tunfwd_to_tunfwd_and_a_readable_key_file_is_refused() {
         ..
     } = Confs::write(&dir, false);
     for engine in engines("tunfwd_to_tunfwd") {
-        for offload in ["on", "off"] {
-            let what = format!("{engine}, offload {offload}");
+        for (offload, queues) in [("on", "1"), ("off", "1"), ("on", "2")] {
+            let what = format!("{engine}, offload {offload}, {queues} queue(s)");
             let topo = Topology::new();
             let with = |side_a: bool, conf: &std::path::Path| {
                 let mut v = wg_args(engine, side_a, conf);
-                v.extend(["--offload".to_string(), offload.to_string()]);
+                v.extend(["--offload", offload, "--queues", queues].map(String::from));
                 v
             };
             let mut b = Proc::tunfwd(&topo.b, &with(false, &b_conf));
             let mut a = Proc::tunfwd(&topo.a, &with(true, &a_conf));
+            // Every queue binds the one port the peer knows.
+            assert!(
+                a.stderr().contains(&format!(
+                    "{queues} queue(s), engine {engine}, wireguard udp [::]:{WG_PORT}"
+                )),
+                "{what}: {}",
+                a.stderr()
+            );
             assert!(topo.a.ping(OVERLAY_B), "{what}: ping a->b");
             assert!(topo.b.ping(OVERLAY6_A), "{what}: ping b->a v6");
+            // Two flows at once (with two queues, the device may hand
+            // them to different workers, sealing for the same peer).
+            let back = {
+                let (from, to) = (Netns::existing(&topo.b.name), Netns::existing(&topo.a.name));
+                let dst: SocketAddr = format!("{OVERLAY_A}:7001").parse().unwrap();
+                std::thread::spawn(move || verified_tcp_transfer(&from, &to, dst, 8 << 20))
+            };
             let dst: SocketAddr = format!("{OVERLAY_B}:7000").parse().unwrap();
             verified_tcp_transfer(&topo.a, &topo.b, dst, 16 << 20);
+            back.join().expect("the transfer back");
             assert!(a.terminate().success());
             assert!(b.terminate().success());
             let (out_a, out_b) = (a.stdout(), b.stdout());

@@ -36,6 +36,33 @@ pub struct RecvInfo {
     pub truncated: bool,
 }
 
+/// A UDP socket bound to `addr` with `SO_REUSEPORT`, so that each worker
+/// of a tunnel whose peers know one port (WireGuard) binds that same port
+/// and the kernel spreads incoming datagrams over them by flow.
+pub fn bind_udp_shared(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrStorage, bind, setsockopt, socket, sockopt,
+    };
+    use std::os::fd::AsRawFd;
+    let family = if addr.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    #[cfg(target_os = "linux")]
+    let fd = socket(family, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)?;
+    #[cfg(not(target_os = "linux"))]
+    let fd = {
+        use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+        let fd = socket(family, SockType::Datagram, SockFlag::empty(), None)?;
+        fcntl(&fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))?;
+        fd
+    };
+    setsockopt(&fd, sockopt::ReusePort, &true)?;
+    bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
+    Ok(std::net::UdpSocket::from(fd))
+}
+
 /// Socket errors that report a past ICMP error (peer port unreachable, ...)
 /// rather than a broken socket: the socket stays usable.
 pub fn is_transient_socket_errno(e: Errno) -> bool {

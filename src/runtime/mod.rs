@@ -310,10 +310,19 @@ fn enter_process_context(cfg: &TunnelConfig) -> Result<()> {
 
 /// One UDP socket per queue, bound, with its buffers, error queue and GRO.
 fn open_sockets(cfg: &TunnelConfig, offload: bool) -> Result<Vec<UdpSocket>> {
-    let mut sockets = Vec::with_capacity(cfg.engine.queues);
+    let mut sockets: Vec<UdpSocket> = Vec::with_capacity(cfg.engine.queues);
     for q in 0..cfg.engine.queues {
-        let addr = cfg.listen_for(q);
-        let sock = UdpSocket::bind(addr).map_err(|e| {
+        let mut addr = cfg.listen_for(q);
+        // A port shared by every queue: the one the first socket got.
+        if let (true, Some(first)) = (cfg.shares_port(), sockets.first()) {
+            addr = first.local_addr().unwrap_or(addr);
+        }
+        let bound = if cfg.shares_port() {
+            crate::platform::bind_udp_shared(addr)
+        } else {
+            UdpSocket::bind(addr)
+        };
+        let sock = bound.map_err(|e| {
             let hint = match e.raw_os_error() {
                 Some(libc::EADDRINUSE) => Some("another process uses this port"),
                 Some(libc::EADDRNOTAVAIL) => Some("the address is not on this host"),
