@@ -4,8 +4,11 @@
 # runs tunnel checks inside each, under each engine: two namespaces, a
 # tunnel, ping over IPv4 and IPv6, a verified TCP transfer (SHA-256 of 8 MiB),
 # the startup lines that say what the io_uring probe found and which
-# fallbacks were taken, and `tunfwd bench --quick --compare poll,uring` (as a
-# ratio: the guest is emulated). One line per check:
+# fallbacks were taken, `tunfwd bench --quick --compare poll,uring` (as a
+# ratio: the guest is emulated), and tunfwd's WireGuard mode against the
+# kernel's WireGuard (wireguard.ko from the same image, its dependencies
+# loaded first): handshake, ping, a verified TCP transfer, per engine. One
+# line per check:
 #
 #   KERNEL  CHECK  ENGINE  pass|fail|n/a  DETAIL
 #
@@ -13,7 +16,8 @@
 #   KERNEL: 6.1 (Debian 12's newest linux-image-6.1.0-*-amd64-unsigned), 6.12
 #   (linux-image-6.12.*+deb12-amd64-unsigned), another version, or a package
 #   name (linux-image-...-unsigned). Default: 6.1.
-# Installs qemu-system-x86, busybox-static, iproute2, iputils-ping and socat
+# Installs qemu-system-x86, busybox-static, iproute2, iputils-ping, socat and
+# wireguard-tools (wg, copied into the guest) and kmod (depmod)
 # with apt-get when missing; kernels come from the package registry
 # (apt-get download) and are cached, with the guest's tools, in
 # target/kernels/. Exits non-zero if any check fails. The markdown table and
@@ -30,6 +34,8 @@ command -v ping >/dev/null || need+=(iputils-ping)
 command -v socat >/dev/null || need+=(socat)
 command -v cpio >/dev/null || need+=(cpio)
 command -v xz >/dev/null || need+=(xz-utils)
+command -v wg >/dev/null || need+=(wireguard-tools)
+command -v depmod >/dev/null || need+=(kmod)
 if [ ${#need[@]} -gt 0 ]; then
     echo "kernels.sh: installing ${need[*]}"
     apt-get update -qq
@@ -233,6 +239,52 @@ if tunfwd bench --quick --compare "$(cat /etc/bench-compare)" > /tmp/bench.out 2
 else
     say "bench - fail $(tail -c 300 /tmp/bench.err | one_line)"
 fi
+# tunfwd's WireGuard mode against the kernel's WireGuard, per engine.
+for m in $(cat /lib/modules/wg/order 2>/dev/null); do insmod /lib/modules/wg/$m 2>/dev/null; done
+if ip -n b link add wg0 type wireguard 2> /tmp/wgerr; then
+    umask 077
+    tunfwd genkey > /tmp/ka; tunfwd pubkey < /tmp/ka > /tmp/pa
+    tunfwd genkey > /tmp/kb; tunfwd pubkey < /tmp/kb > /tmp/pb
+    printf '[Interface]\nPrivateKey = %s\nListenPort = 51820\n[Peer]\nPublicKey = %s\nEndpoint = 198.18.0.2:51820\nAllowedIPs = 198.19.5.2/32\n' \
+        "$(cat /tmp/ka)" "$(cat /tmp/pb)" > /tmp/a.conf
+    printf '[Interface]\nPrivateKey = %s\nListenPort = 51820\n[Peer]\nPublicKey = %s\nAllowedIPs = 198.19.5.1/32\n' \
+        "$(cat /tmp/kb)" "$(cat /tmp/pa)" > /tmp/b.conf
+    ip netns exec b wg setconf wg0 /tmp/b.conf
+    ip -n b addr add 198.19.5.2/24 dev wg0
+    ip -n b link set wg0 up
+    for engine in poll uring; do
+        (exec /usr/bin/ip netns exec a tunfwd tunnel --engine $engine --dev tun1 \
+            --address 198.19.5.1/24 --wg-config /tmp/a.conf > /tmp/wa.out 2> /tmp/wa.err) &
+        pid=$!
+        if ! wait_for /tmp/wa.err "tunnel up"; then
+            say "wg_startup $engine fail $(one_line < /tmp/wa.err)"
+            kill $pid 2>/dev/null; wait $pid
+            continue
+        fi
+        if ip netns exec a ping -c 3 -W 10 198.19.5.2 > /tmp/p 2>&1 &&
+            grep -q ' 3 received, 0% packet loss' /tmp/p; then
+            say "wg_ping $engine pass kernel WireGuard: $(grep 'packet loss' /tmp/p)"
+        else say "wg_ping $engine fail $(one_line < /tmp/p) $(one_line < /tmp/wa.err)"; fi
+        rm -f /tmp/recv
+        (exec /usr/bin/ip netns exec b socat -u TCP-LISTEN:7000,reuseaddr OPEN:/tmp/recv,creat,trunc) &
+        r=$!
+        i=0; while ! listening && [ $i -lt 600 ]; do i=$((i + 1)); sleep 0.1; done
+        if ip netns exec a socat -u OPEN:/tmp/data TCP:198.19.5.2:7000 2> /tmp/s && wait $r; then
+            got=$(sha256sum < /tmp/recv | cut -d ' ' -f 1)
+            if [ "$got" = "$sum" ]; then say "wg_tcp_verified $engine pass 8 MiB to the kernel's WireGuard, sha256 equal"
+            else say "wg_tcp_verified $engine fail sha256 $got != $sum"; fi
+        else
+            say "wg_tcp_verified $engine fail $(one_line < /tmp/s)"
+            kill $r 2>/dev/null
+        fi
+        if ip netns exec b wg show wg0 latest-handshakes | grep -q "$(cat /tmp/pa)"; then
+            say "wg_handshake $engine pass the kernel's wg0 holds a handshake with tunfwd's key"
+        else say "wg_handshake $engine fail $(ip netns exec b wg show wg0 | one_line)"; fi
+        kill -TERM $pid; wait $pid
+    done
+else
+    say "wireguard - fail no wireguard in this kernel: $(one_line < /tmp/wgerr)"
+fi
 say "done - info"
 poweroff -f
 INIT
@@ -255,7 +307,7 @@ run_kernel() {
     for a in $(/bin/busybox --list); do
         [ -e "$root/bin/$a" ] || ln -s busybox "$root/bin/$a"
     done
-    for b in "$tunfwd" "$(command -v ip)" "$(command -v ping)" "$(command -v socat)"; do
+    for b in "$tunfwd" "$(command -v ip)" "$(command -v ping)" "$(command -v socat)" "$(command -v wg)"; do
         copy_bin "$root" "$b"
     done
     # The modules, uncompressed where the image has them as .ko.xz (busybox's
@@ -268,6 +320,26 @@ run_kernel() {
         else echo "kernels.sh: no $m module in $pkg" >&2; return 1
         fi
     done
+    # WireGuard and what it needs, in the order modprobe would load them
+    # (modules.dep, which depmod writes for the unpacked tree, lists a
+    # module's dependencies, the last needing none).
+    local deps wgdir
+    [ -e "$dir/x/lib/modules/$ver/modules.dep" ] || depmod -b "$dir/x" "$ver"
+    wgdir=$root/lib/modules/wg
+    mkdir -p "$wgdir"
+    : > "$wgdir/order"
+    deps=$(grep -E '^kernel/drivers/net/wireguard/wireguard\.ko(\.xz)?:' "$dir/x/lib/modules/$ver/modules.dep" || true)
+    if [ -n "$deps" ]; then
+        local mods=() i
+        read -r -a mods <<< "${deps#*:}"
+        for ((i = ${#mods[@]} - 1; i >= 0; i--)); do
+            m=${mods[$i]}
+            xz -dcf "$dir/x/lib/modules/$ver/$m" > "$wgdir/$(basename "${m%.xz}")"
+            basename "${m%.xz}" >> "$wgdir/order"
+        done
+        xz -dcf "$dir/x/lib/modules/$ver/${deps%%:*}" > "$wgdir/wireguard.ko"
+        echo wireguard.ko >> "$wgdir/order"
+    fi
     guest_init > "$root/init"
     echo "${BENCH_COMPARE:-poll,uring}" > "$root/etc/bench-compare"
     chmod +x "$root/init"
