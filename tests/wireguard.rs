@@ -137,13 +137,13 @@ impl Drop for Dir {
 
 /// A wg setconf file: our key, our port, one peer.
 fn wg_conf(private: &str, peer_public: &str, endpoint: Option<&str>, allowed: &str) -> String {
-    let mut s = format!(
+    let s = format!(
         "[Interface]\nPrivateKey = {private}\nListenPort = {WG_PORT}\n\n[Peer]\nPublicKey = {peer_public}\nAllowedIPs = {allowed}\n"
     );
-    if let Some(e) = endpoint {
-        s.push_str(&format!("Endpoint = {e}\n"));
+    match endpoint {
+        Some(e) => s + &format!("Endpoint = {e}\n"),
+        None => s,
     }
-    s
 }
 
 /// wireguard-go running an interface of a unique name in `ns`, configured
@@ -260,6 +260,44 @@ fn wg_args(engine: &str, side_a: bool, conf: &std::path::Path) -> Vec<String> {
     .to_vec()
 }
 
+/// tunfwd (with `extra` lines in its file's [Peer]) in namespace a,
+/// wireguard-go in b; b knows a's endpoint only if `b_knows_a`.
+struct GoPair {
+    topo: Topology,
+    _dir: Dir,
+    a: Proc,
+    wg: WireguardGo,
+    a_private: String,
+    a_public: String,
+}
+
+impl GoPair {
+    fn start(engine: &str, b_knows_a: bool, extra: &str) -> GoPair {
+        let topo = Topology::new();
+        let dir = Dir::new("go");
+        let c = Confs::write(&dir, b_knows_a);
+        if !extra.is_empty() {
+            let text = std::fs::read_to_string(&c.a).unwrap() + extra;
+            std::fs::write(&c.a, text).unwrap();
+        }
+        let wg = WireguardGo::start(
+            &topo.b,
+            &c.b,
+            &[&format!("{OVERLAY_B}/24"), &format!("{OVERLAY6_B}/64")],
+        );
+        let mut a = Proc::tunfwd(&topo.a, &wg_args(engine, true, &c.a));
+        a.wait_for_stderr("wireguard udp [::]:51820");
+        GoPair {
+            topo,
+            _dir: dir,
+            a,
+            wg,
+            a_private: c.a_private,
+            a_public: c.a_public,
+        }
+    }
+}
+
 /// tunfwd in namespace a, wireguard-go in b; `tunfwd_first`: tunfwd sends
 /// first (it initiates the handshake), else wireguard-go does.
 fn interop(engine: &str, tunfwd_first: bool) {
@@ -271,19 +309,16 @@ fn interop(engine: &str, tunfwd_first: bool) {
             "wireguard-go"
         }
     );
-    let topo = Topology::new();
-    let dir = Dir::new("interop");
     // wireguard-go learns tunfwd's endpoint from its handshake, unless it
     // is the one to initiate.
-    let c = Confs::write(&dir, !tunfwd_first);
-    let (a_priv, a_pub, a_conf, b_conf) = (c.a_private, c.a_public, c.a, c.b);
-    let wg = WireguardGo::start(
-        &topo.b,
-        &b_conf,
-        &[&format!("{OVERLAY_B}/24"), &format!("{OVERLAY6_B}/64")],
-    );
-    let mut a = Proc::tunfwd(&topo.a, &wg_args(engine, true, &a_conf));
-    a.wait_for_stderr("wireguard udp [::]:51820");
+    let GoPair {
+        topo,
+        _dir,
+        mut a,
+        wg,
+        a_private: a_priv,
+        a_public: a_pub,
+    } = GoPair::start(engine, !tunfwd_first, "");
     let (first, second, to_second) = if tunfwd_first {
         (&topo.a, &topo.b, OVERLAY_B)
     } else {
@@ -438,6 +473,12 @@ fn tunfwd_to_tunfwd_and_a_readable_key_file_is_refused() {
 /// arrive at `dst` on any interface of `ns`, captured with a packet socket
 /// until `want` are seen (or 20 s, a hang guard).
 fn capture_data_messages(ns: &Netns, dst: SocketAddr, want: usize) -> Vec<Vec<u8>> {
+    capture(ns, dst, want, |m| m.len() > 32 && m[0] == 4)
+}
+
+/// The UDP payloads to `dst` that `keep` accepts, seen on any interface of
+/// `ns` with a packet socket, until `want` are seen (20 s hang guard).
+fn capture(ns: &Netns, dst: SocketAddr, want: usize, keep: fn(&[u8]) -> bool) -> Vec<Vec<u8>> {
     use nix::sys::socket::{
         AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, recv, setsockopt, socket,
         sockopt,
@@ -482,7 +523,7 @@ fn capture_data_messages(ns: &Netns, dst: SocketAddr, want: usize) -> Vec<Vec<u8
             let to_dst =
                 f[14 + 16..14 + 20] == dst.ip().octets() && udp[2..4] == dst.port().to_be_bytes();
             let payload = &udp[8..];
-            if to_dst && payload.len() > 32 && payload[0] == 4 {
+            if to_dst && keep(payload) {
                 out.push(payload.to_vec());
             }
         }
@@ -758,5 +799,156 @@ fn attacks_during_a_transfer_are_counted_and_reach_nothing() {
     }
     for engine in engines("wireguard attacks") {
         attacks(engine);
+    }
+}
+
+/// The veth address of namespace b after it moves.
+const MOVED_B: &str = "198.18.0.6";
+
+/// wireguard-go moves to a new address and port in the middle of a
+/// transfer it sends to tunfwd: tunfwd follows its authenticated datagrams
+/// (roaming), so its ACKs reach the new place (the old address is gone)
+/// and the transfer completes.
+fn roams(engine: &str) {
+    let p = GoPair::start(engine, false, "");
+    let topo = &p.topo;
+    assert!(topo.a.ping(OVERLAY_B), "{engine}: ping before");
+    let total = 24u64 << 20;
+    let progress = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let transfer = {
+        let (from, to, progress) = (
+            Netns::existing(&topo.a.name),
+            Netns::existing(&topo.b.name),
+            progress.clone(),
+        );
+        let dst: SocketAddr = format!("{OVERLAY_A}:7000").parse().unwrap();
+        std::thread::spawn(move || {
+            verified_tcp_transfer_observed(&to, &from, dst, total, Some(progress), Some(4 << 20))
+        })
+    };
+    // A quarter in: b takes a new address and port, and drops the old.
+    let mut a = p.a;
+    a.wait_until("a quarter of the transfer", |_| {
+        (progress.load(Ordering::Relaxed) >= total / 4).then_some(())
+    });
+    topo.a
+        .ip(&["route", "add", "198.18.0.4/30", "dev", "veth0"]);
+    topo.b
+        .ip(&["addr", "add", &format!("{MOVED_B}/30"), "dev", "veth0"]);
+    topo.b.ip(&["addr", "del", "198.18.0.2/30", "dev", "veth0"]);
+    topo.b
+        .ip(&["route", "add", "198.18.0.0/30", "dev", "veth0"]);
+    let ns = &topo.b.name;
+    run(&[
+        "ip",
+        "netns",
+        "exec",
+        ns,
+        "wg",
+        "set",
+        &p.wg.name,
+        "listen-port",
+        "51821",
+    ]);
+    let moved_at = progress.load(Ordering::Relaxed);
+    assert_eq!(transfer.join().expect("the transfer"), total);
+    assert!(
+        moved_at < total,
+        "{engine}: the move met a running transfer"
+    );
+    // And the tunnel works from the new place.
+    assert!(topo.a.ping(OVERLAY_B), "{engine}: ping after the move");
+    let endpoints = p.wg.show(&topo.b, "endpoints");
+    assert!(
+        endpoints.contains(&format!("{UNDERLAY_A}:{WG_PORT}")),
+        "{endpoints}"
+    );
+    assert!(a.terminate().success(), "{engine}: {}", a.stderr());
+    let out = a.stdout();
+    assert_eq!(stat(&out, "summary total", "wg_bad_auth"), 0, "{out}");
+    // tunfwd followed the data: the one handshake message it took is the
+    // first response (a peer left without answers would have initiated
+    // again from its new place after 15 s).
+    assert_eq!(
+        stat(&out, "summary total", "wg_handshake_messages"),
+        1,
+        "{engine}: roamed by a new handshake, not by the data\n{out}"
+    );
+    eprintln!("{engine}: wireguard-go moved at {moved_at} of {total} bytes; the transfer went on");
+}
+
+#[test]
+fn interop_peer_roams_mid_transfer() {
+    if !can_run_kernel_tests("interop_peer_roams_mid_transfer")
+        || !have_tools("interop_peer_roams_mid_transfer", WG_TOOLS)
+    {
+        return;
+    }
+    for engine in engines("interop_peer_roams_mid_transfer") {
+        roams(engine);
+    }
+}
+
+#[test]
+fn interop_persistent_keepalives_are_seen_on_the_wire() {
+    let test = "interop_persistent_keepalives";
+    if !can_run_kernel_tests(test) || !have_tools(test, WG_TOOLS) {
+        return;
+    }
+    for engine in engines(test) {
+        let p = GoPair::start(engine, false, "PersistentKeepalive = 1\n");
+        // One ping makes the session; then the link is idle, and tunfwd's
+        // keepalives (data messages of no packet: 32 bytes) cross it.
+        assert!(p.topo.a.ping(OVERLAY_B), "{engine}: ping");
+        let target: SocketAddr = format!("{UNDERLAY_B}:{WG_PORT}").parse().unwrap();
+        let seen = capture(&p.topo.b, target, 3, |m| m.len() == 32 && m[0] == 4);
+        assert_eq!(seen.len(), 3, "{engine}");
+        eprintln!("{engine}: 3 keepalives of 32 bytes seen on b's veth");
+    }
+}
+
+/// The latest handshake wireguard-go had with a (Unix seconds; 0: none).
+fn latest_handshake(p: &GoPair) -> u64 {
+    p.wg.show(&p.topo.b, "latest-handshakes")
+        .lines()
+        .find(|l| l.contains(&p.a_public))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A transfer that runs past REKEY_AFTER_TIME (120 s): a new handshake
+/// happens under it, and it completes byte for byte.
+fn rekeys(engine: &str) {
+    let p = GoPair::start(engine, false, "");
+    assert!(p.topo.a.ping(OVERLAY_B), "{engine}: ping");
+    let first = latest_handshake(&p);
+    assert!(first > 0, "{engine}: a first handshake");
+    let dst: SocketAddr = format!("{OVERLAY_B}:7000").parse().unwrap();
+    // 130 s at 512 KiB/s.
+    let total = 130 * (512 << 10);
+    let got =
+        verified_tcp_transfer_observed(&p.topo.a, &p.topo.b, dst, total, None, Some(512 << 10));
+    assert_eq!(got, total);
+    let second = latest_handshake(&p);
+    assert!(
+        second >= first + 110,
+        "{engine}: a new handshake under the transfer ({first} -> {second})"
+    );
+    eprintln!("{engine}: handshakes at {first} and {second}; 65 MiB verified across the rekey");
+}
+
+#[test]
+fn interop_a_session_lives_through_a_rekey() {
+    let test = "interop_a_session_lives_through_a_rekey";
+    if !can_run_kernel_tests(test) || !have_tools(test, WG_TOOLS) {
+        return;
+    }
+    // Both engines at once: each waits for REKEY_AFTER_TIME.
+    let runs: Vec<_> = engines(test)
+        .into_iter()
+        .map(|e| std::thread::spawn(move || rekeys(e)))
+        .collect();
+    for r in runs {
+        r.join().expect("a rekey run");
     }
 }
