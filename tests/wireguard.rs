@@ -952,3 +952,78 @@ fn interop_a_session_lives_through_a_rekey() {
         r.join().expect("a rekey run");
     }
 }
+
+/// A WireGuard hub and three spokes (tests/hub.rs's topology): each spoke's
+/// file names the hub, owning the whole overlay; the hub's names each
+/// spoke, owning its addresses. Spoke to hub and spoke to spoke through the
+/// hub (its kernel routes them back into its device), over IPv4 and IPv6,
+/// and a verified transfer between two spokes, per engine.
+fn wg_hub(engine: &str) {
+    let dir = Dir::new("hub");
+    let hub_ns = hub_namespace();
+    let spokes: Vec<Spoke> = (1..=3).map(|k| spoke(&hub_ns, k)).collect();
+    let (hub_private, hub_public) = keypair();
+    let keys: Vec<(String, String)> = spokes.iter().map(|_| keypair()).collect();
+    let mut hub_conf = format!("[Interface]\nPrivateKey = {hub_private}\nListenPort = {WG_PORT}\n");
+    for (s, (_, public)) in spokes.iter().zip(&keys) {
+        hub_conf.push_str(&format!(
+            "\n[Peer]\nPublicKey = {public}\nAllowedIPs = {}/32, {}/128\n",
+            s.inner4(),
+            s.inner6()
+        ));
+    }
+    let hub_file = private_file(&dir.0, "hub.conf", &hub_conf);
+    let args = |conf: &std::path::Path, a4: &str, a6: &str| {
+        [
+            "tunnel",
+            "--engine",
+            engine,
+            "--dev",
+            "tun0",
+            "--address",
+            &format!("{a4}/24"),
+            "--address",
+            &format!("{a6}/64"),
+            "--wg-config",
+            conf.to_str().unwrap(),
+        ]
+        .map(String::from)
+    };
+    let _hub = Proc::tunfwd(&hub_ns, &args(&hub_file, "198.19.0.1", "2001:db8:19::1"));
+    let mut running = Vec::new();
+    for (s, (private, _)) in spokes.iter().zip(&keys) {
+        let text = format!(
+            "[Interface]\nPrivateKey = {private}\nListenPort = {WG_PORT}\n\n[Peer]\nPublicKey = {hub_public}\n\
+             Endpoint = {HUB_UNDERLAY}:{WG_PORT}\nAllowedIPs = 198.19.0.0/24, 2001:db8:19::/64\n"
+        );
+        let file = private_file(&dir.0, &format!("spoke{}.conf", s.k), &text);
+        running.push(Proc::tunfwd(&s.ns, &args(&file, &s.inner4(), &s.inner6())));
+    }
+    let (s1, s2, s3) = (&spokes[0], &spokes[1], &spokes[2]);
+    assert!(s1.ns.ping("198.19.0.1"), "{engine}: spoke 1 -> hub");
+    assert!(s2.ns.ping("198.19.0.1"), "{engine}: spoke 2 -> hub");
+    assert!(
+        s3.ns.ping("2001:db8:19::1"),
+        "{engine}: spoke 3 -> hub over IPv6"
+    );
+    assert!(
+        s1.ns.ping(&s2.inner4()),
+        "{engine}: spoke 1 -> spoke 2 through the hub"
+    );
+    assert!(
+        s3.ns.ping(&s1.inner6()),
+        "{engine}: spoke 3 -> spoke 1 over IPv6"
+    );
+    let dst: SocketAddr = format!("{}:7000", s2.inner4()).parse().unwrap();
+    verified_tcp_transfer(&s1.ns, &s2.ns, dst, 8 << 20);
+}
+
+#[test]
+fn a_hub_with_three_spokes() {
+    if !can_run_kernel_tests("wireguard hub") {
+        return;
+    }
+    for engine in engines("wireguard hub") {
+        wg_hub(engine);
+    }
+}

@@ -899,3 +899,83 @@ pub fn iperf3_tcp(client: &Netns, server: &Netns, server_addr: &str, secs: u32, 
         .as_f64()
         .expect("end.sum_received.bits_per_second")
 }
+
+// A hub and spokes on one bridge (tests/hub.rs, tests/wireguard.rs).
+
+pub const HUB_UNDERLAY: &str = "198.18.1.1";
+
+/// A spoke: its namespace and number (its addresses end in 1k).
+pub struct Spoke {
+    pub ns: Netns,
+    pub k: u8,
+}
+
+impl Spoke {
+    pub fn underlay(&self) -> String {
+        format!("198.18.1.1{}", self.k)
+    }
+    pub fn inner4(&self) -> String {
+        format!("198.19.0.1{}", self.k)
+    }
+    pub fn inner6(&self) -> String {
+        format!("2001:db8:19::1{}", self.k)
+    }
+    /// Its line in the hub's peers file.
+    pub fn peer_line(&self) -> String {
+        format!(
+            "{}:{PORT} {}/32, {}/128  # spoke {}\n",
+            self.underlay(),
+            self.inner4(),
+            self.inner6(),
+            self.k
+        )
+    }
+    /// The hub's view of it, as the stats lines name it.
+    pub fn peer_tag(&self) -> String {
+        format!("peer={}:{PORT} ", self.underlay())
+    }
+}
+
+/// The hub's namespace with a bridge on 198.18.1.1/24, forwarding on.
+pub fn hub_namespace() -> Netns {
+    let hub = Netns::new("hub");
+    hub.ip(&["link", "add", "br0", "type", "bridge"]);
+    hub.ip(&["addr", "add", &format!("{HUB_UNDERLAY}/24"), "dev", "br0"]);
+    hub.ip(&["link", "set", "br0", "up"]);
+    for kv in [
+        "net.ipv4.ip_forward=1",
+        "net.ipv6.conf.all.forwarding=1",
+        "net.ipv4.conf.all.send_redirects=0",
+        "net.ipv4.conf.default.send_redirects=0",
+    ] {
+        assert!(
+            hub.run_ok(&["sysctl", "-qw", kv]),
+            "sysctl {kv} in the hub's namespace"
+        );
+    }
+    hub
+}
+
+/// Spoke `k` in its own namespace, plugged into the hub's bridge.
+pub fn spoke(hub: &Netns, k: u8) -> Spoke {
+    let s = Spoke {
+        ns: Netns::new(&format!("spoke{k}")),
+        k,
+    };
+    let port = format!("sp{k}");
+    run(&[
+        "ip", "link", "add", "veth0", "netns", &s.ns.name, "type", "veth", "peer", "name", &port,
+        "netns", &hub.name,
+    ]);
+    hub.ip(&["link", "set", &port, "master", "br0"]);
+    hub.ip(&["link", "set", &port, "up"]);
+    s.ns.ip(&[
+        "addr",
+        "add",
+        &format!("{}/24", s.underlay()),
+        "dev",
+        "veth0",
+    ]);
+    s.ns.ip(&["link", "set", "veth0", "up"]);
+    s
+}
