@@ -623,11 +623,7 @@ fn render_peers(src: &Sources, o: &mut Out) {
     if table.is_single() {
         return;
     }
-    let snaps: Vec<(String, crate::peers::PeerSnapshot)> = table
-        .top(METRICS_PEERS)
-        .into_iter()
-        .map(|(addr, s)| (addr.to_string(), s))
-        .collect();
+    let snaps: Vec<(String, crate::peers::PeerSnapshot)> = table.top(METRICS_PEERS);
     type PeerField = fn(&crate::peers::PeerSnapshot) -> u64;
     let per_peer: [(&str, &str, PeerField, PeerField); 2] = [
         (

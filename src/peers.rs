@@ -488,6 +488,9 @@ impl PeerSnapshot {
 pub struct Peer {
     /// As configured, canonical (see [`crate::types::canonical`]).
     pub addr: SocketAddr,
+    /// How stats and metrics name it: its public key (WireGuard), or its
+    /// address when None.
+    pub name: Option<String>,
     pub prefixes: Vec<Prefix>,
     pub stats: Arc<PeerStats>,
 }
@@ -612,8 +615,17 @@ impl PeerTable {
     /// `addr` is only the configured endpoint (or unspecified), may repeat,
     /// and is never matched against a datagram's source; a peer without
     /// prefixes (AllowedIPs) routes nothing and is sent nothing from.
-    pub fn build_keyed(specs: &[PeerSpec], workers: usize) -> Result<PeerTable, TableError> {
-        PeerTable::assemble(specs, workers, false, true, None)
+    /// `names[i]` names peer `i` in stats and metrics (its public key).
+    pub fn build_keyed(
+        specs: &[PeerSpec],
+        names: &[String],
+        workers: usize,
+    ) -> Result<PeerTable, TableError> {
+        let mut t = PeerTable::assemble(specs, workers, false, true, None)?;
+        for (p, n) in t.peers.iter_mut().zip(names) {
+            p.name = Some(n.clone());
+        }
+        Ok(t)
     }
 
     fn assemble(
@@ -667,6 +679,7 @@ impl PeerTable {
                 .unwrap_or_else(|| Arc::new(PeerStats::new(workers)));
             peers.push(Peer {
                 addr: crate::types::canonical(spec.addr),
+                name: None,
                 prefixes: spec.prefixes.clone(),
                 stats,
             });
@@ -781,12 +794,12 @@ impl PeerTable {
         self.catch_all || self.route(src) == Some(peer)
     }
 
-    /// The counters of the `n` peers that moved the most bytes (both ways),
-    /// most first, and how many peers there are.
+    /// The names (see [`Peer::name`]) and counters of the `n` peers that
+    /// moved the most bytes (both ways), most first.
     ///
     /// Memory is O(n), not O(peers): a bounded heap keeps the best `n` by
     /// bytes (ties by address), and only those are snapshotted.
-    pub fn top(&self, n: usize) -> Vec<(SocketAddr, PeerSnapshot)> {
+    pub fn top(&self, n: usize) -> Vec<(String, PeerSnapshot)> {
         use std::cmp::Reverse;
         use std::collections::BinaryHeap;
         if n == 0 {
@@ -808,7 +821,11 @@ impl PeerTable {
         let mut best: Vec<_> = heap.into_iter().map(|Reverse(k)| k).collect();
         best.sort_by(|a, b| b.cmp(a));
         best.into_iter()
-            .map(|(_, Reverse(addr), i)| (addr, self.peers[i].stats.snapshot()))
+            .map(|(_, Reverse(addr), i)| {
+                let p = &self.peers[i];
+                let name = p.name.clone().unwrap_or_else(|| addr.to_string());
+                (name, p.stats.snapshot())
+            })
             .collect()
     }
 }
@@ -1140,10 +1157,7 @@ mod tests {
         let b = PeerTable::build(&specs, 1, false, Some(&a)).unwrap();
         assert_eq!(b.peer(1).stats.snapshot().tx_packets, 5);
         assert_eq!(b.peer(0).stats.snapshot().tx_packets, 0);
-        assert_eq!(
-            b.top(1)[0].0,
-            "198.18.0.1:5000".parse::<SocketAddr>().unwrap()
-        );
+        assert_eq!(b.top(1)[0].0, "198.18.0.1:5000");
     }
 
     /// The busiest peers, most bytes first, ties by address; as a full

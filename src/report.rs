@@ -5,7 +5,7 @@
 //! worker.
 
 use std::io::Write;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::UdpSocket;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -111,7 +111,7 @@ fn unix_now_ns() -> u64 {
 }
 
 /// A table's size (peers, prefixes) and its busiest peers.
-type TopPeers = (usize, usize, Vec<(SocketAddr, PeerSnapshot)>);
+type TopPeers = (usize, usize, Vec<(String, PeerSnapshot)>);
 
 /// The `n` peers with the most traffic, with the table's size (None for a
 /// point-to-point table).
@@ -260,7 +260,7 @@ impl Reporter {
             .iter()
             .map(|(addr, s)| {
                 let mut v = s.to_json(now);
-                v["peer"] = addr.to_string().into();
+                v["peer"] = addr.as_str().into();
                 v
             })
             .collect();

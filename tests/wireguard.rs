@@ -989,7 +989,7 @@ fn wg_hub(engine: &str) {
         ]
         .map(String::from)
     };
-    let _hub = Proc::tunfwd(&hub_ns, &args(&hub_file, "198.19.0.1", "2001:db8:19::1"));
+    let mut hub = Proc::tunfwd(&hub_ns, &args(&hub_file, "198.19.0.1", "2001:db8:19::1"));
     let mut running = Vec::new();
     for (s, (private, _)) in spokes.iter().zip(&keys) {
         let text = format!(
@@ -1016,6 +1016,15 @@ fn wg_hub(engine: &str) {
     );
     let dst: SocketAddr = format!("{}:7000", s2.inner4()).parse().unwrap();
     verified_tcp_transfer(&s1.ns, &s2.ns, dst, 8 << 20);
+    // The hub's stats name each spoke by its key (no endpoint was given).
+    assert!(hub.terminate().success());
+    let out = hub.stdout();
+    for (_, public) in &keys {
+        assert!(
+            out.contains(&format!("summary peer={public} ")),
+            "{engine}: {public}\n{out}"
+        );
+    }
 }
 
 #[test]

@@ -68,7 +68,13 @@ pub(super) fn load(cfg: &TunnelConfig) -> Result<Option<Loaded>> {
             prefixes: p.allowed_ips.clone(),
         })
         .collect();
-    let table = PeerTable::build_keyed(&specs, cfg.engine.queues).map_err(|e| at(e.to_string()))?;
+    let names: Vec<String> = conf
+        .peers
+        .iter()
+        .map(|p| p.public_key.to_string())
+        .collect();
+    let table =
+        PeerTable::build_keyed(&specs, &names, cfg.engine.queues).map_err(|e| at(e.to_string()))?;
     Ok(Some(Loaded { conf, table }))
 }
 
