@@ -238,11 +238,15 @@ impl Confs {
 /// `tunfwd tunnel` in WireGuard mode with `conf`, as side a or b of the
 /// topology (its overlay addresses on tun0).
 fn wg_args(engine: &str, side_a: bool, conf: &std::path::Path) -> Vec<String> {
-    let (o4, o6) = if side_a {
-        (OVERLAY_A, OVERLAY6_A)
+    if side_a {
+        wg_args_at(engine, OVERLAY_A, OVERLAY6_A, conf)
     } else {
-        (OVERLAY_B, OVERLAY6_B)
-    };
+        wg_args_at(engine, OVERLAY_B, OVERLAY6_B, conf)
+    }
+}
+
+/// The same with the device's addresses `o4`/24 and `o6`/64.
+fn wg_args_at(engine: &str, o4: &str, o6: &str, conf: &std::path::Path) -> Vec<String> {
     [
         "tunnel",
         "--engine",
@@ -533,60 +537,6 @@ fn capture(ns: &Netns, dst: SocketAddr, want: usize, keep: fn(&[u8]) -> bool) ->
     .unwrap()
 }
 
-/// A raw IPv4 socket in the calling thread's namespace: sends `payload`
-/// behind an IPv4 and UDP header from `src` to `dst` (the kernel fills in
-/// the length, id and checksum; the UDP checksum stays 0, none).
-fn raw_udp(src: SocketAddr, dst: SocketAddr, payload: &[u8]) {
-    use nix::sys::socket::{
-        AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrIn, sendto, socket,
-    };
-    use std::os::fd::AsRawFd;
-    thread_local! {
-        static FD: std::os::fd::OwnedFd = socket(
-            AddressFamily::Inet,
-            SockType::Raw,
-            SockFlag::SOCK_CLOEXEC,
-            SockProtocol::Raw,
-        )
-        .expect("raw socket");
-    }
-    let (SocketAddr::V4(s), SocketAddr::V4(d)) = (src, dst) else {
-        panic!("IPv4 only")
-    };
-    let mut p = vec![0u8; 28];
-    p[0] = 0x45;
-    p[8] = 64;
-    p[9] = 17;
-    p[12..16].copy_from_slice(&s.ip().octets());
-    p[16..20].copy_from_slice(&d.ip().octets());
-    p[20..22].copy_from_slice(&s.port().to_be_bytes());
-    p[22..24].copy_from_slice(&d.port().to_be_bytes());
-    p[24..26].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-    p.extend_from_slice(payload);
-    FD.with(|fd| {
-        loop {
-            match sendto(fd.as_raw_fd(), &p, &SockaddrIn::from(d), MsgFlags::empty()) {
-                Ok(_) => return,
-                Err(nix::errno::Errno::ENOBUFS | nix::errno::Errno::EAGAIN) => {
-                    std::thread::yield_now()
-                }
-                Err(e) => panic!("raw send: {e}"),
-            }
-        }
-    });
-}
-
-/// Sends `count` datagrams from `send`, about `pps` a second.
-fn paced(count: usize, pps: usize, mut send: impl FnMut(usize)) {
-    let burst = 50;
-    for start in (0..count).step_by(burst) {
-        for i in start..(start + burst).min(count) {
-            send(i);
-        }
-        std::thread::sleep(Duration::from_secs_f64(burst as f64 / pps as f64));
-    }
-}
-
 /// A handshake initiation to `responder` from a key it does not know, as a
 /// real WireGuard implementation makes it (a valid mac1: the responder's
 /// public key is public).
@@ -711,9 +661,8 @@ fn attacks(engine: &str) {
     let spoof_src: SocketAddr = "198.19.7.7:4000".parse().unwrap();
     from_a
         .spawn(move || {
-            paced(spoofed, 10_000, |_| {
-                raw_udp(spoof_src, sink_addr, b"forged")
-            })
+            let mut raw = RawUdp::new(spoof_src, sink_addr);
+            paced(spoofed, 10_000, |_| raw.send(b"forged"))
         })
         .join()
         .unwrap();
@@ -725,11 +674,13 @@ fn attacks(engine: &str) {
         .collect();
     from_a
         .spawn(move || {
+            let mut raw = RawUdp::new("198.18.1.1:40000".parse().unwrap(), target);
             paced(flood, 10_000, |i| {
                 let src: SocketAddr = format!("198.18.1.{}:{}", 1 + i % 200, 40000 + i % 1000)
                     .parse()
                     .unwrap();
-                raw_udp(src, target, &inits[i % 200]);
+                raw.set_source(src);
+                raw.send(&inits[i % 200]);
             })
         })
         .join()
@@ -973,23 +924,10 @@ fn wg_hub(engine: &str) {
         ));
     }
     let hub_file = private_file(&dir.0, "hub.conf", &hub_conf);
-    let args = |conf: &std::path::Path, a4: &str, a6: &str| {
-        [
-            "tunnel",
-            "--engine",
-            engine,
-            "--dev",
-            "tun0",
-            "--address",
-            &format!("{a4}/24"),
-            "--address",
-            &format!("{a6}/64"),
-            "--wg-config",
-            conf.to_str().unwrap(),
-        ]
-        .map(String::from)
-    };
-    let mut hub = Proc::tunfwd(&hub_ns, &args(&hub_file, "198.19.0.1", "2001:db8:19::1"));
+    let mut hub = Proc::tunfwd(
+        &hub_ns,
+        &wg_args_at(engine, "198.19.0.1", "2001:db8:19::1", &hub_file),
+    );
     let mut running = Vec::new();
     for (s, (private, _)) in spokes.iter().zip(&keys) {
         let text = format!(
@@ -997,7 +935,10 @@ fn wg_hub(engine: &str) {
              Endpoint = {HUB_UNDERLAY}:{WG_PORT}\nAllowedIPs = 198.19.0.0/24, 2001:db8:19::/64\n"
         );
         let file = private_file(&dir.0, &format!("spoke{}.conf", s.k), &text);
-        running.push(Proc::tunfwd(&s.ns, &args(&file, &s.inner4(), &s.inner6())));
+        running.push(Proc::tunfwd(
+            &s.ns,
+            &wg_args_at(engine, &s.inner4(), &s.inner6(), &file),
+        ));
     }
     let (s1, s2, s3) = (&spokes[0], &spokes[1], &spokes[2]);
     assert!(s1.ns.ping("198.19.0.1"), "{engine}: spoke 1 -> hub");

@@ -16,6 +16,9 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use nix::sched::{CloneFlags, setns};
+use nix::sys::socket::{
+    AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrIn, sendto, socket,
+};
 
 /// Overlay and underlay addresses of the test topology: underlay 198.18.0.0/30 on veth, overlay 198.19.0.0/24 and 2001:db8:19::/64 on the tunnel.
 pub const UNDERLAY_A: &str = "198.18.0.1";
@@ -978,4 +981,77 @@ pub fn spoke(hub: &Netns, k: u8) -> Spoke {
     ]);
     s.ns.ip(&["link", "set", "veth0", "up"]);
     s
+}
+
+/// A raw IPv4 socket that sends UDP datagrams with a chosen source address
+/// and port (the kernel fills in the IP total length, id and checksum).
+pub struct RawUdp {
+    fd: std::os::fd::OwnedFd,
+    header: [u8; 28],
+    dst: SockaddrIn,
+}
+
+impl RawUdp {
+    pub fn new(src: SocketAddr, dst: SocketAddr) -> RawUdp {
+        let fd = socket(
+            AddressFamily::Inet,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC,
+            SockProtocol::Raw,
+        )
+        .expect("raw socket");
+        let (SocketAddr::V4(s), SocketAddr::V4(d)) = (src, dst) else {
+            panic!("IPv4 only");
+        };
+        let mut header = [0u8; 28];
+        header[0] = 0x45;
+        header[8] = 64;
+        header[9] = 17;
+        header[12..16].copy_from_slice(&s.ip().octets());
+        header[16..20].copy_from_slice(&d.ip().octets());
+        header[20..22].copy_from_slice(&s.port().to_be_bytes());
+        header[22..24].copy_from_slice(&d.port().to_be_bytes());
+        RawUdp {
+            fd,
+            header,
+            dst: SockaddrIn::from(d),
+        }
+    }
+
+    /// Later datagrams come from `src` (IPv4).
+    pub fn set_source(&mut self, src: SocketAddr) {
+        let SocketAddr::V4(s) = src else {
+            panic!("IPv4 only");
+        };
+        self.header[12..16].copy_from_slice(&s.ip().octets());
+        self.header[20..22].copy_from_slice(&s.port().to_be_bytes());
+    }
+
+    pub fn send(&mut self, payload: &[u8]) {
+        use std::os::fd::AsRawFd;
+        let mut pkt = self.header.to_vec();
+        pkt[24..26].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        pkt.extend_from_slice(payload);
+        loop {
+            match sendto(self.fd.as_raw_fd(), &pkt, &self.dst, MsgFlags::empty()) {
+                Ok(_) => return,
+                Err(nix::errno::Errno::ENOBUFS) | Err(nix::errno::Errno::EAGAIN) => {
+                    std::thread::sleep(Duration::from_millis(1))
+                }
+                Err(e) => panic!("raw send of {} bytes: {e}", payload.len()),
+            }
+        }
+    }
+}
+
+/// Sends `count` datagrams from `make`, paced at about `pps` per second.
+pub fn paced(count: usize, pps: usize, mut send: impl FnMut(usize)) {
+    let burst = 100;
+    let pause = Duration::from_secs_f64(burst as f64 / pps as f64);
+    for start in (0..count).step_by(burst) {
+        for i in start..(start + burst).min(count) {
+            send(i);
+        }
+        std::thread::sleep(pause);
+    }
 }
