@@ -111,6 +111,37 @@ wait_for() {
 # A TCP listener on port 7000 in namespace b (state 0A in /proc/net/tcp).
 listening() { ip netns exec b cat /proc/net/tcp | grep -q ':1B58 00000000:0000 0A'; }
 
+# ping_check CHECK LABEL ADDR [PING FLAGS]: every echo answered (ping
+# exits 0 on one reply of three).
+ping_check() {
+    local check=$1 lab=$2 addr=$3
+    shift 3
+    if ip netns exec a ping "$@" -c 3 -W 10 "$addr" > /tmp/p 2>&1 &&
+        grep -q ' 3 received, 0% packet loss' /tmp/p; then
+        say "$check $lab pass $(grep 'packet loss' /tmp/p)"
+    else say "$check $lab fail $(one_line < /tmp/p)"; fi
+}
+
+# tcp_check CHECK LABEL ADDR: 8 MiB from namespace a to ADDR:7000 in b,
+# verified by SHA-256.
+tcp_check() {
+    local check=$1 lab=$2 addr=$3 r start got secs
+    rm -f /tmp/recv
+    (exec /usr/bin/ip netns exec b socat -u TCP-LISTEN:7000,reuseaddr OPEN:/tmp/recv,creat,trunc) &
+    r=$!
+    i=0; while ! listening && [ $i -lt 600 ]; do i=$((i + 1)); sleep 0.1; done
+    start=$(date +%s)
+    if ip netns exec a socat -u OPEN:/tmp/data "TCP:$addr:7000" 2> /tmp/s && wait $r; then
+        got=$(sha256sum < /tmp/recv | cut -d ' ' -f 1)
+        secs=$(( $(date +%s) - start ))
+        if [ "$got" = "$sum" ]; then say "$check $lab pass 8 MiB, sha256 equal, ${secs} s"
+        else say "$check $lab fail sha256 $got != $sum"; fi
+    else
+        say "$check $lab fail $(one_line < /tmp/s)"
+        kill $r 2>/dev/null
+    fi
+}
+
 # run_engine LABEL ENGINE [FLAGS...]: one tunnel's checks, reported under
 # LABEL (the engine's name, or a name for a rerun under other conditions).
 run_engine() {
@@ -136,29 +167,9 @@ run_engine() {
     grep -E 'io_uring|offload|poll engine' /tmp/a.err | while read -r line; do
         say "log $label info $line"
     done
-    # Every echo answered: ping exits 0 on one reply of three.
-    if ip netns exec a ping -c 3 -W 10 198.19.0.2 > /tmp/p 2>&1 &&
-        grep -q ' 3 received, 0% packet loss' /tmp/p; then
-        say "ping4 $label pass $(grep 'packet loss' /tmp/p)"
-    else say "ping4 $label fail $(one_line < /tmp/p)"; fi
-    if ip netns exec a ping -6 -c 3 -W 10 2001:db8:19::2 > /tmp/p 2>&1 &&
-        grep -q ' 3 received, 0% packet loss' /tmp/p; then
-        say "ping6 $label pass $(grep 'packet loss' /tmp/p)"
-    else say "ping6 $label fail $(one_line < /tmp/p)"; fi
-    rm -f /tmp/recv
-    (exec /usr/bin/ip netns exec b socat -u TCP-LISTEN:7000,reuseaddr OPEN:/tmp/recv,creat,trunc) &
-    r=$!
-    i=0; while ! listening && [ $i -lt 600 ]; do i=$((i + 1)); sleep 0.1; done
-    start=$(date +%s)
-    if ip netns exec a socat -u OPEN:/tmp/data TCP:198.19.0.2:7000 2> /tmp/s && wait $r; then
-        got=$(sha256sum < /tmp/recv | cut -d ' ' -f 1)
-        secs=$(( $(date +%s) - start ))
-        if [ "$got" = "$sum" ]; then say "tcp_verified $label pass 8 MiB, sha256 equal, ${secs} s"
-        else say "tcp_verified $label fail sha256 $got != $sum"; fi
-    else
-        say "tcp_verified $label fail $(one_line < /tmp/s)"
-        kill $r 2>/dev/null
-    fi
+    ping_check ping4 "$label" 198.19.0.2
+    ping_check ping6 "$label" 2001:db8:19::2 -6
+    tcp_check tcp_verified "$label" 198.19.0.2
     kill -TERM $pid_a $pid_b
     wait $pid_a; rc_a=$?
     wait $pid_b; rc_b=$?
@@ -261,22 +272,8 @@ if ip -n b link add wg0 type wireguard 2> /tmp/wgerr; then
             kill $pid 2>/dev/null; wait $pid
             continue
         fi
-        if ip netns exec a ping -c 3 -W 10 198.19.5.2 > /tmp/p 2>&1 &&
-            grep -q ' 3 received, 0% packet loss' /tmp/p; then
-            say "wg_ping $engine pass kernel WireGuard: $(grep 'packet loss' /tmp/p)"
-        else say "wg_ping $engine fail $(one_line < /tmp/p) $(one_line < /tmp/wa.err)"; fi
-        rm -f /tmp/recv
-        (exec /usr/bin/ip netns exec b socat -u TCP-LISTEN:7000,reuseaddr OPEN:/tmp/recv,creat,trunc) &
-        r=$!
-        i=0; while ! listening && [ $i -lt 600 ]; do i=$((i + 1)); sleep 0.1; done
-        if ip netns exec a socat -u OPEN:/tmp/data TCP:198.19.5.2:7000 2> /tmp/s && wait $r; then
-            got=$(sha256sum < /tmp/recv | cut -d ' ' -f 1)
-            if [ "$got" = "$sum" ]; then say "wg_tcp_verified $engine pass 8 MiB to the kernel's WireGuard, sha256 equal"
-            else say "wg_tcp_verified $engine fail sha256 $got != $sum"; fi
-        else
-            say "wg_tcp_verified $engine fail $(one_line < /tmp/s)"
-            kill $r 2>/dev/null
-        fi
+        ping_check wg_ping $engine 198.19.5.2
+        tcp_check wg_tcp_verified $engine 198.19.5.2
         if ip netns exec b wg show wg0 latest-handshakes | grep -q "$(cat /tmp/pa)"; then
             say "wg_handshake $engine pass the kernel's wg0 holds a handshake with tunfwd's key"
         else say "wg_handshake $engine fail $(ip netns exec b wg show wg0 | one_line)"; fi
