@@ -113,12 +113,12 @@ impl Datapath {
     }
 
     /// A receive from `src` (`rx`, in `buf`) at `now_ns`: each datagram
-    /// (one, or with UDP GRO several) is opened where it lies and its
-    /// packet checked like any other (valid, within the MTU, its source in
-    /// the AllowedIPs of the peer whose key opened it, CoDel); without
-    /// offload the packet is written as it is, with offload the coalescer
-    /// joins consecutive TCP segments. A handshake message goes to the
-    /// control thread.
+    /// (one, or with UDP GRO several) is opened where it lies, under one
+    /// lock of its peer for the whole batch, and its packet checked like
+    /// any other (valid, within the MTU, its source in the AllowedIPs of the
+    /// peer whose key opened it, CoDel); without offload the packet is
+    /// written as it is, with offload the coalescer joins consecutive TCP
+    /// segments. A handshake message goes to the control thread.
     pub(super) fn receive_wg(
         &mut self,
         rx: &Received,
@@ -127,31 +127,43 @@ impl Datapath {
         coalescer: &mut Coalescer,
         now_ns: u64,
     ) -> RxAction {
-        if !self.offload {
-            return match self.open_one(rx, src, buf, rx.payload.clone(), now_ns) {
-                Some((peer, pkt)) => {
-                    self.count_accepted(peer, pkt.len(), now_ns);
-                    RxAction::Write(pkt)
-                }
-                None => RxAction::Dropped,
-            };
+        let Some(wg) = &mut self.wg else {
+            return RxAction::Dropped;
+        };
+        if rx.payload.is_empty() {
+            self.stats.peer_to_tun.drop(DropReason::WgBadMessage);
+            return RxAction::Dropped;
         }
-        coalescer.clear();
-        let seg = rx.gro_size.unwrap_or(rx.payload.len()).max(1);
-        if seg < rx.payload.len() {
-            self.stats.gro_receives.add(1);
-            self.stats
-                .gro_datagrams
-                .add(rx.payload.len().div_ceil(seg) as u64);
+        let dev = wg.dev.clone();
+        let mut scratch = std::mem::take(&mut wg.scratch);
+        let end = rx.payload.end;
+        let seg = match (self.offload, rx.gro_size) {
+            (true, Some(g)) => g.max(1),
+            _ => rx.payload.len().max(1),
+        };
+        if self.offload {
+            coalescer.clear();
+            if seg < rx.payload.len() {
+                self.stats.gro_receives.add(1);
+                self.stats
+                    .gro_datagrams
+                    .add(rx.payload.len().div_ceil(seg) as u64);
+            }
         }
-        let mut at = rx.payload.start;
-        while at < rx.payload.end {
-            let datagram = at..(at + seg).min(rx.payload.end);
-            at = datagram.end;
-            let Some((peer, pkt)) = self.open_one(rx, src, buf, datagram, now_ns) else {
-                continue;
+        let datagrams = rx
+            .payload
+            .clone()
+            .step_by(seg)
+            .map(|at| at..(at + seg).min(end));
+        let mut single = None;
+        dev.open_batch(src, datagrams, buf, &mut scratch, |buf, d, opened| {
+            let Some((peer, pkt)) = self.accept_opened(rx, buf, d.start, opened, now_ns) else {
+                return;
             };
-            if coalescer.push(buf, pkt.clone()).is_err() {
+            if !self.offload {
+                self.count_accepted(peer, pkt.len(), now_ns);
+                single = Some(pkt);
+            } else if coalescer.push(buf, pkt.clone()).is_err() {
                 self.stats.peer_to_tun.drop(DropReason::BadChecksum);
                 if self.peers.per_peer {
                     self.peer_counters(peer).drop(DropReason::BadChecksum);
@@ -159,11 +171,14 @@ impl Datapath {
             } else {
                 self.count_accepted(peer, pkt.len(), now_ns);
             }
+        });
+        if let Some(wg) = &mut self.wg {
+            wg.scratch = scratch;
         }
-        if coalescer.finish(buf).is_empty() {
-            RxAction::Dropped
-        } else {
-            RxAction::Coalesced
+        match single {
+            Some(pkt) => RxAction::Write(pkt),
+            None if self.offload && !coalescer.finish(buf).is_empty() => RxAction::Coalesced,
+            None => RxAction::Dropped,
         }
     }
 
@@ -176,22 +191,17 @@ impl Datapath {
         }
     }
 
-    /// Opens one datagram (bytes `datagram` of `buf`) where it lies: the
-    /// peer and its packet's bytes if the packet is accepted; otherwise
-    /// None, counted (a drop, a keepalive, a handshake message).
-    fn open_one(
+    /// What opening a datagram at `at` of `buf` gave: the peer and its
+    /// packet's bytes if the packet is accepted; otherwise None, counted
+    /// (a drop, a keepalive, a handshake message).
+    fn accept_opened(
         &mut self,
         rx: &Received,
-        src: SocketAddr,
         buf: &mut [u8],
-        datagram: Range<usize>,
+        at: usize,
+        opened: Opened,
         now_ns: u64,
     ) -> Option<(PeerId, Range<usize>)> {
-        let wg = self.wg.as_mut()?;
-        let at = datagram.start;
-        let n = datagram.len();
-        wg.scratch[..n].copy_from_slice(&buf[datagram]);
-        let opened = wg.dev.open(src, &wg.scratch[..n], &mut buf[at..]);
         let stats = &self.stats;
         let (peer, len) = match opened {
             Opened::Packet { peer, len } => (peer, len),

@@ -44,6 +44,17 @@ impl Device {
         match *self {}
     }
 
+    pub fn open_batch(
+        &self,
+        _: SocketAddr,
+        _: impl Iterator<Item = std::ops::Range<usize>>,
+        _: &mut [u8],
+        _: &mut [u8],
+        _: impl FnMut(&mut [u8], std::ops::Range<usize>, Opened),
+    ) {
+        match *self {}
+    }
+
     pub fn handshakes(&self) -> &crossbeam::channel::Receiver<HandshakeMsg> {
         match *self {}
     }

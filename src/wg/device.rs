@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 use boringtun::noise::errors::WireGuardError;
@@ -72,6 +73,31 @@ fn reason(e: &WireGuardError) -> DropReason {
         WireGuardError::ConnectionExpired => DropReason::WgExpired,
         _ => DropReason::WgBadMessage,
     }
+}
+
+/// Opens a data message of peer `id` (whose state is `st`) from `src` into
+/// `out`; an authenticated one moves the peer's endpoint to `src`
+/// (roaming).
+fn open_with(
+    st: &mut PeerState,
+    id: PeerId,
+    src: SocketAddr,
+    datagram: &[u8],
+    out: &mut [u8],
+) -> Opened {
+    let opened = match st.tunn.decapsulate(Some(src.ip()), datagram, out) {
+        TunnResult::WriteToTunnelV4(p, _) | TunnResult::WriteToTunnelV6(p, _) => Opened::Packet {
+            peer: id,
+            len: p.len(),
+        },
+        TunnResult::Done => Opened::Keepalive { peer: id },
+        TunnResult::Err(e) => return Opened::Dropped(reason(&e)),
+        // A data message never asks for an answer.
+        TunnResult::WriteToNetwork(_) => return Opened::Dropped(DropReason::WgBadMessage),
+    };
+    // Authenticated: the peer is where it sent from.
+    st.endpoint = Some(src);
+    opened
 }
 
 /// The message type of a datagram (little-endian u32 in the first four
@@ -246,44 +272,77 @@ impl Device {
     /// queued for the control thread.
     pub fn open(&self, src: SocketAddr, datagram: &[u8], out: &mut [u8]) -> Opened {
         let src = canonical(src);
+        let (id, peer) = match self.route(src, datagram) {
+            Ok(p) => p,
+            Err(done) => return done,
+        };
+        match peer.state.lock() {
+            Ok(mut st) => open_with(&mut st, id, src, datagram, out),
+            Err(_) => Opened::Dropped(DropReason::WgBadMessage),
+        }
+    }
+
+    /// Opens the datagrams of one receive (`datagrams`: ranges of `buf`,
+    /// each copied into `scratch` and opened back where it lay), taking a
+    /// peer's lock once for its datagrams in a row (a GRO batch is one
+    /// peer's: one lock per batch); `each` gets `buf`, the datagram's range
+    /// and what it gave, in order.
+    pub fn open_batch(
+        &self,
+        src: SocketAddr,
+        datagrams: impl Iterator<Item = Range<usize>>,
+        buf: &mut [u8],
+        scratch: &mut [u8],
+        mut each: impl FnMut(&mut [u8], Range<usize>, Opened),
+    ) {
+        let src = canonical(src);
+        let mut held: Option<(PeerId, std::sync::MutexGuard<'_, PeerState>)> = None;
+        for d in datagrams {
+            let n = d.len();
+            scratch[..n].copy_from_slice(&buf[d.clone()]);
+            let datagram = &scratch[..n];
+            let opened = match self.route(src, datagram) {
+                Err(done) => done,
+                Ok((id, peer)) => {
+                    if held.as_ref().map(|h| h.0) != Some(id) {
+                        // One peer's lock at a time.
+                        drop(held.take());
+                        held = peer.state.lock().ok().map(|g| (id, g));
+                    }
+                    match held.as_mut() {
+                        Some((_, st)) => open_with(st, id, src, datagram, &mut buf[d.start..]),
+                        None => Opened::Dropped(DropReason::WgBadMessage),
+                    }
+                }
+            };
+            each(buf, d, opened);
+        }
+    }
+
+    /// The peer a data message is for; Err: what became of anything else
+    /// (a handshake message queued, or dropped).
+    fn route(&self, src: SocketAddr, datagram: &[u8]) -> Result<(PeerId, &Peer), Opened> {
         match message_type(datagram) {
             Some(4) => {}
             Some(1..=3) => {
                 let Some(msg) = HandshakeMsg::new(src, datagram) else {
-                    return Opened::Dropped(DropReason::WgBadMessage);
+                    return Err(Opened::Dropped(DropReason::WgBadMessage));
                 };
-                return match self.handshakes.0.try_send(msg) {
+                return Err(match self.handshakes.0.try_send(msg) {
                     Ok(()) => Opened::Handshake,
                     Err(_) => Opened::Dropped(DropReason::WgHandshakeBacklog),
-                };
+                });
             }
-            _ => return Opened::Dropped(DropReason::WgBadMessage),
+            _ => return Err(Opened::Dropped(DropReason::WgBadMessage)),
         }
         // boringtun's index: the peer's number in the top 24 bits.
         let Some(id) = receiver_index(datagram).map(|i| i >> 8) else {
-            return Opened::Dropped(DropReason::WgBadMessage);
+            return Err(Opened::Dropped(DropReason::WgBadMessage));
         };
-        let Some(peer) = self.peers.get(id as usize) else {
-            return Opened::Dropped(DropReason::WgUnknownIndex);
-        };
-        let Ok(mut st) = peer.state.lock() else {
-            return Opened::Dropped(DropReason::WgBadMessage);
-        };
-        let opened = match st.tunn.decapsulate(Some(src.ip()), datagram, out) {
-            TunnResult::WriteToTunnelV4(p, _) | TunnResult::WriteToTunnelV6(p, _) => {
-                Opened::Packet {
-                    peer: id,
-                    len: p.len(),
-                }
-            }
-            TunnResult::Done => Opened::Keepalive { peer: id },
-            TunnResult::Err(e) => return Opened::Dropped(reason(&e)),
-            // A data message never asks for an answer.
-            TunnResult::WriteToNetwork(_) => return Opened::Dropped(DropReason::WgBadMessage),
-        };
-        // Authenticated: the peer is where it sent from (roaming).
-        st.endpoint = Some(src);
-        opened
+        match self.peers.get(id as usize) {
+            Some(p) => Ok((id, p)),
+            None => Err(Opened::Dropped(DropReason::WgUnknownIndex)),
+        }
     }
 
     /// The handshake messages the datapath queued.
@@ -533,6 +592,66 @@ mod tests {
                 "segment {i}"
             );
         }
+    }
+
+    /// A receive's datagrams opened in place, in order, whatever each is.
+    #[test]
+    fn a_batch_opens_in_place_in_order() {
+        let (a, b) = pair();
+        let mut out = vec![0u8; 8192];
+        let pkt = crate::packet::ip::tests::ipv4_udp(100);
+        let Sealed::Datagram { len, .. } = a.seal(0, &pkt, &mut out) else {
+            panic!("an initiation")
+        };
+        b.open(A.parse().unwrap(), &out[..len], &mut vec![0u8; 2048]);
+        pump(&b, &a, B);
+        pump(&a, &b, A);
+        // Two data messages, garbage, and a third, back to back.
+        let mut buf = Vec::new();
+        let mut ranges = Vec::new();
+        for i in 0..4 {
+            let m = if i == 2 {
+                vec![9u8; 40]
+            } else {
+                let Sealed::Datagram { len, .. } = a.seal(0, &pkt, &mut out) else {
+                    panic!("sealed")
+                };
+                out[..len].to_vec()
+            };
+            ranges.push(buf.len()..buf.len() + m.len());
+            buf.extend_from_slice(&m);
+        }
+        let mut scratch = vec![0u8; 4096];
+        let mut seen = Vec::new();
+        b.open_batch(
+            A.parse().unwrap(),
+            ranges.clone().into_iter(),
+            &mut buf,
+            &mut scratch,
+            |buf, d, o| {
+                if let Opened::Packet { len, .. } = o {
+                    assert_eq!(
+                        &buf[d.start..d.start + len],
+                        &pkt[..],
+                        "opened where it lay"
+                    );
+                }
+                seen.push(o);
+            },
+        );
+        let p = Opened::Packet {
+            peer: 1,
+            len: pkt.len(),
+        };
+        assert_eq!(
+            seen,
+            [
+                p.clone(),
+                p.clone(),
+                Opened::Dropped(DropReason::WgBadMessage),
+                p
+            ]
+        );
     }
 
     #[test]

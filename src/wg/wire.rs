@@ -76,7 +76,7 @@ pub enum Sealed {
 }
 
 /// What opening a datagram gave.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Opened {
     /// From `peer`: the inner packet is the first `len` bytes of the
     /// output (its source not yet checked against the peer's AllowedIPs).
