@@ -204,22 +204,8 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
 
     let (events_tx, events) = channel::unbounded::<Event>();
     spawn_signal_thread(events_tx.clone())?;
-    // WireGuard: the keys and sessions every worker shares, and a socket
-    // for the control thread's sends.
-    let wg = match wg_conf {
-        Some(conf) => {
-            let local = sockets[0]
-                .local_addr()
-                .map_err(|e| Error::io("query the UDP socket's address", e))?;
-            let sock = sockets[0]
-                .try_clone()
-                .map_err(|e| Error::io("duplicate the UDP socket for WireGuard", e))?;
-            let mut dev = crate::wg::Device::new(&conf).map_err(Error::config)?;
-            dev.set_socket(local);
-            Some((Arc::new(dev), sock))
-        }
-        None => None,
-    };
+    // WireGuard: the keys and sessions every worker shares.
+    let wg = wg::device(wg_conf.as_ref(), &sockets)?;
     let workers = Workers::start(
         cfg,
         &engine,
@@ -235,15 +221,9 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
         return workers.stop(None);
     }
     let control_stop = Arc::new(AtomicBool::new(false));
-    let control = match wg {
-        Some((dev, sock)) => {
-            let stats = workers.stats[0].clone();
-            match wg::spawn_control(dev, sock, stats, control_stop.clone()) {
-                Ok(h) => Some(h),
-                Err(e) => return workers.stop(Some(e)),
-            }
-        }
-        None => None,
+    let control = match wg::control(wg, &workers.stats[0], &control_stop) {
+        Ok(h) => h,
+        Err(e) => return workers.stop(Some(e)),
     };
     // Everything privileged is done: devices, sockets, rings, pinning.
     if let Some(spec) = &cfg.service.user {

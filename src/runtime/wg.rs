@@ -110,10 +110,42 @@ impl Loaded {
     }
 }
 
+/// The WireGuard device for `conf` (None without WireGuard) on the
+/// workers' `sockets`, and a clone of the first for the control thread's
+/// sends.
+pub(super) fn device(
+    conf: Option<&WgConf>,
+    sockets: &[UdpSocket],
+) -> Result<Option<(Arc<Device>, UdpSocket)>> {
+    let (Some(conf), Some(first)) = (conf, sockets.first()) else {
+        return Ok(None);
+    };
+    let local = first
+        .local_addr()
+        .map_err(|e| Error::io("query the UDP socket's address", e))?;
+    let sock = first
+        .try_clone()
+        .map_err(|e| Error::io("duplicate the UDP socket for WireGuard", e))?;
+    let mut dev = Device::new(conf).map_err(Error::config)?;
+    dev.set_socket(local);
+    Ok(Some((Arc::new(dev), sock)))
+}
+
+/// Starts the control thread of `wg` (the device and its socket), if
+/// there is one, counting into `stats` until `stop`.
+pub(super) fn control(
+    wg: Option<(Arc<Device>, UdpSocket)>,
+    stats: &Arc<WorkerStats>,
+    stop: &Arc<AtomicBool>,
+) -> Result<Option<thread::JoinHandle<()>>> {
+    wg.map(|(dev, sock)| spawn_control(dev, sock, stats.clone(), stop.clone()))
+        .transpose()
+}
+
 /// Runs the control thread until `stop`: handshake messages the workers
 /// queued, and the timers every [`TICK`]; what they return is sent on
 /// `socket` (a clone of the first worker's), counted in `stats`.
-pub(super) fn spawn_control(
+fn spawn_control(
     dev: Arc<Device>,
     socket: UdpSocket,
     stats: Arc<WorkerStats>,
