@@ -170,49 +170,6 @@ pub fn is_tcp_without_data(pkt: &[u8]) -> bool {
     }
 }
 
-/// ECN field values (RFC 3168).
-const ECN_MASK: u8 = 0b11;
-const ECN_CE: u8 = 0b11;
-
-/// Marks an ECN-capable IP packet with CE in place (fixing the IPv4
-/// header checksum incrementally, RFC 1624). Returns false, leaving the
-/// packet alone, if it is not ECN-capable (Not-ECT) or not IPv4/IPv6.
-pub fn mark_ce(pkt: &mut [u8]) -> bool {
-    match pkt.first().map(|b| b >> 4) {
-        Some(4) if pkt.len() >= 20 => {
-            let tos = pkt[1];
-            if tos & ECN_MASK == 0 {
-                return false;
-            }
-            if tos & ECN_MASK == ECN_CE {
-                return true;
-            }
-            let old = u16::from_be_bytes([pkt[0], tos]);
-            let new_tos = tos | ECN_CE;
-            let new = u16::from_be_bytes([pkt[0], new_tos]);
-            pkt[1] = new_tos;
-            // HC' = ~(~HC + ~m + m')
-            let hc = u16::from_be_bytes([pkt[10], pkt[11]]);
-            let mut s = u32::from(!hc) + u32::from(!old) + u32::from(new);
-            s = (s & 0xffff) + (s >> 16);
-            s = (s & 0xffff) + (s >> 16);
-            pkt[10..12].copy_from_slice(&(!(s as u16)).to_be_bytes());
-            true
-        }
-        Some(6) if pkt.len() >= 40 => {
-            // Traffic class: low 4 bits of byte 0, high 4 bits of byte 1;
-            // ECN is its low 2 bits, bits 4..6 of byte 1.
-            let ecn = (pkt[1] >> 4) & ECN_MASK;
-            if ecn == 0 {
-                return false;
-            }
-            pkt[1] |= ECN_CE << 4;
-            true
-        }
-        _ => false,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -324,32 +281,5 @@ mod tests {
         let mut udp = ipv4(0);
         udp[9] = 17;
         assert!(!is_tcp_without_data(&udp));
-    }
-
-    #[test]
-    fn marks_ect_packets_with_a_valid_checksum_and_leaves_not_ect_alone() {
-        for ect in [0b01u8, 0b10] {
-            let mut p = ipv4(0xb8 | ect);
-            assert!(mark_ce(&mut p));
-            assert_eq!(p[1], 0xb8 | 0b11);
-            assert_eq!(
-                crate::packet::checksum::checksum(&p[..20]),
-                0,
-                "header checksum"
-            );
-        }
-        let mut not_ect = ipv4(0xb8);
-        let before = not_ect.clone();
-        assert!(!mark_ce(&mut not_ect));
-        assert_eq!(not_ect, before);
-        // IPv6: traffic class 0x02 (ECT(0)) becomes 0x03.
-        let mut v6 = vec![0u8; 40];
-        v6[0] = 0x60;
-        v6[1] = 0x20;
-        assert!(mark_ce(&mut v6));
-        assert_eq!((v6[0] & 0x0f) << 4 | v6[1] >> 4, 0x03);
-        let mut v6_not_ect = vec![0u8; 40];
-        v6_not_ect[0] = 0x60;
-        assert!(!mark_ce(&mut v6_not_ect));
     }
 }

@@ -106,6 +106,14 @@ impl Encap {
         matches!(self, Encap::WireGuard)
     }
 
+    /// True if the outer header carries the packet's ECN bits, both ways
+    /// (WireGuard, as the kernel's does: [`crate::packet::ecn`]). The
+    /// plain ways leave the outer TOS byte 0 and ignore it on arrival, as
+    /// socat and Linux FOU do.
+    pub fn carries_ecn(&self) -> bool {
+        matches!(self, Encap::WireGuard)
+    }
+
     /// Writes the header into `out[..header_len()]` (WireGuard's is
     /// written when the packet is sealed).
     pub fn write_header(&self, out: &mut [u8]) {

@@ -261,6 +261,7 @@ pub fn split_coalesce(data: &[u8]) {
         gro_size: Some(seg_len),
         truncated: false,
         arrived_ns: None,
+        tos: None,
     };
     let mut coalescer = Coalescer::new();
     let action = dp.handle_receive(&rx, &mut wire, &mut coalescer, 0);

@@ -851,6 +851,7 @@ mod tests {
         w.vnet_write_packets.add(next());
         w.aqm_marks.add(next());
         w.wg_handshake_messages.add(next());
+        w.wg_outer_ce.add(next());
         w.wg_keepalives.add(next());
         w.wg_waiting.add(next());
         w.wg_cookie_replies.add(next());

@@ -361,6 +361,10 @@ counters! {
     /// thread.
     wg_handshake_messages: Counter => "tunfwd_wg_handshake_messages_total",
         "WireGuard handshake messages received and handed to the control thread.";
+    /// WireGuard: packets whose datagram arrived marked CE (congestion on
+    /// the underlay), the mark carried into the packet (ECN-capable ones).
+    wg_outer_ce: Counter => "tunfwd_wg_outer_ce_total",
+        "WireGuard packets whose datagram arrived marked CE on the underlay; the mark was carried into the packet.";
     /// WireGuard: authenticated keepalives received.
     wg_keepalives: Counter => "tunfwd_wg_keepalives_received_total",
         "Authenticated WireGuard keepalives received.";

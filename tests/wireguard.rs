@@ -977,3 +977,259 @@ fn a_hub_with_three_spokes() {
         wg_hub(engine);
     }
 }
+
+/// A UDP relay in `ns` between tunfwd a and tunfwd b that plays a
+/// congested router: every datagram from a leaves for b marked CE (its
+/// outer TOS byte is `mark`), and the outer TOS byte and length of each
+/// datagram from a are kept, in order. b sees the relay's second socket as
+/// a's endpoint (roaming) and answers there; the relay passes that back.
+struct Relay {
+    stop: Arc<AtomicBool>,
+    seen: Arc<std::sync::Mutex<Vec<(u8, usize)>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Relay {
+    fn start(ns: &Netns, listen: SocketAddr, to: SocketAddr, mark: u8) -> Relay {
+        use nix::sys::socket::{setsockopt, sockopt};
+        let (from_a, to_b) = ns
+            .spawn(move || {
+                let s1 = UdpSocket::bind(listen).expect("bind the relay");
+                let s2 = UdpSocket::bind((listen.ip(), 0)).expect("bind the relay's far side");
+                (s1, s2)
+            })
+            .join()
+            .unwrap();
+        setsockopt(&from_a, sockopt::IpRecvTos, &true).unwrap();
+        setsockopt(&to_b, sockopt::Ipv4Tos, &i32::from(mark)).unwrap();
+        to_b.connect(to).unwrap();
+        for s in [&from_a, &to_b] {
+            s.set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+        }
+        let (from_a, to_b) = (Arc::new(from_a), Arc::new(to_b));
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let a_at = Arc::new(std::sync::Mutex::new(None::<SocketAddr>));
+        let forward = {
+            let (from_a, to_b, stop, seen, a_at) = (
+                from_a.clone(),
+                to_b.clone(),
+                stop.clone(),
+                seen.clone(),
+                a_at.clone(),
+            );
+            std::thread::spawn(move || {
+                use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrIn, recvmsg};
+                use std::os::fd::AsRawFd;
+                let mut buf = vec![0u8; 65536];
+                while !stop.load(Ordering::Relaxed) {
+                    let mut space = nix::cmsg_space!(u8);
+                    let (n, tos, from) = {
+                        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+                        let Ok(m) = recvmsg::<SockaddrIn>(
+                            from_a.as_raw_fd(),
+                            &mut iov,
+                            Some(&mut space),
+                            MsgFlags::empty(),
+                        ) else {
+                            continue;
+                        };
+                        let tos = m.cmsgs().unwrap().find_map(|c| match c {
+                            ControlMessageOwned::Ipv4Tos(t) => Some(t),
+                            _ => None,
+                        });
+                        let from = m.address.map(|a| SocketAddr::from((a.ip(), a.port())));
+                        (m.bytes, tos.expect("IP_TOS with every datagram"), from)
+                    };
+                    *a_at.lock().unwrap() = from;
+                    seen.lock().unwrap().push((tos, n));
+                    let _ = to_b.send(&buf[..n]);
+                }
+            })
+        };
+        let back = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok(n) = to_b.recv(&mut buf) else { continue };
+                    if let Some(a) = *a_at.lock().unwrap() {
+                        let _ = from_a.send_to(&buf[..n], a);
+                    }
+                }
+            })
+        };
+        Relay {
+            stop,
+            seen,
+            threads: vec![forward, back],
+        }
+    }
+
+    /// The (outer TOS byte, length) of the datagrams from a so far, and
+    /// forgets them.
+    fn take(&self) -> Vec<(u8, usize)> {
+        std::mem::take(&mut *self.seen.lock().unwrap())
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Outer ECN as the kernel's WireGuard does it, both engines: a data
+/// message carries its packet's ECN bits outside (CE as ECT(0), no DSCP),
+/// and a CE mark on the underlay reaches ECN-capable packets and leaves
+/// Not-ECT ones alone; counted as `wg_outer_ce`. One UDP datagram per
+/// packet (the seal of one packet), then a TCP transfer with ECN on
+/// (super-packets sealed segment by segment).
+fn outer_ecn(engine: &str) {
+    const RELAY: u16 = 51900;
+    const N: usize = 20;
+    const DSCP: u8 = 0xb8;
+    let topo = Topology::new();
+    let dir = Dir::new("ecn");
+    let (a_private, a_public) = keypair();
+    let (b_private, b_public) = keypair();
+    let a_conf = private_file(
+        &dir.0,
+        "a.conf",
+        &wg_conf(
+            &a_private,
+            &b_public,
+            Some(&format!("{UNDERLAY_B}:{RELAY}")),
+            &format!("{OVERLAY_B}/32"),
+        ),
+    );
+    let b_conf = private_file(
+        &dir.0,
+        "b.conf",
+        &wg_conf(&b_private, &a_public, None, &format!("{OVERLAY_A}/32")),
+    );
+    let relay = Relay::start(
+        &topo.b,
+        format!("{UNDERLAY_B}:{RELAY}").parse().unwrap(),
+        format!("{UNDERLAY_B}:{WG_PORT}").parse().unwrap(),
+        0b11,
+    );
+    let mut b = Proc::tunfwd(&topo.b, &wg_args(engine, false, &b_conf));
+    b.wait_for_stderr("wireguard udp [::]:51820");
+    let mut a = Proc::tunfwd(&topo.a, &wg_args(engine, true, &a_conf));
+    assert!(topo.a.ping(OVERLAY_B), "{engine}: ping through the relay");
+
+    // Datagrams of four kinds, N each, in order: ECT(0), ECT(1), CE,
+    // Not-ECT, all with DSCP EF.
+    let kinds = [0b10u8, 0b01, 0b11, 0b00];
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let receiver = topo.b.spawn(move || {
+        use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrIn, recvmsg, setsockopt};
+        use std::os::fd::AsRawFd;
+        let s = UdpSocket::bind((OVERLAY_B, 7100)).unwrap();
+        setsockopt(&s, nix::sys::socket::sockopt::IpRecvTos, &true).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        ready_tx.send(()).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut got = Vec::new();
+        let mut buf = [0u8; 2048];
+        while got.len() < 4 * N && std::time::Instant::now() < deadline {
+            let mut space = nix::cmsg_space!(u8);
+            let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+            let Ok(m) =
+                recvmsg::<SockaddrIn>(s.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::empty())
+            else {
+                continue;
+            };
+            let tos = m.cmsgs().unwrap().find_map(|c| match c {
+                ControlMessageOwned::Ipv4Tos(t) => Some(t),
+                _ => None,
+            });
+            got.push(tos.expect("IP_TOS with every datagram"));
+        }
+        got
+    });
+    ready_rx.recv().unwrap();
+    relay.take();
+    topo.a
+        .spawn(move || {
+            let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+            for ecn in kinds {
+                nix::sys::socket::setsockopt(
+                    &s,
+                    nix::sys::socket::sockopt::Ipv4Tos,
+                    &i32::from(DSCP | ecn),
+                )
+                .unwrap();
+                for _ in 0..N {
+                    s.send_to(&[ecn; 100], (OVERLAY_B, 7100)).unwrap();
+                }
+            }
+        })
+        .join()
+        .unwrap();
+    let got = receiver.join().unwrap();
+    // Inside: the CE mark reached the three ECN-capable kinds; Not-ECT
+    // arrived as it left.
+    let mut want = vec![DSCP | 0b11; 3 * N];
+    want.extend(vec![DSCP; N]);
+    assert_eq!(got, want, "{engine}: inner TOS bytes at b");
+    // Outside: the data messages of those datagrams (20 + 8 + 100 bytes,
+    // padded to 128, plus 32) carried their ECN bits, CE as ECT(0), no DSCP.
+    let outer: Vec<u8> = relay
+        .take()
+        .into_iter()
+        .filter(|&(_, len)| len == 160)
+        .map(|(tos, _)| tos)
+        .collect();
+    let mut want = Vec::new();
+    for o in [0b10u8, 0b01, 0b10, 0b00] {
+        want.extend(vec![o; N]);
+    }
+    assert_eq!(outer, want, "{engine}: outer TOS bytes on the underlay");
+
+    // TCP with ECN: its data segments leave as ECT(0) messages (and its
+    // retransmissions, which RFC 3168 sends Not-ECT, as Not-ECT ones).
+    topo.a
+        .command(&["sysctl", "-qw", "net.ipv4.tcp_ecn=1"])
+        .status()
+        .unwrap();
+    let dst: SocketAddr = format!("{OVERLAY_B}:7101").parse().unwrap();
+    verified_tcp_transfer(&topo.a, &topo.b, dst, 2 << 20);
+    let big: Vec<u8> = relay
+        .take()
+        .into_iter()
+        .filter(|&(_, len)| len > 1000)
+        .map(|(tos, _)| tos)
+        .collect();
+    let ect0 = big.iter().filter(|&&t| t == 0b10).count();
+    assert!(ect0 > 100, "{engine}: {ect0} ECT(0) messages: {big:?}");
+    assert!(
+        big.iter().all(|&t| t == 0b10 || t == 0),
+        "{engine}: TCP data messages neither ECT(0) nor Not-ECT: {big:?}"
+    );
+    assert!(a.terminate().success());
+    assert!(b.terminate().success());
+    let out_b = b.stdout();
+    let ce = stat(&out_b, "summary total", "wg_outer_ce");
+    assert!(
+        ce >= (3 * N + ect0) as u64,
+        "{engine}: wg_outer_ce {ce}, want at least {}\n{out_b}",
+        3 * N + ect0
+    );
+}
+
+#[test]
+fn outer_ecn_bits_follow_the_kernels_wireguard() {
+    if !can_run_kernel_tests("outer_ecn_bits_follow_the_kernels_wireguard") {
+        return;
+    }
+    for engine in engines("outer_ecn_bits_follow_the_kernels_wireguard") {
+        outer_ecn(engine);
+    }
+}

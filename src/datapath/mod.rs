@@ -358,6 +358,12 @@ impl Setup {
         Framing::of(&self.fwd)
     }
 
+    /// True if the engine's socket should report each datagram's outer
+    /// TOS byte ([`Received::tos`]): the encapsulation carries ECN.
+    pub fn wants_outer_tos(&self) -> bool {
+        self.fwd.encap().carries_ecn()
+    }
+
     /// The datapath over the engine's buffers and socket.
     pub fn build(self, at: Attach) -> Datapath {
         let Setup {

@@ -32,6 +32,9 @@ pub struct Received {
     /// When the kernel queued it (`SO_TIMESTAMPNS`, ns since the Unix
     /// epoch), if it said.
     pub arrived_ns: Option<u64>,
+    /// The outer header's TOS byte or traffic class, if the kernel said
+    /// (WireGuard asks: the ECN bits go into the packet).
+    pub tos: Option<u8>,
 }
 
 /// What a receive becomes.
@@ -160,7 +163,7 @@ impl Datapath {
             return true;
         }
         *pending = false;
-        if crate::aqm::mark_ce(pkt) {
+        if crate::packet::ecn::mark_ce(pkt) {
             stats.aqm_marks.add(1);
             true
         } else {

@@ -11,6 +11,7 @@ fn datagram(src: SocketAddr, len: usize, arrived_ns: Option<u64>) -> Received {
         gro_size: None,
         truncated: false,
         arrived_ns,
+        tos: None,
     }
 }
 
@@ -171,7 +172,8 @@ fn plain_read_is_one_datagram_in_place() {
         send,
         TxSend {
             range: 0..pkt.len(),
-            gso_size: None
+            gso_size: None,
+            tos: 0,
         }
     );
     assert_eq!(d.on_send(&mut plan, &send, Ok(pkt.len())), After::Next);
@@ -275,6 +277,7 @@ fn receive_with_gro_coalesces_and_drops_bad_checksums() {
         gro_size: Some(n),
         truncated: false,
         arrived_ns: None,
+        tos: None,
     };
     let mut c = Coalescer::new();
     assert_eq!(
@@ -306,6 +309,7 @@ fn receive_checks_source_truncation_and_strips_encapsulation() {
         gro_size: None,
         truncated,
         arrived_ns: None,
+        tos: None,
     };
     for offload in [false, true] {
         let mut d = dp(offload);
@@ -363,6 +367,7 @@ fn one_truncation_rule_for_every_engine() {
             gro_size,
             truncated,
             arrived_ns: None,
+            tos: None,
         };
         assert!(!d.is_truncated(&rx(room - 1, None, false)));
         assert!(

@@ -40,6 +40,9 @@ pub struct TxPlan {
     pub(super) end: usize,
     pub(super) seg: usize,
     pub(super) sent: usize,
+    /// The outer header's TOS byte (IPv6: traffic class): 0, but for
+    /// WireGuard data messages, which carry the packet's ECN bits.
+    pub(super) tos: u8,
 }
 
 impl TxPlan {
@@ -91,6 +94,8 @@ impl TxPlan {
 pub struct TxSend {
     pub range: Range<usize>,
     pub gso_size: Option<u16>,
+    /// The outer header's TOS byte or traffic class (the plan's).
+    pub tos: u8,
 }
 
 impl TxSend {
@@ -182,7 +187,7 @@ impl Datapath {
     ) -> TunAction {
         let marked = d.signal && {
             let r = self.read_packet_range(d.bytes);
-            crate::aqm::mark_ce(&mut read[r])
+            crate::packet::ecn::mark_ce(&mut read[r])
         };
         if marked {
             self.stats.aqm_marks.add(1);
@@ -250,6 +255,7 @@ impl Datapath {
                     end: head + len,
                     seg: (head + len).max(1),
                     sent: 0,
+                    tos: 0,
                 })
             }
             TunVerdict::Reflect => TunAction::Reflect(head..head + len),
@@ -315,6 +321,7 @@ impl Datapath {
                         end: frame_len,
                         seg: pkt.len().max(1),
                         sent: 0,
+                        tos: 0,
                     }),
                 },
             },
@@ -332,6 +339,7 @@ impl Datapath {
                     end: g.total_len(),
                     seg: g.seg_len().max(1),
                     sent: 0,
+                    tos: 0,
                 }),
             },
         }
@@ -352,12 +360,14 @@ impl Datapath {
                 return Some(TxSend {
                     range: at..at + len,
                     gso_size: Some(seg as u16),
+                    tos: plan.tos,
                 });
             }
         }
         Some(TxSend {
             range: at..at + left.min(seg),
             gso_size: None,
+            tos: plan.tos,
         })
     }
 

@@ -7,7 +7,9 @@
 
 use super::rx::PeerCount;
 use super::*;
+use crate::packet::ecn;
 use crate::wg::device::{Opened, Sealed, padded_len};
+use crate::wg::wire::is_data_message;
 
 /// The device, and room for one copy: boringtun writes its output into
 /// another buffer than its input, so the packet (or datagram) is copied
@@ -21,7 +23,8 @@ pub(super) struct WgPath {
 impl Datapath {
     /// Seals the packet of `len` bytes at `at` of `read` for `peer`; the
     /// message is written from the start of `read` (whose tail room holds
-    /// the tag, or a handshake initiation).
+    /// the tag, or a handshake initiation). A data message's outer ECN bits
+    /// are the packet's ([`ecn::outer_tos`]).
     pub(super) fn seal(
         &mut self,
         peer: PeerId,
@@ -33,15 +36,18 @@ impl Datapath {
         let Some(wg) = &mut self.wg else {
             return TunAction::Dropped;
         };
+        let tos = ecn::outer_tos(&read[at..at + len]);
         wg.scratch[..len].copy_from_slice(&read[at..at + len]);
         wg.scratch[len..padded].fill(0);
         let sealed = wg.dev.seal(peer, &wg.scratch[..padded], read);
-        self.sealed(peer, sealed, TxBuf::Read, 1)
+        let tos = if is_data_message(read) { tos } else { 0 };
+        self.sealed(peer, sealed, TxBuf::Read, 1, tos)
     }
 
     /// Seals the segments `g` of a super-packet (headers in `split`,
     /// payloads in `read`) for `peer`, each padded, into `split`: one UDP
-    /// GSO send of equal-size messages.
+    /// GSO send of equal-size messages, whose outer ECN bits are the
+    /// super-packet's (its segments share its IP header's).
     pub(super) fn seal_segments(
         &mut self,
         peer: PeerId,
@@ -55,6 +61,7 @@ impl Datapath {
         };
         // Full segments are all seg_len long, so all pad to one size.
         let stride = padded_len(g.seg_len(), mtu);
+        let tos = ecn::outer_tos(&split[g.headers(0)]);
         let mut end = 0;
         for i in 0..g.count {
             let (h, p) = (g.headers(i), g.payload(i));
@@ -70,12 +77,20 @@ impl Datapath {
         let sealed = wg
             .dev
             .seal_segments(peer, &wg.scratch[..end], stride, split);
-        self.sealed(peer, sealed, TxBuf::Split, g.count)
+        let tos = if is_data_message(split) { tos } else { 0 };
+        self.sealed(peer, sealed, TxBuf::Split, g.count, tos)
     }
 
-    /// What sealing gave, as a plan for the datagrams in `buf`; `packets`
-    /// were sealed (or wait for a handshake).
-    fn sealed(&self, peer: PeerId, sealed: Sealed, buf: TxBuf, packets: usize) -> TunAction {
+    /// What sealing gave, as a plan for the datagrams in `buf` with outer
+    /// TOS byte `tos`; `packets` were sealed (or wait for a handshake).
+    fn sealed(
+        &self,
+        peer: PeerId,
+        sealed: Sealed,
+        buf: TxBuf,
+        packets: usize,
+        tos: u8,
+    ) -> TunAction {
         let plan = |end: usize, seg: usize, dest| {
             TunAction::Send(TxPlan {
                 buf,
@@ -85,6 +100,7 @@ impl Datapath {
                 end,
                 seg: seg.max(1),
                 sent: 0,
+                tos,
             })
         };
         match sealed {
@@ -116,7 +132,8 @@ impl Datapath {
     /// (one, or with UDP GRO several) is opened where it lies, under one
     /// lock of its peer for the whole batch, and its packet checked like
     /// any other (valid, within the MTU, its source in the AllowedIPs of the
-    /// peer whose key opened it, CoDel); without offload the packet is
+    /// peer whose key opened it, CoDel) and given the outer header's ECN
+    /// bits ([`ecn::decapsulate`]); without offload the packet is
     /// written as it is, with offload the coalescer joins consecutive TCP
     /// segments. A handshake message goes to the control thread.
     pub(super) fn receive_wg(
@@ -223,6 +240,13 @@ impl Datapath {
         };
         let pkt = at..at + len;
         let mut verdict = self.fwd.check_opened(peer, &buf[pkt.clone()]);
+        let outer_ce = match (verdict, rx.tos) {
+            (Ok(()), Some(outer)) => ecn::decapsulate(outer, &mut buf[pkt.clone()]),
+            _ => false,
+        };
+        if outer_ce {
+            self.stats.wg_outer_ce.add(1);
+        }
         // CoDel's signal (a CE mark, or a drop) goes to an accepted packet.
         if verdict.is_ok() {
             if self.aqm_signal(rx, now_ns) {

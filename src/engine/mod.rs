@@ -148,6 +148,7 @@ impl Engine {
     /// single-issuer) and returns what runs it.
     pub fn build(self, mut parts: WorkerParts) -> Result<Box<dyn FnOnce() -> Result<()>>> {
         parts.datapath = enable_timestamps(&parts.udp, parts.datapath);
+        enable_outer_tos(&parts.udp, &parts.datapath);
         Ok(match self {
             Engine::Poll => {
                 let w = poll::PollWorker::new(parts)?;
@@ -275,6 +276,22 @@ fn enable_timestamps(udp: &UdpSocket, dp: Setup) -> Setup {
             );
             dp.without_timestamps()
         }
+    }
+}
+
+/// Asks the kernel for each datagram's outer TOS byte on `udp` if the
+/// encapsulation carries ECN; if it refuses (not Linux), congestion marks
+/// on the underlay do not reach the packets (one log line) and the worker
+/// carries on.
+fn enable_outer_tos(udp: &UdpSocket, dp: &Setup) {
+    if !dp.wants_outer_tos() {
+        return;
+    }
+    if let Err(e) = crate::platform::enable_rx_tos(udp) {
+        crate::info!(
+            "{}: the kernel does not report the outer ECN bits ({e}): underlay congestion marks are not carried into packets",
+            dp.label()
+        );
     }
 }
 

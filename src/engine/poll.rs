@@ -394,7 +394,13 @@ impl PollWorker {
                 }
             };
             self.dp.stats().syscalls.add(1);
-            let res = crate::platform::send_gather(&self.udp, &iov[..n], send.gso_size, plan.dest);
+            let res = crate::platform::send_gather(
+                &self.udp,
+                &iov[..n],
+                send.gso_size,
+                send.tos,
+                plan.dest,
+            );
             if self.dp.on_send(&mut plan, &send, res) == After::Retry {
                 self.out.held = Some(OutHeld::Send(t, plan));
                 return Ok(());
@@ -455,6 +461,7 @@ impl PollWorker {
             gro_size: got.gro_size,
             truncated: got.truncated,
             arrived_ns: got.arrived_ns,
+            tos: got.tos,
         }))
     }
 

@@ -7,6 +7,7 @@
 //! constructors.
 
 pub mod checksum;
+pub mod ecn;
 pub mod ip;
 pub mod offload;
 pub mod virtio;

@@ -47,26 +47,22 @@ pub fn enable_udp_gro(sock: &UdpSocket) -> io::Result<()> {
 }
 
 /// Sends the bytes of `iov`, gathered, to `to`: one datagram, or with
-/// `gso_size` one UDP GSO send of datagrams of that many bytes.
+/// `gso_size` one UDP GSO send of datagrams of that many bytes; the outer
+/// header's TOS byte (or traffic class) is `tos`.
 pub fn send_gather(
     sock: &UdpSocket,
     iov: &[io::IoSlice<'_>],
     gso_size: Option<u16>,
+    tos: u8,
     to: SocketAddr,
 ) -> nix::Result<usize> {
     let addr = SockaddrStorage::from(to);
-    let words = gso_size.map(control::udp_segment_cmsg);
-    let mut bytes = [0u8; control::CMSG_SPACE_INT];
-    let control = match words {
-        Some(w) => {
-            for (chunk, word) in bytes.chunks_mut(8).zip(w) {
-                chunk.copy_from_slice(&word.to_ne_bytes());
-            }
-            &bytes[..]
-        }
-        None => &[][..],
-    };
-    crate::sys::sendmsg_gather(sock.as_fd(), iov, control, &addr)
+    let c = control::SendControl::new(gso_size, tos, &to);
+    let mut bytes = [0u8; control::SEND_CONTROL_MAX];
+    for (chunk, word) in bytes.chunks_mut(8).zip(c.words()) {
+        chunk.copy_from_slice(&word.to_ne_bytes());
+    }
+    crate::sys::sendmsg_gather(sock.as_fd(), iov, &bytes[..c.len()], &addr)
 }
 
 /// Room for the control messages `recv_segments` reads (UDP GRO size and
@@ -91,6 +87,7 @@ pub fn recv_segments(
         src: control::parse_sockaddr(&name[..r.name_len]),
         gro_size: c.gro_size,
         arrived_ns: c.arrived_ns,
+        tos: c.tos,
         truncated: r.truncated,
     })
 }
@@ -99,6 +96,17 @@ pub fn recv_segments(
 /// (`SO_TIMESTAMPNS`), read by [`recv_segments`].
 pub fn enable_rx_timestamps(sock: &UdpSocket) -> io::Result<()> {
     setsockopt(sock, sockopt::ReceiveTimestampns, &true).map_err(Into::into)
+}
+
+/// Asks the kernel for each datagram's outer TOS byte (IPv4, `IP_RECVTOS`)
+/// or traffic class (IPv6, `IPV6_RECVTCLASS`; an IPv6 socket asks for
+/// both, as IPv4 peers reach it too), read by [`recv_segments`].
+pub fn enable_rx_tos(sock: &UdpSocket) -> io::Result<()> {
+    setsockopt(sock, sockopt::IpRecvTos, &true)?;
+    if sock.local_addr()?.is_ipv6() {
+        setsockopt(sock, sockopt::Ipv6RecvTClass, &true)?;
+    }
+    Ok(())
 }
 
 /// Asks the kernel to send SIGTERM when the parent process dies.
@@ -270,36 +278,51 @@ mod tests {
 
     /// The poll engine's receive and send, through the shared codec, on
     /// loopback: the sender's address, a GSO send arriving as datagrams of
-    /// its segment size, the arrival time, and the kernel's MSG_TRUNC.
+    /// its segment size, the outer TOS byte both ways (IPv4, IPv6, and
+    /// IPv4-mapped through a dual-stack socket), the arrival time, and the
+    /// kernel's MSG_TRUNC.
     #[test]
     fn receive_and_send_through_the_codec_on_loopback() {
-        for any in ["127.0.0.1:0", "[::1]:0"] {
-            let bind = || UdpSocket::bind(any).unwrap_or_else(|e| panic!("bind {any}: {e}"));
-            let (rx, tx) = (bind(), bind());
+        // (receiver binds, sender binds, the receiver as the sender names it)
+        type Name = fn(SocketAddr) -> SocketAddr;
+        let cases: [(&str, &str, Name); 3] = [
+            ("127.0.0.1:0", "127.0.0.1:0", |a| a),
+            ("[::1]:0", "[::1]:0", |a| a),
+            ("[::]:0", "[::]:0", |a| {
+                SocketAddr::from((std::net::Ipv4Addr::LOCALHOST.to_ipv6_mapped(), a.port()))
+            }),
+        ];
+        for (rx_at, tx_at, name) in cases {
+            let bind = |at: &str| UdpSocket::bind(at).unwrap_or_else(|e| panic!("bind {at}: {e}"));
+            let (rx, tx) = (bind(rx_at), bind(tx_at));
             rx.set_read_timeout(Some(std::time::Duration::from_secs(5)))
                 .unwrap();
             enable_rx_timestamps(&rx).unwrap();
-            let to = rx.local_addr().unwrap();
+            enable_rx_tos(&rx).unwrap();
+            let to = name(rx.local_addr().unwrap());
             let before = crate::engine::now_ns();
-            // One GSO send of three 100-byte datagrams, then one of 300.
+            // One GSO send of three 100-byte datagrams (ECT(0)), then one
+            // of 300 (ECT(1)).
             let data = [7u8; 300];
             let iov = [io::IoSlice::new(&data)];
-            assert_eq!(send_gather(&tx, &iov, Some(100), to), Ok(300));
-            assert_eq!(send_gather(&tx, &iov, None, to), Ok(300));
+            assert_eq!(send_gather(&tx, &iov, Some(100), 2, to), Ok(300));
+            assert_eq!(send_gather(&tx, &iov, None, 1, to), Ok(300));
             let mut cmsg = segments_cmsg_space();
             let mut buf = [0u8; 200];
             for _ in 0..3 {
                 let r = recv_segments(&rx, &mut buf, &mut cmsg).unwrap();
-                assert_eq!((r.len, r.truncated), (100, false), "{any}");
-                assert_eq!(r.src, Some(tx.local_addr().unwrap()), "{any}");
+                assert_eq!((r.len, r.truncated), (100, false), "{rx_at}");
+                let from = r.src.expect("a sender");
+                assert_eq!(from.port(), tx.local_addr().unwrap().port(), "{rx_at}");
+                assert_eq!(r.tos, Some(2), "{rx_at}: ECT(0) outside");
                 let at = r.arrived_ns.expect("an arrival time");
-                assert!(at >= before && at <= crate::engine::now_ns(), "{any}");
+                assert!(at >= before && at <= crate::engine::now_ns(), "{rx_at}");
             }
             let r = recv_segments(&rx, &mut buf, &mut cmsg).unwrap();
             assert_eq!(
-                (r.len, r.truncated),
-                (200, true),
-                "{any}: cut to the buffer"
+                (r.len, r.truncated, r.tos),
+                (200, true, Some(1)),
+                "{rx_at}: cut to the buffer, ECT(1) outside"
             );
         }
     }

@@ -32,6 +32,9 @@ pub struct RecvInfo {
     /// When the kernel queued it (ns since the Unix epoch), with
     /// `SO_TIMESTAMPNS` on (Linux).
     pub arrived_ns: Option<u64>,
+    /// The outer header's TOS byte or traffic class, with
+    /// [`enable_rx_tos`] on (Linux).
+    pub tos: Option<u8>,
     /// The kernel cut the payload to the buffer (`MSG_TRUNC`; Linux).
     pub truncated: bool,
 }

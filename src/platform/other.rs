@@ -42,11 +42,13 @@ pub fn enable_udp_gro(_sock: &UdpSocket) -> io::Result<()> {
 }
 
 /// Sends the bytes of `iov`, gathered, as one datagram to `to` (no UDP
-/// GSO here: a `gso_size` is refused).
+/// GSO here: a `gso_size` is refused; the outer TOS byte stays 0, so
+/// WireGuard's outer ECN bits are Linux-only).
 pub fn send_gather(
     sock: &UdpSocket,
     iov: &[io::IoSlice<'_>],
     gso_size: Option<u16>,
+    _tos: u8,
     to: SocketAddr,
 ) -> nix::Result<usize> {
     use std::os::fd::AsRawFd;
@@ -81,8 +83,14 @@ pub fn recv_segments(
         src: src.as_ref().and_then(socket_addr),
         gro_size: None,
         arrived_ns: None,
+        tos: None,
         truncated: false,
     })
+}
+
+/// The outer TOS byte is not read here (Linux-only).
+pub fn enable_rx_tos(_sock: &UdpSocket) -> io::Result<()> {
+    Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
 }
 
 /// No receive timestamps here: the AQM stays off.

@@ -23,6 +23,16 @@ pub const HANDSHAKES_PER_SECOND: u64 = 100;
 /// (`wg_handshake_backlog`).
 pub const HANDSHAKE_BACKLOG: usize = 1024;
 
+/// The first byte of a transport data message (its type, little-endian
+/// 4 in a 32-bit field).
+pub const DATA_MESSAGE_TYPE: u8 = 4;
+
+/// True if `msg` is a transport data message (not a handshake message):
+/// only those carry the inner packet's ECN bits outside.
+pub fn is_data_message(msg: &[u8]) -> bool {
+    msg.first() == Some(&DATA_MESSAGE_TYPE)
+}
+
 /// The plaintext length a data message carries for a packet of `len`
 /// bytes: padded to a multiple of 16 (the WireGuard paper, 5.4.6), but
 /// not beyond `mtu`.

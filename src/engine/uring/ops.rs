@@ -6,9 +6,7 @@
 
 use std::net::SocketAddr;
 
-use crate::platform::control::{
-    CMSG_SPACE_INT, CMSG_SPACE_TIMESPEC, SOCKADDR_LEN, parse_sockaddr, udp_segment_cmsg,
-};
+use crate::platform::control::{SOCKADDR_LEN, SendControl, control_len, parse_sockaddr};
 
 /// What an operation is: bits 32.. of user_data; bits 16..32 hold an index
 /// (which coalesced TUN write), bits 0..16 the buffer id.
@@ -59,15 +57,22 @@ pub(super) fn decode(ud: u64) -> (Option<Op>, u16, u16) {
 /// `struct io_uring_recvmsg_out` (16 bytes) + the sender address we ask for.
 pub(super) const RECVMSG_PREFIX: usize = 16 + SOCKADDR_LEN;
 
+/// Room for a send's or a single-shot receive's control data, in words.
+const CMSG_WORDS: usize = 8;
+const _: () = assert!(
+    crate::platform::control::SEND_CONTROL_MAX <= CMSG_WORDS * 8
+        && control_len(false, true) <= CMSG_WORDS * 8
+);
+
 /// The message header of one buffer's sendmsg or single-shot recvmsg. Kept
 /// in a Vec that is never resized, so the kernel's pointers into it stay
 /// valid while the operation is in flight.
 pub(super) struct MsgSlot {
     pub(super) msg: libc::msghdr,
     pub(super) iov: libc::iovec,
-    /// Control data, 8-byte aligned: UDP_SEGMENT out, or SCM_TIMESTAMPNS
-    /// in.
-    pub(super) cmsg: [u64; 4],
+    /// Control data, 8-byte aligned: UDP_SEGMENT and the TOS byte out, or
+    /// SCM_TIMESTAMPNS and the TOS byte in.
+    pub(super) cmsg: [u64; CMSG_WORDS],
     pub(super) name: libc::sockaddr_in6,
     /// Where a send goes (its plan's destination), pointed to by `msg`.
     dest: nix::sys::socket::SockaddrStorage,
@@ -83,7 +88,7 @@ impl MsgSlot {
                 iov_base: std::ptr::null_mut(),
                 iov_len: 0,
             },
-            cmsg: [0; 4],
+            cmsg: [0; CMSG_WORDS],
             // SAFETY: as above: a plain C struct.
             name: unsafe { std::mem::zeroed() },
             dest: nix::sys::socket::SockaddrStorage::from(SocketAddr::from(([0, 0, 0, 0], 0))),
@@ -98,54 +103,52 @@ impl MsgSlot {
         (self.dest.as_ptr(), self.dest.len())
     }
 
-    /// Points the header at `len` bytes at `data`, to `dest`, with
-    /// UDP_SEGMENT = `gso_size` if given. Returns the header for SENDMSG.
+    /// Points the header at `len` bytes at `data`, to `dest`, with the
+    /// control messages `control`. Returns the header for SENDMSG.
     pub(super) fn prepare_send(
         &mut self,
         data: *mut u8,
         len: usize,
         dest: (*const libc::sockaddr, u32),
-        gso_size: Option<u16>,
+        control: &SendControl,
     ) -> *const libc::msghdr {
         self.iov = libc::iovec {
             iov_base: data.cast(),
             iov_len: len,
         };
         let iov = &mut self.iov as *mut libc::iovec;
-        self.prepare_gather(iov, 1, dest, gso_size)
+        self.prepare_gather(iov, 1, dest, control)
     }
 
     /// Points the header at the `n` iovecs at `iov` (kept alive by the
-    /// caller until the send completes), to `dest`, with UDP_SEGMENT =
-    /// `gso_size` if given. Returns the header for SENDMSG.
+    /// caller until the send completes), to `dest`, with the control
+    /// messages `control`. Returns the header for SENDMSG.
     pub(super) fn prepare_gather(
         &mut self,
         iov: *mut libc::iovec,
         n: usize,
         dest: (*const libc::sockaddr, u32),
-        gso_size: Option<u16>,
+        control: &SendControl,
     ) -> *const libc::msghdr {
         self.msg.msg_name = dest.0 as *mut libc::c_void;
         self.msg.msg_namelen = dest.1;
         self.msg.msg_iov = iov;
         self.msg.msg_iovlen = n as _;
-        match gso_size {
-            Some(seg) => {
-                let c = udp_segment_cmsg(seg);
-                self.cmsg[..3].copy_from_slice(&c);
-                self.msg.msg_control = self.cmsg.as_mut_ptr().cast();
-                self.msg.msg_controllen = CMSG_SPACE_INT as _;
-            }
-            None => {
-                self.msg.msg_control = std::ptr::null_mut();
-                self.msg.msg_controllen = 0;
-            }
+        let words = control.words();
+        if words.is_empty() {
+            self.msg.msg_control = std::ptr::null_mut();
+            self.msg.msg_controllen = 0;
+        } else {
+            self.cmsg[..words.len()].copy_from_slice(words);
+            self.msg.msg_control = self.cmsg.as_mut_ptr().cast();
+            self.msg.msg_controllen = control.len() as _;
         }
         &self.msg
     }
 
     /// Points the header at `len` bytes at `data` and at its own address
-    /// field (and control area, for an arrival time if `timestamps`).
+    /// field and control area (the outer TOS byte, and an arrival time if
+    /// `timestamps`).
     /// Returns the header for a single-shot RECVMSG.
     pub(super) fn prepare_recv(
         &mut self,
@@ -161,14 +164,9 @@ impl MsgSlot {
         self.msg.msg_namelen = SOCKADDR_LEN as u32;
         self.msg.msg_iov = &mut self.iov;
         self.msg.msg_iovlen = 1;
-        if timestamps {
-            self.cmsg = [0; 4];
-            self.msg.msg_control = self.cmsg.as_mut_ptr().cast();
-            self.msg.msg_controllen = CMSG_SPACE_TIMESPEC as _;
-        } else {
-            self.msg.msg_control = std::ptr::null_mut();
-            self.msg.msg_controllen = 0;
-        }
+        self.cmsg = [0; CMSG_WORDS];
+        self.msg.msg_control = self.cmsg.as_mut_ptr().cast();
+        self.msg.msg_controllen = control_len(false, timestamps) as _;
         self.msg.msg_flags = 0;
         &mut self.msg
     }
@@ -189,9 +187,10 @@ impl MsgSlot {
         if self.msg.msg_control.is_null() || self.msg.msg_controllen == 0 {
             return &[];
         }
-        // SAFETY: `cmsg` is 32 plain bytes owned by self (zeroed before
-        // each receive, so only what the kernel wrote is there).
-        unsafe { std::slice::from_raw_parts(self.cmsg.as_ptr().cast::<u8>(), CMSG_SPACE_TIMESPEC) }
+        // SAFETY: `cmsg` is CMSG_WORDS * 8 plain bytes owned by self
+        // (zeroed before each receive, so only what the kernel wrote is
+        // there).
+        unsafe { std::slice::from_raw_parts(self.cmsg.as_ptr().cast::<u8>(), CMSG_WORDS * 8) }
     }
 
     /// The completed single-shot recvmsg was truncated.

@@ -567,11 +567,12 @@ impl UringWorker {
             self.tx[i].plan = None;
             return self.recycle(bid);
         };
+        let control = control::SendControl::new(send.gso_size, send.tos, &dest);
         let dest = self.tx[i].msg.set_dest(dest);
         let msg = match buf {
             TxBuf::Read => {
                 let (data, len) = self.pool.area(bid, send.range.clone());
-                self.tx[i].msg.prepare_send(data, len, dest, send.gso_size)
+                self.tx[i].msg.prepare_send(data, len, dest, &control)
             }
             TxBuf::Split => {
                 let Some(split) = self.split.as_ref().map(|s| s.ptr) else {
@@ -583,7 +584,7 @@ impl UringWorker {
                 let data = unsafe { split.add(i * SPLIT_LEN + range.start) };
                 self.tx[i]
                     .msg
-                    .prepare_send(data, range.len(), dest, send.gso_size)
+                    .prepare_send(data, range.len(), dest, &control)
             }
             TxBuf::Gather(_) => {
                 let Some(split) = self.split.as_ref().map(|s| s.ptr) else {
@@ -610,7 +611,7 @@ impl UringWorker {
                     n += 2;
                 }
                 let iov = slot.iov.as_mut_ptr();
-                slot.msg.prepare_gather(iov, n, dest, send.gso_size)
+                slot.msg.prepare_gather(iov, n, dest, &control)
             }
         };
         self.tx[i].send = Some(send);
@@ -1022,12 +1023,14 @@ impl UringWorker {
                     self.parse_multishot(b, res as usize)
                 } else {
                     let slot = &self.rx[usize::from(b - self.per_group)].msg;
+                    let c = control::parse_control(slot.control());
                     Some(Received {
                         src: slot.sender(),
                         payload: 0..(res as usize).min(self.plan.buf_len),
                         gro_size: None,
                         truncated: slot.truncated(),
-                        arrived_ns: control::parse_control(slot.control()).arrived_ns,
+                        arrived_ns: c.arrived_ns,
+                        tos: c.tos,
                     })
                 };
                 match rx {
@@ -1066,6 +1069,7 @@ impl UringWorker {
             gro_size: c.gro_size,
             truncated: out.is_payload_truncated(),
             arrived_ns: c.arrived_ns,
+            tos: c.tos,
         })
     }
 
