@@ -511,6 +511,18 @@ pub struct PeerTable {
     /// mode: VXLAN senders pick the source port from a flow hash).
     any_port: bool,
     prefixes: usize,
+    attached: Option<Attached>,
+}
+
+/// Per-peer state of an encapsulation, kept with the table
+/// ([`PeerTable::attach`]).
+#[derive(Clone)]
+struct Attached(Arc<dyn std::any::Any + Send + Sync>);
+
+impl std::fmt::Debug for Attached {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Attached")
+    }
 }
 
 /// Why a set of peers cannot be a table.
@@ -615,17 +627,35 @@ impl PeerTable {
     /// `addr` is only the configured endpoint (or unspecified), may repeat,
     /// and is never matched against a datagram's source; a peer without
     /// prefixes (AllowedIPs) routes nothing and is sent nothing from.
-    /// `names[i]` names peer `i` in stats and metrics (its public key).
+    /// `names[i]` names peer `i` in stats and metrics (its public key); a
+    /// peer whose name is in `old` keeps its counters. May be empty (a
+    /// WireGuard interface before `wg` gives it peers).
     pub fn build_keyed(
         specs: &[PeerSpec],
         names: &[String],
         workers: usize,
+        old: Option<&PeerTable>,
     ) -> Result<PeerTable, TableError> {
         let mut t = PeerTable::assemble(specs, workers, false, true, None)?;
         for (p, n) in t.peers.iter_mut().zip(names) {
             p.name = Some(n.clone());
+            if let Some(o) = old.and_then(|o| o.peers.iter().find(|o| o.name.as_ref() == Some(n))) {
+                p.stats = o.stats.clone();
+            }
         }
         Ok(t)
+    }
+
+    /// Attaches what an encapsulation keeps per peer for this table's
+    /// peer numbers (WireGuard's peer set), so that a worker takes the two
+    /// together; see [`PeerTable::attached`].
+    pub fn attach(&mut self, state: Arc<dyn std::any::Any + Send + Sync>) {
+        self.attached = Some(Attached(state));
+    }
+
+    /// What [`PeerTable::attach`] attached, if it is a `T`.
+    pub fn attached<T: std::any::Any + Send + Sync>(&self) -> Option<Arc<T>> {
+        self.attached.as_ref()?.0.clone().downcast::<T>().ok()
     }
 
     fn assemble(
@@ -635,7 +665,7 @@ impl PeerTable {
         keyed: bool,
         old: Option<&PeerTable>,
     ) -> Result<PeerTable, TableError> {
-        if specs.is_empty() {
+        if specs.is_empty() && !keyed {
             return Err(TableError::NoPeers);
         }
         if specs.len() > MAX_PEERS {
@@ -703,6 +733,7 @@ impl PeerTable {
             catch_all,
             any_port,
             prefixes,
+            attached: None,
         })
     }
 

@@ -383,8 +383,10 @@ impl Setup {
         let framing = Framing::of(&fwd);
         let mut peers_generation = 0;
         let mut per_peer = false;
+        let mut wg_set = None;
         if let Some(shared) = &shared_peers {
             let (generation, table) = shared.load();
+            wg_set = table.attached::<crate::wg::PeerSet>();
             per_peer = !table.is_single();
             fwd.set_peers(table);
             peers_generation = generation;
@@ -420,6 +422,7 @@ impl Setup {
             // A datagram, or with offload a whole super-packet's segments
             // (headers repeated, padding) before they are sealed.
             wg: wg.map(|dev| wg::WgPath {
+                set: wg_set.unwrap_or_else(|| dev.current()),
                 scratch: vec![
                     0;
                     if offload {
@@ -428,7 +431,6 @@ impl Setup {
                         framing.max_receive_len(false)
                     }
                 ],
-                dev,
             }),
         }
     }
@@ -493,8 +495,9 @@ struct PeerView {
 }
 
 impl Datapath {
-    /// Takes a reloaded peer table, if there is one: one atomic load
-    /// when there is not. Packets in flight keep their destination.
+    /// Takes a reloaded peer table (and with WireGuard the peer set
+    /// attached to it), if there is one: one atomic load when there is
+    /// not. Packets in flight keep their destination.
     #[inline]
     fn refresh_peers(&mut self) {
         let Some(shared) = &self.peers.shared else {
@@ -504,6 +507,10 @@ impl Datapath {
             return;
         }
         let (generation, table) = shared.load();
+        // WireGuard's peers come with the table whose numbers name them.
+        if let (Some(wg), Some(set)) = (&mut self.wg, table.attached::<crate::wg::PeerSet>()) {
+            wg.set = set;
+        }
         self.peers.per_peer = !table.is_single();
         self.fwd.set_peers(table);
         self.peers.generation = generation;

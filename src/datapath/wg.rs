@@ -11,12 +11,12 @@ use crate::packet::ecn;
 use crate::wg::device::{Opened, Sealed, padded_len};
 use crate::wg::wire::is_data_message;
 
-/// The device, and room for one copy: boringtun writes its output into
-/// another buffer than its input, so the packet (or datagram) is copied
-/// here and sealed (or opened) back into the engine's buffer.
+/// The peer set of the worker's peer table, and room for one copy: boringtun writes its output into another buffer than its input,
+/// so the packet (or datagram) is copied here and sealed (or opened) back
+/// into the engine's buffer.
 #[derive(Debug)]
 pub(super) struct WgPath {
-    pub(super) dev: Arc<crate::wg::Device>,
+    pub(super) set: Arc<crate::wg::PeerSet>,
     pub(super) scratch: Vec<u8>,
 }
 
@@ -39,7 +39,7 @@ impl Datapath {
         let tos = ecn::outer_tos(&read[at..at + len]);
         wg.scratch[..len].copy_from_slice(&read[at..at + len]);
         wg.scratch[len..padded].fill(0);
-        let sealed = wg.dev.seal(peer, &wg.scratch[..padded], read);
+        let sealed = wg.set.seal(peer, &wg.scratch[..padded], read);
         let tos = if is_data_message(read) { tos } else { 0 };
         self.sealed(peer, sealed, TxBuf::Read, 1, tos)
     }
@@ -75,7 +75,7 @@ impl Datapath {
             end = i * stride + padded;
         }
         let sealed = wg
-            .dev
+            .set
             .seal_segments(peer, &wg.scratch[..end], stride, split);
         let tos = if is_data_message(split) { tos } else { 0 };
         self.sealed(peer, sealed, TxBuf::Split, g.count, tos)
@@ -151,7 +151,7 @@ impl Datapath {
             self.stats.peer_to_tun.drop(DropReason::WgBadMessage);
             return RxAction::Dropped;
         }
-        let dev = wg.dev.clone();
+        let set = wg.set.clone();
         let mut scratch = std::mem::take(&mut wg.scratch);
         let end = rx.payload.end;
         let seg = match (self.offload, rx.gro_size) {
@@ -173,7 +173,7 @@ impl Datapath {
             .step_by(seg)
             .map(|at| at..(at + seg).min(end));
         let mut single = None;
-        dev.open_batch(src, datagrams, buf, &mut scratch, |buf, d, opened| {
+        set.open_batch(src, datagrams, buf, &mut scratch, |buf, d, opened| {
             let Some((peer, pkt)) = self.accept_opened(rx, buf, d.start, opened, now_ns) else {
                 return;
             };

@@ -205,7 +205,7 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
     let (events_tx, events) = channel::unbounded::<Event>();
     spawn_signal_thread(events_tx.clone())?;
     // WireGuard: the keys and sessions every worker shares.
-    let wg = wg::device(wg_conf.as_ref(), &sockets)?;
+    let wg = wg::device(wg_conf.as_ref(), &sockets, &peers, cfg.engine.queues)?;
     let workers = Workers::start(
         cfg,
         &engine,

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::{Mode, TunnelConfig};
 use crate::error::{Error, Result};
-use crate::peers::{PeerSpec, PeerTable};
+use crate::peers::{PeerSpec, PeerTable, SharedPeers};
 use crate::stats::WorkerStats;
 use crate::wg::{Device, WgConf};
 
@@ -59,6 +59,18 @@ pub(super) fn load(cfg: &TunnelConfig) -> Result<Option<Loaded>> {
             }
         }
     }
+    let table = table_for(&conf, cfg.engine.queues, None).map_err(at)?;
+    Ok(Some(Loaded { conf, table }))
+}
+
+/// The peer table of `conf`'s peers, in order (peer `i` is `PeerId` i,
+/// as in the device's set), named by public key, with counters for
+/// `workers` workers; a peer in `old` keeps its counters.
+pub(super) fn table_for(
+    conf: &WgConf,
+    workers: usize,
+    old: Option<&PeerTable>,
+) -> std::result::Result<PeerTable, String> {
     let unspecified = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0));
     let specs: Vec<PeerSpec> = conf
         .peers
@@ -73,9 +85,25 @@ pub(super) fn load(cfg: &TunnelConfig) -> Result<Option<Loaded>> {
         .iter()
         .map(|p| p.public_key.to_string())
         .collect();
-    let table =
-        PeerTable::build_keyed(&specs, &names, cfg.engine.queues).map_err(|e| at(e.to_string()))?;
-    Ok(Some(Loaded { conf, table }))
+    PeerTable::build_keyed(&specs, &names, workers, old).map_err(|e| e.to_string())
+}
+
+/// Makes `conf` the device's configuration: its peer set and the table
+/// routing to it, published together (every worker takes both at its
+/// next visit; sessions of peers left alone go on).
+pub(super) fn publish(
+    dev: &Device,
+    conf: &WgConf,
+    endpoint_set: impl Fn(&crate::wg::PublicKey) -> bool,
+    shared: &SharedPeers,
+    workers: usize,
+) -> std::result::Result<(), String> {
+    let (_, old) = shared.load();
+    let mut table = table_for(conf, workers, Some(&old))?;
+    let set = dev.apply(conf, endpoint_set)?;
+    table.attach(set);
+    shared.store(Arc::new(table));
+    Ok(())
 }
 
 /// The file's text, if only its owner may read it.
@@ -112,10 +140,12 @@ impl Loaded {
 
 /// The WireGuard device for `conf` (None without WireGuard) on the
 /// workers' `sockets`, and a clone of the first for the control thread's
-/// sends.
+/// sends; its peer set is published with the table in `shared`.
 pub(super) fn device(
     conf: Option<&WgConf>,
     sockets: &[UdpSocket],
+    shared: &SharedPeers,
+    workers: usize,
 ) -> Result<Option<(Arc<Device>, UdpSocket)>> {
     let (Some(conf), Some(first)) = (conf, sockets.first()) else {
         return Ok(None);
@@ -128,6 +158,7 @@ pub(super) fn device(
         .map_err(|e| Error::io("duplicate the UDP socket for WireGuard", e))?;
     let mut dev = Device::new(conf).map_err(Error::config)?;
     dev.set_socket(local);
+    publish(&dev, conf, |_| false, shared, workers).map_err(Error::config)?;
     Ok(Some((Arc::new(dev), sock)))
 }
 

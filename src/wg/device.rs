@@ -2,10 +2,17 @@
 //! limiter every peer shares (cookie replies under load), and per peer
 //! boringtun's `Tunn` (handshake, sessions, replay window, timers) with the
 //! peer's current endpoint. It does no I/O: the datapath seals and opens
-//! data messages through it ([`Device::seal`], [`Device::open`]); handshake
-//! messages the datapath hands over ([`Device::open`] queues them) and the
-//! timers are the runtime's control thread's ([`Device::handle_handshake`],
-//! [`Device::tick`]), which sends what they return.
+//! data messages through a [`PeerSet`] ([`PeerSet::seal`],
+//! [`PeerSet::open`]); handshake messages the datapath hands over
+//! ([`PeerSet::open`] queues them) and the timers are the runtime's control
+//! thread's ([`Device::handle_handshake`], [`Device::tick`]), which sends
+//! what they return.
+//!
+//! The peers change while the tunnel runs (`wg set`, `wg syncconf`):
+//! [`Device::apply`] makes a new [`PeerSet`] in which every peer whose key,
+//! preshared key and keepalive did not change is the same object, sessions
+//! and all; the runtime attaches it to the peer table it routes with, so a
+//! worker always seals with the set its table's peer numbers name.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -17,16 +24,50 @@ use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 
-use super::conf::WgConf;
-use super::key::PublicKey;
+use super::conf::{WgConf, WgPeer};
+use super::key::{PublicKey, Secret};
 use crate::peers::PeerId;
 use crate::types::{DropReason, canonical};
 
 pub use super::wire::*;
 
-/// One peer: its key, and (behind one lock) its sessions and endpoint.
+/// The interface's key pair and the rate limiters made for it.
+struct Identity {
+    key: Secret,
+    private: boringtun::x25519::StaticSecret,
+    public: boringtun::x25519::PublicKey,
+    /// Counts handshake messages (once each, before any Diffie-Hellman)
+    /// and answers with a cookie beyond [`HANDSHAKES_PER_SECOND`].
+    limiter: Arc<RateLimiter>,
+    /// boringtun checks mac1 again inside each peer's Tunn: with no limit
+    /// there, so a message is counted against the limit once.
+    unlimited: Arc<RateLimiter>,
+}
+
+impl Identity {
+    fn new(key: &Secret) -> Identity {
+        let private = key.to_x25519();
+        let public = boringtun::x25519::PublicKey::from(&private);
+        Identity {
+            key: key.clone(),
+            limiter: Arc::new(RateLimiter::new(&public, HANDSHAKES_PER_SECOND)),
+            unlimited: Arc::new(RateLimiter::new(&public, u64::MAX)),
+            private,
+            public,
+        }
+    }
+}
+
+/// One peer: its key and settings, and (behind one lock) its sessions and
+/// endpoint.
 struct Peer {
     key: PublicKey,
+    /// The top 24 bits of this peer's session indexes: fixed for the
+    /// peer's life and never given to another, so a message for a removed
+    /// or replaced peer finds nobody.
+    slot: u32,
+    preshared_key: Option<Secret>,
+    persistent_keepalive: Option<u16>,
     state: Mutex<PeerState>,
 }
 
@@ -37,28 +78,44 @@ struct PeerState {
     endpoint: Option<SocketAddr>,
 }
 
-/// A tunnel's WireGuard state; see the module docs.
-pub struct Device {
-    private: boringtun::x25519::StaticSecret,
-    public: boringtun::x25519::PublicKey,
-    /// Counts handshake messages (once each, before any Diffie-Hellman)
-    /// and answers with a cookie beyond [`HANDSHAKES_PER_SECOND`].
-    limiter: Arc<RateLimiter>,
-    peers: Vec<Peer>,
+/// The interface and its peers at one moment: peer `i` of the set is
+/// `PeerId` i of the peer table built with it. What the datapath seals and
+/// opens with; see the module docs.
+pub struct PeerSet {
+    identity: Arc<Identity>,
+    peers: Vec<Arc<Peer>>,
     by_key: HashMap<PublicKey, PeerId>,
-    handshakes: (
-        crossbeam::channel::Sender<HandshakeMsg>,
-        crossbeam::channel::Receiver<HandshakeMsg>,
-    ),
+    by_slot: HashMap<u32, PeerId>,
+    handshakes: crossbeam::channel::Sender<HandshakeMsg>,
     /// The worker sockets are IPv6: IPv4 endpoints are mapped.
     v6_socket: bool,
 }
 
-impl std::fmt::Debug for Device {
+impl std::fmt::Debug for PeerSet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "wg::Device({} peers)", self.peers.len())
+        write!(f, "wg::PeerSet({} peers)", self.peers.len())
     }
 }
+
+/// A tunnel's WireGuard state; see the module docs.
+pub struct Device {
+    current: Mutex<Arc<PeerSet>>,
+    /// The next peer's slot.
+    next_slot: Mutex<u32>,
+    handshakes: (
+        crossbeam::channel::Sender<HandshakeMsg>,
+        crossbeam::channel::Receiver<HandshakeMsg>,
+    ),
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "wg::Device({} peers)", self.current().peers.len())
+    }
+}
+
+/// Slots are 24 bits.
+const MAX_SLOT: u32 = 1 << 24;
 
 /// A drop reason for boringtun's error.
 fn reason(e: &WireGuardError) -> DropReason {
@@ -116,52 +173,296 @@ impl Device {
     /// `PeerId` i (the peer table is built in the same order). Never fails
     /// here (it does where the `wireguard` feature is not built in).
     pub fn new(conf: &WgConf) -> Result<Device, String> {
-        let private = conf.private_key.to_x25519();
-        let public = boringtun::x25519::PublicKey::from(&private);
-        let limiter = Arc::new(RateLimiter::new(&public, HANDSHAKES_PER_SECOND));
-        // boringtun checks mac1 again inside each peer's Tunn: with no
-        // limit there, so a message is counted against the limit once.
-        let unlimited = Arc::new(RateLimiter::new(&public, u64::MAX));
-        let mut by_key = HashMap::with_capacity(conf.peers.len());
-        let peers = conf
-            .peers
+        let handshakes = crossbeam::channel::bounded(HANDSHAKE_BACKLOG);
+        let empty = PeerSet {
+            identity: Arc::new(Identity::new(&conf.private_key)),
+            peers: Vec::new(),
+            by_key: HashMap::new(),
+            by_slot: HashMap::new(),
+            handshakes: handshakes.0.clone(),
+            v6_socket: false,
+        };
+        let dev = Device {
+            current: Mutex::new(Arc::new(empty)),
+            next_slot: Mutex::new(0),
+            handshakes,
+        };
+        dev.apply(conf, |_| true)?;
+        Ok(dev)
+    }
+
+    /// The peers now.
+    pub fn current(&self) -> Arc<PeerSet> {
+        self.current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Makes `conf` current and returns its set: a peer whose key,
+    /// preshared key and keepalive are unchanged (and the interface's key
+    /// too) keeps its sessions, and its endpoint unless `endpoint_set` says
+    /// `conf` sets it; any other peer starts afresh (the configured
+    /// endpoint, else where the old one was). Peer `i` of `conf` is
+    /// `PeerId` i of the new set.
+    pub fn apply(
+        &self,
+        conf: &WgConf,
+        endpoint_set: impl Fn(&PublicKey) -> bool,
+    ) -> Result<Arc<PeerSet>, String> {
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        let old = current.clone();
+        let same_identity = old.identity.key == conf.private_key;
+        let identity = if same_identity {
+            old.identity.clone()
+        } else {
+            Arc::new(Identity::new(&conf.private_key))
+        };
+        let mut next_slot = self.next_slot.lock().unwrap_or_else(|e| e.into_inner());
+        let mut peers = Vec::with_capacity(conf.peers.len());
+        for p in &conf.peers {
+            let before = old.find(&p.public_key).map(|id| &old.peers[id as usize]);
+            let kept = before.filter(|b| {
+                same_identity
+                    && b.preshared_key == p.preshared_key
+                    && b.persistent_keepalive == p.persistent_keepalive
+            });
+            let peer = match kept {
+                Some(b) => {
+                    if endpoint_set(&p.public_key) {
+                        let mut st = b.state.lock().unwrap_or_else(|e| e.into_inner());
+                        st.endpoint = p.endpoint.map(canonical);
+                    }
+                    b.clone()
+                }
+                None => {
+                    if *next_slot >= MAX_SLOT {
+                        return Err("no session index left for a new peer: restart tunfwd".into());
+                    }
+                    let slot = *next_slot;
+                    *next_slot += 1;
+                    let endpoint = if endpoint_set(&p.public_key) || before.is_none() {
+                        p.endpoint.map(canonical)
+                    } else {
+                        before.and_then(|b| b.state.lock().ok()?.endpoint)
+                    };
+                    Arc::new(new_peer(&identity, p, slot, endpoint))
+                }
+            };
+            peers.push(peer);
+        }
+        let by_key = peers
             .iter()
             .enumerate()
-            .map(|(i, p)| {
-                by_key.insert(p.public_key, i as PeerId);
-                Peer {
-                    key: p.public_key,
-                    state: Mutex::new(PeerState {
-                        tunn: Tunn::new(
-                            private.clone(),
-                            p.public_key.to_x25519(),
-                            p.preshared_key.as_ref().map(|k| *k.bytes()),
-                            p.persistent_keepalive,
-                            i as u32,
-                            Some(unlimited.clone()),
-                        ),
-                        endpoint: p.endpoint.map(canonical),
-                    }),
-                }
-            })
+            .map(|(i, p)| (p.key, i as PeerId))
             .collect();
-        Ok(Device {
-            private,
-            public,
-            limiter,
+        let by_slot = peers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.slot, i as PeerId))
+            .collect();
+        let set = Arc::new(PeerSet {
+            identity,
             peers,
             by_key,
-            handshakes: crossbeam::channel::bounded(HANDSHAKE_BACKLOG),
-            v6_socket: false,
-        })
+            by_slot,
+            handshakes: self.handshakes.0.clone(),
+            v6_socket: old.v6_socket,
+        });
+        *current = set.clone();
+        Ok(set)
     }
 
     /// The workers' sockets are bound to `local`: an IPv6 socket reaches
     /// IPv4 endpoints as `::ffff:a.b.c.d`.
     pub fn set_socket(&mut self, local: SocketAddr) {
-        self.v6_socket = local.is_ipv6();
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        let old = current.clone();
+        *current = Arc::new(PeerSet {
+            identity: old.identity.clone(),
+            peers: old.peers.clone(),
+            by_key: old.by_key.clone(),
+            by_slot: old.by_slot.clone(),
+            handshakes: old.handshakes.clone(),
+            v6_socket: local.is_ipv6(),
+        });
     }
 
+    pub fn peer_count(&self) -> usize {
+        self.current().peers.len()
+    }
+
+    /// The peer with public key `key`.
+    pub fn find(&self, key: &PublicKey) -> Option<PeerId> {
+        self.current().find(key)
+    }
+
+    /// Peer `id`'s public key.
+    pub fn key(&self, id: PeerId) -> Option<PublicKey> {
+        self.current().key(id)
+    }
+
+    /// Peer `id`'s current endpoint.
+    pub fn endpoint(&self, id: PeerId) -> Option<SocketAddr> {
+        self.current().endpoint(id)
+    }
+
+    /// [`PeerSet::seal`] with the current set.
+    pub fn seal(&self, id: PeerId, plain: &[u8], out: &mut [u8]) -> Sealed {
+        self.current().seal(id, plain, out)
+    }
+
+    /// [`PeerSet::seal_segments`] with the current set.
+    pub fn seal_segments(&self, id: PeerId, plain: &[u8], seg: usize, out: &mut [u8]) -> Sealed {
+        self.current().seal_segments(id, plain, seg, out)
+    }
+
+    /// [`PeerSet::open`] with the current set.
+    pub fn open(&self, src: SocketAddr, datagram: &[u8], out: &mut [u8]) -> Opened {
+        self.current().open(src, datagram, out)
+    }
+
+    /// [`PeerSet::open_batch`] with the current set.
+    pub fn open_batch(
+        &self,
+        src: SocketAddr,
+        datagrams: impl Iterator<Item = Range<usize>>,
+        buf: &mut [u8],
+        scratch: &mut [u8],
+        each: impl FnMut(&mut [u8], Range<usize>, Opened),
+    ) {
+        self.current()
+            .open_batch(src, datagrams, buf, scratch, each)
+    }
+
+    /// The handshake messages the datapath queued.
+    pub fn handshakes(&self) -> &crossbeam::channel::Receiver<HandshakeMsg> {
+        &self.handshakes.1
+    }
+
+    /// Handles one queued handshake message (the control thread): mac1,
+    /// the rate limit (a cookie reply under load), the handshake itself;
+    /// `send` gets each datagram to send and where (the answer, and the
+    /// packets that waited for the session). Returns the reason it was
+    /// dropped, if it was.
+    pub fn handle_handshake(
+        &self,
+        msg: &HandshakeMsg,
+        out: &mut [u8],
+        mut send: impl FnMut(&[u8], SocketAddr),
+    ) -> Option<DropReason> {
+        let set = self.current();
+        let me = &set.identity;
+        let bytes = msg.bytes();
+        let id = match me.limiter.verify_packet(Some(msg.src.ip()), bytes, out) {
+            Err(TunnResult::WriteToNetwork(cookie)) => {
+                send(cookie, set.socket_addr(msg.src));
+                return None;
+            }
+            Err(TunnResult::Err(e)) => return Some(reason(&e)),
+            Err(_) => return Some(DropReason::WgBadMessage),
+            Ok(Packet::HandshakeInit(init)) => {
+                match parse_handshake_anon(&me.private, &me.public, &init) {
+                    Ok(half) => match set.find(&PublicKey(half.peer_static_public)) {
+                        Some(id) => id,
+                        None => return Some(DropReason::NotFromPeer),
+                    },
+                    Err(e) => return Some(reason(&e)),
+                }
+            }
+            // Our index for the peer, in the top 24 bits (a response
+            // carries the sender's index first).
+            Ok(Packet::HandshakeResponse(r)) => match set.by_slot.get(&(r.receiver_idx >> 8)) {
+                Some(&id) => id,
+                None => return Some(DropReason::WgUnknownIndex),
+            },
+            Ok(Packet::PacketCookieReply(c)) => match set.by_slot.get(&(c.receiver_idx >> 8)) {
+                Some(&id) => id,
+                None => return Some(DropReason::WgUnknownIndex),
+            },
+            Ok(Packet::PacketData(_)) => return Some(DropReason::WgBadMessage),
+        };
+        let Some(peer) = set.peers.get(id as usize) else {
+            return Some(DropReason::WgUnknownIndex);
+        };
+        let Ok(mut st) = peer.state.lock() else {
+            return Some(DropReason::WgBadMessage);
+        };
+        match st.tunn.decapsulate(Some(msg.src.ip()), bytes, out) {
+            TunnResult::Err(e) => return Some(reason(&e)),
+            TunnResult::WriteToNetwork(answer) => {
+                send(answer, set.socket_addr(msg.src));
+            }
+            _ => {}
+        }
+        // Authenticated (a cookie reply is too): the peer is there.
+        if !matches!(message_type(bytes), Some(3)) {
+            st.endpoint = Some(msg.src);
+        }
+        // The packets that waited for this session.
+        let to = set.socket_addr(msg.src);
+        while let TunnResult::WriteToNetwork(d) = st.tunn.decapsulate(None, &[], out) {
+            send(d, to);
+        }
+        None
+    }
+
+    /// The timers of every peer (the control thread, a few times a
+    /// second): handshake retries and rekeys, keepalives, expiry. `send`
+    /// gets each datagram and where.
+    pub fn tick(&self, out: &mut [u8], mut send: impl FnMut(&[u8], SocketAddr)) {
+        let set = self.current();
+        set.identity.limiter.reset_count();
+        for peer in &set.peers {
+            let Ok(mut st) = peer.state.lock() else {
+                continue;
+            };
+            let endpoint = st.endpoint;
+            if let TunnResult::WriteToNetwork(d) = st.tunn.update_timers(out) {
+                if let Some(to) = endpoint {
+                    send(d, set.socket_addr(to));
+                }
+            }
+        }
+    }
+
+    /// The inner source of an opened packet, for the AllowedIPs check.
+    pub fn inner_source(packet: &[u8]) -> Option<IpAddr> {
+        crate::peers::packet_addr(packet, true)
+    }
+}
+
+/// A peer of `identity` as `p` configures it, with session indexes in
+/// `slot`, sending to `endpoint` until it is heard from.
+fn new_peer(identity: &Identity, p: &WgPeer, slot: u32, endpoint: Option<SocketAddr>) -> Peer {
+    Peer {
+        key: p.public_key,
+        slot,
+        preshared_key: p.preshared_key.clone(),
+        persistent_keepalive: p.persistent_keepalive,
+        state: Mutex::new(PeerState {
+            tunn: Tunn::new(
+                identity.private.clone(),
+                p.public_key.to_x25519(),
+                p.preshared_key.as_ref().map(|k| *k.bytes()),
+                p.persistent_keepalive,
+                slot,
+                Some(identity.unlimited.clone()),
+            ),
+            endpoint,
+        }),
+    }
+}
+
+/// What `wg show` says of a peer besides its configuration.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerFacts {
+    pub endpoint: Option<SocketAddr>,
+    /// Time since its latest handshake.
+    pub since_handshake: Option<std::time::Duration>,
+}
+
+impl PeerSet {
     pub fn peer_count(&self) -> usize {
         self.peers.len()
     }
@@ -182,6 +483,20 @@ impl Device {
         p.state.lock().ok()?.endpoint
     }
 
+    /// Peer `id`'s endpoint and latest handshake.
+    pub fn facts(&self, id: PeerId) -> PeerFacts {
+        let Some(p) = self.peers.get(id as usize) else {
+            return PeerFacts::default();
+        };
+        let Ok(st) = p.state.lock() else {
+            return PeerFacts::default();
+        };
+        PeerFacts {
+            endpoint: st.endpoint,
+            since_handshake: st.tunn.time_since_last_handshake(),
+        }
+    }
+
     /// Where to send to `endpoint` from the workers' sockets.
     fn socket_addr(&self, endpoint: SocketAddr) -> SocketAddr {
         match endpoint {
@@ -191,7 +506,6 @@ impl Device {
             a => a,
         }
     }
-
     /// Seals `plain` (an IP packet, already padded) for peer `id` into
     /// `out` (at least `plain.len() + OVERHEAD` and
     /// [`MAX_HANDSHAKE_LEN`] bytes).
@@ -328,108 +642,21 @@ impl Device {
                 let Some(msg) = HandshakeMsg::new(src, datagram) else {
                     return Err(Opened::Dropped(DropReason::WgBadMessage));
                 };
-                return Err(match self.handshakes.0.try_send(msg) {
+                return Err(match self.handshakes.try_send(msg) {
                     Ok(()) => Opened::Handshake,
                     Err(_) => Opened::Dropped(DropReason::WgHandshakeBacklog),
                 });
             }
             _ => return Err(Opened::Dropped(DropReason::WgBadMessage)),
         }
-        // boringtun's index: the peer's number in the top 24 bits.
-        let Some(id) = receiver_index(datagram).map(|i| i >> 8) else {
+        // boringtun's index: the peer's slot in the top 24 bits.
+        let Some(slot) = receiver_index(datagram).map(|i| i >> 8) else {
             return Err(Opened::Dropped(DropReason::WgBadMessage));
         };
-        match self.peers.get(id as usize) {
-            Some(p) => Ok((id, p)),
+        match self.by_slot.get(&slot) {
+            Some(&id) => Ok((id, &self.peers[id as usize])),
             None => Err(Opened::Dropped(DropReason::WgUnknownIndex)),
         }
-    }
-
-    /// The handshake messages the datapath queued.
-    pub fn handshakes(&self) -> &crossbeam::channel::Receiver<HandshakeMsg> {
-        &self.handshakes.1
-    }
-
-    /// Handles one queued handshake message (the control thread): mac1,
-    /// the rate limit (a cookie reply under load), the handshake itself;
-    /// `send` gets each datagram to send and where (the answer, and the
-    /// packets that waited for the session). Returns the reason it was
-    /// dropped, if it was.
-    pub fn handle_handshake(
-        &self,
-        msg: &HandshakeMsg,
-        out: &mut [u8],
-        mut send: impl FnMut(&[u8], SocketAddr),
-    ) -> Option<DropReason> {
-        let bytes = msg.bytes();
-        let id = match self.limiter.verify_packet(Some(msg.src.ip()), bytes, out) {
-            Err(TunnResult::WriteToNetwork(cookie)) => {
-                send(cookie, self.socket_addr(msg.src));
-                return None;
-            }
-            Err(TunnResult::Err(e)) => return Some(reason(&e)),
-            Err(_) => return Some(DropReason::WgBadMessage),
-            Ok(Packet::HandshakeInit(init)) => {
-                match parse_handshake_anon(&self.private, &self.public, &init) {
-                    Ok(half) => match self.find(&PublicKey(half.peer_static_public)) {
-                        Some(id) => id,
-                        None => return Some(DropReason::NotFromPeer),
-                    },
-                    Err(e) => return Some(reason(&e)),
-                }
-            }
-            // Our index for the peer, in the top 24 bits (a response
-            // carries the sender's index first).
-            Ok(Packet::HandshakeResponse(r)) => r.receiver_idx >> 8,
-            Ok(Packet::PacketCookieReply(c)) => c.receiver_idx >> 8,
-            Ok(Packet::PacketData(_)) => return Some(DropReason::WgBadMessage),
-        };
-        let Some(peer) = self.peers.get(id as usize) else {
-            return Some(DropReason::WgUnknownIndex);
-        };
-        let Ok(mut st) = peer.state.lock() else {
-            return Some(DropReason::WgBadMessage);
-        };
-        match st.tunn.decapsulate(Some(msg.src.ip()), bytes, out) {
-            TunnResult::Err(e) => return Some(reason(&e)),
-            TunnResult::WriteToNetwork(answer) => {
-                send(answer, self.socket_addr(msg.src));
-            }
-            _ => {}
-        }
-        // Authenticated (a cookie reply is too): the peer is there.
-        if !matches!(message_type(bytes), Some(3)) {
-            st.endpoint = Some(msg.src);
-        }
-        // The packets that waited for this session.
-        let to = self.socket_addr(msg.src);
-        while let TunnResult::WriteToNetwork(d) = st.tunn.decapsulate(None, &[], out) {
-            send(d, to);
-        }
-        None
-    }
-
-    /// The timers of every peer (the control thread, a few times a
-    /// second): handshake retries and rekeys, keepalives, expiry. `send`
-    /// gets each datagram and where.
-    pub fn tick(&self, out: &mut [u8], mut send: impl FnMut(&[u8], SocketAddr)) {
-        self.limiter.reset_count();
-        for peer in &self.peers {
-            let Ok(mut st) = peer.state.lock() else {
-                continue;
-            };
-            let endpoint = st.endpoint;
-            if let TunnResult::WriteToNetwork(d) = st.tunn.update_timers(out) {
-                if let Some(to) = endpoint {
-                    send(d, self.socket_addr(to));
-                }
-            }
-        }
-    }
-
-    /// The inner source of an opened packet, for the AllowedIPs check.
-    pub fn inner_source(packet: &[u8]) -> Option<IpAddr> {
-        crate::peers::packet_addr(packet, true)
     }
 }
 
@@ -484,6 +711,85 @@ mod tests {
             other.open(from.parse().unwrap(), &a, &mut o);
         }
         n
+    }
+
+    /// A session between `a` and `b` (A is B's peer 1): returns a data
+    /// message from A that B has not opened yet.
+    fn session(a: &Device, b: &Device) -> Vec<u8> {
+        let pkt = crate::packet::ip::tests::ipv4_udp(100);
+        let (mut out, mut o) = (vec![0u8; 2048], vec![0u8; 2048]);
+        let Sealed::Datagram { len, .. } = a.seal(0, &pkt, &mut out) else {
+            panic!("an initiation")
+        };
+        assert_eq!(
+            b.open(A.parse().unwrap(), &out[..len], &mut o),
+            Opened::Handshake
+        );
+        pump(b, a, B);
+        pump(a, b, A);
+        let Sealed::Datagram { len, .. } = a.seal(0, &pkt, &mut out) else {
+            panic!("sealed")
+        };
+        out[..len].to_vec()
+    }
+
+    #[test]
+    fn a_change_of_peers_keeps_the_sessions_of_peers_left_alone() {
+        let (a, b) = pair();
+        let data = session(&a, &b);
+        let a_key = a.current().identity.key.public_key();
+        let b_conf = |keepalive: Option<u16>, extra: bool| {
+            let mut peers = vec![WgPeer {
+                public_key: a_key,
+                preshared_key: None,
+                endpoint: None,
+                allowed_ips: vec!["198.19.1.0/24".parse().unwrap()],
+                persistent_keepalive: keepalive,
+                line: 0,
+            }];
+            if extra {
+                let mut other = peers[0].clone();
+                other.public_key = Secret::generate().unwrap().public_key();
+                other.allowed_ips = vec!["198.19.9.0/24".parse().unwrap()];
+                peers.insert(0, other);
+            }
+            WgConf {
+                private_key: b.current().identity.key.clone(),
+                listen_port: None,
+                fwmark: None,
+                peers,
+            }
+        };
+        // The stranger removed, a new peer first: A is now peer 1 of a new
+        // set, and its session (and endpoint) went on.
+        let set = b.apply(&b_conf(None, true), |_| false).unwrap();
+        assert_eq!(set.find(&a_key), Some(1));
+        assert_eq!(
+            set.endpoint(1),
+            Some(A.parse().unwrap()),
+            "roamed endpoint kept"
+        );
+        let mut o = vec![0u8; 2048];
+        assert!(matches!(
+            set.open(A.parse().unwrap(), &data, &mut o),
+            Opened::Packet { peer: 1, .. }
+        ));
+        // A's keepalive changed: a new peer object, its old session gone.
+        let mut out = vec![0u8; 2048];
+        let pkt = crate::packet::ip::tests::ipv4_udp(100);
+        let Sealed::Datagram { len, .. } = a.seal(0, &pkt, &mut out) else {
+            panic!("sealed")
+        };
+        let data = out[..len].to_vec();
+        let set = b.apply(&b_conf(Some(25), false), |_| false).unwrap();
+        assert_eq!(set.find(&a_key), Some(0));
+        assert_eq!(
+            set.open(A.parse().unwrap(), &data, &mut o),
+            Opened::Dropped(DropReason::WgUnknownIndex)
+        );
+        // An old set (a worker that has not taken the new table yet) still
+        // names the peers it had.
+        assert_eq!(b.current().peer_count(), 1);
     }
 
     #[test]

@@ -17,5 +17,5 @@ pub mod key;
 pub mod wire;
 
 pub use conf::{WgConf, WgPeer};
-pub use device::Device;
+pub use device::{Device, PeerSet};
 pub use key::{PublicKey, Secret};
