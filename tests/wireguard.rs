@@ -1233,3 +1233,360 @@ fn outer_ecn_bits_follow_the_kernels_wireguard() {
         outer_ecn(engine);
     }
 }
+
+/// An interface name no other test uses (the API's sockets share one
+/// directory for every namespace).
+fn iface(tag: &str) -> String {
+    format!("tw{}{tag}", std::process::id() % 100_000)
+}
+
+/// `wg ARGS` in `ns`; its standard output (success required).
+fn wg(ns: &Netns, args: &[&str]) -> String {
+    let out = ns.command(&["wg"]).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "wg {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `wg ARGS` in `ns`, which must fail; its standard error.
+fn wg_fails(ns: &Netns, args: &[&str]) -> String {
+    let out = ns.command(&["wg"]).args(args).output().unwrap();
+    assert!(!out.status.success(), "wg {args:?} succeeded");
+    String::from_utf8(out.stderr).unwrap()
+}
+
+/// `wg show IFACE dump`: the interface's fields, then each peer's, by
+/// public key.
+struct Dump {
+    interface: Vec<String>,
+    peers: std::collections::BTreeMap<String, Vec<String>>,
+}
+
+fn dump(ns: &Netns, dev: &str) -> Dump {
+    let text = wg(ns, &["show", dev, "dump"]);
+    let mut lines = text
+        .lines()
+        .map(|l| l.split('\t').map(String::from).collect::<Vec<_>>());
+    let interface = lines.next().expect("the interface line");
+    let peers = lines.map(|f| (f[0].clone(), f)).collect();
+    Dump { interface, peers }
+}
+
+/// tunfwd in WireGuard mode as side a (`conf`) on device `dev`.
+fn wg_args_dev(engine: &str, side_a: bool, conf: &std::path::Path, dev: &str) -> Vec<String> {
+    wg_args(engine, side_a, conf)
+        .into_iter()
+        .map(|a| if a == "tun0" { dev.to_string() } else { a })
+        .collect()
+}
+
+/// A key file for `wg set ... private-key`/`preshared-key`.
+fn key_file(dir: &Dir, name: &str, key: &str) -> String {
+    private_file(&dir.0, name, &format!("{key}\n"))
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+/// The sum of the samples of metric `name` with the label `peer="KEY"` and
+/// `direction="DIR"` in a scrape.
+fn peer_metric(body: &str, name: &str, peer: &str, dir: &str) -> u64 {
+    body.lines()
+        .filter(|l| {
+            l.starts_with(name)
+                && l.contains(&format!("peer=\"{peer}\""))
+                && l.contains(&format!("direction=\"{dir}\""))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// `GET /metrics` from `at` in `ns`: the body.
+fn scrape(ns: &Netns, at: SocketAddr) -> String {
+    use std::io::Read as _;
+    ns.spawn(move || {
+        let mut s = std::net::TcpStream::connect(at).expect("the metrics port");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        text.split_once("\r\n\r\n")
+            .map(|x| x.1.to_string())
+            .unwrap_or_default()
+    })
+    .join()
+    .unwrap()
+}
+
+/// Every `wg` command against tunfwd (wireguard-tools unmodified), each
+/// result read back and compared with what was set; `wg show dump`
+/// against `/metrics` after a verified transfer.
+#[test]
+fn wg_drives_tunfwd_through_the_userspace_api() {
+    if !can_run_kernel_tests("wg_drives_tunfwd_through_the_userspace_api") {
+        return;
+    }
+    let engine = engines("wg_drives_tunfwd_through_the_userspace_api")[0];
+    let topo = Topology::new();
+    let dir = Dir::new("uapi");
+    let c = Confs::write(&dir, false);
+    let (dev_a, dev_b) = (iface("a"), iface("b"));
+    let metrics: SocketAddr = "127.0.0.1:9581".parse().unwrap();
+    let mut args_a = wg_args_dev(engine, true, &c.a, &dev_a);
+    args_a.extend(["--metrics".into(), metrics.to_string()]);
+    let mut b = Proc::tunfwd(&topo.b, &wg_args_dev(engine, false, &c.b, &dev_b));
+    let mut a = Proc::tunfwd(&topo.a, &args_a);
+    let sock = format!("/var/run/wireguard/{dev_a}.sock");
+    let mode = std::fs::metadata(&sock).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o7777,
+        0o700,
+        "{sock}"
+    );
+    assert!(a.stderr().contains(&format!("WireGuard API (wg): {sock}")));
+    assert!(topo.a.ping(OVERLAY_B), "ping");
+
+    // wg show: the interface and its peer, as set by the file.
+    let show = wg(&topo.a, &["show", &dev_a]);
+    for want in [
+        format!("interface: {dev_a}"),
+        format!("public key: {}", c.a_public),
+        "listening port: 51820".into(),
+        format!("peer: {}", c.b_public),
+        format!("endpoint: {UNDERLAY_B}:{WG_PORT}"),
+        format!("allowed ips: {OVERLAY_B}/32, {OVERLAY6_B}/128"),
+        "latest handshake:".into(),
+    ] {
+        assert!(show.contains(&want), "{want:?} in\n{show}");
+    }
+    // wg showconf: the private key and the peer, as wg writes a file.
+    let conf = wg(&topo.a, &["showconf", &dev_a]);
+    assert!(
+        conf.contains(&format!("PrivateKey = {}", c.a_private)),
+        "{conf}"
+    );
+    assert!(
+        conf.contains(&format!("PublicKey = {}", c.b_public)),
+        "{conf}"
+    );
+    assert!(!a.stderr().contains(&c.a_private), "no key logged");
+
+    // A verified transfer, then dump and /metrics agree on each byte.
+    let dst: SocketAddr = format!("{OVERLAY_B}:7200").parse().unwrap();
+    verified_tcp_transfer(&topo.a, &topo.b, dst, 4 << 20);
+    let d = dump(&topo.a, &dev_a);
+    assert_eq!(d.interface[1], c.a_public);
+    assert_eq!(d.interface[2], "51820");
+    assert_eq!(d.interface[3], "off");
+    let p = &d.peers[&c.b_public];
+    assert_eq!(p[2], format!("{UNDERLAY_B}:{WG_PORT}"));
+    let handshake: u64 = p[4].parse().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        handshake > 0 && handshake <= now && now - handshake < 60,
+        "{p:?}"
+    );
+    let (rx, tx): (u64, u64) = (p[5].parse().unwrap(), p[6].parse().unwrap());
+    assert!(tx > 4 << 20, "{p:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let body = scrape(&topo.a, metrics);
+        let d = dump(&topo.a, &dev_a);
+        let p = &d.peers[&c.b_public];
+        let (rx, tx): (u64, u64) = (p[5].parse().unwrap(), p[6].parse().unwrap());
+        let m = (
+            peer_metric(&body, "tunfwd_peer_bytes_total", &c.b_public, "rx"),
+            peer_metric(&body, "tunfwd_peer_bytes_total", &c.b_public, "tx"),
+        );
+        if m == (rx, tx) {
+            break;
+        }
+        // The server renders at most once a second.
+        assert!(
+            std::time::Instant::now() < deadline,
+            "dump {rx}/{tx}, metrics {m:?}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(rx > 0);
+
+    // wg set: a new peer with everything, then changed, then removed.
+    let (_, new_public) = keypair();
+    let (psk, _) = keypair();
+    let psk_file = key_file(&dir, "psk", &psk);
+    wg(
+        &topo.a,
+        &[
+            "set",
+            &dev_a,
+            "peer",
+            &new_public,
+            "preshared-key",
+            &psk_file,
+            "endpoint",
+            "198.18.0.9:4000",
+            "persistent-keepalive",
+            "25",
+            "allowed-ips",
+            "198.19.9.0/24,2001:db8:9::/48",
+        ],
+    );
+    let d = dump(&topo.a, &dev_a);
+    let p = &d.peers[&new_public];
+    assert_eq!(
+        (p[1].as_str(), p[2].as_str(), p[3].as_str(), p[7].as_str()),
+        (
+            psk.as_str(),
+            "198.18.0.9:4000",
+            "198.19.9.0/24,2001:db8:9::/48",
+            "25"
+        ),
+        "{p:?}"
+    );
+    wg(
+        &topo.a,
+        &[
+            "set",
+            &dev_a,
+            "peer",
+            &new_public,
+            "endpoint",
+            "[2001:db8::9]:4001",
+            "persistent-keepalive",
+            "off",
+            "allowed-ips",
+            "198.19.8.0/24",
+        ],
+    );
+    let d = dump(&topo.a, &dev_a);
+    let p = &d.peers[&new_public];
+    assert_eq!(
+        (p[2].as_str(), p[3].as_str(), p[7].as_str()),
+        ("[2001:db8::9]:4001", "198.19.8.0/24", "off"),
+        "{p:?}"
+    );
+    // A prefix moves to the peer it is given to, as in the kernel.
+    wg(
+        &topo.a,
+        &[
+            "set",
+            &dev_a,
+            "peer",
+            &new_public,
+            "allowed-ips",
+            &format!("198.19.8.0/24,{OVERLAY6_B}/128"),
+        ],
+    );
+    let d = dump(&topo.a, &dev_a);
+    assert_eq!(d.peers[&c.b_public][3], format!("{OVERLAY_B}/32"));
+    wg(
+        &topo.a,
+        &[
+            "set",
+            &dev_a,
+            "peer",
+            &c.b_public,
+            "allowed-ips",
+            &format!("{OVERLAY_B}/32,{OVERLAY6_B}/128"),
+        ],
+    );
+    wg(&topo.a, &["set", &dev_a, "peer", &new_public, "remove"]);
+    let d = dump(&topo.a, &dev_a);
+    assert_eq!(d.peers.len(), 1, "removed");
+    // The session with b went on through all of it: no new handshake.
+    assert_eq!(d.peers[&c.b_public][4], handshake.to_string());
+    assert!(topo.a.ping(OVERLAY6_B), "ping v6 after the changes");
+
+    // fwmark: on the socket, and reported.
+    wg(&topo.a, &["set", &dev_a, "fwmark", "0x1234"]);
+    assert_eq!(wg(&topo.a, &["show", &dev_a, "fwmark"]).trim(), "0x1234");
+    let ss = String::from_utf8(topo.a.command(&["ss", "-uaen"]).output().unwrap().stdout).unwrap();
+    assert!(ss.contains("fwmark:0x1234"), "{ss}");
+    wg(&topo.a, &["set", &dev_a, "fwmark", "0"]);
+    assert_eq!(wg(&topo.a, &["show", &dev_a, "fwmark"]).trim(), "off");
+    // The listen port: the same is fine, another is refused (and nothing
+    // else of that request happens).
+    wg(&topo.a, &["set", &dev_a, "listen-port", "51820"]);
+    let err = wg_fails(
+        &topo.a,
+        &["set", &dev_a, "listen-port", "51821", "fwmark", "7"],
+    );
+    assert!(err.contains("Address already in use"), "{err}");
+    assert_eq!(wg(&topo.a, &["show", &dev_a, "fwmark"]).trim(), "off");
+
+    // The private key: a new one is taken (b does not know it: no more
+    // ping), the old one brings the tunnel back.
+    let (other_private, other_public) = keypair();
+    wg(
+        &topo.a,
+        &[
+            "set",
+            &dev_a,
+            "private-key",
+            &key_file(&dir, "k2", &other_private),
+        ],
+    );
+    assert_eq!(
+        wg(&topo.a, &["show", &dev_a, "public-key"]).trim(),
+        other_public
+    );
+    wg(
+        &topo.a,
+        &[
+            "set",
+            &dev_a,
+            "private-key",
+            &key_file(&dir, "k1", &c.a_private),
+        ],
+    );
+    assert_eq!(
+        wg(&topo.a, &["show", &dev_a, "public-key"]).trim(),
+        c.a_public
+    );
+    assert!(topo.a.ping(OVERLAY_B), "ping with the key back");
+
+    // setconf, addconf, syncconf with files as wg reads them.
+    let (_, x) = keypair();
+    let (_, y) = keypair();
+    let base = std::fs::read_to_string(&c.a).unwrap();
+    let extra = |k: &str, net: &str| format!("\n[Peer]\nPublicKey = {k}\nAllowedIPs = {net}\n");
+    let set_file = private_file(
+        &dir.0,
+        "set.conf",
+        &(base.clone() + &extra(&x, "198.19.20.0/24")),
+    );
+    let add_file = private_file(
+        &dir.0,
+        "add.conf",
+        &format!("[Interface]\n{}", extra(&y, "198.19.21.0/24")),
+    );
+    wg(&topo.a, &["setconf", &dev_a, set_file.to_str().unwrap()]);
+    let keys = |d: &Dump| d.peers.keys().cloned().collect::<Vec<_>>();
+    let mut want = vec![c.b_public.clone(), x.clone()];
+    want.sort();
+    assert_eq!(keys(&dump(&topo.a, &dev_a)), want);
+    wg(&topo.a, &["addconf", &dev_a, add_file.to_str().unwrap()]);
+    want.push(y.clone());
+    want.sort();
+    assert_eq!(keys(&dump(&topo.a, &dev_a)), want);
+    let before = dump(&topo.a, &dev_a).peers[&c.b_public][4].clone();
+    wg(&topo.a, &["syncconf", &dev_a, c.a.to_str().unwrap()]);
+    let d = dump(&topo.a, &dev_a);
+    assert_eq!(keys(&d), [c.b_public.clone()]);
+    assert_eq!(d.peers[&c.b_public][4], before, "b's session untouched");
+    assert!(topo.a.ping(OVERLAY_B), "ping after syncconf");
+
+    assert!(a.terminate().success());
+    assert!(b.terminate().success());
+    assert!(
+        !std::path::Path::new(&sock).exists(),
+        "socket removed at exit"
+    );
+    assert!(!a.stderr().contains(&c.a_private) && !a.stdout().contains(&c.a_private));
+}

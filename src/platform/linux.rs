@@ -34,6 +34,12 @@ pub fn set_sndbuf(sock: &UdpSocket, bytes: usize) -> io::Result<()> {
         .map_err(Into::into)
 }
 
+/// SO_MARK (WireGuard's fwmark, 0 for none): policy routing can then tell
+/// the tunnel's own datagrams apart. Needs CAP_NET_ADMIN.
+pub fn set_mark(sock: &UdpSocket, mark: u32) -> io::Result<()> {
+    setsockopt(sock, sockopt::Mark, &mark).map_err(Into::into)
+}
+
 /// SO_RCVBUF; as root (CAP_NET_ADMIN) beyond the sysctl maximum.
 pub fn set_rcvbuf(sock: &UdpSocket, bytes: usize) -> io::Result<()> {
     setsockopt(sock, sockopt::RcvBufForce, &bytes)

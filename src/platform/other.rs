@@ -31,6 +31,11 @@ pub fn set_sndbuf(sock: &UdpSocket, bytes: usize) -> io::Result<()> {
     setsockopt(sock, sockopt::SndBuf, &bytes).map_err(Into::into)
 }
 
+/// SO_MARK is Linux-only.
+pub fn set_mark(_sock: &UdpSocket, _mark: u32) -> io::Result<()> {
+    Err(linux_only("FwMark"))
+}
+
 /// SO_RCVBUF, within the system's maximum.
 pub fn set_rcvbuf(sock: &UdpSocket, bytes: usize) -> io::Result<()> {
     setsockopt(sock, sockopt::RcvBuf, &bytes).map_err(Into::into)

@@ -23,6 +23,7 @@ use crate::peers::{PeerTable, SharedPeers};
 use crate::report::{KernelBase, Reporter, Sources};
 use crate::stats::WorkerStats;
 
+mod uapi;
 mod wg;
 
 /// The signals tunfwd handles: SIGINT and SIGTERM stop it cleanly, SIGHUP
@@ -214,17 +215,26 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
         sockets,
         cpus,
         offload,
-        wg.as_ref().map(|w| &w.0),
+        wg.as_ref().map(|w| &w.dev),
         &events_tx,
     )?;
     if !workers.wait_ready(cfg, &events, &peers)? {
         return workers.stop(None);
     }
     let control_stop = Arc::new(AtomicBool::new(false));
-    let control = match wg::control(wg, &workers.stats[0], &control_stop) {
+    let control = match wg::control(wg.as_ref(), &workers.stats[0], &control_stop) {
         Ok(h) => h,
         Err(e) => return workers.stop(Some(e)),
     };
+    // WireGuard's userspace API, for `wg` (before privileges go: the
+    // socket's directory is root's).
+    let uapi = match wg::serve(wg.as_ref(), &dev_name) {
+        Ok(s) => s,
+        Err(e) => return workers.stop(Some(e)),
+    };
+    if let Some(u) = &uapi {
+        crate::info!("WireGuard API (wg): {}", u.path().display());
+    }
     // Everything privileged is done: devices, sockets, rings, pinning.
     if let Some(spec) = &cfg.service.user {
         if let Err(e) = crate::platform::drop_privileges(spec) {
@@ -267,6 +277,9 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
     }
     for h in [metrics_thread, control].into_iter().flatten() {
         let _ = h.join();
+    }
+    if let Some(u) = uapi {
+        u.stop();
     }
     let result = workers.stop(None);
     reporter.summary(cfg.engine.queues, kd);

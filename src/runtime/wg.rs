@@ -138,39 +138,83 @@ impl Loaded {
     }
 }
 
+/// A WireGuard tunnel's running parts: the device every worker shares, a
+/// socket for the control thread's sends, and what the userspace API
+/// reads and changes.
+pub(super) struct Wg {
+    pub(super) dev: Arc<Device>,
+    control: UdpSocket,
+    state: Arc<super::uapi::State>,
+}
+
 /// The WireGuard device for `conf` (None without WireGuard) on the
-/// workers' `sockets`, and a clone of the first for the control thread's
-/// sends; its peer set is published with the table in `shared`.
+/// workers' `sockets` (each given the file's FwMark); its peer set is
+/// published with the table in `shared`.
 pub(super) fn device(
     conf: Option<&WgConf>,
     sockets: &[UdpSocket],
-    shared: &SharedPeers,
+    shared: &Arc<SharedPeers>,
     workers: usize,
-) -> Result<Option<(Arc<Device>, UdpSocket)>> {
+) -> Result<Option<Wg>> {
     let (Some(conf), Some(first)) = (conf, sockets.first()) else {
         return Ok(None);
     };
     let local = first
         .local_addr()
         .map_err(|e| Error::io("query the UDP socket's address", e))?;
-    let sock = first
-        .try_clone()
-        .map_err(|e| Error::io("duplicate the UDP socket for WireGuard", e))?;
+    let dup = |s: &UdpSocket| {
+        s.try_clone()
+            .map_err(|e| Error::io("duplicate the UDP socket for WireGuard", e))
+    };
+    let control = dup(first)?;
+    let sockets = sockets.iter().map(dup).collect::<Result<Vec<_>>>()?;
+    if let Some(m) = conf.fwmark {
+        for s in &sockets {
+            crate::platform::set_mark(s, m)
+                .map_err(|e| Error::io(format!("set FwMark {m} on the UDP socket"), e))?;
+        }
+    }
     let mut dev = Device::new(conf).map_err(Error::config)?;
     dev.set_socket(local);
     publish(&dev, conf, |_| false, shared, workers).map_err(Error::config)?;
-    Ok(Some((Arc::new(dev), sock)))
+    let dev = Arc::new(dev);
+    let state = Arc::new(super::uapi::State {
+        dev: dev.clone(),
+        shared: shared.clone(),
+        workers,
+        sockets,
+        port: local.port(),
+        conf: std::sync::Mutex::new(conf.clone()),
+    });
+    Ok(Some(Wg {
+        dev,
+        control,
+        state,
+    }))
 }
 
-/// Starts the control thread of `wg` (the device and its socket), if
-/// there is one, counting into `stats` until `stop`.
+/// Serves WireGuard's userspace API for interface `iface`, if there is a
+/// WireGuard device.
+pub(super) fn serve(wg: Option<&Wg>, iface: &str) -> Result<Option<super::uapi::Server>> {
+    wg.map(|w| super::uapi::serve(iface, w.state.clone()))
+        .transpose()
+}
+
+/// Starts the control thread of `wg`, if there is one, counting into
+/// `stats` until `stop`.
 pub(super) fn control(
-    wg: Option<(Arc<Device>, UdpSocket)>,
+    wg: Option<&Wg>,
     stats: &Arc<WorkerStats>,
     stop: &Arc<AtomicBool>,
 ) -> Result<Option<thread::JoinHandle<()>>> {
-    wg.map(|(dev, sock)| spawn_control(dev, sock, stats.clone(), stop.clone()))
-        .transpose()
+    wg.map(|w| {
+        let sock = w
+            .control
+            .try_clone()
+            .map_err(|e| Error::io("duplicate the UDP socket for WireGuard", e))?;
+        spawn_control(w.dev.clone(), sock, stats.clone(), stop.clone())
+    })
+    .transpose()
 }
 
 /// Runs the control thread until `stop`: handshake messages the workers

@@ -31,6 +31,10 @@ impl PeerSet {
         match *self {}
     }
 
+    pub fn find(&self, _: &PublicKey) -> Option<PeerId> {
+        match *self {}
+    }
+
     pub fn facts(&self, _: PeerId) -> PeerFacts {
         match *self {}
     }

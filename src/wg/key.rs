@@ -84,6 +84,11 @@ impl Secret {
         &self.0
     }
 
+    /// A secret of these bytes (the userspace API's hex form, decoded).
+    pub fn from_bytes(b: [u8; KEY_LEN]) -> Secret {
+        Secret(b)
+    }
+
     /// The private key for the Noise handshake.
     pub fn to_x25519(&self) -> x25519_dalek::StaticSecret {
         x25519_dalek::StaticSecret::from(self.0)

@@ -14,6 +14,7 @@ pub mod device;
 #[path = "absent.rs"]
 pub mod device;
 pub mod key;
+pub mod uapi;
 pub mod wire;
 
 pub use conf::{WgConf, WgPeer};

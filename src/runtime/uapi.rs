@@ -1,0 +1,331 @@
+//! The WireGuard userspace API's server: a UNIX socket per interface at
+//! `/var/run/wireguard/IFACE.sock` (directory 0755, socket 0700, as
+//! wireguard-go makes them), where `wg` gets the interface's state and
+//! sets it. Each connection is served on its own thread (at most
+//! [`MAX_CONNECTIONS`] at once: a new one closes the oldest), with a read
+//! timeout and a cap on a request's size, so a client that sends garbage,
+//! never finishes, or sends too much changes nothing and holds nothing
+//! for long. Requests are parsed and checked by [`crate::wg::uapi`];
+//! applying one is [`super::wg::publish`]'s.
+
+use std::io::{BufRead, BufReader, Read as _, Write as _};
+use std::net::UdpSocket;
+use std::os::fd::AsRawFd as _;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::peers::SharedPeers;
+use crate::wg::uapi::{self, PeerReport, Refused};
+use crate::wg::{Device, WgConf};
+
+/// Where `wg` looks for userspace interfaces.
+pub const SOCKET_DIR: &str = "/var/run/wireguard";
+/// Connections served at once.
+pub const MAX_CONNECTIONS: usize = 16;
+/// How long a connection may take to send the rest of a request.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the server reads and changes: the configuration as `wg` last set
+/// it, the device and the table its peers are published with.
+pub(super) struct State {
+    pub(super) dev: Arc<Device>,
+    pub(super) shared: Arc<SharedPeers>,
+    pub(super) workers: usize,
+    /// The workers' sockets (duplicates), for `fwmark`.
+    pub(super) sockets: Vec<UdpSocket>,
+    /// The port they are bound to.
+    pub(super) port: u16,
+    pub(super) conf: Mutex<WgConf>,
+}
+
+impl State {
+    /// The answer to `get=1`.
+    fn get(&self) -> String {
+        let conf = self.conf.lock().unwrap_or_else(|e| e.into_inner());
+        let (_, table) = self.shared.load();
+        let set = self.dev.current();
+        let now = crate::engine::now_ns();
+        let reports: Vec<PeerReport> = conf
+            .peers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let facts = set
+                    .find(&p.public_key)
+                    .map(|id| set.facts(id))
+                    .unwrap_or_default();
+                let counts = if i < table.len() {
+                    table.peer(i as u32).stats.snapshot()
+                } else {
+                    Default::default()
+                };
+                PeerReport {
+                    endpoint: facts.endpoint,
+                    last_handshake_ns: facts
+                        .since_handshake
+                        .map(|d| now.saturating_sub(d.as_nanos() as u64))
+                        .unwrap_or(0),
+                    rx_bytes: counts.rx_bytes,
+                    tx_bytes: counts.tx_bytes,
+                }
+            })
+            .collect();
+        uapi::format_get(&conf, self.port, &reports)
+    }
+
+    /// Carries out a `set` whose lines are `lines`: all of it, or (an
+    /// error) nothing.
+    fn set(&self, lines: &[&str]) -> std::result::Result<(), Refused> {
+        let mut conf = self.conf.lock().unwrap_or_else(|e| e.into_inner());
+        let change = uapi::apply_set(&conf, lines)?;
+        if let Some(p) = change.listen_port.filter(|&p| p != self.port) {
+            return Err(Refused {
+                errno: uapi::EADDRINUSE,
+                why: format!(
+                    "listen_port={p}: the port of a running tunnel cannot change (bound to {}); restart it with the new ListenPort",
+                    self.port
+                ),
+            });
+        }
+        if let Some(m) = change.fwmark {
+            for s in &self.sockets {
+                crate::platform::set_mark(s, m).map_err(|e| Refused {
+                    errno: uapi::EADDRINUSE,
+                    why: format!("fwmark={m}: {e}"),
+                })?;
+            }
+        }
+        super::wg::publish(
+            &self.dev,
+            &change.conf,
+            |k| change.endpoints.contains(k),
+            &self.shared,
+            self.workers,
+        )
+        .map_err(|why| Refused {
+            errno: uapi::EINVAL,
+            why,
+        })?;
+        *conf = change.conf;
+        Ok(())
+    }
+}
+
+/// A running server; [`Server::stop`] ends it and removes its socket.
+pub(super) struct Server {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Server {
+    pub(super) fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    pub(super) fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// The listening socket for interface `iface` in `dir`: created 0700
+/// (the mode is set on the socket before it is bound, so it never exists
+/// with another); a stale socket nobody answers on is replaced, a live
+/// one is an error.
+fn listen(dir: &std::path::Path, iface: &str) -> Result<(UnixListener, PathBuf)> {
+    use nix::sys::socket::{AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+    let path = dir.join(format!("{iface}.sock"));
+    let what = |op: &str| format!("{op} the WireGuard API socket {}", path.display());
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+    if path.exists() {
+        if UnixStream::connect(&path).is_ok() {
+            return Err(Error::config(format!(
+                "{} is in use: another WireGuard implementation serves {iface}",
+                path.display()
+            )));
+        }
+        std::fs::remove_file(&path).map_err(|e| Error::io(what("remove the stale"), e))?;
+    }
+    #[cfg(target_os = "linux")]
+    let flags = SockFlag::SOCK_CLOEXEC;
+    #[cfg(not(target_os = "linux"))]
+    let flags = SockFlag::empty();
+    let fd = nix::sys::socket::socket(AddressFamily::Unix, SockType::Stream, flags, None)
+        .map_err(|e| Error::io(what("create"), e.into()))?;
+    #[cfg(not(target_os = "linux"))]
+    nix::fcntl::fcntl(
+        &fd,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .map_err(|e| Error::io(what("configure"), e.into()))?;
+    nix::sys::stat::fchmod(&fd, nix::sys::stat::Mode::from_bits_truncate(0o700))
+        .map_err(|e| Error::io(what("set the mode of"), e.into()))?;
+    let addr = UnixAddr::new(&path).map_err(|e| Error::io(what("name"), e.into()))?;
+    nix::sys::socket::bind(fd.as_raw_fd(), &addr).map_err(|e| Error::io(what("bind"), e.into()))?;
+    nix::sys::socket::listen(&fd, Backlog::new(16).unwrap_or(Backlog::MAXCONN))
+        .map_err(|e| Error::io(what("listen on"), e.into()))?;
+    let listener = UnixListener::from(fd);
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| Error::io(what("configure"), e))?;
+    Ok((listener, path))
+}
+
+/// Serves `state` for interface `iface` until stopped.
+pub(super) fn serve(iface: &str, state: Arc<State>) -> Result<Server> {
+    serve_in(std::path::Path::new(SOCKET_DIR), iface, state)
+}
+
+fn serve_in(dir: &std::path::Path, iface: &str, state: Arc<State>) -> Result<Server> {
+    let (listener, path) = listen(dir, iface)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let thread = {
+        let stop = stop.clone();
+        thread::Builder::new()
+            .name("tunfwd-uapi".into())
+            .spawn(move || accept_loop(&listener, &state, &stop))
+            .map_err(|e| Error::io("spawn the WireGuard API thread", e))?
+    };
+    Ok(Server {
+        path,
+        stop,
+        thread: Some(thread),
+    })
+}
+
+/// The connections being served, oldest first, by number.
+type Open = Arc<Mutex<std::collections::VecDeque<(u64, UnixStream)>>>;
+
+fn accept_loop(listener: &UnixListener, state: &Arc<State>, stop: &AtomicBool) {
+    let open: Open = Arc::default();
+    let mut next = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let Ok(handle_of) = stream.try_clone() else {
+                    continue;
+                };
+                let id = next;
+                next += 1;
+                {
+                    let mut o = open.lock().unwrap_or_else(|e| e.into_inner());
+                    // Full: the oldest connection makes room (a client
+                    // that holds connections open cannot lock `wg` out).
+                    if o.len() >= MAX_CONNECTIONS {
+                        if let Some((_, oldest)) = o.pop_front() {
+                            let _ = oldest.shutdown(std::net::Shutdown::Both);
+                        }
+                    }
+                    o.push_back((id, handle_of));
+                }
+                let (state, mine) = (state.clone(), open.clone());
+                let done = move || {
+                    mine.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .retain(|(i, _)| *i != id);
+                };
+                let spawned = thread::Builder::new()
+                    .name("tunfwd-uapi-conn".into())
+                    .spawn(move || {
+                        let _ = handle(stream, &state);
+                        done();
+                    });
+                if spawned.is_err() {
+                    open.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .retain(|(i, _)| *i != id);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let fd = std::os::fd::AsFd::as_fd(listener);
+                let mut fds = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
+                let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(200u16));
+            }
+            Err(_) => thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// Reads one line of at most `budget` bytes into `line` (cleared first):
+/// Ok(false) at the end of the stream or on a line cut short by the budget.
+fn read_line(
+    r: &mut BufReader<UnixStream>,
+    line: &mut String,
+    budget: usize,
+) -> std::io::Result<bool> {
+    line.clear();
+    let n = r.by_ref().take(budget as u64).read_line(line)?;
+    Ok(n > 0 && line.ends_with('\n'))
+}
+
+/// One connection: requests until it closes, errs, or breaks the protocol.
+fn handle(stream: UnixStream, state: &State) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(READ_TIMEOUT))?;
+    let mut out = stream.try_clone()?;
+    let mut r = BufReader::new(stream);
+    let mut line = String::new();
+    loop {
+        if !read_line(&mut r, &mut line, 16)? {
+            return Ok(());
+        }
+        match line.as_str() {
+            "get=1\n" => {
+                if !read_line(&mut r, &mut line, 1)? || line != "\n" {
+                    out.write_all(format!("errno={}\n\n", uapi::EINVAL).as_bytes())?;
+                    return Ok(());
+                }
+                let mut text = state.get();
+                text.push_str("errno=0\n\n");
+                out.write_all(text.as_bytes())?;
+            }
+            "set=1\n" => {
+                let mut body = String::new();
+                let mut ended = false;
+                while body.len() < uapi::MAX_REQUEST {
+                    if !read_line(&mut r, &mut line, uapi::MAX_REQUEST - body.len())? {
+                        break;
+                    }
+                    if line == "\n" {
+                        ended = true;
+                        break;
+                    }
+                    body.push_str(&line);
+                }
+                if !ended {
+                    // Too long, or cut off: refused, nothing changed.
+                    out.write_all(format!("errno={}\n\n", uapi::EPROTO).as_bytes())?;
+                    return Ok(());
+                }
+                let lines: Vec<&str> = body.lines().collect();
+                let errno = match state.set(&lines) {
+                    Ok(()) => 0,
+                    Err(e) => {
+                        crate::info!("wg set refused: {}", e.why);
+                        e.errno
+                    }
+                };
+                out.write_all(format!("errno={errno}\n\n").as_bytes())?;
+            }
+            _ => return Ok(()),
+        }
+    }
+}
