@@ -1578,7 +1578,7 @@ fn wg_drives_tunfwd_through_the_userspace_api() {
     let before = dump(&topo.a, &dev_a).peers[&c.b_public][4].clone();
     wg(&topo.a, &["syncconf", &dev_a, c.a.to_str().unwrap()]);
     let d = dump(&topo.a, &dev_a);
-    assert_eq!(keys(&d), [c.b_public.clone()]);
+    assert_eq!(keys(&d), std::slice::from_ref(&c.b_public));
     assert_eq!(d.peers[&c.b_public][4], before, "b's session untouched");
     assert!(topo.a.ping(OVERLAY_B), "ping after syncconf");
 
