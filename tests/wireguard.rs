@@ -1590,3 +1590,158 @@ fn wg_drives_tunfwd_through_the_userspace_api() {
     );
     assert!(!a.stderr().contains(&c.a_private) && !a.stdout().contains(&c.a_private));
 }
+
+/// A raw request on the API socket `sock`: `bytes` written, the write side
+/// closed if `close`, and whatever the server answered before closing.
+fn raw_request(sock: &str, bytes: &[u8], close: bool) -> String {
+    use std::io::Read as _;
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    // A huge request meets a closed connection part way: fine.
+    let _ = s.write_all(bytes);
+    if close {
+        let _ = s.shutdown(std::net::Shutdown::Write);
+    }
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+/// During a running verified transfer a -> b: `wg syncconf` adds and
+/// removes other peers, and hostile clients (garbage, a request cut off, a
+/// request over the size limit, 100 connections held open) meet the API.
+/// The transfer is intact and was still running when the change came,
+/// nothing a hostile client sent changed anything, `wg show` answered
+/// while the connections were held, b's session was never renewed, and
+/// memory stayed bounded.
+fn syncconf_and_hostile_clients(engine: &str) {
+    let topo = Topology::new();
+    let dir = Dir::new("sync");
+    let c = Confs::write(&dir, false);
+    let dev = iface(&engine[..1]);
+    let sock = format!("/var/run/wireguard/{dev}.sock");
+    let mut b = Proc::tunfwd(&topo.b, &wg_args(engine, false, &c.b));
+    let mut a = Proc::tunfwd(&topo.a, &wg_args_dev(engine, true, &c.a, &dev));
+    assert!(topo.a.ping(OVERLAY_B), "{engine}: ping");
+    let (_, gone) = keypair();
+    wg(
+        &topo.a,
+        &["set", &dev, "peer", &gone, "allowed-ips", "198.19.40.0/24"],
+    );
+    let session = dump(&topo.a, &dev).peers[&c.b_public][4].clone();
+    let rss_before = rss_kib(a.child.id());
+
+    let total = 24u64 << 20;
+    let progress = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let transfer = {
+        let (from, to, progress) = (
+            Netns::existing(&topo.a.name),
+            Netns::existing(&topo.b.name),
+            progress.clone(),
+        );
+        let dst: SocketAddr = format!("{OVERLAY_B}:7300").parse().unwrap();
+        std::thread::spawn(move || {
+            verified_tcp_transfer_observed(&from, &to, dst, total, Some(progress), Some(4 << 20))
+        })
+    };
+    a.wait_until("a quarter of the transfer", |_| {
+        (progress.load(Ordering::Relaxed) >= total / 4).then_some(())
+    });
+
+    // syncconf: `gone` leaves, two peers come.
+    let (_, x) = keypair();
+    let (_, y) = keypair();
+    let base = std::fs::read_to_string(&c.a).unwrap();
+    let file = private_file(
+        &dir.0,
+        "sync.conf",
+        &format!(
+            "{base}\n[Peer]\nPublicKey = {x}\nAllowedIPs = 198.19.41.0/24\n\
+             [Peer]\nPublicKey = {y}\nAllowedIPs = 198.19.42.0/24\nEndpoint = 198.18.0.9:9\n"
+        ),
+    );
+    wg(&topo.a, &["syncconf", &dev, file.to_str().unwrap()]);
+    let changed_at = progress.load(Ordering::Relaxed);
+    let mut want = vec![c.b_public.clone(), x.clone(), y.clone()];
+    want.sort();
+    let keys = |d: &Dump| d.peers.keys().cloned().collect::<Vec<_>>();
+    assert_eq!(keys(&dump(&topo.a, &dev)), want, "{engine}");
+
+    // Hostile clients.
+    let hex = |k: &str| {
+        use base64::Engine as _;
+        let b = base64::engine::general_purpose::STANDARD.decode(k).unwrap();
+        b.iter().map(|x| format!("{x:02x}")).collect::<String>()
+    };
+    let (_, z) = keypair();
+    // Garbage: the connection is closed, nothing answered.
+    assert_eq!(raw_request(&sock, b"hello there\n\n", true), "");
+    // A set cut off before its blank line: refused, nothing added.
+    let cut = format!("set=1\npublic_key={}\nallowed_ip=198.19.43.0/24\n", hex(&z));
+    assert_eq!(
+        raw_request(&sock, cut.as_bytes(), true),
+        format!("errno=-{}\n\n", libc::EPROTO)
+    );
+    // A bad value inside a set: refused whole (the peer before it too).
+    let bad = format!(
+        "set=1\npublic_key={}\nallowed_ip=198.19.43.0/24\nendpoint=nowhere\n\n",
+        hex(&z)
+    );
+    assert_eq!(
+        raw_request(&sock, bad.as_bytes(), true),
+        format!("errno=-{}\n\n", libc::EINVAL)
+    );
+    // Over the size limit: refused.
+    let mut huge = format!("set=1\npublic_key={}\n", hex(&z)).into_bytes();
+    while huge.len() < 3 << 20 {
+        huge.extend_from_slice(b"allowed_ip=198.19.44.0/24\n");
+    }
+    huge.extend_from_slice(b"\n");
+    assert_eq!(
+        raw_request(&sock, &huge, false),
+        format!("errno=-{}\n\n", libc::EPROTO)
+    );
+    assert_eq!(
+        keys(&dump(&topo.a, &dev)),
+        want,
+        "{engine}: nothing changed"
+    );
+    // 100 connections held open: wg still answers (the oldest make room).
+    let held: Vec<_> = (0..100)
+        .map(|_| std::os::unix::net::UnixStream::connect(&sock).unwrap())
+        .collect();
+    let show = wg(&topo.a, &["show", &dev]);
+    assert!(show.contains(&c.b_public), "{engine}: {show}");
+    drop(held);
+
+    assert_eq!(transfer.join().expect("the transfer"), total, "{engine}");
+    assert!(
+        changed_at < total,
+        "{engine}: the change met a running transfer"
+    );
+    let d = dump(&topo.a, &dev);
+    assert_eq!(
+        d.peers[&c.b_public][4], session,
+        "{engine}: b's session untouched"
+    );
+    let rss_after = rss_kib(a.child.id());
+    assert!(
+        rss_after < rss_before + 32 * 1024,
+        "{engine}: RSS {rss_before} -> {rss_after} KiB"
+    );
+    assert!(a.terminate().success());
+    assert!(b.terminate().success());
+    eprintln!(
+        "{engine}: syncconf at {changed_at} of {total} bytes; RSS {rss_before} -> {rss_after} KiB"
+    );
+}
+
+#[test]
+fn syncconf_and_hostile_api_clients_during_a_transfer() {
+    if !can_run_kernel_tests("syncconf_and_hostile_api_clients_during_a_transfer") {
+        return;
+    }
+    for engine in engines("syncconf_and_hostile_api_clients_during_a_transfer") {
+        syncconf_and_hostile_clients(engine);
+    }
+}
