@@ -512,6 +512,15 @@ struct TunnelArgs {
     #[arg(long, value_name = "FILE", conflicts_with_all = ["peer", "peers_file", "allow_src", "encap", "vni", "mac"])]
     wg_config: Option<std::path::PathBuf>,
 
+    /// WireGuard mode without a file: the interface starts with no private
+    /// key, no peers and a UDP port the kernel picks, and `wg` (or
+    /// wg-quick, through `tunfwd-wg`) configures it through WireGuard's
+    /// userspace API at /var/run/wireguard/DEV.sock, as with
+    /// wireguard-go. With --wg-config, the file's settings come first (and
+    /// `wg` may change them too).
+    #[arg(long, conflicts_with_all = ["peer", "peers_file", "allow_src", "encap", "vni", "mac"])]
+    wireguard: bool,
+
     /// A peer's UDP address (a link-local one with its interface,
     /// [fe80::2%eth0]:5000), optionally with the inner prefixes it owns:
     /// ADDR:PORT=CIDR,CIDR... (IPv4 and IPv6). Repeatable. A single peer
@@ -653,14 +662,15 @@ impl TunnelArgs {
     fn into_config(self) -> crate::error::Result<TunnelConfig> {
         use crate::error::Error;
         let wg = self.wg_config.clone();
+        let wireguard = wg.is_some() || self.wireguard;
         let mode = match (self.mode, self.encap) {
-            (ModeArg::Tap, _) if wg.is_some() => {
+            (ModeArg::Tap, _) if wireguard => {
                 return Err(Error::config(
-                    "--wg-config carries IP packets: use it with --mode tun",
+                    "WireGuard (--wg-config, --wireguard) carries IP packets: use it with --mode tun",
                 ));
             }
-            (_, _) if wg.is_some() => config::Mode::WireGuard {
-                config: wg.clone().unwrap_or_default(),
+            (_, _) if wireguard => config::Mode::WireGuard {
+                config: wg.clone(),
                 listen_from_file: self.listen.is_none(),
             },
             (ModeArg::Tun, None | Some(EncapArg::None)) => {

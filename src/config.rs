@@ -357,11 +357,13 @@ pub enum Mode {
     /// `tunfwd reflect`: answer echo requests and UDP on the device; nothing
     /// goes to the network.
     Reflect,
-    /// `tunfwd tunnel --wg-config FILE`: IP packets on a TUN device, sealed
-    /// in WireGuard messages for the peers of the file (the format `wg
-    /// setconf` reads), which the runtime reads at start.
+    /// `tunfwd tunnel --wg-config FILE` (or `--wireguard`): IP packets on
+    /// a TUN device, sealed in WireGuard messages for the peers of the file
+    /// (the format `wg setconf` reads), which the runtime reads at start;
+    /// without a file, an interface with no key and no peers that `wg`
+    /// configures through the userspace API.
     WireGuard {
-        config: std::path::PathBuf,
+        config: Option<std::path::PathBuf>,
         /// No `--listen` was given: bind the wildcard address (both
         /// families) on the file's ListenPort.
         listen_from_file: bool,

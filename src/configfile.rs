@@ -521,7 +521,7 @@ mod tests {
         assert_eq!(
             c.mode,
             crate::config::Mode::WireGuard {
-                config: "/etc/tunfwd/a.conf".into(),
+                config: Some("/etc/tunfwd/a.conf".into()),
                 listen_from_file: true
             }
         );

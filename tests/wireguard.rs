@@ -1503,22 +1503,55 @@ fn wg_drives_tunfwd_through_the_userspace_api() {
     assert_eq!(d.peers[&c.b_public][4], handshake.to_string());
     assert!(topo.a.ping(OVERLAY6_B), "ping v6 after the changes");
 
-    // fwmark: on the socket, and reported.
+    // fwmark: on the sockets, and reported.
     wg(&topo.a, &["set", &dev_a, "fwmark", "0x1234"]);
     assert_eq!(wg(&topo.a, &["show", &dev_a, "fwmark"]).trim(), "0x1234");
     let ss = String::from_utf8(topo.a.command(&["ss", "-uaen"]).output().unwrap().stdout).unwrap();
     assert!(ss.contains("fwmark:0x1234"), "{ss}");
     wg(&topo.a, &["set", &dev_a, "fwmark", "0"]);
     assert_eq!(wg(&topo.a, &["show", &dev_a, "fwmark"]).trim(), "off");
-    // The listen port: the same is fine, another is refused (and nothing
-    // else of that request happens).
+    // The listen port: the workers move to the new one (b follows a's
+    // datagrams there); a port in use is refused, and nothing else of that
+    // request happens.
     wg(&topo.a, &["set", &dev_a, "listen-port", "51820"]);
-    let err = wg_fails(
+    wg(
         &topo.a,
         &["set", &dev_a, "listen-port", "51821", "fwmark", "7"],
     );
+    let d = dump(&topo.a, &dev_a);
+    assert_eq!(
+        (d.interface[2].as_str(), d.interface[3].as_str()),
+        ("51821", "0x7")
+    );
+    assert!(
+        a.stderr()
+            .contains("WireGuard listen port 51821: 1 worker(s) restarted")
+    );
+    assert!(topo.a.ping(OVERLAY_B), "ping from the new port");
+    let ss = String::from_utf8(topo.a.command(&["ss", "-uaen"]).output().unwrap().stdout).unwrap();
+    assert!(ss.contains(":51821 ") && ss.contains("fwmark:0x7"), "{ss}");
+    assert!(!ss.contains(":51820 "), "the old port is closed: {ss}");
+    let taken = topo
+        .a
+        .spawn(|| UdpSocket::bind("[::]:51822").unwrap())
+        .join()
+        .unwrap();
+    let err = wg_fails(
+        &topo.a,
+        &["set", &dev_a, "listen-port", "51822", "fwmark", "9"],
+    );
     assert!(err.contains("Address already in use"), "{err}");
-    assert_eq!(wg(&topo.a, &["show", &dev_a, "fwmark"]).trim(), "off");
+    let d = dump(&topo.a, &dev_a);
+    assert_eq!(
+        (d.interface[2].as_str(), d.interface[3].as_str()),
+        ("51821", "0x7")
+    );
+    drop(taken);
+    wg(
+        &topo.a,
+        &["set", &dev_a, "listen-port", "51820", "fwmark", "0"],
+    );
+    assert!(topo.a.ping(OVERLAY_B), "ping from the first port again");
 
     // The private key: a new one is taken (b does not know it: no more
     // ping), the old one brings the tunnel back.

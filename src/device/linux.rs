@@ -211,6 +211,26 @@ impl TunDevice {
         self.created
     }
 
+    /// Another handle on the same device: every queue's descriptor
+    /// duplicated (the same queues). Held while workers restart, it keeps
+    /// the device and its queues.
+    pub fn try_clone(&self) -> Result<TunDevice> {
+        let queues = self
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(q, f)| {
+                f.try_clone()
+                    .map_err(|e| Error::io(format!("duplicate TUN queue {q} of {}", self.name), e))
+            })
+            .collect::<Result<Vec<File>>>()?;
+        Ok(TunDevice {
+            name: self.name.clone(),
+            queues,
+            created: self.created,
+        })
+    }
+
     /// Hands out the queues, one per worker.
     pub fn into_queues(self) -> Vec<super::TunQueue> {
         self.queues.into_iter().map(super::TunQueue::from).collect()

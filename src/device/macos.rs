@@ -164,6 +164,18 @@ impl TunDevice {
         true
     }
 
+    /// Another handle on the same device (its descriptor duplicated).
+    pub fn try_clone(&self) -> Result<TunDevice> {
+        let file = self
+            .file
+            .try_clone()
+            .map_err(|e| Error::io(format!("duplicate the descriptor of {}", self.name), e))?;
+        Ok(TunDevice {
+            name: self.name.clone(),
+            file,
+        })
+    }
+
     /// Hands out the one queue.
     pub fn into_queues(self) -> Vec<super::TunQueue> {
         vec![super::TunQueue::from(self.file)]

@@ -109,6 +109,13 @@ fn reload_peers(cfg: &TunnelConfig, shared: &SharedPeers) {
 enum Event {
     Signal(Signal),
     Worker(WorkerEvent),
+    /// WireGuard's listen port changed (`wg`): restart the workers on
+    /// sockets bound to this port. The reply carries duplicates of the new
+    /// sockets, or why nothing changed.
+    Rebind(
+        u16,
+        channel::Sender<std::result::Result<Vec<UdpSocket>, String>>,
+    ),
 }
 
 /// The CPU of each worker, if pinned. `auto` pins only with 2+ queues: a
@@ -206,18 +213,26 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
     let (events_tx, events) = channel::unbounded::<Event>();
     spawn_signal_thread(events_tx.clone())?;
     // WireGuard: the keys and sessions every worker shares.
-    let wg = wg::device(wg_conf.as_ref(), &sockets, &peers, cfg.engine.queues)?;
-    let workers = Workers::start(
-        cfg,
-        &engine,
+    let wg = wg::device(
+        wg_conf.as_ref(),
+        &sockets,
         &peers,
-        device,
-        sockets,
-        cpus,
-        offload,
-        wg.as_ref().map(|w| &w.dev),
+        cfg.engine.queues,
         &events_tx,
     )?;
+    let mut restart = Restart {
+        cfg: cfg.clone(),
+        engine: &engine,
+        peers: &peers,
+        cpus,
+        offload,
+        wg: wg.as_ref().map(|w| &w.dev),
+        events_tx: events_tx.clone(),
+        // WireGuard's port may change: a spare handle on the queues keeps
+        // the device while the workers restart.
+        spare: wg.as_ref().map(|_| device.try_clone()).transpose()?,
+    };
+    let mut workers = restart.start(device, sockets, None)?;
     if !workers.wait_ready(cfg, &events, &peers)? {
         return workers.stop(None);
     }
@@ -228,7 +243,11 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
     };
     // WireGuard's userspace API, for `wg` (before privileges go: the
     // socket's directory is root's).
-    let uapi = match wg::serve(wg.as_ref(), &dev_name) {
+    let api_only = matches!(
+        cfg.mode,
+        crate::config::Mode::WireGuard { config: None, .. }
+    );
+    let uapi = match wg::serve(wg.as_ref(), &dev_name, api_only) {
         Ok(s) => s,
         Err(e) => return workers.stop(Some(e)),
     };
@@ -268,8 +287,11 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
         cfg.service.stats_format,
         cfg.service.stats_peers,
     );
-    run_until_stopped(cfg, &events, &peers, &mut reporter);
+    run_until_stopped(cfg, &events, &peers, &mut reporter, |port| {
+        restart.rebind(port, &mut workers, &events)
+    });
 
+    drop(restart);
     // Read while the workers still own their sockets.
     let kd = sources.kernel_drops();
     for stop in [&metrics_stop, &control_stop] {
@@ -429,6 +451,7 @@ impl Workers {
         offload: bool,
         wg: Option<&Arc<crate::wg::Device>>,
         events: &channel::Sender<Event>,
+        stats: Option<Vec<Arc<WorkerStats>>>,
     ) -> Result<Workers> {
         let dev_name = device.name().to_string();
         let mut workers = Workers {
@@ -437,7 +460,10 @@ impl Workers {
             shutdown: Arc::new(Shutdown::new()?),
         };
         for (q, (tun, udp)) in device.into_queues().into_iter().zip(sockets).enumerate() {
-            let stats = Arc::new(WorkerStats::default());
+            let stats = stats
+                .as_ref()
+                .and_then(|s| s.get(q).cloned())
+                .unwrap_or_default();
             workers.stats.push(stats.clone());
             let label = format!("TUN queue {q} of {dev_name}");
             let forwarder = Forwarder::for_mode(&cfg.mode, cfg.device.mtu as usize, peers.load().1)
@@ -500,6 +526,9 @@ impl Workers {
                     return Ok(false);
                 }
                 Ok(Event::Worker(WorkerEvent::Exited)) => {}
+                Ok(Event::Rebind(_, reply)) => {
+                    let _ = reply.send(Err("the tunnel is starting".into()));
+                }
                 Err(_) => return Ok(false),
             }
         }
@@ -508,10 +537,15 @@ impl Workers {
 
     /// Stops every worker and waits for it: `error` if given, else the
     /// first worker's error (or a panic), else Ok.
-    fn stop(self, error: Option<Error>) -> Result<()> {
+    fn stop(mut self, error: Option<Error>) -> Result<()> {
+        self.stop_all(error)
+    }
+
+    /// [`Workers::stop`], leaving `self` without workers.
+    fn stop_all(&mut self, error: Option<Error>) -> Result<()> {
         self.shutdown.trigger();
         let mut first_error = error;
-        for h in self.handles {
+        for h in self.handles.drain(..) {
             let e = match h.join() {
                 Ok(Ok(())) => continue,
                 Ok(Err(e)) => e,
@@ -520,6 +554,103 @@ impl Workers {
             first_error.get_or_insert(e);
         }
         first_error.map_or(Ok(()), Err)
+    }
+}
+
+/// What starting the workers takes, kept to start them again on new
+/// sockets when WireGuard's listen port changes (`wg set listen-port`,
+/// `wg setconf` by wg-quick): the old workers stop, and new ones take
+/// the same queues (through the spare handle on them, which keeps the
+/// device meanwhile), the same counters and the same peers. Packets in
+/// the old workers' queues are lost; sessions are the device's and go on.
+struct Restart<'a> {
+    cfg: TunnelConfig,
+    engine: &'a Engine,
+    peers: &'a Arc<SharedPeers>,
+    cpus: Vec<Option<usize>>,
+    offload: bool,
+    wg: Option<&'a Arc<crate::wg::Device>>,
+    events_tx: channel::Sender<Event>,
+    spare: Option<TunDevice>,
+}
+
+impl Restart<'_> {
+    /// Workers on `device`'s queues and `sockets`, counting into `stats`
+    /// (new counters if None).
+    fn start(
+        &self,
+        device: TunDevice,
+        sockets: Vec<UdpSocket>,
+        stats: Option<Vec<Arc<WorkerStats>>>,
+    ) -> Result<Workers> {
+        Workers::start(
+            &self.cfg,
+            self.engine,
+            self.peers,
+            device,
+            sockets,
+            self.cpus.clone(),
+            self.offload,
+            self.wg,
+            &self.events_tx,
+            stats,
+        )
+    }
+
+    /// Restarts `workers` on sockets bound to `port`: the new sockets'
+    /// duplicates, or why nothing changed; and whether the tunnel goes on
+    /// (false: the restart failed half way, or a stop signal came).
+    fn rebind(
+        &mut self,
+        port: u16,
+        workers: &mut Workers,
+        events: &Receiver<Event>,
+    ) -> (std::result::Result<Vec<UdpSocket>, String>, bool) {
+        let Some(spare) = &self.spare else {
+            return (Err("this tunnel's port is fixed".into()), true);
+        };
+        let mut cfg = self.cfg.clone();
+        cfg.peers.listen.set_port(port);
+        // Everything that can fail without harm first.
+        let prepared = open_sockets(&cfg, self.offload).and_then(|sockets| {
+            let dups = sockets
+                .iter()
+                .map(|s| {
+                    s.try_clone()
+                        .map_err(|e| Error::io("duplicate a UDP socket", e))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok((sockets, dups, spare.try_clone()?))
+        });
+        let (sockets, dups, device) = match prepared {
+            Ok(p) => p,
+            Err(e) => return (Err(e.to_string()), true),
+        };
+        if let Err(e) = workers.stop_all(None) {
+            crate::info!("restart: a worker stopped with an error: {e}");
+        }
+        self.cfg = cfg;
+        let started = self
+            .start(device, sockets, Some(workers.stats.clone()))
+            .and_then(|w| {
+                let ready = w.wait_ready(&self.cfg, events, self.peers);
+                *workers = w;
+                ready
+            });
+        match started {
+            Ok(true) => {
+                crate::info!(
+                    "WireGuard listen port {port}: {} worker(s) restarted on new sockets",
+                    workers.stats.len()
+                );
+                (Ok(dups), true)
+            }
+            Ok(false) => (Ok(dups), false),
+            Err(e) => {
+                crate::info!("restart on port {port} failed: {e}");
+                (Err(e.to_string()), false)
+            }
+        }
     }
 }
 
@@ -566,6 +697,7 @@ fn run_until_stopped(
     events: &Receiver<Event>,
     peers: &SharedPeers,
     reporter: &mut Reporter,
+    mut rebind: impl FnMut(u16) -> (std::result::Result<Vec<UdpSocket>, String>, bool),
 ) {
     let ticker: Receiver<Instant> = if cfg.service.stats_interval_secs > 0 {
         channel::tick(Duration::from_secs(cfg.service.stats_interval_secs))
@@ -582,6 +714,13 @@ fn run_until_stopped(
                 }
                 Ok(Event::Worker(WorkerEvent::Exited)) | Err(_) => return,
                 Ok(Event::Worker(WorkerEvent::Ready(_))) => {}
+                Ok(Event::Rebind(port, reply)) => {
+                    let (result, go_on) = rebind(port);
+                    let _ = reply.send(result);
+                    if !go_on {
+                        return;
+                    }
+                }
             },
             recv(ticker) -> _ => reporter.tick(),
         }

@@ -37,10 +37,14 @@ pub(super) struct State {
     pub(super) shared: Arc<SharedPeers>,
     pub(super) workers: usize,
     /// The workers' sockets (duplicates), for `fwmark`.
-    pub(super) sockets: Vec<UdpSocket>,
+    pub(super) sockets: Mutex<Vec<UdpSocket>>,
+    /// The control thread's (a duplicate of the first).
+    pub(super) control: Arc<Mutex<UdpSocket>>,
     /// The port they are bound to.
-    pub(super) port: u16,
+    pub(super) port: Mutex<u16>,
     pub(super) conf: Mutex<WgConf>,
+    /// Where a new port goes: the runtime restarts the workers on it.
+    pub(super) events: crossbeam::channel::Sender<super::Event>,
 }
 
 impl State {
@@ -75,7 +79,8 @@ impl State {
                 }
             })
             .collect();
-        uapi::format_get(&conf, self.port, &reports)
+        let port = *self.port.lock().unwrap_or_else(|e| e.into_inner());
+        uapi::format_get(&conf, port, &reports)
     }
 
     /// Carries out a `set` whose lines are `lines`: all of it, or (an
@@ -83,17 +88,25 @@ impl State {
     fn set(&self, lines: &[&str]) -> std::result::Result<(), Refused> {
         let mut conf = self.conf.lock().unwrap_or_else(|e| e.into_inner());
         let change = uapi::apply_set(&conf, lines)?;
-        if let Some(p) = change.listen_port.filter(|&p| p != self.port) {
-            return Err(Refused {
-                errno: uapi::EADDRINUSE,
-                why: format!(
-                    "listen_port={p}: the port of a running tunnel cannot change (bound to {}); restart it with the new ListenPort",
-                    self.port
-                ),
-            });
+        // The peers must make a table before anything changes.
+        super::wg::table_for(&change.conf, self.workers, None).map_err(|why| Refused {
+            errno: uapi::EINVAL,
+            why,
+        })?;
+        let port = *self.port.lock().unwrap_or_else(|e| e.into_inner());
+        let mut mark = change.fwmark;
+        if let Some(p) = change.listen_port.filter(|&p| p != port) {
+            self.rebind(p)?;
+            // The new sockets carry the mark in force.
+            mark = mark.or(change.conf.fwmark);
         }
-        if let Some(m) = change.fwmark {
-            for s in &self.sockets {
+        if let Some(m) = mark {
+            for s in self
+                .sockets
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+            {
                 crate::platform::set_mark(s, m).map_err(|e| Refused {
                     errno: uapi::EADDRINUSE,
                     why: format!("fwmark={m}: {e}"),
@@ -112,6 +125,32 @@ impl State {
             why,
         })?;
         *conf = change.conf;
+        Ok(())
+    }
+}
+
+impl State {
+    /// Has the runtime restart the workers on port `p`, and takes the new
+    /// sockets; Err: nothing changed (the port is taken, or the tunnel is
+    /// stopping).
+    fn rebind(&self, p: u16) -> std::result::Result<(), Refused> {
+        let (tx, rx) = crossbeam::channel::bounded(1);
+        let stopping = || Refused {
+            errno: uapi::EIO,
+            why: "the tunnel is stopping".into(),
+        };
+        self.events
+            .send(super::Event::Rebind(p, tx))
+            .map_err(|_| stopping())?;
+        let sockets = rx.recv().map_err(|_| stopping())?.map_err(|why| Refused {
+            errno: uapi::EADDRINUSE,
+            why: format!("listen_port={p}: {why}"),
+        })?;
+        if let Some(first) = sockets.first().and_then(|s| s.try_clone().ok()) {
+            *self.control.lock().unwrap_or_else(|e| e.into_inner()) = first;
+        }
+        *self.sockets.lock().unwrap_or_else(|e| e.into_inner()) = sockets;
+        *self.port.lock().unwrap_or_else(|e| e.into_inner()) = p;
         Ok(())
     }
 }
@@ -147,21 +186,23 @@ impl Drop for Server {
     }
 }
 
+/// A listening socket, or the path of one another process serves.
+enum Listening {
+    Yes(UnixListener, PathBuf),
+    InUse(PathBuf),
+}
+
 /// The listening socket for interface `iface` in `dir`: created 0700
 /// (the mode is set on the socket before it is bound, so it never exists
-/// with another); a stale socket nobody answers on is replaced, a live
-/// one is an error.
-fn listen(dir: &std::path::Path, iface: &str) -> Result<(UnixListener, PathBuf)> {
+/// with another); a stale socket nobody answers on is replaced.
+fn listen(dir: &std::path::Path, iface: &str) -> Result<Listening> {
     use nix::sys::socket::{AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
     let path = dir.join(format!("{iface}.sock"));
     let what = |op: &str| format!("{op} the WireGuard API socket {}", path.display());
     std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
     if path.exists() {
         if UnixStream::connect(&path).is_ok() {
-            return Err(Error::config(format!(
-                "{} is in use: another WireGuard implementation serves {iface}",
-                path.display()
-            )));
+            return Ok(Listening::InUse(path));
         }
         std::fs::remove_file(&path).map_err(|e| Error::io(what("remove the stale"), e))?;
     }
@@ -187,16 +228,37 @@ fn listen(dir: &std::path::Path, iface: &str) -> Result<(UnixListener, PathBuf)>
     listener
         .set_nonblocking(true)
         .map_err(|e| Error::io(what("configure"), e))?;
-    Ok((listener, path))
+    Ok(Listening::Yes(listener, path))
 }
 
-/// Serves `state` for interface `iface` until stopped.
-pub(super) fn serve(iface: &str, state: Arc<State>) -> Result<Server> {
-    serve_in(std::path::Path::new(SOCKET_DIR), iface, state)
+/// Serves `state` for interface `iface` until stopped. If another process
+/// serves the name already (an interface of that name in another network
+/// namespace: the directory is the host's), that is an error if
+/// `required`, else one log line and no server.
+pub(super) fn serve(iface: &str, state: Arc<State>, required: bool) -> Result<Option<Server>> {
+    serve_in(std::path::Path::new(SOCKET_DIR), iface, state, required)
 }
 
-fn serve_in(dir: &std::path::Path, iface: &str, state: Arc<State>) -> Result<Server> {
-    let (listener, path) = listen(dir, iface)?;
+fn serve_in(
+    dir: &std::path::Path,
+    iface: &str,
+    state: Arc<State>,
+    required: bool,
+) -> Result<Option<Server>> {
+    let (listener, path) = match listen(dir, iface)? {
+        Listening::Yes(l, p) => (l, p),
+        Listening::InUse(path) => {
+            let what = format!(
+                "{} is in use: another WireGuard implementation serves the name {iface}",
+                path.display()
+            );
+            if required {
+                return Err(Error::config(what));
+            }
+            crate::info!("{what}; wg cannot reach this tunnel (its file configures it)");
+            return Ok(None);
+        }
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let thread = {
         let stop = stop.clone();
@@ -205,11 +267,11 @@ fn serve_in(dir: &std::path::Path, iface: &str, state: Arc<State>) -> Result<Ser
             .spawn(move || accept_loop(&listener, &state, &stop))
             .map_err(|e| Error::io("spawn the WireGuard API thread", e))?
     };
-    Ok(Server {
+    Ok(Some(Server {
         path,
         stop,
         thread: Some(thread),
-    })
+    }))
 }
 
 /// The connections being served, oldest first, by number.

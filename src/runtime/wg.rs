@@ -6,8 +6,8 @@
 use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -39,6 +39,12 @@ fn resolve(s: &str) -> std::result::Result<SocketAddr, String> {
 pub(super) fn load(cfg: &TunnelConfig) -> Result<Option<Loaded>> {
     let Mode::WireGuard { config, .. } = &cfg.mode else {
         return Ok(None);
+    };
+    // No file: an interface for `wg` to configure.
+    let Some(config) = config else {
+        let conf = WgConf::empty();
+        let table = table_for(&conf, cfg.engine.queues, None).map_err(Error::config)?;
+        return Ok(Some(Loaded { conf, table }));
     };
     let at = |e: String| Error::config(format!("WireGuard config {}: {e}", config.display()));
     let text = read_private(config)?;
@@ -143,7 +149,6 @@ impl Loaded {
 /// reads and changes.
 pub(super) struct Wg {
     pub(super) dev: Arc<Device>,
-    control: UdpSocket,
     state: Arc<super::uapi::State>,
 }
 
@@ -155,6 +160,7 @@ pub(super) fn device(
     sockets: &[UdpSocket],
     shared: &Arc<SharedPeers>,
     workers: usize,
+    events: &crossbeam::channel::Sender<super::Event>,
 ) -> Result<Option<Wg>> {
     let (Some(conf), Some(first)) = (conf, sockets.first()) else {
         return Ok(None);
@@ -182,22 +188,27 @@ pub(super) fn device(
         dev: dev.clone(),
         shared: shared.clone(),
         workers,
-        sockets,
-        port: local.port(),
-        conf: std::sync::Mutex::new(conf.clone()),
+        sockets: Mutex::new(sockets),
+        control: Arc::new(Mutex::new(control)),
+        port: Mutex::new(local.port()),
+        conf: Mutex::new(conf.clone()),
+        events: events.clone(),
     });
-    Ok(Some(Wg {
-        dev,
-        control,
-        state,
-    }))
+    Ok(Some(Wg { dev, state }))
 }
 
 /// Serves WireGuard's userspace API for interface `iface`, if there is a
-/// WireGuard device.
-pub(super) fn serve(wg: Option<&Wg>, iface: &str) -> Result<Option<super::uapi::Server>> {
-    wg.map(|w| super::uapi::serve(iface, w.state.clone()))
-        .transpose()
+/// WireGuard device; required (an error if the name is served already)
+/// when no file configures it (`required`).
+pub(super) fn serve(
+    wg: Option<&Wg>,
+    iface: &str,
+    required: bool,
+) -> Result<Option<super::uapi::Server>> {
+    match wg {
+        Some(w) => super::uapi::serve(iface, w.state.clone(), required),
+        None => Ok(None),
+    }
 }
 
 /// Starts the control thread of `wg`, if there is one, counting into
@@ -208,21 +219,23 @@ pub(super) fn control(
     stop: &Arc<AtomicBool>,
 ) -> Result<Option<thread::JoinHandle<()>>> {
     wg.map(|w| {
-        let sock = w
-            .control
-            .try_clone()
-            .map_err(|e| Error::io("duplicate the UDP socket for WireGuard", e))?;
-        spawn_control(w.dev.clone(), sock, stats.clone(), stop.clone())
+        spawn_control(
+            w.dev.clone(),
+            w.state.control.clone(),
+            stats.clone(),
+            stop.clone(),
+        )
     })
     .transpose()
 }
 
 /// Runs the control thread until `stop`: handshake messages the workers
 /// queued, and the timers every [`TICK`]; what they return is sent on
-/// `socket` (a clone of the first worker's), counted in `stats`.
+/// `socket` (a clone of the first worker's, replaced when the workers
+/// move to another port), counted in `stats`.
 fn spawn_control(
     dev: Arc<Device>,
-    socket: UdpSocket,
+    socket: Arc<Mutex<UdpSocket>>,
     stats: Arc<WorkerStats>,
     stop: Arc<AtomicBool>,
 ) -> Result<thread::JoinHandle<()>> {
@@ -232,7 +245,11 @@ fn spawn_control(
             // Room for any message: packets that waited for a handshake
             // are sealed here too.
             let mut out = vec![0u8; 65536 + 64];
-            let send = |d: &[u8], to: SocketAddr| match socket.send_to(d, to) {
+            let send = |d: &[u8], to: SocketAddr| match socket
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .send_to(d, to)
+            {
                 Ok(_) => {
                     stats.wg_control_sent.add(1);
                     if d.len() == crate::wg::device::COOKIE_REPLY_LEN {

@@ -14,12 +14,27 @@ use crate::types::Prefix;
 /// An interface and its peers, as the file says.
 #[derive(Clone, Debug)]
 pub struct WgConf {
-    pub private_key: Secret,
+    /// None: no key yet (an interface `wg` has not configured); it
+    /// neither sends nor accepts anything. A file must give one.
+    pub private_key: Option<Secret>,
     /// `None`: a port the kernel picks.
     pub listen_port: Option<u16>,
     /// `None`: off.
     pub fwmark: Option<u32>,
     pub peers: Vec<WgPeer>,
+}
+
+impl WgConf {
+    /// An interface with nothing set: no key, a port the kernel picks, no
+    /// peers (`wg` configures it).
+    pub fn empty() -> WgConf {
+        WgConf {
+            private_key: None,
+            listen_port: None,
+            fwmark: None,
+            peers: Vec::new(),
+        }
+    }
 }
 
 /// One `[Peer]` section.
@@ -151,7 +166,7 @@ pub fn parse(
         done.push(peer);
     }
     Ok(WgConf {
-        private_key,
+        private_key: Some(private_key),
         listen_port: listen_port.filter(|&p| p != 0),
         fwmark,
         peers: done,
@@ -314,7 +329,10 @@ mod tests {
             b.public_key()
         );
         let c = parse(&text, endpoint).unwrap();
-        assert_eq!(c.private_key.public_key(), own.public_key());
+        assert_eq!(
+            c.private_key.as_ref().unwrap().public_key(),
+            own.public_key()
+        );
         assert_eq!((c.listen_port, c.fwmark), (Some(51820), Some(0x1234)));
         assert_eq!(c.peers.len(), 2);
         let p = &c.peers[0];

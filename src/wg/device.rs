@@ -82,7 +82,9 @@ struct PeerState {
 /// `PeerId` i of the peer table built with it. What the datapath seals and
 /// opens with; see the module docs.
 pub struct PeerSet {
-    identity: Arc<Identity>,
+    /// None: no private key yet, and so no peers (the table's peers route
+    /// to nobody: packets are dropped as `no_route`).
+    identity: Option<Arc<Identity>>,
     peers: Vec<Arc<Peer>>,
     by_key: HashMap<PublicKey, PeerId>,
     by_slot: HashMap<u32, PeerId>,
@@ -175,7 +177,10 @@ impl Device {
     pub fn new(conf: &WgConf) -> Result<Device, String> {
         let handshakes = crossbeam::channel::bounded(HANDSHAKE_BACKLOG);
         let empty = PeerSet {
-            identity: Arc::new(Identity::new(&conf.private_key)),
+            identity: conf
+                .private_key
+                .as_ref()
+                .map(|k| Arc::new(Identity::new(k))),
             peers: Vec::new(),
             by_key: HashMap::new(),
             by_slot: HashMap::new(),
@@ -212,15 +217,17 @@ impl Device {
     ) -> Result<Arc<PeerSet>, String> {
         let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
         let old = current.clone();
-        let same_identity = old.identity.key == conf.private_key;
+        let same_identity = old.identity.as_ref().map(|i| &i.key) == conf.private_key.as_ref();
         let identity = if same_identity {
             old.identity.clone()
         } else {
-            Arc::new(Identity::new(&conf.private_key))
+            conf.private_key
+                .as_ref()
+                .map(|k| Arc::new(Identity::new(k)))
         };
         let mut next_slot = self.next_slot.lock().unwrap_or_else(|e| e.into_inner());
         let mut peers = Vec::with_capacity(conf.peers.len());
-        for p in &conf.peers {
+        for p in conf.peers.iter().filter(|_| identity.is_some()) {
             let before = old.find(&p.public_key).map(|id| &old.peers[id as usize]);
             let kept = before.filter(|b| {
                 same_identity
@@ -246,7 +253,8 @@ impl Device {
                     } else {
                         before.and_then(|b| b.state.lock().ok()?.endpoint)
                     };
-                    Arc::new(new_peer(&identity, p, slot, endpoint))
+                    let Some(me) = &identity else { break };
+                    Arc::new(new_peer(me, p, slot, endpoint))
                 }
             };
             peers.push(peer);
@@ -352,7 +360,9 @@ impl Device {
         mut send: impl FnMut(&[u8], SocketAddr),
     ) -> Option<DropReason> {
         let set = self.current();
-        let me = &set.identity;
+        let Some(me) = &set.identity else {
+            return Some(DropReason::NotFromPeer);
+        };
         let bytes = msg.bytes();
         let id = match me.limiter.verify_packet(Some(msg.src.ip()), bytes, out) {
             Err(TunnResult::WriteToNetwork(cookie)) => {
@@ -412,7 +422,9 @@ impl Device {
     /// gets each datagram and where.
     pub fn tick(&self, out: &mut [u8], mut send: impl FnMut(&[u8], SocketAddr)) {
         let set = self.current();
-        set.identity.limiter.reset_count();
+        if let Some(me) = &set.identity {
+            me.limiter.reset_count();
+        }
         for peer in &set.peers {
             let Ok(mut st) = peer.state.lock() else {
                 continue;
@@ -737,7 +749,7 @@ mod tests {
     fn a_change_of_peers_keeps_the_sessions_of_peers_left_alone() {
         let (a, b) = pair();
         let data = session(&a, &b);
-        let a_key = a.current().identity.key.public_key();
+        let a_key = a.current().identity.as_ref().unwrap().key.public_key();
         let b_conf = |keepalive: Option<u16>, extra: bool| {
             let mut peers = vec![WgPeer {
                 public_key: a_key,
@@ -754,7 +766,7 @@ mod tests {
                 peers.insert(0, other);
             }
             WgConf {
-                private_key: b.current().identity.key.clone(),
+                private_key: Some(b.current().identity.as_ref().unwrap().key.clone()),
                 listen_port: None,
                 fwmark: None,
                 peers,

@@ -102,7 +102,7 @@ pub fn apply_set(current: &WgConf, lines: &[&str]) -> Result<Change, Refused> {
             let k = hex32(value)
                 .map(PublicKey)
                 .ok_or_else(|| refuse(EINVAL, "public_key: not 64 hex digits"))?;
-            if k == conf.private_key.public_key() {
+            if conf.private_key.as_ref().map(Secret::public_key) == Some(k) {
                 peer = Some(None);
                 continue;
             }
@@ -128,13 +128,8 @@ pub fn apply_set(current: &WgConf, lines: &[&str]) -> Result<Change, Refused> {
                 "private_key" => {
                     let k = hex32(value)
                         .ok_or_else(|| refuse(EINVAL, "private_key: not 64 hex digits"))?;
-                    if k == [0; 32] {
-                        return Err(refuse(
-                            EINVAL,
-                            "private_key: removing the key is not supported (tunfwd needs one)",
-                        ));
-                    }
-                    conf.private_key = Secret::from_bytes(k);
+                    // All zeros: no key (the interface goes quiet).
+                    conf.private_key = (k != [0; 32]).then(|| Secret::from_bytes(k));
                 }
                 "listen_port" => {
                     let p = value
@@ -250,7 +245,9 @@ pub struct PeerReport {
 /// with its report.
 pub fn format_get(conf: &WgConf, listen_port: u16, reports: &[PeerReport]) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "private_key={}", hex(conf.private_key.bytes()));
+    if let Some(k) = &conf.private_key {
+        let _ = writeln!(s, "private_key={}", hex(k.bytes()));
+    }
     if listen_port != 0 {
         let _ = writeln!(s, "listen_port={listen_port}");
     }
@@ -300,7 +297,7 @@ mod tests {
 
     fn empty() -> WgConf {
         WgConf {
-            private_key: key().0,
+            private_key: Some(key().0),
             listen_port: Some(51820),
             fwmark: None,
             peers: Vec::new(),
@@ -361,7 +358,7 @@ mod tests {
         assert_eq!(c3.conf.peers.len(), 1);
         assert_eq!(ips(&c3, 0), ["198.19.5.0/24"]);
         // replace_peers empties; our own key is ignored.
-        let own = c3.conf.private_key.public_key();
+        let own = c3.conf.private_key.as_ref().unwrap().public_key();
         let c4 = set(
             &c3.conf,
             &format!(
@@ -382,7 +379,6 @@ mod tests {
             ("nonsense=1".to_string(), EINVAL),
             ("listen_port=65536".to_string(), EINVAL),
             ("private_key=00".to_string(), EINVAL),
-            (format!("private_key={}", hex(&[0; 32])), EINVAL),
             (format!("public_key={a}\nallowed_ip=198.19.0.0/33"), EINVAL),
             (format!("public_key={a}\nendpoint=nowhere"), EINVAL),
             (format!("public_key={a}\nremove=yes"), EINVAL),
@@ -423,7 +419,7 @@ mod tests {
              endpoint=[2001:db8::2]:51820\nlast_handshake_time_sec=1700000000\n\
              last_handshake_time_nsec=123456789\ntx_bytes=20\nrx_bytes=10\n\
              persistent_keepalive_interval=0\nallowed_ip=198.19.0.0/24\n",
-            hex(conf.private_key.bytes()),
+            hex(conf.private_key.as_ref().unwrap().bytes()),
             hex(&a.0),
             hex(psk.bytes())
         );
