@@ -130,3 +130,4 @@ pub mod stats;
 mod sys;
 pub mod types;
 pub mod wg;
+pub mod wg_quick;

@@ -1326,7 +1326,8 @@ fn scrape(ns: &Netns, at: SocketAddr) -> String {
 /// against `/metrics` after a verified transfer.
 #[test]
 fn wg_drives_tunfwd_through_the_userspace_api() {
-    if !can_run_kernel_tests("wg_drives_tunfwd_through_the_userspace_api") {
+    let test = "wg_drives_tunfwd_through_the_userspace_api";
+    if !can_run_kernel_tests(test) || !have_tools(test, WG_TOOLS) {
         return;
     }
     let engine = engines("wg_drives_tunfwd_through_the_userspace_api")[0];
@@ -1771,10 +1772,186 @@ fn syncconf_and_hostile_clients(engine: &str) {
 
 #[test]
 fn syncconf_and_hostile_api_clients_during_a_transfer() {
-    if !can_run_kernel_tests("syncconf_and_hostile_api_clients_during_a_transfer") {
+    let test = "syncconf_and_hostile_api_clients_during_a_transfer";
+    if !can_run_kernel_tests(test) || !have_tools(test, WG_TOOLS) {
         return;
     }
     for engine in engines("syncconf_and_hostile_api_clients_during_a_transfer") {
         syncconf_and_hostile_clients(engine);
+    }
+}
+
+/// The pid of the process running `tunfwd-wg IFACE`.
+fn tunfwd_wg_pid(iface: &str) -> Option<i32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+        let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
+        let is = args.first()?.ends_with(b"tunfwd-wg") && args.get(1) == Some(&iface.as_bytes());
+        is.then_some(pid)
+    })
+}
+
+/// `wg-quick up`, then `down`, of an ordinary wg-quick file in namespace
+/// a with `WG_QUICK_USERSPACE_IMPLEMENTATION=tunfwd-wg` (engine through
+/// `TUNFWD_WG_FLAGS`), against wireguard-go in b configured by `wg`. b's
+/// endpoint is reached through a's default route, so with `AllowedIPs =
+/// 0.0.0.0/0, ::/0` (`default_route`) only the fwmark wg-quick sets keeps
+/// the tunnel's own datagrams out of it. Ping IPv4 and IPv6, verified TCP;
+/// after `down` no device, no socket, and the daemon exited with 0.
+fn wg_quick(engine: &str, default_route: bool) {
+    let what = format!("{engine}, default route {default_route}");
+    let topo = Topology::new();
+    let dir = Dir::new("quick");
+    // b's endpoint address is off a's link: a reaches it by its default
+    // route.
+    const ENDPOINT_B: &str = "198.18.1.2";
+    topo.b
+        .ip(&["addr", "add", &format!("{ENDPOINT_B}/32"), "dev", "veth0"]);
+    topo.a.ip(&["route", "add", "default", "via", UNDERLAY_B]);
+    topo.a.ip(&["link", "set", "lo", "up"]);
+    let (a_private, a_public) = keypair();
+    let (b_private, b_public) = keypair();
+    let b_conf = private_file(
+        &dir.0,
+        "b.conf",
+        &wg_conf(
+            &b_private,
+            &a_public,
+            None,
+            &format!("{OVERLAY_A}/32, {OVERLAY6_A}/128"),
+        ),
+    );
+    let go = WireguardGo::start(
+        &topo.b,
+        &b_conf,
+        &[&format!("{OVERLAY_B}/24"), &format!("{OVERLAY6_B}/64")],
+    );
+    let dev = iface(&format!("q{}{}", &engine[..1], u8::from(default_route)));
+    let allowed = if default_route {
+        "0.0.0.0/0, ::/0".to_string()
+    } else {
+        format!("{OVERLAY_B}/32, {OVERLAY6_B}/128")
+    };
+    let d = dir.0.display();
+    let file = private_file(
+        &dir.0,
+        &format!("{dev}.conf"),
+        &format!(
+            "[Interface]\nAddress = {OVERLAY_A}/24, {OVERLAY6_A}/64\nPrivateKey = {a_private}\n\
+             ListenPort = {WG_PORT}\nMTU = 1420\nPostUp = touch {d}/up-%i\nPostDown = touch {d}/down-%i\n\n\
+             [Peer]\nPublicKey = {b_public}\nEndpoint = {ENDPOINT_B}:{WG_PORT}\nAllowedIPs = {allowed}\n\
+             PersistentKeepalive = 25\n"
+        ),
+    );
+    let quick = |verb: &str| {
+        let out = topo
+            .a
+            .command(&["wg-quick", verb, file.to_str().unwrap()])
+            .env(
+                "WG_QUICK_USERSPACE_IMPLEMENTATION",
+                env!("CARGO_BIN_EXE_tunfwd-wg"),
+            )
+            .env("TUNFWD_WG_FLAGS", format!("--engine {engine}"))
+            .env("TUNFWD_WG_LOG", dir.0.join("log"))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{what}: wg-quick {verb}: {text}");
+        text
+    };
+    // Orphans come to this process, so the daemon's exit can be read.
+    nix::sys::prctl::set_child_subreaper(true).unwrap();
+    let up = quick("up");
+    assert!(up.contains(&format!("tunfwd-wg {dev}")), "{what}: {up}");
+    let sock = format!("/var/run/wireguard/{dev}.sock");
+    assert!(std::path::Path::new(&sock).exists(), "{what}: {sock}");
+    let pid = tunfwd_wg_pid(&dev).expect("the tunfwd-wg daemon");
+    assert!(
+        dir.0.join(format!("up-{dev}")).exists(),
+        "{what}: PostUp ran"
+    );
+
+    assert!(topo.a.ping(OVERLAY_B), "{what}: ping");
+    assert!(topo.a.ping(OVERLAY6_B), "{what}: ping IPv6");
+    let dst: SocketAddr = format!("{OVERLAY_B}:7400").parse().unwrap();
+    verified_tcp_transfer(&topo.a, &topo.b, dst, 8 << 20);
+    let show = wg(&topo.a, &["show", &dev]);
+    assert!(
+        show.contains(&format!("peer: {b_public}")) && show.contains("latest handshake"),
+        "{what}: {show}"
+    );
+    if default_route {
+        // wg-quick's mark is on tunfwd's sockets, and the endpoint is
+        // reached outside the tunnel because of it.
+        assert_eq!(wg(&topo.a, &["show", &dev, "fwmark"]).trim(), "0xca6c");
+        let ss =
+            String::from_utf8(topo.a.command(&["ss", "-uaen"]).output().unwrap().stdout).unwrap();
+        assert!(ss.contains("fwmark:0xca6c"), "{what}: {ss}");
+        let rules =
+            String::from_utf8(topo.a.command(&["ip", "rule"]).output().unwrap().stdout).unwrap();
+        assert!(
+            rules.contains("not from all fwmark 0xca6c"),
+            "{what}: {rules}"
+        );
+    }
+    let transfer = go.show(&topo.b, "transfer");
+    assert!(transfer.contains(&a_public), "{what}: {transfer}");
+
+    quick("down");
+    assert!(!topo.a.has_link(&dev), "{what}: the device is gone");
+    assert!(
+        dir.0.join(format!("down-{dev}")).exists(),
+        "{what}: PostDown ran"
+    );
+    // The daemon exits by itself, cleanly, removing its socket.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+        match waitpid(nix::unistd::Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => {}
+            Ok(s) => break s,
+            Err(e) => panic!("{what}: wait for the daemon {pid}: {e}"),
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: the daemon {pid} did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(
+        status,
+        nix::sys::wait::WaitStatus::Exited(nix::unistd::Pid::from_raw(pid), 0),
+        "{what}"
+    );
+    assert!(tunfwd_wg_pid(&dev).is_none(), "{what}: no process left");
+    assert!(
+        !std::path::Path::new(&sock).exists(),
+        "{what}: the socket is gone"
+    );
+    let log = std::fs::read_to_string(dir.0.join("log")).unwrap();
+    assert!(
+        log.contains(&format!("{dev} was deleted: stopped")),
+        "{what}: {log}"
+    );
+    assert!(!log.contains(&a_private), "no key in the log");
+    eprintln!("{what}: wg-quick up:\n{up}");
+}
+
+#[test]
+fn wg_quick_runs_tunfwd_wg() {
+    let test = "wg_quick_runs_tunfwd_wg";
+    let tools = [
+        WG_TOOLS,
+        &[("wg-quick", "wireguard-tools"), ("nft", "nftables")],
+    ]
+    .concat();
+    if !can_run_kernel_tests(test) || !have_tools(test, &tools) {
+        return;
+    }
+    for engine in engines(test) {
+        for default_route in [false, true] {
+            wg_quick(engine, default_route);
+        }
     }
 }

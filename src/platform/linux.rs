@@ -120,6 +120,11 @@ pub fn set_parent_death_signal() -> io::Result<()> {
     nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).map_err(Into::into)
 }
 
+/// A close-on-exec, blocking pipe: (read end, write end).
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(Into::into)
+}
+
 /// A close-on-exec, nonblocking pipe: (read end, write end).
 pub fn nonblocking_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK).map_err(Into::into)

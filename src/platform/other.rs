@@ -118,6 +118,15 @@ pub fn nonblocking_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok((rx, tx))
 }
 
+/// A close-on-exec, blocking pipe: (read end, write end).
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let (rx, tx) = nix::unistd::pipe()?;
+    for fd in [&rx, &tx] {
+        fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))?;
+    }
+    Ok((rx, tx))
+}
+
 /// `--user` is Linux-only here (config validation rejects it first).
 pub fn drop_privileges(_spec: &crate::types::UserSpec) -> crate::error::Result<()> {
     Err(crate::error::Error::config("--user needs Linux"))

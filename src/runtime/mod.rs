@@ -185,6 +185,13 @@ fn set_socket_buffers(
 /// Runs `tunfwd tunnel` until SIGINT/SIGTERM (Ok) or a worker fails (Err).
 /// The summary is printed in both cases.
 pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
+    run_tunnel_then(cfg, || {})
+}
+
+/// [`run_tunnel`], calling `up` once the tunnel is up (the device, its
+/// workers, and with WireGuard the API socket all exist): `tunfwd-wg`
+/// returns to wg-quick then.
+pub fn run_tunnel_then(cfg: &TunnelConfig, up: impl FnOnce()) -> Result<()> {
     cfg.validate()?;
     enter_process_context(cfg)?;
     // The peers (and the files) before anything is created: a bad one
@@ -281,6 +288,7 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
         engine.name(),
         describe_path(cfg, &peers),
     );
+    up();
 
     let mut reporter = Reporter::new(
         sources.clone(),

@@ -13,3 +13,27 @@ pub use linux::*;
 mod macos;
 #[cfg(target_os = "macos")]
 pub use macos::*;
+
+/// Forks: Ok(None) in the child, Ok(Some(child)) in the parent. Only for a
+/// process that has started no thread (the child would hold a copy of
+/// memory whose locks other threads might have held): refused otherwise,
+/// where the thread count can be read (Linux).
+#[allow(unsafe_code)]
+pub fn fork_before_threads() -> std::io::Result<Option<nix::unistd::Pid>> {
+    #[cfg(target_os = "linux")]
+    {
+        let threads = std::fs::read_dir("/proc/self/task")?.count();
+        if threads != 1 {
+            return Err(std::io::Error::other(format!(
+                "fork with {threads} threads running"
+            )));
+        }
+    }
+    // SAFETY: the process has one thread (checked above on Linux; on other
+    // systems the one caller, `tunfwd-wg`, forks as its first step), so the
+    // child's copy of memory holds no lock of a thread it lacks.
+    match unsafe { nix::unistd::fork() }.map_err(std::io::Error::from)? {
+        nix::unistd::ForkResult::Child => Ok(None),
+        nix::unistd::ForkResult::Parent { child } => Ok(Some(child)),
+    }
+}
