@@ -1616,6 +1616,27 @@ fn wg_drives_tunfwd_through_the_userspace_api() {
     assert_eq!(d.peers[&c.b_public][4], before, "b's session untouched");
     assert!(topo.a.ping(OVERLAY_B), "ping after syncconf");
 
+    // SIGHUP: the file read again, as wg syncconf would apply it (b's
+    // session untouched); a file with an error changes nothing.
+    let pid = nix::unistd::Pid::from_raw(a.child.id() as i32);
+    let (_, w) = keypair();
+    std::fs::write(&c.a, base.clone() + &extra(&w, "198.19.22.0/24")).unwrap();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    a.wait_for_stderr("WireGuard config reloaded from");
+    let d = dump(&topo.a, &dev_a);
+    let mut want = vec![c.b_public.clone(), w.clone()];
+    want.sort();
+    assert_eq!(keys(&d), want);
+    assert_eq!(
+        d.peers[&c.b_public][4], before,
+        "b's session untouched by the reload"
+    );
+    std::fs::write(&c.a, base.clone() + &extra(&w, &format!("{OVERLAY_B}/32"))).unwrap();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    a.wait_for_stderr("WireGuard reload refused, nothing changed");
+    assert_eq!(keys(&dump(&topo.a, &dev_a)), want);
+    assert!(topo.a.ping(OVERLAY_B), "ping after the reloads");
+
     assert!(a.terminate().success());
     assert!(b.terminate().success());
     assert!(

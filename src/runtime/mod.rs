@@ -78,7 +78,7 @@ fn peer_table(cfg: &TunnelConfig, old: Option<&PeerTable>) -> Result<PeerTable> 
 /// the old one and says why in one line.
 fn reload_peers(cfg: &TunnelConfig, shared: &SharedPeers) {
     if cfg.mode.is_wireguard() {
-        crate::info!("SIGHUP: the WireGuard config is read at start only (yet); peers unchanged");
+        crate::info!("SIGHUP: WireGuard is reloaded once the tunnel is up");
         return;
     }
     let Some(path) = &cfg.peers.file else {
@@ -295,7 +295,11 @@ pub fn run_tunnel_then(cfg: &TunnelConfig, up: impl FnOnce()) -> Result<()> {
         cfg.service.stats_format,
         cfg.service.stats_peers,
     );
-    run_until_stopped(cfg, &events, &peers, &mut reporter, |port| {
+    let mut reload = || match &wg {
+        Some(w) => wg::reload(w, cfg),
+        None => reload_peers(cfg, &peers),
+    };
+    run_until_stopped(cfg, &events, &mut reload, &mut reporter, |port| {
         restart.rebind(port, &mut workers, &events)
     });
 
@@ -703,7 +707,7 @@ fn describe_path(cfg: &TunnelConfig, peers: &SharedPeers) -> String {
 fn run_until_stopped(
     cfg: &TunnelConfig,
     events: &Receiver<Event>,
-    peers: &SharedPeers,
+    reload: &mut dyn FnMut(),
     reporter: &mut Reporter,
     mut rebind: impl FnMut(u16) -> (std::result::Result<Vec<UdpSocket>, String>, bool),
 ) {
@@ -715,7 +719,7 @@ fn run_until_stopped(
     loop {
         channel::select! {
             recv(events) -> ev => match ev {
-                Ok(Event::Signal(Signal::SIGHUP)) => reload_peers(cfg, peers),
+                Ok(Event::Signal(Signal::SIGHUP)) => reload(),
                 Ok(Event::Signal(sig)) => {
                     crate::info!("{} received, stopping", sig.as_str());
                     return;

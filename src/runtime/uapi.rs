@@ -130,6 +130,47 @@ impl State {
 }
 
 impl State {
+    /// Makes `new` (a file read again) the configuration, as `wg syncconf`
+    /// would; its peers' count, or why nothing changed. A new ListenPort
+    /// is refused here (the caller is the thread that would restart the
+    /// workers): `wg set DEV listen-port` moves it.
+    pub(super) fn sync(&self, new: WgConf) -> std::result::Result<usize, String> {
+        let mut conf = self.conf.lock().unwrap_or_else(|e| e.into_inner());
+        let port = *self.port.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = new.listen_port.filter(|&p| p != port) {
+            return Err(format!(
+                "ListenPort {p} is not the port in use ({port}): use `wg set` to move it, or restart"
+            ));
+        }
+        if new.fwmark != conf.fwmark {
+            for s in self
+                .sockets
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+            {
+                crate::platform::set_mark(s, new.fwmark.unwrap_or(0))
+                    .map_err(|e| format!("FwMark: {e}"))?;
+            }
+        }
+        let given: std::collections::HashSet<_> = new
+            .peers
+            .iter()
+            .filter(|p| p.endpoint.is_some())
+            .map(|p| p.public_key)
+            .collect();
+        super::wg::publish(
+            &self.dev,
+            &new,
+            |k| given.contains(k),
+            &self.shared,
+            self.workers,
+        )?;
+        let n = new.peers.len();
+        *conf = new;
+        Ok(n)
+    }
+
     /// Has the runtime restart the workers on port `p`, and takes the new
     /// sockets; Err: nothing changed (the port is taken, or the tunnel is
     /// stopping).

@@ -46,6 +46,14 @@ pub(super) fn load(cfg: &TunnelConfig) -> Result<Option<Loaded>> {
         let table = table_for(&conf, cfg.engine.queues, None).map_err(Error::config)?;
         return Ok(Some(Loaded { conf, table }));
     };
+    let conf = read_file(config)?;
+    let at = |e: String| Error::config(format!("WireGuard config {}: {e}", config.display()));
+    let table = table_for(&conf, cfg.engine.queues, None).map_err(at)?;
+    Ok(Some(Loaded { conf, table }))
+}
+
+/// Reads and checks the WireGuard file at `config`.
+fn read_file(config: &Path) -> Result<WgConf> {
     let at = |e: String| Error::config(format!("WireGuard config {}: {e}", config.display()));
     let text = read_private(config)?;
     let conf = crate::wg::conf::parse(&text, resolve).map_err(at)?;
@@ -65,8 +73,35 @@ pub(super) fn load(cfg: &TunnelConfig) -> Result<Option<Loaded>> {
             }
         }
     }
-    let table = table_for(&conf, cfg.engine.queues, None).map_err(at)?;
-    Ok(Some(Loaded { conf, table }))
+    Ok(conf)
+}
+
+/// SIGHUP with WireGuard: the file read again and applied as `wg
+/// syncconf` would (peers left alone keep their sessions; endpoints the
+/// file gives are set), or nothing changed and one line says why.
+pub(super) fn reload(wg: &Wg, cfg: &TunnelConfig) {
+    let Mode::WireGuard {
+        config: Some(path),
+        listen_from_file,
+    } = &cfg.mode
+    else {
+        crate::info!("SIGHUP: no WireGuard file (wg configures this tunnel); nothing reloaded");
+        return;
+    };
+    let read = read_file(path).map(|mut conf| {
+        // --listen, not the file, names the port.
+        if !listen_from_file {
+            conf.listen_port = None;
+        }
+        conf
+    });
+    match read.and_then(|conf| wg.state.sync(conf).map_err(Error::config)) {
+        Ok(peers) => crate::info!(
+            "WireGuard config reloaded from {}: {peers} peers",
+            path.display()
+        ),
+        Err(e) => crate::info!("WireGuard reload refused, nothing changed: {e}"),
+    }
 }
 
 /// The peer table of `conf`'s peers, in order (peer `i` is `PeerId` i,
