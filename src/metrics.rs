@@ -623,7 +623,10 @@ fn render_peers(src: &Sources, o: &mut Out) {
     if table.is_single() {
         return;
     }
-    let snaps: Vec<(String, crate::peers::PeerSnapshot)> = table.top(METRICS_PEERS);
+    let now_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let snaps: Vec<(String, crate::peers::PeerSnapshot)> = table.top(METRICS_PEERS, now_ns);
     type PeerField = fn(&crate::peers::PeerSnapshot) -> u64;
     let per_peer: [(&str, &str, PeerField, PeerField); 2] = [
         (
@@ -672,6 +675,41 @@ fn render_peers(src: &Sources, o: &mut Out) {
                 &[("peer", peer)],
                 format!("{:.3}", s.last_rx_ns as f64 / 1e9),
             );
+        }
+    }
+    // WireGuard: each peer's endpoint and latest handshake.
+    let sessions: Vec<_> = snaps
+        .iter()
+        .filter_map(|(peer, s)| Some((peer, s.session?)))
+        .collect();
+    if !sessions.is_empty() {
+        o.family(
+            "tunfwd_peer_endpoint_info",
+            "gauge",
+            "A WireGuard peer's current endpoint (its latest authenticated datagram's source), as a label; 1.",
+        );
+        for (peer, s) in &sessions {
+            if let Some(e) = s.endpoint {
+                o.sample(
+                    "tunfwd_peer_endpoint_info",
+                    &[("peer", peer), ("endpoint", &e.to_string())],
+                    1,
+                );
+            }
+        }
+        o.family(
+            "tunfwd_peer_last_handshake_timestamp_seconds",
+            "gauge",
+            "When a WireGuard peer's latest handshake completed, in seconds since the Unix epoch (peers with one).",
+        );
+        for (peer, s) in &sessions {
+            if s.handshake_ns > 0 {
+                o.sample(
+                    "tunfwd_peer_last_handshake_timestamp_seconds",
+                    &[("peer", peer)],
+                    format!("{:.3}", s.handshake_ns as f64 / 1e9),
+                );
+            }
         }
     }
 }

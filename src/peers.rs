@@ -429,6 +429,26 @@ pub struct PeerSnapshot {
     pub rx_bytes: u64,
     pub last_rx_ns: u64,
     pub drops: [u64; DropReason::COUNT],
+    /// A way with sessions (WireGuard): the peer's current endpoint and
+    /// its latest handshake (ns since the Unix epoch, 0 if none).
+    pub session: Option<Session>,
+}
+
+/// What a way with sessions knows of a peer ([`Attachment::session`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Session {
+    pub endpoint: Option<SocketAddr>,
+    pub handshake_ns: u64,
+}
+
+/// Per-peer state an encapsulation keeps for a table's peer numbers
+/// ([`PeerTable::attach`]): what it is, for the datapath to take back
+/// ([`PeerTable::attached`]), and what reports say of each peer.
+pub trait Attachment: std::any::Any + Send + Sync {
+    /// Itself, as the type it is.
+    fn as_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync>;
+    /// Peer `id`'s session facts, at `now_ns`.
+    fn session(&self, id: PeerId, now_ns: u64) -> Option<Session>;
 }
 
 impl PeerSnapshot {
@@ -445,7 +465,7 @@ impl PeerSnapshot {
     pub fn to_json(&self, now_ns: u64) -> serde_json::Value {
         let ago =
             (self.last_rx_ns > 0).then(|| now_ns.saturating_sub(self.last_rx_ns) as f64 / 1e9);
-        serde_json::json!({
+        let mut v = serde_json::json!({
             "tx_packets": self.tx_packets,
             "tx_bytes": self.tx_bytes,
             "rx_packets": self.rx_packets,
@@ -453,7 +473,14 @@ impl PeerSnapshot {
             "drops": self.dropped(),
             "drop_reasons": crate::stats::nonzero_drops_json(&self.drops),
             "last_rx_s_ago": ago,
-        })
+        });
+        if let Some(s) = &self.session {
+            v["endpoint"] = s.endpoint.map(|e| e.to_string()).into();
+            v["last_handshake_s_ago"] = (s.handshake_ns > 0)
+                .then(|| now_ns.saturating_sub(s.handshake_ns) as f64 / 1e9)
+                .into();
+        }
+        v
     }
 
     /// `key=value` fields, as the stats lines print them; `now_ns` (Unix
@@ -478,6 +505,18 @@ impl PeerSnapshot {
         } else {
             let ago = now_ns.saturating_sub(self.last_rx_ns) as f64 / 1e9;
             s.push_str(&format!(" last_rx_s_ago={ago:.1}"));
+        }
+        if let Some(x) = &self.session {
+            match x.endpoint {
+                Some(e) => s.push_str(&format!(" endpoint={e}")),
+                None => s.push_str(" endpoint=none"),
+            }
+            if x.handshake_ns == 0 {
+                s.push_str(" handshake=never");
+            } else {
+                let ago = now_ns.saturating_sub(x.handshake_ns) as f64 / 1e9;
+                s.push_str(&format!(" handshake_s_ago={ago:.1}"));
+            }
         }
         s
     }
@@ -517,7 +556,7 @@ pub struct PeerTable {
 /// Per-peer state of an encapsulation, kept with the table
 /// ([`PeerTable::attach`]).
 #[derive(Clone)]
-struct Attached(Arc<dyn std::any::Any + Send + Sync>);
+struct Attached(Arc<dyn Attachment>);
 
 impl std::fmt::Debug for Attached {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -649,13 +688,19 @@ impl PeerTable {
     /// Attaches what an encapsulation keeps per peer for this table's
     /// peer numbers (WireGuard's peer set), so that a worker takes the two
     /// together; see [`PeerTable::attached`].
-    pub fn attach(&mut self, state: Arc<dyn std::any::Any + Send + Sync>) {
+    pub fn attach(&mut self, state: Arc<dyn Attachment>) {
         self.attached = Some(Attached(state));
     }
 
     /// What [`PeerTable::attach`] attached, if it is a `T`.
     pub fn attached<T: std::any::Any + Send + Sync>(&self) -> Option<Arc<T>> {
-        self.attached.as_ref()?.0.clone().downcast::<T>().ok()
+        self.attached
+            .as_ref()?
+            .0
+            .clone()
+            .as_any()
+            .downcast::<T>()
+            .ok()
     }
 
     fn assemble(
@@ -826,11 +871,12 @@ impl PeerTable {
     }
 
     /// The names (see [`Peer::name`]) and counters of the `n` peers that
-    /// moved the most bytes (both ways), most first.
+    /// moved the most bytes (both ways), most first, with their session
+    /// facts at `now_ns` where the table has an [`Attachment`].
     ///
     /// Memory is O(n), not O(peers): a bounded heap keeps the best `n` by
     /// bytes (ties by address), and only those are snapshotted.
-    pub fn top(&self, n: usize) -> Vec<(String, PeerSnapshot)> {
+    pub fn top(&self, n: usize, now_ns: u64) -> Vec<(String, PeerSnapshot)> {
         use std::cmp::Reverse;
         use std::collections::BinaryHeap;
         if n == 0 {
@@ -855,7 +901,12 @@ impl PeerTable {
             .map(|(_, Reverse(addr), i)| {
                 let p = &self.peers[i];
                 let name = p.name.clone().unwrap_or_else(|| addr.to_string());
-                (name, p.stats.snapshot())
+                let mut s = p.stats.snapshot();
+                s.session = self
+                    .attached
+                    .as_ref()
+                    .and_then(|a| a.0.session(i as PeerId, now_ns));
+                (name, s)
             })
             .collect()
     }
@@ -1188,7 +1239,7 @@ mod tests {
         let b = PeerTable::build(&specs, 1, false, Some(&a)).unwrap();
         assert_eq!(b.peer(1).stats.snapshot().tx_packets, 5);
         assert_eq!(b.peer(0).stats.snapshot().tx_packets, 0);
-        assert_eq!(b.top(1)[0].0, "198.18.0.1:5000");
+        assert_eq!(b.top(1, 0)[0].0, "198.18.0.1:5000");
     }
 
     /// The busiest peers, most bytes first, ties by address; as a full
@@ -1205,7 +1256,7 @@ mod tests {
         for (i, bytes) in [(0, 10), (1, 30), (2, 30), (3, 0), (4, 20)] {
             t.peer(i).stats.worker(0).rx_bytes.add(bytes);
         }
-        let order = |n| -> Vec<String> { t.top(n).iter().map(|(a, _)| a.to_string()).collect() };
+        let order = |n| -> Vec<String> { t.top(n, 0).iter().map(|(a, _)| a.to_string()).collect() };
         assert_eq!(
             order(3),
             ["198.18.0.2:5000", "198.18.0.3:5000", "198.18.0.5:5000"]
@@ -1213,7 +1264,7 @@ mod tests {
         assert_eq!(order(9).len(), 5);
         assert_eq!(order(9)[4], "198.18.0.4:5000");
         assert!(order(0).is_empty());
-        assert_eq!(t.top(1)[0].1.rx_bytes, 30);
+        assert_eq!(t.top(1, 0)[0].1.rx_bytes, 30);
     }
 
     /// peers x queues is bounded: the refusal says what it would take. The

@@ -117,7 +117,7 @@ type TopPeers = (usize, usize, Vec<(String, PeerSnapshot)>);
 /// point-to-point table).
 fn top_peers(shared: &SharedPeers, n: usize) -> Option<TopPeers> {
     let (_, table) = shared.load();
-    (!table.is_single()).then(|| (table.len(), table.prefixes(), table.top(n)))
+    (!table.is_single()).then(|| (table.len(), table.prefixes(), table.top(n, unix_now_ns())))
 }
 
 /// Writes one line to stdout, ignoring a closed stdout (never panics).

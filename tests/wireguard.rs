@@ -1337,7 +1337,7 @@ fn wg_drives_tunfwd_through_the_userspace_api() {
     let (dev_a, dev_b) = (iface("a"), iface("b"));
     let metrics: SocketAddr = "127.0.0.1:9581".parse().unwrap();
     let mut args_a = wg_args_dev(engine, true, &c.a, &dev_a);
-    args_a.extend(["--metrics".into(), metrics.to_string()]);
+    args_a.extend(["--metrics", &metrics.to_string(), "--stats-format", "json"].map(String::from));
     let mut b = Proc::tunfwd(&topo.b, &wg_args_dev(engine, false, &c.b, &dev_b));
     let mut a = Proc::tunfwd(&topo.a, &args_a);
     let sock = format!("/var/run/wireguard/{dev_a}.sock");
@@ -1416,6 +1416,24 @@ fn wg_drives_tunfwd_through_the_userspace_api() {
         std::thread::sleep(Duration::from_millis(250));
     }
     assert!(rx > 0);
+    // The same endpoint and latest handshake in /metrics.
+    let body = scrape(&topo.a, metrics);
+    let endpoint_line = format!(
+        "tunfwd_peer_endpoint_info{{peer=\"{}\",endpoint=\"{UNDERLAY_B}:{WG_PORT}\"}} 1",
+        c.b_public
+    );
+    assert!(body.contains(&endpoint_line), "{endpoint_line} in\n{body}");
+    let hs_metric = body
+        .lines()
+        .find(|l| {
+            l.starts_with("tunfwd_peer_last_handshake_timestamp_seconds") && l.contains(&c.b_public)
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("a handshake time in\n{body}"));
+    assert_eq!(
+        hs_metric as u64, handshake,
+        "dump and /metrics: one handshake"
+    );
 
     // wg set: a new peer with everything, then changed, then removed.
     let (_, new_public) = keypair();
@@ -1643,6 +1661,24 @@ fn wg_drives_tunfwd_through_the_userspace_api() {
         !std::path::Path::new(&sock).exists(),
         "socket removed at exit"
     );
+    // The JSON summary says the same of b: endpoint, handshake, bytes.
+    let out = a.stdout();
+    let summary: serde_json::Value = out
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .expect("a JSON summary");
+    let peer = summary["peers"]["top"]
+        .as_array()
+        .and_then(|t| t.iter().find(|p| p["peer"] == c.b_public.as_str()))
+        .unwrap_or_else(|| panic!("b in {summary}"));
+    assert_eq!(
+        peer["endpoint"],
+        format!("{UNDERLAY_B}:{WG_PORT}").as_str(),
+        "{peer}"
+    );
+    assert!(peer["last_handshake_s_ago"].as_f64().is_some(), "{peer}");
+    assert!(peer["tx_bytes"].as_u64().unwrap() > 4 << 20, "{peer}");
     assert!(!a.stderr().contains(&c.a_private) && !a.stdout().contains(&c.a_private));
 }
 

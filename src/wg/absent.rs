@@ -26,6 +26,16 @@ pub struct PeerFacts {
     pub since_handshake: Option<std::time::Duration>,
 }
 
+impl crate::peers::Attachment for PeerSet {
+    fn as_any(self: std::sync::Arc<Self>) -> std::sync::Arc<dyn std::any::Any + Send + Sync> {
+        self
+    }
+
+    fn session(&self, _: PeerId, _: u64) -> Option<crate::peers::Session> {
+        match *self {}
+    }
+}
+
 impl PeerSet {
     pub fn peer_count(&self) -> usize {
         match *self {}

@@ -466,6 +466,22 @@ fn new_peer(identity: &Identity, p: &WgPeer, slot: u32, endpoint: Option<SocketA
     }
 }
 
+impl crate::peers::Attachment for PeerSet {
+    fn as_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync> {
+        self
+    }
+
+    fn session(&self, id: PeerId, now_ns: u64) -> Option<crate::peers::Session> {
+        let f = self.facts(id);
+        Some(crate::peers::Session {
+            endpoint: f.endpoint,
+            handshake_ns: f
+                .since_handshake
+                .map_or(0, |d| now_ns.saturating_sub(d.as_nanos() as u64)),
+        })
+    }
+}
+
 /// What `wg show` says of a peer besides its configuration.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PeerFacts {
