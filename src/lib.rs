@@ -6,14 +6,16 @@
 //!
 //! ```text
 //! cli, configfile        flags and the TOML file -> a config::TunnelConfig
+//! wg_quick               tunfwd-wg: wireguard-go's contract, for wg-quick
 //! runtime                stages: sockets, device, workers, reporting
+//!   uapi, wg             WireGuard's API socket (for wg), its control thread
 //!   metrics, report      Prometheus; stats lines and summary (both read report::Sources)
 //! engine::{poll,uring}   wait, submit, own buffers; no forwarding decision
 //! datapath/              what every read, receive and I/O result means
 //!   tx, rx, queues, visit    TUN side, UDP side, flow queues + overload, visits
 //! fq, aqm                flow queues (DRR, sparse flows first) and CoDel
 //! forward, encap, peers  policy per packet, ways of carrying it, the peer table
-//! wg                     WireGuard: keys, wg setconf files, sessions (boringtun)
+//! wg                     WireGuard: keys, files, the API protocol, sessions
 //! config                 checked configuration (no I/O)
 //! device, platform, sys  the OS: TUN devices, sockets, the few libc calls
 //! packet, stats, types   bytes (views, checksums, offload), counters, plain types
@@ -28,6 +30,10 @@
 //!   TUN queue ([`engine::spawn_worker`]), turns SIGINT/SIGTERM into a clean
 //!   stop and SIGHUP into a peers reload, and reports through [`report`]
 //!   (text or JSON); [`metrics`] serves the same sources to Prometheus.
+//!   With WireGuard it serves the userspace API for `wg` (a change of
+//!   peers is published with the peer table; a new listen port restarts
+//!   the workers on new sockets); [`wg_quick`] runs it behind
+//!   wireguard-go's command line for wg-quick.
 //! - [`engine`] waits, submits and owns buffers: [`engine::poll`] with
 //!   `poll(2)` (everywhere), `engine::uring` with io_uring (Linux).
 //! - [`datapath`] is what both engines call, once per read or receive and
@@ -42,9 +48,11 @@
 //!   checksums and offload (split and coalesce). All pure, unit-tested and
 //!   fuzzed ([`fuzz`]).
 //! - [`wg`] is WireGuard's state: keys as `wg` writes them, the `wg
-//!   setconf` file format, and per peer boringtun's handshake and sessions
-//!   (ring's ChaCha20-Poly1305); pure, the runtime's control thread sends
-//!   its handshake answers and timer messages.
+//!   setconf` file format, the userspace API's requests ([`wg::uapi`]),
+//!   and per peer boringtun's handshake and sessions (ring's
+//!   ChaCha20-Poly1305) in a [`wg::PeerSet`] that changes whole; pure, the
+//!   runtime's control thread sends its handshake answers and timer
+//!   messages.
 //! - [`stats`] declares every counter once; [`types`] holds addresses,
 //!   prefixes, drop reasons. Neither imports anything above it.
 //! - `sys` and `platform` are the only modules that call the OS directly;
