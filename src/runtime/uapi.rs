@@ -272,10 +272,11 @@ fn listen(dir: &std::path::Path, iface: &str) -> Result<Listening> {
     Ok(Listening::Yes(listener, path))
 }
 
-/// Serves `state` for interface `iface` until stopped. If another process
-/// serves the name already (an interface of that name in another network
-/// namespace: the directory is the host's), that is an error if
-/// `required`, else one log line and no server.
+/// Serves `state` for interface `iface` until stopped. If the socket
+/// cannot be made (another process serves the name already, an interface
+/// of that name in another network namespace: the directory is the
+/// host's; or no permission to make it), that is an error if `required`,
+/// else one log line and no server: a file configures the tunnel.
 pub(super) fn serve(iface: &str, state: Arc<State>, required: bool) -> Result<Option<Server>> {
     serve_in(std::path::Path::new(SOCKET_DIR), iface, state, required)
 }
@@ -286,17 +287,19 @@ fn serve_in(
     state: Arc<State>,
     required: bool,
 ) -> Result<Option<Server>> {
-    let (listener, path) = match listen(dir, iface)? {
-        Listening::Yes(l, p) => (l, p),
-        Listening::InUse(path) => {
-            let what = format!(
-                "{} is in use: another WireGuard implementation serves the name {iface}",
-                path.display()
-            );
-            if required {
-                return Err(Error::config(what));
-            }
-            crate::info!("{what}; wg cannot reach this tunnel (its file configures it)");
+    let failed = match listen(dir, iface) {
+        Ok(Listening::Yes(l, p)) => Ok((l, p)),
+        Ok(Listening::InUse(path)) => Err(Error::config(format!(
+            "{} is in use: another WireGuard implementation serves the name {iface}",
+            path.display()
+        ))),
+        Err(e) => Err(e),
+    };
+    let (listener, path) = match failed {
+        Ok(x) => x,
+        Err(e) if required => return Err(e),
+        Err(e) => {
+            crate::info!("{e}; wg cannot reach this tunnel (its file configures it)");
             return Ok(None);
         }
     };
