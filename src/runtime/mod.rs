@@ -220,13 +220,7 @@ pub fn run_tunnel_then(cfg: &TunnelConfig, up: impl FnOnce()) -> Result<()> {
     let (events_tx, events) = channel::unbounded::<Event>();
     spawn_signal_thread(events_tx.clone())?;
     // WireGuard: the keys and sessions every worker shares.
-    let wg = wg::device(
-        wg_conf.as_ref(),
-        &sockets,
-        &peers,
-        cfg.engine.queues,
-        &events_tx,
-    )?;
+    let wg = wg::device(wg_conf.as_ref(), &sockets, &peers, cfg, &events_tx)?;
     let mut restart = Restart {
         cfg: cfg.clone(),
         engine: &engine,
@@ -235,9 +229,7 @@ pub fn run_tunnel_then(cfg: &TunnelConfig, up: impl FnOnce()) -> Result<()> {
         offload,
         wg: wg.as_ref().map(|w| &w.dev),
         events_tx: events_tx.clone(),
-        // WireGuard's port may change: a spare handle on the queues keeps
-        // the device while the workers restart.
-        spare: wg.as_ref().map(|_| device.try_clone()).transpose()?,
+        spare: Restart::spare(wg.is_some(), &device)?,
     };
     let mut workers = restart.start(device, sockets, None)?;
     if !workers.wait_ready(cfg, &events, &peers)? {
@@ -250,17 +242,10 @@ pub fn run_tunnel_then(cfg: &TunnelConfig, up: impl FnOnce()) -> Result<()> {
     };
     // WireGuard's userspace API, for `wg` (before privileges go: the
     // socket's directory is root's).
-    let api_only = matches!(
-        cfg.mode,
-        crate::config::Mode::WireGuard { config: None, .. }
-    );
-    let uapi = match wg::serve(wg.as_ref(), &dev_name, api_only) {
+    let uapi = match wg::serve(wg.as_ref(), &dev_name, cfg) {
         Ok(s) => s,
         Err(e) => return workers.stop(Some(e)),
     };
-    if let Some(u) = &uapi {
-        crate::info!("WireGuard API (wg): {}", u.path().display());
-    }
     // Everything privileged is done: devices, sockets, rings, pinning.
     if let Some(spec) = &cfg.service.user {
         if let Err(e) = crate::platform::drop_privileges(spec) {
@@ -587,6 +572,13 @@ struct Restart<'a> {
 }
 
 impl Restart<'_> {
+    /// A spare handle on `device`'s queues, if the port may change (with
+    /// WireGuard, `wg` may move it): it keeps the device while the
+    /// workers restart.
+    fn spare(wireguard: bool, device: &TunDevice) -> Result<Option<TunDevice>> {
+        wireguard.then(|| device.try_clone()).transpose()
+    }
+
     /// Workers on `device`'s queues and `sockets`, counting into `stats`
     /// (new counters if None).
     fn start(

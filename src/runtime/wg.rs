@@ -194,9 +194,10 @@ pub(super) fn device(
     conf: Option<&WgConf>,
     sockets: &[UdpSocket],
     shared: &Arc<SharedPeers>,
-    workers: usize,
+    cfg: &TunnelConfig,
     events: &crossbeam::channel::Sender<super::Event>,
 ) -> Result<Option<Wg>> {
+    let workers = cfg.engine.queues;
     let (Some(conf), Some(first)) = (conf, sockets.first()) else {
         return Ok(None);
     };
@@ -233,17 +234,22 @@ pub(super) fn device(
 }
 
 /// Serves WireGuard's userspace API for interface `iface`, if there is a
-/// WireGuard device; required (an error if the name is served already)
-/// when no file configures it (`required`).
+/// WireGuard device; required (an error if it cannot be served) when no
+/// file configures the tunnel.
 pub(super) fn serve(
     wg: Option<&Wg>,
     iface: &str,
-    required: bool,
+    cfg: &TunnelConfig,
 ) -> Result<Option<super::uapi::Server>> {
-    match wg {
-        Some(w) => super::uapi::serve(iface, w.state.clone(), required),
-        None => Ok(None),
+    let Some(w) = wg else {
+        return Ok(None);
+    };
+    let required = matches!(cfg.mode, Mode::WireGuard { config: None, .. });
+    let server = super::uapi::serve(iface, w.state.clone(), required)?;
+    if let Some(s) = &server {
+        crate::info!("WireGuard API (wg): {}", s.path().display());
     }
+    Ok(server)
 }
 
 /// Starts the control thread of `wg`, if there is one, counting into
