@@ -308,6 +308,14 @@ struct BenchArgs {
     #[arg(long, default_value_t = 0, value_name = "PPS")]
     rate_pps: u64,
 
+    /// Milliseconds from one latency probe to the next (0-1000), as ping's
+    /// -i: 5 probes a second... 1000 a second. The default, 5, leaves the
+    /// forwarders idle between probes as a ping does, so an idle row pays
+    /// their wakeups; 0 sends each probe as soon as the last is answered
+    /// (the forwarders never sleep: the bench's figure before 2026-12).
+    #[arg(long, default_value_t = 5.0, value_name = "MS")]
+    probe_interval: f64,
+
     /// TCP with ECN at both ends (net.ipv4.tcp_ecn=1 in both namespaces):
     /// congestion signals from queue management become CE marks.
     #[arg(long)]
@@ -351,6 +359,10 @@ impl BenchArgs {
                     .clamp(0.0, 3600.0),
             ),
             rate_pps: self.rate_pps,
+            probe_interval: std::time::Duration::from_secs_f64(
+                (self.probe_interval / 1e3).clamp(0.0, 3600.0),
+            ),
+            probe_interval_ms: self.probe_interval,
             ecn: self.ecn,
             json: self.json,
             forwarder_args: self.forwarder_args,

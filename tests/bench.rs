@@ -115,6 +115,7 @@ fn bench_quick_reports_every_figure_and_cleans_up() {
         );
     }
     assert!(meta["cpus"].as_u64().unwrap() >= 1);
+    assert_eq!(meta["probe_interval_ms"], serde_json::json!(5.0));
     assert_eq!(meta["targets"], serde_json::json!(targets));
     assert_eq!(meta["interrupted"], Value::Bool(false));
 
@@ -172,6 +173,10 @@ fn bench_quick_reports_every_figure_and_cleans_up() {
                     "{l}"
                 );
                 assert!(l["probes"].as_u64().unwrap() > 0, "{l}");
+                // Probes were spaced as ping -i spaces them (5 ms by
+                // default): never more than the row's time allows.
+                let most = f(r, "seconds") * 1000.0 / 5.0 + 2.0;
+                assert!(l["probes"].as_u64().unwrap() as f64 <= most, "{l}");
                 if r["load"] == "udp flood" {
                     assert!(f(r, "offered_pps") >= f(r, "delivered_pps"), "{r}");
                     assert!(f(r, "delivered_pps") > 0.0, "{r}");
@@ -193,8 +198,24 @@ fn bench_quick_reports_every_figure_and_cleans_up() {
                 r["forwarder_queue"]["visit_max_us"].as_u64().unwrap() > 0,
                 "{r}"
             );
+            // The scheduler saw each side's one worker thread woken to
+            // carry packets: every packet was moved during some run, so
+            // runs exist and switched away at least once.
+            let sched = r["forwarder_sched"].as_array().unwrap();
+            assert_eq!(sched.len(), 2, "{r}");
+            for (side, s) in ["a", "b"].iter().zip(sched) {
+                assert_eq!(s["process"], *side, "{r}");
+                assert_eq!(s["threads"], 1, "one worker per side by default: {r}");
+                assert!(s["runs"].as_u64().unwrap() > 0, "{r}");
+                assert!(s["voluntary_switches"].as_u64().unwrap() > 0, "{r}");
+                assert!(f(s, "run_s") > 0.0, "{r}");
+            }
+            assert!(f(r, "forwarder_packets_per_run") > 0.0, "{r}");
+            let rq = f(r, "forwarder_runqueue_pct");
+            assert!((0.0..=100.0).contains(&rq), "{r}");
         } else {
             assert!(r["forwarder_cpu_s"].is_null(), "{r}");
+            assert!(r["forwarder_sched"].is_null(), "{r}");
         }
     }
 
@@ -334,6 +355,14 @@ fn bench_rejects_bad_flags() {
             "unknown bench target",
         ),
         (vec!["bench", "--sizes", "20"], "--sizes 20 is out of range"),
+        (
+            vec!["bench", "--probe-interval", "1001"],
+            "--probe-interval 1001 is out of range 0..=1000 ms",
+        ),
+        (
+            vec!["bench", "--probe-interval=-1"],
+            "--probe-interval -1 is out of range",
+        ),
         (
             vec!["bench", "--compare", "veth", "--baseline", "poll"],
             "--baseline poll is not one of --compare",

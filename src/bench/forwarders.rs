@@ -12,6 +12,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 use super::report::QueueFigures;
+use super::sched::{self, Sched};
 use super::topology::{TUN_A, TUN_B, Topology, UNDERLAY_A, UNDERLAY_B};
 use crate::error::{Context, Error, Result};
 
@@ -197,6 +198,10 @@ pub struct Reflector {
     f: Forwarder,
 }
 
+/// The name tunfwd's worker threads start with (`tunfwd-qN`, one per
+/// queue, both engines): the threads that move packets.
+const WORKER: &str = "tunfwd-q";
+
 /// The reflector's device address and the far end probes go to.
 pub const REFLECT_ADDR: &str = "198.19.3.1/24";
 
@@ -220,6 +225,11 @@ impl Reflector {
 
     pub fn cpu_seconds(&self) -> f64 {
         process_cpu_seconds(self.f.pid())
+    }
+
+    /// The scheduler's figures for its workers.
+    pub fn sched(&self) -> Vec<(String, Sched)> {
+        vec![("reflect".into(), sched::sample(self.f.pid(), Some(WORKER)))]
     }
 
     /// Stops it; the reflected packets count as tunnel packets.
@@ -308,6 +318,14 @@ impl ForwarderPair {
     /// User + system CPU seconds both forwarders have used so far.
     pub fn cpu_seconds(&self) -> f64 {
         process_cpu_seconds(self.a.pid()) + process_cpu_seconds(self.b.pid())
+    }
+
+    /// The scheduler's figures for each side's workers.
+    pub fn sched(&self) -> Vec<(String, Sched)> {
+        vec![
+            ("a".into(), sched::sample(self.a.pid(), Some(WORKER))),
+            ("b".into(), sched::sample(self.b.pid(), Some(WORKER))),
+        ]
     }
 
     /// Stops both and adds up their counters.

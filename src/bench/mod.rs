@@ -6,6 +6,7 @@
 
 pub mod forwarders;
 pub mod report;
+pub mod sched;
 pub mod topology;
 pub mod traffic;
 pub mod wggo;
@@ -35,6 +36,15 @@ impl Running {
             Running::Pair(p) => p.cpu_seconds(),
             Running::Reflector(r) => r.cpu_seconds(),
             Running::WireguardGo(w) => w.cpu_seconds(),
+        }
+    }
+
+    /// The scheduler's figures for each forwarder process, by name.
+    fn sched(&self) -> Vec<(String, sched::Sched)> {
+        match self {
+            Running::Pair(p) => p.sched(),
+            Running::Reflector(r) => r.sched(),
+            Running::WireguardGo(w) => w.sched(),
         }
     }
 
@@ -216,6 +226,10 @@ pub struct BenchConfig {
     pub duration: Duration,
     /// Offered UDP load cap (0: as fast as the generator can).
     pub rate_pps: u64,
+    /// From one latency probe to the next (zero: back to back).
+    pub probe_interval: Duration,
+    /// As given, for validation (milliseconds).
+    pub probe_interval_ms: f64,
     /// TCP with ECN in both namespaces (`net.ipv4.tcp_ecn=1`).
     pub ecn: bool,
     pub json: Option<PathBuf>,
@@ -253,6 +267,12 @@ impl BenchConfig {
         }
         if self.duration.is_zero() {
             return Err(Error::config("--duration must be above 0"));
+        }
+        if !(0.0..=1000.0).contains(&self.probe_interval_ms) {
+            return Err(Error::config(format!(
+                "--probe-interval {} is out of range 0..=1000 ms",
+                self.probe_interval_ms
+            )));
         }
         Ok(())
     }
@@ -375,6 +395,7 @@ pub fn run(cfg: &BenchConfig) -> Result<bool> {
         "sizes": cfg.sizes,
         "streams": cfg.streams,
         "rate_pps": cfg.rate_pps,
+        "probe_interval_ms": cfg.probe_interval.as_secs_f64() * 1e3,
         "tcp_ecn": cfg.ecn,
         "forwarder_args": cfg.forwarder_args,
         "command": std::env::args().collect::<Vec<_>>(),
@@ -427,6 +448,7 @@ fn measure(
     let dst = target.dst();
     let sys_before = system_cpu_seconds();
     let fwd_before = forwarders.as_ref().map(Running::cpu_seconds);
+    let sched_before = forwarders.as_ref().map(Running::sched);
     let mut row = Row::empty(target.name(), workload.clone());
     match *workload {
         Workload::Udp { packet_len } => {
@@ -447,6 +469,16 @@ fn measure(
     row.sys_cpu_s = system_cpu_seconds() - sys_before;
     if let (Some(pair), Some(before)) = (forwarders, fwd_before) {
         row.fwd_cpu_s = Some(pair.cpu_seconds() - before);
+        let before = sched_before.unwrap_or_default();
+        row.fwd_sched = pair
+            .sched()
+            .into_iter()
+            .map(|(name, now)| {
+                let then = before.iter().find(|(n, _)| *n == name).map(|(_, s)| *s);
+                let delta = now.since(&then.unwrap_or_default());
+                (name, delta)
+            })
+            .collect();
         if let Some(c) = pair.stop()? {
             row.fwd_packets = Some(c.tunnel_packets);
             row.fwd_syscalls = Some(c.syscalls);
@@ -495,7 +527,15 @@ fn measure_latency(
         std::thread::sleep(Duration::from_millis(300));
     }
     let echo_server = !matches!(target, Target::Reflect { .. });
-    let r = traffic::latency(topo, dst, cfg.duration, 1_000_000, echo_server, stop)?;
+    let r = traffic::latency(
+        topo,
+        dst,
+        cfg.duration,
+        cfg.probe_interval,
+        1_000_000,
+        echo_server,
+        stop,
+    )?;
     if let Some(bg) = background {
         let flood = bg
             .join()
@@ -541,6 +581,7 @@ impl Row {
             udp_rcvbuf_drops: None,
             tun_queue_drops: None,
             queue: None,
+            fwd_sched: Vec::new(),
             tcp: None,
             ratio: None,
         }

@@ -5,6 +5,8 @@ use std::fmt::Write as _;
 
 use serde_json::{Value, json};
 
+use super::sched::Sched;
+
 /// What a row measured.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Workload {
@@ -120,6 +122,9 @@ pub struct Row {
     pub tun_queue_drops: Option<u64>,
     /// How the forwarders' queues and visits fared (tunfwd targets only).
     pub queue: Option<QueueFigures>,
+    /// How the scheduler treated each forwarder's workers (tunfwd's
+    /// `tunfwd-qN` threads; every thread of wireguard-go), by process.
+    pub fwd_sched: Vec<(String, Sched)>,
     /// TCP workloads: what the senders' kernels reported.
     pub tcp: Option<super::traffic::TcpStats>,
     /// Against the baseline's row of the same workload.
@@ -146,6 +151,39 @@ impl Row {
     pub fn sys_cpu_s_per_mpkt(&self) -> Option<f64> {
         match self.packets {
             Some(p) if p > 0 => Some(self.sys_cpu_s / p as f64 * 1e6),
+            _ => None,
+        }
+    }
+
+    /// All forwarders' scheduler figures summed.
+    pub fn sched_total(&self) -> Option<Sched> {
+        (!self.fwd_sched.is_empty()).then(|| {
+            self.fwd_sched
+                .iter()
+                .fold(Sched::default(), |acc, (_, s)| acc.plus(s))
+        })
+    }
+
+    /// The share of the workload's time the forwarders' workers spent
+    /// runnable but waiting for a CPU, per worker (percent).
+    pub fn runqueue_pct(&self) -> Option<f64> {
+        let s = self.sched_total()?;
+        (s.threads > 0 && self.seconds > 0.0)
+            .then(|| 100.0 * s.wait_ns as f64 / 1e9 / self.seconds / s.threads as f64)
+    }
+
+    /// Context switches per tunnel packet.
+    pub fn switches_per_packet(&self) -> Option<f64> {
+        match (self.sched_total(), self.fwd_packets) {
+            (Some(s), Some(p)) if p > 0 => Some(s.switches() as f64 / p as f64),
+            _ => None,
+        }
+    }
+
+    /// Tunnel packets per run on a CPU: the batch a wakeup carries.
+    pub fn packets_per_run(&self) -> Option<f64> {
+        match (self.sched_total(), self.fwd_packets) {
+            (Some(s), Some(p)) if s.runs > 0 => Some(p as f64 / s.runs as f64),
             _ => None,
         }
     }
@@ -241,7 +279,7 @@ pub fn table(rows: &[Row], baseline: &str) -> String {
     if !lat.is_empty() {
         let _ = writeln!(
             s,
-            "\n{:<18} {:<tw$} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>6} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9}",
+            "\n{:<18} {:<tw$} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>6} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9} {:>6} {:>7} {:>7}",
             "workload",
             "target",
             "p50 us",
@@ -257,14 +295,18 @@ pub fn table(rows: &[Row], baseline: &str) -> String {
             "fwdDrop",
             "aqmMark",
             "visitMax",
-            "qDelayMax"
+            "qDelayMax",
+            "rqWait us",
+            "rq%",
+            "csw/pkt",
+            "pkt/run"
         );
         for r in lat {
             let l = r.latency.unwrap_or_default();
             let p = |v: f64| opt((l.answered() > 0).then_some(v), 1);
             let _ = writeln!(
                 s,
-                "{:<18} {:<tw$} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>6} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9}",
+                "{:<18} {:<tw$} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>6} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9} {:>6} {:>7} {:>7}",
                 r.workload.label(),
                 r.target,
                 p(l.p50),
@@ -281,6 +323,10 @@ pub fn table(rows: &[Row], baseline: &str) -> String {
                 count(r.queue.map(|q| q.aqm_marks)),
                 count(r.queue.map(|q| q.visit_max_us)),
                 count(r.queue.map(|q| q.queue_delay_max_us)),
+                opt(r.sched_total().and_then(|s| s.wait_per_run_us()), 1),
+                opt(r.runqueue_pct(), 1),
+                opt(r.switches_per_packet(), 3),
+                opt(r.packets_per_run(), 1),
             );
         }
     }
@@ -296,7 +342,12 @@ pub fn table(rows: &[Row], baseline: &str) -> String {
          as the generator goes, all in the probes' direction; aqmMark: CoDel's CE marks (its drops \
          and overload drops are in fwdDrop); visitMax: a forwarder's longest visit to one direction, \
          qDelayMax: the longest a packet waited in a forwarder's queues (its flow queues, since the \
-         read or the arrival in the socket; with --aqm codel the receive buffer) (us)."
+         read or the arrival in the socket; with --aqm codel the receive buffer) (us).\n\
+         Scheduler (the forwarders' worker threads, /proc/PID/task/TID/schedstat and status): rqWait: \
+         the mean time a worker waited on a run queue each time it got a CPU (woken, or preempted \
+         and resumed) (us); rq%: the share of the run a worker spent runnable but not running; \
+         csw/pkt: context switches per tunnel packet; pkt/run: tunnel packets per run on a CPU \
+         (the batch one wakeup carries). Per forwarder in the JSON."
     );
     s
 }
@@ -360,6 +411,24 @@ pub fn json(rows: &[Row], meta: Value) -> Value {
                     "aqm_drops": q.aqm_drops,
                     "overload_drops": q.overload_drops,
                 })),
+                "forwarder_sched": (!r.fwd_sched.is_empty()).then(|| {
+                    r.fwd_sched
+                        .iter()
+                        .map(|(name, s)| json!({
+                            "process": name,
+                            "threads": s.threads,
+                            "run_s": s.run_ns as f64 / 1e9,
+                            "runqueue_wait_s": s.wait_ns as f64 / 1e9,
+                            "runs": s.runs,
+                            "runqueue_wait_per_run_us": s.wait_per_run_us(),
+                            "voluntary_switches": s.voluntary,
+                            "involuntary_switches": s.involuntary,
+                        }))
+                        .collect::<Vec<_>>()
+                }),
+                "forwarder_runqueue_pct": r.runqueue_pct(),
+                "forwarder_switches_per_packet": r.switches_per_packet(),
+                "forwarder_packets_per_run": r.packets_per_run(),
                 "tcp_info": r.tcp.map(|t| json!({
                     "retransmits": t.retransmits,
                     "reord_seen": t.reord_seen,
@@ -406,6 +475,7 @@ mod tests {
             udp_rcvbuf_drops: None,
             tun_queue_drops: None,
             queue: None,
+            fwd_sched: Vec::new(),
             tcp: None,
             ratio: None,
         }
@@ -457,5 +527,46 @@ mod tests {
             line.is_some_and(|l| l.split_whitespace().nth(3) == Some("-")),
             "{t}"
         );
+    }
+
+    #[test]
+    fn scheduler_figures_per_forwarder_and_summed() {
+        let mut r = row("uring", Workload::Latency { load: Load::Tcp(1) }, 800.0);
+        r.seconds = 2.0;
+        let side = |wait_ns, runs| Sched {
+            threads: 1,
+            run_ns: 1_000_000_000,
+            wait_ns,
+            runs,
+            voluntary: runs - 100,
+            involuntary: 100,
+        };
+        r.fwd_sched = vec![
+            ("a".into(), side(400_000_000, 1000)),
+            ("b".into(), side(200_000_000, 500)),
+        ];
+        let total = r.sched_total().unwrap();
+        assert_eq!(total.wait_per_run_us(), Some(400.0));
+        // 0.6 s of waiting over 2 s and two workers.
+        assert!((r.runqueue_pct().unwrap() - 15.0).abs() < 1e-9);
+        assert_eq!(r.switches_per_packet(), Some(1.5));
+        assert_eq!(r.packets_per_run(), Some(1000.0 / 1500.0));
+        let t = table(std::slice::from_ref(&r), "uring");
+        let line = t.lines().find(|l| l.starts_with("latency loaded")).unwrap();
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(
+            cols[cols.len() - 4..],
+            ["400.0", "15.0", "1.500", "0.7"],
+            "{t}"
+        );
+        let j = json(std::slice::from_ref(&r), json!({}));
+        let f = &j["results"][0]["forwarder_sched"];
+        assert_eq!(f[1]["process"], json!("b"));
+        assert_eq!(f[1]["runqueue_wait_per_run_us"], json!(400.0));
+        assert_eq!(f[0]["involuntary_switches"], json!(100));
+        // A target without forwarders: no figures, "-" in the table.
+        let bare = row("vxlan", Workload::Latency { load: Load::Idle }, 60.0);
+        assert_eq!(bare.sched_total(), None);
+        assert!(json(&[bare], json!({}))["results"][0]["forwarder_sched"].is_null());
     }
 }

@@ -312,6 +312,7 @@ pub fn latency(
     topo: &Topology,
     dst: Ipv4Addr,
     duration: Duration,
+    interval: Duration,
     max_probes: u64,
     echo_server: bool,
     stop: &Arc<AtomicBool>,
@@ -356,9 +357,20 @@ pub fn latency(
         let start = Instant::now();
         let mut buf = [0u8; 64];
         let mut seq = 0u64;
+        let mut last_sent = start;
         while start.elapsed() < duration && seq < max_probes && !stop.load(Ordering::Relaxed) {
             seq += 1;
+            if seq > 1 && !interval.is_zero() {
+                // As ping -i: the next probe `interval` after the last one
+                // was sent, or at once if its answer took longer.
+                let next = last_sent + interval;
+                let now = Instant::now();
+                if next > now {
+                    std::thread::sleep(next - now);
+                }
+            }
             let sent_at = Instant::now();
+            last_sent = sent_at;
             if sock.send(&seq.to_le_bytes()).is_err() {
                 lost += 1;
                 continue;

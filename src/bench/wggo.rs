@@ -158,6 +158,15 @@ impl WireguardGo {
             .sum()
     }
 
+    /// The scheduler's figures for each (all their threads).
+    pub fn sched(&self) -> Vec<(String, super::sched::Sched)> {
+        ["a", "b"]
+            .iter()
+            .zip(&self.children)
+            .map(|(side, c)| (side.to_string(), super::sched::sample(c.id() as i32, None)))
+            .collect()
+    }
+
     /// Stops both.
     pub fn stop(self) {
         drop(self)
