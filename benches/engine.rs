@@ -76,6 +76,7 @@ mod linux {
                     }),
                     shutdown: shutdown.clone(),
                     busy_poll: false,
+                    wake: None,
                 };
                 let (tx, rx) = mpsc::channel();
                 let handle = spawn_worker(0, engine, parts, None, move |ev| {

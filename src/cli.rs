@@ -145,6 +145,24 @@ struct RunArgs {
     #[arg(long)]
     busy_poll: bool,
 
+    /// Nice value the workers sleep at, -20 to 0 (0: off, the default).
+    /// Woken by a packet, a worker then runs ahead of bulk applications (on
+    /// a kernel without preemption, at the next task switch) until it has
+    /// moved --wake-budget packets since it woke, when it drops back to its
+    /// own priority, so under sustained load the applications batch again.
+    /// Needs CAP_SYS_NICE at start (tunfwd then raises RLIMIT_NICE so it
+    /// keeps working after --user); without it, one log line and the
+    /// workers run at their own priority. Linux (elsewhere the process's).
+    #[arg(long, default_value_t = 0, value_name = "NICE", allow_negative_numbers = true,
+          value_parser = clap::value_parser!(i32).range(-20..=0))]
+    wake_nice: i32,
+
+    /// Packets a worker moves after a wakeup before dropping back from
+    /// --wake-nice, 1-65536.
+    #[arg(long, default_value_t = config::DEFAULT_WAKE_BUDGET, value_name = "PACKETS",
+          value_parser = clap::value_parser!(u64).range(1..=65536))]
+    wake_budget: u64,
+
     /// Print a stats line every SECS seconds (0: only the final summary).
     #[arg(long, default_value_t = 0, value_name = "SECS")]
     stats_interval: u64,
@@ -221,6 +239,8 @@ fn base_config(
             batch: run.batch,
             visit_bytes: run.visit_bytes,
             busy_poll: run.busy_poll,
+            wake_nice: run.wake_nice,
+            wake_budget: run.wake_budget,
             offload: config::Toggle::Off,
             sndbuf: None,
             rcvbuf: None,

@@ -48,6 +48,9 @@ pub const MAX_BATCH: usize = 4096;
 /// super-packets (offload), or a whole `--batch` of MTU-sized packets
 /// without offload (README, Performance).
 pub const DEFAULT_VISIT_BYTES: usize = 256 << 10;
+/// Packets a worker moves after a wakeup before it drops back from
+/// `--wake-nice` (NAPI's budget).
+pub const DEFAULT_WAKE_BUDGET: u64 = 64;
 /// Upper bound on `--visit-bytes`.
 pub const MAX_VISIT_BYTES: usize = 64 << 20;
 /// Upper bound on `--txqueuelen`.
@@ -296,6 +299,10 @@ pub struct EngineConfig {
     pub cpus: CpuPlan,
     /// Spin instead of sleeping while waiting for packets.
     pub busy_poll: bool,
+    /// The nice value workers sleep at (0: off) and the packets a worker
+    /// moves after a wakeup before dropping back to its own priority.
+    pub wake_nice: i32,
+    pub wake_budget: u64,
     /// UDP socket buffer sizes in bytes (None: the kernel default).
     pub sndbuf: Option<usize>,
     pub rcvbuf: Option<usize>,
@@ -855,6 +862,8 @@ mod tests {
                 visit_bytes: DEFAULT_VISIT_BYTES,
                 cpus: CpuPlan::Spread,
                 busy_poll: false,
+                wake_nice: 0,
+                wake_budget: DEFAULT_WAKE_BUDGET,
                 sndbuf: None,
                 rcvbuf: None,
                 uring: UringFlags::default(),

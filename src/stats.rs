@@ -293,6 +293,14 @@ counters! {
         "Bytes a side's flow queues handed out that are not yet sent (or written).";
 }
 
+impl WorkerStats {
+    /// Packets delivered in both directions so far.
+    #[inline]
+    pub fn packets_moved(&self) -> u64 {
+        self.tun_to_peer.packets.get() + self.peer_to_tun.packets.get()
+    }
+}
+
 impl DirectionStats {
     #[inline]
     pub fn delivered(&self, bytes: usize) {
@@ -333,6 +341,10 @@ counters! {
     syscalls: Counter => "tunfwd_syscalls_total", "System calls the worker made.";
     /// Times the engine went to sleep waiting for events.
     waits: Counter => "tunfwd_waits_total", "Times the worker slept waiting for events.";
+    /// With --wake-nice: times a worker used up its wakeup budget and
+    /// dropped back to its normal priority.
+    wake_lowered: Counter => "tunfwd_wake_lowered_total",
+        "Times a worker dropped back from its wakeup priority after its budget.";
     /// Socket errors that did not stop the worker (queued ICMP errors).
     io_errors: Counter => "tunfwd_io_errors_total", "Socket errors the worker went on from.";
     /// ICMP errors (port or host unreachable, ...) the kernel reported for

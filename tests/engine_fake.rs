@@ -116,6 +116,7 @@ impl Harness {
             }),
             shutdown: shutdown.clone(),
             busy_poll: false,
+            wake: None,
         };
         let (tx, rx) = mpsc::channel();
         let report = move |ev| {

@@ -448,3 +448,97 @@ fn ipv6_link_local_underlay_with_named_scope() {
         }
     }
 }
+
+/// The nice value of process `pid`'s first worker thread (`tunfwd-q0`),
+/// from /proc/PID/task/TID/stat (None if it has none).
+fn worker_nice(pid: u32) -> Option<i32> {
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() != "tunfwd-q0" {
+            continue;
+        }
+        let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
+        // Fields after "(comm) ": state is the 3rd of the line, nice the 19th.
+        let rest = stat.rsplit_once(") ")?.1;
+        return rest.split_whitespace().nth(16)?.parse().ok();
+    }
+    None
+}
+
+/// `--wake-nice`: each side's worker sleeps at the raised priority, drops
+/// back to its own after its budget while a transfer keeps it busy
+/// (counted), and sleeps raised again once the tunnel is idle. Without the
+/// privilege (CAP_SYS_NICE and CAP_SYS_RESOURCE taken from the bounding
+/// set), one line says so and the tunnel carries traffic at the normal
+/// priority.
+#[test]
+fn wake_nice_raises_sleeping_workers_and_drops_back_under_load() {
+    let test = "wake_nice_raises_sleeping_workers_and_drops_back_under_load";
+    if !can_run_kernel_tests(test) {
+        return;
+    }
+    for engine in engines(test) {
+        let topo = Topology::new();
+        let extra = [
+            "--engine",
+            engine,
+            "--wake-nice",
+            "-10",
+            "--wake-budget",
+            "16",
+        ];
+        let (mut a, mut b) = start_pair(&topo, &extra);
+        for p in [&mut a, &mut b] {
+            let pid = p.child.id();
+            p.wait_until("the worker asleep at nice -10", |_| {
+                (worker_nice(pid) == Some(-10)).then_some(())
+            });
+        }
+        let dst: SocketAddr = format!("{OVERLAY_B}:7300").parse().unwrap();
+        verified_tcp_transfer(&topo.a, &topo.b, dst, 16 << 20);
+        let pid = a.child.id();
+        a.wait_until("the worker asleep at nice -10 again", |_| {
+            (worker_nice(pid) == Some(-10)).then_some(())
+        });
+        assert!(topo.a.ping(OVERLAY6_B), "{engine}: ping");
+        assert!(a.terminate().success());
+        assert!(b.terminate().success());
+        for (host, p) in [("a", &a), ("b", &b)] {
+            let out = p.stdout();
+            let lowered = stat(&out, "summary total", "wake_lowered");
+            assert!(
+                lowered > 0,
+                "{engine}: {host}'s worker never dropped back during 16 MiB:\n{out}"
+            );
+            assert!(!p.stderr().contains("cannot raise"), "{}", p.stderr());
+        }
+
+        // No privilege to raise a priority: one line, normal priority,
+        // traffic flows.
+        let args = tunnel_args(true, &extra);
+        let mut cmd = topo.a.command(&[
+            "setpriv",
+            "--bounding-set",
+            "-sys_nice,-sys_resource",
+            "--",
+            tunfwd_bin(),
+        ]);
+        cmd.args(&args);
+        let mut a = Proc::spawn(cmd);
+        a.wait_for_stderr("tunnel up");
+        a.wait_for_stderr("--wake-nice -10: cannot raise the worker's priority");
+        let mut b = Proc::tunfwd(&topo.b, &tunnel_args(false, &["--engine", engine]));
+        assert!(
+            topo.a.ping(OVERLAY_B),
+            "{engine}: ping without the privilege"
+        );
+        assert_eq!(worker_nice(a.child.id()), Some(0), "{engine}");
+        assert!(a.terminate().success());
+        assert!(b.terminate().success());
+        let err = a.stderr();
+        assert_eq!(err.matches("cannot raise").count(), 1, "one line: {err}");
+    }
+}

@@ -6,6 +6,7 @@
 //! one worker per TUN queue ([`spawn_worker`]) and stops when its
 //! [`Shutdown`] fires.
 
+pub mod boost;
 #[cfg(target_os = "linux")]
 pub mod fake;
 pub mod poll;
@@ -34,6 +35,9 @@ pub struct WorkerParts {
     pub shutdown: Arc<Shutdown>,
     /// Spin instead of sleeping (`--busy-poll`).
     pub busy_poll: bool,
+    /// The nice value to sleep at and the packets after a wakeup before
+    /// dropping back (`--wake-nice`, `--wake-budget`; None: off).
+    pub wake: Option<(i32, u64)>,
 }
 
 /// What was asked for: the engine flags before probing.

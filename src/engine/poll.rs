@@ -22,6 +22,7 @@ use crate::datapath::{
     After, Attach, Datapath, Direction, MAX_GATHER_PIECES, RxAction, SPLIT_LEN, TunAction, TxBuf,
     TxPlan, Visit, WriteInfo,
 };
+use crate::engine::boost::WakeBoost;
 use crate::engine::{Shutdown, WorkerParts, log_events, now_ns};
 use crate::error::{Error, Result};
 use crate::fq::Dequeued;
@@ -42,6 +43,8 @@ pub struct PollWorker {
     dp: Datapath,
     /// Never sleep in poll(2): spin with a zero timeout.
     busy_poll: bool,
+    /// Priority on wakeup (`--wake-nice`).
+    boost: WakeBoost,
     shutdown: Arc<Shutdown>,
     out: Outbound,
     inb: Inbound,
@@ -145,6 +148,7 @@ impl PollWorker {
             udp,
             dp,
             busy_poll: parts.busy_poll,
+            boost: WakeBoost::for_this_thread(parts.wake),
             shutdown: parts.shutdown,
             out,
             inb,
@@ -173,13 +177,18 @@ impl PollWorker {
                 PollFd::new(self.udp.as_fd(), udp_events),
                 PollFd::new(self.shutdown.wake_fd(), PollFlags::POLLIN),
             ];
+            let sleep = !(self.busy_poll || queued);
+            if sleep {
+                let c = self.boost.on_wait(self.dp.stats().packets_moved());
+                self.boost.apply(c, self.dp.label(), self.dp.stats());
+            }
             let stats = self.dp.stats();
             stats.syscalls.add(1);
-            let timeout = if self.busy_poll || queued {
-                PollTimeout::ZERO
-            } else {
+            let timeout = if sleep {
                 stats.waits.add(1);
                 PollTimeout::NONE
+            } else {
+                PollTimeout::ZERO
             };
             match poll(&mut fds, timeout) {
                 Ok(_) => {}
@@ -227,6 +236,8 @@ impl PollWorker {
             if (udp_in || self.dp.rx_queued() > 0) && self.inb.held.is_none() {
                 self.drain_udp(udp_in)?;
             }
+            let c = self.boost.on_pass(self.dp.stats().packets_moved());
+            self.boost.apply(c, self.dp.label(), self.dp.stats());
             log_events(&mut self.dp);
         }
         Ok(())

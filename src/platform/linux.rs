@@ -283,6 +283,21 @@ pub fn drain_error_queue(sock: &UdpSocket) -> u64 {
     }
 }
 
+/// Lets this process raise its threads' priority to `nice` later without
+/// CAP_SYS_NICE (which `--user` gives up): RLIMIT_NICE of `20 - nice`, if
+/// it is lower now. Needs CAP_SYS_RESOURCE to raise the hard limit; a
+/// refusal is left for the first raise to report.
+pub fn allow_nice(nice: i32) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let want = (20 - nice.clamp(-20, 19)) as u64;
+    match getrlimit(Resource::RLIMIT_NICE) {
+        Ok((soft, hard)) if soft < want => {
+            let _ = setrlimit(Resource::RLIMIT_NICE, want, hard.max(want));
+        }
+        _ => {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

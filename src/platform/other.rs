@@ -167,3 +167,6 @@ fn socket_addr(a: &SockaddrStorage) -> Option<SocketAddr> {
                 .map(|v6| SocketAddr::from(std::net::SocketAddrV6::from(*v6)))
         })
 }
+
+/// No RLIMIT_NICE here: raising a priority needs the privilege itself.
+pub fn allow_nice(_nice: i32) {}

@@ -231,6 +231,11 @@ pub fn run_tunnel_then(cfg: &TunnelConfig, up: impl FnOnce()) -> Result<()> {
         events_tx: events_tx.clone(),
         spare: Restart::spare(wg.is_some(), &device)?,
     };
+    if cfg.engine.wake_nice < 0 {
+        // Before privileges go: the workers raise their priority on every
+        // wakeup, after --user too.
+        crate::platform::allow_nice(cfg.engine.wake_nice);
+    }
     let mut workers = restart.start(device, sockets, None)?;
     if !workers.wait_ready(cfg, &events, &peers)? {
         return workers.stop(None);
@@ -486,6 +491,8 @@ impl Workers {
                     }),
                 shutdown: workers.shutdown.clone(),
                 busy_poll: cfg.engine.busy_poll,
+                wake: (cfg.engine.wake_nice < 0)
+                    .then_some((cfg.engine.wake_nice, cfg.engine.wake_budget)),
             };
             let tx = events.clone();
             let report = move |ev| {

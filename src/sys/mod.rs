@@ -37,3 +37,31 @@ pub fn fork_before_threads() -> std::io::Result<Option<nix::unistd::Pid>> {
         nix::unistd::ForkResult::Parent { child } => Ok(Some(child)),
     }
 }
+
+/// The calling thread's nice value (Linux: per thread; elsewhere the
+/// process's).
+#[allow(unsafe_code)]
+pub fn thread_nice() -> std::io::Result<i32> {
+    nix::errno::Errno::clear();
+    // SAFETY: getpriority takes plain integers and touches no memory of
+    // ours; -1 is a valid nice value, so errno (cleared above) tells an
+    // error apart.
+    let v = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+    if v == -1 && nix::errno::Errno::last_raw() != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(v)
+}
+
+/// Sets the calling thread's nice value (Linux: this thread only, as `who`
+/// 0 means the caller; elsewhere the process). A lower value than the
+/// current one needs CAP_SYS_NICE or an RLIMIT_NICE that allows it.
+#[allow(unsafe_code)]
+pub fn set_thread_nice(nice: i32) -> std::io::Result<()> {
+    // SAFETY: setpriority takes plain integers and touches no memory of ours.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}

@@ -23,6 +23,7 @@ use crate::datapath::{
     After, Attach, Datapath, Direction, MAX_GATHER_PIECES, Received, RxAction, SPLIT_LEN,
     TunAction, TxBuf, TxPlan, TxSend,
 };
+use crate::engine::boost::WakeBoost;
 use crate::engine::{Shutdown, WorkerParts, log_events, now_ns};
 use crate::error::{Error, Result};
 use crate::packet::offload::{Coalescer, Piece};
@@ -145,6 +146,8 @@ pub struct UringWorker {
     shutdown: Arc<Shutdown>,
     batch: usize,
     busy_poll: bool,
+    /// Priority on wakeup (`--wake-nice`).
+    boost: WakeBoost,
     /// Buffers per group: TUN buffers are 0..per_group, UDP ones after.
     per_group: u16,
     /// Operations whose final completion has not arrived.
@@ -217,6 +220,7 @@ impl UringWorker {
             datapath: setup,
             shutdown,
             busy_poll,
+            wake,
         } = parts;
         let batch = setup.visit_limits().packets;
         let tun = tun.into_file();
@@ -300,6 +304,7 @@ impl UringWorker {
             shutdown,
             batch,
             busy_poll,
+            boost: WakeBoost::for_this_thread(wake),
             per_group,
             in_flight: 0,
             files_registered,
@@ -673,6 +678,8 @@ impl UringWorker {
             if self.stopping {
                 break;
             }
+            let c = self.boost.on_pass(self.dp.stats().packets_moved());
+            self.boost.apply(c, self.dp.label(), self.dp.stats());
             self.submit_direct_writes()?;
             self.retry_stalled_writes()?;
             log_events(&mut self.dp);
@@ -690,6 +697,10 @@ impl UringWorker {
             // offload one completion already stands for up to 64 KiB:
             // waiting for more would only add latency.
             let coalesce = wait && !self.plan.offload && cqes.len() >= COALESCE_AFTER;
+            if wait {
+                let c = self.boost.on_wait(self.dp.stats().packets_moved());
+                self.boost.apply(c, self.dp.label(), self.dp.stats());
+            }
             let stats = self.dp.stats();
             stats.syscalls.add(1);
             let r = if coalesce {
