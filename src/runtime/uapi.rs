@@ -199,6 +199,9 @@ impl State {
 /// A running server; [`Server::stop`] ends it and removes its socket.
 pub(super) struct Server {
     path: PathBuf,
+    /// The socket file this server bound (device, inode): removed at exit
+    /// only if the path still names it.
+    bound: Option<(u64, u64)>,
     stop: Arc<AtomicBool>,
     thread: Option<thread::JoinHandle<()>>,
 }
@@ -217,8 +220,58 @@ impl Server {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        let _ = std::fs::remove_file(&self.path);
+        remove_if_ours(&self.path, self.bound);
     }
+}
+
+/// The (device, inode) of the file at `path`.
+fn file_id(path: &std::path::Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+/// Removes the socket file at `path` if it is still the one `bound`
+/// identifies: another tunnel of the same name (in another namespace) may
+/// have replaced it meanwhile, and its socket is not ours to remove.
+fn remove_if_ours(path: &std::path::Path, bound: Option<(u64, u64)>) {
+    if bound.is_some() && file_id(path) == bound {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// Whether the socket file at `path` is stale: nobody listens on it
+/// (ECONNREFUSED). A live server whose backlog is full refuses a
+/// connection with EAGAIN: that one is in use, not stale.
+fn stale(path: &std::path::Path) -> bool {
+    use nix::sys::socket::{UnixAddr, connect};
+    // Nonblocking: a full backlog answers EAGAIN instead of holding the
+    // start of this tunnel until the other server accepts.
+    let Ok(addr) = UnixAddr::new(path) else {
+        return false;
+    };
+    let Some(fd) = nonblocking_stream() else {
+        return false;
+    };
+    connect(fd.as_raw_fd(), &addr) == Err(nix::errno::Errno::ECONNREFUSED)
+}
+
+/// A nonblocking, close-on-exec UNIX stream socket (set by fcntl: the
+/// socket flags for both are Linux's).
+fn nonblocking_stream() -> Option<std::os::fd::OwnedFd> {
+    use nix::fcntl::{FcntlArg, FdFlag, OFlag, fcntl};
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::empty(),
+        None,
+    )
+    .ok()?;
+    fcntl(&fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).ok()?;
+    fcntl(&fd, FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).ok()?;
+    Some(fd)
 }
 
 impl Drop for Server {
@@ -242,7 +295,7 @@ fn listen(dir: &std::path::Path, iface: &str) -> Result<Listening> {
     let what = |op: &str| format!("{op} the WireGuard API socket {}", path.display());
     std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
     if path.exists() {
-        if UnixStream::connect(&path).is_ok() {
+        if !stale(&path) {
             return Ok(Listening::InUse(path));
         }
         std::fs::remove_file(&path).map_err(|e| Error::io(what("remove the stale"), e))?;
@@ -312,6 +365,7 @@ fn serve_in(
             .map_err(|e| Error::io("spawn the WireGuard API thread", e))?
     };
     Ok(Some(Server {
+        bound: file_id(&path),
         path,
         stop,
         thread: Some(thread),
@@ -433,5 +487,79 @@ fn handle(stream: UnixStream, state: &State) -> std::io::Result<()> {
             }
             _ => return Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("tunfwd-uapi-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn only_a_socket_nobody_listens_on_is_stale() {
+        let d = temp_dir("stale");
+        let path = d.join("wg9.sock");
+        // Bound, never listening: connections are refused.
+        let fd = nix::sys::socket::socket(
+            nix::sys::socket::AddressFamily::Unix,
+            nix::sys::socket::SockType::Stream,
+            nix::sys::socket::SockFlag::empty(),
+            None,
+        )
+        .unwrap();
+        let addr = nix::sys::socket::UnixAddr::new(&path).unwrap();
+        nix::sys::socket::bind(fd.as_raw_fd(), &addr).unwrap();
+        assert!(stale(&path), "bound, not listening");
+        drop(fd);
+        std::fs::remove_file(&path).unwrap();
+        // A live listener, and one whose backlog is full (nobody accepts):
+        // in use, not stale, so never replaced.
+        let fd = nix::sys::socket::socket(
+            nix::sys::socket::AddressFamily::Unix,
+            nix::sys::socket::SockType::Stream,
+            nix::sys::socket::SockFlag::empty(),
+            None,
+        )
+        .unwrap();
+        nix::sys::socket::bind(fd.as_raw_fd(), &addr).unwrap();
+        nix::sys::socket::listen(&fd, nix::sys::socket::Backlog::new(1).unwrap()).unwrap();
+        let listener = UnixListener::from(fd);
+        assert!(!stale(&path), "listening");
+        let mut held = Vec::new();
+        let full = (0..64).any(|_| {
+            let s = nonblocking_stream().unwrap();
+            let r = nix::sys::socket::connect(s.as_raw_fd(), &addr);
+            held.push(s);
+            r == Err(nix::errno::Errno::EAGAIN)
+        });
+        assert!(full, "the backlog filled");
+        assert!(!stale(&path), "a full backlog is a live server");
+        drop(listener);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_socket_another_server_put_in_its_place_is_left_alone() {
+        let d = temp_dir("ours");
+        let path = d.join("wg9.sock");
+        let first = UnixListener::bind(&path).unwrap();
+        let ours = file_id(&path);
+        assert!(ours.is_some());
+        // Another tunnel of the same name replaced it.
+        std::fs::remove_file(&path).unwrap();
+        let second = UnixListener::bind(&path).unwrap();
+        remove_if_ours(&path, ours);
+        assert!(path.exists(), "the other server's socket stays");
+        let theirs = file_id(&path);
+        remove_if_ours(&path, theirs);
+        assert!(!path.exists(), "its own is removed");
+        drop((first, second));
+        let _ = std::fs::remove_dir_all(&d);
     }
 }
