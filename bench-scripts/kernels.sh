@@ -149,6 +149,9 @@ run_engine() {
     shift 2
     for side in a b; do
         if [ $side = a ]; then me=1; peer=2; else me=2; peer=1; fi
+        # Emptied here, not by the background redirection: wait_for must
+        # not find the previous engine's "tunnel up" before it starts.
+        : > /tmp/$side.err
         # exec: $! is tunfwd itself (busybox would keep a forked shell
         # between), so SIGTERM reaches it.
         (exec /usr/bin/ip netns exec $side tunfwd tunnel --engine "$engine" --dev tun0 \
@@ -264,6 +267,7 @@ if ip -n b link add wg0 type wireguard 2> /tmp/wgerr; then
     ip -n b addr add 198.19.5.2/24 dev wg0
     ip -n b link set wg0 up
     for engine in poll uring; do
+        : > /tmp/wa.err # not the previous engine's "tunnel up" (see above)
         (exec /usr/bin/ip netns exec a tunfwd tunnel --engine $engine --dev tun1 \
             --address 198.19.5.1/24 --wg-config /tmp/a.conf > /tmp/wa.out 2> /tmp/wa.err) &
         pid=$!
