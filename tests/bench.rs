@@ -125,8 +125,14 @@ fn bench_quick_reports_every_figure_and_cleans_up() {
         let target = r["target"].as_str().unwrap();
         let tunfwd = target == "poll" || target == "uring";
         assert!(f(r, "seconds") > 0.0, "{r}");
-        // The load generators alone keep the machine busy during a row.
-        assert!(f(r, "system_cpu_s") > 0.0, "{r}");
+        // The load generators alone keep the machine busy during a row;
+        // an idle latency row (a probe every 5 ms) may cost less than the
+        // kernel's tick-based accounting sees.
+        if r["load"] == "idle" {
+            assert!(f(r, "system_cpu_s") >= 0.0, "{r}");
+        } else {
+            assert!(f(r, "system_cpu_s") > 0.0, "{r}");
+        }
         // Under a flood every probe may be lost: then there is no latency
         // and no ratio, and the row must say all were lost.
         let all_lost =

@@ -568,8 +568,17 @@ impl Proc {
 }
 
 impl Drop for Proc {
+    /// SIGTERM first, so tunfwd removes what it made (devices, the
+    /// WireGuard API socket in the host's /var/run/wireguard); SIGKILL if
+    /// it has not exited within 5 s.
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
+            let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(10));
+            }
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
