@@ -505,29 +505,27 @@ mod tests {
     fn only_a_socket_nobody_listens_on_is_stale() {
         let d = temp_dir("stale");
         let path = d.join("wg9.sock");
-        // Bound, never listening: connections are refused.
-        let fd = nix::sys::socket::socket(
-            nix::sys::socket::AddressFamily::Unix,
-            nix::sys::socket::SockType::Stream,
-            nix::sys::socket::SockFlag::empty(),
-            None,
-        )
-        .unwrap();
         let addr = nix::sys::socket::UnixAddr::new(&path).unwrap();
-        nix::sys::socket::bind(fd.as_raw_fd(), &addr).unwrap();
+        // A blocking stream socket bound to `path`.
+        let bound = || {
+            let fd = nix::sys::socket::socket(
+                nix::sys::socket::AddressFamily::Unix,
+                nix::sys::socket::SockType::Stream,
+                nix::sys::socket::SockFlag::empty(),
+                None,
+            )
+            .unwrap();
+            nix::sys::socket::bind(fd.as_raw_fd(), &addr).unwrap();
+            fd
+        };
+        // Bound, never listening: connections are refused.
+        let fd = bound();
         assert!(stale(&path), "bound, not listening");
         drop(fd);
         std::fs::remove_file(&path).unwrap();
         // A live listener, and one whose backlog is full (nobody accepts):
         // in use, not stale, so never replaced.
-        let fd = nix::sys::socket::socket(
-            nix::sys::socket::AddressFamily::Unix,
-            nix::sys::socket::SockType::Stream,
-            nix::sys::socket::SockFlag::empty(),
-            None,
-        )
-        .unwrap();
-        nix::sys::socket::bind(fd.as_raw_fd(), &addr).unwrap();
+        let fd = bound();
         nix::sys::socket::listen(&fd, nix::sys::socket::Backlog::new(1).unwrap()).unwrap();
         let listener = UnixListener::from(fd);
         assert!(!stale(&path), "listening");
