@@ -50,8 +50,9 @@
 //!    [`Datapath::tx_done`] when the buffer is free again. When reads find
 //!    no free buffer, the engine asks [`Datapath::tx_make_room`] until it
 //!    says no (overload drops, the same amount in every engine); every
-//!    [`RING_CHECK_NS`] ([`Datapath::ring_check_due`]) it reads the device's
-//!    drop counter into [`Datapath::tx_ring_drops`]. A plan's sends come
+//!    [`RING_CHECK_NS`] while the queues hold a backlog
+//!    ([`Datapath::ring_check_due`]) it reads the device's drop counter
+//!    into [`Datapath::tx_ring_drops`]. A plan's sends come
 //!    from [`Datapath::next_send`] in order, each result into
 //!    [`Datapath::on_send`]; the read buffer (and the split area) stay
 //!    untouched until the plan is done.

@@ -134,11 +134,16 @@ impl Datapath {
         self.queues.rxq.as_ref().map_or(0, |q| q.q.len())
     }
 
-    /// True every [`RING_CHECK_NS`] with flow queueing on: the engine then
-    /// reads the device's drop counter (`crate::platform::device_tx_drops`)
-    /// and reports it with [`Datapath::tx_ring_drops`].
+    /// True every [`RING_CHECK_NS`] with flow queueing on, while the flow
+    /// queues hold packets: the engine then reads the device's drop
+    /// counter (`crate::platform::device_tx_drops`) and reports it with
+    /// [`Datapath::tx_ring_drops`]. The ring overflows only while the
+    /// worker falls behind, and then its queues hold a backlog; a worker
+    /// that keeps up (a quiet tunnel: one packet per wakeup, sent at
+    /// once) never pays for the reading, a render of every device's
+    /// counters, on a packet's path.
     pub fn ring_check_due(&mut self, now_ns: u64) -> bool {
-        if self.queues.txq.is_none() || self.queues.device.is_empty() {
+        if self.queues.device.is_empty() || self.tx_queued() == 0 {
             return false;
         }
         if now_ns.saturating_sub(self.queues.ring_checked_ns) < RING_CHECK_NS {

@@ -534,6 +534,12 @@ fn overload_is_the_rings_drop_counter_rising_recently() {
     // Not due more often than every RING_CHECK_NS.
     assert!(d.ring_check_due(later + 60 * ms));
     assert!(!d.ring_check_due(later + 61 * ms));
+    // Never with the queues empty: a worker that keeps up does not read.
+    while let Some(q) = d.tx_next(later + 100 * ms) {
+        d.tx_done(&q);
+    }
+    assert_eq!(d.tx_queued(), 0);
+    assert!(!d.ring_check_due(later + 200 * ms));
 }
 
 #[test]
