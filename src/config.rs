@@ -136,6 +136,49 @@ impl FromStr for CpuPlan {
     }
 }
 
+/// `--queues`: a number, or `auto`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueueCount {
+    /// One queue per CPU the workers may use, up to [`MAX_AUTO_QUEUES`]
+    /// (and in WireGuard mode the number of peers), where the ends need
+    /// not agree on the count (WireGuard: every queue binds the one port);
+    /// else one.
+    Auto,
+    /// This many.
+    Fixed(usize),
+}
+
+/// Upper bound on `--queues auto`: more workers than this cost memory
+/// (each its buffers and socket) for flows that one peer's port keeps on
+/// one worker anyway.
+pub const MAX_AUTO_QUEUES: usize = 8;
+
+impl FromStr for QueueCount {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "auto" {
+            return Ok(QueueCount::Auto);
+        }
+        s.parse()
+            .map(QueueCount::Fixed)
+            .map_err(|_| format!("{s:?} is not a number of queues or `auto`"))
+    }
+}
+
+impl QueueCount {
+    /// The number of queues: `shared_port` says whether the queues share
+    /// one UDP port (WireGuard) so that the peer need not run as many;
+    /// `cpus` is how many CPUs the workers may use (0: unknown).
+    pub fn resolve(self, shared_port: bool, cpus: usize) -> usize {
+        match self {
+            QueueCount::Fixed(n) => n,
+            QueueCount::Auto if shared_port => cpus.clamp(1, MAX_AUTO_QUEUES),
+            QueueCount::Auto => 1,
+        }
+    }
+}
+
 /// io_uring flags as given; `None` means the default.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct UringFlags {
@@ -293,6 +336,12 @@ pub struct PeersConfig {
 pub struct EngineConfig {
     pub kind: EngineKind,
     pub queues: usize,
+    /// `--queues auto` in WireGuard mode: `queues` is the bound the CPUs
+    /// set, and the runtime lowers it to the number of peers its file
+    /// names (one without a file), since a peer's packets are sealed under
+    /// its lock and arrive at one worker: more queues than peers add
+    /// contention, not speed.
+    pub queues_per_peer: bool,
     pub batch: usize,
     /// Bytes one visit to a direction may take (0: no byte bound).
     pub visit_bytes: usize,
@@ -858,6 +907,7 @@ mod tests {
             engine: EngineConfig {
                 kind: EngineKind::Poll,
                 queues: 1,
+                queues_per_peer: false,
                 batch: DEFAULT_BATCH,
                 visit_bytes: DEFAULT_VISIT_BYTES,
                 cpus: CpuPlan::Spread,

@@ -507,6 +507,50 @@ mod tests {
     }
 
     #[test]
+    fn queues_auto_counts_cpus_for_wireguard_only() {
+        let q = |a: &[&str]| crate::cli::tunnel_config(argv(a)).unwrap().engine.queues;
+        let plain = ["--listen", "198.18.0.1:5000", "--peer", "198.18.0.2:5000"];
+        // Plaintext: queue i talks to the peer's PORT+i, so the ends must
+        // agree: one unless told.
+        assert_eq!(q(&plain), 1);
+        assert_eq!(
+            q(&[&plain[..], &["--queues", "auto", "--cpus", "0-3"]].concat()),
+            1
+        );
+        assert_eq!(q(&[&plain[..], &["--queues", "3"]].concat()), 3);
+        // WireGuard: one port for every queue; one queue per CPU of the
+        // plan (distinct), up to MAX_AUTO_QUEUES.
+        let wg = ["--wireguard", "--listen", "[::]:51820"];
+        assert_eq!(q(&[&wg[..], &["--cpus", "0-2,1"]].concat()), 3);
+        let c = crate::cli::tunnel_config(argv(&wg)).unwrap();
+        assert!(
+            c.engine.queues_per_peer,
+            "at most one per peer, once the peers are read"
+        );
+        assert_eq!(
+            q(&[&wg[..], &["--cpus", "0-63"]].concat()),
+            crate::config::MAX_AUTO_QUEUES
+        );
+        assert_eq!(
+            q(&[&wg[..], &["--queues", "1", "--cpus", "0-3"]].concat()),
+            1
+        );
+        let affinity = crate::platform::allowed_cpus().unwrap().len();
+        assert_eq!(
+            q(&wg),
+            affinity.clamp(1, crate::config::MAX_AUTO_QUEUES),
+            "the process's CPUs"
+        );
+        let e = crate::cli::tunnel_config(argv(&[&wg[..], &["--queues", "many"]].concat()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("\"many\" is not a number of queues or `auto`"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn wireguard_keys_work_in_a_file_and_on_the_command_line() {
         let dir = std::env::temp_dir().join(format!("tunfwd-configfile-wg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

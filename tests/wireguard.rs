@@ -402,12 +402,18 @@ fn tunfwd_to_tunfwd_and_a_readable_key_file_is_refused() {
         ..
     } = Confs::write(&dir, false);
     for engine in engines("tunfwd_to_tunfwd") {
-        for (offload, queues) in [("on", "1"), ("off", "1"), ("on", "2")] {
-            let what = format!("{engine}, offload {offload}, {queues} queue(s)");
+        // None: the default, one queue per CPU this process may use but no
+        // more than peers: one here.
+        for (offload, queues) in [("on", None), ("off", Some("1")), ("on", Some("2"))] {
+            let count = queues.unwrap_or("1");
+            let what = format!("{engine}, offload {offload}, {queues:?} queues");
             let topo = Topology::new();
             let with = |side_a: bool, conf: &std::path::Path| {
                 let mut v = wg_args(engine, side_a, conf);
-                v.extend(["--offload", offload, "--queues", queues].map(String::from));
+                v.extend(["--offload", offload].map(String::from));
+                if let Some(q) = queues {
+                    v.extend(["--queues", q].map(String::from));
+                }
                 v
             };
             let mut b = Proc::tunfwd(&topo.b, &with(false, &b_conf));
@@ -415,11 +421,31 @@ fn tunfwd_to_tunfwd_and_a_readable_key_file_is_refused() {
             // Every queue binds the one port the peer knows.
             assert!(
                 a.stderr().contains(&format!(
-                    "{queues} queue(s), engine {engine}, wireguard udp [::]:{WG_PORT}"
+                    "{count} queue(s), engine {engine}, wireguard udp [::]:{WG_PORT}"
                 )),
                 "{what}: {}",
                 a.stderr()
             );
+            assert_eq!(
+                worker_threads(a.child.id()),
+                count.parse::<usize>().unwrap(),
+                "{what}"
+            );
+            if queues == Some("2") {
+                // The port is taken: another tunnel may not join its
+                // SO_REUSEPORT group and take a share of a's datagrams.
+                let out = topo
+                    .a
+                    .command(&[tunfwd_bin()])
+                    .args(wg_args_dev(engine, true, &a_conf, "tun1"))
+                    .output()
+                    .unwrap();
+                let err = String::from_utf8_lossy(&out.stderr);
+                assert!(
+                    !out.status.success() && err.contains("another process uses this port"),
+                    "{what}: {err}"
+                );
+            }
             assert!(topo.a.ping(OVERLAY_B), "{what}: ping a->b");
             assert!(topo.b.ping(OVERLAY6_A), "{what}: ping b->a v6");
             // Two flows at once (with two queues, the device may hand
@@ -939,6 +965,16 @@ fn wg_hub(engine: &str) {
             &s.ns,
             &wg_args_at(engine, &s.inner4(), &s.inner6(), &file),
         ));
+    }
+    // The default queues: one per CPU, but no more than peers (the hub has
+    // three, a spoke one).
+    assert_eq!(
+        worker_threads(hub.child.id()),
+        usable_cpus().min(3),
+        "{engine}: the hub's workers"
+    );
+    for s in &running {
+        assert_eq!(worker_threads(s.child.id()), 1, "{engine}: a spoke's");
     }
     let (s1, s2, s3) = (&spokes[0], &spokes[1], &spokes[2]);
     assert!(s1.ns.ping("198.19.0.1"), "{engine}: spoke 1 -> hub");

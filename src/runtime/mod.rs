@@ -335,7 +335,19 @@ fn open_sockets(cfg: &TunnelConfig, offload: bool) -> Result<Vec<UdpSocket>> {
             addr = first.local_addr().unwrap_or(addr);
         }
         let bound = if cfg.shares_port() {
-            crate::platform::bind_udp_shared(addr)
+            // SO_REUSEPORT lets another process of our user join the group
+            // and take a share of the datagrams: a plain bind first finds
+            // the port taken (or the kernel picks a free one for port 0),
+            // and the group then binds it.
+            let probe = if q == 0 {
+                UdpSocket::bind(addr).and_then(|p| p.local_addr())
+            } else {
+                Ok(addr)
+            };
+            probe.and_then(|a| {
+                addr = a;
+                crate::platform::bind_udp_shared(a)
+            })
         } else {
             UdpSocket::bind(addr)
         };

@@ -26,6 +26,8 @@ const TICK: Duration = Duration::from_millis(100);
 pub(super) struct Loaded {
     pub(super) conf: WgConf,
     pub(super) table: PeerTable,
+    /// The number of queues (`--queues auto`: no more than peers).
+    queues: usize,
 }
 
 /// An `Endpoint`: an address (with an interface for a link-local one), or
@@ -43,13 +45,35 @@ pub(super) fn load(cfg: &TunnelConfig) -> Result<Option<Loaded>> {
     // No file: an interface for `wg` to configure.
     let Some(config) = config else {
         let conf = WgConf::empty();
-        let table = table_for(&conf, cfg.engine.queues, None).map_err(Error::config)?;
-        return Ok(Some(Loaded { conf, table }));
+        let queues = queues(cfg, &conf);
+        let table = table_for(&conf, queues, None).map_err(Error::config)?;
+        return Ok(Some(Loaded {
+            conf,
+            table,
+            queues,
+        }));
     };
     let conf = read_file(config)?;
     let at = |e: String| Error::config(format!("WireGuard config {}: {e}", config.display()));
-    let table = table_for(&conf, cfg.engine.queues, None).map_err(at)?;
-    Ok(Some(Loaded { conf, table }))
+    let queues = queues(cfg, &conf);
+    let table = table_for(&conf, queues, None).map_err(at)?;
+    Ok(Some(Loaded {
+        conf,
+        table,
+        queues,
+    }))
+}
+
+/// The number of queues for `conf`: with `--queues auto`, no more than it
+/// has peers (at least one); see [`EngineConfig::queues_per_peer`].
+///
+/// [`EngineConfig::queues_per_peer`]: crate::config::EngineConfig::queues_per_peer
+fn queues(cfg: &TunnelConfig, conf: &WgConf) -> usize {
+    if cfg.engine.queues_per_peer {
+        cfg.engine.queues.min(conf.peers.len()).max(1)
+    } else {
+        cfg.engine.queues
+    }
 }
 
 /// Reads and checks the WireGuard file at `config`.
@@ -164,10 +188,12 @@ fn read_private(path: &Path) -> Result<String> {
 }
 
 impl Loaded {
-    /// `cfg` with the listening address the file gives: the wildcard
-    /// address of both families on ListenPort, unless `--listen` was given.
+    /// `cfg` with the listening address the file gives (the wildcard
+    /// address of both families on ListenPort, unless `--listen` was
+    /// given) and the number of queues for its peers.
     pub(super) fn resolve(&self, cfg: &TunnelConfig) -> TunnelConfig {
         let mut c = cfg.clone();
+        c.engine.queues = self.queues;
         if let Mode::WireGuard {
             listen_from_file: true,
             ..

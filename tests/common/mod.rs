@@ -1064,3 +1064,31 @@ pub fn paced(count: usize, pps: usize, mut send: impl FnMut(usize)) {
         std::thread::sleep(pause);
     }
 }
+
+/// How many worker threads (`tunfwd-q*`) process `pid` runs.
+pub fn worker_threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with("tunfwd-q"))
+        })
+        .count()
+}
+
+/// How many CPUs this process may use (its affinity, from
+/// /proc/self/status `Cpus_allowed_list`, e.g. `0-3,6`).
+pub fn usable_cpus() -> usize {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .expect("Cpus_allowed_list in /proc/self/status")
+        .trim();
+    list.split(',')
+        .map(|part| match part.split_once('-') {
+            Some((a, b)) => b.parse::<usize>().unwrap() - a.parse::<usize>().unwrap() + 1,
+            None => 1,
+        })
+        .sum()
+}
