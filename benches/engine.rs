@@ -77,6 +77,7 @@ mod linux {
                     shutdown: shutdown.clone(),
                     busy_poll: false,
                     wake: None,
+                    spin: std::time::Duration::ZERO,
                 };
                 let (tx, rx) = mpsc::channel();
                 let handle = spawn_worker(0, engine, parts, None, move |ev| {

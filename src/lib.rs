@@ -35,7 +35,10 @@
 //!   the workers on new sockets); [`wg_quick`] runs it behind
 //!   wireguard-go's command line for wg-quick.
 //! - [`engine`] waits, submits and owns buffers: [`engine::poll`] with
-//!   `poll(2)` (everywhere), `engine::uring` with io_uring (Linux).
+//!   `poll(2)` (everywhere), `engine::uring` with io_uring (Linux). How a
+//!   worker sleeps is decided once for both in [`engine::boost`]: the
+//!   priority it sleeps at (`--wake-nice`) and how long it looks again
+//!   before sleeping (`--spin`).
 //! - [`datapath`] is what both engines call, once per read or receive and
 //!   once per I/O result, with the time passed in: no I/O; tested without
 //!   root.

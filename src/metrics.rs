@@ -879,6 +879,7 @@ mod tests {
         w.syscalls.add(next());
         w.waits.add(next());
         w.wake_lowered.add(next());
+        w.spin_looks.add(next());
         w.io_errors.add(next());
         w.peer_unreachable.add(next());
         w.pool_exhausted.add(next());

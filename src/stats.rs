@@ -345,6 +345,10 @@ counters! {
     /// dropped back to its normal priority.
     wake_lowered: Counter => "tunfwd_wake_lowered_total",
         "Times a worker dropped back from its wakeup priority after its budget.";
+    /// With --spin: times a worker yielded and looked for packets again
+    /// instead of sleeping.
+    spin_looks: Counter => "tunfwd_spin_looks_total",
+        "Times a worker looked for packets again instead of sleeping (--spin).";
     /// Socket errors that did not stop the worker (queued ICMP errors).
     io_errors: Counter => "tunfwd_io_errors_total", "Socket errors the worker went on from.";
     /// ICMP errors (port or host unreachable, ...) the kernel reported for

@@ -117,6 +117,7 @@ impl Harness {
             shutdown: shutdown.clone(),
             busy_poll: false,
             wake: None,
+            spin: std::time::Duration::ZERO,
         };
         let (tx, rx) = mpsc::channel();
         let report = move |ev| {

@@ -542,3 +542,67 @@ fn wake_nice_raises_sleeping_workers_and_drops_back_under_load() {
         assert_eq!(err.matches("cannot raise").count(), 1, "one line: {err}");
     }
 }
+
+/// `spin_looks` of every `tunfwd: stats` line of `out`, in order.
+fn spin_looks_per_line(out: &str) -> Vec<u64> {
+    out.lines()
+        .filter(|l| l.starts_with("tunfwd: stats t="))
+        .map(|l| stat(l, "stats", "spin_looks"))
+        .collect()
+}
+
+/// `--spin`: after packets, a worker looks again instead of sleeping
+/// (counted), and once the window has passed without packets it sleeps:
+/// the count stops rising (two stats lines a second apart agree).
+#[test]
+fn spin_looks_after_packets_then_sleeps() {
+    let test = "spin_looks_after_packets_then_sleeps";
+    if !can_run_kernel_tests(test) {
+        return;
+    }
+    for engine in engines(test) {
+        let topo = Topology::new();
+        let extra = [
+            "--engine",
+            engine,
+            "--spin",
+            "10000",
+            "--stats-interval",
+            "1",
+        ];
+        let (mut a, mut b) = start_pair(&topo, &extra);
+        assert!(topo.a.ping(OVERLAY_B), "{engine}: ping");
+        for p in [&mut a, &mut b] {
+            let lines_before = spin_looks_per_line(&p.stdout()).len();
+            p.wait_until("spin_looks above 0 and then steady", |p| {
+                let looks = spin_looks_per_line(&p.stdout());
+                let after = &looks[lines_before.min(looks.len())..];
+                match after {
+                    [.., x, y] if x == y && *y > 0 => Some(()),
+                    _ => None,
+                }
+            });
+        }
+        assert!(a.terminate().success(), "{engine}");
+        assert!(b.terminate().success(), "{engine}");
+        // The default: io_uring looks for 100 us, poll does not look;
+        // --spin 0: no looks.
+        for (flags, looks) in [(&[][..], engine == "uring"), (&["--spin", "0"][..], false)] {
+            let mut args = vec!["--engine", engine];
+            args.extend_from_slice(flags);
+            let (mut a, mut b) = start_pair(&topo, &args);
+            assert!(topo.a.ping(OVERLAY_B), "{engine} {flags:?}: ping");
+            assert!(a.terminate().success());
+            assert!(b.terminate().success());
+            for p in [&a, &b] {
+                let out = p.stdout();
+                assert_eq!(
+                    stat(&out, "summary total", "spin_looks") > 0,
+                    looks,
+                    "{engine} {flags:?}: {out}"
+                );
+                assert!(stat(&out, "summary total", "packets") > 0, "{out}");
+            }
+        }
+    }
+}

@@ -1,5 +1,7 @@
-//! Priority on wakeup, with a budget (`--wake-nice`, `--wake-budget`), the
-//! same for both engines: a worker goes to sleep at a raised priority, so
+//! How a worker sleeps, the same for both engines: [`Linger`] keeps it
+//! looking for packets for a while after some (`--spin`), and
+//! [`WakeBoost`] gives it priority on wakeup, with a budget (`--wake-nice`,
+//! `--wake-budget`): a worker goes to sleep at a raised priority, so
 //! when a packet wakes it the scheduler runs it ahead of bulk applications
 //! (on a kernel without preemption, at the next switch); once it has moved
 //! its budget of packets since it woke, it drops back to its normal
@@ -7,8 +9,9 @@
 //! works the same way in the kernel: softirq first, with a budget, then
 //! ksoftirqd at normal priority.
 //!
-//! The decisions are pure ([`WakeBoost::on_wait`], [`WakeBoost::on_pass`]);
-//! the engine applies a [`Change`] with [`WakeBoost::apply`].
+//! The decisions are pure ([`Linger::keep_looking`], [`WakeBoost::on_wait`],
+//! [`WakeBoost::on_pass`]); the engine yields or sleeps, and applies a
+//! [`Change`] with [`WakeBoost::apply`].
 
 use crate::stats::WorkerStats;
 
@@ -116,9 +119,72 @@ impl WakeBoost {
     }
 }
 
+/// `--spin`: after moving packets, a worker keeps looking for more for a
+/// window instead of sleeping, yielding the CPU between looks (so a woken
+/// application still runs at once on a kernel without preemption). A
+/// request and its answer often cross the forwarder within a few hundred
+/// microseconds: the answer then finds the worker awake, and its CPU has
+/// not gone idle (waking an idle CPU, in a virtual machine a halted one,
+/// is most of a quiet tunnel's latency). With no packets, it sleeps.
+#[derive(Debug)]
+pub struct Linger {
+    window: std::time::Duration,
+    /// Packets moved in all at the last look that found some.
+    moved: u64,
+    /// When the window after the last packets ends.
+    until: Option<std::time::Instant>,
+}
+
+impl Linger {
+    /// A window of `window` after each pass that moved packets (zero: off).
+    pub fn new(window: std::time::Duration) -> Linger {
+        Linger {
+            window,
+            moved: 0,
+            until: None,
+        }
+    }
+
+    /// The worker would sleep at `now`, having moved `moved` packets in
+    /// all: true if it should look again instead (and yield first).
+    pub fn keep_looking(&mut self, now: std::time::Instant, moved: u64) -> bool {
+        if self.window.is_zero() {
+            return false;
+        }
+        if moved != self.moved {
+            self.moved = moved;
+            self.until = Some(now + self.window);
+        }
+        match self.until {
+            Some(until) if now < until => true,
+            _ => {
+                self.until = None;
+                false
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lingers_for_the_window_after_packets_then_sleeps() {
+        use std::time::{Duration, Instant};
+        let t0 = Instant::now();
+        let us = |n| t0 + Duration::from_micros(n);
+        let mut l = Linger::new(Duration::from_micros(200));
+        assert!(!l.keep_looking(us(0), 0), "no packets yet: sleep");
+        assert!(l.keep_looking(us(10), 5), "packets: look again");
+        assert!(l.keep_looking(us(150), 5), "within the window");
+        assert!(l.keep_looking(us(200), 6), "more packets: a new window");
+        assert!(l.keep_looking(us(399), 6));
+        assert!(!l.keep_looking(us(400), 6), "window over: sleep");
+        assert!(!l.keep_looking(us(5000), 6), "still nothing: sleep");
+        let mut off = Linger::new(Duration::ZERO);
+        assert!(!off.keep_looking(us(0), 1), "off");
+    }
 
     #[test]
     fn raised_to_sleep_lowered_after_the_budget() {

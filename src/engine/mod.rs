@@ -38,6 +38,9 @@ pub struct WorkerParts {
     /// The nice value to sleep at and the packets after a wakeup before
     /// dropping back (`--wake-nice`, `--wake-budget`; None: off).
     pub wake: Option<(i32, u64)>,
+    /// How long to keep looking for packets after moving some, yielding
+    /// between looks, before sleeping (`--spin`; zero: off).
+    pub spin: std::time::Duration,
 }
 
 /// What was asked for: the engine flags before probing.
@@ -122,6 +125,19 @@ impl Engine {
                 _ => Ok(Engine::Poll),
             }
         }
+    }
+
+    /// How long a worker looks for packets after moving some (`--spin`):
+    /// `given`, else this engine's default
+    /// ([`DEFAULT_SPIN_US_URING`](crate::config::DEFAULT_SPIN_US_URING) with
+    /// io_uring, where it was measured to pay; none with poll).
+    pub fn spin(&self, given: Option<u64>) -> std::time::Duration {
+        let default = match self {
+            Engine::Poll => 0,
+            #[cfg(target_os = "linux")]
+            Engine::Uring(_) => crate::config::DEFAULT_SPIN_US_URING,
+        };
+        std::time::Duration::from_micros(given.unwrap_or(default))
     }
 
     /// Whether the workers use offload: asked for (or auto) and, for

@@ -14,6 +14,7 @@ use std::net::UdpSocket;
 use std::ops::Range;
 use std::os::fd::AsFd;
 use std::sync::Arc;
+use std::time::Instant;
 
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -22,7 +23,7 @@ use crate::datapath::{
     After, Attach, Datapath, Direction, MAX_GATHER_PIECES, RxAction, SPLIT_LEN, TunAction, TxBuf,
     TxPlan, Visit, WriteInfo,
 };
-use crate::engine::boost::WakeBoost;
+use crate::engine::boost::{Linger, WakeBoost};
 use crate::engine::{Shutdown, WorkerParts, log_events, now_ns};
 use crate::error::{Error, Result};
 use crate::fq::Dequeued;
@@ -45,6 +46,8 @@ pub struct PollWorker {
     busy_poll: bool,
     /// Priority on wakeup (`--wake-nice`).
     boost: WakeBoost,
+    /// Looks for packets before sleeping (`--spin`).
+    linger: Linger,
     shutdown: Arc<Shutdown>,
     out: Outbound,
     inb: Inbound,
@@ -148,6 +151,7 @@ impl PollWorker {
             udp,
             dp,
             busy_poll: parts.busy_poll,
+            linger: Linger::new(parts.spin),
             boost: WakeBoost::for_this_thread(parts.wake),
             shutdown: parts.shutdown,
             out,
@@ -177,7 +181,15 @@ impl PollWorker {
                 PollFd::new(self.udp.as_fd(), udp_events),
                 PollFd::new(self.shutdown.wake_fd(), PollFlags::POLLIN),
             ];
-            let sleep = !(self.busy_poll || queued);
+            let look = !(self.busy_poll || queued)
+                && self
+                    .linger
+                    .keep_looking(Instant::now(), self.dp.stats().packets_moved());
+            if look {
+                std::thread::yield_now();
+                self.dp.stats().spin_looks.add(1);
+            }
+            let sleep = !(self.busy_poll || queued || look);
             if sleep {
                 let c = self.boost.on_wait(self.dp.stats().packets_moved());
                 self.boost.apply(c, self.dp.label(), self.dp.stats());

@@ -505,6 +505,7 @@ impl Workers {
                 busy_poll: cfg.engine.busy_poll,
                 wake: (cfg.engine.wake_nice < 0)
                     .then_some((cfg.engine.wake_nice, cfg.engine.wake_budget)),
+                spin: engine.spin(cfg.engine.spin_us),
             };
             let tx = events.clone();
             let report = move |ev| {

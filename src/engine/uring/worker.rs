@@ -23,7 +23,7 @@ use crate::datapath::{
     After, Attach, Datapath, Direction, MAX_GATHER_PIECES, Received, RxAction, SPLIT_LEN,
     TunAction, TxBuf, TxPlan, TxSend,
 };
-use crate::engine::boost::WakeBoost;
+use crate::engine::boost::{Linger, WakeBoost};
 use crate::engine::{Shutdown, WorkerParts, log_events, now_ns};
 use crate::error::{Error, Result};
 use crate::packet::offload::{Coalescer, Piece};
@@ -148,6 +148,8 @@ pub struct UringWorker {
     busy_poll: bool,
     /// Priority on wakeup (`--wake-nice`).
     boost: WakeBoost,
+    /// Looks for completions before sleeping (`--spin`).
+    linger: Linger,
     /// Buffers per group: TUN buffers are 0..per_group, UDP ones after.
     per_group: u16,
     /// Operations whose final completion has not arrived.
@@ -221,6 +223,7 @@ impl UringWorker {
             shutdown,
             busy_poll,
             wake,
+            spin,
         } = parts;
         let batch = setup.visit_limits().packets;
         let tun = tun.into_file();
@@ -305,6 +308,7 @@ impl UringWorker {
             batch,
             busy_poll,
             boost: WakeBoost::for_this_thread(wake),
+            linger: Linger::new(spin),
             per_group,
             in_flight: 0,
             files_registered,
@@ -690,7 +694,18 @@ impl UringWorker {
                 // Completions wait and nothing is queued: no kernel entry.
                 continue;
             }
-            let wait = !self.busy_poll && !cq_pending;
+            // Within --spin of the last packets: yield, then look once
+            // more without sleeping.
+            let look = !self.busy_poll
+                && !cq_pending
+                && self
+                    .linger
+                    .keep_looking(std::time::Instant::now(), self.dp.stats().packets_moved());
+            if look {
+                std::thread::yield_now();
+                self.dp.stats().spin_looks.add(1);
+            }
+            let wait = !self.busy_poll && !cq_pending && !look;
             // Under load (the last reap was large), wait for a batch of
             // completions for at most COALESCE_WAIT: fewer kernel entries per
             // packet. At low load, wake on the first completion. With
@@ -713,6 +728,8 @@ impl UringWorker {
             } else if wait {
                 stats.waits.add(1);
                 self.ring.submit_and_wait(1)
+            } else if look {
+                self.look()
             } else {
                 self.ring.submit()
             };
@@ -958,6 +975,29 @@ impl UringWorker {
             }
         }
         Ok(())
+    }
+
+    /// One kernel entry that submits what is queued and posts finished
+    /// work as completions without waiting for any (`--spin`): with
+    /// DEFER_TASKRUN only an entry asking for events runs that work, and a
+    /// wait, even with a zero timeout, would put the thread to sleep.
+    fn look(&mut self) -> std::io::Result<usize> {
+        if self.ring.params().is_setup_sqpoll() {
+            return self.ring.submit();
+        }
+        let queued = self.ring.submission().len() as u32;
+        // SAFETY: no argument is passed, the only flag is GETEVENTS with a
+        // minimum of zero completions (no wait), and `queued` counts the
+        // entries already written to the shared submission ring (the
+        // handle publishes its tail when dropped, above).
+        unsafe {
+            self.ring.submitter().enter::<libc::sigset_t>(
+                queued,
+                0,
+                io_uring::EnterFlags::GETEVENTS.bits(),
+                None,
+            )
+        }
     }
 
     /// TUN buffers ready for the next read.
