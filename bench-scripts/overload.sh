@@ -9,6 +9,8 @@
 #
 #   sudo bash bench-scripts/overload.sh               # uring then poll
 #   SECS=20 SIZE=512 sudo -E bash bench-scripts/overload.sh poll
+#   CAP_KPPS=94 sudo -E bash bench-scripts/overload.sh  # skip the ladder:
+#       offer 2 x 94 kpps (the same load in every run, for comparing runs)
 #
 # Needs root; installs iperf3 and jq if missing. Traffic stays in the two
 # namespaces this script creates.
@@ -18,6 +20,7 @@ cd "$(dirname "$0")/.."
 . bench-scripts/lib/topology.sh
 
 SECS=${SECS:-60}
+CAP_KPPS=${CAP_KPPS:-}  # capacity to assume instead of measuring it
 SIZE=${SIZE:-1400}   # IP packet bytes
 OUT=${OUT:-$PWD/target/bench-results}
 ENGINES=("$@")
@@ -56,7 +59,13 @@ for engine in "${ENGINES[@]}"; do
     # Capacity: the most delivered over a ladder of offered rates (an
     # unlimited flood alone under-reads it: receive livelock).
     cap=0
-    for kpps in 25 50 100 150 200 300 0; do
+    ladder=(25 50 100 150 200 300 0)
+    if [ -n "$CAP_KPPS" ]; then
+        cap=$((CAP_KPPS * 1000))
+        ladder=()
+        echo "overload.sh: $engine capacity taken as ${CAP_KPPS}k pps (CAP_KPPS)" >&2
+    fi
+    for kpps in "${ladder[@]}"; do
         per_stream=$((kpps * 1000 * PAYLOAD * 8 / 2))
         got=$(iperf_udp "$per_stream" 3 | jq --argjson p "$PAYLOAD" '(.end.sum_received.bytes // 0) / $p / (.end.sum_received.seconds // 1) | floor')
         echo "overload.sh: $engine offered ${kpps}k pps (0: unlimited): delivered $got pps" >&2
