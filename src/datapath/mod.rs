@@ -50,8 +50,9 @@
 //!    [`Datapath::tx_done`] when the buffer is free again. When reads find
 //!    no free buffer, the engine asks [`Datapath::tx_make_room`] until it
 //!    says no (overload drops, the same amount in every engine); every
-//!    [`RING_CHECK_NS`] while the queues hold a backlog
-//!    ([`Datapath::ring_check_due`]) it reads the device's drop counter
+//!    [`RING_CHECK_NS`] while the worker is busy (a backlog in the queues,
+//!    or a visit's worth of reads since the last reading;
+//!    [`Datapath::ring_check_due`]) it reads the device's drop counter
 //!    into [`Datapath::tx_ring_drops`]. A plan's sends come
 //!    from [`Datapath::next_send`] in order, each result into
 //!    [`Datapath::on_send`]; the read buffer (and the split area) stay
@@ -403,6 +404,7 @@ impl Setup {
                 device,
                 ring_drops: None,
                 ring_checked_ns: 0,
+                reads_since_check: 0,
             },
             rx: rx::RxState {
                 aqm: aqm.map(crate::aqm::Codel::new),

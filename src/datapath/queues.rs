@@ -22,6 +22,8 @@ pub(super) struct Queues {
     pub(super) device: String,
     pub(super) ring_drops: Option<(u64, u64)>,
     pub(super) ring_checked_ns: u64,
+    /// TUN reads queued since the drop counter was last read.
+    pub(super) reads_since_check: u64,
 }
 
 /// One side's flow queues (see [`crate::fq`]) over the engine's buffers
@@ -134,22 +136,27 @@ impl Datapath {
         self.queues.rxq.as_ref().map_or(0, |q| q.q.len())
     }
 
-    /// True every [`RING_CHECK_NS`] with flow queueing on, while the flow
-    /// queues hold packets: the engine then reads the device's drop
-    /// counter (`crate::platform::device_tx_drops`) and reports it with
+    /// True every [`RING_CHECK_NS`] with flow queueing on, while the
+    /// worker is busy: its flow queues hold packets, or it has read at
+    /// least a visit's packets (`--batch`) since the last reading. The
+    /// engine then reads the device's drop counter
+    /// (`crate::platform::device_tx_drops`) and reports it with
     /// [`Datapath::tx_ring_drops`]. The ring overflows only while the
-    /// worker falls behind, and then its queues hold a backlog; a worker
-    /// that keeps up (a quiet tunnel: one packet per wakeup, sent at
-    /// once) never pays for the reading, a render of every device's
-    /// counters, on a packet's path.
+    /// worker falls behind, reading full visits or keeping a backlog; a
+    /// quiet tunnel (a packet per wakeup, sent at once) pays for the
+    /// reading, a render of every device's counters, once per a visit's
+    /// worth of packets instead of on every other packet.
     pub fn ring_check_due(&mut self, now_ns: u64) -> bool {
-        if self.queues.device.is_empty() || self.tx_queued() == 0 {
+        let busy =
+            self.tx_queued() > 0 || self.queues.reads_since_check >= self.limits.packets as u64;
+        if self.queues.device.is_empty() || !busy {
             return false;
         }
         if now_ns.saturating_sub(self.queues.ring_checked_ns) < RING_CHECK_NS {
             return false;
         }
         self.queues.ring_checked_ns = now_ns;
+        self.queues.reads_since_check = 0;
         true
     }
 

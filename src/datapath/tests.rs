@@ -534,12 +534,23 @@ fn overload_is_the_rings_drop_counter_rising_recently() {
     // Not due more often than every RING_CHECK_NS.
     assert!(d.ring_check_due(later + 60 * ms));
     assert!(!d.ring_check_due(later + 61 * ms));
-    // Never with the queues empty: a worker that keeps up does not read.
+    // With the queues empty, only after a visit's worth of reads: a worker
+    // that keeps up reads rarely, one that reads full visits does.
     while let Some(q) = d.tx_next(later + 100 * ms) {
         d.tx_done(&q);
     }
     assert_eq!(d.tx_queued(), 0);
     assert!(!d.ring_check_due(later + 200 * ms));
+    let visit = d.visit_limits().packets;
+    for i in 0..visit {
+        assert!(!d.ring_check_due(later + 300 * ms), "{i} reads");
+        d.tx_enqueue(0, &pkt, pkt.len(), later + 300 * ms);
+        let q = d.tx_next(later + 300 * ms).expect("handed out");
+        d.tx_done(&q);
+    }
+    assert_eq!(d.tx_queued(), 0);
+    assert!(d.ring_check_due(later + 300 * ms), "after {visit} reads");
+    assert!(!d.ring_check_due(later + 400 * ms), "counted afresh");
 }
 
 #[test]

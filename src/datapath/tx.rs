@@ -150,6 +150,7 @@ impl Datapath {
         let Some(t) = &mut self.queues.txq else {
             return;
         };
+        self.queues.reads_since_check += 1;
         t.enqueue(id, pkt, len, now_ns, &self.stats.tun_to_peer);
     }
 
