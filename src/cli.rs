@@ -61,7 +61,7 @@ enum Command {
     /// Answer ICMP/ICMPv6 echo requests and UDP datagrams that the kernel
     /// routes into a TUN device, back into it (a self-test and a latency far
     /// end: `ping` another address of the device's subnet).
-    Reflect(ReflectArgs),
+    Reflect(Box<ReflectArgs>),
     /// Print a new WireGuard private key in base64, as `wg genkey` (the
     /// keys are interchangeable): `umask 077; tunfwd genkey > private.key`.
     Genkey,
