@@ -187,7 +187,9 @@ impl PollWorker {
                     .keep_looking(Instant::now(), self.dp.stats().packets_moved());
             if look {
                 std::thread::yield_now();
-                self.dp.stats().spin_looks.add(1);
+                let stats = self.dp.stats();
+                stats.spin_looks.add(1);
+                stats.syscalls.add(1);
             }
             let sleep = !(self.busy_poll || queued || look);
             if sleep {

@@ -703,7 +703,9 @@ impl UringWorker {
                     .keep_looking(std::time::Instant::now(), self.dp.stats().packets_moved());
             if look {
                 std::thread::yield_now();
-                self.dp.stats().spin_looks.add(1);
+                let stats = self.dp.stats();
+                stats.spin_looks.add(1);
+                stats.syscalls.add(1);
             }
             let wait = !self.busy_poll && !cq_pending && !look;
             // Under load (the last reap was large), wait for a batch of
