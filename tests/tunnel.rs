@@ -452,20 +452,13 @@ fn ipv6_link_local_underlay_with_named_scope() {
 /// The nice value of process `pid`'s first worker thread (`tunfwd-q0`),
 /// from /proc/PID/task/TID/stat (None if it has none).
 fn worker_nice(pid: u32) -> Option<i32> {
-    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
-        .ok()?
-        .flatten()
-    {
-        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-        if comm.trim_end() != "tunfwd-q0" {
-            continue;
-        }
-        let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
-        // Fields after "(comm) ": state is the 3rd of the line, nice the 19th.
-        let rest = stat.rsplit_once(") ")?.1;
-        return rest.split_whitespace().nth(16)?.parse().ok();
-    }
-    None
+    let (_, task) = worker_tasks(pid)
+        .into_iter()
+        .find(|(comm, _)| comm == "tunfwd-q0")?;
+    let stat = std::fs::read_to_string(task.join("stat")).ok()?;
+    // Fields after "(comm) ": state is the 3rd of the line, nice the 19th.
+    let rest = stat.rsplit_once(") ")?.1;
+    rest.split_whitespace().nth(16)?.parse().ok()
 }
 
 /// `--wake-nice`: each side's worker sleeps at the raised priority, drops

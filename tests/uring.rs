@@ -207,21 +207,15 @@ fn cpus_pin_workers() {
         );
         let pid = a.child.id();
         let mut pinned = Vec::new();
-        for t in std::fs::read_dir(format!("/proc/{pid}/task"))
-            .unwrap()
-            .flatten()
-        {
-            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-            if comm.starts_with("tunfwd-q") {
-                let status = std::fs::read_to_string(t.path().join("status")).unwrap();
-                let cpus = status
-                    .lines()
-                    .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-                    .unwrap()
-                    .trim()
-                    .to_string();
-                pinned.push((comm.trim().to_string(), cpus));
-            }
+        for (comm, task) in worker_tasks(pid) {
+            let status = std::fs::read_to_string(task.join("status")).unwrap();
+            let cpus = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .unwrap()
+                .trim()
+                .to_string();
+            pinned.push((comm, cpus));
         }
         pinned.sort();
         assert_eq!(

@@ -1065,15 +1065,25 @@ pub fn paced(count: usize, pps: usize, mut send: impl FnMut(usize)) {
     }
 }
 
+/// The worker threads (`tunfwd-qN`) of process `pid`: each one's name
+/// and its /proc/PID/task/TID directory (none if the process is gone).
+pub fn worker_tasks(pid: u32) -> Vec<(String, std::path::PathBuf)> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|t| {
+            let comm = std::fs::read_to_string(t.path().join("comm")).ok()?;
+            let comm = comm.trim_end();
+            comm.starts_with("tunfwd-q")
+                .then(|| (comm.to_string(), t.path()))
+        })
+        .collect()
+}
+
 /// How many worker threads (`tunfwd-q*`) process `pid` runs.
 pub fn worker_threads(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .flatten()
-        .filter(|t| {
-            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with("tunfwd-q"))
-        })
-        .count()
+    worker_tasks(pid).len()
 }
 
 /// How many CPUs this process may use (its affinity, from
