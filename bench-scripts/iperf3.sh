@@ -8,9 +8,16 @@
 #   SECS=10 OUT=/tmp/res sudo -E bash bench-scripts/iperf3.sh poll
 #
 # Each argument is one tunfwd configuration: an engine name followed by any
-# `tunfwd tunnel` flags. Workloads per configuration: TCP 1 stream, TCP 4
-# streams, UDP with 64-byte and 1400-byte IP packets (unlimited rate), and
-# 200 pings at 5 ms intervals for latency percentiles.
+# `tunfwd tunnel` flags. Per configuration: the forwarders' CPU while the
+# tunnel is quiet (QUIET seconds, default 5, as a percentage of one CPU per
+# forwarder), TCP 1 stream, TCP 4 streams, UDP with 64-byte and 1400-byte IP
+# packets (unlimited rate), pings at 5 ms intervals while the one TCP
+# stream runs (loaded: SECS x 100 probes, started once the stream's
+# connection is up), and pings on the quiet tunnel at each spacing of
+# PING_INTERVALS (seconds, default 0.005; 200 probes, or 20 seconds' worth
+# if fewer) for latency percentiles:
+#
+#   PING_INTERVALS="0.001 0.01 0.1 1" sudo -E bash bench-scripts/iperf3.sh uring
 #
 # Needs root. Installs iperf3, jq and gnuplot-nox with apt-get if missing.
 # Traffic stays inside the two namespaces this script creates (198.18.0.0/30
@@ -21,6 +28,8 @@ cd "$(dirname "$0")/.."
 . bench-scripts/lib/topology.sh
 
 SECS=${SECS:-5}
+QUIET=${QUIET:-5}
+PING_INTERVALS=${PING_INTERVALS:-0.005}
 OUT=${OUT:-$PWD/target/bench-results}
 CONFIGS=("$@")
 [ ${#CONFIGS[@]} -gt 0 ] || CONFIGS=(poll)
@@ -80,8 +89,8 @@ iperf_json() { # server-address extra-client-args...
     wait "$srv" 2>/dev/null || true
 }
 
-ping_p() { # address -> "p50 p99" in microseconds
-    ip netns exec "$A" ping -c 200 -i 0.005 "$1" 2>/dev/null |
+ping_p() { # address [count [interval]] -> "p50 p99" in microseconds
+    ip netns exec "$A" ping -c "${2:-200}" -i "${3:-0.005}" "$1" 2>/dev/null |
         sed -n 's/.*time=\([0-9.]*\) ms.*/\1/p' | sort -n |
         awk '{ v[NR] = $1 * 1000 } END {
             if (NR == 0) { print "0 0"; exit }
@@ -98,25 +107,74 @@ udp_summary() { # IP packet size; reads iperf3 JSON: sent and received pps, loss
          ip_gbps: (($r.bytes // 0) / $payload * $ip * 8 / ($r.seconds // 1) / 1e9)}'
 }
 
+# TCP, one stream, with pings every 5 ms while it runs: prints the iperf3
+# JSON, and the pings' "p50 p99" into $TMP/loaded.
+tcp1_loaded() { # address
+    local dst=$1
+    : >"$TMP/loaded"
+    (
+        # Both of iperf3's connections (control, then data) up.
+        for _ in $(seq 200); do
+            [ "$(ip netns exec "$A" ss -Htn state established "dst $dst:5201" | wc -l)" -ge 2 ] && break
+            sleep 0.02
+        done
+        ping_p "$dst" $((SECS * 100)) >"$TMP/loaded"
+    ) &
+    local pinger=$!
+    iperf_json "$dst"
+    wait "$pinger" || true
+}
+
+# Idle pings at each of PING_INTERVALS: a JSON array of
+# {interval_s, p50_us, p99_us}.
+idle_pings() { # address
+    local dst=$1 iv n lat out=()
+    for iv in $PING_INTERVALS; do
+        n=$(awk -v i="$iv" 'BEGIN { n = int(20 / i); if (n > 200) n = 200; if (n < 2) n = 2; print n }')
+        lat=$(ping_p "$dst" "$n" "$iv")
+        out+=("{\"interval_s\": $iv, \"p50_us\": ${lat% *}, \"p99_us\": ${lat#* }}")
+    done
+    local IFS=,
+    echo "[${out[*]}]"
+}
+
+# The forwarders' CPU over QUIET seconds without traffic, in percent of one
+# CPU per forwarder (utime + stime of every thread, from /proc).
+quiet_cpu() { # pids...
+    local t0 t1 hz p stats=()
+    hz=$(getconf CLK_TCK)
+    for p in "$@"; do stats+=("/proc/$p/stat"); done
+    t0=$(awk '{ s += $14 + $15 } END { print s }' "${stats[@]}")
+    sleep "$QUIET"
+    t1=$(awk '{ s += $14 + $15 } END { print s }' "${stats[@]}")
+    awk -v a="$t0" -v b="$t1" -v hz="$hz" -v s="$QUIET" -v n=$# \
+        'BEGIN { printf "%.2f\n", (b - a) / hz / s / n * 100 }'
+}
+
 rows=$TMP/rows.jsonl
 : >"$rows"
-measure() { # name dst flags-string
-    local name=$1 dst=$2 flags=$3
+measure() { # name dst flags-string [quiet CPU %]
+    local name=$1 dst=$2 flags=$3 quiet=${4:-null}
     echo "iperf3.sh: measuring $name" >&2
-    local t1 t4 u64 u1400 lat
+    local t1 t4 u64 u1400 lat loaded
     # TCP: received bit/s and the sender's retransmitted segments.
-    t1=$(iperf_json "$dst" | jq -c '{bps: (.end.sum_received.bits_per_second // 0), retransmits: (.end.sum_sent.retransmits // 0)}')
+    t1=$(tcp1_loaded "$dst" | jq -c '{bps: (.end.sum_received.bits_per_second // 0), retransmits: (.end.sum_sent.retransmits // 0)}')
     t4=$(iperf_json "$dst" -P 4 | jq -c '{bps: (.end.sum_received.bits_per_second // 0), retransmits: (.end.sum_sent.retransmits // 0)}')
     # -l is the UDP payload: IP packet minus 28 bytes of IPv4 + UDP header.
     u64=$(iperf_json "$dst" -u -b 0 -l 36 | udp_summary 64)
     u1400=$(iperf_json "$dst" -u -b 0 -l 1372 | udp_summary 1400)
-    lat=$(ping_p "$dst")
+    loaded=$(cat "$TMP/loaded")
+    [ -n "$loaded" ] || loaded="0 0"
+    lat=$(idle_pings "$dst")
     jq -cn --arg name "$name" --arg flags "$flags" --argjson t1 "$t1" --argjson t4 "$t4" \
         --argjson u64 "$u64" --argjson u1400 "$u1400" \
-        --argjson p50 "${lat% *}" --argjson p99 "${lat#* }" \
-        '{config: $name, flags: $flags, tcp1_bps: $t1.bps, tcp1_retransmits: $t1.retransmits,
+        --argjson idle "$lat" --argjson quiet "$quiet" \
+        --argjson lp50 "${loaded% *}" --argjson lp99 "${loaded#* }" \
+        '{config: $name, flags: $flags, quiet_cpu_pct: $quiet,
+          tcp1_bps: $t1.bps, tcp1_retransmits: $t1.retransmits,
           tcp4_bps: $t4.bps, tcp4_retransmits: $t4.retransmits,
-          udp64: $u64, udp1400: $u1400, ping_p50_us: $p50, ping_p99_us: $p99}' >>"$rows"
+          udp64: $u64, udp1400: $u1400, idle_pings: $idle,
+          loaded_ping_p50_us: $lp50, loaded_ping_p99_us: $lp99}' >>"$rows"
 }
 
 measure veth 198.18.0.2 ""
@@ -124,7 +182,7 @@ measure vxlan 198.19.1.2 ""
 for cfg in "${CONFIGS[@]}"; do
     read -r -a words <<<"$cfg"
     start_forwarders "${words[@]}"
-    measure "tunfwd ${cfg}" 198.19.0.2 "tunnel --engine $cfg"
+    measure "tunfwd ${cfg}" 198.19.0.2 "tunnel --engine $cfg" "$(quiet_cpu "${fwd_pids[@]}")"
     stop_forwarders
 done
 
@@ -133,22 +191,31 @@ CPU=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')
 NPROC=$(nproc)
 IPERF=$(iperf3 --version | head -1)
 jq -s --arg kernel "$KERNEL" --arg cpu "$CPU" --argjson cpus "$NPROC" --arg iperf3 "$IPERF" \
-    --argjson secs "$SECS" --arg command "bench-scripts/iperf3.sh $*" \
-    '{meta: {kernel: $kernel, cpu: $cpu, cpus: $cpus, iperf3: $iperf3, seconds: $secs, command: $command}, results: .}' \
+    --argjson secs "$SECS" --argjson quiet "$QUIET" --arg intervals "$PING_INTERVALS" \
+    --arg command "bench-scripts/iperf3.sh $*" \
+    '{meta: {kernel: $kernel, cpu: $cpu, cpus: $cpus, iperf3: $iperf3, seconds: $secs,
+             quiet_seconds: $quiet, ping_intervals: $intervals, command: $command}, results: .}' \
     "$rows" >"$JSON"
 
 {
-    echo "| config | TCP 1 stream Gbit/s (retransmits) | ratio to veth | TCP 4 streams Gbit/s (retransmits) | UDP 64 B delivered kpps (loss %) | UDP 1400 B delivered Gbit/s (loss %) | ping p50 / p99 us |"
-    echo "|---|---|---|---|---|---|---|"
+    head="| config | TCP 1 stream Gbit/s (retransmits) | ratio to veth | TCP 4 streams Gbit/s (retransmits) | UDP 64 B delivered kpps (loss %) | UDP 1400 B delivered Gbit/s (loss %) | ping under TCP x1 p50 / p99 us |"
+    sep="|---|---|---|---|---|---|---|"
+    for iv in $PING_INTERVALS; do
+        head="$head ping every $iv s p50 / p99 us |"
+        sep="$sep---|"
+    done
+    echo "$head quiet CPU % per forwarder |"
+    echo "$sep---|"
     jq -r 'def r3: . * 1000 | round / 1000;
         .results as $r | ($r[0].tcp1_bps) as $base | $r[] |
-        "| \(.config) | \(.tcp1_bps / 1e9 | r3) (\(.tcp1_retransmits)) | \(if $base > 0 then (.tcp1_bps / $base | r3) else "-" end) | \(.tcp4_bps / 1e9 | r3) (\(.tcp4_retransmits)) | \(.udp64.delivered_pps / 1000 | round) (\(.udp64.lost_pct | round)) | \(.udp1400.ip_gbps | r3) (\(.udp1400.lost_pct | round)) | \(.ping_p50_us) / \(.ping_p99_us) |"' "$JSON"
+        "| \(.config) | \(.tcp1_bps / 1e9 | r3) (\(.tcp1_retransmits)) | \(if $base > 0 then (.tcp1_bps / $base | r3) else "-" end) | \(.tcp4_bps / 1e9 | r3) (\(.tcp4_retransmits)) | \(.udp64.delivered_pps / 1000 | round) (\(.udp64.lost_pct | round)) | \(.udp1400.ip_gbps | r3) (\(.udp1400.lost_pct | round)) | \(.loaded_ping_p50_us) / \(.loaded_ping_p99_us) | \([.idle_pings[] | "\(.p50_us) / \(.p99_us)"] | join(" | ")) | \(.quiet_cpu_pct // "-") |"' "$JSON"
     echo
     echo "$IPERF, ${SECS} s per run, kernel $KERNEL, $CPU, $NPROC CPUs. Command: \`bench-scripts/iperf3.sh $*\`."
     echo "UDP: iperf3 at unlimited rate (-b 0); delivered = what its receiver got, loss = its receiver's count; sizes are IP packet bytes."
+    echo "Ping under TCP x1: every 5 ms while one stream runs; the other pings on the quiet tunnel (PING_INTERVALS=\"$PING_INTERVALS\"); quiet CPU: the forwarders' CPU over QUIET=$QUIET s without traffic, per forwarder."
 } | tee "$MD"
 
-jq -r '.results[] | [.config, (.tcp1_bps / 1e9), .ping_p99_us] | @tsv' "$JSON" >"$TMP/plot.tsv"
+jq -r '.results[] | [.config, (.tcp1_bps / 1e9), .loaded_ping_p99_us] | @tsv' "$JSON" >"$TMP/plot.tsv"
 gnuplot <<EOF
 set terminal svg size 900,420 dynamic font "sans,11"
 set output "$SVG"
@@ -161,7 +228,7 @@ set title "TCP, 1 stream (Gbit/s)"
 set xtics rotate by -20
 set yrange [0:*]
 plot "$TMP/plot.tsv" using 2:xtic(1) notitle lc rgb "#3b75af"
-set title "ping p99 (us)"
+set title "ping p99 under one TCP stream (us)"
 plot "$TMP/plot.tsv" using 3:xtic(1) notitle lc rgb "#ef8636"
 unset multiplot
 EOF
