@@ -10,6 +10,7 @@ pub mod checksum;
 pub mod ecn;
 pub mod ip;
 pub mod offload;
+pub mod steer;
 pub mod virtio;
 pub mod vxlan;
 

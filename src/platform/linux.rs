@@ -52,6 +52,15 @@ pub fn enable_udp_gro(sock: &UdpSocket) -> io::Result<()> {
     setsockopt(sock, sockopt::UdpGroSegment, &true).map_err(Into::into)
 }
 
+/// Makes the `SO_REUSEPORT` group of `sock` (`sockets` sockets, bound in
+/// queue order) hand each datagram to the socket of its inner flow
+/// ([`crate::packet::steer`]).
+pub fn steer_by_inner_flow(sock: &UdpSocket, sockets: usize) -> io::Result<()> {
+    use std::os::fd::AsFd;
+    let n = u32::try_from(sockets).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    crate::sys::attach_reuseport_cbpf(sock.as_fd(), &crate::packet::steer::inner_flow_program(n))
+}
+
 /// Sends the bytes of `iov`, gathered, to `to`: one datagram, or with
 /// `gso_size` one UDP GSO send of datagrams of that many bytes; the outer
 /// header's TOS byte (or traffic class) is `tos`.

@@ -46,6 +46,12 @@ pub fn enable_udp_gro(_sock: &UdpSocket) -> io::Result<()> {
     Err(linux_only("UDP GRO"))
 }
 
+/// Receive steering by inner flow is Linux-only (classic BPF on a
+/// `SO_REUSEPORT` group).
+pub fn steer_by_inner_flow(_sock: &UdpSocket, _sockets: usize) -> io::Result<()> {
+    Err(linux_only("steering receives by inner flow"))
+}
+
 /// Sends the bytes of `iov`, gathered, as one datagram to `to` (no UDP
 /// GSO here: a `gso_size` is refused; the outer TOS byte stays 0, so
 /// WireGuard's outer ECN bits are Linux-only).

@@ -342,6 +342,44 @@ pub fn sendmsg_gather(
     Ok(n as usize)
 }
 
+/// Attaches classic BPF program `prog` to the `SO_REUSEPORT` group of
+/// `sock`: the kernel then picks each datagram's socket by the program's
+/// return value (see `crate::packet::steer`).
+pub fn attach_reuseport_cbpf(
+    sock: BorrowedFd<'_>,
+    prog: &[crate::packet::steer::Insn],
+) -> io::Result<()> {
+    let mut filter: Vec<libc::sock_filter> = prog
+        .iter()
+        .map(|i| libc::sock_filter {
+            code: i.code,
+            jt: i.jt,
+            jf: i.jf,
+            k: i.k,
+        })
+        .collect();
+    let fprog = libc::sock_fprog {
+        len: u16::try_from(filter.len()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?,
+        filter: filter.as_mut_ptr(),
+    };
+    // SAFETY: the descriptor is live for the call (borrowed); `fprog`
+    // points to `len` instructions in `filter`, which outlives the call (the
+    // kernel copies the program before it returns).
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_REUSEPORT_CBPF,
+            (&fprog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
