@@ -121,14 +121,14 @@ struct RunArgs {
     engine: EngineArg,
 
     /// Number of TUN queues, one worker thread each (1-256), or `auto`.
-    /// auto: in WireGuard mode, one per CPU the workers may use (--cpus,
-    /// else the process's CPU affinity), up to 8 and no more than the
-    /// peers of --wg-config (1 without a file): every queue binds the one
-    /// port, so the peer need not run as many, but one peer's packets are
+    /// auto: one per CPU the workers may use (--cpus, else the process's
+    /// CPU affinity), up to 8, where every queue binds the one port so the
+    /// peer need not run as many: in WireGuard mode (no more than the
+    /// peers of --wg-config, 1 without a file: one peer's packets are
     /// sealed under its lock and arrive at one worker, so queues beyond
-    /// the peers only contend. Otherwise 1: a plaintext tunnel's queue i
-    /// binds PORT+i and talks to the peer's PORT+i, so both ends must be
-    /// given the same N. Each queue
+    /// the peers only contend) and with --share-port. Otherwise 1: a
+    /// plaintext tunnel's queue i binds PORT+i and talks to the peer's
+    /// PORT+i, so both ends must be given the same N. Each queue
     /// costs a thread, a UDP socket (up to --sndbuf and --rcvbuf of kernel
     /// memory, 4 MiB each by default, taken as used) and resident memory:
     /// with io_uring about 8.5 MiB (4 MiB of it pinned packet buffers,
@@ -260,6 +260,7 @@ fn base_config(
             // `auto` once the mode is known: TunnelArgs::into_config.
             queues: run.queues.resolve(false, 0),
             queues_per_peer: false,
+            queues_share_port: false,
             cpus: run.cpus,
             batch: run.batch,
             visit_bytes: run.visit_bytes,
@@ -562,11 +563,25 @@ struct TunnelArgs {
 
     /// Local UDP address to bind, e.g. 198.18.0.1:5000, [::]:5000, or a
     /// link-local one with its interface, [fe80::1%eth0]:5000. With
-    /// --queues N, queue i binds PORT+i. Required, except with --wg-config,
+    /// --queues N (without --share-port), queue i binds PORT+i. Required,
+    /// except with --wg-config,
     /// whose ListenPort is bound on the wildcard address of both families
     /// ([::]:PORT) unless --listen is given.
     #[arg(long, value_name = "ADDR:PORT", value_parser = parse_endpoint)]
     listen: Option<SocketAddr>,
+
+    /// Plaintext TUN tunnels with several queues: every queue binds the one
+    /// --listen port (SO_REUSEPORT) and the kernel hands each datagram to
+    /// the worker of its inner flow (classic BPF on the socket group; where
+    /// that is refused, one line says so and one worker receives), so a
+    /// flow keeps one worker on both ends and the ends need not run as many
+    /// queues: this end pairs with another --share-port end or with any end
+    /// of one queue (socat, --queues 1). With it, --queues auto is one queue
+    /// per CPU the workers may use, up to 8. Without it, queue i binds
+    /// PORT+i and both ends need the same --queues N. (WireGuard's queues
+    /// always share their port.)
+    #[arg(long)]
+    share_port: bool,
 
     /// WireGuard: seal packets for the peers of this file, in the format
     /// `wg setconf` reads ([Interface] PrivateKey, ListenPort, FwMark;
@@ -598,7 +613,8 @@ struct TunnelArgs {
     /// no_route), and a datagram from a peer is accepted only if its inner
     /// source matches that same peer (else source_not_allowed). Only
     /// datagrams from a peer's address and port reach the device. With
-    /// --queues N, queue i talks to each peer's PORT+i.
+    /// --queues N (without --share-port), queue i talks to each peer's
+    /// PORT+i.
     #[arg(long, value_name = "ADDR:PORT[=CIDR,...]", value_parser = parse_peer)]
     peer: Vec<crate::peers::PeerSpec>,
 
@@ -821,14 +837,22 @@ impl TunnelArgs {
             }
         };
         let wg_mtu = mode.is_wireguard() && self.device.mtu.is_none();
-        let auto = self.run.queues == config::QueueCount::Auto && mode.is_wireguard();
-        let queues = self
-            .run
-            .queues
-            .resolve(mode.is_wireguard(), usable_cpus(&self.run.cpus));
+        let auto = self.run.queues == config::QueueCount::Auto;
+        let plain_tun = matches!(mode, config::Mode::Tun { .. });
+        if self.share_port && !plain_tun {
+            return Err(Error::config(
+                "--share-port applies to plaintext TUN tunnels (WireGuard's queues share their \
+                 port already)",
+            ));
+        }
+        let queues = self.run.queues.resolve(
+            mode.is_wireguard() || self.share_port,
+            usable_cpus(&self.run.cpus),
+        );
         let mut cfg = base_config(self.device, self.run, listen, self.peer);
         cfg.engine.queues = queues;
-        cfg.engine.queues_per_peer = auto;
+        cfg.engine.queues_per_peer = auto && mode.is_wireguard();
+        cfg.engine.queues_share_port = self.share_port;
         if wg_mtu {
             cfg.device.mtu = config::DEFAULT_MTU_WIREGUARD;
         }

@@ -147,8 +147,8 @@ impl FromStr for CpuPlan {
 pub enum QueueCount {
     /// One queue per CPU the workers may use, up to [`MAX_AUTO_QUEUES`]
     /// (and in WireGuard mode the number of peers), where the ends need
-    /// not agree on the count (WireGuard: every queue binds the one port);
-    /// else one.
+    /// not agree on the count (WireGuard, and `--share-port`: every queue
+    /// binds the one port); else one.
     Auto,
     /// This many.
     Fixed(usize),
@@ -173,8 +173,8 @@ impl FromStr for QueueCount {
 }
 
 impl QueueCount {
-    /// The number of queues: `shared_port` says whether the queues share
-    /// one UDP port (WireGuard) so that the peer need not run as many;
+    /// The number of queues: `shared_port` says whether the queues may
+    /// share one UDP port so that the peer need not run as many;
     /// `cpus` is how many CPUs the workers may use (0: unknown).
     pub fn resolve(self, shared_port: bool, cpus: usize) -> usize {
         match self {
@@ -348,6 +348,11 @@ pub struct EngineConfig {
     /// its lock and arrive at one worker: more queues than peers add
     /// contention, not speed.
     pub queues_per_peer: bool,
+    /// `--share-port` (plaintext TUN tunnels): every queue binds the one
+    /// port (`SO_REUSEPORT`) and the kernel hands each datagram to the
+    /// worker of its inner flow, so the ends need not agree on the count
+    /// (without it queue i uses port + i).
+    pub queues_share_port: bool,
     pub batch: usize,
     /// Bytes one visit to a direction may take (0: no byte bound).
     pub visit_bytes: usize,
@@ -490,7 +495,7 @@ impl TunnelConfig {
         self.device.validate()?;
         self.engine.validate()?;
         self.queueing.validate()?;
-        self.peers.validate(&self.mode, self.engine.queues)?;
+        self.peers.validate(&self.mode, self.port_queues())?;
         self.service.validate(&self.engine)?;
         if !cfg!(target_os = "linux") {
             if let Some(flag) = self.linux_only_flags().first() {
@@ -552,9 +557,25 @@ impl TunnelConfig {
 
     /// True if every worker binds the one listening port (`SO_REUSEPORT`,
     /// the kernel spreading datagrams by flow): WireGuard with several
-    /// queues.
+    /// queues, and a plaintext tunnel's `--share-port` with several
+    /// ([`EngineConfig::queues_share_port`]).
     pub fn shares_port(&self) -> bool {
-        self.mode.is_wireguard() && self.engine.queues > 1
+        self.engine.queues > 1 && (self.mode.is_wireguard() || self.engine.queues_share_port)
+    }
+
+    /// True if a plaintext tunnel's shared port picks each datagram's
+    /// worker by its inner flow (classic BPF on the socket group).
+    pub fn steers_by_inner_flow(&self) -> bool {
+        self.shares_port() && !self.mode.is_wireguard()
+    }
+
+    /// How many UDP ports the queues use: one each, or one in all.
+    pub fn port_queues(&self) -> usize {
+        if self.shares_port() {
+            1
+        } else {
+            self.engine.queues
+        }
     }
 
     /// Every peer: the `--peer` flags, then the lines of the `--peers-file`
@@ -574,7 +595,7 @@ impl TunnelConfig {
         let file = crate::peers::parse_peers_file(text, endpoint)
             .map_err(|e| Error::config(format!("peers file {}: {e}", path.display())))?;
         for (line, p) in file.iter().enumerate() {
-            peers.check_peer(p, self.engine.queues).map_err(|e| {
+            peers.check_peer(p, self.port_queues()).map_err(|e| {
                 // The line of the n-th peer (comments and blanks skipped).
                 let n = nth_peer_line(text, line);
                 Error::config(format!("peers file {} line {n}: peer {e}", path.display()))
@@ -917,6 +938,7 @@ mod tests {
                 kind: EngineKind::Poll,
                 queues: 1,
                 queues_per_peer: false,
+                queues_share_port: false,
                 batch: DEFAULT_BATCH,
                 visit_bytes: DEFAULT_VISIT_BYTES,
                 cpus: CpuPlan::Spread,

@@ -507,8 +507,9 @@ mod tests {
     }
 
     #[test]
-    fn queues_auto_counts_cpus_for_wireguard_only() {
-        let q = |a: &[&str]| crate::cli::tunnel_config(argv(a)).unwrap().engine.queues;
+    fn queues_auto_counts_cpus_where_the_queues_share_a_port() {
+        let cfg = |a: &[&str]| crate::cli::tunnel_config(argv(a)).unwrap();
+        let q = |a: &[&str]| cfg(a).engine.queues;
         let plain = ["--listen", "198.18.0.1:5000", "--peer", "198.18.0.2:5000"];
         // Plaintext: queue i talks to the peer's PORT+i, so the ends must
         // agree: one unless told.
@@ -517,7 +518,44 @@ mod tests {
             q(&[&plain[..], &["--queues", "auto", "--cpus", "0-3"]].concat()),
             1
         );
-        assert_eq!(q(&[&plain[..], &["--queues", "3"]].concat()), 3);
+        // --share-port: the one port (steered by inner flow), so the ends
+        // need not agree; auto counts CPUs.
+        let shared = [&plain[..], &["--share-port"]].concat();
+        let c = cfg(&[&shared[..], &["--cpus", "0-3"]].concat());
+        assert_eq!(c.engine.queues, 4);
+        assert!(c.shares_port() && c.steers_by_inner_flow());
+        assert_eq!(c.port_queues(), 1);
+        assert_eq!(c.listen_for(3), c.listen_for(0));
+        let c = cfg(&[&shared[..], &["--queues", "3"]].concat());
+        assert_eq!(c.engine.queues, 3);
+        assert!(c.shares_port());
+        let c = cfg(&[&plain[..], &["--queues", "3"]].concat());
+        assert_eq!(c.engine.queues, 3);
+        assert!(!c.shares_port());
+        assert_eq!(c.listen_for(2).port(), 5002);
+        // One CPU: one queue, nothing shared.
+        let c = cfg(&[&shared[..], &["--cpus", "1"]].concat());
+        assert_eq!(c.engine.queues, 1);
+        assert!(!c.shares_port() && !c.steers_by_inner_flow());
+        // Not for TAP (VXLAN) tunnels.
+        let tap = [
+            "--mode",
+            "tap",
+            "--vni",
+            "42",
+            "--listen",
+            "198.18.0.1:4789",
+            "--peer",
+            "198.18.0.2:4789",
+            "--share-port",
+        ];
+        let e = crate::cli::tunnel_config(argv(&tap))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--share-port applies to plaintext TUN tunnels"),
+            "{e}"
+        );
         // WireGuard: one port for every queue; one queue per CPU of the
         // plan (distinct), up to MAX_AUTO_QUEUES.
         let wg = ["--wireguard", "--listen", "[::]:51820"];

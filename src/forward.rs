@@ -56,8 +56,10 @@ impl From<ParseError> for DropReason {
 pub struct Forwarder {
     mtu: usize,
     peers: Arc<PeerTable>,
-    /// The worker's queue: it talks to each peer's port + queue.
+    /// The worker's queue: it talks to each peer's port + `port_offset`,
+    /// which is the queue, or 0 where every queue shares one port.
     queue: u16,
+    port_offset: u16,
     /// The worker's socket is IPv6: IPv4 peers are `::ffff:a.b.c.d` to it.
     v6_socket: bool,
     encap: Encap,
@@ -82,6 +84,7 @@ impl Forwarder {
             mtu,
             peers,
             queue: 0,
+            port_offset: 0,
             v6_socket: false,
             encap,
             allowed_src: Vec::new(),
@@ -120,6 +123,14 @@ impl Forwarder {
     /// `queue`.
     pub fn with_queue(mut self, queue: usize) -> Self {
         self.queue = u16::try_from(queue).unwrap_or(u16::MAX);
+        self.port_offset = self.queue;
+        self
+    }
+
+    /// Every queue binds the one port (and reaches each peer's own port):
+    /// no port arithmetic.
+    pub fn sharing_port(mut self) -> Self {
+        self.port_offset = 0;
         self
     }
 
@@ -199,12 +210,13 @@ impl Forwarder {
     }
 
     /// Where datagrams to peer `id` go from this worker's socket: its port
-    /// plus the queue, an IPv4 peer mapped for an IPv6 socket.
+    /// plus the queue (unless the queues share a port), an IPv4 peer mapped
+    /// for an IPv6 socket.
     #[inline]
     pub fn peer_addr(&self, id: PeerId) -> SocketAddr {
         let mut a = self.peers.peer(id).addr;
-        if self.queue > 0 && a.port() != 0 {
-            a.set_port(a.port().saturating_add(self.queue));
+        if self.port_offset > 0 && a.port() != 0 {
+            a.set_port(a.port().saturating_add(self.port_offset));
         }
         match a {
             SocketAddr::V4(v4) if self.v6_socket => {
@@ -296,12 +308,13 @@ impl Forwarder {
 
     /// The peer a datagram from `src` came from: its address and, where the
     /// way of carrying fixes it ([`Encap::fixed_source_port`]), its port
-    /// (the peer's port + this worker's queue).
+    /// (the peer's port + this worker's queue, unless the queues share a
+    /// port).
     #[inline]
     pub fn source_peer(&self, src: SocketAddr) -> Option<PeerId> {
         let mut src = canonical(src);
-        if self.queue > 0 && self.encap.fixed_source_port() {
-            src.set_port(src.port().checked_sub(self.queue)?);
+        if self.port_offset > 0 && self.encap.fixed_source_port() {
+            src.set_port(src.port().checked_sub(self.port_offset)?);
         }
         self.peers.find(src)
     }
@@ -442,6 +455,13 @@ mod tests {
         assert_eq!(f.source_peer("198.18.0.2:5002".parse().unwrap()), Some(0));
         assert_eq!(f.source_peer(peer), None);
         assert_eq!(f.source_peer("198.18.0.2:1".parse().unwrap()), None);
+        // Queues sharing one port: the peer's own port, both ways, and the
+        // worker keeps its queue (its per-peer counters).
+        let shared = fwd().with_queue(2).sharing_port();
+        assert_eq!(shared.queue(), 2);
+        assert_eq!(shared.peer_addr(0), peer);
+        assert_eq!(shared.source_peer(peer), Some(0));
+        assert_eq!(shared.source_peer("198.18.0.2:5002".parse().unwrap()), None);
         // TAP: any port of the address.
         let tap = Forwarder::vxlan(1450, peer, 42).with_queue(1);
         assert_eq!(

@@ -339,6 +339,90 @@ fn two_queues_spread_flows_over_both_workers() {
     }
 }
 
+/// `--share-port` in a plaintext tunnel (with `--queues auto`, the
+/// default): two CPUs, two workers on one UDP port. Every datagram between the hosts has the same
+/// addresses and ports, so the kernel's own choice in the port's socket
+/// group would give all of them to one worker: that the receiving workers
+/// both carry packets shows the inner-flow steering at work, and that each
+/// worker received what the same queue sent shows a flow keeps one queue
+/// on both hosts. The ends need not agree: against `--queues 1` every flow
+/// still arrives, verified.
+#[test]
+fn share_port_queues_steer_flows_by_inner_flow() {
+    let test = "share_port_queues_steer_flows_by_inner_flow";
+    if !can_run_kernel_tests(test) {
+        return;
+    }
+    let flows = |topo: &Topology| {
+        std::thread::scope(|s| {
+            for i in 0..16u16 {
+                s.spawn(move || {
+                    let dst: SocketAddr = format!("{OVERLAY_B}:{}", 7200 + i).parse().unwrap();
+                    verified_tcp_transfer(&topo.a, &topo.b, dst, 1 << 20);
+                });
+            }
+        });
+    };
+    for engine in engines(test) {
+        let topo = Topology::new();
+        let auto = ["--engine", engine, "--share-port", "--cpus", "0,1"];
+        let (mut a, mut b) = start_pair(&topo, &auto);
+        for p in [&a, &b] {
+            assert!(
+                p.stderr().contains("2 queue(s)"),
+                "{engine}: two CPUs, two queues:\n{}",
+                p.stderr()
+            );
+        }
+        flows(&topo);
+        assert!(topo.a.ping(OVERLAY6_B));
+        assert!(a.terminate().success());
+        assert!(b.terminate().success());
+        let (out_a, out_b) = (a.stdout(), b.stdout());
+        for q in ["queue=0", "queue=1"] {
+            let tag = format!("summary {q}");
+            let sent = direction_stat(&out_a, &tag, "tun_to_peer", "packets");
+            let received = direction_stat(&out_b, &tag, "peer_to_tun", "packets");
+            assert!(
+                received > 0,
+                "{engine}: b's worker {q} received nothing:\n{out_b}"
+            );
+            // A flow's packets leave a's queue k and arrive at b's queue k
+            // (b's TUN device then reads the flow's replies on k): what a's
+            // workers sent, b's same workers received, up to the packets
+            // the kernel sent on before the flows settled.
+            let (lo, hi) = (sent.min(received), sent.max(received));
+            assert!(
+                hi - lo <= hi / 20,
+                "{engine}: {q}: a sent {sent}, b received {received}:\n{out_a}\n{out_b}"
+            );
+        }
+        // Against an end with one queue: every flow arrives, both ways.
+        let (mut a, mut b) = (
+            Proc::tunfwd(&topo.a, &tunnel_args(true, &auto)),
+            Proc::tunfwd(
+                &topo.b,
+                &tunnel_args(false, &["--engine", engine, "--queues", "1"]),
+            ),
+        );
+        flows(&topo);
+        assert!(topo.b.ping(OVERLAY_A));
+        assert!(a.terminate().success());
+        assert!(b.terminate().success());
+        let out_a = a.stdout();
+        assert!(
+            direction_stat(&out_a, "summary queue=1", "tun_to_peer", "packets") > 0,
+            "{engine}: a's second worker sent nothing to the one-queue end:\n{out_a}"
+        );
+        assert_eq!(
+            stat(&b.stdout(), "summary total", "drops"),
+            0,
+            "{engine}: the one-queue end dropped datagrams:\n{}",
+            b.stdout()
+        );
+    }
+}
+
 /// `--stats-interval` prints periodic lines; `--txqueuelen` and `--mtu`
 /// reach the device (default txqueuelen on a created device: 256 with the
 /// default --aqm fq-codel).

@@ -387,6 +387,15 @@ fn open_sockets(cfg: &TunnelConfig, offload: bool) -> Result<Vec<UdpSocket>> {
         }
         sockets.push(sock);
     }
+    if cfg.steers_by_inner_flow() {
+        if let Err(e) = crate::platform::steer_by_inner_flow(&sockets[0], sockets.len()) {
+            crate::info!(
+                "queues: receives on {} cannot be steered by inner flow ({e}): the kernel \
+                 hands each peer's datagrams to one worker",
+                cfg.listen_for(0)
+            );
+        }
+    }
     Ok(sockets)
 }
 
@@ -480,8 +489,12 @@ impl Workers {
                 .unwrap_or_default();
             workers.stats.push(stats.clone());
             let label = format!("TUN queue {q} of {dev_name}");
-            let forwarder = Forwarder::for_mode(&cfg.mode, cfg.device.mtu as usize, peers.load().1)
-                .with_queue(q);
+            let mut forwarder =
+                Forwarder::for_mode(&cfg.mode, cfg.device.mtu as usize, peers.load().1)
+                    .with_queue(q);
+            if cfg.shares_port() {
+                forwarder = forwarder.sharing_port();
+            }
             let parts = WorkerParts {
                 tun,
                 udp,
