@@ -73,6 +73,29 @@ fn xor_words(p: &mut Vec<Insn>, offsets: &[u32]) {
     }
 }
 
+/// Appends: the XOR of the address words at `words` into M[0], then the
+/// protocol byte at `proto_at` tested for TCP and for UDP. Returns the two
+/// tests' places, whose jumps the caller fills in.
+fn addresses_and_protocol(p: &mut Vec<Insn>, words: &[u32], proto_at: u32) -> (usize, usize) {
+    p.push(op(LD | W | ABS, words[0]));
+    xor_words(p, &words[1..]);
+    p.push(op(ST, 0));
+    p.push(op(LD | B | ABS, proto_at));
+    let tcp = p.len();
+    p.push(jump(JMP | JEQ | K, 6, 0, 0)); // -> ports / next
+    let udp = p.len();
+    p.push(jump(JMP | JEQ | K, 17, 0, 0)); // -> ports / done
+    (tcp, udp)
+}
+
+/// Appends loads of the two ports at `at` (`mode`: ABS, or IND from X):
+/// the source port into M[1], the destination port into A.
+fn ports(p: &mut Vec<Insn>, mode: u16, at: u32) {
+    p.push(op(LD | H | mode, at));
+    p.push(op(ST, 1));
+    p.push(op(LD | H | mode, at + 2));
+}
+
 /// The program for a group of `sockets` sockets (at least 2).
 pub fn inner_flow_program(sockets: u32) -> Vec<Insn> {
     let sockets = sockets.max(1);
@@ -86,43 +109,24 @@ pub fn inner_flow_program(sockets: u32) -> Vec<Insn> {
     let v6_test = p.len();
     p.push(jump(JMP | JEQ | K, 6, 0, 0)); // -> v6 / socket 0
     p.push(op(RET | K, 0));
-    // IPv4: addresses at 12 and 16.
+    // IPv4: addresses at 12 and 16, protocol at 9.
     let v4 = p.len();
-    p.push(op(LD | W | ABS, 12));
-    xor_words(&mut p, &[16]);
-    p.push(op(ST, 0));
-    p.push(op(LD | B | ABS, 9));
-    let v4_tcp = p.len();
-    p.push(jump(JMP | JEQ | K, 6, 0, 0)); // -> v4 ports / next
-    let v4_udp = p.len();
-    p.push(jump(JMP | JEQ | K, 17, 0, 0)); // -> v4 ports / done
+    let (v4_tcp, v4_udp) = addresses_and_protocol(&mut p, &[12, 16], 9);
     let v4_ports = p.len();
     // Fragment offset or more-fragments set: addresses only.
     p.push(op(LD | H | ABS, 6));
     let v4_frag = p.len();
     p.push(jump(JMP | JSET | K, 0x3fff, 0, 0)); // -> done / next
     p.push(op(LDX | B | MSH, 0)); // X = IHL * 4
-    let v4_ports_at = p.len();
-    p.push(op(LD | H | IND, 0));
-    p.push(op(ST, 1));
-    p.push(op(LD | H | IND, 2));
+    ports(&mut p, IND, 0);
     let v4_after = p.len();
     p.push(jump(JMP | JA, 0, 0, 0)); // -> mix ports
     // IPv6: addresses at 8..40, next header at 6, ports at 40 (no
     // extension headers followed: a packet with them goes by addresses).
     let v6 = p.len();
-    p.push(op(LD | W | ABS, 8));
-    xor_words(&mut p, &[12, 16, 20, 24, 28, 32, 36]);
-    p.push(op(ST, 0));
-    p.push(op(LD | B | ABS, 6));
-    let v6_tcp = p.len();
-    p.push(jump(JMP | JEQ | K, 6, 0, 0)); // -> v6 ports / next
-    let v6_udp = p.len();
-    p.push(jump(JMP | JEQ | K, 17, 0, 0)); // -> v6 ports / done
+    let (v6_tcp, v6_udp) = addresses_and_protocol(&mut p, &[8, 12, 16, 20, 24, 28, 32, 36], 6);
     let v6_ports = p.len();
-    p.push(op(LD | H | ABS, 40));
-    p.push(op(ST, 1));
-    p.push(op(LD | H | ABS, 42));
+    ports(&mut p, ABS, 40);
     // A: one port, M[1]: the other, M[0]: the addresses.
     let mix_ports = p.len();
     p.push(op(LDX | W | MEM, 1));
@@ -152,7 +156,6 @@ pub fn inner_flow_program(sockets: u32) -> Vec<Insn> {
     p[v4_udp].jt = rel(v4_udp, v4_ports);
     p[v4_udp].jf = rel(v4_udp, done);
     p[v4_frag].jt = rel(v4_frag, done);
-    debug_assert_eq!(v4_ports_at, v4_frag + 2);
     p[v4_after].k = u32::from(rel(v4_after, mix_ports));
     p[v6_tcp].jt = rel(v6_tcp, v6_ports);
     p[v6_udp].jt = rel(v6_udp, v6_ports);
