@@ -273,23 +273,21 @@ mod tests {
             .map(|p| run(&prog, &tcp4(a, b, p, 5201)))
             .collect();
         assert!(picks.len() > 4, "TCP ports spread flows: {picks:?}");
+        // The sockets picked over many port pairs with byte `at` set to `v`.
+        let picks_with = |at: usize, v: u8| -> std::collections::HashSet<u32> {
+            (40000..40064u16)
+                .map(|p| {
+                    let mut pkt = tcp4(a, b, p, 5201);
+                    pkt[at] = v;
+                    run(&prog, &pkt)
+                })
+                .collect()
+        };
         // ICMP (protocol 1): addresses only, whatever sits where ports would.
-        let icmp: std::collections::HashSet<u32> = (40000..40064u16)
-            .map(|p| {
-                let mut pkt = tcp4(a, b, p, 5201);
-                pkt[9] = 1;
-                run(&prog, &pkt)
-            })
-            .collect();
+        let icmp = picks_with(9, 1);
         assert_eq!(icmp.len(), 1);
         // A fragment (MF set): addresses only, like its later fragments.
-        let frag: std::collections::HashSet<u32> = (40000..40064u16)
-            .map(|p| {
-                let mut pkt = tcp4(a, b, p, 5201);
-                pkt[6] = 0x20;
-                run(&prog, &pkt)
-            })
-            .collect();
+        let frag = picks_with(6, 0x20);
         assert_eq!(frag, icmp);
     }
 
