@@ -55,24 +55,38 @@ install_missing() {
 # tunfwd_pair BIN A B DIR ENGINE FLAGS...: a tunfwd in each namespace
 # (overlay 198.19.0.1/24 in A, .2 in B, UDP port 5000), output in DIR/a.out,
 # a.err, b.out, b.err; sets PA and PB to their pids; returns once both
-# report the tunnel up (exits with their error otherwise).
+# report the tunnel up (exits with their error otherwise). Where A runs
+# several queues pinned by `--cpus auto` (worker k on the k-th CPU; FLAGS
+# without --cpus), B's workers get the CPUs in the opposite order, so that
+# the two ends of a flow (worker k of each) run on different CPUs as on two
+# hosts, instead of taking turns on one.
 tunfwd_pair() {
     local bin=$1 a=$2 b=$3 dir=$4 engine=$5
     shift 5
     ip netns exec "$a" "$bin" tunnel --engine "$engine" --dev tun0 --address 198.19.0.1/24 \
         --listen 198.18.0.1:5000 --peer 198.18.0.2:5000 "$@" >"$dir/a.out" 2>"$dir/a.err" &
     PA=$!
+    wait_up "$dir/a.err"
+    local opposite=()
+    if [[ " $* " != *" --cpus "* ]] && grep -Eq ', ([2-9]|[1-9][0-9]+) queue\(s\)' "$dir/a.err"; then
+        opposite=(--cpus "$(taskset -pc $$ | sed 's/.*: //' | tr ',' '\n' |
+            awk -F- '{ for (c = $1; c <= ($2 == "" ? $1 : $2); c++) print c }' | tac | paste -sd,)")
+    fi
     ip netns exec "$b" "$bin" tunnel --engine "$engine" --dev tun0 --address 198.19.0.2/24 \
-        --listen 198.18.0.2:5000 --peer 198.18.0.1:5000 "$@" >"$dir/b.out" 2>"$dir/b.err" &
+        --listen 198.18.0.2:5000 --peer 198.18.0.1:5000 "$@" "${opposite[@]}" >"$dir/b.out" 2>"$dir/b.err" &
     PB=$!
-    local f
-    for f in "$dir/a.err" "$dir/b.err"; do
-        for _ in $(seq 200); do
-            grep -q "tunnel up" "$f" 2>/dev/null && break
-            sleep 0.05
-        done
-        grep -q "tunnel up" "$f" || { cat "$f" >&2; exit 1; }
+    wait_up "$dir/b.err"
+}
+
+# wait_up FILE: waits (up to 10 s) for a forwarder's "tunnel up" in FILE;
+# exits with what it said otherwise.
+wait_up() {
+    local f=$1
+    for _ in $(seq 200); do
+        grep -q "tunnel up" "$f" 2>/dev/null && break
+        sleep 0.05
     done
+    grep -q "tunnel up" "$f" || { cat "$f" >&2; exit 1; }
 }
 
 # bench_setup NAME TAG: builds the release binary and sets BIN, STAMP,

@@ -242,6 +242,32 @@ impl Reflector {
     }
 }
 
+/// Side b's `--cpus` where side a (whose "tunnel up" line is `a_said`)
+/// runs several workers pinned by `--cpus auto` (worker k on the k-th CPU):
+/// the CPUs in the opposite order, so that the two ends of a flow (worker
+/// k of each side, on one host) run on different CPUs, as they would on
+/// two hosts, instead of taking turns on one. None where the target gives
+/// `--cpus` itself or a runs one queue (unpinned).
+fn opposite_cpus(a_said: &str, extra: &[String]) -> Option<String> {
+    if extra.iter().any(|a| a == "--cpus") {
+        return None;
+    }
+    let queues: usize = a_said
+        .lines()
+        .find(|l| l.contains("tunnel up"))?
+        .split(", ")
+        .find_map(|f| f.strip_suffix(" queue(s)"))?
+        .parse()
+        .ok()?;
+    if queues < 2 {
+        return None;
+    }
+    let mut cpus = crate::platform::allowed_cpus().ok()?;
+    cpus.reverse();
+    let list: Vec<String> = cpus.iter().map(usize::to_string).collect();
+    Some(list.join(","))
+}
+
 /// A forwarder in each namespace of `topo`.
 pub struct ForwarderPair {
     a: Forwarder,
@@ -295,7 +321,11 @@ impl ForwarderPair {
             None => (None, None),
         };
         let a = Forwarder::start(args(topo.a.proc_path(), UNDERLAY_A, UNDERLAY_B, TUN_A, fa))?;
-        let b = Forwarder::start(args(topo.b.proc_path(), UNDERLAY_B, UNDERLAY_A, TUN_B, fb))?;
+        let mut b_args = args(topo.b.proc_path(), UNDERLAY_B, UNDERLAY_A, TUN_B, fb);
+        if let Some(cpus) = opposite_cpus(&text(&a.stderr), extra) {
+            b_args.extend(["--cpus".into(), cpus]);
+        }
+        let b = Forwarder::start(b_args)?;
         // Read at start: not needed any more.
         drop(files);
         if let Some(n) = hub {
@@ -449,6 +479,22 @@ pub fn system_cpu_seconds() -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn side_b_pins_opposite_where_a_runs_several_queues() {
+        let up = |n: usize| {
+            format!("tunnel up: dev tun0 (created), mtu 1420, {n} queue(s), engine uring, x\n")
+        };
+        let mut want = crate::platform::allowed_cpus().unwrap();
+        want.reverse();
+        let want: Vec<String> = want.iter().map(usize::to_string).collect();
+        assert_eq!(opposite_cpus(&up(2), &[]), Some(want.join(",")));
+        // One queue is not pinned; a target's own --cpus stands.
+        assert_eq!(opposite_cpus(&up(1), &[]), None);
+        let own = ["--cpus".to_string(), "none".to_string()];
+        assert_eq!(opposite_cpus(&up(2), &own), None);
+        assert_eq!(opposite_cpus("starting", &[]), None);
+    }
 
     #[test]
     fn parses_summary_line() {
