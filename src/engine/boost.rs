@@ -13,6 +13,8 @@
 //! [`WakeBoost::on_pass`]); the engine yields or sleeps, and applies a
 //! [`Change`] with [`WakeBoost::apply`].
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use crate::stats::WorkerStats;
 
 /// What to do with the thread's priority.
@@ -92,19 +94,23 @@ impl WakeBoost {
     }
 
     /// Applies `c` to the calling thread. A raise the thread may not make
-    /// turns the boost off, with one log line naming `label`; a lowering
-    /// is counted in `stats.wake_lowered`.
+    /// turns the boost off, with one log line for the process (naming
+    /// `label`, the first worker refused: the others are refused alike); a
+    /// lowering is counted in `stats.wake_lowered`.
     pub fn apply(&mut self, c: Change, label: &str, stats: &WorkerStats) {
         match c {
             Change::Keep => {}
             Change::Raise(w) => {
                 if let Err(e) = crate::sys::set_thread_nice(w) {
-                    crate::info!(
-                        "{label}: --wake-nice {w}: cannot raise the worker's priority ({e}; \
-                         needs CAP_SYS_NICE, or an RLIMIT_NICE of {} or more): it runs at \
-                         its normal priority",
-                        20 - w
-                    );
+                    static SAID: AtomicBool = AtomicBool::new(false);
+                    if !SAID.swap(true, Ordering::Relaxed) {
+                        crate::info!(
+                            "{label}: --wake-nice {w}: cannot raise the worker's priority ({e}; \
+                             needs CAP_SYS_NICE, or an RLIMIT_NICE of {} or more): the workers \
+                             run at their normal priority",
+                            20 - w
+                        );
+                    }
                     self.wake = None;
                     self.raised = false;
                 }
