@@ -122,12 +122,15 @@ struct RunArgs {
 
     /// Number of TUN queues, one worker thread each (1-256), or `auto`.
     /// auto: one per CPU the workers may use (--cpus, else the process's
-    /// CPU affinity), up to 8, where every queue binds the one port so the
-    /// peer need not run as many: in WireGuard mode (no more than the
-    /// peers of --wg-config, 1 without a file: one peer's packets are
-    /// sealed under its lock and arrive at one worker, so queues beyond
-    /// the peers only contend) and with --share-port. Otherwise 1: a
-    /// plaintext tunnel's queue i binds PORT+i and talks to the peer's
+    /// CPU affinity), up to 8, every queue binding the one --listen port so
+    /// the peer need not run as many (see --share-port); in WireGuard mode
+    /// no more than the peers of --wg-config (1 without a file: one peer's
+    /// packets are sealed under its lock and arrive at one worker, so
+    /// queues beyond the peers only contend); in TAP mode 1. Fewer, with
+    /// one line saying why, where an existing device was made without
+    /// multi_queue (1) or io_uring's rings (about 44 KiB each by default)
+    /// do not fit RLIMIT_MEMLOCK. A number N in a plaintext tunnel
+    /// without --share-port: queue i binds PORT+i and talks to the peer's
     /// PORT+i, so both ends must be given the same N. Each queue
     /// costs a thread, a UDP socket (up to --sndbuf and --rcvbuf of kernel
     /// memory, 4 MiB each by default, taken as used) and resident memory:
@@ -261,6 +264,7 @@ fn base_config(
             queues: run.queues.resolve(false, 0),
             queues_per_peer: false,
             queues_share_port: false,
+            queues_auto: false,
             cpus: run.cpus,
             batch: run.batch,
             visit_bytes: run.visit_bytes,
@@ -575,11 +579,11 @@ struct TunnelArgs {
     /// the worker of its inner flow (classic BPF on the socket group; where
     /// that is refused, one line says so and one worker receives), so a
     /// flow keeps one worker on both ends and the ends need not run as many
-    /// queues: this end pairs with another --share-port end or with any end
-    /// of one queue (socat, --queues 1). With it, --queues auto is one queue
-    /// per CPU the workers may use, up to 8. Without it, queue i binds
-    /// PORT+i and both ends need the same --queues N. (WireGuard's queues
-    /// always share their port.)
+    /// queues: this end pairs with another such end or with any end of one
+    /// queue (socat, --queues 1). On by default with --queues auto (the
+    /// default); needed only with a number: without it, --queues N binds
+    /// PORT+i for queue i and both ends need the same N. (WireGuard's
+    /// queues always share their port.)
     #[arg(long)]
     share_port: bool,
 
@@ -845,14 +849,19 @@ impl TunnelArgs {
                  port already)",
             ));
         }
+        // Where the queues share the port (WireGuard; plaintext TUN with
+        // --share-port, or by default) the ends need not agree on the
+        // count, and auto counts CPUs.
+        let share_port = self.share_port || (auto && plain_tun);
         let queues = self.run.queues.resolve(
-            mode.is_wireguard() || self.share_port,
+            mode.is_wireguard() || share_port,
             usable_cpus(&self.run.cpus),
         );
         let mut cfg = base_config(self.device, self.run, listen, self.peer);
         cfg.engine.queues = queues;
         cfg.engine.queues_per_peer = auto && mode.is_wireguard();
-        cfg.engine.queues_share_port = self.share_port;
+        cfg.engine.queues_share_port = share_port;
+        cfg.engine.queues_auto = auto;
         if wg_mtu {
             cfg.device.mtu = config::DEFAULT_MTU_WIREGUARD;
         }

@@ -147,8 +147,9 @@ impl FromStr for CpuPlan {
 pub enum QueueCount {
     /// One queue per CPU the workers may use, up to [`MAX_AUTO_QUEUES`]
     /// (and in WireGuard mode the number of peers), where the ends need
-    /// not agree on the count (WireGuard, and `--share-port`: every queue
-    /// binds the one port); else one.
+    /// not agree on the count (WireGuard, and plaintext TUN tunnels, whose
+    /// queues then bind the one port); else (TAP) one. The runtime takes
+    /// fewer where more would not work ([`EngineConfig::queues_auto`]).
     Auto,
     /// This many.
     Fixed(usize),
@@ -353,6 +354,10 @@ pub struct EngineConfig {
     /// worker of its inner flow, so the ends need not agree on the count
     /// (without it queue i uses port + i).
     pub queues_share_port: bool,
+    /// `--queues auto`: the runtime lowers `queues` where more would not
+    /// work here (an existing device made without multi_queue takes one;
+    /// io_uring rings must fit the locked-memory limit), with one line.
+    pub queues_auto: bool,
     pub batch: usize,
     /// Bytes one visit to a direction may take (0: no byte bound).
     pub visit_bytes: usize,
@@ -939,6 +944,7 @@ mod tests {
                 queues: 1,
                 queues_per_peer: false,
                 queues_share_port: false,
+                queues_auto: false,
                 batch: DEFAULT_BATCH,
                 visit_bytes: DEFAULT_VISIT_BYTES,
                 cpus: CpuPlan::Spread,

@@ -511,15 +511,14 @@ mod tests {
         let cfg = |a: &[&str]| crate::cli::tunnel_config(argv(a)).unwrap();
         let q = |a: &[&str]| cfg(a).engine.queues;
         let plain = ["--listen", "198.18.0.1:5000", "--peer", "198.18.0.2:5000"];
-        // Plaintext: queue i talks to the peer's PORT+i, so the ends must
-        // agree: one unless told.
-        assert_eq!(q(&plain), 1);
-        assert_eq!(
-            q(&[&plain[..], &["--queues", "auto", "--cpus", "0-3"]].concat()),
-            1
-        );
-        // --share-port: the one port (steered by inner flow), so the ends
-        // need not agree; auto counts CPUs.
+        // Plaintext, by default (auto): the queues share the one port
+        // (steered by inner flow), so the ends need not agree; auto counts
+        // the CPUs, and the runtime may take fewer.
+        let c = cfg(&[&plain[..], &["--queues", "auto", "--cpus", "0-3"]].concat());
+        assert_eq!(c.engine.queues, 4);
+        assert!(c.engine.queues_auto && c.shares_port() && c.steers_by_inner_flow());
+        assert!(cfg(&plain).engine.queues_auto);
+        // --share-port: the same, and with a number too.
         let shared = [&plain[..], &["--share-port"]].concat();
         let c = cfg(&[&shared[..], &["--cpus", "0-3"]].concat());
         assert_eq!(c.engine.queues, 4);
@@ -529,9 +528,10 @@ mod tests {
         let c = cfg(&[&shared[..], &["--queues", "3"]].concat());
         assert_eq!(c.engine.queues, 3);
         assert!(c.shares_port());
+        // A number without it: queue i binds PORT+i.
         let c = cfg(&[&plain[..], &["--queues", "3"]].concat());
         assert_eq!(c.engine.queues, 3);
-        assert!(!c.shares_port());
+        assert!(!c.shares_port() && !c.engine.queues_auto);
         assert_eq!(c.listen_for(2).port(), 5002);
         // One CPU: one queue, nothing shared.
         let c = cfg(&[&shared[..], &["--cpus", "1"]].concat());

@@ -384,6 +384,16 @@ fn starved_resources_work_or_fail_clearly() {
                         "{what}: no fallback line: {}",
                         a.stderr()
                     );
+                    // Two rings (about 132 KiB, with the probe's) do not
+                    // fit 64 KiB: --queues auto runs one, and says so.
+                    if usable_cpus() > 1 {
+                        assert!(
+                            a.stderr().contains("queues auto: io_uring rings for")
+                                && a.stderr().contains("1 queue(s), engine uring"),
+                            "{what}: no fitted count: {}",
+                            a.stderr()
+                        );
+                    }
                 }
                 let log: Vec<_> = a
                     .stderr()

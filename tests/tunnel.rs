@@ -283,11 +283,23 @@ fn attach_to_persistent_device() {
         };
         let mut a = Proc::tunfwd(&topo.a, &args(true));
         let mut b = Proc::tunfwd(&topo.b, &args(false));
-        assert!(
-            a.stderr().contains("dev ptun0 (attached)"),
-            "{}",
-            a.stderr()
-        );
+        // --queues auto: a's multi-queue device takes one queue per CPU,
+        // b's single-queue one takes one, and b says so.
+        let queues = usable_cpus().min(8);
+        let up = |p: &Proc, queues: usize| {
+            let said = p.stderr();
+            said.contains("dev ptun0 (attached)") && said.contains(&format!(", {queues} queue(s),"))
+        };
+        assert!(up(&a, queues), "{}", a.stderr());
+        if queues > 1 {
+            assert!(
+                b.stderr()
+                    .contains("queues auto: ptun0 exists without multi_queue: 1 queue"),
+                "{}",
+                b.stderr()
+            );
+        }
+        assert!(up(&b, 1), "{}", b.stderr());
         assert!(
             topo.a.ping(OVERLAY_B),
             "{engine}: ping over attached devices"

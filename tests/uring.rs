@@ -131,6 +131,13 @@ fn low_memlock_falls_back() {
             log.contains(want_log) && log.contains(want_engine),
             "{memlock}: {log}"
         );
+        // --queues auto fits the count to the limit, and says so.
+        if usable_cpus() > 1 {
+            assert!(
+                log.contains("queues auto: io_uring rings for") && log.contains(" 1 queue(s),"),
+                "{memlock}: {log}"
+            );
+        }
         assert!(topo.a.ping(OVERLAY_B));
         let dst: SocketAddr = format!("{OVERLAY_B}:7000").parse().unwrap();
         verified_tcp_transfer(&topo.a, &topo.b, dst, 4 << 20);

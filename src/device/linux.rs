@@ -146,6 +146,24 @@ impl TunDevice {
         })
     }
 
+    /// True if a device `name` exists and takes one queue only (a
+    /// persistent device made without multi_queue): it refuses a
+    /// multi-queue attach, tried here with a queue closed at once.
+    pub fn takes_one_queue(name: &str, tap: bool) -> bool {
+        if name.contains('%') || if_nametoindex(name).is_err() {
+            return false;
+        }
+        let Ok(file) = open_tun_file() else {
+            return false;
+        };
+        let kind = if tap { libc::IFF_TAP } else { libc::IFF_TUN };
+        let flags = kind | libc::IFF_NO_PI | libc::IFF_MULTI_QUEUE;
+        matches!(
+            sys::tun_set_iff(file.as_fd(), name, flags),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL)
+        )
+    }
+
     /// Sets the virtio-net header size and enables as many offloads as the
     /// kernel accepts: checksum + TSO4/6 (+ TSO_ECN), and USO4/6 where
     /// available. Only for devices opened with `vnet_hdr`.

@@ -53,6 +53,19 @@ pub struct EngineWanted {
     pub offload: Toggle,
 }
 
+impl EngineWanted {
+    /// What `cfg` asks for.
+    pub fn of(cfg: &TunnelConfig) -> EngineWanted {
+        EngineWanted {
+            kind: cfg.engine.kind,
+            uring: cfg.engine.uring.clone(),
+            batch: cfg.engine.batch,
+            busy_poll: cfg.engine.busy_poll,
+            offload: cfg.effective_offload(),
+        }
+    }
+}
+
 /// The engine every worker runs, as the probe settled it.
 #[derive(Clone, Debug)]
 pub enum Engine {
@@ -70,14 +83,20 @@ impl Engine {
             encap: cfg.mode.encap(),
             mtu: cfg.device.mtu as usize,
         };
-        let want = EngineWanted {
-            kind: cfg.engine.kind,
-            uring: cfg.engine.uring.clone(),
-            batch: cfg.engine.batch,
-            busy_poll: cfg.engine.busy_poll,
-            offload: cfg.effective_offload(),
-        };
-        Engine::select(&want, framing, cfg.engine.queues)
+        Engine::select(&EngineWanted::of(cfg), framing, cfg.engine.queues)
+    }
+
+    /// How many of `cfg`'s queues the engine it asks for can run here (at
+    /// least 1), and if fewer, why: io_uring's rings must fit the
+    /// locked-memory limit (counted for `--engine auto` too, before the
+    /// probe says whether io_uring is usable: the count sizes the probe).
+    pub fn queues_fit(cfg: &TunnelConfig) -> (usize, Option<String>) {
+        let queues = cfg.engine.queues;
+        #[cfg(target_os = "linux")]
+        if cfg.engine.kind != EngineKind::Poll {
+            return uring::queues_fit(&EngineWanted::of(cfg), queues);
+        }
+        (queues, None)
     }
 
     /// Resolves an engine request for `queues` workers whose packets are

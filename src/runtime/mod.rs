@@ -182,6 +182,29 @@ fn set_socket_buffers(
     }))
 }
 
+/// `--queues auto`: fewer queues where more would not work here, said in
+/// one line: an existing device made without multi_queue takes one, and
+/// io_uring's rings must fit the locked-memory limit.
+fn fit_auto_queues(cfg: &mut TunnelConfig) {
+    let wanted = cfg.engine.queues;
+    if !cfg.engine.queues_auto || wanted < 2 {
+        return;
+    }
+    #[cfg(target_os = "linux")]
+    if TunDevice::takes_one_queue(&cfg.device.dev, cfg.mode.is_tap()) {
+        crate::info!(
+            "queues auto: {} exists without multi_queue: 1 queue",
+            cfg.device.dev
+        );
+        cfg.engine.queues = 1;
+        return;
+    }
+    if let (n, Some(why)) = Engine::queues_fit(cfg) {
+        crate::info!("queues auto: {why}: {n} queue(s) instead of {wanted}");
+        cfg.engine.queues = n;
+    }
+}
+
 /// Runs `tunfwd tunnel` until SIGINT/SIGTERM (Ok) or a worker fails (Err).
 /// The summary is printed in both cases.
 pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
@@ -194,6 +217,10 @@ pub fn run_tunnel(cfg: &TunnelConfig) -> Result<()> {
 pub fn run_tunnel_then(cfg: &TunnelConfig, up: impl FnOnce()) -> Result<()> {
     cfg.validate()?;
     enter_process_context(cfg)?;
+    // In the namespace the device is in (it may exist already).
+    let mut fitted = cfg.clone();
+    fit_auto_queues(&mut fitted);
+    let cfg = &fitted;
     // The peers (and the files) before anything is created: a bad one
     // stops here. WireGuard's file gives the peers and the port.
     let (wg_conf, resolved, table) = match wg::load(cfg)? {

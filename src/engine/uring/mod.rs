@@ -281,6 +281,38 @@ fn choose_receives(
     Ok(())
 }
 
+/// How many of `queues` workers' rings fit the locked-memory limit (at
+/// least 1: the probe says whether one does), and if fewer than `queues`,
+/// why: `--queues auto` takes that many
+/// ([`crate::config::EngineConfig::queues_auto`]). Sized for the larger
+/// of the rings with and without offload (settled only by the probe,
+/// which needs the count), plus one ring: the probe's, whose accounting
+/// ends asynchronously after it closes, and the kernel's own rounding
+/// (measured here: two queues needed 97-112 KiB against 88 estimated).
+pub fn queues_fit(want: &EngineWanted, queues: usize) -> (usize, Option<String>) {
+    let per_ring = [false, true]
+        .iter()
+        .filter_map(|&offload| UringOptions::resolve(want, offload).ok())
+        .map(|o| ring_bytes(&o))
+        .max()
+        .unwrap_or(0);
+    let need = |n: usize| per_ring.saturating_mul(n as u64 + 1);
+    let fits = |n: usize| memlock_allows(need(n));
+    match fits(queues) {
+        Ok(()) => (queues, None),
+        Err(why) => {
+            let n = (1..queues).rev().find(|&n| fits(n).is_ok()).unwrap_or(1);
+            let need = need(queues) / 1024;
+            (
+                n,
+                Some(format!(
+                    "io_uring rings for {queues} queues need about {need} KiB of locked memory ({why})"
+                )),
+            )
+        }
+    }
+}
+
 /// Whether registered buffers fit the locked-memory limit (after the rings
 /// themselves, which must).
 fn fixed_buffers_fit(opts: &UringOptions, buf_len: usize, queues: usize) -> Result<bool> {
