@@ -9,6 +9,8 @@
 #
 #   sudo bash bench-scripts/overload.sh               # uring then poll
 #   SECS=20 SIZE=512 sudo -E bash bench-scripts/overload.sh poll
+#   SECS=20 sudo -E bash bench-scripts/overload.sh uring "uring --queues 1"
+#       (each argument an engine name followed by any `tunfwd tunnel` flags)
 #   CAP_KPPS=94 sudo -E bash bench-scripts/overload.sh  # skip the ladder:
 #       offer 2 x 94 kpps (the same load in every run, for comparing runs)
 #
@@ -51,8 +53,9 @@ iperf_udp() { # rate-bits/s secs -> JSON
 
 for engine in "${ENGINES[@]}"; do
     echo "overload.sh: $engine" >&2
+    read -r -a words <<<"$engine"
     topo_create "$A" "$B"
-    tunfwd_pair "$BIN" "$A" "$B" "$TMP" "$engine" --stats-interval 1
+    tunfwd_pair "$BIN" "$A" "$B" "$TMP" "${words[@]}" --stats-interval 1
     pa=$PA pb=$PB
     pids=("$pa" "$pb")
     idle=$(ip netns exec "$A" ping -c 40 -i 0.05 198.19.0.2 | median_ms)
@@ -99,8 +102,9 @@ for engine in "${ENGINES[@]}"; do
     wait "$pa" || true
     wait "$pb" || true
     pids=()
-    cp "$TMP/a.out" "$OUT/overload-$STAMP-$engine-a.txt"
-    cp "$TMP/b.out" "$OUT/overload-$STAMP-$engine-b.txt"
+    tag=$(tr -c 'a-z0-9\n-' _ <<<"$engine")
+    cp "$TMP/a.out" "$OUT/overload-$STAMP-$tag-a.txt"
+    cp "$TMP/b.out" "$OUT/overload-$STAMP-$tag-b.txt"
 
     offered=$(jq --argjson p "$PAYLOAD" '(.end.sum_sent.bytes // 0) / $p / (.end.sum_sent.seconds // 1) / 1000 | floor' "$TMP/load.json")
     delivered=$(jq --argjson p "$PAYLOAD" '(.end.sum_received.bytes // 0) / $p / (.end.sum_received.seconds // 1) / 1000 | floor' "$TMP/load.json")
