@@ -139,8 +139,9 @@ struct RunArgs {
     #[arg(long, default_value = "auto", value_name = "N|auto")]
     queues: config::QueueCount,
 
-    /// CPUs for the workers: `auto` (worker i on the i-th CPU this process
-    /// may use), `none` (no pinning), or a list like `0,2-3`.
+    /// CPUs for the workers: `auto` (with two or more queues worker i on the
+    /// i-th CPU this process may use; one worker is left to the scheduler),
+    /// `none` (no pinning), or a list like `0,2-3`.
     #[arg(long, default_value = "auto", value_name = "LIST")]
     cpus: config::CpuPlan,
 

@@ -26,7 +26,11 @@
 //!   or reflected packets). [`configfile`] turns `--config FILE` into
 //!   arguments in front of the command line's, so clap checks everything
 //!   once.
-//! - [`runtime`] opens the sockets and the [`device`], starts one worker per
+//! - [`runtime`] fits `--queues auto` to the host (one per CPU, fewer where
+//!   the device or the locked-memory limit allow fewer), opens the sockets
+//!   (by default one port for every queue; a plaintext tunnel's datagrams
+//!   steered to the worker of their inner flow by [`packet::steer`]) and
+//!   the [`device`], starts one worker per
 //!   TUN queue ([`engine::spawn_worker`]), turns SIGINT/SIGTERM into a clean
 //!   stop and SIGHUP into a peers reload, and reports through [`report`]
 //!   (text or JSON); [`metrics`] serves the same sources to Prometheus.
