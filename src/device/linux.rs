@@ -86,12 +86,7 @@ impl TunDevice {
             )));
         }
 
-        let kind = if opts.tap {
-            libc::IFF_TAP
-        } else {
-            libc::IFF_TUN
-        };
-        let mut flags = kind | libc::IFF_NO_PI | libc::IFF_MULTI_QUEUE;
+        let mut flags = multi_queue_flags(opts.tap);
         if opts.vnet_hdr {
             flags |= libc::IFF_VNET_HDR;
         }
@@ -156,10 +151,8 @@ impl TunDevice {
         let Ok(file) = open_tun_file() else {
             return false;
         };
-        let kind = if tap { libc::IFF_TAP } else { libc::IFF_TUN };
-        let flags = kind | libc::IFF_NO_PI | libc::IFF_MULTI_QUEUE;
         matches!(
-            sys::tun_set_iff(file.as_fd(), name, flags),
+            sys::tun_set_iff(file.as_fd(), name, multi_queue_flags(tap)),
             Err(e) if e.raw_os_error() == Some(libc::EINVAL)
         )
     }
@@ -306,6 +299,13 @@ pub fn interface_index(name: &str) -> Result<u32> {
     if_nametoindex(name)
         .map_err(io::Error::from)
         .context(|| format!("look up interface index of {name}"))
+}
+
+/// `TUNSETIFF` flags of one queue of a multi-queue TUN (or TAP) device
+/// without packet information.
+fn multi_queue_flags(tap: bool) -> libc::c_int {
+    let kind = if tap { libc::IFF_TAP } else { libc::IFF_TUN };
+    kind | libc::IFF_NO_PI | libc::IFF_MULTI_QUEUE
 }
 
 fn open_tun_file() -> io::Result<File> {
