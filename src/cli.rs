@@ -263,7 +263,6 @@ fn base_config(
             kind: run.engine.kind(),
             // `auto` once the mode is known: TunnelArgs::into_config.
             queues: run.queues.resolve(false, 0),
-            queues_per_peer: false,
             queues_share_port: false,
             queues_auto: false,
             cpus: run.cpus,
@@ -860,7 +859,6 @@ impl TunnelArgs {
         );
         let mut cfg = base_config(self.device, self.run, listen, self.peer);
         cfg.engine.queues = queues;
-        cfg.engine.queues_per_peer = auto && mode.is_wireguard();
         cfg.engine.queues_share_port = share_port;
         cfg.engine.queues_auto = auto;
         if wg_mtu {

@@ -343,12 +343,6 @@ pub struct PeersConfig {
 pub struct EngineConfig {
     pub kind: EngineKind,
     pub queues: usize,
-    /// `--queues auto` in WireGuard mode: `queues` is the bound the CPUs
-    /// set, and the runtime lowers it to the number of peers its file
-    /// names (one without a file), since a peer's packets are sealed under
-    /// its lock and arrive at one worker: more queues than peers add
-    /// contention, not speed.
-    pub queues_per_peer: bool,
     /// `--share-port` (plaintext TUN tunnels): every queue binds the one
     /// port (`SO_REUSEPORT`) and the kernel hands each datagram to the
     /// worker of its inner flow, so the ends need not agree on the count
@@ -558,6 +552,15 @@ impl TunnelConfig {
         } else {
             offset_port(self.peers.listen, queue)
         }
+    }
+
+    /// `--queues auto` in WireGuard mode: `queues` is the bound the CPUs
+    /// set, and the runtime lowers it to the number of peers its file
+    /// names (one without a file), since a peer's packets are sealed under
+    /// its lock and arrive at one worker: more queues than peers add
+    /// contention, not speed.
+    pub fn queues_per_peer(&self) -> bool {
+        self.engine.queues_auto && self.mode.is_wireguard()
     }
 
     /// True if every worker binds the one listening port (`SO_REUSEPORT`,
@@ -942,7 +945,6 @@ mod tests {
             engine: EngineConfig {
                 kind: EngineKind::Poll,
                 queues: 1,
-                queues_per_peer: false,
                 queues_share_port: false,
                 queues_auto: false,
                 batch: DEFAULT_BATCH,

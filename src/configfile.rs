@@ -562,7 +562,7 @@ mod tests {
         assert_eq!(q(&[&wg[..], &["--cpus", "0-2,1"]].concat()), 3);
         let c = crate::cli::tunnel_config(argv(&wg)).unwrap();
         assert!(
-            c.engine.queues_per_peer,
+            c.queues_per_peer(),
             "at most one per peer, once the peers are read"
         );
         assert_eq!(

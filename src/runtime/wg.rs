@@ -65,11 +65,11 @@ pub(super) fn load(cfg: &TunnelConfig) -> Result<Option<Loaded>> {
 }
 
 /// The number of queues for `conf`: with `--queues auto`, no more than it
-/// has peers (at least one); see [`EngineConfig::queues_per_peer`].
+/// has peers (at least one); see [`TunnelConfig::queues_per_peer`].
 ///
-/// [`EngineConfig::queues_per_peer`]: crate::config::EngineConfig::queues_per_peer
+/// [`TunnelConfig::queues_per_peer`]: crate::config::TunnelConfig::queues_per_peer
 fn queues(cfg: &TunnelConfig, conf: &WgConf) -> usize {
-    if cfg.engine.queues_per_peer {
+    if cfg.queues_per_peer() {
         cfg.engine.queues.min(conf.peers.len()).max(1)
     } else {
         cfg.engine.queues
