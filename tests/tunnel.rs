@@ -281,6 +281,19 @@ fn attach_to_persistent_device() {
             v[2] = "ptun0".into();
             v
         };
+        // What the runtime reads before fitting --queues auto: the
+        // kernel's word on each device, in its namespace (and a veth
+        // there, which is no TUN device at all).
+        topo.b
+            .ip(&["link", "add", "pveth0", "type", "veth", "peer", "pveth1"]);
+        let kernel_says = |ns: &Netns, dev: &'static str| {
+            ns.spawn(move || tunfwd::netlink::tun_multi_queue(dev).unwrap())
+                .join()
+                .unwrap()
+        };
+        assert_eq!(kernel_says(&topo.a, "ptun0"), Some(true));
+        assert_eq!(kernel_says(&topo.b, "ptun0"), Some(false));
+        assert_eq!(kernel_says(&topo.b, "pveth0"), None);
         let mut a = Proc::tunfwd(&topo.a, &args(true));
         let mut b = Proc::tunfwd(&topo.b, &args(false));
         // --queues auto: a's multi-queue device takes one queue per CPU,

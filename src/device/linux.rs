@@ -142,19 +142,16 @@ impl TunDevice {
     }
 
     /// True if a device `name` exists and takes one queue only (a
-    /// persistent device made without multi_queue): it refuses a
-    /// multi-queue attach, tried here with a queue closed at once.
-    pub fn takes_one_queue(name: &str, tap: bool) -> bool {
+    /// persistent device made without multi_queue), as the kernel reports
+    /// it over rtnetlink: nothing is attached to the device to find out, so
+    /// a device in use by another process loses no packet to a probe.
+    /// False where the kernel does not say (not a TUN/TAP device, or no
+    /// answer): opening it then fails with its own hint.
+    pub fn takes_one_queue(name: &str) -> bool {
         if name.contains('%') || if_nametoindex(name).is_err() {
             return false;
         }
-        let Ok(file) = open_tun_file() else {
-            return false;
-        };
-        matches!(
-            sys::tun_set_iff(file.as_fd(), name, multi_queue_flags(tap)),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL)
-        )
+        matches!(crate::netlink::tun_multi_queue(name), Ok(Some(false)))
     }
 
     /// Sets the virtio-net header size and enables as many offloads as the

@@ -191,7 +191,7 @@ fn fit_auto_queues(cfg: &mut TunnelConfig) {
         return;
     }
     #[cfg(target_os = "linux")]
-    if TunDevice::takes_one_queue(&cfg.device.dev, cfg.mode.is_tap()) {
+    if TunDevice::takes_one_queue(&cfg.device.dev) {
         crate::info!(
             "queues auto: {} exists without multi_queue: 1 queue",
             cfg.device.dev
