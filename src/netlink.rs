@@ -29,7 +29,7 @@ const IFLA_VXLAN_PORT: u16 = 15;
 /// 1 for a device made with `IFF_MULTI_QUEUE` (reported since Linux 4.15).
 const IFLA_TUN_MULTI_QUEUE: u16 = 7;
 /// The attribute type without its NLA_F_NESTED / NLA_F_NET_BYTEORDER bits.
-const NLA_TYPE_MASK: u16 = 0x3fff;
+const NLA_TYPE_MASK: u16 = libc::NLA_TYPE_MASK as u16;
 
 const NLMSG_HDRLEN: usize = 16;
 const IFINFOMSG_LEN: usize = 16;
@@ -345,10 +345,11 @@ mod tests {
         reply[4] = 99;
         assert!(parse_ack(&reply).is_err());
     }
+
     /// An RTM_NEWLINK answer as the kernel gives it for a TUN device
     /// (`kind`, and `multi_queue` if given); nests flagged NLA_F_NESTED.
     fn link_answer(kind: &str, multi_queue: Option<u8>) -> Vec<u8> {
-        const NLA_F_NESTED: u16 = 0x8000;
+        const NLA_F_NESTED: u16 = libc::NLA_F_NESTED as u16;
         let mut m = Message::new(libc::RTM_NEWLINK, 0, 1);
         m.ifinfomsg_index(5);
         m.attr_str(libc::IFLA_IFNAME, "ptun0");

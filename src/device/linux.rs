@@ -86,7 +86,13 @@ impl TunDevice {
             )));
         }
 
-        let mut flags = multi_queue_flags(opts.tap);
+        // One queue of a multi-queue device, without packet information.
+        let kind = if opts.tap {
+            libc::IFF_TAP
+        } else {
+            libc::IFF_TUN
+        };
+        let mut flags = kind | libc::IFF_NO_PI | libc::IFF_MULTI_QUEUE;
         if opts.vnet_hdr {
             flags |= libc::IFF_VNET_HDR;
         }
@@ -296,13 +302,6 @@ pub fn interface_index(name: &str) -> Result<u32> {
     if_nametoindex(name)
         .map_err(io::Error::from)
         .context(|| format!("look up interface index of {name}"))
-}
-
-/// `TUNSETIFF` flags of one queue of a multi-queue TUN (or TAP) device
-/// without packet information.
-fn multi_queue_flags(tap: bool) -> libc::c_int {
-    let kind = if tap { libc::IFF_TAP } else { libc::IFF_TUN };
-    kind | libc::IFF_NO_PI | libc::IFF_MULTI_QUEUE
 }
 
 fn open_tun_file() -> io::Result<File> {
