@@ -151,12 +151,10 @@ impl TunDevice {
     /// persistent device made without multi_queue), as the kernel reports
     /// it over rtnetlink: nothing is attached to the device to find out, so
     /// a device in use by another process loses no packet to a probe.
-    /// False where the kernel does not say (not a TUN/TAP device, or no
-    /// answer): opening it then fails with its own hint.
+    /// False where the kernel does not say (no such device, a name
+    /// template like `tun%d`, not a TUN/TAP device): opening it then
+    /// creates one, or fails with its own hint.
     pub fn takes_one_queue(name: &str) -> bool {
-        if name.contains('%') || if_nametoindex(name).is_err() {
-            return false;
-        }
         matches!(crate::netlink::tun_multi_queue(name), Ok(Some(false)))
     }
 
